@@ -1,0 +1,25 @@
+"""pyops: C++/CUDA/Triton-accelerated PyTorch ops and the research methods built on them.
+
+Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``):
+
+* ``cross_view_kl_entropy``: fused per-row KL both ways, entropies and CE of two views' logits
+* ``fused_linear_cross_view``: the same fused with a shared LM head, logits never materialised
+
+``pyops.backends()`` tells what was built; ``pyops.use_backend("triton" | "cuda")`` picks the
+implementation for CUDA tensors.
+"""
+from ._backend import backends, get_backend, set_backend, use_backend
+from . import reference
+from .cross_view_kl import CrossViewOutput, cross_view_kl_entropy, fused_linear_cross_view
+
+__all__ = [
+    "backends",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "reference",
+    "CrossViewOutput",
+    "cross_view_kl_entropy",
+    "fused_linear_cross_view",
+]
+__version__ = "0.1.0"

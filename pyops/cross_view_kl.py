@@ -1,0 +1,655 @@
+"""Fused cross-view KL + entropy (+ CE) over logits, and the same fused with an LM head.
+
+Where each piece lives:
+
+* schemas: ``csrc/cross_view_kl/cross_view_kl.cpp``
+* CPU kernels: ``csrc/cross_view_kl/cross_view_kl_cpu.cpp``
+* CUDA kernels: ``csrc/cross_view_kl/cross_view_kl_kernel.cuh`` (device code) and
+  ``cross_view_kl_cuda.cu`` (launcher); Triton kernels: this module (section "Triton")
+* fake kernels, autograd, input validation, the public functions and the chunked LM-head
+  composition: this module
+* pure-PyTorch reference: ``pyops/reference.py``
+
+Maths, per row, with u = a / T, w = b / T, p = softmax(u), q = softmax(w):
+``KL(p||q) = E_p[u - w] - (lse(u) - lse(w))``, ``H(p) = lse(u) - E_p[u]``, and the gradients
+``dKL(p||q)/du = p (log p - log q - KL)``, ``dKL(p||q)/dw = q - p``, ``dH(p)/du = -p (log p + H)``,
+``dCE/da = softmax(a) - onehot(y)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from .types import CrossViewOutput
+
+__all__ = ["cross_view_kl_entropy", "fused_linear_cross_view", "CrossViewOutput"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ops = torch.ops.pyops
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation (shared by the public functions and the Triton launchers)
+# --------------------------------------------------------------------------------------------
+def _check_tensor(x, name: str, fn: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_float(x: torch.Tensor, name: str, fn: str) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def _check_same_device(fn: str, **tensors: Optional[torch.Tensor]) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "all inputs must be on the same device"
+            )
+
+
+def _check_scalars(temperature, ignore_index, fn: str) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{fn}: temperature must be a Python float, got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_target(target: Optional[torch.Tensor], lead_shape: Sequence[int], fn: str) -> None:
+    if target is None:
+        return
+    _check_tensor(target, "target", fn)
+    if target.dtype != torch.int64:
+        raise TypeError(f"{fn}: target must be int64 (torch.long), got {target.dtype}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"{fn}: target must have the logits' leading shape {tuple(lead_shape)}, got {tuple(target.shape)}"
+        )
+
+
+def _validate_logits(logits_a, logits_b, target, temperature, ignore_index, fn: str) -> None:
+    _check_tensor(logits_a, "logits_a", fn)
+    _check_tensor(logits_b, "logits_b", fn)
+    _check_float(logits_a, "logits_a", fn)
+    _check_float(logits_b, "logits_b", fn)
+    if logits_a.dim() < 1:
+        raise ValueError(f"{fn}: logits_a must have shape (..., V), got a 0-d tensor")
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(
+            f"{fn}: logits_a and logits_b must have the same shape, got {tuple(logits_a.shape)} "
+            f"and {tuple(logits_b.shape)}"
+        )
+    if logits_a.dtype != logits_b.dtype:
+        raise TypeError(
+            f"{fn}: logits_a and logits_b must have the same dtype, got {logits_a.dtype} and {logits_b.dtype}"
+        )
+    if logits_a.shape[-1] == 0:
+        raise ValueError(f"{fn}: the vocabulary size V = logits_a.shape[-1] must be > 0, got 0")
+    _check_target(target, logits_a.shape[:-1], fn)
+    _check_same_device(fn, logits_a=logits_a, logits_b=logits_b, target=target)
+    _check_scalars(temperature, ignore_index, fn)
+
+
+def _check_target_range(target: Optional[torch.Tensor], vocab: int, ignore_index: int, fn: str) -> None:
+    """Data check of the target (one host sync); used by the GPU launchers. The CPU kernel
+    checks each row as it goes."""
+    if target is None or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{fn}: target[{idx}] = {int(target[idx])} is out of range [0, {vocab}) and is not "
+            f"ignore_index ({ignore_index})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def cross_view_kl_entropy(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    target: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> CrossViewOutput:
+    """Fused per-row cross-view divergences, entropies and cross-entropy of two sets of logits.
+
+    Args:
+        logits_a, logits_b: ``(..., V)`` float32/float16/bfloat16 (or float64) logits of the two
+            views, same shape and dtype.
+        target: ``(...)`` int64 class indices, or None. Rows equal to ``ignore_index`` get
+            ``ce_a = 0`` and no CE gradient.
+        temperature: T > 0; ``p = softmax(logits / T)`` for the KL and entropy terms (the CE uses
+            temperature 1).
+
+    Returns:
+        ``CrossViewOutput(kl_ab, kl_ba, entropy_a, entropy_b, ce_a)``, each float32 of shape
+        ``(...)`` (float64 for float64 logits); ``ce_a`` is None without a target. Every output
+        is differentiable w.r.t. both logits. A row with NaN or inf logits gives NaN in that row.
+    """
+    fn = "cross_view_kl_entropy"
+    _validate_logits(logits_a, logits_b, target, temperature, ignore_index, fn)
+    lead, vocab = logits_a.shape[:-1], logits_a.shape[-1]
+    t2 = None if target is None else target.reshape(-1)
+    kl_ab, kl_ba, ent_a, ent_b, ce, _ = _ops.cross_view_kl_entropy_fwd(
+        logits_a.reshape(-1, vocab), logits_b.reshape(-1, vocab), t2, float(temperature), int(ignore_index)
+    )
+    return CrossViewOutput(
+        kl_ab.view(lead), kl_ba.view(lead), ent_a.view(lead), ent_b.view(lead),
+        None if target is None else ce.view(lead),
+    )
+
+
+def default_chunk_size(n_rows: int, vocab: int) -> int:
+    """Rows per chunk of ``fused_linear_cross_view``: about 64 MiB of float32 logits per view."""
+    return max(1, min(n_rows, (64 << 20) // (4 * max(vocab, 1))))
+
+
+def fused_linear_cross_view(
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    target: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+) -> CrossViewOutput:
+    """``cross_view_kl_entropy`` of the logits ``hidden @ weight.T + bias`` of two views that
+    share an LM head, computed ``chunk_size`` rows at a time: the logits never exist for all
+    rows at once (forward or backward). Gradients flow to ``hidden_a``, ``hidden_b``,
+    ``weight`` and ``bias``.
+
+    Args:
+        hidden_a, hidden_b: ``(..., H)`` hidden states of the two views (same shape and dtype).
+        weight: ``(V, H)``; bias: ``(V,)`` or None; target: ``(...)`` int64 or None.
+        chunk_size: rows per chunk; default ``default_chunk_size(N, V)`` (~64 MiB of logits).
+    """
+    fn = "fused_linear_cross_view"
+    for name, t in (("hidden_a", hidden_a), ("hidden_b", hidden_b), ("weight", weight)):
+        _check_tensor(t, name, fn)
+        _check_float(t, name, fn)
+    if hidden_a.dim() < 1 or hidden_a.shape != hidden_b.shape:
+        raise ValueError(
+            f"{fn}: hidden_a and hidden_b must have the same shape (..., H), got "
+            f"{tuple(hidden_a.shape)} and {tuple(hidden_b.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden_a.shape[-1]:
+        raise ValueError(
+            f"{fn}: weight must have shape (V, H) with H = hidden_a.shape[-1] = {hidden_a.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{fn}: the vocabulary size V = weight.shape[0] must be > 0, got 0")
+    dtypes = {hidden_a.dtype, hidden_b.dtype, weight.dtype}
+    if bias is not None:
+        _check_tensor(bias, "bias", fn)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        dtypes.add(bias.dtype)
+    if len(dtypes) != 1:
+        raise TypeError(f"{fn}: hidden_a, hidden_b, weight and bias must share one dtype, got {sorted(map(str, dtypes))}")
+    _check_target(target, hidden_a.shape[:-1], fn)
+    _check_same_device(fn, hidden_a=hidden_a, hidden_b=hidden_b, weight=weight, bias=bias, target=target)
+    _check_scalars(temperature, ignore_index, fn)
+    lead, hid = hidden_a.shape[:-1], hidden_a.shape[-1]
+    n_rows = math.prod(lead)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n_rows, weight.shape[0])
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    t2 = None if target is None else target.reshape(-1)
+    kl_ab, kl_ba, ent_a, ent_b, ce, _ = _ops.fused_linear_cross_view_fwd(
+        hidden_a.reshape(-1, hid), hidden_b.reshape(-1, hid), weight, bias, t2,
+        float(temperature), int(ignore_index), int(chunk_size),
+    )
+    return CrossViewOutput(
+        kl_ab.view(lead), kl_ba.view(lead), ent_a.view(lead), ent_b.view(lead),
+        None if target is None else ce.view(lead),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels
+# --------------------------------------------------------------------------------------------
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_outputs_like(x: torch.Tensor, n_rows, has_target: bool):
+    dt = _out_dtype(x)
+    rows = [x.new_empty((n_rows,), dtype=dt) for _ in range(4)]
+    ce = x.new_empty((n_rows if has_target else 0,), dtype=dt)
+    return (*rows, ce, x.new_empty((n_rows, 3), dtype=dt))
+
+
+@torch.library.register_fake("pyops::cross_view_kl_entropy_fwd")
+def _cross_view_kl_entropy_fwd_fake(logits_a, logits_b, target, temperature, ignore_index):
+    torch._check(logits_a.dim() == 2, lambda: "logits_a must be 2-D (N, V)")
+    torch._check(logits_a.shape == logits_b.shape, lambda: "logits_a and logits_b must have the same shape")
+    return _row_outputs_like(logits_a, logits_a.shape[0], target is not None)
+
+
+@torch.library.register_fake("pyops::cross_view_kl_entropy_bwd")
+def _cross_view_kl_entropy_bwd_fake(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, *rest):
+    return torch.empty_like(logits_a), torch.empty_like(logits_b)
+
+
+@torch.library.register_fake("pyops::fused_linear_cross_view_fwd")
+def _fused_linear_cross_view_fwd_fake(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size):
+    torch._check(hidden_a.dim() == 2, lambda: "hidden_a must be 2-D (N, H)")
+    torch._check(weight.shape[1] == hidden_a.shape[1], lambda: "weight must be (V, H)")
+    return _row_outputs_like(hidden_a, hidden_a.shape[0], target is not None)
+
+
+@torch.library.register_fake("pyops::fused_linear_cross_view_bwd")
+def _fused_linear_cross_view_bwd_fake(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias,
+                                      target, kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index,
+                                      chunk_size, output_mask):
+    need_ha, need_hb, need_w = output_mask
+    empty = hidden_a.new_empty((0,))
+    return (
+        torch.empty_like(hidden_a) if need_ha else empty,
+        torch.empty_like(hidden_b) if need_hb else empty.clone(),
+        torch.empty_like(weight) if need_w else empty.clone(),
+        torch.empty_like(bias) if (need_w and bias is not None) else empty.clone(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+def _setup_row_ctx(ctx, inputs, output):
+    logits_a, logits_b, target, temperature, ignore_index = inputs
+    kl_ab, kl_ba, ent_a, ent_b, _ce, lse = output
+    ctx.save_for_backward(logits_a, logits_b, target, kl_ab, kl_ba, ent_a, ent_b, lse)
+    ctx.temperature, ctx.ignore_index, ctx.has_target = temperature, ignore_index, target is not None
+    ctx.set_materialize_grads(False)
+
+
+def _row_backward(ctx, g_kab, g_kba, g_ha, g_hb, g_ce, _g_lse):
+    logits_a, logits_b, target, kl_ab, kl_ba, ent_a, ent_b, lse = ctx.saved_tensors
+    if not ctx.has_target:
+        g_ce = None
+    if all(g is None for g in (g_kab, g_kba, g_ha, g_hb, g_ce)):
+        return None, None, None, None, None
+    grad_a, grad_b = _ops.cross_view_kl_entropy_bwd(
+        g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
+        kl_ab, kl_ba, ent_a, ent_b, lse, ctx.temperature, ctx.ignore_index,
+    )
+    return (
+        grad_a if ctx.needs_input_grad[0] else None,
+        grad_b if ctx.needs_input_grad[1] else None,
+        None, None, None,
+    )
+
+
+def _setup_linear_ctx(ctx, inputs, output):
+    hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size = inputs
+    kl_ab, kl_ba, ent_a, ent_b, _ce, lse = output
+    ctx.save_for_backward(hidden_a, hidden_b, weight, bias, target, kl_ab, kl_ba, ent_a, ent_b, lse)
+    ctx.temperature, ctx.ignore_index, ctx.chunk_size = temperature, ignore_index, chunk_size
+    ctx.has_target, ctx.has_bias = target is not None, bias is not None
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, g_kab, g_kba, g_ha, g_hb, g_ce, _g_lse):
+    hidden_a, hidden_b, weight, bias, target, kl_ab, kl_ba, ent_a, ent_b, lse = ctx.saved_tensors
+    if not ctx.has_target:
+        g_ce = None
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] or (ctx.has_bias and need[3])]
+    if all(g is None for g in (g_kab, g_kba, g_ha, g_hb, g_ce)) or not any(mask):
+        return (None,) * 8
+    gha, ghb, gw, gbias = _ops.fused_linear_cross_view_bwd(
+        g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target,
+        kl_ab, kl_ba, ent_a, ent_b, lse, ctx.temperature, ctx.ignore_index, ctx.chunk_size, mask,
+    )
+    return (
+        gha if need[0] else None,
+        ghb if need[1] else None,
+        gw if need[2] else None,
+        gbias if (ctx.has_bias and need[3]) else None,
+        None, None, None, None,
+    )
+
+
+def _no_double_backward(name: str):
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"pyops::{name}: double backward is not supported")
+
+    return backward, setup
+
+
+torch.library.register_autograd("pyops::cross_view_kl_entropy_fwd", _row_backward, setup_context=_setup_row_ctx)
+torch.library.register_autograd("pyops::fused_linear_cross_view_fwd", _linear_backward, setup_context=_setup_linear_ctx)
+for _name in ("cross_view_kl_entropy_bwd", "fused_linear_cross_view_bwd"):
+    _b, _s = _no_double_backward(_name)
+    torch.library.register_autograd(f"pyops::{_name}", _b, setup_context=_s)
+
+
+# --------------------------------------------------------------------------------------------
+# LM-head composition (device-generic: matmuls + the row op, chunk by chunk)
+# --------------------------------------------------------------------------------------------
+def _fused_linear_fwd_impl(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size):
+    n_rows = hidden_a.shape[0]
+    outs = _row_outputs_like(hidden_a, n_rows, target is not None)
+    for s in range(0, n_rows, chunk_size):
+        e = min(n_rows, s + chunk_size)
+        logits_a = F.linear(hidden_a[s:e], weight, bias)
+        logits_b = F.linear(hidden_b[s:e], weight, bias)
+        res = _ops.cross_view_kl_entropy_fwd(
+            logits_a, logits_b, None if target is None else target[s:e], temperature, ignore_index
+        )
+        del logits_a, logits_b
+        for out, r in zip(outs, res):
+            if out.shape[0]:
+                out[s:e] = r
+    return outs
+
+
+def _slice(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
+    return None if t is None else t[s:e]
+
+
+def _fused_linear_bwd_impl(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target,
+                           kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, chunk_size,
+                           output_mask):
+    need_ha, need_hb, need_w = output_mask
+    n_rows = hidden_a.shape[0]
+    empty = hidden_a.new_empty((0,))
+    grad_ha = torch.empty_like(hidden_a) if need_ha else empty
+    grad_hb = torch.empty_like(hidden_b) if need_hb else empty.clone()
+    # Weight gradients accumulate over chunks in at least float32.
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_w and bias is not None else None
+    for s in range(0, n_rows, chunk_size):
+        e = min(n_rows, s + chunk_size)
+        ha, hb = hidden_a[s:e], hidden_b[s:e]
+        logits_a = F.linear(ha, weight, bias)
+        logits_b = F.linear(hb, weight, bias)
+        dla, dlb = _ops.cross_view_kl_entropy_bwd(
+            _slice(g_kab, s, e), _slice(g_kba, s, e), _slice(g_ha, s, e), _slice(g_hb, s, e),
+            _slice(g_ce, s, e), logits_a, logits_b, _slice(target, s, e),
+            kl_ab[s:e], kl_ba[s:e], ent_a[s:e], ent_b[s:e], lse[s:e], temperature, ignore_index,
+        )
+        del logits_a, logits_b
+        if need_ha:
+            torch.mm(dla, weight, out=grad_ha[s:e])
+        if need_hb:
+            torch.mm(dlb, weight, out=grad_hb[s:e])
+        if need_w:
+            if dla.dtype == acc:
+                grad_w.addmm_(dla.t(), ha).addmm_(dlb.t(), hb)
+            else:
+                grad_w += (dla.t() @ ha).to(acc)
+                grad_w += (dlb.t() @ hb).to(acc)
+            if grad_bias is not None:
+                grad_bias += dla.sum(0, dtype=acc)
+                grad_bias += dlb.sum(0, dtype=acc)
+    return (
+        grad_ha,
+        grad_hb,
+        grad_w.to(weight.dtype) if need_w else empty.clone(),
+        grad_bias.to(bias.dtype) if grad_bias is not None else empty.clone(),
+    )
+
+
+_impl_lib = torch.library.Library("pyops", "IMPL")
+_impl_lib.impl("fused_linear_cross_view_fwd", _fused_linear_fwd_impl, "CompositeExplicitAutograd")
+_impl_lib.impl("fused_linear_cross_view_bwd", _fused_linear_bwd_impl, "CompositeExplicitAutograd")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton (CUDA tensors; also runs on CPU tensors under TRITON_INTERPRET=1 for the tests)
+# --------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # triton missing or unusable: the CPU and CUDA C++ kernels still work
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _cv_fwd_kernel(
+        a_ptr, b_ptr, t_ptr, kab_ptr, kba_ptr, ha_ptr, hb_ptr, ce_ptr, lse_ptr,
+        V, inv_t, ignore_index,
+        HAS_TARGET: tl.constexpr, UNIT_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        a_row = a_ptr + row * V
+        b_row = b_ptr + row * V
+        offs = tl.arange(0, BLOCK)
+        neg_inf = float("-inf")
+        # Online state per view: running max (scalar) and lane-wise sums of
+        # e = exp(u - m), e * (u - m) and e * (u - w).
+        m_a = tl.full([], neg_inf, ACC)
+        m_b = tl.full([], neg_inf, ACC)
+        m_1 = tl.full([], neg_inf, ACC)
+        s_a = tl.zeros([BLOCK], ACC)
+        t_a = tl.zeros([BLOCK], ACC)
+        x_a = tl.zeros([BLOCK], ACC)
+        s_b = tl.zeros([BLOCK], ACC)
+        t_b = tl.zeros([BLOCK], ACC)
+        x_b = tl.zeros([BLOCK], ACC)
+        s_1 = tl.zeros([BLOCK], ACC)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            mask = idx < V
+            a = tl.load(a_row + idx, mask=mask, other=0.0).to(ACC)
+            b = tl.load(b_row + idx, mask=mask, other=0.0).to(ACC)
+            u = a * inv_t
+            w = b * inv_t
+            new_a = tl.maximum(m_a, tl.max(tl.where(mask, u, neg_inf), 0))
+            new_b = tl.maximum(m_b, tl.max(tl.where(mask, w, neg_inf), 0))
+            sh_a = tl.where(m_a == neg_inf, 0.0, m_a - new_a)
+            sh_b = tl.where(m_b == neg_inf, 0.0, m_b - new_b)
+            c_a = tl.exp(sh_a)
+            c_b = tl.exp(sh_b)
+            t_a = c_a * (t_a + s_a * sh_a)
+            s_a = c_a * s_a
+            x_a = c_a * x_a
+            t_b = c_b * (t_b + s_b * sh_b)
+            s_b = c_b * s_b
+            x_b = c_b * x_b
+            m_a = new_a
+            m_b = new_b
+            d_a = u - m_a
+            d_b = w - m_b
+            e_a = tl.where(mask, tl.exp(d_a), 0.0)
+            e_b = tl.where(mask, tl.exp(d_b), 0.0)
+            diff = u - w
+            s_a += e_a
+            t_a += e_a * d_a
+            x_a += e_a * diff
+            s_b += e_b
+            t_b += e_b * d_b
+            x_b -= e_b * diff
+            if HAS_TARGET and not UNIT_T:
+                new_1 = tl.maximum(m_1, tl.max(tl.where(mask, a, neg_inf), 0))
+                sh_1 = tl.where(m_1 == neg_inf, 0.0, m_1 - new_1)
+                s_1 = tl.exp(sh_1) * s_1
+                m_1 = new_1
+                s_1 += tl.where(mask, tl.exp(a - m_1), 0.0)
+        sa = tl.sum(s_a, 0)
+        sb = tl.sum(s_b, 0)
+        log_sa = tl.log(sa)
+        log_sb = tl.log(sb)
+        lse_u = m_a + log_sa
+        lse_w = m_b + log_sb
+        tl.store(kab_ptr + row, tl.sum(x_a, 0) / sa - (lse_u - lse_w))
+        tl.store(kba_ptr + row, tl.sum(x_b, 0) / sb - (lse_w - lse_u))
+        tl.store(ha_ptr + row, log_sa - tl.sum(t_a, 0) / sa)
+        tl.store(hb_ptr + row, log_sb - tl.sum(t_b, 0) / sb)
+        lse_a1 = lse_u
+        if HAS_TARGET:
+            if not UNIT_T:
+                lse_a1 = m_1 + tl.log(tl.sum(s_1, 0))
+            y = tl.load(t_ptr + row)
+            valid = y != ignore_index
+            a_y = tl.load(a_row + tl.where(valid, y, 0)).to(ACC)
+            tl.store(ce_ptr + row, tl.where(valid, lse_a1 - a_y, 0.0))
+        tl.store(lse_ptr + 3 * row, lse_u)
+        tl.store(lse_ptr + 3 * row + 1, lse_w)
+        tl.store(lse_ptr + 3 * row + 2, lse_a1)
+
+    @triton.jit
+    def _cv_bwd_kernel(
+        a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, gkab_ptr, gkba_ptr, gha_ptr, ghb_ptr, gce_ptr,
+        kab_ptr, kba_ptr, ha_ptr, hb_ptr, lse_ptr, V, inv_t, ignore_index,
+        HAS_GKAB: tl.constexpr, HAS_GKBA: tl.constexpr, HAS_GHA: tl.constexpr, HAS_GHB: tl.constexpr,
+        HAS_GCE: tl.constexpr, UNIT_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        a_row = a_ptr + row * V
+        b_row = b_ptr + row * V
+        offs = tl.arange(0, BLOCK)
+        g_kab = tl.zeros([], ACC)
+        g_kba = tl.zeros([], ACC)
+        g_ha = tl.zeros([], ACC)
+        g_hb = tl.zeros([], ACC)
+        g_ce = tl.zeros([], ACC)
+        y = tl.full([], -1, tl.int64)
+        if HAS_GKAB:
+            g_kab = tl.load(gkab_ptr + row).to(ACC)
+        if HAS_GKBA:
+            g_kba = tl.load(gkba_ptr + row).to(ACC)
+        if HAS_GHA:
+            g_ha = tl.load(gha_ptr + row).to(ACC)
+        if HAS_GHB:
+            g_hb = tl.load(ghb_ptr + row).to(ACC)
+        if HAS_GCE:
+            y = tl.load(t_ptr + row)
+            g_ce = tl.where(y != ignore_index, tl.load(gce_ptr + row).to(ACC), 0.0)
+        kl_ab = tl.load(kab_ptr + row).to(ACC)
+        kl_ba = tl.load(kba_ptr + row).to(ACC)
+        h_a = tl.load(ha_ptr + row).to(ACC)
+        h_b = tl.load(hb_ptr + row).to(ACC)
+        lse_u = tl.load(lse_ptr + 3 * row).to(ACC)
+        lse_w = tl.load(lse_ptr + 3 * row + 1).to(ACC)
+        lse_a1 = tl.load(lse_ptr + 3 * row + 2).to(ACC)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            mask = idx < V
+            a = tl.load(a_row + idx, mask=mask, other=0.0).to(ACC)
+            b = tl.load(b_row + idx, mask=mask, other=0.0).to(ACC)
+            lp = a * inv_t - lse_u
+            lq = b * inv_t - lse_w
+            p = tl.exp(lp)
+            q = tl.exp(lq)
+            d = lp - lq
+            gu = p * (g_kab * (d - kl_ab) + g_kba - g_ha * (lp + h_a)) - g_kba * q
+            gw = q * (g_kab - g_kba * (d + kl_ba) - g_hb * (lq + h_b)) - g_kab * p
+            ga = gu * inv_t
+            if HAS_GCE:
+                if UNIT_T:
+                    sm = p
+                else:
+                    sm = tl.exp(a - lse_a1)
+                ga += g_ce * (sm - tl.where(idx == y, 1.0, 0.0))
+            tl.store(ga_ptr + row * V + idx, ga.to(ga_ptr.dtype.element_ty), mask=mask)
+            tl.store(gb_ptr + row * V + idx, (gw * inv_t).to(gb_ptr.dtype.element_ty), mask=mask)
+
+
+def _triton_launch_config(vocab: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(vocab), 2048)
+    return block, (4 if block <= 1024 else 8)
+
+
+def _device_guard(t: torch.Tensor):
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _acc_dtype(x: torch.Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def triton_cross_view_kl_entropy_fwd(logits_a, logits_b, target, temperature, ignore_index):
+    """Triton kernel of ``pyops::cross_view_kl_entropy_fwd`` (registered for CUDA)."""
+    fn = "cross_view_kl_entropy"
+    _validate_logits(logits_a, logits_b, None, temperature, ignore_index, fn)
+    if logits_a.dim() != 2:
+        raise ValueError(f"{fn}: logits_a must be 2-D (N, V), got {tuple(logits_a.shape)}")
+    _check_target(target, logits_a.shape[:1], fn)
+    _check_same_device(fn, logits_a=logits_a, target=target)
+    n_rows, vocab = logits_a.shape
+    _check_target_range(target, vocab, ignore_index, fn)
+    a, b = logits_a.contiguous(), logits_b.contiguous()
+    outs = _row_outputs_like(a, n_rows, target is not None)
+    if n_rows == 0:
+        return outs
+    block, warps = _triton_launch_config(vocab)
+    kl_ab, kl_ba, ent_a, ent_b, ce, lse = outs
+    with _device_guard(a):
+        _cv_fwd_kernel[(n_rows,)](
+            a, b, target if target is not None else a, kl_ab, kl_ba, ent_a, ent_b,
+            ce if target is not None else kl_ab, lse, vocab, 1.0 / temperature, ignore_index,
+            HAS_TARGET=target is not None, UNIT_T=temperature == 1.0, ACC=_acc_dtype(a),
+            BLOCK=block, num_warps=warps,
+        )
+    return outs
+
+
+def triton_cross_view_kl_entropy_bwd(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
+                                     kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index):
+    """Triton kernel of ``pyops::cross_view_kl_entropy_bwd`` (registered for CUDA)."""
+    fn = "cross_view_kl_entropy_bwd"
+    _validate_logits(logits_a, logits_b, None, temperature, ignore_index, fn)
+    n_rows, vocab = logits_a.shape
+    _check_target(target, logits_a.shape[:1], fn)
+    if g_ce is not None and target is None:
+        raise ValueError(f"{fn}: grad_ce_a needs a target")
+    if g_ce is not None:
+        _check_target_range(target, vocab, ignore_index, fn)
+    a, b = logits_a.contiguous(), logits_b.contiguous()
+    grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+    if n_rows == 0:
+        return grad_a, grad_b
+    acc = _out_dtype(a)
+
+    def rows(t):
+        if t is None:
+            return None
+        if t.numel() != n_rows:
+            raise ValueError(f"{fn}: per-row tensors must have N = {n_rows} elements, got {t.numel()}")
+        return t.reshape(n_rows).to(device=a.device, dtype=acc).contiguous()
+
+    gs = [rows(g) for g in (g_kab, g_kba, g_ha, g_hb, g_ce)]
+    fw = [rows(t) for t in (kl_ab, kl_ba, ent_a, ent_b)]
+    lse = lse.to(acc).contiguous()
+    block, warps = _triton_launch_config(vocab)
+    with _device_guard(a):
+        _cv_bwd_kernel[(n_rows,)](
+            a, b, grad_a, grad_b, target if target is not None else a,
+            *[g if g is not None else fw[0] for g in gs], *fw, lse, vocab, 1.0 / temperature, ignore_index,
+            HAS_GKAB=gs[0] is not None, HAS_GKBA=gs[1] is not None, HAS_GHA=gs[2] is not None,
+            HAS_GHB=gs[3] is not None, HAS_GCE=gs[4] is not None, UNIT_T=temperature == 1.0,
+            ACC=_acc_dtype(a), BLOCK=block, num_warps=warps,
+        )
+    return grad_a, grad_b
+
+
+if triton is not None:
+    _backend.register_triton_kernel("cross_view_kl_entropy_fwd", triton_cross_view_kl_entropy_fwd)
+    _backend.register_triton_kernel("cross_view_kl_entropy_bwd", triton_cross_view_kl_entropy_bwd)

@@ -1,0 +1,48 @@
+"""Build of the pyops C++ (and, where possible, CUDA) extensions.
+
+`pip install --no-build-isolation -e .` always builds `pyops._C` (the operator schemas and the
+CPU kernels). `pyops._C_cuda` (the CUDA kernels) is built too when the installed torch has CUDA
+(`torch.version.cuda`) and nvcc is found; `PYOPS_NO_CUDA=1` skips it and `PYOPS_FORCE_CUDA=1`
+builds it regardless (it then needs a CUDA build of torch to link against).
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def build_cuda() -> bool:
+    if os.environ.get("PYOPS_NO_CUDA") == "1":
+        return False
+    if os.environ.get("PYOPS_FORCE_CUDA") == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+ext_modules = [
+    CppExtension(
+        "pyops._C",
+        _rel([os.path.join(HERE, "csrc", "pyops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "*", "*.cpp"))),
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+]
+if build_cuda():
+    ext_modules.append(
+        CUDAExtension(
+            "pyops._C_cuda",
+            _rel([os.path.join(HERE, "csrc", "pyops_cuda.cpp")] + glob.glob(os.path.join(HERE, "csrc", "*", "*.cu"))),
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        )
+    )
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
