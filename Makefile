@@ -1,0 +1,50 @@
+# pyops: `make bench` (benchmarks vs pure-PyTorch baselines, quick mode) and `make test`.
+#
+# Without PYTHON, both create .venv when missing and install into it what they need: torch
+# (2.13.0, CPU build, unless the venv already has a torch), numpy, pytest, ninja, triton and
+# the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
+# With PYTHON=/path/to/python (e.g. on a CUDA machine without network) that interpreter is
+# used as it is: only the package is (re)built, nothing is downloaded.
+PYTHON ?=
+VENV   := .venv
+ifeq ($(strip $(PYTHON)),)
+PY     := $(VENV)/bin/python
+ENV_STAMP := $(VENV)/.deps-ready
+else
+PY     := $(PYTHON)
+ENV_STAMP :=
+endif
+BUILD_STAMP := build/.pyops-built-$(subst /,_,$(PY))
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+BENCH_ARGS ?= --quick
+
+.PHONY: test bench bench-full build clean test-cpu test-triton
+
+$(VENV)/.deps-ready:
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VENV)/bin/python -m pip install -q numpy pytest ninja triton setuptools wheel
+	touch $@
+
+$(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p build && touch $@
+
+build: $(BUILD_STAMP)
+
+# The main test run, then the Triton kernels under the interpreter in a process of their own
+# (TRITON_INTERPRET must be set before triton is imported). Exit code 5 = nothing collected.
+test: $(BUILD_STAMP)
+	$(PY) -m pytest tests -q
+	@if $(PY) -c "import triton" 2>/dev/null; then \
+	  TRITON_INTERPRET=1 $(PY) -m pytest tests/test_triton_interpret.py -q -m triton_interpreter; \
+	else echo "triton not installed: Triton interpreter tests skipped"; fi
+
+bench: $(BUILD_STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+bench-full: $(BUILD_STAMP)
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf build pyops/*.so *.egg-info
