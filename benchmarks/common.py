@@ -1,0 +1,191 @@
+"""Shared benchmark machinery: interleaved timing, peak memory, result files.
+
+A benchmark module defines ``cases(quick, device) -> list[Case]``. Each case has a setup that
+builds its inputs and a set of variants (the native pyops op, the eager reference, the
+compiled reference, ...), each a zero-argument callable doing one measured step.
+
+* Time: all variants of a case run in one process, interleaved (v1, v2, v3, v1, v2, ...), after
+  a warm-up (which also compiles); medians and 20/80 percentiles are reported, and ratios
+  against the native op.
+* Memory: each variant runs once more in a fresh subprocess. On CUDA the peak comes from
+  ``torch.cuda.max_memory_allocated`` (minus what was allocated before the step); on the CPU
+  it is the step's peak resident memory (``VmHWM`` reset through ``/proc/self/clear_refs``,
+  minus the resident memory before the step, with glibc told to return freed blocks of
+  64 KiB and more to the system so that the resident size follows torch's allocations).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    params: dict
+    setup: Callable[[str], dict[str, Callable[[], object]]]  # device -> {variant: step}
+    native: str = "pyops"  # the variant the ratios are taken against
+    bytes_moved: int | None = None  # memory traffic of one native step (for GB/s)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict[str, Callable], device: str, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def measure_peak_bytes(step: Callable, device: str) -> int:
+    """Peak memory of one call of step beyond what was allocated before it (see module doc)."""
+    step()  # warm-up: compilation, lazy initialisation
+    _sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    base = _rss_kb("VmRSS")
+    step()
+    return (_rss_kb("VmHWM") - base) * 1024
+
+
+def probe_memory(module: str, case_name: str, variant: str, quick: bool, device: str) -> int | None:
+    """Runs measure_peak_bytes for one variant in a fresh subprocess."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, "-m", "benchmarks.run", "--probe", module, case_name, variant, "--device", device]
+    if quick:
+        cmd.append("--quick")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    for line in res.stdout.splitlines():
+        if line.startswith("PEAK_BYTES "):
+            return int(line.split()[1])
+    sys.stderr.write(f"memory probe failed for {case_name}/{variant}:\n{res.stderr[-2000:]}\n")
+    return None
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 29, reps: int = 5) -> float:
+    """Measured device copy bandwidth (read + write) for reference."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    y = torch.empty_like(x)
+    times = time_interleaved({"copy": lambda: y.copy_(x)}, device, reps)["copy"]
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def run_cases(module: str, cases: list[Case], device: str, reps: int, quick: bool, memory: bool = True) -> list[dict]:
+    rows = []
+    for case in cases:
+        steps = case.setup(device)
+        times = time_interleaved(steps, device, reps)
+        del steps
+        peaks = {v: (probe_memory(module, case.name, v, quick, device) if memory else None) for v in times}
+        native_t = statistics.median(times[case.native])
+        native_m = peaks.get(case.native)
+        for variant, ts in times.items():
+            med = statistics.median(ts)
+            row = dict(
+                case=case.name, **{f"param_{k}": v for k, v in case.params.items()}, variant=variant,
+                median_ms=med * 1e3, p20_ms=_quantile(ts, 0.2) * 1e3, p80_ms=_quantile(ts, 0.8) * 1e3,
+                reps=len(ts), time_over_native=med / native_t,
+                peak_mb=None if peaks[variant] is None else peaks[variant] / 2**20,
+                native_peak_over_this=None if (native_m is None or not peaks[variant]) else native_m / peaks[variant],
+            )
+            if case.bytes_moved and variant == case.native:
+                row["gbps"] = case.bytes_moved / med / 1e9
+            rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| case | variant | median ms | p20-p80 ms | time / native time | peak MiB | native peak / this peak "
+            "| native GB/s |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        frac = "-" if r["native_peak_over_this"] is None else f"{100 * r['native_peak_over_this']:.0f}%"
+        gbps = f"{r['gbps']:.1f}" if "gbps" in r else ""
+        lines.append(
+            f"| {r['case']} | {r['variant']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
+            f"{r['time_over_native']:.2f}x | {peak} | {frac} | {gbps} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(op: str, device: str, quick: bool, rows: list[dict], extra: dict) -> tuple[Path, Path]:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    stem = f"{op}_{kind}_{'quick' if quick else 'full'}"
+    meta = dict(
+        op=op, device=device, device_name=device_name(device), mode="quick" if quick else "full",
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        torch=torch.__version__, python=platform.python_version(), command=" ".join(sys.argv), **extra,
+    )
+    jpath = RESULTS_DIR / f"{stem}.json"
+    jpath.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    mpath = RESULTS_DIR / f"{stem}.md"
+    header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    mpath.write_text(f"# {op} benchmark ({meta['mode']}, {meta['device_name']})\n\n{header}\n\n{format_table(rows)}\n")
+    return jpath, mpath

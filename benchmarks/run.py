@@ -1,0 +1,56 @@
+"""Benchmark runner: `python -m benchmarks.run [--quick] [--only OP] [--device cpu|cuda]`.
+
+Runs every op's benchmark (native pyops op vs eager and compiled pure-PyTorch references),
+prints one table per op and writes JSON + markdown to benchmarks/results/ (file names carry the
+device kind and the mode; the device name is inside). `make bench` runs the quick mode.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from . import common
+
+BENCHES = {"cross_view_kl": "benchmarks.bench_cross_view_kl"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (make bench)")
+    p.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these ops")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--probe", nargs=3, metavar=("MODULE", "CASE", "VARIANT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.probe:  # one variant's peak memory, in this (fresh) process
+        module, case_name, variant = args.probe
+        mod = importlib.import_module(module)
+        case = next(c for c in mod.cases(args.quick, args.device) if c.name == case_name)
+        step = case.setup(args.device)[variant]
+        print("PEAK_BYTES", common.measure_peak_bytes(step, args.device), flush=True)
+        return 0
+
+    reps = args.reps or (3 if args.quick else 5)
+    bw = common.copy_bandwidth_gbps(args.device)
+    print(f"device: {common.device_name(args.device)}; measured copy bandwidth {bw:.1f} GB/s; "
+          f"mode: {'quick' if args.quick else 'full'}; {reps} interleaved repetitions", flush=True)
+    for op in args.only or sorted(BENCHES):
+        module = BENCHES[op]
+        mod = importlib.import_module(module)
+        rows = common.run_cases(module, mod.cases(args.quick, args.device), args.device, reps, args.quick,
+                                memory=not args.no_memory)
+        for r in rows:
+            if "gbps" in r:
+                r["fraction_of_copy_bandwidth"] = r["gbps"] / bw
+        jpath, mpath = common.write_results(op, args.device, args.quick, rows, dict(copy_bandwidth_gbps=bw))
+        print(f"\n## {op}\n{common.format_table(rows)}\n(written to {jpath} and {mpath})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
