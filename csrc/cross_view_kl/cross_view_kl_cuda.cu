@@ -71,6 +71,15 @@ void check_target_range(const at::Tensor& tgt, int64_t V, int64_t ignore_index) 
               ") and is not ignore_index (", ignore_index, ")");
 }
 
+// The range check syncs with the host, which a stream being captured into a CUDA graph does not
+// allow; there it is skipped (the kernels never read outside a row: an out-of-range target
+// gives ce = NaN in the forward and no one-hot term in the backward).
+bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 int num_sms(const at::Device& device) {
   int n = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device.index()));
@@ -94,9 +103,9 @@ cross_view_kl_entropy_fwd_cuda(const at::Tensor& logits_a, const at::Tensor& log
   at::Tensor lse = at::empty({N, 3}, opts);
   if (N == 0) return {kl_ab, kl_ba, ent_a, ent_b, ce, lse};
   const at::Tensor tgt = target.has_value() ? target->contiguous() : at::Tensor();
-  if (tgt.defined()) check_target_range(tgt, V, ignore_index);
-  const int sms = num_sms(a.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  if (tgt.defined() && !stream_is_capturing(stream)) check_target_range(tgt, V, ignore_index);
+  const int sms = num_sms(a.device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_view_kl_fwd_cuda", [&] {
     using T = typename DeviceScalar<scalar_t>::type;
@@ -158,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cuda(
   at::Tensor grad_a = at::empty(a.sizes(), a.options()), grad_b = at::empty(b.sizes(), b.options());
   if (N == 0) return {grad_a, grad_b};
   const at::Tensor tgt = target.has_value() ? target->contiguous() : at::Tensor();
-  if (g_ce.defined()) check_target_range(tgt, V, ignore_index);
-  const int sms = num_sms(a.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  if (g_ce.defined() && !stream_is_capturing(stream)) check_target_range(tgt, V, ignore_index);
+  const int sms = num_sms(a.device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_view_kl_bwd_cuda", [&] {
     using T = typename DeviceScalar<scalar_t>::type;

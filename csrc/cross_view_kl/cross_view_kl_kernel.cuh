@@ -17,23 +17,26 @@
 // row pointers of the views (and of the gradients in the backward) are not equally aligned
 // modulo 16 bytes the whole row is read with scalar loads.
 //
-// Forward: per thread and per view an online (max-rescaled) state
+// Forward: per thread and per view an online (max-rescaled) state, mathematically
 //   m = running max of u,  s = sum e,  t = sum e * (u - m),  x = sum e * (u - w),  e = exp(u - m)
-// (view b: same with w, and x_b = sum e_b * (w - u)); plus, when the row needs the CE term and
-// T != 1, an online logsumexp (m, s) of the raw logits a. For each chunk of elements the chunk
-// max is taken first and the state is rebased only when it grows, so there is one exp per
-// element and view. States are merged across the group with warp shuffles (and shared memory
-// across the warps of a block): the state with the smaller max is rebased to the larger one,
-// c = exp(m_old - m_new): t' = c * (t + s * (m_old - m_new)), s' = c * s, x' = c * x, where an
-// empty state (s = t = x = 0: a thread that got no element) is left at zero instead (its
-// m = -inf would make 0 * inf = NaN). NaN / inf logits poison only their own row, as on the CPU.
+// (view b: same with w, and x_b = sum e_b * (w - u)), from which lse = m + ln s,
+// H = ln s - t / s and KL(p || q) = x / s - (lse_u - lse_w); plus, when the row needs the CE term
+// and T != 1, an online logsumexp (m, s) of the raw logits a. (Stored in log2 units so that each
+// exp is one fma and one ex2, see "Forward: online states" below.) For each chunk of elements
+// (a 16-byte vector) the chunk max is taken first and the state is rebased only when it grows,
+// so there is one exp per element and view. States are merged across the group with warp
+// shuffles (and shared memory across the warps of a block): the state with the smaller max is
+// rebased to the larger one, c = exp(m_old - m_new): t' = c * (t + s * (m_old - m_new)),
+// s' = c * s, x' = c * x, where an empty state (s = t = x = 0: a thread that got no element) is
+// left at zero instead (its m = -inf would make 0 * inf = NaN). NaN / inf logits poison only
+// their own row, as on the CPU.
 //
 // Backward: one streaming pass per row recomputing p = exp(a / T - lse_u), q = exp(b / T - lse_w)
 // from the saved lse, writing grad_a and grad_b in the storage type.
 //
-// exp of float32 is ex2.approx.ftz.f32 (MUFU, ~2 ulp) of x * log2(e), with x = u - m <= 0
-// computed first, so the relative error of each term stays ~1e-6 and that of the sums below;
-// double uses the accurate exp. All element offsets are int64.
+// exp of float32 is ex2.approx.ftz.f32 (MUFU, ~2 ulp) of an argument <= 0 computed with a single
+// rounding, so each term is accurate to ~1e-6 relative and the sums better; double uses the
+// accurate exp / exp2. All element offsets are int64.
 #ifndef PYOPS_CSRC_CROSS_VIEW_KL_CROSS_VIEW_KL_KERNEL_CUH_
 #define PYOPS_CSRC_CROSS_VIEW_KL_CROSS_VIEW_KL_KERNEL_CUH_
 
@@ -100,18 +103,30 @@ template <>
 struct Math<float> {
   PYOPS_CVKL_HD static float neg_inf() { return -__builtin_huge_valf(); }
   PYOPS_CVKL_HD static float nan() { return __builtin_nanf(""); }
-  // exp(x) = 2^(x log2 e); ex2.approx.ftz: exp(-inf) = 0, exp(NaN) = NaN, tiny results flush to 0.
-  PYOPS_CVKL_HD static float exp(float x) {
-    const float y = x * 1.44269504088896341f;
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2 = 0.693147180559945309f;
+  // 2^x by ex2.approx.ftz.f32 (one MUFU op, ~2 ulp): 2^-inf = 0, 2^NaN = NaN, results below
+  // 2^-126 flush to 0.
+  PYOPS_CVKL_HD static float exp2(float x) {
 #ifdef __CUDA_ARCH__
     float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
     return r;
 #else
-    return exp2f(y);
+    return exp2f(x);
 #endif
   }
+  PYOPS_CVKL_HD static float exp(float x) { return exp2(x * kLog2e); }
   PYOPS_CVKL_HD static float log(float x) { return logf(x); }
+  PYOPS_CVKL_HD static float fma(float a, float b, float c) { return fmaf(a, b, c); }
+  // a * b rounded on its own (never contracted into an fma by the compiler).
+  PYOPS_CVKL_HD static float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+  }
   // Never returns NaN for a non-NaN a: NaN elements do not move the max (as on the CPU).
   PYOPS_CVKL_HD static float max(float a, float b) { return fmaxf(a, b); }
 };
@@ -120,7 +135,18 @@ template <>
 struct Math<double> {
   PYOPS_CVKL_HD static double neg_inf() { return -__builtin_huge_val(); }
   PYOPS_CVKL_HD static double nan() { return __builtin_nan(""); }
+  static constexpr double kLog2e = 1.4426950408889634074;
+  static constexpr double kLn2 = 0.69314718055994530942;
+  PYOPS_CVKL_HD static double exp2(double x) { return ::exp2(x); }
   PYOPS_CVKL_HD static double exp(double x) { return ::exp(x); }
+  PYOPS_CVKL_HD static double fma(double a, double b, double c) { return ::fma(a, b, c); }
+  PYOPS_CVKL_HD static double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+    return __dmul_rn(a, b);
+#else
+    return a * b;
+#endif
+  }
   PYOPS_CVKL_HD static double log(double x) { return ::log(x); }
   PYOPS_CVKL_HD static double max(double a, double b) { return fmax(a, b); }
 };
@@ -143,6 +169,11 @@ struct Storage<float> {
     v[2] = u32_as_f32(r.z);
     v[3] = u32_as_f32(r.w);
   }
+  // Max of the elements of a vector, NaN elements ignored (NaN only if all are NaN; a NaN chunk
+  // max never moves a running max, so it does not matter).
+  PYOPS_CVKL_HD static float vec_max(const uint4& r) {
+    return fmaxf(fmaxf(u32_as_f32(r.x), u32_as_f32(r.y)), fmaxf(u32_as_f32(r.z), u32_as_f32(r.w)));
+  }
   PYOPS_CVKL_HD static uint4 pack(const float (&v)[kVec]) {
     uint4 r;
     r.x = f32_as_u32(v[0]);
@@ -162,6 +193,11 @@ struct Storage<double> {
   PYOPS_CVKL_HD static void unpack(const uint4& r, double (&v)[kVec]) {
     v[0] = u64_as_f64((static_cast<uint64_t>(r.y) << 32) | r.x);
     v[1] = u64_as_f64((static_cast<uint64_t>(r.w) << 32) | r.z);
+  }
+  PYOPS_CVKL_HD static double vec_max(const uint4& r) {
+    double v[kVec];
+    unpack(r, v);
+    return fmax(v[0], v[1]);
   }
   PYOPS_CVKL_HD static uint4 pack(const double (&v)[kVec]) {
     const uint64_t b0 = f64_as_u64(v[0]), b1 = f64_as_u64(v[1]);
@@ -191,15 +227,31 @@ struct Storage<__half> {
   // Element 2k is the low half of 32-bit word k (little endian).
   PYOPS_CVKL_HD static void unpack(const uint4& r, float (&v)[kVec]) {
     const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-PYOPS_CVKL_UNROLL
+    PYOPS_CVKL_UNROLL
     for (int k = 0; k < 4; ++k) {
       v[2 * k] = bits_to_acc(w[k] & 0xffffu);
       v[2 * k + 1] = bits_to_acc(w[k] >> 16);
     }
   }
+  // Packed max.f16x2 on sm_80+ (3 ops for 8 elements; a NaN lane yields the other operand).
+  PYOPS_CVKL_HD static float vec_max(const uint4& r) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    uint32_t m01, m23, m;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(m01) : "r"(r.x), "r"(r.y));
+    asm("max.f16x2 %0, %1, %2;" : "=r"(m23) : "r"(r.z), "r"(r.w));
+    asm("max.f16x2 %0, %1, %2;" : "=r"(m) : "r"(m01), "r"(m23));
+    return fmaxf(bits_to_acc(m & 0xffffu), bits_to_acc(m >> 16));
+#else
+    float v[kVec];
+    unpack(r, v);
+    float m = v[0];
+    for (int k = 1; k < kVec; ++k) m = fmaxf(m, v[k]);
+    return m;
+#endif
+  }
   PYOPS_CVKL_HD static uint4 pack(const float (&v)[kVec]) {
     uint32_t w[4];
-PYOPS_CVKL_UNROLL
+    PYOPS_CVKL_UNROLL
     for (int k = 0; k < 4; ++k) w[k] = acc_to_bits(v[2 * k]) | (acc_to_bits(v[2 * k + 1]) << 16);
     uint4 r;
     r.x = w[0];
@@ -222,15 +274,31 @@ struct Storage<__nv_bfloat16> {
   // bfloat16 -> float is exact: the 16 bits are the high half of the float.
   PYOPS_CVKL_HD static void unpack(const uint4& r, float (&v)[kVec]) {
     const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-PYOPS_CVKL_UNROLL
+    PYOPS_CVKL_UNROLL
     for (int k = 0; k < 4; ++k) {
       v[2 * k] = u32_as_f32(w[k] << 16);
       v[2 * k + 1] = u32_as_f32(w[k] & 0xffff0000u);
     }
   }
+  // Packed max.bf16x2 on sm_80+ (3 ops for 8 elements; a NaN lane yields the other operand).
+  PYOPS_CVKL_HD static float vec_max(const uint4& r) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    uint32_t m01, m23, m;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(m01) : "r"(r.x), "r"(r.y));
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(m23) : "r"(r.z), "r"(r.w));
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(m) : "r"(m01), "r"(m23));
+    return fmaxf(u32_as_f32(m << 16), u32_as_f32(m & 0xffff0000u));
+#else
+    float v[kVec];
+    unpack(r, v);
+    float m = v[0];
+    for (int k = 1; k < kVec; ++k) m = fmaxf(m, v[k]);
+    return m;
+#endif
+  }
   PYOPS_CVKL_HD static uint4 pack(const float (&v)[kVec]) {
     uint32_t w[4];
-PYOPS_CVKL_UNROLL
+    PYOPS_CVKL_UNROLL
     for (int k = 0; k < 4; ++k) w[k] = acc_to_bits(v[2 * k]) | (acc_to_bits(v[2 * k + 1]) << 16);
     uint4 r;
     r.x = w[0];
@@ -278,21 +346,32 @@ PYOPS_CVKL_HD int64_t row_head(const void* p0, const void* p1, const void* p2, c
 
 // ------------------------------------------------------------------------------------------------
 // Forward: online states and their merging.
+//
+// Units: with c2 = log2(e) / T (rounded once, the same for both views), the exponent of an
+// element is u2 = a c2 (in log2 units), computed together with the shift as fma(a, c2, -m2), a
+// single rounding, so that exp is one ex2 per element. The state keeps the running max m of the
+// RAW logits; its reference point in log2 units is m2 = round(m c2) (a function of m, so every
+// chunk and every rebase of a thread uses the same one). Per view:
+//   s = sum 2^(u2 - m2),  t = sum 2^(u2 - m2) (u2 - m2)  (log2 units),
+//   x = sum 2^(u2 - m2) (a - b)  (raw units: T times the natural-units sum).
+// The row values (fwd_finalize) convert back with ln 2 and correct for the rounding of m2:
+//   lse_u = m / T + ln s - ln2 (m c2 - m2), the residual m c2 - m2 being exact (one fma);
+// so lse, and the lse difference inside the KL terms, are as accurate as with natural units.
 
 template <typename acc_t>
 struct ViewState {
-  acc_t m, s, t, x;
+  acc_t m, s, t, x;  // m: running max of the raw logits of the view
 };
 
 template <typename acc_t>
 struct LseState {
-  acc_t m, s;
+  acc_t m, s;  // raw logits a at temperature 1 (CE term when T != 1): c2 = log2(e)
 };
 
 template <typename acc_t>
 struct FwdState {
   ViewState<acc_t> a, b;  // views a (u = a / T) and b (w = b / T)
-  LseState<acc_t> c;      // raw logits a (CE term when T != 1)
+  LseState<acc_t> c;
 };
 
 template <typename acc_t>
@@ -306,12 +385,23 @@ PYOPS_CVKL_HD void fwd_state_init(FwdState<acc_t>& st) {
   st.c.s = acc_t(0);
 }
 
-// Moves the running max to new_m (> m), rescaling the sums; an empty state only takes new_m.
+// Reference point m2 = round(m c2) of a running max m. While a state has seen no element above
+// -inf its max is -inf; it then uses 0, so that -inf elements count as they do below a finite max
+// (e = 0, and e * (u - m) = 0 * -inf = NaN poisons t and x, as on the CPU) instead of making
+// e = 2^(-inf + inf) = NaN.
 template <typename acc_t>
-PYOPS_CVKL_HD void rebase(ViewState<acc_t>& v, acc_t new_m) {
+PYOPS_CVKL_HD acc_t ref_point(acc_t m, acc_t c2) {
+  return m == Math<acc_t>::neg_inf() ? acc_t(0) : Math<acc_t>::mul_rn(m, c2);
+}
+
+// Moves the running max to new_m (> m), rescaling the sums; an empty state (s = t = x = 0, a
+// thread that got no element yet) only takes new_m, as 0 * inf would make NaN.
+template <typename acc_t>
+PYOPS_CVKL_HD void rebase(ViewState<acc_t>& v, acc_t new_m, acc_t c2) {
   if (v.s != acc_t(0) || v.t != acc_t(0) || v.x != acc_t(0)) {
-    const acc_t shift = v.m - new_m;
-    const acc_t c = Math<acc_t>::exp(shift);
+    // old minus new reference point (log2 units); -inf for a state poisoned by -inf elements
+    const acc_t shift = Math<acc_t>::mul_rn(v.m, c2) - Math<acc_t>::mul_rn(new_m, c2);
+    const acc_t c = Math<acc_t>::exp2(shift);
     v.t = c * (v.t + v.s * shift);
     v.s *= c;
     v.x *= c;
@@ -320,17 +410,20 @@ PYOPS_CVKL_HD void rebase(ViewState<acc_t>& v, acc_t new_m) {
 }
 
 template <typename acc_t>
-PYOPS_CVKL_HD void rebase(LseState<acc_t>& v, acc_t new_m) {
-  if (v.s != acc_t(0)) v.s *= Math<acc_t>::exp(v.m - new_m);
+PYOPS_CVKL_HD void rebase(LseState<acc_t>& v, acc_t new_m, acc_t c2) {
+  if (v.s != acc_t(0)) {
+    v.s *= Math<acc_t>::exp2(Math<acc_t>::mul_rn(v.m, c2) - Math<acc_t>::mul_rn(new_m, c2));
+  }
   v.m = new_m;
 }
 
+// Merges state b into a: the one with the smaller max is rebased to the larger max first.
 template <typename acc_t>
-PYOPS_CVKL_HD void merge(ViewState<acc_t>& a, ViewState<acc_t> b) {
+PYOPS_CVKL_HD void merge(ViewState<acc_t>& a, ViewState<acc_t> b, acc_t c2) {
   if (b.m > a.m) {
-    rebase(a, b.m);
+    rebase(a, b.m, c2);
   } else if (a.m > b.m) {
-    rebase(b, a.m);
+    rebase(b, a.m, c2);
   }
   a.s += b.s;
   a.t += b.t;
@@ -338,64 +431,59 @@ PYOPS_CVKL_HD void merge(ViewState<acc_t>& a, ViewState<acc_t> b) {
 }
 
 template <typename acc_t>
-PYOPS_CVKL_HD void merge(LseState<acc_t>& a, LseState<acc_t> b) {
+PYOPS_CVKL_HD void merge(LseState<acc_t>& a, LseState<acc_t> b, acc_t c2) {
   if (b.m > a.m) {
-    rebase(a, b.m);
+    rebase(a, b.m, c2);
   } else if (a.m > b.m) {
-    rebase(b, a.m);
+    rebase(b, a.m, c2);
   }
   a.s += b.s;
 }
 
 template <typename acc_t>
-PYOPS_CVKL_HD void merge(FwdState<acc_t>& a, const FwdState<acc_t>& b) {
-  merge(a.a, b.a);
-  merge(a.b, b.b);
-  merge(a.c, b.c);
+PYOPS_CVKL_HD void merge(FwdState<acc_t>& a, const FwdState<acc_t>& b, acc_t c2) {
+  merge(a.a, b.a, c2);
+  merge(a.b, b.b, c2);
+  merge(a.c, b.c, Math<acc_t>::kLog2e);
 }
 
-// Adds K elements of both views, given as raw logits ra, rb (u = ra / T, w = rb / T), to the
-// states, and when do_c the raw ra to the logsumexp state c. The chunk max is taken on the raw
-// logits: rounding is monotonic, so max(ra) * inv_t == max(ra * inv_t) for inv_t > 0.
+// Adds K elements of both views, given as raw logits ra, rb with chunk maxes ma, mb (NaN
+// elements ignored; a NaN max, from an all-NaN chunk, moves nothing), to the states, and when
+// do_c the raw ra to the logsumexp state c. A state is rebased only when the chunk max exceeds
+// its running max, so there is one exp per element and view.
 template <typename acc_t, int K>
-PYOPS_CVKL_HD void fwd_chunk(const acc_t (&ra)[K], const acc_t (&rb)[K], acc_t inv_t, bool do_c,
-                             FwdState<acc_t>& st) {
-  acc_t ma = Math<acc_t>::neg_inf(), mb = ma;
-PYOPS_CVKL_UNROLL
+PYOPS_CVKL_HD void fwd_chunk(const acc_t (&ra)[K], const acc_t (&rb)[K], acc_t ma, acc_t mb,
+                             acc_t c2, bool do_c, FwdState<acc_t>& st) {
+  using M = Math<acc_t>;
+  if (ma > st.a.m) rebase(st.a, ma, c2);
+  if (mb > st.b.m) rebase(st.b, mb, c2);
+  const acc_t am2 = ref_point(st.a.m, c2), bm2 = ref_point(st.b.m, c2);
+  PYOPS_CVKL_UNROLL
   for (int k = 0; k < K; ++k) {
-    ma = Math<acc_t>::max(ma, ra[k]);
-    mb = Math<acc_t>::max(mb, rb[k]);
-  }
-  const acc_t mu = ma * inv_t, mw = mb * inv_t;
-  if (mu > st.a.m) rebase(st.a, mu);
-  if (mw > st.b.m) rebase(st.b, mw);
-  const acc_t am = st.a.m, bm = st.b.m;
-PYOPS_CVKL_UNROLL
-  for (int k = 0; k < K; ++k) {
-    const acc_t u = ra[k] * inv_t, w = rb[k] * inv_t;
-    const acc_t da = u - am, db = w - bm, diff = u - w;
-    const acc_t ea = Math<acc_t>::exp(da), eb = Math<acc_t>::exp(db);
+    const acc_t da = M::fma(ra[k], c2, -am2), db = M::fma(rb[k], c2, -bm2);
+    const acc_t diff = ra[k] - rb[k];  // x is kept in raw units (times T)
+    const acc_t ea = M::exp2(da), eb = M::exp2(db);
     st.a.s += ea;
-    st.a.t += ea * da;
-    st.a.x += ea * diff;
+    st.a.t = M::fma(ea, da, st.a.t);
+    st.a.x = M::fma(ea, diff, st.a.x);
     st.b.s += eb;
-    st.b.t += eb * db;
-    st.b.x -= eb * diff;
+    st.b.t = M::fma(eb, db, st.b.t);
+    st.b.x = M::fma(-eb, diff, st.b.x);
   }
   if (do_c) {
-    if (ma > st.c.m) rebase(st.c, ma);
-    const acc_t cm = st.c.m;
-    acc_t s = acc_t(0);
-PYOPS_CVKL_UNROLL
-    for (int k = 0; k < K; ++k) s += Math<acc_t>::exp(ra[k] - cm);
-    st.c.s += s;
+    if (ma > st.c.m) rebase(st.c, ma, M::kLog2e);
+    const acc_t cm2 = ref_point(st.c.m, M::kLog2e);
+    acc_t sc = acc_t(0);
+    PYOPS_CVKL_UNROLL
+    for (int k = 0; k < K; ++k) sc += M::exp2(M::fma(ra[k], M::kLog2e, -cm2));
+    st.c.s += sc;
   }
 }
 
 // The share of thread `tid` (of a group of G threads) of one row, added to st.
 template <typename T>
 PYOPS_CVKL_HD void fwd_row_partial(const T* __restrict__ ra, const T* __restrict__ rb, int64_t V,
-                                   int tid, int G, acc_type<T> inv_t, bool do_c,
+                                   int tid, int G, acc_type<T> c2, bool do_c,
                                    FwdState<acc_type<T>>& st) {
   using acc_t = acc_type<T>;
   using S = Storage<T>;
@@ -404,7 +492,7 @@ PYOPS_CVKL_HD void fwd_row_partial(const T* __restrict__ ra, const T* __restrict
   const int64_t nvec = (V - head) / kVec;
   for (int64_t i = tid; i < head; i += G) {
     const acc_t xa[1] = {load_acc(ra + i)}, xb[1] = {load_acc(rb + i)};
-    fwd_chunk<acc_t, 1>(xa, xb, inv_t, do_c, st);
+    fwd_chunk<acc_t, 1>(xa, xb, xa[0], xb[0], c2, do_c, st);
   }
   const uint4* va = reinterpret_cast<const uint4*>(ra + head);
   const uint4* vb = reinterpret_cast<const uint4*>(rb + head);
@@ -416,20 +504,21 @@ PYOPS_CVKL_HD void fwd_row_partial(const T* __restrict__ ra, const T* __restrict
     acc_t xa[kVec], xb[kVec];
     S::unpack(a0, xa);
     S::unpack(b0, xb);
-    fwd_chunk<acc_t, kVec>(xa, xb, inv_t, do_c, st);
+    fwd_chunk<acc_t, kVec>(xa, xb, S::vec_max(a0), S::vec_max(b0), c2, do_c, st);
     S::unpack(a1, xa);
     S::unpack(b1, xb);
-    fwd_chunk<acc_t, kVec>(xa, xb, inv_t, do_c, st);
+    fwd_chunk<acc_t, kVec>(xa, xb, S::vec_max(a1), S::vec_max(b1), c2, do_c, st);
   }
   if (k < nvec) {
+    const uint4 a0 = load_vec(va + k), b0 = load_vec(vb + k);
     acc_t xa[kVec], xb[kVec];
-    S::unpack(load_vec(va + k), xa);
-    S::unpack(load_vec(vb + k), xb);
-    fwd_chunk<acc_t, kVec>(xa, xb, inv_t, do_c, st);
+    S::unpack(a0, xa);
+    S::unpack(b0, xb);
+    fwd_chunk<acc_t, kVec>(xa, xb, S::vec_max(a0), S::vec_max(b0), c2, do_c, st);
   }
   for (int64_t i = head + nvec * kVec + tid; i < V; i += G) {
     const acc_t xa[1] = {load_acc(ra + i)}, xb[1] = {load_acc(rb + i)};
-    fwd_chunk<acc_t, 1>(xa, xb, inv_t, do_c, st);
+    fwd_chunk<acc_t, 1>(xa, xb, xa[0], xb[0], c2, do_c, st);
   }
 }
 
@@ -438,18 +527,41 @@ struct FwdRowResult {
   acc_t kl_ab, kl_ba, h_a, h_b, lse_u, lse_w, lse_a1;
 };
 
+// ln(sum exp(raw * scale)) of a merged (m, s) with c2 = scale * log2(e): m scale + ln s minus the
+// rounding of the reference point, ln2 (m c2 - round(m c2)). NaN when the max is -inf (no element
+// above -inf: all -inf / NaN), as on the CPU.
 template <typename acc_t>
-PYOPS_CVKL_HD FwdRowResult<acc_t> fwd_finalize(const FwdState<acc_t>& st, bool unit_t,
-                                               bool need_ce) {
+PYOPS_CVKL_HD acc_t log_sum(acc_t m, acc_t log_s, acc_t scale, acc_t c2) {
+  using M = Math<acc_t>;
+  if (m == M::neg_inf()) return M::nan();
+  const acc_t resid = M::fma(m, c2, -M::mul_rn(m, c2));
+  return M::fma(m, scale, log_s - M::kLn2 * resid);
+}
+
+// Row values from the merged state. lse_u - lse_w inside the KL terms is taken as
+// (m_a - m_b) / T + (ln s_a - ln s_b) - ln2 (resid_a - resid_b), which keeps the difference
+// of two large log-sum-exps accurate (and consistent with x: KL = 0 for identical one-hot rows).
+template <typename acc_t>
+PYOPS_CVKL_HD FwdRowResult<acc_t> fwd_finalize(const FwdState<acc_t>& st, acc_t inv_t, acc_t c2,
+                                               bool unit_t, bool need_ce) {
+  using M = Math<acc_t>;
+  const acc_t ninf = M::neg_inf(), ln2 = M::kLn2;
   FwdRowResult<acc_t> r;
-  const acc_t log_sa = Math<acc_t>::log(st.a.s), log_sb = Math<acc_t>::log(st.b.s);
-  r.lse_u = st.a.m + log_sa;
-  r.lse_w = st.b.m + log_sb;
-  r.kl_ab = st.a.x / st.a.s - (r.lse_u - r.lse_w);
-  r.kl_ba = st.b.x / st.b.s - (r.lse_w - r.lse_u);
-  r.h_a = log_sa - st.a.t / st.a.s;
-  r.h_b = log_sb - st.b.t / st.b.s;
-  r.lse_a1 = unit_t ? r.lse_u : (need_ce ? st.c.m + Math<acc_t>::log(st.c.s) : acc_t(0));
+  const acc_t log_sa = M::log(st.a.s), log_sb = M::log(st.b.s);
+  r.lse_u = log_sum(st.a.m, log_sa, inv_t, c2);
+  r.lse_w = log_sum(st.b.m, log_sb, inv_t, c2);
+  acc_t dlse = M::nan();
+  if (st.a.m != ninf && st.b.m != ninf) {
+    const acc_t resid_a = M::fma(st.a.m, c2, -M::mul_rn(st.a.m, c2));
+    const acc_t resid_b = M::fma(st.b.m, c2, -M::mul_rn(st.b.m, c2));
+    dlse = M::fma(st.a.m - st.b.m, inv_t, (log_sa - log_sb) - ln2 * (resid_a - resid_b));
+  }
+  r.kl_ab = inv_t * st.a.x / st.a.s - dlse;
+  r.kl_ba = inv_t * st.b.x / st.b.s + dlse;
+  r.h_a = log_sa - ln2 * st.a.t / st.a.s;
+  r.h_b = log_sb - ln2 * st.b.t / st.b.s;
+  r.lse_a1 = unit_t ? r.lse_u
+                    : (need_ce ? log_sum(st.c.m, M::log(st.c.s), acc_t(1), M::kLog2e) : acc_t(0));
   return r;
 }
 
@@ -471,7 +583,7 @@ struct BwdRowCoef {
 template <typename acc_t, int K>
 PYOPS_CVKL_HD void bwd_chunk(const BwdRowCoef<acc_t>& c, const acc_t (&a)[K], const acc_t (&b)[K],
                              int64_t col, acc_t (&ga)[K], acc_t (&gb)[K]) {
-PYOPS_CVKL_UNROLL
+  PYOPS_CVKL_UNROLL
   for (int k = 0; k < K; ++k) {
     const acc_t lp = a[k] * c.inv_t - c.lse_u, lq = b[k] * c.inv_t - c.lse_w;
     const acc_t p = Math<acc_t>::exp(lp), q = Math<acc_t>::exp(lq), d = lp - lq;
@@ -483,12 +595,12 @@ PYOPS_CVKL_UNROLL
     gb[k] = gw * c.inv_t;
   }
   if (c.ce_other) {
-PYOPS_CVKL_UNROLL
+    PYOPS_CVKL_UNROLL
     for (int k = 0; k < K; ++k) ga[k] += c.g_ce * Math<acc_t>::exp(a[k] - c.lse_a1);
   }
   const int64_t rel = c.y - col;  // y = -1: never in range
   if (static_cast<uint64_t>(rel) < static_cast<uint64_t>(K)) {
-PYOPS_CVKL_UNROLL
+    PYOPS_CVKL_UNROLL
     for (int k = 0; k < K; ++k) {
       if (k == rel) ga[k] -= c.g_ce;
     }
@@ -613,16 +725,16 @@ __device__ __forceinline__ FwdState<acc_t> shfl_xor_state(const FwdState<acc_t>&
 }
 
 template <typename acc_t>
-__device__ __forceinline__ void warp_merge(FwdState<acc_t>& st) {
-PYOPS_CVKL_UNROLL
-  for (int off = 16; off > 0; off >>= 1) merge(st, shfl_xor_state(st, off));
+__device__ __forceinline__ void warp_merge(FwdState<acc_t>& st, acc_t c2) {
+  #pragma unroll
+  for (int off = 16; off > 0; off >>= 1) merge(st, shfl_xor_state(st, off), c2);
 }
 
 // Merges the states of the G threads of a group; the result is valid in thread 0 of the group.
 // G = 32: one warp (every lane of the warp must take part); G > 32: the whole block.
 template <int G, typename acc_t>
-__device__ __forceinline__ void group_merge(FwdState<acc_t>& st) {
-  warp_merge(st);
+__device__ __forceinline__ void group_merge(FwdState<acc_t>& st, acc_t c2) {
+  warp_merge(st, c2);
   if constexpr (G > 32) {
     constexpr int kWarps = G / 32;
     __shared__ FwdState<acc_t> partial[kWarps];
@@ -635,14 +747,21 @@ __device__ __forceinline__ void group_merge(FwdState<acc_t>& st) {
       } else {
         fwd_state_init(st);
       }
-      warp_merge(st);
+      warp_merge(st, c2);
     }
   }
 }
 
+// Forward blocks resident per SM asked of the register allocator: 1024 threads (64 registers a
+// thread) for float / half / bfloat16, which fit without spilling; double is left free.
+template <typename T, int kThreads>
+constexpr int fwd_min_blocks() {
+  return sizeof(T) <= 4 && kThreads <= 1024 ? 1024 / kThreads : 1;
+}
+
 // Block: R groups of G threads, one row per group. R > 1 only with G == 32 (no block barrier).
 template <typename T, int G, int R>
-__global__ void __launch_bounds__(G * R)
+__global__ void __launch_bounds__(G * R, (fwd_min_blocks<T, G * R>()))
     cross_view_kl_fwd_kernel(const CrossViewKlFwdArgs<T> args, int64_t row_begin) {
   static_assert(G >= 32 && (G & (G - 1)) == 0 && G <= 1024, "G: a power of two in [32, 1024]");
   static_assert(R == 1 || G == 32, "several rows per block only with a warp per row");
@@ -660,12 +779,13 @@ __global__ void __launch_bounds__(G * R)
     need_ce = y != args.ignore_index;
   }
   const acc_t inv_t = static_cast<acc_t>(args.inv_temperature);
+  const acc_t c2 = inv_t * Math<acc_t>::kLog2e;  // rounded once, the same for both views
   FwdState<acc_t> st;
   fwd_state_init(st);
-  fwd_row_partial<T>(ra, rb, V, tid, G, inv_t, need_ce && !args.unit_temperature, st);
-  group_merge<G>(st);
+  fwd_row_partial<T>(ra, rb, V, tid, G, c2, need_ce && !args.unit_temperature, st);
+  group_merge<G>(st, c2);
   if (tid == 0) {
-    const FwdRowResult<acc_t> r = fwd_finalize(st, args.unit_temperature, need_ce);
+    const FwdRowResult<acc_t> r = fwd_finalize(st, inv_t, c2, args.unit_temperature, need_ce);
     args.kl_ab[row] = r.kl_ab;
     args.kl_ba[row] = r.kl_ba;
     args.entropy_a[row] = r.h_a;
