@@ -138,7 +138,8 @@ def cross_view_kl_entropy(
     Returns:
         ``CrossViewOutput(kl_ab, kl_ba, entropy_a, entropy_b, ce_a)``, each float32 of shape
         ``(...)`` (float64 for float64 logits); ``ce_a`` is None without a target. Every output
-        is differentiable w.r.t. both logits. A row with NaN or inf logits gives NaN in that row.
+        is differentiable w.r.t. both logits. A NaN or infinite logit makes that row's outputs
+        non-finite (NaN, or +inf where a KL really is infinite) and leaves the other rows alone.
     """
     fn = "cross_view_kl_entropy"
     _validate_logits(logits_a, logits_b, target, temperature, ignore_index, fn)

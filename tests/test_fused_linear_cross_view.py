@@ -94,6 +94,14 @@ def test_opcheck():
         x.requires_grad_()
     torch.library.opcheck(torch.ops.pyops.fused_linear_cross_view_fwd.default, (ha, hb, w, b, t, 0.9, -100, 2))
     torch.library.opcheck(torch.ops.pyops.fused_linear_cross_view_fwd.default, (ha, hb, w, None, None, 1.0, -100, 3))
+    fwd = torch.ops.pyops.fused_linear_cross_view_fwd(ha.detach(), hb.detach(), w.detach(), b.detach(), t, 0.9, -100, 2)
+    g = [torch.randn(5) for _ in range(5)]
+    leaves = [x.detach() for x in (ha, hb, w, b)]
+    for mask in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(
+            torch.ops.pyops.fused_linear_cross_view_bwd.default,
+            (*g, *leaves, t, *fwd[:4], fwd[5], 0.9, -100, 2, mask),
+        )
 
 
 def test_torch_compile_fullgraph():
