@@ -181,7 +181,7 @@ def write_results(op: str, device: str, quick: bool, rows: list[dict], extra: di
     meta = dict(
         op=op, device=device, device_name=device_name(device), mode="quick" if quick else "full",
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        torch=torch.__version__, python=platform.python_version(), command=" ".join(sys.argv), **extra,
+        torch=torch.__version__, python=platform.python_version(), command="python -m benchmarks.run " + " ".join(sys.argv[1:]), **extra,
     )
     jpath = RESULTS_DIR / f"{stem}.json"
     jpath.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")

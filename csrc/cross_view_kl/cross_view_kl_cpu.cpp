@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cross_view_kl.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -354,22 +356,6 @@ inline const acc_t* load_block(const scalar_t* src, int64_t n, acc_t* buf) {
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
-void check_inputs(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& target,
-                  double temperature) {
-  TORCH_CHECK(a.dim() == 2, "cross_view_kl_entropy: logits_a must be 2-D (N, V), got ", a.sizes());
-  TORCH_CHECK(a.sizes() == b.sizes(), "cross_view_kl_entropy: logits_a ", a.sizes(),
-              " and logits_b ", b.sizes(), " must have the same shape");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(),
-              "cross_view_kl_entropy: logits_a and logits_b must have the same dtype");
-  TORCH_CHECK(a.size(1) > 0, "cross_view_kl_entropy: the vocabulary size V must be > 0");
-  TORCH_CHECK(temperature > 0, "cross_view_kl_entropy: temperature must be > 0, got ", temperature);
-  if (target.has_value()) {
-    TORCH_CHECK(target->scalar_type() == at::kLong, "cross_view_kl_entropy: target must be int64");
-    TORCH_CHECK(target->dim() == 1 && target->size(0) == a.size(0),
-                "cross_view_kl_entropy: target must have shape (N,) = (", a.size(0), ",), got ",
-                target->sizes());
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cross_view_kl_entropy_fwd_cpu(const at::Tensor& logits_a, const at::Tensor& logits_b,

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cross_view_kl.h"
 #include "cross_view_kl_kernel.cuh"
 
 namespace pyops {
@@ -37,27 +38,11 @@ struct DeviceScalar<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-void check_inputs(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& target,
-                  double temperature) {
-  TORCH_CHECK(a.dim() == 2, "cross_view_kl_entropy: logits_a must be 2-D (N, V), got ", a.sizes());
-  TORCH_CHECK(a.sizes() == b.sizes(), "cross_view_kl_entropy: logits_a ", a.sizes(),
-              " and logits_b ", b.sizes(), " must have the same shape");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(),
-              "cross_view_kl_entropy: logits_a and logits_b must have the same dtype");
-  TORCH_CHECK(a.size(1) > 0, "cross_view_kl_entropy: the vocabulary size V must be > 0");
-  TORCH_CHECK(temperature > 0, "cross_view_kl_entropy: temperature must be > 0, got ", temperature);
+void check_cuda_inputs(const at::Tensor& a, const at::Tensor& b,
+                       const std::optional<at::Tensor>& target, double temperature) {
+  check_inputs(a, b, target, temperature);
   TORCH_CHECK(a.is_cuda(), "cross_view_kl_entropy (CUDA): logits_a must be a CUDA tensor, got ",
               a.device());
-  TORCH_CHECK(b.device() == a.device(), "cross_view_kl_entropy: logits_b is on ", b.device(),
-              " but logits_a is on ", a.device());
-  if (target.has_value()) {
-    TORCH_CHECK(target->scalar_type() == at::kLong, "cross_view_kl_entropy: target must be int64");
-    TORCH_CHECK(target->dim() == 1 && target->size(0) == a.size(0),
-                "cross_view_kl_entropy: target must have shape (N,) = (", a.size(0), ",), got ",
-                target->sizes());
-    TORCH_CHECK(target->device() == a.device(), "cross_view_kl_entropy: target is on ",
-                target->device(), " but the logits are on ", a.device());
-  }
 }
 
 // Raises (like the CPU kernel) when a target is outside [0, V) and is not ignore_index.
@@ -92,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 cross_view_kl_entropy_fwd_cuda(const at::Tensor& logits_a, const at::Tensor& logits_b,
                                const std::optional<at::Tensor>& target, double temperature,
                                int64_t ignore_index) {
-  check_inputs(logits_a, logits_b, target, temperature);
+  check_cuda_inputs(logits_a, logits_b, target, temperature);
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);
@@ -138,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cuda(
     const at::Tensor& logits_b, const std::optional<at::Tensor>& target, const at::Tensor& kl_ab,
     const at::Tensor& kl_ba, const at::Tensor& entropy_a, const at::Tensor& entropy_b,
     const at::Tensor& lse, double temperature, int64_t ignore_index) {
-  check_inputs(logits_a, logits_b, target, temperature);
+  check_cuda_inputs(logits_a, logits_b, target, temperature);
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);

@@ -210,37 +210,25 @@ struct Storage<double> {
   }
 };
 
-template <>
-struct Storage<__half> {
+// The 16-bit storage types share everything but their conversions and packed max: 8 elements
+// per 16-byte vector, element 2k in the low half of 32-bit word k (little endian).
+template <typename Derived>
+struct Storage16 {
   using acc_t = float;
   static constexpr int kVec = 8;
-  PYOPS_CVKL_HD static float to_acc(__half v) { return __half2float(v); }
-  PYOPS_CVKL_HD static __half from_acc(float v) { return __float2half_rn(v); }
-  PYOPS_CVKL_HD static float bits_to_acc(uint32_t bits16) {
-    __half_raw h;
-    h.x = static_cast<unsigned short>(bits16);
-    return __half2float(__half(h));
-  }
-  PYOPS_CVKL_HD static uint32_t acc_to_bits(float v) {
-    return static_cast<__half_raw>(__float2half_rn(v)).x;
-  }
-  // Element 2k is the low half of 32-bit word k (little endian).
   PYOPS_CVKL_HD static void unpack(const uint4& r, float (&v)[kVec]) {
     const uint32_t w[4] = {r.x, r.y, r.z, r.w};
     PYOPS_CVKL_UNROLL
     for (int k = 0; k < 4; ++k) {
-      v[2 * k] = bits_to_acc(w[k] & 0xffffu);
-      v[2 * k + 1] = bits_to_acc(w[k] >> 16);
+      v[2 * k] = Derived::bits_to_acc(w[k] & 0xffffu);
+      v[2 * k + 1] = Derived::bits_to_acc(w[k] >> 16);
     }
   }
-  // Packed max.f16x2 on sm_80+ (3 ops for 8 elements; a NaN lane yields the other operand).
+  // Packed 16-bit max on sm_80+ (3 ops for 8 elements; a NaN lane yields the other operand).
   PYOPS_CVKL_HD static float vec_max(const uint4& r) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    uint32_t m01, m23, m;
-    asm("max.f16x2 %0, %1, %2;" : "=r"(m01) : "r"(r.x), "r"(r.y));
-    asm("max.f16x2 %0, %1, %2;" : "=r"(m23) : "r"(r.z), "r"(r.w));
-    asm("max.f16x2 %0, %1, %2;" : "=r"(m) : "r"(m01), "r"(m23));
-    return fmaxf(bits_to_acc(m & 0xffffu), bits_to_acc(m >> 16));
+    const uint32_t m = Derived::max2(Derived::max2(r.x, r.y), Derived::max2(r.z, r.w));
+    return fmaxf(Derived::bits_to_acc(m & 0xffffu), Derived::bits_to_acc(m >> 16));
 #else
     float v[kVec];
     unpack(r, v);
@@ -252,7 +240,9 @@ struct Storage<__half> {
   PYOPS_CVKL_HD static uint4 pack(const float (&v)[kVec]) {
     uint32_t w[4];
     PYOPS_CVKL_UNROLL
-    for (int k = 0; k < 4; ++k) w[k] = acc_to_bits(v[2 * k]) | (acc_to_bits(v[2 * k + 1]) << 16);
+    for (int k = 0; k < 4; ++k) {
+      w[k] = Derived::acc_to_bits(v[2 * k]) | (Derived::acc_to_bits(v[2 * k + 1]) << 16);
+    }
     uint4 r;
     r.x = w[0];
     r.y = w[1];
@@ -263,50 +253,42 @@ struct Storage<__half> {
 };
 
 template <>
-struct Storage<__nv_bfloat16> {
-  using acc_t = float;
-  static constexpr int kVec = 8;
+struct Storage<__half> : Storage16<Storage<__half>> {
+  PYOPS_CVKL_HD static float to_acc(__half v) { return __half2float(v); }
+  PYOPS_CVKL_HD static __half from_acc(float v) { return __float2half_rn(v); }
+  PYOPS_CVKL_HD static float bits_to_acc(uint32_t bits16) {
+    __half_raw h;
+    h.x = static_cast<unsigned short>(bits16);
+    return __half2float(__half(h));
+  }
+  PYOPS_CVKL_HD static uint32_t acc_to_bits(float v) {
+    return static_cast<__half_raw>(__float2half_rn(v)).x;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  __device__ static uint32_t max2(uint32_t x, uint32_t y) {
+    uint32_t m;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(m) : "r"(x), "r"(y));
+    return m;
+  }
+#endif
+};
+
+template <>
+struct Storage<__nv_bfloat16> : Storage16<Storage<__nv_bfloat16>> {
   PYOPS_CVKL_HD static float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
   PYOPS_CVKL_HD static __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
+  // bfloat16 -> float is exact: the 16 bits are the high half of the float.
+  PYOPS_CVKL_HD static float bits_to_acc(uint32_t bits16) { return u32_as_f32(bits16 << 16); }
   PYOPS_CVKL_HD static uint32_t acc_to_bits(float v) {
     return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(v)).x;
   }
-  // bfloat16 -> float is exact: the 16 bits are the high half of the float.
-  PYOPS_CVKL_HD static void unpack(const uint4& r, float (&v)[kVec]) {
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-    PYOPS_CVKL_UNROLL
-    for (int k = 0; k < 4; ++k) {
-      v[2 * k] = u32_as_f32(w[k] << 16);
-      v[2 * k + 1] = u32_as_f32(w[k] & 0xffff0000u);
-    }
-  }
-  // Packed max.bf16x2 on sm_80+ (3 ops for 8 elements; a NaN lane yields the other operand).
-  PYOPS_CVKL_HD static float vec_max(const uint4& r) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    uint32_t m01, m23, m;
-    asm("max.bf16x2 %0, %1, %2;" : "=r"(m01) : "r"(r.x), "r"(r.y));
-    asm("max.bf16x2 %0, %1, %2;" : "=r"(m23) : "r"(r.z), "r"(r.w));
-    asm("max.bf16x2 %0, %1, %2;" : "=r"(m) : "r"(m01), "r"(m23));
-    return fmaxf(u32_as_f32(m << 16), u32_as_f32(m & 0xffff0000u));
-#else
-    float v[kVec];
-    unpack(r, v);
-    float m = v[0];
-    for (int k = 1; k < kVec; ++k) m = fmaxf(m, v[k]);
+  __device__ static uint32_t max2(uint32_t x, uint32_t y) {
+    uint32_t m;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(m) : "r"(x), "r"(y));
     return m;
+  }
 #endif
-  }
-  PYOPS_CVKL_HD static uint4 pack(const float (&v)[kVec]) {
-    uint32_t w[4];
-    PYOPS_CVKL_UNROLL
-    for (int k = 0; k < 4; ++k) w[k] = acc_to_bits(v[2 * k]) | (acc_to_bits(v[2 * k + 1]) << 16);
-    uint4 r;
-    r.x = w[0];
-    r.y = w[1];
-    r.z = w[2];
-    r.w = w[3];
-    return r;
-  }
 };
 
 template <typename T>
