@@ -17,6 +17,7 @@ Maths, per row, with u = a / T, w = b / T, p = softmax(u), q = softmax(w):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -577,8 +578,6 @@ def _triton_launch_config(vocab: int) -> tuple[int, int]:
 
 
 def _device_guard(t: torch.Tensor):
-    import contextlib
-
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
