@@ -106,6 +106,8 @@ def _check_target_range(target: Optional[torch.Tensor], vocab: int, ignore_index
     checks each row as it goes."""
     if target is None or target.numel() == 0:
         return
+    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no host sync inside CUDA-graph capture; the kernels never index with a bad target
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if bool(bad.any()):
         idx = int(bad.nonzero()[0, 0])
@@ -508,8 +510,12 @@ if triton is not None:
                 lse_a1 = m_1 + tl.log(tl.sum(s_1, 0))
             y = tl.load(t_ptr + row)
             valid = y != ignore_index
-            a_y = tl.load(a_row + tl.where(valid, y, 0)).to(ACC)
-            tl.store(ce_ptr + row, tl.where(valid, lse_a1 - a_y, 0.0))
+            # The launcher rejects out-of-range targets; should one get here anyway (CUDA-graph
+            # capture skips that check), it gives NaN and is never used as an address.
+            in_range = (y >= 0) & (y < V)
+            a_y = tl.load(a_row + tl.where(valid & in_range, y, 0)).to(ACC)
+            ce = tl.where(in_range, lse_a1 - a_y, float("nan"))
+            tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
         tl.store(lse_ptr + 3 * row, lse_u)
         tl.store(lse_ptr + 3 * row + 1, lse_w)
         tl.store(lse_ptr + 3 * row + 2, lse_a1)
