@@ -4,6 +4,8 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 
 * ``cross_view_kl_entropy``: fused per-row KL both ways, entropies and CE of two views' logits
 * ``fused_linear_cross_view``: the same fused with a shared LM head, logits never materialised
+* ``knn_patch_search``: exact k nearest patches (global or windowed, multi-scale)
+* ``patch_aggregate``: weighted gather of neighbour patches placed back into a map
 
 ``pyops.backends()`` tells what was built; ``pyops.use_backend("triton" | "cuda")`` picks the
 implementation for CUDA tensors.
@@ -11,6 +13,7 @@ implementation for CUDA tensors.
 from ._backend import backends, get_backend, set_backend, use_backend
 from . import reference
 from .cross_view_kl import CrossViewOutput, cross_view_kl_entropy, fused_linear_cross_view
+from .knn_patch import knn_patch_search, patch_aggregate, patch_grid
 
 __all__ = [
     "backends",
@@ -21,5 +24,8 @@ __all__ = [
     "CrossViewOutput",
     "cross_view_kl_entropy",
     "fused_linear_cross_view",
+    "knn_patch_search",
+    "patch_aggregate",
+    "patch_grid",
 ]
 __version__ = "0.1.0"

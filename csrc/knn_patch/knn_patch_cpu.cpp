@@ -1,0 +1,485 @@
+// CPU kernels of pyops::knn_patch_search_fwd/_bwd and pyops::patch_aggregate_fwd/_bwd.
+//
+// k-NN search, two exact paths (both never materialise the queries x candidates matrix):
+//  * dense (stride 1) small windows (window^2 <= kDirectMaxCandidates): each query scans its
+//    window directly,
+//    accumulating sum (q - d)^2 for all its candidates at once (vectorised across candidates,
+//    reading the database map in place);
+//  * global search and large windows: query tiles (a block of the query grid, packed) against
+//    chunks of the union of their windows (packed), scores |d|^2 - 2 q.d by a GEMM per
+//    (tile, chunk), a running top-K' (K' = k + margin) per query, then an exact re-rank of
+//    the K' candidates with direct differences. A query whose k-th exact distance is not
+//    safely below the K'-th approximate score (fp32 error bound of the expansion) is
+//    recomputed by the direct scan, so the result is exact whatever the ties.
+// Distances are sum over the patch, in (channel, dy, dx) order, of (q - d)^2 accumulated
+// sequentially in float32 (float64 for float64 maps) in both paths, so equal patches give
+// bit-equal distances and ties go to the lower database index.
+//
+// Aggregation and the backwards run one (batch, channel) plane per task: no write races.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace pyops {
+namespace knn_patch {
+namespace {
+
+constexpr int64_t kDirectMaxCandidates = 1024;
+constexpr int64_t kTileQueries = 256;        // windowed search
+constexpr int64_t kTileQueriesGlobal = 1024;  // global search: fewer re-packings of the database
+constexpr int64_t kChunkCandidates = 512;
+
+struct Grid {
+  int64_t C, H, W, p, s, rows, cols;
+  Grid(const at::Tensor& x, int64_t p_, int64_t s_)
+      : C(x.size(1)), H(x.size(2)), W(x.size(3)), p(p_), s(s_),
+        rows((x.size(2) - p_) / s_ + 1), cols((x.size(3) - p_) / s_ + 1) {}
+  int64_t n() const { return rows * cols; }
+  int64_t e() const { return C * p * p; }
+  // offset of the top-left pixel of patch `pos` in a (C, H, W) plane stack
+  int64_t origin(int64_t pos) const { return (pos / cols) * s * W + (pos % cols) * s; }
+};
+
+struct Span {
+  int64_t start, len;
+};
+
+// The window of query row (or column) i along one axis (see pyops.reference.window_candidates).
+Span window_span(int64_t i, int64_t n_query, int64_t n_db, int64_t window) {
+  if (window < 0 || window >= n_db) return {0, n_db};
+  const int64_t centre =
+      n_query > 1 ? (2 * i * (n_db - 1) + (n_query - 1)) / (2 * (n_query - 1)) : (n_db - 1) / 2;
+  return {std::min(std::max<int64_t>(centre - window / 2, 0), n_db - window), window};
+}
+
+template <typename T>
+inline T order_key(T d) {  // NaN distances sort after everything
+  return std::isnan(d) ? std::numeric_limits<T>::infinity() : d;
+}
+
+// Sorted (key, index) list of the best n candidates; strict comparison on equal keys keeps
+// the earlier (lower-index, since candidates arrive in increasing order) candidate.
+template <typename T>
+struct TopList {
+  T* key;
+  T* val;
+  int64_t* id;
+  int64_t cap, size = 0;
+  void push(T k, T v, int64_t i) {
+    if (size == cap && !(k < key[size - 1] || (k == key[size - 1] && i < id[size - 1]))) return;
+    int64_t j = size < cap ? size++ : cap - 1;
+    while (j > 0 && (k < key[j - 1] || (k == key[j - 1] && i < id[j - 1]))) {
+      key[j] = key[j - 1];
+      val[j] = val[j - 1];
+      id[j] = id[j - 1];
+      --j;
+    }
+    key[j] = k;
+    val[j] = v;
+    id[j] = i;
+  }
+};
+
+template <typename T>
+void pack_patch(const T* map, const Grid& g, int64_t pos, T* out) {
+  const T* base = map + g.origin(pos);
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t dy = 0; dy < g.p; ++dy) {
+      const T* row = base + (c * g.H + dy) * g.W;
+      for (int64_t dx = 0; dx < g.p; ++dx) *out++ = row[dx];
+    }
+}
+
+// Exact distance of a packed query to database patch `pos`, in (c, dy, dx) order.
+template <typename T>
+T exact_distance(const T* q, const T* db, const Grid& g, int64_t pos) {
+  const T* base = db + g.origin(pos);
+  T acc = 0;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t dy = 0; dy < g.p; ++dy) {
+      const T* row = base + (c * g.H + dy) * g.W;
+      for (int64_t dx = 0; dx < g.p; ++dx) {
+        const T diff = *q++ - row[dx];
+        acc += diff * diff;
+      }
+    }
+  return acc;
+}
+
+// Direct scan of one query's window: top-k exact distances into (dist, idx).
+template <typename T>
+void direct_scan(const T* q, const T* db, const Grid& dg, Span rs, Span cs, int64_t self,
+                 int64_t k, T* acc, T* keys, T* dist, int64_t* idx) {
+  const int64_t n = rs.len * cs.len;
+  std::fill(acc, acc + n, T(0));
+  for (int64_t c = 0; c < dg.C; ++c)
+    for (int64_t dy = 0; dy < dg.p; ++dy)
+      for (int64_t dx = 0; dx < dg.p; ++dx) {
+        const T qv = *q++;
+        for (int64_t a = 0; a < rs.len; ++a) {
+          const T* row = db + (c * dg.H + (rs.start + a) * dg.s + dy) * dg.W + cs.start * dg.s + dx;
+          T* out = acc + a * cs.len;
+          const int64_t s = dg.s;
+#pragma omp simd
+          for (int64_t b = 0; b < cs.len; ++b) {
+            const T diff = qv - row[b * s];
+            out[b] += diff * diff;
+          }
+        }
+      }
+  TopList<T> top{keys, dist, idx, k};
+  for (int64_t a = 0; a < rs.len; ++a)
+    for (int64_t b = 0; b < cs.len; ++b) {
+      const int64_t pos = (rs.start + a) * dg.cols + cs.start + b;
+      if (pos == self) continue;
+      const T d = acc[a * cs.len + b];
+      top.push(order_key(d), d, pos);
+    }
+}
+
+template <typename T>
+struct SearchArgs {
+  const T* q;   // (B, C, H, W) query maps
+  const T* db;  // (B, C, H2, W2) database maps
+  Grid qg, dg;
+  int64_t k, window;
+  bool exclude_self;
+  T* dist;
+  int64_t* idx;
+};
+
+template <typename T>
+void run_direct(const SearchArgs<T>& a, int64_t batch) {
+  const int64_t Lq = a.qg.n(), e = a.qg.e();
+  const int64_t qplane = a.qg.C * a.qg.H * a.qg.W, dplane = a.dg.C * a.dg.H * a.dg.W;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, a.k));
+  at::parallel_for(0, batch * Lq, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<T> qbuf(e), acc(kDirectMaxCandidates * 2), keys(a.k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Lq, l = t % Lq;
+      const int64_t i = l / a.qg.cols, j = l % a.qg.cols;
+      const Span rs = window_span(i, a.qg.rows, a.dg.rows, a.window);
+      const Span cs = window_span(j, a.qg.cols, a.dg.cols, a.window);
+      if (static_cast<int64_t>(acc.size()) < rs.len * cs.len) acc.resize(rs.len * cs.len);
+      pack_patch(a.q + b * qplane, a.qg, l, qbuf.data());
+      direct_scan(qbuf.data(), a.db + b * dplane, a.dg, rs, cs, a.exclude_self ? l : -1, a.k,
+                  acc.data(), keys.data(), a.dist + t * a.k, a.idx + t * a.k);
+    }
+  });
+}
+
+// Tiles of the query grid: kTileQueries queries as a block of whole rows (global search) or a
+// rows x 32 block (windowed search, so that the union of the windows stays small).
+template <typename T>
+void run_tiled(const SearchArgs<T>& a, int64_t batch) {
+  const Grid &qg = a.qg, &dg = a.dg;
+  const int64_t e = qg.e(), k = a.k;
+  const int64_t qplane = qg.C * qg.H * qg.W, dplane = dg.C * dg.H * dg.W;
+  const int64_t tile_cols = a.window < 0 ? qg.cols : std::min<int64_t>(qg.cols, 32);
+  const int64_t tile_rows = std::max<int64_t>(1, (a.window < 0 ? kTileQueriesGlobal : kTileQueries) / tile_cols);
+  const int64_t tiles_r = (qg.rows + tile_rows - 1) / tile_rows;
+  const int64_t tiles_c = (qg.cols + tile_cols - 1) / tile_cols;
+  const int64_t n_cand_max = (a.window < 0 ? dg.n() : std::min(a.window, dg.rows) * std::min(a.window, dg.cols)) -
+                             (a.exclude_self ? 1 : 0);
+  const int64_t kp = std::min<int64_t>(n_cand_max, k + std::max<int64_t>(k, 8));
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const T u = std::numeric_limits<T>::epsilon() / 2;
+
+  at::parallel_for(0, batch * tiles_r * tiles_c, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t max_q = tile_rows * tile_cols;
+    std::vector<T> qpack(max_q * e), qn(max_q), dpack(kChunkCandidates * e), dn(kChunkCandidates);
+    std::vector<T> scores(max_q * kChunkCandidates);
+    std::vector<T> keys(max_q * kp), vals(max_q * kp), scan_acc(kDirectMaxCandidates), scan_keys(k);
+    std::vector<int64_t> ids(max_q * kp), cand(kChunkCandidates), qpos(max_q);
+    std::vector<Span> qr(max_q), qc(max_q);
+    std::vector<TopList<T>> tops;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (tiles_r * tiles_c), tr = (t / tiles_c) % tiles_r, tc = t % tiles_c;
+      const T* qmap = a.q + b * qplane;
+      const T* dmap = a.db + b * dplane;
+      const int64_t r0 = tr * tile_rows, r1 = std::min(qg.rows, r0 + tile_rows);
+      const int64_t c0 = tc * tile_cols, c1 = std::min(qg.cols, c0 + tile_cols);
+      int64_t nq = 0, br0 = dg.rows, br1 = 0, bc0 = dg.cols, bc1 = 0;
+      tops.clear();
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = c0; j < c1; ++j, ++nq) {
+          qpos[nq] = i * qg.cols + j;
+          qr[nq] = window_span(i, qg.rows, dg.rows, a.window);
+          qc[nq] = window_span(j, qg.cols, dg.cols, a.window);
+          br0 = std::min(br0, qr[nq].start);
+          br1 = std::max(br1, qr[nq].start + qr[nq].len);
+          bc0 = std::min(bc0, qc[nq].start);
+          bc1 = std::max(bc1, qc[nq].start + qc[nq].len);
+          T* qp = qpack.data() + nq * e;
+          pack_patch(qmap, qg, qpos[nq], qp);
+          T s = 0;
+          for (int64_t x = 0; x < e; ++x) s += qp[x] * qp[x];
+          qn[nq] = s;
+          tops.push_back(TopList<T>{keys.data() + nq * kp, vals.data() + nq * kp, ids.data() + nq * kp, kp});
+        }
+      const at::Tensor qmat = at::from_blob(qpack.data(), {nq, e}, opts);
+      const int64_t bw = bc1 - bc0, n_box = (br1 - br0) * bw;
+      T dmax = 0;
+      for (int64_t s0 = 0; s0 < n_box; s0 += kChunkCandidates) {
+        const int64_t nd = std::min(kChunkCandidates, n_box - s0);
+        for (int64_t x = 0; x < nd; ++x) {
+          const int64_t pos = (br0 + (s0 + x) / bw) * dg.cols + bc0 + (s0 + x) % bw;
+          cand[x] = pos;
+          T* dp = dpack.data() + x * e;
+          pack_patch(dmap, dg, pos, dp);
+          T s = 0;
+          for (int64_t y = 0; y < e; ++y) s += dp[y] * dp[y];
+          dn[x] = s;
+          dmax = std::max(dmax, s);
+        }
+        const at::Tensor dmat = at::from_blob(dpack.data(), {nd, e}, opts);
+        at::Tensor smat = at::from_blob(scores.data(), {nq, nd}, opts);
+        at::mm_out(smat, qmat, dmat.t());
+        for (int64_t x = 0; x < nq; ++x) {
+          const T* srow = scores.data() + x * nd;
+          const Span rs = qr[x], cs = qc[x];
+          const int64_t self = a.exclude_self ? qpos[x] : -1;
+          TopList<T>& top = tops[x];
+          for (int64_t y = 0; y < nd; ++y) {
+            const T sc = dn[y] - 2 * srow[y];
+            if (top.size == kp && !(sc <= top.key[kp - 1])) continue;  // fast reject
+            const int64_t pos = cand[y], r = pos / dg.cols, c = pos % dg.cols;
+            if (r < rs.start || r >= rs.start + rs.len || c < cs.start || c >= cs.start + cs.len ||
+                pos == self)
+              continue;
+            if (sc == sc) top.push(sc, sc, pos);
+          }
+        }
+      }
+      // Exact re-rank, with a direct scan where the screening cannot be trusted.
+      for (int64_t x = 0; x < nq; ++x) {
+        TopList<T>& top = tops[x];
+        const int64_t n_cand = qr[x].len * qc[x].len - (a.exclude_self ? 1 : 0);  // all kept: exact
+        const int64_t out = (b * qg.n() + qpos[x]) * k;
+        const T* qp = qpack.data() + x * e;
+        std::vector<T> ek(top.size), ev(top.size);
+        std::vector<int64_t> ei(top.size);
+        TopList<T> exact{ek.data(), ev.data(), ei.data(), k};
+        // re-insert in increasing index order so that exact ties keep the lower index
+        std::vector<std::pair<int64_t, int64_t>> order(top.size);
+        for (int64_t y = 0; y < top.size; ++y) order[y] = {top.id[y], y};
+        std::sort(order.begin(), order.end());
+        for (const auto& o : order) {
+          const T d = exact_distance(qp, dmap, dg, o.first);
+          exact.push(order_key(d), d, o.first);
+        }
+        bool safe = exact.size == k;
+        if (safe && top.size < n_cand) {
+          const T err = 4 * (e + 4) * u * (qn[x] + dmax) + 2 * (e + 2) * u * exact.key[k - 1];
+          safe = exact.key[k - 1] < qn[x] + top.key[top.size - 1] - err;
+        }
+        if (safe) {
+          std::copy(exact.val, exact.val + k, a.dist + out);
+          std::copy(exact.id, exact.id + k, a.idx + out);
+        } else {
+          const int64_t n_scan = qr[x].len * qc[x].len;
+          if (static_cast<int64_t>(scan_acc.size()) < n_scan) scan_acc.resize(n_scan);
+          direct_scan(qp, dmap, dg, qr[x], qc[x], a.exclude_self ? qpos[x] : -1, k, scan_acc.data(),
+                      scan_keys.data(), a.dist + out, a.idx + out);
+        }
+      }
+    }
+  });
+}
+
+void check_maps(const at::Tensor& x, const char* name, int64_t p, int64_t s) {
+  TORCH_CHECK(x.dim() == 4, "knn_patch: ", name, " must have shape (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(p >= 1 && s >= 1, "knn_patch: patch_size and stride must be >= 1");
+  TORCH_CHECK(x.size(2) >= p && x.size(3) >= p, "knn_patch: patch_size ", p, " is larger than ",
+              name, " (", x.size(2), " x ", x.size(3), ")");
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& query,
+                                                            const at::Tensor& database, int64_t k,
+                                                            int64_t patch_size, int64_t stride,
+                                                            int64_t window, bool exclude_self) {
+  check_maps(query, "query", patch_size, stride);
+  check_maps(database, "database", patch_size, stride);
+  TORCH_CHECK(query.size(0) == database.size(0) && query.size(1) == database.size(1),
+              "knn_patch_search: query and database must have the same B and C");
+  TORCH_CHECK(query.device() == database.device(), "knn_patch_search: query and database must be on one device");
+  TORCH_CHECK(window == -1 || window >= 1, "knn_patch_search: window must be -1 (global) or >= 1");
+  const auto acc = acc_type(query);
+  const at::Tensor q = query.to(acc).contiguous(), d = database.to(acc).contiguous();
+  const Grid qg(q, patch_size, stride), dg(d, patch_size, stride);
+  TORCH_CHECK(!exclude_self || (qg.rows == dg.rows && qg.cols == dg.cols),
+              "knn_patch_search: exclude_self needs equal query and database patch grids");
+  const int64_t n_cand = (window < 0 ? dg.n() : std::min(window, dg.rows) * std::min(window, dg.cols)) -
+                         (exclude_self ? 1 : 0);
+  TORCH_CHECK(k >= 1 && k <= n_cand, "knn_patch_search: k = ", k,
+              " must be in [1, number of candidates per query = ", n_cand, "]");
+  const int64_t B = q.size(0);
+  at::Tensor dist = at::empty({B, qg.n(), k}, q.options());
+  at::Tensor idx = at::empty({B, qg.n(), k}, q.options().dtype(at::kLong));
+  if (B == 0 || qg.n() == 0) return {dist, idx};
+  // The direct scan reads the map in place, vectorised across a window row: best for dense
+  // (stride 1) small windows; strided or large searches go through the GEMM tiles.
+  const bool direct = window >= 0 && stride == 1 &&
+                      std::min(window, dg.rows) * std::min(window, dg.cols) <= kDirectMaxCandidates;
+  AT_DISPATCH_FLOATING_TYPES(acc, "knn_patch_search_fwd", [&] {
+    SearchArgs<scalar_t> args{q.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), qg, dg, k, window,
+                              exclude_self, dist.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>()};
+    if (direct)
+      run_direct(args, B);
+    else
+      run_tiled(args, B);
+  });
+  return {dist, idx};
+}
+
+void check_index_range(const at::Tensor& idx, int64_t n, const char* fn) {
+  if (idx.numel() == 0) return;
+  const at::Tensor bad = idx.lt(0).logical_or(idx.ge(n));
+  if (!bad.any().item<bool>()) return;
+  const int64_t flat = bad.reshape(-1).nonzero().min().item<int64_t>();
+  TORCH_CHECK(false, fn, ": idx contains ", idx.reshape(-1)[flat].item<int64_t>(), " at flat position ", flat,
+              ", outside [0, ", n, ") (the database patch grid)");
+}
+
+// For every (query l, neighbour j): f(b, c, query pixel offset, db pixel offset, l, j) over the
+// p x p pixels of the two patches; parallel over (b, c) planes.
+template <typename F>
+void for_patch_pairs(int64_t B, int64_t C, int64_t L, int64_t k, const Grid& qg, const Grid& dg,
+                     const int64_t* idx, const F& f) {
+  at::parallel_for(0, B * C, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / C, c = t % C;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t qo = qg.origin(l);
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t pos = idx[(b * L + l) * k + j];
+          const int64_t dof = dg.origin(pos);
+          for (int64_t dy = 0; dy < qg.p; ++dy)
+            for (int64_t dx = 0; dx < qg.p; ++dx)
+              f(b, c, qo + dy * qg.W + dx, dof + dy * dg.W + dx, l, j);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_patch_search_bwd_cpu(const at::Tensor& grad_dist,
+                                                            const at::Tensor& query,
+                                                            const at::Tensor& database,
+                                                            const at::Tensor& idx, int64_t patch_size,
+                                                            int64_t stride) {
+  check_maps(query, "query", patch_size, stride);
+  check_maps(database, "database", patch_size, stride);
+  const auto acc = acc_type(query);
+  const at::Tensor q = query.to(acc).contiguous(), d = database.to(acc).contiguous();
+  const Grid qg(q, patch_size, stride), dg(d, patch_size, stride);
+  TORCH_CHECK(idx.dim() == 3 && idx.size(0) == q.size(0) && idx.size(1) == qg.n(),
+              "knn_patch_search_bwd: idx must have shape (B, Lq, k)");
+  TORCH_CHECK(grad_dist.sizes() == idx.sizes(), "knn_patch_search_bwd: grad_dist must have the shape of idx");
+  check_index_range(idx, dg.n(), "knn_patch_search_bwd");
+  const at::Tensor g = grad_dist.to(acc).contiguous(), ix = idx.contiguous();
+  at::Tensor gq = at::zeros_like(q), gd = at::zeros_like(d);
+  const int64_t B = q.size(0), C = q.size(1), L = qg.n(), k = idx.size(2);
+  AT_DISPATCH_FLOATING_TYPES(acc, "knn_patch_search_bwd", [&] {
+    const scalar_t *pq = q.const_data_ptr<scalar_t>(), *pd = d.const_data_ptr<scalar_t>(),
+                   *pg = g.const_data_ptr<scalar_t>();
+    scalar_t *oq = gq.mutable_data_ptr<scalar_t>(), *od = gd.mutable_data_ptr<scalar_t>();
+    const int64_t qp = qg.H * qg.W, dp = dg.H * dg.W;
+    for_patch_pairs(B, C, L, k, qg, dg, ix.const_data_ptr<int64_t>(),
+                    [&](int64_t b, int64_t c, int64_t qo, int64_t dof, int64_t l, int64_t j) {
+                      const int64_t qi = (b * C + c) * qp + qo, di = (b * C + c) * dp + dof;
+                      const scalar_t diff = 2 * pg[(b * L + l) * k + j] * (pq[qi] - pd[di]);
+                      oq[qi] += diff;
+                      od[di] -= diff;
+                    });
+  });
+  return {gq.to(query.scalar_type()), gd.to(database.scalar_type())};
+}
+
+at::Tensor patch_aggregate_fwd_cpu(const at::Tensor& values, const at::Tensor& idx,
+                                   const at::Tensor& weights, int64_t patch_size, int64_t stride,
+                                   int64_t out_h, int64_t out_w) {
+  check_maps(values, "values", patch_size, stride);
+  TORCH_CHECK(out_h >= patch_size && out_w >= patch_size, "patch_aggregate: output smaller than a patch");
+  TORCH_CHECK(idx.dim() == 3 && idx.scalar_type() == at::kLong && idx.size(0) == values.size(0),
+              "patch_aggregate: idx must be int64 of shape (B, L, k)");
+  TORCH_CHECK(weights.sizes() == idx.sizes(), "patch_aggregate: weights must have the shape of idx");
+  const auto acc = acc_type(values);
+  const at::Tensor v = values.to(acc).contiguous(), w = weights.to(acc).contiguous(), ix = idx.contiguous();
+  const Grid dg(v, patch_size, stride);
+  const int64_t B = v.size(0), C = v.size(1), k = idx.size(2);
+  const at::Tensor out_like = at::empty({B, C, out_h, out_w}, v.options());
+  const Grid qg(out_like, patch_size, stride);
+  TORCH_CHECK(idx.size(1) == qg.n(), "patch_aggregate: idx has L = ", idx.size(1), " but the output's patch grid has ",
+              qg.n(), " positions");
+  check_index_range(ix, dg.n(), "patch_aggregate");
+  at::Tensor out = at::zeros({B, C, out_h, out_w}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "patch_aggregate_fwd", [&] {
+    const scalar_t *pv = v.const_data_ptr<scalar_t>(), *pw = w.const_data_ptr<scalar_t>();
+    scalar_t* po = out.mutable_data_ptr<scalar_t>();
+    const int64_t op = out_h * out_w, vp = dg.H * dg.W, L = qg.n();
+    for_patch_pairs(B, C, L, k, qg, dg, ix.const_data_ptr<int64_t>(),
+                    [&](int64_t b, int64_t c, int64_t qo, int64_t dof, int64_t l, int64_t j) {
+                      po[(b * C + c) * op + qo] += pw[(b * L + l) * k + j] * pv[(b * C + c) * vp + dof];
+                    });
+  });
+  return out.to(values.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> patch_aggregate_bwd_cpu(const at::Tensor& grad_out,
+                                                           const at::Tensor& values,
+                                                           const at::Tensor& idx,
+                                                           const at::Tensor& weights,
+                                                           int64_t patch_size, int64_t stride) {
+  check_maps(values, "values", patch_size, stride);
+  check_maps(grad_out, "grad_out", patch_size, stride);
+  const auto acc = acc_type(values);
+  const at::Tensor v = values.to(acc).contiguous(), w = weights.to(acc).contiguous(), ix = idx.contiguous();
+  const at::Tensor go = grad_out.to(acc).contiguous();
+  const Grid dg(v, patch_size, stride), qg(go, patch_size, stride);
+  const int64_t B = v.size(0), C = v.size(1), L = qg.n(), k = idx.size(2);
+  TORCH_CHECK(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == L && weights.sizes() == idx.sizes(),
+              "patch_aggregate_bwd: idx and weights must have shape (B, L, k)");
+  check_index_range(ix, dg.n(), "patch_aggregate_bwd");
+  at::Tensor gv = at::zeros_like(v);
+  // grad_weights[b, l, j] = sum over (c, dy, dx): accumulate per channel plane, then sum.
+  at::Tensor gw_c = at::zeros({B, C, L, k}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "patch_aggregate_bwd", [&] {
+    const scalar_t *pv = v.const_data_ptr<scalar_t>(), *pw = w.const_data_ptr<scalar_t>(),
+                   *pg = go.const_data_ptr<scalar_t>();
+    scalar_t *ov = gv.mutable_data_ptr<scalar_t>(), *ow = gw_c.mutable_data_ptr<scalar_t>();
+    const int64_t op = qg.H * qg.W, vp = dg.H * dg.W;
+    for_patch_pairs(B, C, L, k, qg, dg, ix.const_data_ptr<int64_t>(),
+                    [&](int64_t b, int64_t c, int64_t qo, int64_t dof, int64_t l, int64_t j) {
+                      const scalar_t g = pg[(b * C + c) * op + qo];
+                      const int64_t vi = (b * C + c) * vp + dof;
+                      ov[vi] += pw[(b * L + l) * k + j] * g;
+                      ow[((b * C + c) * L + l) * k + j] += g * pv[vi];
+                    });
+  });
+  return {gv.to(values.scalar_type()), gw_c.sum(1).to(weights.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  m.impl("knn_patch_search_fwd", &knn_patch_search_fwd_cpu);
+  m.impl("knn_patch_search_bwd", &knn_patch_search_bwd_cpu);
+  m.impl("patch_aggregate_fwd", &patch_aggregate_fwd_cpu);
+  m.impl("patch_aggregate_bwd", &patch_aggregate_bwd_cpu);
+}
+
+}  // namespace knn_patch
+}  // namespace pyops

@@ -1,0 +1,218 @@
+"""pyops.knn_patch_search and pyops.patch_aggregate against pyops.reference (CPU)."""
+import pytest
+import torch
+
+import pyops
+from pyops import reference
+
+CONFIGS = [
+    # (query shape, database shape, patch, stride, window, exclude_self)
+    ((2, 3, 20, 17), (2, 3, 20, 17), 3, 3, None, False),  # global, non-overlapping
+    ((1, 4, 23, 19), (1, 4, 23, 19), 3, 1, None, True),  # global, dense, exclude self
+    ((2, 3, 20, 17), (2, 3, 11, 14), 3, 1, 5, False),  # windowed, half-resolution database
+    ((1, 2, 30, 31), (1, 2, 30, 31), 3, 1, 7, True),  # windowed dense, self excluded (direct path)
+    ((1, 5, 40, 38), (1, 5, 40, 38), 2, 2, 9, False),  # windowed, strided (tiled path)
+    ((1, 3, 44, 41), (1, 3, 23, 20), 2, 1, 33, False),  # window > 32 (tiled path), multi-scale
+    ((1, 3, 12, 13), (1, 3, 9, 30), 3, 1, 50, False),  # window larger than the grid = global
+    ((1, 2, 9, 40), (1, 2, 9, 40), 4, 1, 6, False),  # a grid with 6 rows: windows at the borders
+]
+
+
+def oracle(query, database, k, patch_size, stride, window, exclude_self):
+    """float64 distances by direct differences + stable sort: exact values, ties to the lower index."""
+    unf = lambda x: torch.nn.functional.unfold(x.double(), patch_size, stride=stride).transpose(1, 2)
+    q, d = unf(query), unf(database)
+    full = ((q[:, :, None, :] - d[:, None, :, :]) ** 2).sum(-1)  # (B, Lq, Ld)
+    qgrid = reference.patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
+    dgrid = reference.patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
+    cand = reference.window_candidates(qgrid, dgrid, window if window is not None else 1 << 30)
+    dist = full.gather(2, cand.expand(full.shape[0], -1, -1))
+    if exclude_self:
+        dist = dist.masked_fill(cand == torch.arange(cand.shape[0])[:, None], float("inf"))
+    order = dist.sort(dim=-1, stable=True).indices[..., :k]
+    return dist.gather(2, order), cand.expand(full.shape[0], -1, -1).gather(2, order)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0][2]}x{c[0][3]}-p{c[2]}s{c[3]}w{c[4]}x{int(c[5])}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k", [1, 4])
+def test_matches_exact_oracle_and_reference(config, dtype, k):
+    qs, ds, p, s, w, ex = config
+    query = torch.randn(qs).to(dtype)
+    database = query if ex else torch.randn(ds).to(dtype)
+    dist, idx = pyops.knn_patch_search(query, database, k, patch_size=p, stride=s, window=w, exclude_self=ex)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert dist.dtype == acc and idx.dtype == torch.int64
+    assert dist.shape == idx.shape == (qs[0], reference.patch_grid(qs[2], qs[3], p, s)[0] * reference.patch_grid(qs[2], qs[3], p, s)[1], k)
+    od, oi = oracle(query, database, k, p, s, w, ex)
+    torch.testing.assert_close(dist.double(), od, rtol=2e-6 if acc == torch.float32 else 1e-12, atol=1e-5)
+    # indices: equal wherever the neighbour is not (nearly) tied with another candidate
+    gaps = torch.cat([od[..., 1:] - od[..., :-1], torch.full_like(od[..., :1], 1.0)], -1)
+    gaps = torch.minimum(gaps, torch.cat([torch.full_like(od[..., :1], 1.0), od[..., 1:] - od[..., :-1]], -1))
+    clear = gaps > 1e-3
+    assert (idx[clear] == oi[clear]).all()
+    # and the fp32 pure-PyTorch reference agrees on the distances
+    rd, _ = reference.knn_patch_search(query, database, k, patch_size=p, stride=s, window=w, exclude_self=ex)
+    torch.testing.assert_close(dist, rd, rtol=1e-4, atol=1e-3 if dtype != torch.float64 else 1e-8)
+
+
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_ties_go_to_the_lower_index(window, stride):
+    """Small-integer maps (exact distances) with many duplicate patches."""
+    query = torch.randint(0, 2, (2, 2, 27, 25)).float()
+    database = torch.randint(0, 2, (2, 2, 27, 25)).float()
+    for k in (1, 6):
+        dist, idx = pyops.knn_patch_search(query, database, k, patch_size=3, stride=stride, window=window)
+        od, oi = oracle(query, database, k, 3, stride, window, False)
+        assert torch.equal(dist.double(), od)
+        assert torch.equal(idx, oi)
+
+
+def test_exclude_self_never_returns_self():
+    x = torch.zeros(1, 1, 12, 12)  # every patch equal: self would win every tie
+    dist, idx = pyops.knn_patch_search(x, x, 3, patch_size=3, stride=1, window=5, exclude_self=True)
+    assert not (idx == torch.arange(idx.shape[1])[None, :, None]).any()
+    dist, idx = pyops.knn_patch_search(x, x, 3, patch_size=3, stride=1, exclude_self=True)
+    assert not (idx == torch.arange(idx.shape[1])[None, :, None]).any()
+
+
+def test_k_equal_to_all_candidates():
+    q, d = torch.randn(1, 2, 9, 9), torch.randn(1, 2, 9, 9)
+    n = reference.patch_grid(9, 9, 3, 3)
+    dist, idx = pyops.knn_patch_search(q, d, n[0] * n[1], patch_size=3)
+    assert torch.equal(idx.sort(-1).values, torch.arange(9).expand(1, 9, 9))
+
+
+def test_nan_rows_do_not_crash():
+    q, d = torch.randn(1, 2, 9, 9), torch.randn(1, 2, 9, 9)
+    d[0, 0, 0, 0] = float("nan")
+    dist, idx = pyops.knn_patch_search(q, d, 9, patch_size=3)
+    assert ((idx >= 0) & (idx < 9)).all()
+    assert torch.isnan(dist[..., -1]).all()  # the NaN patch sorts last
+
+
+def test_gradcheck_float64():
+    q = torch.randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    f = lambda q, d: pyops.knn_patch_search(q, d, 3, patch_size=2, stride=1, window=4)[0]
+    assert torch.autograd.gradcheck(f, (q, d))
+
+
+def test_backward_matches_reference():
+    q = torch.randn(2, 3, 14, 13, requires_grad=True)
+    d = torch.randn(2, 3, 14, 13, requires_grad=True)
+    g = torch.randn(2, 16, 4)
+    dist, _ = pyops.knn_patch_search(q, d, 4, patch_size=3, stride=3)
+    gq, gd = torch.autograd.grad((dist * g).sum(), (q, d))
+    rd, _ = reference.knn_patch_search(q, d, 4, patch_size=3, stride=3)
+    rq, rdd = torch.autograd.grad((rd * g).sum(), (q, d))
+    torch.testing.assert_close(gq, rq, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gd, rdd, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_batch():
+    q = torch.randn(0, 2, 9, 9)
+    dist, idx = pyops.knn_patch_search(q, q, 2, patch_size=3)
+    assert dist.shape == (0, 9, 2)
+
+
+def test_opcheck():
+    q = torch.randn(1, 2, 9, 10, requires_grad=True)
+    d = torch.randn(1, 2, 8, 9, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 3, 3, 1, 4, False))
+    torch.library.opcheck(torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 2, 2, 2, -1, False))
+    dist, idx = torch.ops.pyops.knn_patch_search_fwd(q.detach(), d.detach(), 3, 3, 1, 4, False)
+    torch.library.opcheck(torch.ops.pyops.knn_patch_search_bwd.default, (torch.randn_like(dist), q.detach(), d.detach(), idx, 3, 1))
+    v = torch.randn(1, 4, 8, 9, requires_grad=True)
+    w = torch.randn(idx.shape, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyops.patch_aggregate_fwd.default, (v, idx, w, 3, 1, 9, 10))
+    out = torch.ops.pyops.patch_aggregate_fwd(v.detach(), idx, w.detach(), 3, 1, 9, 10)
+    torch.library.opcheck(torch.ops.pyops.patch_aggregate_bwd.default, (torch.randn_like(out), v.detach(), idx, w.detach(), 3, 1))
+
+
+def test_compile_fullgraph():
+    q, d = torch.randn(1, 2, 12, 12), torch.randn(1, 2, 12, 12)
+    v = torch.randn(1, 3, 12, 12)
+
+    def f(q, d, v):
+        dist, idx = pyops.knn_patch_search(q, d, 3, patch_size=3, window=3)
+        w = torch.softmax(-dist, -1)
+        return pyops.patch_aggregate(v, idx, w, patch_size=3, output_size=(12, 12))
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, d, v), f(q, d, v))
+
+
+# ---- patch_aggregate --------------------------------------------------------------------
+@pytest.mark.parametrize("p,s", [(3, 3), (3, 1), (2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_aggregate_matches_reference(p, s, dtype):
+    out_size = (13, 11)
+    qgrid = reference.patch_grid(*out_size, p, s)
+    values = torch.randn(2, 4, 9, 10, dtype=dtype, requires_grad=True)
+    dgrid = reference.patch_grid(9, 10, p, s)
+    idx = torch.randint(0, dgrid[0] * dgrid[1], (2, qgrid[0] * qgrid[1], 3))
+    weights = torch.randn(idx.shape, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 4, *out_size, dtype=dtype)
+    res = []
+    for f in (pyops.patch_aggregate, reference.patch_aggregate):
+        out = f(values, idx, weights, patch_size=p, stride=s, output_size=out_size)
+        res.append((out, *torch.autograd.grad((out * g).sum(), (values, weights))))
+    for x, y in zip(*res):
+        torch.testing.assert_close(x, y)
+
+
+def test_aggregate_gradcheck():
+    values = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 20, (1, 20, 3))
+    weights = torch.randn(1, 20, 3, dtype=torch.float64, requires_grad=True)
+    f = lambda v, w: pyops.patch_aggregate(v, idx, w, patch_size=2, stride=1, output_size=(5, 6))
+    assert torch.autograd.gradcheck(f, (values, weights))
+
+
+# ---- bad inputs ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        (dict(k=0), ValueError, "k must be >= 1"),
+        (dict(k=100), ValueError, "k = 100 is larger than the number of candidates"),
+        (dict(patch_size=30), ValueError, "patch_size 30 is larger than query"),
+        (dict(stride=0), ValueError, "stride must be >= 1"),
+        (dict(window=0), ValueError, "window must be >= 1"),
+        (dict(database=torch.randn(1, 3, 12, 12)), ValueError, "same batch size B and channel count C"),
+        (dict(database=torch.randn(2, 2, 12, 12)), ValueError, "same batch size B and channel count C"),
+        (dict(database=torch.randn(1, 2, 12, 12).double()), TypeError, "same dtype"),
+        (dict(query=torch.randn(2, 12, 12)), ValueError, "query must have shape \\(B, C, H, W\\)"),
+        (dict(query=torch.zeros(1, 2, 12, 12, dtype=torch.long)), TypeError, "query must be float"),
+        (dict(database=torch.randn(1, 2, 12, 12, device="meta")), ValueError, "database is on meta"),
+        (dict(exclude_self=True, database=torch.randn(1, 2, 9, 9)), ValueError, "exclude_self needs"),
+        (dict(k=1.5), TypeError, "k must be an int"),
+    ],
+)
+def test_search_bad_inputs(kwargs, exc, msg):
+    args = dict(query=torch.randn(1, 2, 12, 12), database=torch.randn(1, 2, 12, 12), k=3)
+    args.update(kwargs)
+    q, d, k = args.pop("query"), args.pop("database"), args.pop("k")
+    with pytest.raises(exc, match=msg):
+        pyops.knn_patch_search(q, d, k, **args)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,msg",
+    [
+        (lambda a: a.update(idx=a["idx"] + 100), (ValueError, RuntimeError), "idx contains"),
+        (lambda a: a.update(idx=a["idx"] - 100), (ValueError, RuntimeError), "idx contains"),
+        (lambda a: a.update(idx=a["idx"].int()), TypeError, "idx must be an int64"),
+        (lambda a: a.update(weights=a["weights"][:, :, :1]), ValueError, "weights must have the shape of idx"),
+        (lambda a: a.update(weights=a["weights"].double()), TypeError, "weights must have the dtype of values"),
+        (lambda a: a.update(output_size=(15, 12)), ValueError, "patch grid"),
+        (lambda a: a.update(output_size=(2, 2)), ValueError, "larger than output_size"),
+        (lambda a: a.update(values=a["values"][:1]), ValueError, "batch size"),
+    ],
+)
+def test_aggregate_bad_inputs(mutate, exc, msg):
+    a = dict(values=torch.randn(2, 3, 9, 9), idx=torch.randint(0, 9, (2, 16, 2)), weights=torch.randn(2, 16, 2),
+             output_size=(12, 12))
+    mutate(a)
+    with pytest.raises(exc, match=msg):
+        pyops.patch_aggregate(a["values"], a["idx"], a["weights"], patch_size=3, output_size=a["output_size"])
