@@ -14,7 +14,10 @@ import torch
 
 from . import common
 
-BENCHES = {"cross_view_kl": "benchmarks.bench_cross_view_kl"}
+BENCHES = {
+    "cross_view_kl": "benchmarks.bench_cross_view_kl",
+    "knn_patch": "benchmarks.bench_knn_patch",
+}
 
 
 def main(argv=None) -> int:

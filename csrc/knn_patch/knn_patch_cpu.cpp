@@ -184,7 +184,14 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
   const int64_t e = qg.e(), k = a.k;
   const int64_t qplane = qg.C * qg.H * qg.W, dplane = dg.C * dg.H * dg.W;
   const int64_t tile_cols = a.window < 0 ? qg.cols : std::min<int64_t>(qg.cols, 32);
-  const int64_t tile_rows = std::max<int64_t>(1, (a.window < 0 ? kTileQueriesGlobal : kTileQueries) / tile_cols);
+  int64_t tile_rows = std::max<int64_t>(1, (a.window < 0 ? kTileQueriesGlobal : kTileQueries) / tile_cols);
+  {  // balance: a multiple of the thread count of (nearly) equal tiles
+    const int64_t tiles_c0 = (qg.cols + tile_cols - 1) / tile_cols, threads = at::get_num_threads();
+    int64_t n_tiles = batch * tiles_c0 * ((qg.rows + tile_rows - 1) / tile_rows);
+    n_tiles = (n_tiles + threads - 1) / threads * threads;
+    const int64_t row_tiles = std::max<int64_t>(1, n_tiles / (batch * tiles_c0));
+    tile_rows = std::max<int64_t>(1, (qg.rows + row_tiles - 1) / row_tiles);
+  }
   const int64_t tiles_r = (qg.rows + tile_rows - 1) / tile_rows;
   const int64_t tiles_c = (qg.cols + tile_cols - 1) / tile_cols;
   const int64_t n_cand_max = (a.window < 0 ? dg.n() : std::min(a.window, dg.rows) * std::min(a.window, dg.cols)) -
