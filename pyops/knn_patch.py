@@ -271,3 +271,648 @@ for _name in ("knn_patch_search_bwd", "patch_aggregate_bwd"):
 
 
 # ==== Triton (CUDA) ====
+# Triton kernels for CUDA tensors; under TRITON_INTERPRET=1 they also run on CPU tensors, which
+# is how tests/test_knn_patch_triton.py checks them. Launchers validate their inputs like the
+# CPU kernels, launch inside a device guard and are registered for the CUDA dispatch key at the
+# end of the module.
+#
+# knn_patch_search_fwd, one program per (batch, 2-D tile of BQH x BQW query positions):
+#   1. the tile's candidates are the bounding box of its queries' windows (the whole database
+#      grid for a global search), visited BN positions at a time; per (query, candidate) a mask
+#      keeps the query's own window (and drops its own position with exclude_self);
+#   2. approximate distances |q|^2 + |d|^2 - 2 q.d of a tile with tl.dot (IEEE fp32, no TF32;
+#      fp64 for fp64 inputs), packed into int64 keys (order-preserving float32 bits << 32 | index)
+#      so that one integer order is (distance, lower index first);
+#   3. a running top-KP per query (KP = k + margin, a power of two): the tile's best KP keys
+#      (bitonic top-k: tl.topk on GPU, _knn_smallest's builtin-only twin under the interpreter)
+#      joined to the current list, and top-k again; tiles that improve no query of the block are
+#      skipped;
+#   4. exact re-rank: the KP candidates' distances sum((q - d)^2) from the patches themselves, then
+#      k rounds of selection (smallest distance, ties to the lower index);
+#   5. guard: the list is provably right when the k-th exact distance is strictly below the
+#      KP-th approximate distance minus a bound on |approximate - exact|; other queries are
+#      flagged and recomputed exactly over all their candidates (plain torch ops, flagged rows
+#      only; under CUDA-graph capture all rows, without a host sync).
+# knn_patch_search_bwd and patch_aggregate_bwd scatter with atomic adds into float32 (float64)
+# buffers; patch_aggregate_fwd gathers: every output pixel sums the patches that cover it (no
+# atomics, deterministic).
+import contextlib as _contextlib
+import os
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # triton missing or unusable: the CPU (and any CUDA C++) kernels still work
+    triton = None
+
+# Index of an empty slot of the running top-KP list (whose key is +inf distance, this index).
+_KNN_PAD_POS = 0x7FFFFFFF
+
+if triton is not None:
+
+    @triton.jit
+    def _knn_patch_offsets(e, HW, W, P: tl.constexpr):
+        # offset of element e = (c, dy, dx) of a patch from the patch's top-left pixel
+        e = e.to(tl.int64)
+        ch = e // (P * P)
+        rem = e % (P * P)
+        return ch * HW + (rem // P) * W + rem % P
+
+    @triton.jit
+    def _knn_smallest(x, LOG_K: tl.constexpr, LOG_N: tl.constexpr, NUMEL: tl.constexpr, LIB_TOPK: tl.constexpr):
+        # The 2**LOG_K smallest entries of each row of x (R, 2**LOG_N), ascending; NUMEL = x.numel.
+        # LIB_TOPK: tl.topk. Else the same bitonic top-k (sort blocks of 2**LOG_K in alternating
+        # directions; then repeatedly keep the element-wise min of neighbouring blocks and re-merge)
+        # written with builtins only: tl.topk's compare-and-swap (an xor reduction) runs element by
+        # element under the interpreter.
+        if LIB_TOPK:
+            out = tl.topk(x, 2 ** LOG_K, dim=1, descending=False)
+        else:
+            h = tl.reshape(x, [NUMEL])
+            for i in tl.static_range(1, LOG_N + 1):
+                n: tl.constexpr = NUMEL >> (i - LOG_K) if i > LOG_K else NUMEL
+                if i > LOG_K:  # halve: element-wise min of the two halves of each 2**(LOG_K+1) block
+                    lo, hi = tl.split(tl.permute(tl.reshape(h, [n >> LOG_K, 2, 1 << LOG_K]), [0, 2, 1]))
+                    h = tl.reshape(tl.minimum(lo, hi), [n])
+                stage: tl.constexpr = i if i <= LOG_K else LOG_K
+                for s in tl.static_range(stage):
+                    j: tl.constexpr = stage - 1 - s  # compare-and-swap partners differ in bit j
+                    left, right = tl.split(tl.permute(tl.reshape(h, [n >> (j + 1), 2, 1 << j]), [0, 2, 1]))
+                    lo = tl.minimum(left, right)
+                    hi = tl.maximum(left, right)
+                    if i < LOG_N:  # blocks of 2**stage alternate ascending / descending
+                        f = ((tl.arange(0, n >> (j + 1)) >> (stage - j - 1)) & 1)[:, None] != 0
+                        left = tl.where(f, hi, lo)
+                        right = tl.where(f, lo, hi)
+                    else:
+                        left = lo
+                        right = hi
+                    h = tl.reshape(tl.permute(tl.join(left, right), [0, 2, 1]), [n])
+            out = tl.reshape(h, [x.shape[0], 2 ** LOG_K])
+        return out
+
+    @triton.jit
+    def _knn_fwd_kernel(
+        q_ptr, d_ptr, dist_ptr, idx_ptr, flag_ptr,
+        C, HQ, WQ, HD, WD, GQH, GQW, GDH, GDW, n_tiles_w, n_tiles, k, stride,
+        WH, WW, HALF_H, HALF_W, MUL_H, OFF_H, DEN_H, MUL_W, OFF_W, DEN_W, err_c,
+        P: tl.constexpr, EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr,
+        BQH: tl.constexpr, BQW: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+        BE: tl.constexpr, BER: tl.constexpr, LOG_BN: tl.constexpr, LOG_KP: tl.constexpr,
+        LIB_TOPK: tl.constexpr,
+    ):
+        BQ: tl.constexpr = BQH * BQW
+        PAD: tl.constexpr = (0x7F800000 << 32) | 0x7FFFFFFF
+        PADPOS: tl.constexpr = 0x7FFFFFFF
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // n_tiles
+        tile = pid % n_tiles
+        lane = tl.arange(0, BQ).to(tl.int64)
+        qi = (tile // n_tiles_w) * BQH + lane // BQW
+        qj = (tile % n_tiles_w) * BQW + lane % BQW
+        q_ok = (qi < GQH) & (qj < GQW)
+        qi = tl.where(q_ok, qi, 0)
+        qj = tl.where(q_ok, qj, 0)
+        lq = qi * GQW + qj
+        E = C * P * P
+        HWQ = HQ * WQ
+        HWD = HD * WD
+        # window of each query (whole axis when WH == GDH: the clamp gives 0)
+        r0 = tl.minimum(tl.maximum((2 * qi * MUL_H + OFF_H) // DEN_H - HALF_H, 0), GDH - WH)
+        c0 = tl.minimum(tl.maximum((2 * qj * MUL_W + OFF_W) // DEN_W - HALF_W, 0), GDW - WW)
+        box_r0 = tl.min(tl.where(q_ok, r0, GDH), 0)
+        box_r1 = tl.max(tl.where(q_ok, r0 + WH, 0), 0)
+        box_c0 = tl.min(tl.where(q_ok, c0, GDW), 0)
+        box_c1 = tl.max(tl.where(q_ok, c0 + WW, 0), 0)
+        n_bc = box_c1 - box_c0
+        n_box = (box_r1 - box_r0) * n_bc
+        q_base = b * C * HWQ + qi * stride * WQ + qj * stride
+        d_img = b * C * HWD
+
+        q_sq = tl.zeros([BQ], ACC)
+        for e0 in range(0, E, BE):
+            e = e0 + tl.arange(0, BE)
+            e_ok = e < E
+            x = tl.load(q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
+                        mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(ACC)
+            q_sq += tl.sum(x * x, 1)
+
+        best = tl.full([BQ, KP], PAD, tl.int64)
+        d_max = tl.zeros([BQ], ACC)
+        for t0 in range(0, n_box, BN):
+            t = t0 + tl.arange(0, BN).to(tl.int64)
+            t_ok = t < n_box
+            cr = box_r0 + t // n_bc
+            cc = box_c0 + t % n_bc
+            pos = cr * GDW + cc
+            d_base = d_img + tl.where(t_ok, cr * stride * WD + cc * stride, 0)
+            dot = tl.zeros([BQ, BN], ACC)
+            d_sq = tl.zeros([BN], ACC)
+            for e0 in range(0, E, BE):
+                e = e0 + tl.arange(0, BE)
+                e_ok = e < E
+                x = tl.load(q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
+                            mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(ACC)
+                y = tl.load(d_ptr + d_base[None, :] + _knn_patch_offsets(e, HWD, WD, P)[:, None],
+                            mask=e_ok[:, None] & t_ok[None, :], other=0.0).to(ACC)
+                dot = tl.dot(x, y, dot, input_precision="ieee")
+                d_sq += tl.sum(y * y, 0)
+            ok = q_ok[:, None] & t_ok[None, :]
+            ok = ok & (cr[None, :] >= r0[:, None]) & (cr[None, :] < r0[:, None] + WH)
+            ok = ok & (cc[None, :] >= c0[:, None]) & (cc[None, :] < c0[:, None] + WW)
+            if EXCLUDE_SELF:
+                ok = ok & (pos[None, :] != lq[:, None])
+            approx = q_sq[:, None] + d_sq[None, :] - 2.0 * dot
+            approx = tl.where(approx == approx, approx, float("inf")).to(tl.float32)
+            d_max = tl.maximum(d_max, tl.max(tl.where(ok, d_sq[None, :], 0.0), 1))
+            bits = approx.to(tl.int32, bitcast=True)
+            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+            key = (ordered.to(tl.int64) << 32) | pos[None, :]
+            key = tl.where(ok, key, PAD)
+            improves = tl.min(key, 1) < tl.max(best, 1)
+            if tl.max(improves.to(tl.int32), 0) > 0:
+                if BN > KP:
+                    top = _knn_smallest(key, LOG_KP, LOG_BN, BQ * BN, LIB_TOPK)
+                else:
+                    top = key
+                both = tl.reshape(tl.join(best, top), [BQ, 2 * KP])
+                best = _knn_smallest(both, LOG_KP, LOG_KP + 1, BQ * 2 * KP, LIB_TOPK)
+
+        # KP-th approximate distance (+inf when the list is not full)
+        worst = (tl.max(best, 1) >> 32).to(tl.int32)
+        worst = tl.where(worst >= 0, worst, worst ^ 0x7FFFFFFF).to(tl.float32, bitcast=True).to(ACC)
+
+        # exact re-rank of the KP candidates
+        cand = best & 0x7FFFFFFF  # positions are < 2^31 - 1
+        real = cand < GDH * GDW
+        cs = tl.where(real, cand, 0)
+        c_base = d_img + (cs // GDW) * stride * WD + (cs % GDW) * stride
+        dist = tl.zeros([BQ, KP], ACC)
+        for e0 in range(0, E, BER):
+            e = e0 + tl.arange(0, BER)
+            e_ok = e < E
+            x = tl.load(q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
+                        mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(ACC)
+            y = tl.load(d_ptr + c_base[:, :, None] + _knn_patch_offsets(e, HWD, WD, P)[None, None, :],
+                        mask=e_ok[None, None, :], other=0.0).to(ACC)
+            diff = x[:, None, :] - y
+            dist += tl.sum(diff * diff, 2)
+        order = tl.where(real & (dist == dist), dist, float("inf"))
+        cand = tl.where(real, cand, PADPOS)
+        out = (b * GQH * GQW + lq) * k
+        kth = tl.zeros([BQ], ACC)
+        for j in range(k):
+            kth = tl.min(order, 1)
+            hit = order == kth[:, None]
+            sel = tl.min(tl.where(hit, cand, PADPOS), 1)
+            one = hit & (cand == sel[:, None])
+            tl.store(dist_ptr + out + j, tl.sum(tl.where(one, dist, 0.0), 1), mask=q_ok)
+            tl.store(idx_ptr + out + j, sel, mask=q_ok)
+            order = tl.where(one, float("inf"), order)
+            cand = tl.where(one, PADPOS + 1, cand)
+        safe = kth < worst - err_c * (q_sq + d_max)
+        tl.store(flag_ptr + b * GQH * GQW + lq, tl.where(safe, 0, 1).to(tl.int8), mask=q_ok)
+
+    @triton.jit
+    def _knn_bwd_kernel(
+        g_ptr, q_ptr, d_ptr, idx_ptr, gq_ptr, gd_ptr,
+        C, HQ, WQ, HD, WD, GQW, GDW, LQ, LD, k, stride, n_blocks,
+        P: tl.constexpr, ACC: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr,
+    ):
+        # grad_q(patch l) += 2 g (q - d_j); grad_d(patch idx_j) -= 2 g (q - d_j)
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // n_blocks
+        l = (pid % n_blocks) * BL + tl.arange(0, BL).to(tl.int64)
+        l_ok = l < LQ
+        l = tl.where(l_ok, l, 0)
+        E = C * P * P
+        HWQ = HQ * WQ
+        HWD = HD * WD
+        q_base = b * C * HWQ + (l // GQW) * stride * WQ + (l % GQW) * stride
+        row = (b * LQ + l) * k
+        for e0 in range(0, E, BE):
+            e = e0 + tl.arange(0, BE)
+            m = l_ok[:, None] & (e < E)[None, :]
+            q_off = q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :]
+            d_rel = _knn_patch_offsets(e, HWD, WD, P)[None, :]
+            x = tl.load(q_ptr + q_off, mask=m, other=0.0).to(ACC)
+            gq = tl.zeros([BL, BE], ACC)
+            for j in range(k):
+                g = tl.load(g_ptr + row + j, mask=l_ok, other=0.0).to(ACC)
+                pos = tl.load(idx_ptr + row + j, mask=l_ok, other=0)
+                pos = tl.minimum(tl.maximum(pos, 0), LD - 1)
+                d_off = (b * C * HWD + (pos // GDW) * stride * WD + (pos % GDW) * stride)[:, None] + d_rel
+                y = tl.load(d_ptr + d_off, mask=m, other=0.0).to(ACC)
+                c = 2.0 * g[:, None] * (x - y)
+                gq += c
+                tl.atomic_add(gd_ptr + d_off, -c, mask=m)
+            tl.atomic_add(gq_ptr + q_off, gq, mask=m)
+
+    @triton.jit
+    def _agg_fwd_kernel(
+        v_ptr, idx_ptr, w_ptr, out_ptr,
+        C, HV, WV, HO, WO, GQH, GQW, GDW, LD, k, stride, n_pix_blocks, n_ch_blocks,
+        P: tl.constexpr, NR: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BPIX: tl.constexpr,
+    ):
+        # out pixel (y, x) = sum over the query patches (r, c) covering it and their k
+        # neighbours of w * values[(patch idx) pixel (y - r s, x - c s)]
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // (n_pix_blocks * n_ch_blocks)
+        rest = pid % (n_pix_blocks * n_ch_blocks)
+        ch = (rest // n_pix_blocks) * BC + tl.arange(0, BC).to(tl.int64)
+        pix = (rest % n_pix_blocks) * BPIX + tl.arange(0, BPIX).to(tl.int64)
+        ch_ok = ch < C
+        pix_ok = pix < HO * WO
+        y = pix // WO
+        x = pix % WO
+        r_lo = (tl.maximum(y - P + 1, 0) + stride - 1) // stride
+        r_hi = tl.minimum(y // stride, GQH - 1)
+        c_lo = (tl.maximum(x - P + 1, 0) + stride - 1) // stride
+        c_hi = tl.minimum(x // stride, GQW - 1)
+        HWV = HV * WV
+        v_chan = b * C * HWV + ch * HWV
+        acc = tl.zeros([BC, BPIX], ACC)
+        for a in range(NR):
+            r = r_lo + a
+            dy = y - r * stride
+            for a2 in range(NR):
+                c = c_lo + a2
+                dx = x - c * stride
+                ok = pix_ok & (r <= r_hi) & (c <= c_hi)
+                row = (b * GQH * GQW + tl.where(ok, r * GQW + c, 0)) * k
+                for j in range(k):
+                    pos = tl.load(idx_ptr + row + j, mask=ok, other=0)
+                    pos = tl.minimum(tl.maximum(pos, 0), LD - 1)
+                    w = tl.load(w_ptr + row + j, mask=ok, other=0.0).to(ACC)
+                    src = tl.where(ok, ((pos // GDW) * stride + dy) * WV + (pos % GDW) * stride + dx, 0)
+                    v = tl.load(v_ptr + v_chan[:, None] + src[None, :],
+                                mask=ch_ok[:, None] & ok[None, :], other=0.0).to(ACC)
+                    acc += w[None, :] * v
+        out = b * C * HO * WO + ch[:, None] * (HO * WO) + pix[None, :]
+        tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=ch_ok[:, None] & pix_ok[None, :])
+
+    @triton.jit
+    def _agg_bwd_kernel(
+        go_ptr, v_ptr, idx_ptr, w_ptr, gv_ptr, gw_ptr,
+        C, HV, WV, HO, WO, GQW, GDW, LQ, LD, k, stride, n_blocks,
+        P: tl.constexpr, ACC: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr,
+    ):
+        # grad_values(patch idx_j) += w_j grad_out(patch l); grad_w[l, j] = <grad_out patch l, values patch idx_j>
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // n_blocks
+        l = (pid % n_blocks) * BL + tl.arange(0, BL).to(tl.int64)
+        l_ok = l < LQ
+        l = tl.where(l_ok, l, 0)
+        E = C * P * P
+        HWO = HO * WO
+        HWV = HV * WV
+        o_base = b * C * HWO + (l // GQW) * stride * WO + (l % GQW) * stride
+        row = (b * LQ + l) * k
+        for j in range(k):
+            pos = tl.load(idx_ptr + row + j, mask=l_ok, other=0)
+            pos = tl.minimum(tl.maximum(pos, 0), LD - 1)
+            w = tl.load(w_ptr + row + j, mask=l_ok, other=0.0).to(ACC)
+            v_base = b * C * HWV + (pos // GDW) * stride * WV + (pos % GDW) * stride
+            gw = tl.zeros([BL], ACC)
+            for e0 in range(0, E, BE):
+                e = e0 + tl.arange(0, BE)
+                m = l_ok[:, None] & (e < E)[None, :]
+                go = tl.load(go_ptr + o_base[:, None] + _knn_patch_offsets(e, HWO, WO, P)[None, :],
+                             mask=m, other=0.0).to(ACC)
+                v_off = v_base[:, None] + _knn_patch_offsets(e, HWV, WV, P)[None, :]
+                v = tl.load(v_ptr + v_off, mask=m, other=0.0).to(ACC)
+                gw += tl.sum(go * v, 1)
+                tl.atomic_add(gv_ptr + v_off, w[:, None] * go, mask=m)
+            tl.store(gw_ptr + row + j, gw.to(gw_ptr.dtype.element_ty), mask=l_ok)
+
+
+def _triton_launch_config(op: str, k: int, e: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the Triton kernels (tests monkeypatch smaller ones).
+
+    op "knn_fwd": BQH x BQW query tile, BN candidates per tile (a multiple of KP), KP the
+    running-list length (a power of two >= k + margin), BE / BER the patch-element chunks of the
+    tl.dot and of the exact re-rank. "knn_bwd" / "agg_bwd": BL query positions, BE elements.
+    "agg_fwd": BC channels x BPIX output pixels.
+    """
+    if op == "knn_fwd":
+        kp = max(16, triton.next_power_of_2(k + max(4, k // 4)))
+        bqh, bqw = 4, 8
+        return dict(BQH=bqh, BQW=bqw, BN=max(kp, 64), KP=kp, BE=16,
+                    BER=max(1, min(16, 2048 // (bqh * bqw * kp))), num_warps=4,
+                    LIB_TOPK=os.environ.get("TRITON_INTERPRET") != "1")
+    if op in ("knn_bwd", "agg_bwd"):
+        return dict(BL=32, BE=min(64, max(16, triton.next_power_of_2(max(e, 1)))), num_warps=4)
+    if op == "agg_fwd":
+        return dict(BC=min(16, triton.next_power_of_2(max(e, 1))), BPIX=128, num_warps=4)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _contextlib.nullcontext()
+
+
+def _tl_acc(x: torch.Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_idx_range(idx: torch.Tensor, n_db: int, fn: str) -> None:
+    """Data check of idx (one host sync); skipped under CUDA-graph capture, where the kernels
+    clamp any bad index instead of reading out of bounds."""
+    if idx.numel() == 0 or _capturing(idx):
+        return
+    bad = (idx < 0) | (idx >= n_db)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{fn}: idx{list(where)} = {int(idx[where])} is out of range [0, {n_db}) (the positions "
+            "of the database patch grid)"
+        )
+
+
+def _patch_offsets_t(channels: int, width_hw: tuple, patch_size: int, device) -> torch.Tensor:
+    """(C*p*p,) offsets of a patch's elements, (c, dy, dx) order, from its top-left pixel."""
+    h, w = width_hw
+    c = torch.arange(channels, device=device)[:, None, None] * (h * w)
+    dy = torch.arange(patch_size, device=device)[None, :, None] * w
+    dx = torch.arange(patch_size, device=device)[None, None, :]
+    return (c + dy + dx).reshape(-1)
+
+
+def _patch_bases_t(pos: torch.Tensor, grid_w: int, stride: int, img_w: int) -> torch.Tensor:
+    return (pos // grid_w) * stride * img_w + (pos % grid_w) * stride
+
+
+def _window_starts_t(i: torch.Tensor, n_query: int, n_db: int, window: int):
+    if window < 0 or window >= n_db:
+        return torch.zeros_like(i), n_db
+    if n_query > 1:
+        centre = (2 * i * (n_db - 1) + (n_query - 1)) // (2 * (n_query - 1))
+    else:
+        centre = torch.full_like(i, (n_db - 1) // 2)
+    return (centre - window // 2).clamp(0, n_db - window), window
+
+
+def _knn_exact_rows(query, database, b_idx, l_idx, k, patch_size, stride, window, exclude_self):
+    """Exact k-NN (direct sum((q - d)^2), ties to the lower index) of the query rows
+    (b_idx[i], l_idx[i]) over all their candidates, with torch ops: the guard's fallback."""
+    acc = _acc_dtype(query)
+    dev = query.device
+    (gqh, gqw) = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
+    (gdh, gdw) = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
+    n_ch = query.shape[1]
+    q_flat = query.reshape(query.shape[0], -1)
+    d_flat = database.reshape(database.shape[0], -1)
+    q_off = _patch_offsets_t(n_ch, query.shape[-2:], patch_size, dev)
+    d_off = _patch_offsets_t(n_ch, database.shape[-2:], patch_size, dev)
+    r0, wh = _window_starts_t(l_idx // gqw, gqh, gdh, window)
+    c0, ww = _window_starts_t(l_idx % gqw, gqw, gdw, window)
+    t = torch.arange(wh * ww, device=dev)
+    n_cand = wh * ww - int(exclude_self)
+    n = b_idx.numel()
+    dist = torch.empty((n, k), dtype=acc, device=dev)
+    idx = torch.empty((n, k), dtype=torch.int64, device=dev)
+    e = q_off.numel()
+    chunk = max(1, (1 << 24) // max(1, wh * ww * max(e, 1)))
+    for s in range(0, n, chunk):
+        sl = slice(s, min(n, s + chunk))
+        b, l = b_idx[sl], l_idx[sl]
+        cand = (r0[sl, None] + t // ww) * gdw + c0[sl, None] + t % ww  # ascending per row
+        if exclude_self:  # drop the one self column by a gather (no host sync, capture-safe)
+            col = torch.arange(n_cand, device=dev)
+            self_col = (cand < l[:, None]).sum(1, keepdim=True)
+            cand = cand.gather(1, col + (col >= self_col))
+        qv = q_flat[b[:, None], _patch_bases_t(l, gqw, stride, query.shape[-1])[:, None] + q_off].to(acc)
+        dv = d_flat[b[:, None, None], _patch_bases_t(cand, gdw, stride, database.shape[-1])[:, :, None] + d_off]
+        dd = (qv[:, None, :] - dv.to(acc)).square().sum(-1)
+        vals, order = torch.sort(dd, dim=1, stable=True)
+        dist[sl] = vals[:, :k]
+        idx[sl] = cand.gather(1, order[:, :k])
+    return dist, idx
+
+
+def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, exclude_self):
+    """Triton kernel of ``pyops::knn_patch_search_fwd`` (registered for CUDA)."""
+    fn = "knn_patch_search"
+    if isinstance(window, int) and not isinstance(window, bool) and window == -1:
+        window = None
+    k, patch_size, stride, window = _search_args(query, database, k, patch_size, stride, window, exclude_self, fn)
+    qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
+    dgrid = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
+    n_db = dgrid[0] * dgrid[1]
+    if n_db >= _KNN_PAD_POS:
+        raise ValueError(f"{fn}: the database patch grid has {n_db} positions; at most {_KNN_PAD_POS - 1} are supported")
+    n_b, n_ch = query.shape[:2]
+    n_q = qgrid[0] * qgrid[1]
+    acc = _acc_dtype(query)
+    dist = query.new_empty((n_b, n_q, k), dtype=acc)
+    idx = query.new_empty((n_b, n_q, k), dtype=torch.int64)
+    if n_b == 0:
+        return dist, idx
+    q, d = query.contiguous(), database.contiguous()
+    win = -1 if window is None else window
+    if n_ch == 0:  # empty patches: every distance is 0, ties to the lower index
+        rows = torch.arange(n_b * n_q, device=q.device)
+        dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self)
+        return dr.view(n_b, n_q, k), ir.view(n_b, n_q, k)
+    cfg = _triton_launch_config("knn_fwd", k, n_ch * patch_size * patch_size, query.dtype)
+    kp, bqh, bqw, bn = cfg["KP"], cfg["BQH"], cfg["BQW"], cfg["BN"]
+    if not k <= kp or kp < 2 or any(v & (v - 1) for v in (kp, bqh, bqw, bn)) or bn < kp:
+        raise ValueError(f"{fn}: bad launch config {cfg} for k = {k} (powers of two, k <= KP <= BN, KP >= 2)")
+
+    def axis(n_query, n_db_axis):
+        length = n_db_axis if win < 0 or win >= n_db_axis else win
+        half = 0 if length == n_db_axis else win // 2
+        if n_query > 1:
+            return length, half, n_db_axis - 1, n_query - 1, 2 * (n_query - 1)
+        return length, half, 0, (n_db_axis - 1) // 2, 1
+
+    wh, half_h, mul_h, off_h, den_h = axis(qgrid[0], dgrid[0])
+    ww, half_w, mul_w, off_w, den_w = axis(qgrid[1], dgrid[1])
+    e = n_ch * patch_size * patch_size
+    unit = 2.0 ** -53 if acc == torch.float64 else 2.0 ** -24
+    # |approximate - exact| <= err_c * (|q|^2 + max |d|^2); for float64 the keys are float32
+    err_c = 4.0 * (e + 4) * unit + (8.0 * 2.0 ** -24 if acc == torch.float64 else 0.0)
+    n_tiles_w = triton.cdiv(qgrid[1], bqw)
+    n_tiles = triton.cdiv(qgrid[0], bqh) * n_tiles_w
+    flag = torch.empty((n_b, n_q), dtype=torch.int8, device=q.device)
+    with _device_guard(q):
+        _knn_fwd_kernel[(n_b * n_tiles,)](
+            q, d, dist, idx, flag,
+            n_ch, q.shape[2], q.shape[3], d.shape[2], d.shape[3], qgrid[0], qgrid[1], dgrid[0], dgrid[1],
+            n_tiles_w, n_tiles, k, stride,
+            wh, ww, half_h, half_w, mul_h, off_h, den_h, mul_w, off_w, den_w, err_c,
+            P=patch_size, EXCLUDE_SELF=exclude_self, ACC=_tl_acc(q),
+            BQH=bqh, BQW=bqw, BN=bn, KP=kp, BE=cfg["BE"], BER=cfg["BER"],
+            LOG_BN=bn.bit_length() - 1, LOG_KP=kp.bit_length() - 1,
+            LIB_TOPK=cfg["LIB_TOPK"], num_warps=cfg["num_warps"],
+        )
+        if _capturing(q):  # no host sync: recompute every row exactly, keep the flagged ones
+            rows = torch.arange(n_b * n_q, device=q.device)
+            dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self)
+            f = flag.view(n_b, n_q, 1).bool()
+            dist.copy_(torch.where(f, dr.view_as(dist), dist))
+            idx.copy_(torch.where(f, ir.view_as(idx), idx))
+        else:
+            rows = flag.view(-1).nonzero().view(-1)
+            if rows.numel():
+                dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self)
+                dist.view(-1, k)[rows] = dr
+                idx.view(-1, k)[rows] = ir
+    return dist, idx
+
+
+def _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, fn):
+    _check_map(query, "query", fn)
+    _check_map(database, "database", fn)
+    patch_size = _check_int(patch_size, "patch_size", fn, 1)
+    stride = _check_int(stride, "stride", fn, 1)
+    if query.shape[:2] != database.shape[:2]:
+        raise ValueError(
+            f"{fn}: query {tuple(query.shape)} and database {tuple(database.shape)} must have the "
+            "same batch size B and channel count C"
+        )
+    if query.dtype != database.dtype:
+        raise TypeError(f"{fn}: query and database must have the same dtype, got {query.dtype} and {database.dtype}")
+    _check_patch(query, "query", patch_size, fn)
+    _check_patch(database, "database", patch_size, fn)
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
+        raise TypeError(f"{fn}: idx must be an int64 tensor of shape (B, Lq, k), got "
+                        f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
+    if not isinstance(grad_dist, torch.Tensor) or grad_dist.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: grad_dist must be a floating-point tensor, got {getattr(grad_dist, 'dtype', type(grad_dist))}")
+    if grad_dist.shape != idx.shape:
+        raise ValueError(f"{fn}: grad_dist {tuple(grad_dist.shape)} and idx {tuple(idx.shape)} must have the same shape")
+    qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
+    if idx.shape[0] != query.shape[0] or idx.shape[1] != qgrid[0] * qgrid[1]:
+        raise ValueError(
+            f"{fn}: idx must have shape (B, Lq, k) = ({query.shape[0]}, {qgrid[0] * qgrid[1]}, k), "
+            f"got {tuple(idx.shape)}"
+        )
+    _same_device(fn, query=query, database=database, idx=idx, grad_dist=grad_dist)
+    return patch_size, stride
+
+
+def triton_knn_patch_search_bwd(grad_dist, query, database, idx, patch_size, stride):
+    """Triton kernel of ``pyops::knn_patch_search_bwd`` (registered for CUDA)."""
+    fn = "knn_patch_search_bwd"
+    patch_size, stride = _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, fn)
+    qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
+    dgrid = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
+    n_db = dgrid[0] * dgrid[1]
+    _check_idx_range(idx, n_db, fn)
+    acc = _acc_dtype(query)
+    n_b, n_ch = query.shape[:2]
+    n_q, k = idx.shape[1], idx.shape[2]
+    if query.numel() == 0 or k == 0:
+        return torch.zeros_like(query), torch.zeros_like(database)
+    q, d = query.contiguous(), database.contiguous()
+    g, ix = grad_dist.contiguous(), idx.contiguous()
+    gq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    gd = torch.zeros(d.shape, dtype=acc, device=q.device)
+    cfg = _triton_launch_config("knn_bwd", k, n_ch * patch_size * patch_size, query.dtype)
+    n_blocks = triton.cdiv(n_q, cfg["BL"])
+    with _device_guard(q):
+        _knn_bwd_kernel[(n_b * n_blocks,)](
+            g, q, d, ix, gq, gd,
+            n_ch, q.shape[2], q.shape[3], d.shape[2], d.shape[3], qgrid[1], dgrid[1], n_q, n_db, k, stride, n_blocks,
+            P=patch_size, ACC=_tl_acc(q), BL=cfg["BL"], BE=cfg["BE"], num_warps=cfg["num_warps"],
+        )
+    return gq.to(query.dtype), gd.to(database.dtype)
+
+
+def _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn):
+    """Checks of patch_aggregate_fwd's inputs (as the public function's); returns
+    (patch_size, stride, query grid, database grid)."""
+    _check_map(values, "values", fn)
+    patch_size = _check_int(patch_size, "patch_size", fn, 1)
+    stride = _check_int(stride, "stride", fn, 1)
+    _check_patch(values, "values", patch_size, fn)
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
+        raise TypeError(f"{fn}: idx must be an int64 tensor of shape (B, L, k), got {getattr(idx, 'dtype', type(idx))}"
+                        f" {tuple(getattr(idx, 'shape', ()))}")
+    if not isinstance(weights, torch.Tensor) or weights.shape != idx.shape:
+        raise ValueError(f"{fn}: weights must have the shape of idx {tuple(idx.shape)}, got {tuple(getattr(weights, 'shape', ()))}")
+    if weights.dtype != values.dtype:
+        raise TypeError(f"{fn}: weights must have the dtype of values ({values.dtype}), got {weights.dtype}")
+    if idx.shape[0] != values.shape[0]:
+        raise ValueError(f"{fn}: idx has batch size {idx.shape[0]} but values has {values.shape[0]}")
+    out_h = _check_int(out_h, "out_h", fn, patch_size)
+    out_w = _check_int(out_w, "out_w", fn, patch_size)
+    qgrid = patch_grid(out_h, out_w, patch_size, stride)
+    if qgrid[0] * qgrid[1] != idx.shape[1]:
+        raise ValueError(
+            f"{fn}: output size ({out_h}, {out_w}) has a {qgrid[0]} x {qgrid[1]} patch grid "
+            f"({qgrid[0] * qgrid[1]} positions) but idx has L = {idx.shape[1]}"
+        )
+    _same_device(fn, values=values, idx=idx, weights=weights)
+    dgrid = patch_grid(values.shape[-2], values.shape[-1], patch_size, stride)
+    return patch_size, stride, qgrid, dgrid
+
+
+def triton_patch_aggregate_fwd(values, idx, weights, patch_size, stride, out_h, out_w):
+    """Triton kernel of ``pyops::patch_aggregate_fwd`` (registered for CUDA)."""
+    fn = "patch_aggregate"
+    patch_size, stride, qgrid, dgrid = _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn)
+    n_db = dgrid[0] * dgrid[1]
+    _check_idx_range(idx, n_db, fn)
+    n_b, n_ch = values.shape[:2]
+    k = idx.shape[2]
+    if n_b == 0 or n_ch == 0 or k == 0:
+        return values.new_zeros((n_b, n_ch, out_h, out_w))
+    out = values.new_empty((n_b, n_ch, out_h, out_w))
+    v, ix, w = values.contiguous(), idx.contiguous(), weights.contiguous()
+    cfg = _triton_launch_config("agg_fwd", k, n_ch, values.dtype)
+    n_pix = triton.cdiv(out_h * out_w, cfg["BPIX"])
+    n_chb = triton.cdiv(n_ch, cfg["BC"])
+    with _device_guard(v):
+        _agg_fwd_kernel[(n_b * n_pix * n_chb,)](
+            v, ix, w, out,
+            n_ch, v.shape[2], v.shape[3], out_h, out_w, qgrid[0], qgrid[1], dgrid[1], n_db, k, stride, n_pix, n_chb,
+            P=patch_size, NR=triton.cdiv(patch_size, stride), ACC=_tl_acc(v),
+            BC=cfg["BC"], BPIX=cfg["BPIX"], num_warps=cfg["num_warps"],
+        )
+    return out
+
+
+def triton_patch_aggregate_bwd(grad_out, values, idx, weights, patch_size, stride):
+    """Triton kernel of ``pyops::patch_aggregate_bwd`` (registered for CUDA)."""
+    fn = "patch_aggregate_bwd"
+    _check_map(grad_out, "grad_out", fn)
+    patch_size = _check_int(patch_size, "patch_size", fn, 1)
+    _check_patch(grad_out, "grad_out", patch_size, fn)
+    out_h, out_w = grad_out.shape[-2:]
+    patch_size, stride, qgrid, dgrid = _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn)
+    if grad_out.shape[:2] != values.shape[:2]:
+        raise ValueError(f"{fn}: grad_out {tuple(grad_out.shape)} must have the batch size and channels of values "
+                         f"{tuple(values.shape)}")
+    _same_device(fn, values=values, grad_out=grad_out)
+    n_db = dgrid[0] * dgrid[1]
+    _check_idx_range(idx, n_db, fn)
+    n_b, n_ch = values.shape[:2]
+    n_q, k = idx.shape[1], idx.shape[2]
+    acc = _acc_dtype(values)
+    if n_b == 0 or n_ch == 0 or k == 0:
+        return torch.zeros_like(values), torch.zeros_like(weights)
+    go, v, ix, w = grad_out.contiguous(), values.contiguous(), idx.contiguous(), weights.contiguous()
+    gv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    gw = torch.empty_like(w)
+    cfg = _triton_launch_config("agg_bwd", k, n_ch * patch_size * patch_size, values.dtype)
+    n_blocks = triton.cdiv(n_q, cfg["BL"])
+    with _device_guard(v):
+        _agg_bwd_kernel[(n_b * n_blocks,)](
+            go, v, ix, w, gv, gw,
+            n_ch, v.shape[2], v.shape[3], out_h, out_w, qgrid[1], dgrid[1], n_q, n_db, k, stride, n_blocks,
+            P=patch_size, ACC=_tl_acc(v), BL=cfg["BL"], BE=cfg["BE"], num_warps=cfg["num_warps"],
+        )
+    return gv.to(values.dtype), gw
+
+
+if triton is not None:
+    _backend.register_triton_kernel("knn_patch_search_fwd", triton_knn_patch_search_fwd)
+    _backend.register_triton_kernel("knn_patch_search_bwd", triton_knn_patch_search_bwd)
+    _backend.register_triton_kernel("patch_aggregate_fwd", triton_patch_aggregate_fwd)
+    _backend.register_triton_kernel("patch_aggregate_bwd", triton_patch_aggregate_bwd)
