@@ -160,6 +160,27 @@ def register_triton_kernel(op: str, fn: Callable) -> None:
         _register_triton([op])
 
 
+def device_guard(t: torch.Tensor):
+    """Context for a Triton launch on t's device (Triton launches on the current CUDA device);
+    a no-op for CPU tensors (the Triton interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """True while t's CUDA stream is being captured into a CUDA graph (no host syncs allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def register_no_double_backward(op: str) -> None:
+    """Registers an autograd formula for the backward op ``pyops::op`` that refuses double
+    backward with a clear error (instead of silently returning no gradient)."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"pyops::{op}: double backward is not supported")
+
+    torch.library.register_autograd(f"pyops::{op}", backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _initial_backend() -> str | None:
     env = os.environ.get("PYOPS_CUDA_BACKEND", "").strip().lower()
     if env and env != "auto":

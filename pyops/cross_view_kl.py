@@ -17,7 +17,6 @@ Maths, per row, with u = a / T, w = b / T, p = softmax(u), q = softmax(w):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -106,7 +105,7 @@ def _check_target_range(target: Optional[torch.Tensor], vocab: int, ignore_index
     checks each row as it goes."""
     if target is None or target.numel() == 0:
         return
-    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _backend.capturing(target):
         return  # no host sync inside CUDA-graph capture; the kernels never index with a bad target
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if bool(bad.any()):
@@ -332,21 +331,10 @@ def _linear_backward(ctx, g_kab, g_kba, g_ha, g_hb, g_ce, _g_lse):
     )
 
 
-def _no_double_backward(name: str):
-    def setup(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise NotImplementedError(f"pyops::{name}: double backward is not supported")
-
-    return backward, setup
-
-
 torch.library.register_autograd("pyops::cross_view_kl_entropy_fwd", _row_backward, setup_context=_setup_row_ctx)
 torch.library.register_autograd("pyops::fused_linear_cross_view_fwd", _linear_backward, setup_context=_setup_linear_ctx)
-for _name in ("cross_view_kl_entropy_bwd", "fused_linear_cross_view_bwd"):
-    _b, _s = _no_double_backward(_name)
-    torch.library.register_autograd(f"pyops::{_name}", _b, setup_context=_s)
+for _name in ('cross_view_kl_entropy_bwd', 'fused_linear_cross_view_bwd'):
+    _backend.register_no_double_backward(_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,10 +571,6 @@ def _triton_launch_config(vocab: int) -> tuple[int, int]:
     return block, (4 if block <= 1024 else 8)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _acc_dtype(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
@@ -607,7 +591,7 @@ def triton_cross_view_kl_entropy_fwd(logits_a, logits_b, target, temperature, ig
         return outs
     block, warps = _triton_launch_config(vocab)
     kl_ab, kl_ba, ent_a, ent_b, ce, lse = outs
-    with _device_guard(a):
+    with _backend.device_guard(a):
         _cv_fwd_kernel[(n_rows,)](
             a, b, target if target is not None else a, kl_ab, kl_ba, ent_a, ent_b,
             ce if target is not None else kl_ab, lse, vocab, 1.0 / temperature, ignore_index,
@@ -645,7 +629,7 @@ def triton_cross_view_kl_entropy_bwd(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, l
     fw = [rows(t) for t in (kl_ab, kl_ba, ent_a, ent_b)]
     lse = lse.to(acc).contiguous()
     block, warps = _triton_launch_config(vocab)
-    with _device_guard(a):
+    with _backend.device_guard(a):
         _cv_bwd_kernel[(n_rows,)](
             a, b, grad_a, grad_b, target if target is not None else a,
             *[g if g is not None else fw[0] for g in gs], *fw, lse, vocab, 1.0 / temperature, ignore_index,

@@ -15,8 +15,6 @@ patch fits, giving a ``(rows, cols)`` patch grid; positions are row-major in tha
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Optional
 
 import torch
@@ -253,21 +251,10 @@ def _agg_backward(ctx, grad_out):
             None, None, None, None)
 
 
-def _no_double_backward(name: str):
-    def setup(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise NotImplementedError(f"pyops::{name}: double backward is not supported")
-
-    return backward, setup
-
-
 torch.library.register_autograd("pyops::knn_patch_search_fwd", _knn_backward, setup_context=_knn_setup)
 torch.library.register_autograd("pyops::patch_aggregate_fwd", _agg_backward, setup_context=_agg_setup)
-for _name in ("knn_patch_search_bwd", "patch_aggregate_bwd"):
-    _b, _s = _no_double_backward(_name)
-    torch.library.register_autograd(f"pyops::{_name}", _b, setup_context=_s)
+for _name in ('knn_patch_search_bwd', 'patch_aggregate_bwd'):
+    _backend.register_no_double_backward(_name)
 
 
 # ==== Triton (CUDA) ====
@@ -296,7 +283,6 @@ for _name in ("knn_patch_search_bwd", "patch_aggregate_bwd"):
 # knn_patch_search_bwd and patch_aggregate_bwd scatter with atomic adds into float32 (float64)
 # buffers; patch_aggregate_fwd gathers: every output pixel sums the patches that cover it (no
 # atomics, deterministic).
-import contextlib as _contextlib
 import os
 
 try:
@@ -607,22 +593,14 @@ def _triton_launch_config(op: str, k: int, e: int, dtype: torch.dtype) -> dict:
     raise ValueError(f"unknown op {op!r}")
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _contextlib.nullcontext()
-
-
 def _tl_acc(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _check_idx_range(idx: torch.Tensor, n_db: int, fn: str) -> None:
     """Data check of idx (one host sync); skipped under CUDA-graph capture, where the kernels
     clamp any bad index instead of reading out of bounds."""
-    if idx.numel() == 0 or _capturing(idx):
+    if idx.numel() == 0 or _backend.capturing(idx):
         return
     bad = (idx < 0) | (idx >= n_db)
     if bool(bad.any()):
@@ -739,7 +717,7 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
     n_tiles_w = triton.cdiv(qgrid[1], bqw)
     n_tiles = triton.cdiv(qgrid[0], bqh) * n_tiles_w
     flag = torch.empty((n_b, n_q), dtype=torch.int8, device=q.device)
-    with _device_guard(q):
+    with _backend.device_guard(q):
         _knn_fwd_kernel[(n_b * n_tiles,)](
             q, d, dist, idx, flag,
             n_ch, q.shape[2], q.shape[3], d.shape[2], d.shape[3], qgrid[0], qgrid[1], dgrid[0], dgrid[1],
@@ -750,7 +728,7 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
             LOG_BN=bn.bit_length() - 1, LOG_KP=kp.bit_length() - 1,
             LIB_TOPK=cfg["LIB_TOPK"], num_warps=cfg["num_warps"],
         )
-        if _capturing(q):  # no host sync: recompute every row exactly, keep the flagged ones
+        if _backend.capturing(q):  # no host sync: recompute every row exactly, keep the flagged ones
             rows = torch.arange(n_b * n_q, device=q.device)
             dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self)
             f = flag.view(n_b, n_q, 1).bool()
@@ -815,7 +793,7 @@ def triton_knn_patch_search_bwd(grad_dist, query, database, idx, patch_size, str
     gd = torch.zeros(d.shape, dtype=acc, device=q.device)
     cfg = _triton_launch_config("knn_bwd", k, n_ch * patch_size * patch_size, query.dtype)
     n_blocks = triton.cdiv(n_q, cfg["BL"])
-    with _device_guard(q):
+    with _backend.device_guard(q):
         _knn_bwd_kernel[(n_b * n_blocks,)](
             g, q, d, ix, gq, gd,
             n_ch, q.shape[2], q.shape[3], d.shape[2], d.shape[3], qgrid[1], dgrid[1], n_q, n_db, k, stride, n_blocks,
@@ -868,7 +846,7 @@ def triton_patch_aggregate_fwd(values, idx, weights, patch_size, stride, out_h, 
     cfg = _triton_launch_config("agg_fwd", k, n_ch, values.dtype)
     n_pix = triton.cdiv(out_h * out_w, cfg["BPIX"])
     n_chb = triton.cdiv(n_ch, cfg["BC"])
-    with _device_guard(v):
+    with _backend.device_guard(v):
         _agg_fwd_kernel[(n_b * n_pix * n_chb,)](
             v, ix, w, out,
             n_ch, v.shape[2], v.shape[3], out_h, out_w, qgrid[0], qgrid[1], dgrid[1], n_db, k, stride, n_pix, n_chb,
@@ -902,7 +880,7 @@ def triton_patch_aggregate_bwd(grad_out, values, idx, weights, patch_size, strid
     gw = torch.empty_like(w)
     cfg = _triton_launch_config("agg_bwd", k, n_ch * patch_size * patch_size, values.dtype)
     n_blocks = triton.cdiv(n_q, cfg["BL"])
-    with _device_guard(v):
+    with _backend.device_guard(v):
         _agg_bwd_kernel[(n_b * n_blocks,)](
             go, v, ix, w, gv, gw,
             n_ch, v.shape[2], v.shape[3], out_h, out_w, qgrid[1], dgrid[1], n_q, n_db, k, stride, n_blocks,

@@ -216,3 +216,11 @@ def test_aggregate_bad_inputs(mutate, exc, msg):
     mutate(a)
     with pytest.raises(exc, match=msg):
         pyops.patch_aggregate(a["values"], a["idx"], a["weights"], patch_size=3, output_size=a["output_size"])
+
+
+def test_double_backward_is_refused():
+    q = torch.randn(1, 2, 9, 9, dtype=torch.float64, requires_grad=True)
+    dist, _ = pyops.knn_patch_search(q, q.detach(), 2)
+    (g,) = torch.autograd.grad(dist.sum(), q, create_graph=True)
+    with pytest.raises(Exception, match="double backward"):
+        g.sum().backward()

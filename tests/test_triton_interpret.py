@@ -17,7 +17,7 @@ pytestmark = [
 
 triton = pytest.importorskip("triton")
 
-import pyops  # noqa: E402
+import pyops  # noqa: E402,F401  (registers the ops)
 from pyops import cross_view_kl as cvk  # noqa: E402
 from pyops import reference  # noqa: E402
 
