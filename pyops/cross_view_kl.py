@@ -24,38 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._validation import acc_dtype, check_float, check_same_device, check_tensor
 from .types import CrossViewOutput
 
 __all__ = ["cross_view_kl_entropy", "fused_linear_cross_view", "CrossViewOutput"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ops = torch.ops.pyops
 
 
 # --------------------------------------------------------------------------------------------
 # Input validation (shared by the public functions and the Triton launchers)
 # --------------------------------------------------------------------------------------------
-def _check_tensor(x, name: str, fn: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-
-
-def _check_float(x: torch.Tensor, name: str, fn: str) -> None:
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-
-
-def _check_same_device(fn: str, **tensors: Optional[torch.Tensor]) -> None:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(
-                f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; "
-                "all inputs must be on the same device"
-            )
-
-
 def _check_scalars(temperature, ignore_index, fn: str) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{fn}: temperature must be a Python float, got {type(temperature).__name__}")
@@ -68,7 +47,7 @@ def _check_scalars(temperature, ignore_index, fn: str) -> None:
 def _check_target(target: Optional[torch.Tensor], lead_shape: Sequence[int], fn: str) -> None:
     if target is None:
         return
-    _check_tensor(target, "target", fn)
+    check_tensor(target, "target", fn)
     if target.dtype != torch.int64:
         raise TypeError(f"{fn}: target must be int64 (torch.long), got {target.dtype}")
     if tuple(target.shape) != tuple(lead_shape):
@@ -78,10 +57,10 @@ def _check_target(target: Optional[torch.Tensor], lead_shape: Sequence[int], fn:
 
 
 def _validate_logits(logits_a, logits_b, target, temperature, ignore_index, fn: str) -> None:
-    _check_tensor(logits_a, "logits_a", fn)
-    _check_tensor(logits_b, "logits_b", fn)
-    _check_float(logits_a, "logits_a", fn)
-    _check_float(logits_b, "logits_b", fn)
+    check_tensor(logits_a, "logits_a", fn)
+    check_tensor(logits_b, "logits_b", fn)
+    check_float(logits_a, "logits_a", fn)
+    check_float(logits_b, "logits_b", fn)
     if logits_a.dim() < 1:
         raise ValueError(f"{fn}: logits_a must have shape (..., V), got a 0-d tensor")
     if logits_a.shape != logits_b.shape:
@@ -96,7 +75,7 @@ def _validate_logits(logits_a, logits_b, target, temperature, ignore_index, fn: 
     if logits_a.shape[-1] == 0:
         raise ValueError(f"{fn}: the vocabulary size V = logits_a.shape[-1] must be > 0, got 0")
     _check_target(target, logits_a.shape[:-1], fn)
-    _check_same_device(fn, logits_a=logits_a, logits_b=logits_b, target=target)
+    check_same_device(fn, logits_a=logits_a, logits_b=logits_b, target=target)
     _check_scalars(temperature, ignore_index, fn)
 
 
@@ -184,8 +163,8 @@ def fused_linear_cross_view(
     """
     fn = "fused_linear_cross_view"
     for name, t in (("hidden_a", hidden_a), ("hidden_b", hidden_b), ("weight", weight)):
-        _check_tensor(t, name, fn)
-        _check_float(t, name, fn)
+        check_tensor(t, name, fn)
+        check_float(t, name, fn)
     if hidden_a.dim() < 1 or hidden_a.shape != hidden_b.shape:
         raise ValueError(
             f"{fn}: hidden_a and hidden_b must have the same shape (..., H), got "
@@ -200,14 +179,14 @@ def fused_linear_cross_view(
         raise ValueError(f"{fn}: the vocabulary size V = weight.shape[0] must be > 0, got 0")
     dtypes = {hidden_a.dtype, hidden_b.dtype, weight.dtype}
     if bias is not None:
-        _check_tensor(bias, "bias", fn)
+        check_tensor(bias, "bias", fn)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{fn}: bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
         dtypes.add(bias.dtype)
     if len(dtypes) != 1:
         raise TypeError(f"{fn}: hidden_a, hidden_b, weight and bias must share one dtype, got {sorted(map(str, dtypes))}")
     _check_target(target, hidden_a.shape[:-1], fn)
-    _check_same_device(fn, hidden_a=hidden_a, hidden_b=hidden_b, weight=weight, bias=bias, target=target)
+    check_same_device(fn, hidden_a=hidden_a, hidden_b=hidden_b, weight=weight, bias=bias, target=target)
     _check_scalars(temperature, ignore_index, fn)
     lead, hid = hidden_a.shape[:-1], hidden_a.shape[-1]
     n_rows = math.prod(lead)
@@ -229,12 +208,8 @@ def fused_linear_cross_view(
 # --------------------------------------------------------------------------------------------
 # Fake kernels
 # --------------------------------------------------------------------------------------------
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _row_outputs_like(x: torch.Tensor, n_rows, has_target: bool):
-    dt = _out_dtype(x)
+    dt = acc_dtype(x)
     rows = [x.new_empty((n_rows,), dtype=dt) for _ in range(4)]
     ce = x.new_empty((n_rows if has_target else 0,), dtype=dt)
     return (*rows, ce, x.new_empty((n_rows, 3), dtype=dt))
@@ -333,7 +308,7 @@ def _linear_backward(ctx, g_kab, g_kba, g_ha, g_hb, g_ce, _g_lse):
 
 torch.library.register_autograd("pyops::cross_view_kl_entropy_fwd", _row_backward, setup_context=_setup_row_ctx)
 torch.library.register_autograd("pyops::fused_linear_cross_view_fwd", _linear_backward, setup_context=_setup_linear_ctx)
-for _name in ('cross_view_kl_entropy_bwd', 'fused_linear_cross_view_bwd'):
+for _name in ("cross_view_kl_entropy_bwd", "fused_linear_cross_view_bwd"):
     _backend.register_no_double_backward(_name)
 
 
@@ -571,7 +546,7 @@ def _triton_launch_config(vocab: int) -> tuple[int, int]:
     return block, (4 if block <= 1024 else 8)
 
 
-def _acc_dtype(x: torch.Tensor):
+def _tl_acc(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
@@ -582,7 +557,7 @@ def triton_cross_view_kl_entropy_fwd(logits_a, logits_b, target, temperature, ig
     if logits_a.dim() != 2:
         raise ValueError(f"{fn}: logits_a must be 2-D (N, V), got {tuple(logits_a.shape)}")
     _check_target(target, logits_a.shape[:1], fn)
-    _check_same_device(fn, logits_a=logits_a, target=target)
+    check_same_device(fn, logits_a=logits_a, target=target)
     n_rows, vocab = logits_a.shape
     _check_target_range(target, vocab, ignore_index, fn)
     a, b = logits_a.contiguous(), logits_b.contiguous()
@@ -595,7 +570,7 @@ def triton_cross_view_kl_entropy_fwd(logits_a, logits_b, target, temperature, ig
         _cv_fwd_kernel[(n_rows,)](
             a, b, target if target is not None else a, kl_ab, kl_ba, ent_a, ent_b,
             ce if target is not None else kl_ab, lse, vocab, 1.0 / temperature, ignore_index,
-            HAS_TARGET=target is not None, UNIT_T=temperature == 1.0, ACC=_acc_dtype(a),
+            HAS_TARGET=target is not None, UNIT_T=temperature == 1.0, ACC=_tl_acc(a),
             BLOCK=block, num_warps=warps,
         )
     return outs
@@ -616,7 +591,7 @@ def triton_cross_view_kl_entropy_bwd(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, l
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
     if n_rows == 0:
         return grad_a, grad_b
-    acc = _out_dtype(a)
+    acc = acc_dtype(a)
 
     def rows(t):
         if t is None:
@@ -635,7 +610,7 @@ def triton_cross_view_kl_entropy_bwd(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, l
             *[g if g is not None else fw[0] for g in gs], *fw, lse, vocab, 1.0 / temperature, ignore_index,
             HAS_GKAB=gs[0] is not None, HAS_GKBA=gs[1] is not None, HAS_GHA=gs[2] is not None,
             HAS_GHB=gs[3] is not None, HAS_GCE=gs[4] is not None, UNIT_T=temperature == 1.0,
-            ACC=_acc_dtype(a), BLOCK=block, num_warps=warps,
+            ACC=_tl_acc(a), BLOCK=block, num_warps=warps,
         )
     return grad_a, grad_b
 

@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 
 from . import _backend
+from ._validation import FLOAT_DTYPES, acc_dtype, check_float, check_int, check_same_device, check_tensor
 
 __all__ = ["knn_patch_search", "patch_aggregate", "patch_grid"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ops = torch.ops.pyops
 
 
@@ -36,20 +36,10 @@ def patch_grid(height: int, width: int, patch_size: int, stride: int) -> tuple[i
 # Validation
 # --------------------------------------------------------------------------------------------
 def _check_map(x, name: str, fn: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_tensor(x, name, fn)
+    check_float(x, name, fn)
     if x.dim() != 4:
         raise ValueError(f"{fn}: {name} must have shape (B, C, H, W), got {tuple(x.shape)}")
-
-
-def _check_int(value, name: str, fn: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_patch(x: torch.Tensor, name: str, patch_size: int, fn: str) -> None:
@@ -57,13 +47,6 @@ def _check_patch(x: torch.Tensor, name: str, patch_size: int, fn: str) -> None:
         raise ValueError(
             f"{fn}: patch_size {patch_size} is larger than {name} ({x.shape[-2]} x {x.shape[-1]})"
         )
-
-
-def _same_device(fn: str, **tensors: torch.Tensor) -> None:
-    (first_name, first), *rest = tensors.items()
-    for name, t in rest:
-        if t.device != first.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}")
 
 
 def _n_candidates(qgrid, dgrid, window: int, exclude_self: bool) -> int:
@@ -77,8 +60,8 @@ def _n_candidates(qgrid, dgrid, window: int, exclude_self: bool) -> int:
 def _search_args(query, database, k, patch_size, stride, window, exclude_self, fn):
     _check_map(query, "query", fn)
     _check_map(database, "database", fn)
-    patch_size = _check_int(patch_size, "patch_size", fn, 1)
-    stride = patch_size if stride is None else _check_int(stride, "stride", fn, 1)
+    patch_size = check_int(patch_size, "patch_size", fn, 1)
+    stride = patch_size if stride is None else check_int(stride, "stride", fn, 1)
     if query.shape[0] != database.shape[0] or query.shape[1] != database.shape[1]:
         raise ValueError(
             f"{fn}: query {tuple(query.shape)} and database {tuple(database.shape)} must have the "
@@ -86,10 +69,10 @@ def _search_args(query, database, k, patch_size, stride, window, exclude_self, f
         )
     if query.dtype != database.dtype:
         raise TypeError(f"{fn}: query and database must have the same dtype, got {query.dtype} and {database.dtype}")
-    _same_device(fn, query=query, database=database)
+    check_same_device(fn, query=query, database=database)
     _check_patch(query, "query", patch_size, fn)
     _check_patch(database, "database", patch_size, fn)
-    window = -1 if window is None else _check_int(window, "window", fn, 1)
+    window = -1 if window is None else check_int(window, "window", fn, 1)
     if not isinstance(exclude_self, bool):
         raise TypeError(f"{fn}: exclude_self must be a bool, got {type(exclude_self).__name__}")
     qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
@@ -98,7 +81,7 @@ def _search_args(query, database, k, patch_size, stride, window, exclude_self, f
         raise ValueError(
             f"{fn}: exclude_self needs query and database patch grids of the same size, got {qgrid} and {dgrid}"
         )
-    k = _check_int(k, "k", fn, 1)
+    k = check_int(k, "k", fn, 1)
     n_cand = _n_candidates(qgrid, dgrid, window, exclude_self)
     if k > n_cand:
         raise ValueError(f"{fn}: k = {k} is larger than the number of candidates per query ({n_cand})")
@@ -163,8 +146,8 @@ def patch_aggregate(
     """
     fn = "patch_aggregate"
     _check_map(values, "values", fn)
-    patch_size = _check_int(patch_size, "patch_size", fn, 1)
-    stride = patch_size if stride is None else _check_int(stride, "stride", fn, 1)
+    patch_size = check_int(patch_size, "patch_size", fn, 1)
+    stride = patch_size if stride is None else check_int(stride, "stride", fn, 1)
     _check_patch(values, "values", patch_size, fn)
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
         raise TypeError(f"{fn}: idx must be an int64 tensor of shape (B, L, k), got {getattr(idx, 'dtype', type(idx))}"
@@ -187,22 +170,18 @@ def patch_aggregate(
             f"{fn}: output_size {tuple(output_size)} has a {qgrid[0]} x {qgrid[1]} patch grid "
             f"({qgrid[0] * qgrid[1]} positions) but idx has L = {idx.shape[1]}"
         )
-    _same_device(fn, values=values, idx=idx, weights=weights)
+    check_same_device(fn, values=values, idx=idx, weights=weights)
     return _ops.patch_aggregate_fwd(values, idx, weights, patch_size, stride, out_h, out_w)
 
 
 # --------------------------------------------------------------------------------------------
 # Fake kernels
 # --------------------------------------------------------------------------------------------
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("pyops::knn_patch_search_fwd")
 def _knn_fwd_fake(query, database, k, patch_size, stride, window, exclude_self):
     rows, cols = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     shape = (query.shape[0], rows * cols, k)
-    return query.new_empty(shape, dtype=_acc_dtype(query)), query.new_empty(shape, dtype=torch.int64)
+    return query.new_empty(shape, dtype=acc_dtype(query)), query.new_empty(shape, dtype=torch.int64)
 
 
 @torch.library.register_fake("pyops::knn_patch_search_bwd")
@@ -253,7 +232,7 @@ def _agg_backward(ctx, grad_out):
 
 torch.library.register_autograd("pyops::knn_patch_search_fwd", _knn_backward, setup_context=_knn_setup)
 torch.library.register_autograd("pyops::patch_aggregate_fwd", _agg_backward, setup_context=_agg_setup)
-for _name in ('knn_patch_search_bwd', 'patch_aggregate_bwd'):
+for _name in ("knn_patch_search_bwd", "patch_aggregate_bwd"):
     _backend.register_no_double_backward(_name)
 
 
@@ -637,7 +616,7 @@ def _window_starts_t(i: torch.Tensor, n_query: int, n_db: int, window: int):
 def _knn_exact_rows(query, database, b_idx, l_idx, k, patch_size, stride, window, exclude_self):
     """Exact k-NN (direct sum((q - d)^2), ties to the lower index) of the query rows
     (b_idx[i], l_idx[i]) over all their candidates, with torch ops: the guard's fallback."""
-    acc = _acc_dtype(query)
+    acc = acc_dtype(query)
     dev = query.device
     (gqh, gqw) = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     (gdh, gdw) = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
@@ -685,7 +664,7 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
         raise ValueError(f"{fn}: the database patch grid has {n_db} positions; at most {_KNN_PAD_POS - 1} are supported")
     n_b, n_ch = query.shape[:2]
     n_q = qgrid[0] * qgrid[1]
-    acc = _acc_dtype(query)
+    acc = acc_dtype(query)
     dist = query.new_empty((n_b, n_q, k), dtype=acc)
     idx = query.new_empty((n_b, n_q, k), dtype=torch.int64)
     if n_b == 0:
@@ -746,8 +725,8 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
 def _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, fn):
     _check_map(query, "query", fn)
     _check_map(database, "database", fn)
-    patch_size = _check_int(patch_size, "patch_size", fn, 1)
-    stride = _check_int(stride, "stride", fn, 1)
+    patch_size = check_int(patch_size, "patch_size", fn, 1)
+    stride = check_int(stride, "stride", fn, 1)
     if query.shape[:2] != database.shape[:2]:
         raise ValueError(
             f"{fn}: query {tuple(query.shape)} and database {tuple(database.shape)} must have the "
@@ -760,7 +739,7 @@ def _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, fn):
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
         raise TypeError(f"{fn}: idx must be an int64 tensor of shape (B, Lq, k), got "
                         f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
-    if not isinstance(grad_dist, torch.Tensor) or grad_dist.dtype not in _FLOAT_DTYPES:
+    if not isinstance(grad_dist, torch.Tensor) or grad_dist.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: grad_dist must be a floating-point tensor, got {getattr(grad_dist, 'dtype', type(grad_dist))}")
     if grad_dist.shape != idx.shape:
         raise ValueError(f"{fn}: grad_dist {tuple(grad_dist.shape)} and idx {tuple(idx.shape)} must have the same shape")
@@ -770,7 +749,7 @@ def _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, fn):
             f"{fn}: idx must have shape (B, Lq, k) = ({query.shape[0]}, {qgrid[0] * qgrid[1]}, k), "
             f"got {tuple(idx.shape)}"
         )
-    _same_device(fn, query=query, database=database, idx=idx, grad_dist=grad_dist)
+    check_same_device(fn, query=query, database=database, idx=idx, grad_dist=grad_dist)
     return patch_size, stride
 
 
@@ -782,7 +761,7 @@ def triton_knn_patch_search_bwd(grad_dist, query, database, idx, patch_size, str
     dgrid = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
     n_db = dgrid[0] * dgrid[1]
     _check_idx_range(idx, n_db, fn)
-    acc = _acc_dtype(query)
+    acc = acc_dtype(query)
     n_b, n_ch = query.shape[:2]
     n_q, k = idx.shape[1], idx.shape[2]
     if query.numel() == 0 or k == 0:
@@ -806,8 +785,8 @@ def _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn):
     """Checks of patch_aggregate_fwd's inputs (as the public function's); returns
     (patch_size, stride, query grid, database grid)."""
     _check_map(values, "values", fn)
-    patch_size = _check_int(patch_size, "patch_size", fn, 1)
-    stride = _check_int(stride, "stride", fn, 1)
+    patch_size = check_int(patch_size, "patch_size", fn, 1)
+    stride = check_int(stride, "stride", fn, 1)
     _check_patch(values, "values", patch_size, fn)
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
         raise TypeError(f"{fn}: idx must be an int64 tensor of shape (B, L, k), got {getattr(idx, 'dtype', type(idx))}"
@@ -818,15 +797,15 @@ def _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn):
         raise TypeError(f"{fn}: weights must have the dtype of values ({values.dtype}), got {weights.dtype}")
     if idx.shape[0] != values.shape[0]:
         raise ValueError(f"{fn}: idx has batch size {idx.shape[0]} but values has {values.shape[0]}")
-    out_h = _check_int(out_h, "out_h", fn, patch_size)
-    out_w = _check_int(out_w, "out_w", fn, patch_size)
+    out_h = check_int(out_h, "out_h", fn, patch_size)
+    out_w = check_int(out_w, "out_w", fn, patch_size)
     qgrid = patch_grid(out_h, out_w, patch_size, stride)
     if qgrid[0] * qgrid[1] != idx.shape[1]:
         raise ValueError(
             f"{fn}: output size ({out_h}, {out_w}) has a {qgrid[0]} x {qgrid[1]} patch grid "
             f"({qgrid[0] * qgrid[1]} positions) but idx has L = {idx.shape[1]}"
         )
-    _same_device(fn, values=values, idx=idx, weights=weights)
+    check_same_device(fn, values=values, idx=idx, weights=weights)
     dgrid = patch_grid(values.shape[-2], values.shape[-1], patch_size, stride)
     return patch_size, stride, qgrid, dgrid
 
@@ -860,19 +839,19 @@ def triton_patch_aggregate_bwd(grad_out, values, idx, weights, patch_size, strid
     """Triton kernel of ``pyops::patch_aggregate_bwd`` (registered for CUDA)."""
     fn = "patch_aggregate_bwd"
     _check_map(grad_out, "grad_out", fn)
-    patch_size = _check_int(patch_size, "patch_size", fn, 1)
+    patch_size = check_int(patch_size, "patch_size", fn, 1)
     _check_patch(grad_out, "grad_out", patch_size, fn)
     out_h, out_w = grad_out.shape[-2:]
     patch_size, stride, qgrid, dgrid = _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn)
     if grad_out.shape[:2] != values.shape[:2]:
         raise ValueError(f"{fn}: grad_out {tuple(grad_out.shape)} must have the batch size and channels of values "
                          f"{tuple(values.shape)}")
-    _same_device(fn, values=values, grad_out=grad_out)
+    check_same_device(fn, values=values, grad_out=grad_out)
     n_db = dgrid[0] * dgrid[1]
     _check_idx_range(idx, n_db, fn)
     n_b, n_ch = values.shape[:2]
     n_q, k = idx.shape[1], idx.shape[2]
-    acc = _acc_dtype(values)
+    acc = acc_dtype(values)
     if n_b == 0 or n_ch == 0 or k == 0:
         return torch.zeros_like(values), torch.zeros_like(weights)
     go, v, ix, w = grad_out.contiguous(), values.contiguous(), idx.contiguous(), weights.contiguous()

@@ -206,6 +206,8 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
     std::vector<T> scores(max_q * kChunkCandidates);
     std::vector<T> keys(max_q * kp), vals(max_q * kp), scan_acc(kDirectMaxCandidates), scan_keys(k);
     std::vector<int64_t> ids(max_q * kp), cand(kChunkCandidates), qpos(max_q);
+    std::vector<T> ex_key(kp), ex_val(kp);  // exact re-rank of one query (k <= kp entries)
+    std::vector<int64_t> ex_id(kp), order(kp);
     std::vector<Span> qr(max_q), qc(max_q);
     std::vector<TopList<T>> tops;
     for (int64_t t = t0; t < t1; ++t) {
@@ -272,16 +274,13 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
         const int64_t n_cand = qr[x].len * qc[x].len - (a.exclude_self ? 1 : 0);  // all kept: exact
         const int64_t out = (b * qg.n() + qpos[x]) * k;
         const T* qp = qpack.data() + x * e;
-        std::vector<T> ek(top.size), ev(top.size);
-        std::vector<int64_t> ei(top.size);
-        TopList<T> exact{ek.data(), ev.data(), ei.data(), k};
+        TopList<T> exact{ex_key.data(), ex_val.data(), ex_id.data(), k};
         // re-insert in increasing index order so that exact ties keep the lower index
-        std::vector<std::pair<int64_t, int64_t>> order(top.size);
-        for (int64_t y = 0; y < top.size; ++y) order[y] = {top.id[y], y};
-        std::sort(order.begin(), order.end());
-        for (const auto& o : order) {
-          const T d = exact_distance(qp, dmap, dg, o.first);
-          exact.push(order_key(d), d, o.first);
+        std::copy(top.id, top.id + top.size, order.begin());
+        std::sort(order.begin(), order.begin() + top.size);
+        for (int64_t y = 0; y < top.size; ++y) {
+          const T d = exact_distance(qp, dmap, dg, order[y]);
+          exact.push(order_key(d), d, order[y]);
         }
         bool safe = exact.size == k;
         if (safe && top.size < n_cand) {
