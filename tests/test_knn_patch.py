@@ -15,7 +15,15 @@ CONFIGS = [
     ((1, 3, 44, 41), (1, 3, 23, 20), 2, 1, 33, False),  # window > 32 (tiled path), multi-scale
     ((1, 3, 12, 13), (1, 3, 9, 30), 3, 1, 50, False),  # window larger than the grid = global
     ((1, 2, 9, 40), (1, 2, 9, 40), 4, 1, 6, False),  # a grid with 6 rows: windows at the borders
+    ((1, 1, 41, 29), (1, 1, 39, 31), 2, 1, None, False),  # global, several chunks and partial panels
 ]
+
+
+@pytest.fixture(params=["simd", "blas"])
+def gemm_path(request, monkeypatch):
+    """The float32 GEMM tiles run either the AVX-512 micro-kernel (where the CPU has it) or BLAS."""
+    monkeypatch.setenv("PYOPS_KNN_NO_AVX512", "1" if request.param == "blas" else "0")
+    return request.param
 
 
 def oracle(query, database, k, patch_size, stride, window, exclude_self):
@@ -36,7 +44,7 @@ def oracle(query, database, k, patch_size, stride, window, exclude_self):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0][2]}x{c[0][3]}-p{c[2]}s{c[3]}w{c[4]}x{int(c[5])}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("k", [1, 4])
-def test_matches_exact_oracle_and_reference(config, dtype, k):
+def test_matches_exact_oracle_and_reference(config, dtype, k, gemm_path):
     qs, ds, p, s, w, ex = config
     query = torch.randn(qs).to(dtype)
     database = query if ex else torch.randn(ds).to(dtype)
@@ -58,7 +66,7 @@ def test_matches_exact_oracle_and_reference(config, dtype, k):
 
 @pytest.mark.parametrize("window", [None, 5, 40])
 @pytest.mark.parametrize("stride", [1, 3])
-def test_ties_go_to_the_lower_index(window, stride):
+def test_ties_go_to_the_lower_index(window, stride, gemm_path):
     """Small-integer maps (exact distances) with many duplicate patches."""
     query = torch.randint(0, 2, (2, 2, 27, 25)).float()
     database = torch.randint(0, 2, (2, 2, 27, 25)).float()
@@ -69,7 +77,7 @@ def test_ties_go_to_the_lower_index(window, stride):
         assert torch.equal(idx, oi)
 
 
-def test_exclude_self_never_returns_self():
+def test_exclude_self_never_returns_self(gemm_path):
     x = torch.zeros(1, 1, 12, 12)  # every patch equal: self would win every tie
     dist, idx = pyops.knn_patch_search(x, x, 3, patch_size=3, stride=1, window=5, exclude_self=True)
     assert not (idx == torch.arange(idx.shape[1])[None, :, None]).any()
@@ -84,7 +92,7 @@ def test_k_equal_to_all_candidates():
     assert torch.equal(idx.sort(-1).values, torch.arange(9).expand(1, 9, 9))
 
 
-def test_nan_rows_do_not_crash():
+def test_nan_rows_do_not_crash(gemm_path):
     q, d = torch.randn(1, 2, 9, 9), torch.randn(1, 2, 9, 9)
     d[0, 0, 0, 0] = float("nan")
     dist, idx = pyops.knn_patch_search(q, d, 9, patch_size=3)

@@ -24,9 +24,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PYOPS_KNN_AVX512 1
+#endif
 
 namespace pyops {
 namespace knn_patch {
@@ -34,8 +41,11 @@ namespace {
 
 constexpr int64_t kDirectMaxCandidates = 1024;
 constexpr int64_t kTileQueries = 256;        // windowed search
-constexpr int64_t kTileQueriesGlobal = 1024;  // global search: fewer re-packings of the database
+constexpr int64_t kTileQueriesGlobal = 4096;  // global search: fewer re-packings of the database
 constexpr int64_t kChunkCandidates = 512;
+constexpr int64_t kMR = 12;  // float32 micro-tile: query rows ...
+constexpr int64_t kNR = 32;  // ... x candidates of one packed panel (two 16-float vectors)
+static_assert(kChunkCandidates % kNR == 0, "a chunk is whole panels");
 
 struct Grid {
   int64_t C, H, W, p, s, rows, cols;
@@ -145,6 +155,60 @@ void direct_scan(const T* q, const T* db, const Grid& dg, Span rs, Span cs, int6
     }
 }
 
+#ifdef PYOPS_KNN_AVX512
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+// PYOPS_KNN_NO_AVX512=1 forces the BLAS path (tests run both paths on AVX-512 machines).
+bool avx512_disabled() {
+  const char* v = std::getenv("PYOPS_KNN_NO_AVX512");
+  return v != nullptr && v[0] == '1';
+}
+
+// float32 screening micro-kernel (AVX-512; BLAS libraries may take slower paths on some CPUs,
+// and fusing the screen avoids writing the score tile to memory). Scores |d|^2 - 2 q.d of kMR
+// packed query rows (row-major, stride e) against one panel of kNR candidates (packed
+// e x kNR, candidate-minor, norms dn). Bit j of mask[m] is set where score(m, j) <= thr[m]
+// (ordered compare: NaN never passes) and j is in `valid`; such rows get their kNR scores in
+// sc[m * kNR ...]. Returns the OR of the masks.
+__attribute__((target("avx512f"))) uint32_t panel_screen_avx512(const float* q, int64_t e,
+                                                                const float* panel, const float* dn,
+                                                                const float* thr, uint32_t valid,
+                                                                float* sc, uint32_t* mask) {
+  __m512 acc[kMR][2];
+#pragma GCC unroll 12
+  for (int m = 0; m < kMR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < e; ++t) {
+    const __m512 b0 = _mm512_loadu_ps(panel + t * kNR), b1 = _mm512_loadu_ps(panel + t * kNR + 16);
+#pragma GCC unroll 12
+    for (int m = 0; m < kMR; ++m) {
+      const __m512 a = _mm512_set1_ps(q[m * e + t]);
+      acc[m][0] = _mm512_fmadd_ps(a, b0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(a, b1, acc[m][1]);
+    }
+  }
+  const __m512 two = _mm512_set1_ps(2.f), dn0 = _mm512_loadu_ps(dn), dn1 = _mm512_loadu_ps(dn + 16);
+  uint32_t any = 0;
+#pragma GCC unroll 12
+  for (int m = 0; m < kMR; ++m) {
+    const __m512 s0 = _mm512_fnmadd_ps(two, acc[m][0], dn0), s1 = _mm512_fnmadd_ps(two, acc[m][1], dn1);
+    const __m512 th = _mm512_set1_ps(thr[m]);
+    const uint32_t mk = (static_cast<uint32_t>(_mm512_cmp_ps_mask(s0, th, _CMP_LE_OQ)) |
+                         (static_cast<uint32_t>(_mm512_cmp_ps_mask(s1, th, _CMP_LE_OQ)) << 16)) &
+                        valid;
+    mask[m] = mk;
+    any |= mk;
+    if (mk) {
+      _mm512_storeu_ps(sc + m * kNR, s0);
+      _mm512_storeu_ps(sc + m * kNR + 16, s1);
+    }
+  }
+  return any;
+}
+#endif
+
 template <typename T>
 struct SearchArgs {
   const T* q;   // (B, C, H, W) query maps
@@ -199,11 +263,18 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
   const int64_t kp = std::min<int64_t>(n_cand_max, k + std::max<int64_t>(k, 8));
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const T u = std::numeric_limits<T>::epsilon() / 2;
+#ifdef PYOPS_KNN_AVX512
+  const bool use_avx512 = std::is_same<T, float>::value && cpu_has_avx512() && !avx512_disabled();
+#else
+  const bool use_avx512 = false;
+#endif
 
   at::parallel_for(0, batch * tiles_r * tiles_c, 1, [&](int64_t t0, int64_t t1) {
     const int64_t max_q = tile_rows * tile_cols;
-    std::vector<T> qpack(max_q * e), qn(max_q), dpack(kChunkCandidates * e), dn(kChunkCandidates);
-    std::vector<T> scores(max_q * kChunkCandidates);
+    // rows padded to whole micro-tiles (pad rows are never screened in)
+    std::vector<T> qpack(((max_q + kMR - 1) / kMR * kMR) * e), qn(max_q), dpack(kChunkCandidates * e);
+    std::vector<T> dn(kChunkCandidates), panels(use_avx512 ? kChunkCandidates * e : 0);
+    std::vector<T> scores(use_avx512 ? 0 : max_q * kChunkCandidates);
     std::vector<T> keys(max_q * kp), vals(max_q * kp), scan_acc(kDirectMaxCandidates), scan_keys(k);
     std::vector<int64_t> ids(max_q * kp), cand(kChunkCandidates), qpos(max_q);
     std::vector<T> ex_key(kp), ex_val(kp);  // exact re-rank of one query (k <= kp entries)
@@ -234,7 +305,15 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
           qn[nq] = s;
           tops.push_back(TopList<T>{keys.data() + nq * kp, vals.data() + nq * kp, ids.data() + nq * kp, kp});
         }
-      const at::Tensor qmat = at::from_blob(qpack.data(), {nq, e}, opts);
+      // Screen one candidate (query x, chunk slot y, approximate score sc).
+      auto consider = [&](int64_t x, int64_t y, T sc) {
+        const int64_t pos = cand[y], r = pos / dg.cols, c = pos % dg.cols;
+        const Span rs = qr[x], cs = qc[x];
+        if (r < rs.start || r >= rs.start + rs.len || c < cs.start || c >= cs.start + cs.len ||
+            (a.exclude_self && pos == qpos[x]))
+          return;
+        tops[x].push(sc, sc, pos);
+      };
       const int64_t bw = bc1 - bc0, n_box = (br1 - br0) * bw;
       T dmax = 0;
       for (int64_t s0 = 0; s0 < n_box; s0 += kChunkCandidates) {
@@ -249,22 +328,56 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
           dn[x] = s;
           dmax = std::max(dmax, s);
         }
+#ifdef PYOPS_KNN_AVX512
+        if (use_avx512) {
+          // panels of kNR candidates, e x kNR candidate-minor; padded lanes are masked off
+          const int64_t np = (nd + kNR - 1) / kNR;
+          std::fill(panels.begin(), panels.begin() + np * e * kNR, T(0));
+          for (int64_t x = 0; x < nd; ++x) {
+            const T* dp = dpack.data() + x * e;
+            T* out = panels.data() + (x / kNR) * e * kNR + x % kNR;
+            for (int64_t y = 0; y < e; ++y) out[y * kNR] = dp[y];
+          }
+          std::fill(dn.begin() + nd, dn.begin() + np * kNR, T(0));
+          T thr[kMR], sc[kMR * kNR];
+          uint32_t mask[kMR];
+          for (int64_t m0 = 0; m0 < nq; m0 += kMR) {
+            for (int64_t pnl = 0; pnl < np; ++pnl) {
+              for (int64_t m = 0; m < kMR; ++m) {
+                const int64_t x = m0 + m;
+                thr[m] = x >= nq ? -std::numeric_limits<T>::infinity()
+                         : tops[x].size == kp ? tops[x].key[kp - 1]
+                                              : std::numeric_limits<T>::infinity();
+              }
+              const int64_t lanes = std::min(kNR, nd - pnl * kNR);
+              const uint32_t valid = lanes == kNR ? ~0u : (1u << lanes) - 1u;
+              if (!panel_screen_avx512(reinterpret_cast<const float*>(qpack.data()) + m0 * e, e,
+                                       reinterpret_cast<const float*>(panels.data()) + pnl * e * kNR,
+                                       reinterpret_cast<const float*>(dn.data()) + pnl * kNR,
+                                       reinterpret_cast<const float*>(thr), valid,
+                                       reinterpret_cast<float*>(sc), mask))
+                continue;
+              for (int64_t m = 0; m < kMR; ++m)
+                for (uint32_t mk = mask[m]; mk; mk &= mk - 1) {
+                  const int lane = __builtin_ctz(mk);
+                  consider(m0 + m, pnl * kNR + lane, sc[m * kNR + lane]);
+                }
+            }
+          }
+          continue;
+        }
+#endif
+        const at::Tensor qmat = at::from_blob(qpack.data(), {nq, e}, opts);
         const at::Tensor dmat = at::from_blob(dpack.data(), {nd, e}, opts);
         at::Tensor smat = at::from_blob(scores.data(), {nq, nd}, opts);
         at::mm_out(smat, qmat, dmat.t());
         for (int64_t x = 0; x < nq; ++x) {
           const T* srow = scores.data() + x * nd;
-          const Span rs = qr[x], cs = qc[x];
-          const int64_t self = a.exclude_self ? qpos[x] : -1;
           TopList<T>& top = tops[x];
           for (int64_t y = 0; y < nd; ++y) {
             const T sc = dn[y] - 2 * srow[y];
             if (top.size == kp && !(sc <= top.key[kp - 1])) continue;  // fast reject
-            const int64_t pos = cand[y], r = pos / dg.cols, c = pos % dg.cols;
-            if (r < rs.start || r >= rs.start + rs.len || c < cs.start || c >= cs.start + cs.len ||
-                pos == self)
-              continue;
-            if (sc == sc) top.push(sc, sc, pos);
+            if (sc == sc) consider(x, y, sc);
           }
         }
       }
