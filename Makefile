@@ -1,8 +1,8 @@
 # pyops: `make bench` (benchmarks vs pure-PyTorch baselines, quick mode) and `make test`.
 #
 # Without PYTHON, both create .venv when missing and install into it what they need: torch
-# (2.13.0, CPU build, unless the venv already has a torch), numpy, pytest, ninja, triton and
-# the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
+# (2.13.0, CPU build, unless the venv already has a torch), numpy, pytest, ninja, triton,
+# scikit-image (a test oracle: skimage.transform.radon) and the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
 # With PYTHON=/path/to/python (e.g. on a CUDA machine without network) that interpreter is
 # used as it is: only the package is (re)built, nothing is downloaded.
 PYTHON ?=
@@ -20,10 +20,10 @@ BENCH_ARGS ?= --quick
 
 .PHONY: test bench bench-full build clean test-cpu test-triton
 
-$(VENV)/.deps-ready:
+$(VENV)/.deps-ready: Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q numpy pytest ninja triton setuptools wheel
+	$(VENV)/bin/python -m pip install -q numpy pytest ninja triton setuptools wheel scikit-image
 	touch $@
 
 $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
@@ -40,9 +40,13 @@ test: $(BUILD_STAMP)
 	  TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m triton_interpreter; \
 	else echo "triton not installed: Triton interpreter tests skipped"; fi
 
-# faiss-cpu is a benchmark anchor (the `bench` extra); installed into .venv when missing.
+# faiss-cpu and astra-toolbox are benchmark anchors (the `bench` extra); installed into .venv
+# when missing.
 bench: $(BUILD_STAMP)
-	@if [ -z "$(strip $(PYTHON))" ]; then $(PY) -c "import faiss" 2>/dev/null || $(PY) -m pip install -q faiss-cpu || echo "faiss-cpu unavailable: its benchmark rows are skipped"; fi
+	@if [ -z "$(strip $(PYTHON))" ]; then \
+	  $(PY) -c "import faiss" 2>/dev/null || $(PY) -m pip install -q faiss-cpu || echo "faiss-cpu unavailable: its benchmark rows are skipped"; \
+	  $(PY) -c "import astra" 2>/dev/null || $(PY) -m pip install -q astra-toolbox || echo "astra-toolbox unavailable: its benchmark rows are skipped"; \
+	fi
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 bench-full:

@@ -27,7 +27,8 @@ def build_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+# no FP traps or errno: lets comparisons and selects on floats vectorise (torch builds the same way)
+cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math", "-fno-math-errno"]
 ext_modules = [
     CppExtension(
         "pyops._C",

@@ -39,6 +39,9 @@ class Case:
     setup: Callable[[str], dict[str, Callable[[], object]]]  # device -> {variant: step}
     native: str = "pyops"  # the variant the ratios are taken against
     bytes_moved: int | None = None  # memory traffic of one native step (for GB/s)
+    work: float | None = None  # units of work of one step (any variant), reported per second
+    work_unit: str = ""  # e.g. "line-voxels"
+    notes: dict = dataclasses.field(default_factory=dict)  # variant -> note, may be filled by setup
 
 
 def device_name(device: str) -> str:
@@ -155,21 +158,27 @@ def run_cases(module: str, cases: list[Case], device: str, reps: int, quick: boo
             )
             if case.bytes_moved and variant == case.native:
                 row["gbps"] = case.bytes_moved / med / 1e9
+            if case.work:
+                row["rate"] = case.work / med
+                row["rate_unit"] = f"{case.work_unit}/s"
+            if variant in case.notes:
+                row["note"] = case.notes[variant]
             rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     head = ("| case | variant | median ms | p20-p80 ms | time / native time | peak MiB | native peak / this peak "
-            "| native GB/s |")
-    lines = [head, "|" + "---|" * 8]
+            "| native GB/s | rate | note |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         frac = "-" if r["native_peak_over_this"] is None else f"{100 * r['native_peak_over_this']:.0f}%"
         gbps = f"{r['gbps']:.1f}" if "gbps" in r else ""
+        rate = f"{r['rate']:.3g} {r['rate_unit']}" if "rate" in r else ""
         lines.append(
             f"| {r['case']} | {r['variant']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
-            f"{r['time_over_native']:.2f}x | {peak} | {frac} | {gbps} |"
+            f"{r['time_over_native']:.2f}x | {peak} | {frac} | {gbps} | {rate} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 

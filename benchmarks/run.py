@@ -17,6 +17,8 @@ from . import common
 BENCHES = {
     "cross_view_kl": "benchmarks.bench_cross_view_kl",
     "knn_patch": "benchmarks.bench_knn_patch",
+    "harmonize": "benchmarks.bench_harmonize",
+    "pet": "benchmarks.bench_pet",
 }
 
 

@@ -6,6 +6,9 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 * ``fused_linear_cross_view``: the same fused with a shared LM head, logits never materialised
 * ``knn_patch_search``: exact k nearest patches (global or windowed, multi-scale)
 * ``patch_aggregate``: weighted gather of neighbour patches placed back into a map
+* ``joseph_project`` / ``joseph_backproject``: Joseph PET projection and its exact transpose
+  (``pyops.pet``: ``JosephProjector``, ``parallel_beam_2d``, ``ring_scanner``)
+* ``harmonize_gradients``: FedGH / PCGrad gradient projections, batched in Gram space
 
 ``pyops.backends()`` tells what was built; ``pyops.use_backend("triton" | "cuda")`` picks the
 implementation for CUDA tensors.
@@ -14,6 +17,9 @@ from ._backend import backends, get_backend, set_backend, use_backend
 from . import reference
 from .cross_view_kl import CrossViewOutput, cross_view_kl_entropy, fused_linear_cross_view
 from .knn_patch import knn_patch_search, patch_aggregate, patch_grid
+from . import pet
+from .pet import joseph_backproject, joseph_project
+from .harmonize import HarmonizeStats, harmonize_gradients
 
 __all__ = [
     "backends",
@@ -27,5 +33,10 @@ __all__ = [
     "knn_patch_search",
     "patch_aggregate",
     "patch_grid",
+    "pet",
+    "joseph_project",
+    "joseph_backproject",
+    "harmonize_gradients",
+    "HarmonizeStats",
 ]
 __version__ = "0.1.0"

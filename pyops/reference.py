@@ -15,6 +15,11 @@ __all__ = [
     "window_candidates",
     "knn_patch_search",
     "patch_aggregate",
+    "joseph_weights",
+    "joseph_project",
+    "joseph_backproject",
+    "pcgrad_visit_orders",
+    "harmonize_gradients",
 ]
 
 
@@ -165,3 +170,162 @@ def patch_aggregate(
     g = v.gather(1, idx.reshape(n_b, n_q * k, 1).expand(-1, -1, v.shape[-1])).view(n_b, n_q, k, -1)
     agg = (g * weights.unsqueeze(-1).to(g.dtype)).sum(2)  # (B, L, C'pp)
     return F.fold(agg.transpose(1, 2), output_size, patch_size, stride=stride)
+
+
+# --------------------------------------------------------------------------------------------
+# Joseph PET projector
+# --------------------------------------------------------------------------------------------
+def _triple(value, name: str) -> tuple[float, float, float]:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    value = tuple(float(v) for v in value)
+    if len(value) != 3:
+        raise ValueError(f"{name} must have 3 entries, got {len(value)}")
+    return value
+
+
+def _centred_origin(image_shape, voxel_size) -> tuple[float, float, float]:
+    return tuple(-(n - 1) / 2 * v for n, v in zip(image_shape, voxel_size))
+
+
+def joseph_weights(lor_start, lor_end, image_shape, voxel_size, image_origin):
+    """Joseph's system-matrix entries of some lines, vectorised: (index, weight), each of shape
+    (M, P, 4) with P = max(image_shape): the row-major voxel index and the weight of the 4
+    bilinear corners at each of the P planes along the line's principal axis (0 where the plane
+    or corner is outside the segment or the image). Geometry in float64, as the kernels
+    (csrc/pet/pet_geometry.h)."""
+    s, e = lor_start.double(), lor_end.double()
+    dev = s.device
+    n = torch.tensor(image_shape, device=dev)
+    vox = torch.tensor(voxel_size, dtype=torch.float64, device=dev)
+    org = torch.tensor(image_origin, dtype=torch.float64, device=dev)
+    strides = torch.tensor([image_shape[1] * image_shape[2], image_shape[2], 1], device=dev)
+    d = e - s
+    a = d.abs().argmax(1)  # principal axis, the first on ties
+    b = (a == 0).long()  # the other two axes, b < c
+    c = 2 - (a == 2).long()
+    pick = lambda t, ax: t.gather(-1, ax[:, None])[:, 0] if t.dim() == 2 else t[ax]
+    da, sa = pick(d, a), pick(s, a)
+    ok = (da.abs() > 0) & torch.isfinite(s).all(1) & torch.isfinite(d).all(1)
+    inv = 1.0 / da
+    length = (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]).sqrt()
+    step = pick(vox, a) * length * inv.abs()
+    i = torch.arange(max(image_shape), device=dev, dtype=torch.float64)
+    lo = torch.ceil((torch.minimum(sa, pick(e, a)) - pick(org, a)) / pick(vox, a)).clamp(min=0)
+    hi = torch.floor((torch.maximum(sa, pick(e, a)) - pick(org, a)) / pick(vox, a))
+    hi = torch.minimum(hi, (pick(n, a) - 1).double())
+    in_seg = ok[:, None] & (i >= lo[:, None]) & (i <= hi[:, None])  # (M, P)
+    frac = []
+    for x in (b, c):
+        f0 = (pick(s, x) + (pick(org, a) - sa) * inv * pick(d, x) - pick(org, x)) / pick(vox, x)
+        df = pick(vox, a) * inv * pick(d, x) / pick(vox, x)
+        f = f0[:, None] + i * df[:, None]
+        fl = torch.floor(f)
+        frac.append((fl.long(), f - fl))
+    (ib, wb), (ic, wc) = frac
+    base = i.long() * pick(strides, a)[:, None]
+    index, weight = [], []
+    for db_, dc_, w in ((0, 0, (1 - wb) * (1 - wc)), (1, 0, wb * (1 - wc)), (0, 1, (1 - wb) * wc), (1, 1, wb * wc)):
+        jb, jc = ib + db_, ic + dc_
+        inside = in_seg & (jb >= 0) & (jb < pick(n, b)[:, None]) & (jc >= 0) & (jc < pick(n, c)[:, None])
+        idx = base + jb * pick(strides, b)[:, None] + jc * pick(strides, c)[:, None]
+        index.append(torch.where(inside, idx, 0))
+        weight.append(torch.where(inside, step[:, None] * w, 0.0))
+    return torch.stack(index, -1), torch.stack(weight, -1)
+
+
+def _line_chunks(M: int, per_line: int, budget: int = 1 << 24):
+    step = max(1, budget // max(1, per_line))
+    return [(m0, min(M, m0 + step)) for m0 in range(0, M, step)]
+
+
+def joseph_project(image, lor_start, lor_end, *, voxel_size, image_origin=None) -> torch.Tensor:
+    """y[b, m] = sum_j A[m, j] image[b, j] with Joseph's weights (see ``joseph_weights``); lines
+    in chunks, each a gather of its voxels and a weighted sum."""
+    B, shape = image.shape[0], tuple(image.shape[1:])
+    vox = _triple(voxel_size, "voxel_size")
+    org = _centred_origin(shape, vox) if image_origin is None else _triple(image_origin, "image_origin")
+    flat = image.reshape(B, -1)
+    M = lor_start.shape[0]
+    parts = []
+    for m0, m1 in _line_chunks(M, 4 * max(shape) * max(B, 1)):
+        idx, w = joseph_weights(lor_start[m0:m1], lor_end[m0:m1], shape, vox, org)
+        vals = flat[:, idx.reshape(-1)].reshape(B, m1 - m0, -1)
+        parts.append((vals * w.reshape(1, m1 - m0, -1).to(image.dtype)).sum(-1))
+    return torch.cat(parts, 1) if parts else image.new_zeros(B, 0)
+
+
+def joseph_backproject(y, lor_start, lor_end, *, image_shape, voxel_size, image_origin=None) -> torch.Tensor:
+    """The transpose of ``joseph_project``: image[b, j] = sum_m A[m, j] y[b, m], by
+    ``index_add`` of every line's weighted values into the flattened image, lines in chunks."""
+    shape = tuple(int(n) for n in image_shape)
+    vox = _triple(voxel_size, "voxel_size")
+    org = _centred_origin(shape, vox) if image_origin is None else _triple(image_origin, "image_origin")
+    B, M = y.shape
+    out = y.new_zeros(B, shape[0] * shape[1] * shape[2])
+    for m0, m1 in _line_chunks(M, 4 * max(shape) * max(B, 1)):
+        idx, w = joseph_weights(lor_start[m0:m1], lor_end[m0:m1], shape, vox, org)
+        src = y[:, m0:m1, None] * w.reshape(1, m1 - m0, -1).to(y.dtype)
+        out = out.index_add(1, idx.reshape(-1), src.reshape(B, -1))
+    return out.reshape(B, *shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient harmonization (FedGH, PCGrad)
+# --------------------------------------------------------------------------------------------
+def pcgrad_visit_orders(K: int, order=None, generator=None) -> torch.Tensor:
+    """PCGrad's visiting orders, (K, K - 1) int64: row i lists the other rows, taken in
+    ``order`` (default ascending) and shuffled by ``torch.randperm(K - 1, generator=generator)``,
+    drawn for i = 0, 1, ... in turn."""
+    order = torch.arange(K) if order is None else torch.as_tensor(order).long()
+    rows = []
+    for i in range(K):
+        others = order[order != i]
+        rows.append(others[torch.randperm(K - 1, generator=generator)])
+    return torch.stack(rows) if rows else torch.empty(0, 0, dtype=torch.long)
+
+
+def harmonize_gradients(grads, *, weights=None, mode="fedgh", order=None, generator=None, reduction="sum",
+                        return_stats=False):
+    """The pair-by-pair loop on the flattened gradients, as FedGH and PCGrad describe it: for each
+    i, for each j (fedgh: in ``order``, when the originals conflict; pcgrad: in i's random order,
+    when the current g_i conflicts with the original g_j), ``g_i -= <g_i, g_j> / |g_j|^2 g_j``."""
+    single = isinstance(grads, torch.Tensor)
+    blocks = [grads] if single else list(grads)
+    sizes = [b.shape[1] for b in blocks]
+    flat = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
+    K = flat.shape[0]
+    orig = flat
+    out = flat.clone()
+    order_t = torch.arange(K) if order is None else torch.as_tensor(order).long()
+    visit = pcgrad_visit_orders(K, order_t, generator) if mode == "pcgrad" else None
+    sq = [torch.dot(orig[j], orig[j]) for j in range(K)]
+    for i in range(K):
+        g = out[i]
+        for j in (visit[i].tolist() if mode == "pcgrad" else order_t.tolist()):
+            if j == i or not sq[j] > 0:
+                continue
+            if mode == "fedgh" and not torch.dot(orig[i], orig[j]) < 0:
+                continue
+            d = torch.dot(g, orig[j])
+            if mode == "pcgrad" and not d < 0:
+                continue
+            g = g - d / sq[j] * orig[j]
+        out[i] = g
+    if reduction == "sum":
+        w = torch.full((K,), 1.0 / K, dtype=flat.dtype) if weights is None else torch.as_tensor(weights, dtype=flat.dtype)
+        res = (w.to(flat.device)[:, None] * out).sum(0)
+        parts = list(res.split(sizes))
+    else:
+        parts = list(out.split(sizes, dim=1))
+    result = parts[0] if single else parts
+    if not return_stats:
+        return result
+    g64 = orig.double()
+    gram = g64 @ g64.t()
+    n = gram.diagonal().sqrt()
+    den = n[:, None] * n[None, :]
+    cosine = torch.where(den > 0, gram / torch.where(den > 0, den, 1.0), 0.0)
+    return result, (int((gram.triu(1) < 0).sum()), cosine)

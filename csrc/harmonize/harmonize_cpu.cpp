@@ -1,0 +1,316 @@
+// CPU kernels of pyops::harmonize_gram, harmonize_coefficients and harmonize_combine.
+//
+//  * Gram: the columns of all blocks (concatenated) are split into a fixed number of parts
+//    (independent of the thread count, so the result is too); each part accumulates its own
+//    K x K partial sums, in chunks of kChunk columns, by 4 x 4 tiles of row pairs (tiles with
+//    i-block <= j-block; AVX-512: 16 float64 vector accumulators, float32 rows converted on
+//    load), and the partial matrices are added in part order. One pass over the data.
+//  * coefficients: the sequential projection loop on the K x K Gram matrix, float64.
+//  * combine: out[r] = sum_j coef[r, j] G_j per chunk of columns, float64 sums, one pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PYOPS_HARMONIZE_AVX512 1
+#endif
+
+namespace pyops {
+namespace harmonize {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // Gram: columns per step (a chunk of K rows stays in L2)
+constexpr int64_t kCombineChunk = 16384;  // combine: columns per task
+constexpr int64_t kMaxParts = 64;
+constexpr int64_t kPartialBytes = int64_t{64} << 20;
+constexpr int kRB = 4;  // rows per tile side
+
+// 4 x 4 dot products of rows ra[i], rb[j] over n columns, added to out[i * 4 + j] (float64).
+template <typename T>
+void tile_generic(const T* const* ra, const T* const* rb, int64_t n, double* out) {
+  double acc[kRB][kRB] = {};
+  for (int64_t t = 0; t < n; ++t)
+    for (int i = 0; i < kRB; ++i) {
+      const double a = static_cast<double>(ra[i][t]);
+      for (int j = 0; j < kRB; ++j) acc[i][j] += a * static_cast<double>(rb[j][t]);
+    }
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < kRB; ++j) out[i * kRB + j] += acc[i][j];
+}
+
+#ifdef PYOPS_HARMONIZE_AVX512
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+__attribute__((target("avx512f"))) inline __m512d load8(const float* p) {
+  return _mm512_cvtps_pd(_mm256_loadu_ps(p));
+}
+__attribute__((target("avx512f"))) inline __m512d load8(const double* p) { return _mm512_loadu_pd(p); }
+
+template <typename T>
+__attribute__((target("avx512f"))) void tile_avx512(const T* const* ra, const T* const* rb, int64_t n,
+                                                    double* out) {
+  __m512d acc[kRB][kRB];
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < kRB; ++j) acc[i][j] = _mm512_setzero_pd();
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t t = 0; t < n8; t += 8) {
+    __m512d a[kRB];
+    for (int i = 0; i < kRB; ++i) a[i] = load8(ra[i] + t);
+    for (int j = 0; j < kRB; ++j) {
+      const __m512d b = load8(rb[j] + t);
+      for (int i = 0; i < kRB; ++i) acc[i][j] = _mm512_fmadd_pd(a[i], b, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < kRB; ++j) out[i * kRB + j] += _mm512_reduce_add_pd(acc[i][j]);
+  if (n8 < n) {
+    const T* ra2[kRB];
+    const T* rb2[kRB];
+    for (int i = 0; i < kRB; ++i) {
+      ra2[i] = ra[i] + n8;
+      rb2[i] = rb[i] + n8;
+    }
+    tile_generic(ra2, rb2, n - n8, out);
+  }
+}
+#endif
+
+struct BlockRef {
+  const void* data;
+  int64_t D;
+};
+
+template <typename T>
+at::Tensor gram_impl(const std::vector<at::Tensor>& blocks, int64_t K) {
+  std::vector<BlockRef> refs;
+  int64_t total = 0;
+  for (const auto& b : blocks) {
+    refs.push_back({b.const_data_ptr<T>(), b.size(1)});
+    total += b.size(1);
+  }
+  const int64_t nrb = (K + kRB - 1) / kRB;  // row blocks
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>(kMaxParts, kPartialBytes / std::max<int64_t>(1, K * K * 8)));
+  std::vector<double> partial(parts * nrb * nrb * kRB * kRB, 0.0);  // tile-major partial sums
+  static const std::vector<T> zeros(kChunk, T(0));
+#ifdef PYOPS_HARMONIZE_AVX512
+  const bool simd = has_avx512();
+#endif
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      double* acc = partial.data() + p * nrb * nrb * kRB * kRB;
+      const int64_t g0 = p * total / parts, g1 = (p + 1) * total / parts;
+      int64_t offset = 0;  // global column of the current block's first column
+      for (const BlockRef& br : refs) {
+        const int64_t lo = std::max(g0, offset), hi = std::min(g1, offset + br.D);
+        const T* base = static_cast<const T*>(br.data);
+        for (int64_t c0 = lo - offset; c0 < hi - offset; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, hi - offset - c0);
+          for (int64_t ib = 0; ib < nrb; ++ib) {
+            const T* ra[kRB];
+            for (int i = 0; i < kRB; ++i) {
+              const int64_t r = ib * kRB + i;
+              ra[i] = r < K ? base + r * br.D + c0 : zeros.data();
+            }
+            for (int64_t jb = ib; jb < nrb; ++jb) {
+              const T* rb[kRB];
+              for (int j = 0; j < kRB; ++j) {
+                const int64_t r = jb * kRB + j;
+                rb[j] = r < K ? base + r * br.D + c0 : zeros.data();
+              }
+              double* out = acc + (ib * nrb + jb) * kRB * kRB;
+#ifdef PYOPS_HARMONIZE_AVX512
+              if (simd) {
+                tile_avx512<T>(ra, rb, n, out);
+                continue;
+              }
+#endif
+              tile_generic<T>(ra, rb, n, out);
+            }
+          }
+        }
+        offset += br.D;
+      }
+    }
+  });
+  at::Tensor gram = at::zeros({K, K}, at::TensorOptions().dtype(at::kDouble));
+  double* g = gram.mutable_data_ptr<double>();
+  for (int64_t p = 0; p < parts; ++p) {  // fixed order: deterministic
+    const double* acc = partial.data() + p * nrb * nrb * kRB * kRB;
+    for (int64_t ib = 0; ib < nrb; ++ib)
+      for (int64_t jb = ib; jb < nrb; ++jb)
+        for (int i = 0; i < kRB; ++i)
+          for (int j = 0; j < kRB; ++j) {
+            const int64_t r = ib * kRB + i, c = jb * kRB + j;
+            if (r < K && c < K && r <= c) g[r * K + c] += acc[(ib * nrb + jb) * kRB * kRB + i * kRB + j];
+          }
+  }
+  for (int64_t r = 0; r < K; ++r)
+    for (int64_t c = 0; c < r; ++c) g[r * K + c] = g[c * K + r];
+  return gram;
+}
+
+void check_blocks(const at::TensorList& blocks, const char* fn) {
+  TORCH_CHECK(!blocks.empty(), fn, ": needs at least one block");
+  const auto& b0 = blocks[0];
+  TORCH_CHECK(b0.scalar_type() == at::kFloat || b0.scalar_type() == at::kDouble, fn,
+              ": gradients must be float32 or float64, got ", b0.scalar_type());
+  for (size_t l = 0; l < blocks.size(); ++l) {
+    const auto& b = blocks[l];
+    TORCH_CHECK(b.dim() == 2, fn, ": block ", l, " must have shape (K, D), got ", b.sizes());
+    TORCH_CHECK(b.size(0) == b0.size(0), fn, ": block ", l, " has K = ", b.size(0), " rows but block 0 has ",
+                b0.size(0));
+    TORCH_CHECK(b.scalar_type() == b0.scalar_type(), fn, ": block ", l, " has dtype ", b.scalar_type(),
+                " but block 0 has ", b0.scalar_type());
+    TORCH_CHECK(b.device() == b0.device(), fn, ": block ", l, " is on ", b.device(), " but block 0 is on ",
+                b0.device());
+  }
+}
+
+at::Tensor harmonize_gram_cpu(at::TensorList blocks_in) {
+  check_blocks(blocks_in, "harmonize_gram");
+  const int64_t K = blocks_in[0].size(0);
+  std::vector<at::Tensor> blocks;
+  for (const auto& b : blocks_in) blocks.push_back(b.contiguous());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "harmonize_gram_cpu",
+                             [&] { out = gram_impl<scalar_t>(blocks, K); });
+  return out;
+}
+
+at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tensor& order_in,
+                                      const at::Tensor& visit_in, c10::string_view mode) {
+  const char* fn = "harmonize_coefficients";
+  TORCH_CHECK(gram_in.dim() == 2 && gram_in.size(0) == gram_in.size(1), fn, ": gram must be (K, K), got ",
+              gram_in.sizes());
+  const int64_t K = gram_in.size(0);
+  const bool pcgrad = mode == "pcgrad";
+  TORCH_CHECK(pcgrad || mode == "fedgh", fn, ": mode must be 'fedgh' or 'pcgrad', got '", std::string(mode), "'");
+  TORCH_CHECK(order_in.dim() == 1 && order_in.size(0) == K, fn, ": order must have shape (K,) = (", K, "), got ",
+              order_in.sizes());
+  if (pcgrad)
+    TORCH_CHECK(visit_in.dim() == 2 && visit_in.size(0) == K && visit_in.size(1) == std::max<int64_t>(K - 1, 0),
+                fn, ": visit must have shape (K, K - 1) in pcgrad mode, got ", visit_in.sizes());
+  const at::Tensor gram = gram_in.to(at::kDouble).contiguous();
+  const at::Tensor order = order_in.to(at::kLong).contiguous();
+  const at::Tensor visit = pcgrad ? visit_in.to(at::kLong).contiguous() : at::Tensor();
+  const double* G = gram.const_data_ptr<double>();
+  const int64_t* ord = order.const_data_ptr<int64_t>();
+  {  // order must be a permutation; visit rows the others of each row
+    std::vector<char> seen(K, 0);
+    for (int64_t k = 0; k < K; ++k) {
+      TORCH_CHECK(ord[k] >= 0 && ord[k] < K && !seen[ord[k]], fn, ": order must be a permutation of 0..K-1");
+      seen[ord[k]] = 1;
+    }
+    if (pcgrad) {
+      const int64_t* vis = visit.const_data_ptr<int64_t>();
+      for (int64_t i = 0; i < K; ++i) {
+        std::fill(seen.begin(), seen.end(), 0);
+        for (int64_t k = 0; k < K - 1; ++k) {
+          const int64_t j = vis[i * (K - 1) + k];
+          TORCH_CHECK(j >= 0 && j < K && j != i && !seen[j], fn, ": visit row ", i,
+                      " must be a permutation of the other rows");
+          seen[j] = 1;
+        }
+      }
+    }
+  }
+  at::Tensor coef = at::eye(K, at::TensorOptions().dtype(at::kDouble));
+  double* C = coef.mutable_data_ptr<double>();
+  // <g_i (current), G_j> = sum_m C[i, m] Gamma[m, j]
+  auto dot = [&](int64_t i, int64_t j) {
+    double s = 0;
+    for (int64_t m = 0; m < K; ++m) s += C[i * K + m] * G[m * K + j];
+    return s;
+  };
+  at::parallel_for(0, K, 1, [&](int64_t i0, int64_t i1) {  // rows are independent
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t k = 0; k < (pcgrad ? K - 1 : K); ++k) {
+        const int64_t j = pcgrad ? visit.const_data_ptr<int64_t>()[i * (K - 1) + k] : ord[k];
+        if (j == i || !(G[j * K + j] > 0)) continue;
+        if (!pcgrad && !(G[i * K + j] < 0)) continue;  // fedgh: conflict of the originals
+        const double d = dot(i, j);
+        if (pcgrad && !(d < 0)) continue;  // pcgrad: conflict of the current g_i
+        C[i * K + j] -= d / G[j * K + j];
+      }
+    }
+  });
+  return coef;
+}
+
+// out[r, c0 + t] = sum_j coef[r, j] G_j[c0 + t] for t < n, float64 sums in acc (n entries);
+// long runs of each row keep the hardware prefetchers streaming.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void combine_chunk(
+    const T* base, int64_t D, int64_t K, int64_t c0, int64_t n, const double* coef, int64_t R, T* out,
+    double* acc) {
+  for (int64_t r = 0; r < R; ++r) {
+    std::fill(acc, acc + n, 0.0);
+    for (int64_t j = 0; j < K; ++j) {
+      const double c = coef[r * K + j];
+      if (c == 0) continue;
+      const T* g = base + j * D + c0;
+      for (int64_t t = 0; t < n; ++t) acc[t] += c * static_cast<double>(g[t]);
+    }
+    T* o = out + r * D + c0;
+    for (int64_t t = 0; t < n; ++t) o[t] = static_cast<T>(acc[t]);
+  }
+}
+
+std::vector<at::Tensor> harmonize_combine_cpu(at::TensorList blocks_in, const at::Tensor& coef_in) {
+  const char* fn = "harmonize_combine";
+  check_blocks(blocks_in, fn);
+  const int64_t K = blocks_in[0].size(0);
+  TORCH_CHECK(coef_in.dim() == 2 && coef_in.size(1) == K, fn, ": coef must be (R, K) with K = ", K, ", got ",
+              coef_in.sizes());
+  const at::Tensor coef = coef_in.to(at::kDouble).contiguous();
+  const int64_t R = coef.size(0);
+  std::vector<at::Tensor> outs;
+  for (const auto& b_in : blocks_in) {
+    const at::Tensor b = b_in.contiguous();
+    const int64_t D = b.size(1);
+    at::Tensor out = at::empty({R, D}, b.options());
+    outs.push_back(out);
+    if (R == 0 || D == 0) continue;
+    if (K == 0) {
+      out.zero_();
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "harmonize_combine_cpu", [&] {
+      const scalar_t* base = b.const_data_ptr<scalar_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      const double* cf = coef.const_data_ptr<double>();
+      const int64_t chunks = (D + kCombineChunk - 1) / kCombineChunk;
+      at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
+        std::vector<double> acc(kCombineChunk);
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t c0 = q * kCombineChunk;
+          combine_chunk<scalar_t>(base, D, K, c0, std::min(kCombineChunk, D - c0), cf, R, o, acc.data());
+        }
+      });
+    });
+  }
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyops, CPU, m) {
+  m.impl("harmonize_gram", &harmonize_gram_cpu);
+  m.impl("harmonize_coefficients", &harmonize_coefficients_cpu);
+  m.impl("harmonize_combine", &harmonize_combine_cpu);
+}
+
+}  // namespace harmonize
+}  // namespace pyops
