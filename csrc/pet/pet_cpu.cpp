@@ -91,14 +91,12 @@ inline __attribute__((always_inline)) void sample_block(const Line& L, int64_t i
 }
 
 // Frames-last layouts use a padded frame stride P: 1 for B == 1, else B rounded up to whole
-// 32-byte vectors (B * size <= 32) or 64-byte lines, so that the vector loads and stores of a
-// voxel's frames never straddle a cache line. Padding lanes hold zeros and are never returned.
+// 32-byte vectors, so that 32-byte loads and stores of a voxel's frames never straddle a cache
+// line. Padding lanes hold zeros and are never returned.
 template <typename T>
 int64_t frame_stride(int64_t B) {
-  if (B == 1) return 1;
-  const int64_t bytes = B * static_cast<int64_t>(sizeof(T));
-  const int64_t align = bytes <= 32 ? 32 : 64;
-  return (bytes + align - 1) / align * align / static_cast<int64_t>(sizeof(T));
+  constexpr int64_t W = 32 / sizeof(T);
+  return B == 1 ? 1 : (B + W - 1) / W * W;
 }
 
 // Gathers line m's P sums from xT (N, P) into acc. P == 1: per-plane partial sums (gathers,
@@ -146,10 +144,16 @@ PYOPS_PET_CLONES void project_line(const Line& L, const Volume& v, const T* xT, 
       T a = acc[0];
       for (int k = 0; k < n; ++k) a += part[k];
       acc[0] = a;
-    } else if (P == W) {
+    } else if (P == W) {  // all frames in registers (up to 4 vectors), else W at a time
       project_line_groups<T, W>(S, n, xT, P, acc);
+    } else if (P == 2 * W) {
+      project_line_groups<T, 2 * W>(S, n, xT, P, acc);
+    } else if (P == 3 * W) {
+      project_line_groups<T, 3 * W>(S, n, xT, P, acc);
+    } else if (P == 4 * W) {
+      project_line_groups<T, 4 * W>(S, n, xT, P, acc);
     } else {
-      project_line_groups<T, 2 * W>(S, n, xT, P, acc);  // P is a multiple of 64 bytes
+      project_line_groups<T, W>(S, n, xT, P, acc);
     }
   }
 }

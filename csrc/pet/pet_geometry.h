@@ -1,6 +1,8 @@
 // Joseph's line geometry, shared by the CPU kernels (pet_cpu.cpp) and the CUDA kernels
-// (pet_kernel.cuh): one source of the weights, so the projection and the back projection use
-// bitwise-identical weights and are exact transposes of each other.
+// (pet_kernel.cuh): one source of the weights. Within a device the projection and the back
+// projection compute every weight with the same code (CUDA: plane_sample; CPU: the same
+// formulas in the vectorised sample_block of pet_cpu.cpp), so they use bitwise-identical
+// weights and are exact transposes of each other.
 //
 // Volume: an (n0, n1, n2) image whose voxel (i0, i1, i2) has its centre at origin + i * vox (mm).
 // A line of response is the segment from `s` to `e` (mm). Along its principal axis a (the axis
