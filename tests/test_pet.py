@@ -27,7 +27,10 @@ GEOMETRIES = [
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: "x".join(map(str, g[0])))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B", [1, 3])
+# B covers every frame-group width of the CPU kernels: padded frame stride P = 1, one 32-byte
+# vector, 2, 3 and 4 vectors held in registers, and the generic path beyond 4
+# (float32: 1, 3, 13, 20, 29, 37 -> P = 1, 8, 16, 24, 32, 40; float64: P = 1, 4, 16, 20, 32, 40)
+@pytest.mark.parametrize("B", [1, 3, 13, 20, 29, 37])
 def test_matches_reference(geom, dtype, B):
     shape, vox, origin = geom
     org = origin if origin is not None else tuple(-(n - 1) / 2 * v for n, v in zip(shape, vox))

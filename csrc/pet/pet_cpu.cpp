@@ -158,6 +158,27 @@ PYOPS_PET_CLONES void project_line(const Line& L, const Volume& v, const T* xT, 
   }
 }
 
+// Adds w * yrow to the P values of every voxel of a sampled block; G lanes at a time (G
+// divides P), so that a row of up to 4 vectors stays in registers.
+template <typename T, int G>
+inline __attribute__((always_inline)) void scatter_block(const Samples& S, int n, const T* yrow, int64_t P,
+                                                         T* xT) {
+  for (int64_t g0 = 0; g0 < P; g0 += G) {
+    T yv[G];
+    for (int t = 0; t < G; ++t) yv[t] = yrow[g0 + t];
+    for (int j = 0; j < 4; ++j) {
+      if (!S.any[j]) continue;
+      for (int k = 0; k < n; ++k) {
+        const int64_t o = S.off[j][k];
+        if (o < 0) continue;
+        const T wj = static_cast<T>(S.w[j][k]);
+        T* dst = xT + o * P + g0;
+        for (int t = 0; t < G; ++t) dst[t] += wj * yv[t];
+      }
+    }
+  }
+}
+
 // Scatters line m's steps i in [i0, i1] (P values yT row) into xT (N, P). The (up to 4) voxels
 // of all steps of one line are distinct, so the order of one line's adds does not matter.
 template <typename T>
@@ -168,25 +189,22 @@ PYOPS_PET_CLONES void backproject_line(const Line& L, int64_t i0, int64_t i1, co
   for (int64_t p0 = first; p0 <= last; p0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, last - p0 + 1));
     sample_block<true>(L, p0, n, v, S);
-    for (int j = 0; j < 4; ++j) {
-      if (!S.any[j]) continue;
-      for (int k = 0; k < n; ++k) {
-        const int64_t o = S.off[j][k];
-        if (o < 0) continue;
-        const T wj = static_cast<T>(S.w[j][k]);
-        if (P == 1) {
-          xT[o] += wj * yrow[0];
-          continue;
-        }
-        T* dst = xT + o * P;
-        for (int64_t b0 = 0; b0 < P; b0 += W)
-          for (int t = 0; t < W; ++t) dst[b0 + t] += wj * yrow[b0 + t];
-      }
-    }
+    if (P == 1)
+      scatter_block<T, 1>(S, n, yrow, P, xT);
+    else if (P == W)
+      scatter_block<T, W>(S, n, yrow, P, xT);
+    else if (P == 2 * W)
+      scatter_block<T, 2 * W>(S, n, yrow, P, xT);
+    else if (P == 3 * W)
+      scatter_block<T, 3 * W>(S, n, yrow, P, xT);
+    else if (P == 4 * W)
+      scatter_block<T, 4 * W>(S, n, yrow, P, xT);
+    else
+      scatter_block<T, W>(S, n, yrow, P, xT);
   }
 }
 
-constexpr int64_t kBlockBytes = 256 * 1024;  // back projection: image bytes per task
+constexpr int64_t kBlockBytes = 1024 * 1024;  // back projection: image bytes per task (~ L2)
 constexpr int64_t kLineCacheBytes = int64_t{64} << 20;  // back projection: cached line geometries
 
 // (B, rest...) -> zero-padded frames-last (numel / B, P)
@@ -269,8 +287,9 @@ at::Tensor joseph_backproject_cpu(const at::Tensor& y, const at::Tensor& lor_sta
       // that a block's part of the image stays in the L2 cache
       const int64_t plane_bytes = N / v.n[a] * P * static_cast<int64_t>(sizeof(scalar_t));
       const int64_t per_block = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, plane_bytes));
-      const int64_t n_blocks =
-          std::min<int64_t>(v.n[a], cache ? std::max((v.n[a] + per_block - 1) / per_block, threads) : threads);
+      // (a multiple of the thread count, so that the threads get equal shares)
+      const int64_t wanted = cache ? (v.n[a] + per_block - 1) / per_block : 1;
+      const int64_t n_blocks = std::min<int64_t>(v.n[a], (wanted + threads - 1) / threads * threads);
       at::parallel_for(0, n_blocks, 1, [&](int64_t k0, int64_t k1) {
         Samples S;
         for (int64_t k = k0; k < k1; ++k) {
