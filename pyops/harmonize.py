@@ -113,7 +113,8 @@ def harmonize_gradients(
 
     Zero gradients are allowed (never projected onto); D < K and rank-deficient inputs are exact
     (no inverse is involved). Non-finite gradients raise a ValueError naming a bad row. The Gram
-    matrix and all coefficients are float64; outputs have the gradients' dtype.
+    matrix and all coefficients are float64 (float32 gradients on the CPU: products summed in
+    float32 over runs of 64 per lane, the runs in float64); outputs have the gradients' dtype.
     """
     fn = "harmonize_gradients"
     blocks, single = _blocks(grads, fn)

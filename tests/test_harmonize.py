@@ -36,7 +36,9 @@ def test_matches_reference(mode, K, D, dtype, reduction):
     assert out.dtype == dtype and out.shape == ref.shape
     close(out, ref, dtype)
     assert stats.num_conflicts == n_ref
-    torch.testing.assert_close(stats.cosine, cos_ref, rtol=1e-12, atol=1e-12)
+    # float32 rows: the CPU Gram sums float32 products over runs of 64 per lane, then in float64
+    ctol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(stats.cosine, cos_ref, rtol=ctol, atol=ctol)
     if K > 4:
         assert stats.num_conflicts > 0  # the test data does conflict
 
@@ -117,7 +119,13 @@ def test_gram_is_deterministic_across_thread_counts():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(a, b)
-    torch.testing.assert_close(a, x.double() @ x.double().t(), rtol=1e-12, atol=1e-9)
+    exact = x.double() @ x.double().t()
+    norms = exact.diagonal().sqrt()
+    # relative to |g_i| |g_j|: float32 products summed in float32 over at most 64 terms per lane
+    assert ((a - exact).abs() / (norms[:, None] * norms[None, :])).max() < 1e-6
+    xd = x.double()
+    assert torch.equal(torch.ops.pyops.harmonize_gram([xd]), torch.ops.pyops.harmonize_gram([xd]))
+    torch.testing.assert_close(torch.ops.pyops.harmonize_gram([xd]), xd @ xd.t(), rtol=1e-12, atol=1e-9)
 
 
 def test_opcheck():

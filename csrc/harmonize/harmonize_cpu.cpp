@@ -3,10 +3,11 @@
 //  * Gram: the columns of all blocks (concatenated) are split into a fixed number of parts
 //    (independent of the thread count, so the result is too); each part accumulates its own
 //    K x K partial sums, in chunks of kChunk columns, by 4 x 4 tiles of row pairs (tiles with
-//    i-block <= j-block; AVX-512: 16 float64 vector accumulators, float32 rows converted on
-//    load), and the partial matrices are added in part order. One pass over the data.
+//    i-block <= j-block; AVX-512: 16 vector accumulators, float64 for float64 rows, float32 runs
+//    of 64 products per lane added in float64 for float32 rows), and the partial matrices are
+//    added in part order. One pass over the data.
 //  * coefficients: the sequential projection loop on the K x K Gram matrix, float64.
-//  * combine: out[r] = sum_j coef[r, j] G_j per chunk of columns, float64 sums, one pass.
+//  * combine: out[r] = sum_j coef[r, j] G_j per L1-sized chunk of columns, float64 sums, one pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -28,7 +30,7 @@ namespace harmonize {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // Gram: columns per step (a chunk of K rows stays in L2)
-constexpr int64_t kCombineChunk = 16384;  // combine: columns per task
+constexpr int64_t kCombineChunk = 2048;  // combine: columns per task (float64 sums in L1)
 constexpr int64_t kMaxParts = 64;
 constexpr int64_t kPartialBytes = int64_t{64} << 20;
 constexpr int kRB = 4;  // rows per tile side
@@ -84,6 +86,59 @@ __attribute__((target("avx512f"))) void tile_avx512(const T* const* ra, const T*
     tile_generic(ra2, rb2, n - n8, out);
   }
 }
+
+// float32 rows: 16-lane float32 products summed in float32 over runs of kSub steps (kSub
+// products per lane), each run's sums then added in float64 (converted lane-wise). Twice the
+// lanes of the float64 tile and no conversions in the inner loop; each partial sum adds at most
+// kSub float32 products, so the Gram is as accurate as a float32 GEMM over only 64 terms.
+constexpr int64_t kSub = 64;
+
+__attribute__((target("avx512f"))) void tile_avx512_f32(const float* const* ra, const float* const* rb, int64_t n,
+                                                        double* out) {
+  __m512d tot[kRB][kRB];
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < kRB; ++j) tot[i][j] = _mm512_setzero_pd();
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t s0 = 0; s0 < n16; s0 += 16 * kSub) {
+    const int64_t s1 = std::min(n16, s0 + 16 * kSub);
+    __m512 acc[kRB][kRB];
+    for (int i = 0; i < kRB; ++i)
+      for (int j = 0; j < kRB; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t t = s0; t < s1; t += 16) {
+      __m512 a[kRB];
+      for (int i = 0; i < kRB; ++i) a[i] = _mm512_loadu_ps(ra[i] + t);
+      for (int j = 0; j < kRB; ++j) {
+        const __m512 b = _mm512_loadu_ps(rb[j] + t);
+        for (int i = 0; i < kRB; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], b, acc[i][j]);
+      }
+    }
+    for (int i = 0; i < kRB; ++i)
+      for (int j = 0; j < kRB; ++j) {
+        const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(acc[i][j]));
+        const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][j]), 1)));
+        tot[i][j] = _mm512_add_pd(tot[i][j], _mm512_add_pd(lo, hi));
+      }
+  }
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < kRB; ++j) out[i * kRB + j] += _mm512_reduce_add_pd(tot[i][j]);
+  if (n16 < n) {
+    const float* ra2[kRB];
+    const float* rb2[kRB];
+    for (int i = 0; i < kRB; ++i) {
+      ra2[i] = ra[i] + n16;
+      rb2[i] = rb[i] + n16;
+    }
+    tile_generic(ra2, rb2, n - n16, out);
+  }
+}
+
+template <typename T>
+void tile_simd(const T* const* ra, const T* const* rb, int64_t n, double* out) {
+  if constexpr (std::is_same_v<T, float>)
+    tile_avx512_f32(ra, rb, n, out);
+  else
+    tile_avx512<T>(ra, rb, n, out);
+}
 #endif
 
 struct BlockRef {
@@ -132,7 +187,7 @@ at::Tensor gram_impl(const std::vector<at::Tensor>& blocks, int64_t K) {
               double* out = acc + (ib * nrb + jb) * kRB * kRB;
 #ifdef PYOPS_HARMONIZE_AVX512
               if (simd) {
-                tile_avx512<T>(ra, rb, n, out);
+                tile_simd<T>(ra, rb, n, out);
                 continue;
               }
 #endif
@@ -249,19 +304,32 @@ at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tenso
   return coef;
 }
 
-// out[r, c0 + t] = sum_j coef[r, j] G_j[c0 + t] for t < n, float64 sums in acc (n entries);
-// long runs of each row keep the hardware prefetchers streaming.
+// out[r, c0 + t] = sum_j coef[r, j] G_j[c0 + t] for t < n, float64 sums in acc (n entries, n <=
+// kCombineChunk: stays in L1); four rows of G per sweep over acc.
 template <typename T>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void combine_chunk(
     const T* base, int64_t D, int64_t K, int64_t c0, int64_t n, const double* coef, int64_t R, T* out,
     double* acc) {
   for (int64_t r = 0; r < R; ++r) {
+    const double* cr = coef + r * K;
     std::fill(acc, acc + n, 0.0);
-    for (int64_t j = 0; j < K; ++j) {
-      const double c = coef[r * K + j];
-      if (c == 0) continue;
+    int64_t j = 0;
+    for (; j + 4 <= K; j += 4) {
+      const double a0 = cr[j], a1 = cr[j + 1], a2 = cr[j + 2], a3 = cr[j + 3];
+      if (a0 == 0 && a1 == 0 && a2 == 0 && a3 == 0) continue;
+      const T* g0 = base + j * D + c0;
+      const T* g1 = g0 + D;
+      const T* g2 = g1 + D;
+      const T* g3 = g2 + D;
+      for (int64_t t = 0; t < n; ++t)
+        acc[t] += (a0 * static_cast<double>(g0[t]) + a1 * static_cast<double>(g1[t])) +
+                  (a2 * static_cast<double>(g2[t]) + a3 * static_cast<double>(g3[t]));
+    }
+    for (; j < K; ++j) {
+      const double a = cr[j];
+      if (a == 0) continue;
       const T* g = base + j * D + c0;
-      for (int64_t t = 0; t < n; ++t) acc[t] += c * static_cast<double>(g[t]);
+      for (int64_t t = 0; t < n; ++t) acc[t] += a * static_cast<double>(g[t]);
     }
     T* o = out + r * D + c0;
     for (int64_t t = 0; t < n; ++t) o[t] = static_cast<T>(acc[t]);
@@ -276,31 +344,35 @@ std::vector<at::Tensor> harmonize_combine_cpu(at::TensorList blocks_in, const at
               coef_in.sizes());
   const at::Tensor coef = coef_in.to(at::kDouble).contiguous();
   const int64_t R = coef.size(0);
-  std::vector<at::Tensor> outs;
-  for (const auto& b_in : blocks_in) {
-    const at::Tensor b = b_in.contiguous();
-    const int64_t D = b.size(1);
-    at::Tensor out = at::empty({R, D}, b.options());
-    outs.push_back(out);
-    if (R == 0 || D == 0) continue;
-    if (K == 0) {
-      out.zero_();
-      continue;
-    }
-    AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "harmonize_combine_cpu", [&] {
-      const scalar_t* base = b.const_data_ptr<scalar_t>();
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      const double* cf = coef.const_data_ptr<double>();
-      const int64_t chunks = (D + kCombineChunk - 1) / kCombineChunk;
-      at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
-        std::vector<double> acc(kCombineChunk);
-        for (int64_t q = q0; q < q1; ++q) {
-          const int64_t c0 = q * kCombineChunk;
-          combine_chunk<scalar_t>(base, D, K, c0, std::min(kCombineChunk, D - c0), cf, R, o, acc.data());
-        }
-      });
-    });
+  // one task list over the column chunks of all blocks: small blocks (biases) cost no extra
+  // parallel region, and the threads share the work of the large ones
+  std::vector<at::Tensor> ins, outs;
+  struct Task {
+    int64_t block, c0, n;
+  };
+  std::vector<Task> tasks;
+  for (size_t l = 0; l < blocks_in.size(); ++l) {
+    ins.push_back(blocks_in[l].contiguous());
+    const int64_t D = ins.back().size(1);
+    outs.push_back(at::empty({R, D}, ins.back().options()));
+    if (K == 0) outs.back().zero_();
+    if (R == 0 || K == 0) continue;
+    for (int64_t c0 = 0; c0 < D; c0 += kCombineChunk)
+      tasks.push_back({static_cast<int64_t>(l), c0, std::min(kCombineChunk, D - c0)});
   }
+  if (tasks.empty()) return outs;
+  const double* cf = coef.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(ins[0].scalar_type(), "harmonize_combine_cpu", [&] {
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t q0, int64_t q1) {
+      std::vector<double> acc(kCombineChunk);
+      for (int64_t q = q0; q < q1; ++q) {
+        const Task& t = tasks[q];
+        const at::Tensor& b = ins[t.block];
+        combine_chunk<scalar_t>(b.const_data_ptr<scalar_t>(), b.size(1), K, t.c0, t.n, cf, R,
+                                outs[t.block].mutable_data_ptr<scalar_t>(), acc.data());
+      }
+    });
+  });
   return outs;
 }
 
