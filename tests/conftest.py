@@ -20,3 +20,13 @@ def _seed(request):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (minutes: e.g. a Flower simulation on Ray) run only with PYOPS_SLOW_TESTS=1."""
+    if os.environ.get("PYOPS_SLOW_TESTS"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with PYOPS_SLOW_TESTS=1 (make test-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

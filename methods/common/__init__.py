@@ -1,0 +1,16 @@
+"""Training plumbing shared by every method in `methods/`: seeding, device choice, run folders
+with logs and metric files, atomic resumable checkpoints (RNG states included), progress bars,
+plots, and DDP under torchrun. Methods import from here; nothing here knows about a method."""
+from .checkpoint import Checkpointer, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .device import pick_device
+from .dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_main_process, wrap_ddp
+from .plotting import plot_curves
+from .progress import progress
+from .run import Run, add_common_args
+from .seeding import seed_everything, worker_seed
+
+__all__ = [
+    "Checkpointer", "DistInfo", "Run", "add_common_args", "all_reduce_mean", "barrier", "init_distributed",
+    "is_main_process", "load_checkpoint", "pick_device", "plot_curves", "progress", "rng_state",
+    "save_checkpoint", "seed_everything", "set_rng_state", "worker_seed", "wrap_ddp",
+]

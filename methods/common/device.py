@@ -1,0 +1,20 @@
+"""Device choice for the CLIs: --device auto|cpu|cuda|cuda:N."""
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the local CUDA device under torchrun (LOCAL_RANK), else cuda:0 when available, else
+    the CPU. An explicit CUDA device that does not exist is an error, not a silent CPU run."""
+    import os
+
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev

@@ -1,0 +1,210 @@
+"""The Flower runtime (``pip install .[fl]``, flwr 1.41): a ``FedGH`` strategy subclassing Flower's
+message-API ``FedAvg``, a ``ServerApp`` and a ``ClientApp`` that run the same client training
+(``client.local_train``) and server aggregation (``server.aggregate``) as the in-process
+simulation.
+
+* Simulation: ``python -m methods.fedgh --runtime flower ...`` (Flower's simulation engine, Ray
+  backend, one SuperNode per client).
+* Deployment, unchanged: the apps below are ``methods.fedgh.flower_app:server_app`` and
+  ``:client_app``; ``methods/fedgh/flower/pyproject.toml`` is the Flower app project (its
+  ``[tool.flwr.app.config]`` holds the run configuration), see README.md for the SuperLink /
+  SuperNode commands. Each SuperNode gets ``--node-config "partition-id=<i> num-partitions=<K>"``.
+
+Clients are ordered by their partition id (reported in their metrics) for harmonization, never
+by reply arrival. Client training is seeded by (seed, round, partition id) exactly as in the
+in-process simulation, so with all clients participating both runtimes give the same models.
+"""
+import time
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from methods.common import worker_seed
+
+from .client import ClientConfig, ClientResult, local_train
+from .server import aggregate, finite_state
+from .train import FedConfig, Simulation, config_dict
+
+# --- configuration through Flower's run config (deployment) ------------------------------------
+
+
+def config_from_run_config(rc) -> FedConfig:
+    """FedConfig from a Flower run config (keys as in methods/fedgh/flower/pyproject.toml)."""
+    rc = dict(rc or {})
+    alpha = rc.get("alpha", 0.1)
+    alpha = None if isinstance(alpha, str) and alpha.lower() == "iid" else float(alpha)
+    client = ClientConfig(algo=str(rc.get("algo", "fedavg")), epochs=int(rc.get("local-epochs", 1)),
+                          batch_size=int(rc.get("batch-size", 32)), lr=float(rc.get("lr", 0.01)),
+                          momentum=float(rc.get("momentum", 0.9)), weight_decay=float(rc.get("weight-decay", 1e-5)),
+                          mu=float(rc.get("mu", 0.01)), decorr_coef=float(rc.get("decorr-coef", 0.1)))
+    return FedConfig(dataset=str(rc.get("dataset", "digits")), clients=int(rc.get("num-partitions", rc.get("clients", 10))),
+                     alpha=alpha, rounds=int(rc.get("num-server-rounds", 10)), fraction=float(rc.get("fraction-train", 1.0)),
+                     harmonize=bool(rc.get("harmonize", True)), seed=int(rc.get("seed", 0)), client=client)
+
+
+_SIMS: Dict[str, Simulation] = {}
+
+
+def _simulation(cfg: FedConfig) -> Simulation:
+    """Data, partitions and model of a configuration, built once per process."""
+    key = repr(config_dict(cfg))
+    if key not in _SIMS:
+        _SIMS.clear()
+        _SIMS[key] = Simulation(cfg)
+    return _SIMS[key]
+
+
+# --- the strategy ---------------------------------------------------------------------------------
+
+
+class FedGH(FedAvg):
+    """FedAvg whose aggregation is ``server.aggregate`` (FedAvg / FedProx / FedDecorr averaging or
+    FedNova normalized averaging), with FedGH harmonization when ``harmonize``."""
+
+    def __init__(self, *, algo: str = "fedavg", harmonize: bool = True, param_names=None, **kw):
+        kw.setdefault("weighted_by_key", "num-examples")
+        super().__init__(**kw)
+        self.algo = algo
+        self.harmonize = harmonize
+        self.param_names = list(param_names) if param_names is not None else None
+        self.current_arrays: Optional[ArrayRecord] = None
+        self.round_offset = 0  # rounds done before a resume
+        self.last_row: Dict = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays  # aggregate_train does not receive the global model
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        global_state = self.current_arrays.to_torch_state_dict()
+        names = self.param_names or [k for k, v in global_state.items() if v.is_floating_point()]
+        results, dropped = [], []
+        for msg in valid:
+            m = msg.content["metrics"]
+            cid = int(m.get("partition-id", msg.metadata.src_node_id))
+            state = msg.content["arrays"].to_torch_state_dict()
+            if not finite_state(state):
+                dropped.append(cid)
+                continue
+            results.append(ClientResult(cid, state, int(m["num-examples"]), float(m.get("train-loss", 0.0)),
+                                        int(m.get("tau", 1)), float(m.get("a", 1.0))))
+        row = {"round": server_round - 1 + self.round_offset, "clients": len(results), "dropped": len(dropped), "dropped_ids": dropped}
+        if not results:
+            row.update(conflicts=0, pairs=0, agg_ms=0.0, train_loss=float("nan"))
+            self.last_row = row
+            return None, None
+        new_state, st = aggregate(global_state, names, results, self.algo, self.harmonize)
+        n = sum(r.num_examples for r in results)
+        row.update(conflicts=st.conflicts, pairs=st.pairs, agg_ms=1e3 * st.seconds,
+                   train_loss=sum(r.train_loss * r.num_examples for r in results) / n)
+        self.last_row = row
+        metrics = MetricRecord({"conflicts": st.conflicts, "train-loss": row["train_loss"]})
+        return ArrayRecord(new_state), metrics
+
+
+# --- the apps -------------------------------------------------------------------------------------
+
+
+def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        c = cfg or config_from_run_config(context.run_config)
+        sim = _simulation(c)
+        pid = int(context.node_config["partition-id"])
+        conf = msg.content["config"]
+        rnd = int(conf["server-round"]) - 1 + int(conf.get("round-offset", 0))  # global round (resumed runs)
+        x, y = sim.client_data(pid)
+        g = torch.Generator()
+        g.manual_seed(worker_seed(c.seed, rnd, pid))
+        r = local_train(sim.model, msg.content["arrays"].to_torch_state_dict(), x, y, c.client, g, client=pid)
+        metrics = MetricRecord({"num-examples": r.num_examples, "train-loss": r.train_loss, "tau": r.tau, "a": r.a,
+                                "partition-id": pid})
+        return Message(RecordDict({"arrays": ArrayRecord(r.state), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        c = cfg or config_from_run_config(context.run_config)
+        sim = _simulation(c)
+        sim.global_state = msg.content["arrays"].to_torch_state_dict()
+        acc, loss = sim.evaluate()
+        pid = int(context.node_config["partition-id"])
+        metrics = MetricRecord({"num-examples": len(sim.data.y_test), "test-acc": acc, "test-loss": loss, "partition-id": pid})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def make_server_app(cfg: Optional[FedConfig] = None, run=None, show_progress: bool = False) -> ServerApp:
+    app = ServerApp()
+    run_arg = run
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        c = cfg or config_from_run_config(context.run_config)
+        sim = Simulation(c)  # the global model's initial weights and the held-out test set
+        run = run_arg
+        if run is None and context.run_config.get("out"):  # deployment: a run folder from the config
+            from methods.common import Run
+
+            run = Run(str(context.run_config["out"]), dict(context.run_config), name="fedgh")
+        start = 0
+        if run is not None:
+            state = run.checkpoints.load_latest()
+            if state is not None:
+                if state.get("config") != config_dict(c):
+                    raise ValueError(f"{run.out} holds checkpoints of a different configuration")
+                start = sim.load(state) + 1
+                run.truncate_metrics("round", start - 1)
+                run.info(f"resumed from round {start - 1}")
+            else:
+                run.truncate_metrics("round", -1)
+        strategy = FedGH(algo=c.client.algo, harmonize=c.harmonize, param_names=sim.param_names,
+                         fraction_train=c.fraction, fraction_evaluate=0.0, min_train_nodes=1,
+                         min_evaluate_nodes=0, min_available_nodes=c.clients)
+        strategy.round_offset = start
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            sim.global_state = arrays.to_torch_state_dict()
+            acc, loss = sim.evaluate()
+            if server_round > 0:
+                row = {**strategy.last_row, "test_acc": acc, "test_loss": loss}
+                row.pop("dropped_ids", None)
+                if run is not None:
+                    for cid in strategy.last_row.get("dropped_ids", []):
+                        run.warning(f"round {row['round']}: client {cid} returned non-finite weights; aggregated without it")
+                    run.log_metrics(row)
+                    run.info(f"round {row['round'] + 1}/{c.rounds}: test acc {acc:.4f} loss {loss:.4f} "
+                             f"conflicts {row['conflicts']}/{row['pairs']} aggregation {row['agg_ms']:.1f} ms")
+                    run.checkpoints.save(row["round"], {"global_state": sim.global_state, "round": row["round"],
+                                                        "config": config_dict(c)})
+            return MetricRecord({"test-acc": acc, "test-loss": loss})
+
+        if c.rounds - start > 0:
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(sim.global_state), num_rounds=c.rounds - start,
+                           train_config=ConfigRecord({"round-offset": start}), evaluate_fn=evaluate_fn)
+
+    return app
+
+
+# deployment entry points (flwr run methods/fedgh/flower)
+server_app = make_server_app()
+client_app = make_client_app()
+
+
+def run_flower_simulation(cfg: FedConfig, run, show_progress: bool = False):
+    """Run the apps on Flower's simulation engine, one SuperNode per client; returns the metric rows."""
+    from flwr.simulation import run_simulation
+
+    t0 = time.perf_counter()
+    run_simulation(server_app=make_server_app(cfg, run, show_progress), client_app=make_client_app(cfg),
+                   num_supernodes=cfg.clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run.info(f"Flower simulation finished in {time.perf_counter() - t0:.1f} s")
+    return run.rows
