@@ -15,7 +15,7 @@ import logging
 import os
 import platform
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -129,7 +129,3 @@ class Run:
             h.close()
             self.logger.removeHandler(h)
 
-
-def latest_step(run: Run) -> Optional[int]:
-    state = run.checkpoints.latest()
-    return None if state is None else int(os.path.basename(state)[5:13])

@@ -4,3 +4,6 @@ from .client import ALGOS, ClientConfig, ClientResult, local_train
 from .data import dirichlet_partition, iid_partition, load_dataset
 from .server import aggregate
 from .train import FedConfig, Simulation, run_simulation
+
+__all__ = ["ALGOS", "ClientConfig", "ClientResult", "FedConfig", "Simulation", "aggregate", "dirichlet_partition",
+           "iid_partition", "load_dataset", "local_train", "run_simulation"]

@@ -51,7 +51,7 @@ def one_run(job):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m methods.fedgh.acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--mu", type=float, default=0.01)

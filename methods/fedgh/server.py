@@ -10,7 +10,6 @@ in client-id order, onto the normal plane of every original g_j it conflicts wit
 identity. FedGH is positively homogeneous per row, so weighting before or after it is the same.
 The parameters are never flattened into one copy: each parameter is one (K, numel) block.
 """
-import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
