@@ -42,7 +42,7 @@ test: $(BUILD_STAMP)
 	  TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m triton_interpreter; \
 	else echo "triton not installed: Triton interpreter tests skipped"; fi
 
-# Minutes-long tests (a Flower simulation on Ray: needs the `fl` extra, flwr[simulation]).
+# Tests marked slow (a Flower simulation on Ray: 20 s on an idle machine, minutes on a busy one; needs the `fl` extra, flwr[simulation]).
 test-slow: $(BUILD_STAMP)
 	PYOPS_SLOW_TESTS=1 $(PY) -m pytest tests -q -m slow
 
