@@ -1,5 +1,6 @@
-"""STPDnet dynamic PET reconstruction (issue #7, in progress): so far the dynamic PET simulation
-(simulate.py, kinetics.py) and MLEM (recon.py). See README.md."""
+"""STPDnet dynamic PET reconstruction: simulation (simulate.py, kinetics.py), MLEM (recon.py),
+KEM-ST (kem.py), LPD / STPDnet / DeepPET (models.py), training (train.py), evaluation
+(evaluate.py), CLI (__main__.py) and the acceptance script. See README.md."""
 from .kinetics import DEFAULT_FRAMES_S, REGIONS, Kinetics, feng_input, frame_edges, region_tacs, tissue_curve
 from .recon import forward_model, mlem, poisson_loglik
 from .simulate import COUNT_PRESETS, LABELS, Scanner, Study, brain_phantom, shepp_logan_labels, simulate_study
