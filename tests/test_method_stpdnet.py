@@ -99,6 +99,13 @@ def test_bad_simulation_input(kw, msg):
         simulate_study(0, SCANNER, projector=A, **kw)
 
 
+def test_image_geometry_mismatch():
+    with pytest.raises(ValueError, match="mismatch"):
+        simulate_study(0, Scanner(n=40, views=24), projector=A)
+    with pytest.raises(ValueError, match="mismatch"):
+        simulate_study(0, Scanner(n=32, views=20), projector=A)
+
+
 def test_bad_reconstruction_input():
     st = simulate_study(0, SCANNER, projector=A)
     y = st.sinograms.clone()
@@ -116,7 +123,7 @@ def test_bad_reconstruction_input():
 
 # --- KEM-ST, networks, training, CLI ------------------------------------------------------------
 from methods.stpdnet.kem import _apply_spatial, _apply_spatial_t, kem_st, spatial_kernel, temporal_kernel  # noqa: E402
-from methods.stpdnet.models import (DeepPET, NormalizedOperator, PrimalDual, corrected_sinograms,  # noqa: E402
+from methods.stpdnet.models import (NormalizedOperator, corrected_sinograms,  # noqa: E402
                                     make_model, reconstruct)
 
 

@@ -4,7 +4,6 @@ import json
 import os
 import sys
 
-import torch
 
 from methods.common import Run, add_common_args, pick_device, progress
 

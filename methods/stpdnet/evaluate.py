@@ -50,7 +50,6 @@ def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, count
     val = [simulate_study(VAL_SEED0 + i, sc, counts=counts, projector=A) for i in range(val_studies)]
     run_mlem = lambda st, it: mlem(st.sinograms, A, st.attenuation, st.background, st.scale, it)
     run_kem = lambda st, it: kem_st(st.sinograms, A, st.attenuation, st.background, st.scale, it, KemConfig())
-    methods = {"MLEM": None, "KEM-ST": None}
     it_mlem = choose_iterations(run_mlem, val, A, list(mlem_iters))
     it_kem = choose_iterations(run_kem, val, A, list(kem_iters))
     nets = {}

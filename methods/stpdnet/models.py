@@ -11,7 +11,6 @@ conv3x3-PReLU-conv3x3-PReLU-conv3x3 with its own weights, Xavier init; the outpu
 STPDnet (spec B4, our reading of the abstract): the same with Conv3d 3x3x3 over (time, image)
 in the primal and (time, views, bins) in the dual, all frames of a study at once.
 """
-import math
 from typing import Optional
 
 import torch

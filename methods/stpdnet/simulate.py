@@ -153,6 +153,9 @@ def simulate_study(seed: int, scanner: Scanner = None, *, counts="low", frames_s
     for name, lab in LABELS.items():
         frames[:, labels == lab] = tacs[name][:, None]
     A = projector if projector is not None else scanner.projector()
+    if tuple(A.image_shape) != (n, n, 1) or A.num_lines != scanner.views * scanner.bins:
+        raise ValueError(f"image/geometry mismatch: the projector is for a {tuple(A.image_shape)} image and "
+                         f"{A.num_lines} lines, the scanner has {n} x {n} pixels and {scanner.views} x {scanner.bins} bins")
     x = torch.from_numpy(frames).float()
     head = torch.from_numpy((labels > 0).astype(np.float32))
     att = torch.exp(-A(MU_WATER * head[None, :, :, None])[0]).reshape(scanner.views, scanner.bins)  # (mu in 1/mm, A in mm)
