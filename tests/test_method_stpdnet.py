@@ -207,7 +207,7 @@ def test_few_training_steps_reduce_the_loss(op):
 def test_cli_train_resume_and_eval(tmp_path):
     from methods.stpdnet.__main__ import main
 
-    base = ["--n", "32", "--views", "24", "--no-progress"]
+    base = ["--image-size", "32", "--views", "24", "--no-progress"]
     tr = ["train", "--model", "lpd", "--iterations", "2", "--width", "4", "--eval-every", "2", "--val-studies", "1",
           "--checkpoint-every", "2", "--out", str(tmp_path / "lpd")] + base
     assert main(tr + ["--steps", "2"]) == 0
@@ -230,14 +230,18 @@ def test_cli_bad_counts(capsys):
 
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
+    import socket
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "methods.stpdnet",
-           "train", "--model", "stpdnet", "--n", "32", "--views", "24", "--iterations", "2", "--width", "4", "--steps",
+    with socket.socket() as sock:  # a free port (torchrun's --master_port=0 hangs the workers' rendezvous)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "methods.stpdnet",
+           "train", "--model", "stpdnet", "--image-size", "32", "--views", "24", "--iterations", "2", "--width", "4", "--steps",
            "4", "--eval-every", "2", "--val-studies", "1", "--device", "cpu", "--no-progress", "--out",
            str(tmp_path / "ddp")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, out):
-        sp.add_argument("--n", type=int, default=64, help="image size n x n (default: %(default)s)")
+        sp.add_argument("--image-size", dest="n", type=int, default=64, help="image size n x n (default: %(default)s)")
         sp.add_argument("--views", type=int, default=60, help="projection views (default: %(default)s)")
         sp.add_argument("--counts", default="low", help="'low' (2e6), 'high' (2e7) or a number (default: %(default)s)")
         add_common_args(sp, default_out=out)

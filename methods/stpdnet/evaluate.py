@@ -43,7 +43,7 @@ def choose_iterations(method, studies, A, candidates: List[int]) -> int:
 
 
 def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, counts="low", test_studies: int = 8,
-             val_studies: int = 4, mlem_iters=(5, 10, 20, 30, 50, 80), kem_iters=(10, 20, 30, 50),
+             val_studies: int = 4, mlem_iters=(1, 2, 3, 5, 10, 20, 30, 50, 80), kem_iters=(10, 20, 30, 50),
              figure_dir: Optional[str] = None, progress_fn=None) -> Dict:
     sc = Scanner(n=n, views=views)
     A = sc.projector()
