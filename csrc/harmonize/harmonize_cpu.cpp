@@ -35,11 +35,12 @@ constexpr int64_t kMaxParts = 64;
 constexpr int64_t kPartialBytes = int64_t{64} << 20;
 constexpr int kRB = 4;  // rows per tile side
 
-// 4 x 4 dot products of rows ra[i], rb[j] over n columns, added to out[i * 4 + j] (float64).
+// 4 x 4 dot products of rows ra[i], rb[j] over columns [t0, n), added to out[i * 4 + j]
+// (float64). The SIMD tiles use it for their last columns.
 template <typename T>
-void tile_generic(const T* const* ra, const T* const* rb, int64_t n, double* out) {
+void tile_generic(const T* const* ra, const T* const* rb, int64_t t0, int64_t n, double* out) {
   double acc[kRB][kRB] = {};
-  for (int64_t t = 0; t < n; ++t)
+  for (int64_t t = t0; t < n; ++t)
     for (int i = 0; i < kRB; ++i) {
       const double a = static_cast<double>(ra[i][t]);
       for (int j = 0; j < kRB; ++j) acc[i][j] += a * static_cast<double>(rb[j][t]);
@@ -54,37 +55,24 @@ bool has_avx512() {
   return ok;
 }
 
-__attribute__((target("avx512f"))) inline __m512d load8(const float* p) {
-  return _mm512_cvtps_pd(_mm256_loadu_ps(p));
-}
-__attribute__((target("avx512f"))) inline __m512d load8(const double* p) { return _mm512_loadu_pd(p); }
-
-template <typename T>
-__attribute__((target("avx512f"))) void tile_avx512(const T* const* ra, const T* const* rb, int64_t n,
-                                                    double* out) {
+// float64 rows: 16 float64 vector accumulators.
+__attribute__((target("avx512f"))) void tile_avx512_f64(const double* const* ra, const double* const* rb, int64_t n,
+                                                        double* out) {
   __m512d acc[kRB][kRB];
   for (int i = 0; i < kRB; ++i)
     for (int j = 0; j < kRB; ++j) acc[i][j] = _mm512_setzero_pd();
   const int64_t n8 = n / 8 * 8;
   for (int64_t t = 0; t < n8; t += 8) {
     __m512d a[kRB];
-    for (int i = 0; i < kRB; ++i) a[i] = load8(ra[i] + t);
+    for (int i = 0; i < kRB; ++i) a[i] = _mm512_loadu_pd(ra[i] + t);
     for (int j = 0; j < kRB; ++j) {
-      const __m512d b = load8(rb[j] + t);
+      const __m512d b = _mm512_loadu_pd(rb[j] + t);
       for (int i = 0; i < kRB; ++i) acc[i][j] = _mm512_fmadd_pd(a[i], b, acc[i][j]);
     }
   }
   for (int i = 0; i < kRB; ++i)
     for (int j = 0; j < kRB; ++j) out[i * kRB + j] += _mm512_reduce_add_pd(acc[i][j]);
-  if (n8 < n) {
-    const T* ra2[kRB];
-    const T* rb2[kRB];
-    for (int i = 0; i < kRB; ++i) {
-      ra2[i] = ra[i] + n8;
-      rb2[i] = rb[i] + n8;
-    }
-    tile_generic(ra2, rb2, n - n8, out);
-  }
+  tile_generic(ra, rb, n8, n, out);
 }
 
 // float32 rows: 16-lane float32 products summed in float32 over runs of kSub steps (kSub
@@ -121,15 +109,7 @@ __attribute__((target("avx512f"))) void tile_avx512_f32(const float* const* ra, 
   }
   for (int i = 0; i < kRB; ++i)
     for (int j = 0; j < kRB; ++j) out[i * kRB + j] += _mm512_reduce_add_pd(tot[i][j]);
-  if (n16 < n) {
-    const float* ra2[kRB];
-    const float* rb2[kRB];
-    for (int i = 0; i < kRB; ++i) {
-      ra2[i] = ra[i] + n16;
-      rb2[i] = rb[i] + n16;
-    }
-    tile_generic(ra2, rb2, n - n16, out);
-  }
+  tile_generic(ra, rb, n16, n, out);
 }
 
 template <typename T>
@@ -137,7 +117,7 @@ void tile_simd(const T* const* ra, const T* const* rb, int64_t n, double* out) {
   if constexpr (std::is_same_v<T, float>)
     tile_avx512_f32(ra, rb, n, out);
   else
-    tile_avx512<T>(ra, rb, n, out);
+    tile_avx512_f64(ra, rb, n, out);
 }
 #endif
 
@@ -191,7 +171,7 @@ at::Tensor gram_impl(const std::vector<at::Tensor>& blocks, int64_t K) {
                 continue;
               }
 #endif
-              tile_generic<T>(ra, rb, n, out);
+              tile_generic<T>(ra, rb, 0, n, out);
             }
           }
         }

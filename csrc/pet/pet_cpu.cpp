@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "pet.h"
@@ -99,6 +100,24 @@ int64_t frame_stride(int64_t B) {
   return B == 1 ? 1 : (B + W - 1) / W * W;
 }
 
+// Calls f(std::integral_constant<int, G>{}) with the frame-group width G for a padded frame
+// stride P > 1: G = P when P is 1 to 4 whole 32-byte vectors (all of a voxel's frames stay in
+// registers), else one vector at a time. (Inlined into the ISA clones of its callers.)
+template <typename T, typename F>
+inline __attribute__((always_inline)) void with_group_width(int64_t P, F&& f) {
+  constexpr int W = 32 / sizeof(T);
+  if (P == W)
+    f(std::integral_constant<int, W>{});
+  else if (P == 2 * W)
+    f(std::integral_constant<int, 2 * W>{});
+  else if (P == 3 * W)
+    f(std::integral_constant<int, 3 * W>{});
+  else if (P == 4 * W)
+    f(std::integral_constant<int, 4 * W>{});
+  else
+    f(std::integral_constant<int, W>{});
+}
+
 // Gathers line m's P sums from xT (N, P) into acc. P == 1: per-plane partial sums (gathers,
 // vectorised), added in plane order. P > 1: groups of G lanes (G divides P) whose sums stay in
 // registers over the whole line.
@@ -122,7 +141,6 @@ inline __attribute__((always_inline)) void project_line_groups(const Samples& S,
 
 template <typename T>
 PYOPS_PET_CLONES void project_line(const Line& L, const Volume& v, const T* xT, int64_t P, T* acc, Samples& S) {
-  constexpr int W = 32 / sizeof(T);  // lanes of a 32-byte vector
   std::fill(acc, acc + P, T(0));
   for (int64_t i0 = L.lo; i0 <= L.hi; i0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, L.hi - i0 + 1));
@@ -144,16 +162,10 @@ PYOPS_PET_CLONES void project_line(const Line& L, const Volume& v, const T* xT, 
       T a = acc[0];
       for (int k = 0; k < n; ++k) a += part[k];
       acc[0] = a;
-    } else if (P == W) {  // all frames in registers (up to 4 vectors), else W at a time
-      project_line_groups<T, W>(S, n, xT, P, acc);
-    } else if (P == 2 * W) {
-      project_line_groups<T, 2 * W>(S, n, xT, P, acc);
-    } else if (P == 3 * W) {
-      project_line_groups<T, 3 * W>(S, n, xT, P, acc);
-    } else if (P == 4 * W) {
-      project_line_groups<T, 4 * W>(S, n, xT, P, acc);
     } else {
-      project_line_groups<T, W>(S, n, xT, P, acc);
+      with_group_width<T>(P, [&](auto G) __attribute__((always_inline)) {
+        project_line_groups<T, decltype(G)::value>(S, n, xT, P, acc);
+      });
     }
   }
 }
@@ -184,23 +196,16 @@ inline __attribute__((always_inline)) void scatter_block(const Samples& S, int n
 template <typename T>
 PYOPS_PET_CLONES void backproject_line(const Line& L, int64_t i0, int64_t i1, const Volume& v, const T* yrow,
                                        int64_t P, T* xT, Samples& S) {
-  constexpr int W = 32 / sizeof(T);
   const int64_t first = std::max(i0, L.lo), last = std::min(i1, L.hi);
   for (int64_t p0 = first; p0 <= last; p0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, last - p0 + 1));
     sample_block<true>(L, p0, n, v, S);
     if (P == 1)
       scatter_block<T, 1>(S, n, yrow, P, xT);
-    else if (P == W)
-      scatter_block<T, W>(S, n, yrow, P, xT);
-    else if (P == 2 * W)
-      scatter_block<T, 2 * W>(S, n, yrow, P, xT);
-    else if (P == 3 * W)
-      scatter_block<T, 3 * W>(S, n, yrow, P, xT);
-    else if (P == 4 * W)
-      scatter_block<T, 4 * W>(S, n, yrow, P, xT);
     else
-      scatter_block<T, W>(S, n, yrow, P, xT);
+      with_group_width<T>(P, [&](auto G) __attribute__((always_inline)) {
+        scatter_block<T, decltype(G)::value>(S, n, yrow, P, xT);
+      });
   }
 }
 
