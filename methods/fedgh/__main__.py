@@ -66,7 +66,7 @@ def run_one(a, cfg: FedConfig, out: str):
         if a.runtime == "flower":
             from .flower_app import run_flower_simulation
 
-            rows = run_flower_simulation(cfg, run, show_progress=not a.no_progress)
+            rows = run_flower_simulation(cfg, run)  # (Flower logs its own progress)
         else:
             rows = run_simulation(cfg, run, pick_device(a.device), show_progress=not a.no_progress,
                                   checkpoint_every=a.checkpoint_every)

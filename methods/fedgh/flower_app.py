@@ -27,7 +27,7 @@ from methods.common import worker_seed
 
 from .client import ClientConfig, ClientResult, local_train
 from .server import aggregate, finite_state
-from .train import FedConfig, Simulation, config_dict
+from .train import FedConfig, Simulation, config_dict, resume, save_round
 
 # --- configuration through Flower's run config (deployment) ------------------------------------
 
@@ -141,7 +141,7 @@ def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
     return app
 
 
-def make_server_app(cfg: Optional[FedConfig] = None, run=None, show_progress: bool = False) -> ServerApp:
+def make_server_app(cfg: Optional[FedConfig] = None, run=None) -> ServerApp:
     app = ServerApp()
     run_arg = run
 
@@ -154,17 +154,7 @@ def make_server_app(cfg: Optional[FedConfig] = None, run=None, show_progress: bo
             from methods.common import Run
 
             run = Run(str(context.run_config["out"]), dict(context.run_config), name="fedgh")
-        start = 0
-        if run is not None:
-            state = run.checkpoints.load_latest()
-            if state is not None:
-                if state.get("config") != config_dict(c):
-                    raise ValueError(f"{run.out} holds checkpoints of a different configuration")
-                start = sim.load(state) + 1
-                run.truncate_metrics("round", start - 1)
-                run.info(f"resumed from round {start - 1}")
-            else:
-                run.truncate_metrics("round", -1)
+        start = resume(sim, run, c) if run is not None else 0
         strategy = FedGH(algo=c.client.algo, harmonize=c.harmonize, param_names=sim.param_names,
                          fraction_train=c.fraction, fraction_evaluate=0.0, min_train_nodes=1,
                          min_evaluate_nodes=0, min_available_nodes=c.clients)
@@ -182,8 +172,7 @@ def make_server_app(cfg: Optional[FedConfig] = None, run=None, show_progress: bo
                     run.log_metrics(row)
                     run.info(f"round {row['round'] + 1}/{c.rounds}: test acc {acc:.4f} loss {loss:.4f} "
                              f"conflicts {row['conflicts']}/{row['pairs']} aggregation {row['agg_ms']:.1f} ms")
-                    run.checkpoints.save(row["round"], {"global_state": sim.global_state, "round": row["round"],
-                                                        "config": config_dict(c)})
+                    save_round(sim, run, c, row["round"])
             return MetricRecord({"test-acc": acc, "test-loss": loss})
 
         if c.rounds - start > 0:
@@ -198,12 +187,12 @@ server_app = make_server_app()
 client_app = make_client_app()
 
 
-def run_flower_simulation(cfg: FedConfig, run, show_progress: bool = False):
+def run_flower_simulation(cfg: FedConfig, run):
     """Run the apps on Flower's simulation engine, one SuperNode per client; returns the metric rows."""
     from flwr.simulation import run_simulation
 
     t0 = time.perf_counter()
-    run_simulation(server_app=make_server_app(cfg, run, show_progress), client_app=make_client_app(cfg),
+    run_simulation(server_app=make_server_app(cfg, run), client_app=make_client_app(cfg),
                    num_supernodes=cfg.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     run.info(f"Flower simulation finished in {time.perf_counter() - t0:.1f} s")

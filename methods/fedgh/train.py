@@ -138,24 +138,34 @@ class Simulation:
 
 
 def config_dict(cfg: FedConfig) -> Dict:
-    d = asdict(cfg)
-    return d
+    return asdict(cfg)
+
+
+def resume(sim: Simulation, run: Run, cfg: FedConfig) -> int:
+    """Load the latest checkpoint of `run` into `sim` (it must be of `cfg`) and drop the metric
+    rows logged after it; returns the first round still to run (0 on a fresh run)."""
+    state = run.checkpoints.load_latest()
+    if state is None:
+        run.truncate_metrics("round", -1)
+        return 0
+    if state.get("config") != config_dict(cfg):
+        raise ValueError(f"{run.out} holds checkpoints of a different configuration; use --fresh or another --out")
+    start = sim.load(state) + 1
+    run.truncate_metrics("round", start - 1)
+    run.info(f"resumed from round {start - 1} ({run.checkpoints.latest()})")
+    return start
+
+
+def save_round(sim: Simulation, run: Run, cfg: FedConfig, rnd: int) -> None:
+    run.checkpoints.save(rnd, {**sim.state(rnd), "config": config_dict(cfg)})
 
 
 def run_simulation(cfg: FedConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
                    checkpoint_every: int = 1, client_hook=None) -> List[Dict]:
     """Run (or resume, from the latest checkpoint in `run`) the simulation; returns the metric rows."""
     sim = Simulation(cfg, device, client_hook)
-    start = 0
-    state = run.checkpoints.load_latest()
-    if state is not None:
-        if state.get("config") != config_dict(cfg):
-            raise ValueError(f"{run.out} holds checkpoints of a different configuration; use --fresh or another --out")
-        start = sim.load(state) + 1
-        run.truncate_metrics("round", start - 1)
-        run.info(f"resumed from round {start - 1} ({run.checkpoints.latest()})")
-    else:
-        run.truncate_metrics("round", -1)
+    start = resume(sim, run, cfg)
+    if start == 0:
         acc, loss = sim.evaluate()
         run.info(f"{cfg.dataset}: {len(sim.data.y_train)} train / {len(sim.data.y_test)} test samples, "
                  f"{cfg.clients} clients (sizes {min(map(len, sim.parts))}-{max(map(len, sim.parts))}), "
@@ -171,5 +181,5 @@ def run_simulation(cfg: FedConfig, run: Run, device=torch.device("cpu"), show_pr
                      f"train loss {row['train_loss']:.4f} conflicts {row['conflicts']}/{row['pairs']} "
                      f"aggregation {row['agg_ms']:.1f} ms")
         if (rnd + 1) % checkpoint_every == 0 or rnd + 1 == cfg.rounds:
-            run.checkpoints.save(rnd, {**sim.state(rnd), "config": config_dict(cfg)})
+            save_round(sim, run, cfg, rnd)
     return run.rows
