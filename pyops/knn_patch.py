@@ -57,6 +57,28 @@ def _n_candidates(qgrid, dgrid, window: int, exclude_self: bool) -> int:
     return n - int(exclude_self)
 
 
+def _check_anchor(window_anchor, window, fn):
+    """() or the 8 ints (num, off, den, shift) of rows then columns."""
+    if window_anchor is None or (isinstance(window_anchor, (tuple, list)) and len(window_anchor) == 0):
+        return []
+    if window is None or window < 0:
+        raise ValueError(f"{fn}: window_anchor needs a window (window=None is a global search)")
+    try:
+        axes = [tuple(a) for a in window_anchor]
+    except TypeError:
+        axes = []
+    flat = [v for a in axes for v in a]
+    if (len(axes) != 2 or any(len(a) != 4 for a in axes)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in flat)):
+        raise TypeError(f"{fn}: window_anchor must be ((num, off, den, shift) of rows, (num, off, den, shift) of "
+                        f"columns), ints; got {window_anchor!r}")
+    for name, (num, off, den, shift) in zip(("rows", "columns"), axes):
+        if not (0 <= num < 2**31 and 0 <= off < 2**31 and 1 <= den < 2**31 and abs(shift) < 2**31):
+            raise ValueError(f"{fn}: window_anchor of {name} needs 0 <= num, off < 2^31, 1 <= den < 2^31 and "
+                             f"|shift| < 2^31, got {(num, off, den, shift)}")
+    return flat
+
+
 def _search_args(query, database, k, patch_size, stride, window, exclude_self, fn):
     _check_map(query, "query", fn)
     _check_map(database, "database", fn)
@@ -100,6 +122,7 @@ def knn_patch_search(
     stride: Optional[int] = None,
     window: Optional[int] = None,
     exclude_self: bool = False,
+    window_anchor: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest database patches (squared L2) of every query patch.
 
@@ -113,6 +136,12 @@ def knn_patch_search(
             centred at the query's position scaled to the database grid (``round(i (Hd-1) /
             (Hq-1))``, halves up), shifted to stay inside the grid; larger than the grid = global.
         exclude_self: never return the query's own position (same grid sizes only).
+        window_anchor: where a window starts instead of the centred rule: ``((num, off, den,
+            shift) of rows, (num, off, den, shift) of columns)``; the window of query row i
+            starts at database row ``clamp((num * i + off) // den - shift, 0, rows - window)``
+            (columns likewise); ``num, off >= 0``, ``den >= 1``. E.g. ``(1, 0, 2, 30)`` is
+            IGNN/MSGNN's ``i // 2 - 30``. The centred rule is ``(2 (Hd - 1), Hq - 1, 2 (Hq - 1),
+            window // 2)``.
 
     Returns:
         ``dist`` (B, Hq*Wq, k) ascending squared distances (float32) and ``idx`` (B, Hq*Wq, k)
@@ -121,7 +150,8 @@ def knn_patch_search(
     """
     fn = "knn_patch_search"
     k, patch_size, stride, window = _search_args(query, database, k, patch_size, stride, window, exclude_self, fn)
-    return tuple(_ops.knn_patch_search_fwd(query, database, k, patch_size, stride, window, exclude_self))
+    anchor = _check_anchor(window_anchor, window, fn)
+    return tuple(_ops.knn_patch_search_fwd(query, database, k, patch_size, stride, window, exclude_self, anchor))
 
 
 def patch_aggregate(
@@ -178,7 +208,7 @@ def patch_aggregate(
 # Fake kernels
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("pyops::knn_patch_search_fwd")
-def _knn_fwd_fake(query, database, k, patch_size, stride, window, exclude_self):
+def _knn_fwd_fake(query, database, k, patch_size, stride, window, exclude_self, window_anchor=()):
     rows, cols = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     shape = (query.shape[0], rows * cols, k)
     return query.new_empty(shape, dtype=acc_dtype(query)), query.new_empty(shape, dtype=torch.int64)
@@ -203,7 +233,8 @@ def _agg_bwd_fake(grad_out, values, idx, weights, patch_size, stride):
 # Autograd
 # --------------------------------------------------------------------------------------------
 def _knn_setup(ctx, inputs, output):
-    query, database, k, patch_size, stride, window, exclude_self = inputs
+    query, database = inputs[:2]
+    patch_size, stride = inputs[3], inputs[4]
     ctx.save_for_backward(query, database, output[1])
     ctx.patch_size, ctx.stride = patch_size, stride
     ctx.mark_non_differentiable(output[1])
@@ -212,9 +243,9 @@ def _knn_setup(ctx, inputs, output):
 def _knn_backward(ctx, grad_dist, _grad_idx):
     query, database, idx = ctx.saved_tensors
     if grad_dist is None:
-        return (None,) * 7
+        return (None,) * 8
     gq, gd = _ops.knn_patch_search_bwd(grad_dist, query, database, idx, ctx.patch_size, ctx.stride)
-    return (gq if ctx.needs_input_grad[0] else None, gd if ctx.needs_input_grad[1] else None) + (None,) * 5
+    return (gq if ctx.needs_input_grad[0] else None, gd if ctx.needs_input_grad[1] else None) + (None,) * 6
 
 
 def _agg_setup(ctx, inputs, output):
@@ -343,8 +374,8 @@ if triton is not None:
         HWQ = HQ * WQ
         HWD = HD * WD
         # window of each query (whole axis when WH == GDH: the clamp gives 0)
-        r0 = tl.minimum(tl.maximum((2 * qi * MUL_H + OFF_H) // DEN_H - HALF_H, 0), GDH - WH)
-        c0 = tl.minimum(tl.maximum((2 * qj * MUL_W + OFF_W) // DEN_W - HALF_W, 0), GDW - WW)
+        r0 = tl.minimum(tl.maximum((qi * MUL_H + OFF_H) // DEN_H - HALF_H, 0), GDH - WH)
+        c0 = tl.minimum(tl.maximum((qj * MUL_W + OFF_W) // DEN_W - HALF_W, 0), GDW - WW)
         box_r0 = tl.min(tl.where(q_ok, r0, GDH), 0)
         box_r1 = tl.max(tl.where(q_ok, r0 + WH, 0), 0)
         box_c0 = tl.min(tl.where(q_ok, c0, GDW), 0)
@@ -603,9 +634,12 @@ def _patch_bases_t(pos: torch.Tensor, grid_w: int, stride: int, img_w: int) -> t
     return (pos // grid_w) * stride * img_w + (pos % grid_w) * stride
 
 
-def _window_starts_t(i: torch.Tensor, n_query: int, n_db: int, window: int):
+def _window_starts_t(i: torch.Tensor, n_query: int, n_db: int, window: int, anchor=None):
     if window < 0 or window >= n_db:
         return torch.zeros_like(i), n_db
+    if anchor:
+        num, off, den, shift = anchor
+        return ((num * i + off) // den - shift).clamp(0, n_db - window), window
     if n_query > 1:
         centre = (2 * i * (n_db - 1) + (n_query - 1)) // (2 * (n_query - 1))
     else:
@@ -613,7 +647,7 @@ def _window_starts_t(i: torch.Tensor, n_query: int, n_db: int, window: int):
     return (centre - window // 2).clamp(0, n_db - window), window
 
 
-def _knn_exact_rows(query, database, b_idx, l_idx, k, patch_size, stride, window, exclude_self):
+def _knn_exact_rows(query, database, b_idx, l_idx, k, patch_size, stride, window, exclude_self, anchor=()):
     """Exact k-NN (direct sum((q - d)^2), ties to the lower index) of the query rows
     (b_idx[i], l_idx[i]) over all their candidates, with torch ops: the guard's fallback."""
     acc = acc_dtype(query)
@@ -625,8 +659,8 @@ def _knn_exact_rows(query, database, b_idx, l_idx, k, patch_size, stride, window
     d_flat = database.reshape(database.shape[0], -1)
     q_off = _patch_offsets_t(n_ch, query.shape[-2:], patch_size, dev)
     d_off = _patch_offsets_t(n_ch, database.shape[-2:], patch_size, dev)
-    r0, wh = _window_starts_t(l_idx // gqw, gqh, gdh, window)
-    c0, ww = _window_starts_t(l_idx % gqw, gqw, gdw, window)
+    r0, wh = _window_starts_t(l_idx // gqw, gqh, gdh, window, tuple(anchor[:4]))
+    c0, ww = _window_starts_t(l_idx % gqw, gqw, gdw, window, tuple(anchor[4:]))
     t = torch.arange(wh * ww, device=dev)
     n_cand = wh * ww - int(exclude_self)
     n = b_idx.numel()
@@ -651,12 +685,13 @@ def _knn_exact_rows(query, database, b_idx, l_idx, k, patch_size, stride, window
     return dist, idx
 
 
-def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, exclude_self):
+def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, exclude_self, window_anchor=()):
     """Triton kernel of ``pyops::knn_patch_search_fwd`` (registered for CUDA)."""
     fn = "knn_patch_search"
     if isinstance(window, int) and not isinstance(window, bool) and window == -1:
         window = None
     k, patch_size, stride, window = _search_args(query, database, k, patch_size, stride, window, exclude_self, fn)
+    anchor = _check_anchor(list(window_anchor) and (window_anchor[:4], window_anchor[4:]), window, fn)
     qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     dgrid = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
     n_db = dgrid[0] * dgrid[1]
@@ -673,22 +708,26 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
     win = -1 if window is None else window
     if n_ch == 0:  # empty patches: every distance is 0, ties to the lower index
         rows = torch.arange(n_b * n_q, device=q.device)
-        dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self)
+        dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self, anchor)
         return dr.view(n_b, n_q, k), ir.view(n_b, n_q, k)
     cfg = _triton_launch_config("knn_fwd", k, n_ch * patch_size * patch_size, query.dtype)
     kp, bqh, bqw, bn = cfg["KP"], cfg["BQH"], cfg["BQW"], cfg["BN"]
     if not k <= kp or kp < 2 or any(v & (v - 1) for v in (kp, bqh, bqw, bn)) or bn < kp:
         raise ValueError(f"{fn}: bad launch config {cfg} for k = {k} (powers of two, k <= KP <= BN, KP >= 2)")
 
-    def axis(n_query, n_db_axis):
+    def axis(n_query, n_db_axis, a):
+        # the window of query row i starts at clamp((MUL * i + OFF) // DEN - HALF, 0, n_db - length)
         length = n_db_axis if win < 0 or win >= n_db_axis else win
-        half = 0 if length == n_db_axis else win // 2
+        if length == n_db_axis:
+            return length, 0, 0, 0, 1
+        if a:
+            return length, a[3], a[0], a[1], a[2]
         if n_query > 1:
-            return length, half, n_db_axis - 1, n_query - 1, 2 * (n_query - 1)
-        return length, half, 0, (n_db_axis - 1) // 2, 1
+            return length, win // 2, 2 * (n_db_axis - 1), n_query - 1, 2 * (n_query - 1)
+        return length, win // 2, 0, (n_db_axis - 1) // 2, 1
 
-    wh, half_h, mul_h, off_h, den_h = axis(qgrid[0], dgrid[0])
-    ww, half_w, mul_w, off_w, den_w = axis(qgrid[1], dgrid[1])
+    wh, half_h, mul_h, off_h, den_h = axis(qgrid[0], dgrid[0], anchor[:4])
+    ww, half_w, mul_w, off_w, den_w = axis(qgrid[1], dgrid[1], anchor[4:])
     e = n_ch * patch_size * patch_size
     unit = 2.0 ** -53 if acc == torch.float64 else 2.0 ** -24
     # |approximate - exact| <= err_c * (|q|^2 + max |d|^2); for float64 the keys are float32
@@ -709,14 +748,14 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
         )
         if _backend.capturing(q):  # no host sync: recompute every row exactly, keep the flagged ones
             rows = torch.arange(n_b * n_q, device=q.device)
-            dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self)
+            dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self, anchor)
             f = flag.view(n_b, n_q, 1).bool()
             dist.copy_(torch.where(f, dr.view_as(dist), dist))
             idx.copy_(torch.where(f, ir.view_as(idx), idx))
         else:
             rows = flag.view(-1).nonzero().view(-1)
             if rows.numel():
-                dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self)
+                dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self, anchor)
                 dist.view(-1, k)[rows] = dr
                 idx.view(-1, k)[rows] = ir
     return dist, idx

@@ -82,11 +82,15 @@ def patch_grid(height: int, width: int, patch_size: int, stride: int) -> tuple[i
     return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
 
 
-def _window_starts(n_query: int, n_db: int, window: int, device) -> tuple[torch.Tensor, int]:
-    """First database row (or column) of each query row's window, and the window length."""
+def _window_starts(n_query: int, n_db: int, window: int, device, anchor=None) -> tuple[torch.Tensor, int]:
+    """First database row (or column) of each query row's window, and the window length.
+    ``anchor = (num, off, den, shift)``: start ``(num * i + off) // den - shift``, clamped."""
     if window >= n_db:
         return torch.zeros(n_query, dtype=torch.long, device=device), n_db
     i = torch.arange(n_query, device=device)
+    if anchor:
+        num, off, den, shift = anchor
+        return ((num * i + off) // den - shift).clamp(0, n_db - window), window
     if n_query > 1:  # round(i * (n_db - 1) / (n_query - 1)), halves rounded up, exactly
         centre = (2 * i * (n_db - 1) + (n_query - 1)) // (2 * (n_query - 1))
     else:
@@ -94,11 +98,13 @@ def _window_starts(n_query: int, n_db: int, window: int, device) -> tuple[torch.
     return (centre - window // 2).clamp(0, n_db - window), window
 
 
-def window_candidates(query_grid, db_grid, window, device="cpu") -> torch.Tensor:
-    """(Hq*Wq, wh*ww) row-major database grid positions searched by each query position."""
+def window_candidates(query_grid, db_grid, window, device="cpu", window_anchor=None) -> torch.Tensor:
+    """(Hq*Wq, wh*ww) row-major database grid positions searched by each query position
+    (``window_anchor``: see ``pyops.knn_patch_search``)."""
     (hq, wq), (hd, wd) = query_grid, db_grid
-    r0, wh = _window_starts(hq, hd, window, device)
-    c0, ww = _window_starts(wq, wd, window, device)
+    ra, ca = (None, None) if not window_anchor else window_anchor
+    r0, wh = _window_starts(hq, hd, window, device, ra)
+    c0, ww = _window_starts(wq, wd, window, device, ca)
     rows = r0[:, None] + torch.arange(wh, device=device)  # (Hq, wh)
     cols = c0[:, None] + torch.arange(ww, device=device)  # (Wq, ww)
     pos = rows[:, None, :, None] * wd + cols[None, :, None, :]  # (Hq, Wq, wh, ww)
@@ -114,10 +120,13 @@ def knn_patch_search(
     stride: int | None = None,
     window: int | None = None,
     exclude_self: bool = False,
+    window_anchor: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest database patches of every query patch (squared L2), as IGNN/MSGNN do it in
     PyTorch: unfold both maps, distances ``|q|^2 + |d|^2 - 2 q.d`` by a matmul, ``topk``. For a
     windowed search the distances of each query chunk are gathered to its window candidates.
+
+    ``window_anchor``: where each window starts (see ``pyops.knn_patch_search``).
 
     Returns ``dist`` (B, Hq*Wq, k) float32 ascending and ``idx`` (B, Hq*Wq, k) int64 row-major
     positions in the database patch grid. (``topk`` leaves the order of exact ties unspecified.)
@@ -136,7 +145,7 @@ def knn_patch_search(
         if exclude_self:
             dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
         return dist.topk(k, dim=-1, largest=False, sorted=True)
-    cand = window_candidates(qgrid, dgrid, window, query.device)  # (Lq, c)
+    cand = window_candidates(qgrid, dgrid, window, query.device, window_anchor)  # (Lq, c)
     self_pos = torch.arange(n_query, device=query.device)[:, None]
     chunk = max(1, (1 << 24) // max(1, d.shape[1]))  # query rows per (chunk x Ld) distance block
     dists, idxs = [], []

@@ -77,6 +77,47 @@ def test_ties_go_to_the_lower_index(window, stride, gemm_path):
         assert torch.equal(idx, oi)
 
 
+ANCHORS = [
+    ((1, 0, 2, 4), (1, 0, 2, 4)),  # MSGNN's i // 2 - s // scale: the window ends before i // 2
+    ((3, 1, 2, -1), (0, 4, 1, 2)),  # steeper than the grid (clamped at the end); a fixed column start
+    ((1, 0, 1, 0), (2, 1, 3, 1)),
+]
+
+
+@pytest.mark.parametrize("anchor", ANCHORS, ids=["msgnn", "steep-fixed", "misc"])
+@pytest.mark.parametrize("p,s,w,shape_d", [(1, 1, 5, (2, 3, 17, 19)), (3, 3, 4, (2, 3, 21, 24)),
+                                          (2, 1, 33, (2, 3, 40, 37))], ids=["direct", "tiled", "wide"])
+def test_window_anchor_matches_oracle(anchor, p, s, w, shape_d, gemm_path):
+    query, database = torch.randn(2, 3, 23, 20), torch.randn(shape_d)
+    qgrid = reference.patch_grid(23, 20, p, s)
+    dgrid = reference.patch_grid(shape_d[2], shape_d[3], p, s)
+    cand = reference.window_candidates(qgrid, dgrid, w, window_anchor=anchor)
+    r0 = reference._window_starts(qgrid[0], dgrid[0], w, "cpu", anchor[0])[0]
+    num, off, den, shift = anchor[0]
+    if w < dgrid[0]:  # the rows really follow the anchor
+        i = torch.arange(qgrid[0])
+        assert torch.equal(r0, ((num * i + off) // den - shift).clamp(0, dgrid[0] - w))
+    unf = lambda x: torch.nn.functional.unfold(x.double(), p, stride=s).transpose(1, 2)
+    full = ((unf(query)[:, :, None, :] - unf(database)[:, None, :, :]) ** 2).sum(-1)
+    od = full.gather(2, cand.expand(2, -1, -1))
+    order = od.sort(dim=-1, stable=True).indices[..., :4]
+    oi = cand.expand(2, -1, -1).gather(2, order)
+    dist, idx = pyops.knn_patch_search(query, database, 4, patch_size=p, stride=s, window=w, window_anchor=anchor)
+    torch.testing.assert_close(dist.double(), od.gather(2, order), rtol=2e-6, atol=1e-5)
+    assert (idx == oi).float().mean() > 0.999  # random data: no near-ties in practice
+    rd, ri = reference.knn_patch_search(query, database, 4, patch_size=p, stride=s, window=w, window_anchor=anchor)
+    torch.testing.assert_close(dist, rd, rtol=1e-4, atol=1e-3)
+
+
+def test_window_anchor_default_equals_centred_rule():
+    q, d = torch.randn(1, 2, 25, 22), torch.randn(1, 2, 16, 13)
+    qg, dg = reference.patch_grid(25, 22, 3, 1), reference.patch_grid(16, 13, 3, 1)
+    centred = ((2 * (dg[0] - 1), qg[0] - 1, 2 * (qg[0] - 1), 2), (2 * (dg[1] - 1), qg[1] - 1, 2 * (qg[1] - 1), 2))
+    a = pyops.knn_patch_search(q, d, 3, patch_size=3, stride=1, window=5)
+    b = pyops.knn_patch_search(q, d, 3, patch_size=3, stride=1, window=5, window_anchor=centred)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+
+
 def test_exclude_self_never_returns_self(gemm_path):
     x = torch.zeros(1, 1, 12, 12)  # every patch equal: self would win every tie
     dist, idx = pyops.knn_patch_search(x, x, 3, patch_size=3, stride=1, window=5, exclude_self=True)
@@ -130,6 +171,7 @@ def test_opcheck():
     d = torch.randn(1, 2, 8, 9, requires_grad=True)
     torch.library.opcheck(torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 3, 3, 1, 4, False))
     torch.library.opcheck(torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 2, 2, 2, -1, False))
+    torch.library.opcheck(torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 3, 3, 1, 4, False, [1, 0, 2, 1, 2, 1, 3, 0]))
     dist, idx = torch.ops.pyops.knn_patch_search_fwd(q.detach(), d.detach(), 3, 3, 1, 4, False)
     torch.library.opcheck(torch.ops.pyops.knn_patch_search_bwd.default, (torch.randn_like(dist), q.detach(), d.detach(), idx, 3, 1))
     v = torch.randn(1, 4, 8, 9, requires_grad=True)
@@ -195,6 +237,11 @@ def test_aggregate_gradcheck():
         (dict(database=torch.randn(1, 2, 12, 12, device="meta")), ValueError, "database is on meta"),
         (dict(exclude_self=True, database=torch.randn(1, 2, 9, 9)), ValueError, "exclude_self needs"),
         (dict(k=1.5), TypeError, "k must be an int"),
+        (dict(window_anchor=((1, 0, 2, 3), (1, 0, 2, 3))), ValueError, "window_anchor needs a window"),
+        (dict(window=3, window_anchor=((1, 0, 2, 3),)), TypeError, "window_anchor must be"),
+        (dict(window=3, window_anchor=((1, 0, 2, 3), (1, 0, 2.0, 3))), TypeError, "window_anchor must be"),
+        (dict(window=3, window_anchor=((1, 0, 0, 3), (1, 0, 2, 3))), ValueError, "1 <= den"),
+        (dict(window=3, window_anchor=((1, 0, 2, 3), (-1, 0, 2, 3))), ValueError, "window_anchor of columns"),
     ],
 )
 def test_search_bad_inputs(kwargs, exc, msg):

@@ -167,6 +167,20 @@ def test_knn_search_fwd_matches_oracle(config, case):
     torch.testing.assert_close(dist, rd, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("anchor", [[1, 0, 2, 2, 1, 0, 2, 2], [3, 1, 2, -1, 0, 4, 1, 1]])
+def test_knn_search_window_anchor(small, anchor):
+    q, d = torch.randn(2, 3, 13, 11), torch.randn(2, 3, 12, 14)
+    dist, idx = kp.triton_knn_patch_search_fwd(q, d, 3, 2, 1, 4, False, anchor)
+    qg, dg = _grid(q, 2, 1), _grid(d, 2, 1)
+    cand = reference.window_candidates(qg, dg, 4, window_anchor=(anchor[:4], anchor[4:]))
+    qv = F.unfold(q.double(), 2, stride=1).transpose(1, 2)
+    dv = F.unfold(d.double(), 2, stride=1).transpose(1, 2)
+    full = (qv[:, :, None, :] - dv[:, cand, :]).square().sum(-1)
+    vals, order = torch.sort(full, dim=-1, stable=True)
+    torch.testing.assert_close(dist.double(), vals[..., :3], rtol=1e-5, atol=1e-4)
+    assert torch.equal(idx, cand.expand(2, -1, -1).gather(2, order[..., :3]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("window", [None, 3])
 def test_knn_search_fwd_dtypes(small, dtype, window):

@@ -62,12 +62,23 @@ struct Span {
   int64_t start, len;
 };
 
-// The window of query row (or column) i along one axis (see pyops.reference.window_candidates).
-Span window_span(int64_t i, int64_t n_query, int64_t n_db, int64_t window) {
+// Where the window of query row (or column) i starts along one axis: clamp((num * i + off) /
+// den - shift, 0, n_db - window), with num, off >= 0 and den >= 1 (so / is a floor).
+struct Anchor {
+  int64_t num, off, den, shift;
+};
+
+// The default anchor: the window centred at round(i (n_db - 1) / (n_query - 1)), halves up
+// (see pyops.reference.window_candidates).
+Anchor centred_anchor(int64_t n_query, int64_t n_db, int64_t window) {
+  if (n_query > 1) return {2 * (n_db - 1), n_query - 1, 2 * (n_query - 1), window / 2};
+  return {0, n_db - 1, 2, window / 2};
+}
+
+Span window_span(int64_t i, int64_t n_db, int64_t window, const Anchor& a) {
   if (window < 0 || window >= n_db) return {0, n_db};
-  const int64_t centre =
-      n_query > 1 ? (2 * i * (n_db - 1) + (n_query - 1)) / (2 * (n_query - 1)) : (n_db - 1) / 2;
-  return {std::min(std::max<int64_t>(centre - window / 2, 0), n_db - window), window};
+  const int64_t anchor = (a.num * i + a.off) / a.den;
+  return {std::min(std::max<int64_t>(anchor - a.shift, 0), n_db - window), window};
 }
 
 template <typename T>
@@ -215,6 +226,7 @@ struct SearchArgs {
   const T* db;  // (B, C, H2, W2) database maps
   Grid qg, dg;
   int64_t k, window;
+  Anchor ah, aw;  // window anchors of query rows and columns
   bool exclude_self;
   T* dist;
   int64_t* idx;
@@ -230,8 +242,8 @@ void run_direct(const SearchArgs<T>& a, int64_t batch) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Lq, l = t % Lq;
       const int64_t i = l / a.qg.cols, j = l % a.qg.cols;
-      const Span rs = window_span(i, a.qg.rows, a.dg.rows, a.window);
-      const Span cs = window_span(j, a.qg.cols, a.dg.cols, a.window);
+      const Span rs = window_span(i, a.dg.rows, a.window, a.ah);
+      const Span cs = window_span(j, a.dg.cols, a.window, a.aw);
       if (static_cast<int64_t>(acc.size()) < rs.len * cs.len) acc.resize(rs.len * cs.len);
       pack_patch(a.q + b * qplane, a.qg, l, qbuf.data());
       direct_scan(qbuf.data(), a.db + b * dplane, a.dg, rs, cs, a.exclude_self ? l : -1, a.k,
@@ -292,8 +304,8 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t j = c0; j < c1; ++j, ++nq) {
           qpos[nq] = i * qg.cols + j;
-          qr[nq] = window_span(i, qg.rows, dg.rows, a.window);
-          qc[nq] = window_span(j, qg.cols, dg.cols, a.window);
+          qr[nq] = window_span(i, dg.rows, a.window, a.ah);
+          qc[nq] = window_span(j, dg.cols, a.window, a.aw);
           br0 = std::min(br0, qr[nq].start);
           br1 = std::max(br1, qr[nq].start + qr[nq].len);
           bc0 = std::min(bc0, qc[nq].start);
@@ -428,13 +440,19 @@ at::ScalarType acc_type(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& query,
                                                             const at::Tensor& database, int64_t k,
                                                             int64_t patch_size, int64_t stride,
-                                                            int64_t window, bool exclude_self) {
+                                                            int64_t window, bool exclude_self,
+                                                            at::IntArrayRef window_anchor) {
   check_maps(query, "query", patch_size, stride);
   check_maps(database, "database", patch_size, stride);
   TORCH_CHECK(query.size(0) == database.size(0) && query.size(1) == database.size(1),
               "knn_patch_search: query and database must have the same B and C");
   TORCH_CHECK(query.device() == database.device(), "knn_patch_search: query and database must be on one device");
   TORCH_CHECK(window == -1 || window >= 1, "knn_patch_search: window must be -1 (global) or >= 1");
+  TORCH_CHECK(window_anchor.empty() || window_anchor.size() == 8,
+              "knn_patch_search: window_anchor must be empty or 8 ints (num, off, den, shift per axis)");
+  for (size_t t = 0; t < window_anchor.size(); ++t)
+    TORCH_CHECK(t % 4 == 3 || window_anchor[t] >= (t % 4 == 2 ? 1 : 0),
+                "knn_patch_search: window_anchor needs num >= 0, off >= 0 and den >= 1");
   const auto acc = acc_type(query);
   const at::Tensor q = query.to(acc).contiguous(), d = database.to(acc).contiguous();
   const Grid qg(q, patch_size, stride), dg(d, patch_size, stride);
@@ -453,7 +471,10 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& qu
   const bool direct = window >= 0 && stride == 1 &&
                       std::min(window, dg.rows) * std::min(window, dg.cols) <= kDirectMaxCandidates;
   AT_DISPATCH_FLOATING_TYPES(acc, "knn_patch_search_fwd", [&] {
-    SearchArgs<scalar_t> args{q.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), qg, dg, k, window,
+    const auto& wa = window_anchor;
+    const Anchor ah = wa.empty() ? centred_anchor(qg.rows, dg.rows, window) : Anchor{wa[0], wa[1], wa[2], wa[3]};
+    const Anchor aw = wa.empty() ? centred_anchor(qg.cols, dg.cols, window) : Anchor{wa[4], wa[5], wa[6], wa[7]};
+    SearchArgs<scalar_t> args{q.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), qg, dg, k, window, ah, aw,
                               exclude_self, dist.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>()};
     if (direct)
       run_direct(args, B);
