@@ -1,0 +1,179 @@
+"""Training of MSGNN (and its no-graph ablation) with -SSIM, Adam 5e-4 and the multistep schedule
+(x0.1 at 3/5 and 4/5 of the steps), on random 64 x 64 crops with exemplar crops.
+
+Default data: synthetic light and heavy rain (``draws`` rain draws per preset) on the scikit-image
+training images; ``data_dir`` = a paired folder (``rainy/`` + ``clean/``) instead. Batches are
+seeded by (seed, step, rank): a resumed run sees the batches it would have seen, and DDP ranks
+(``torchrun --nproc_per_node=N``; gloo on the CPU) see different crops. A monitor PSNR/SSIM on
+fixed crops of differently seeded rain on the test images is logged for the curves only (it
+selects nothing).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from methods.common import Run, barrier, init_distributed, progress, seed_everything, wrap_ddp
+
+from . import data as D
+from .metrics import psnr, ssim, ssim_loss
+from .model import MODES, MSGNN, count_parameters
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "faithful"
+    graphs: bool = True
+    steps: int = 300
+    batch: int = 8
+    crop: int = 64
+    lr: float = 5e-4
+    channels: int = 32
+    groups: int = 4
+    units: int = 12
+    k: int = 5
+    window: int = 30
+    presets: tuple = ("light", "heavy")
+    draws: int = 3
+    data_dir: Optional[str] = None
+    seed: int = 0
+    eval_every: int = 50
+
+    def __post_init__(self):
+        self.presets = tuple(self.presets)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        bad = [p for p in self.presets if p not in D.PRESETS]
+        if bad or not self.presets:
+            raise ValueError(f"presets must be a non-empty subset of {tuple(D.PRESETS)}, got {self.presets}")
+        if self.steps < 0 or self.batch < 1 or self.lr <= 0 or self.eval_every < 1 or self.draws < 1:
+            raise ValueError("steps >= 0, batch >= 1, lr > 0, draws >= 1 and eval_every >= 1 are required")
+        if self.crop < 25:
+            raise ValueError(f"crop must be at least 25 (three scales of 3 x 3 patch grids), got {self.crop}")
+
+    def model(self) -> MSGNN:
+        return MSGNN(self.mode, graphs=self.graphs, channels=self.channels, groups=self.groups, units=self.units,
+                     k=self.k, window=self.window)
+
+    @property
+    def name(self) -> str:
+        return f"msgnn-{self.mode}" if self.graphs else "no-graph"
+
+
+def training_pairs(cfg: TrainConfig, log=print) -> D.PairSet:
+    if cfg.data_dir:
+        return D.folder_pairs(cfg.data_dir, log=log)
+    return D.synthetic_pairs(D.TRAIN_IMAGES, cfg.presets, cfg.draws, cfg.seed)
+
+
+def monitor_batch(cfg: TrainConfig, size: int = 96):
+    """Fixed centre crops (rainy, clean, exemplar) of the test images under monitor-only rain."""
+    rs, cs, es = [], [], []
+    for pi, preset in enumerate(cfg.presets):
+        for i, name in enumerate(D.TEST_IMAGES):
+            img = D.skimage_image(name)
+            r = D.add_rain(img, preset, D.rain_seed(cfg.seed + 20_000, i, pi))
+            h, w = img.shape[:2]
+            y, x = (h - size) // 2, (w - size) // 2
+            rs.append(D.to_tensor(r[y:y + size, x:x + size]))
+            cs.append(D.to_tensor(img[y:y + size, x:x + size]))
+            es.append(D.to_tensor(r[:size, :size]))
+    return torch.stack(rs), torch.stack(cs), torch.stack(es)
+
+
+@torch.no_grad()
+def monitor(model: MSGNN, batch, device) -> Dict[str, float]:
+    model.eval()
+    r, c, e = (t.to(device) for t in batch)
+    out = model(r, e).clamp(0, 1)
+    model.train()
+    return {"monitor_psnr": psnr(out, c).mean().item(), "monitor_ssim": ssim(out, c).mean().item()}
+
+
+def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
+          checkpoint_every: int = 50) -> List[Dict]:
+    info = init_distributed(device)
+    seed_everything(cfg.seed)
+    pairs = training_pairs(cfg, log=run.warning)
+    sampler = D.CropSampler(pairs, cfg.crop, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = cfg.model().to(device)
+    net = wrap_ddp(model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    milestones = sorted({max(1, cfg.steps * 3 // 5), max(1, cfg.steps * 4 // 5)})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    start = 0
+    state = run.checkpoints.load_latest()
+    if state is not None:
+        if state.get("config") != asdict(cfg):
+            raise ValueError(f"{run.out} holds checkpoints of a different configuration; use --fresh or another --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["step"] + 1
+        run.truncate_metrics("step", state["step"])
+        run.info(f"resumed at step {start}")
+    else:
+        run.truncate_metrics("step", -1)
+        run.info(f"{cfg.name}: {count_parameters(model)} trainable parameters "
+                 f"({count_parameters(model, trainable=False)} in all), {len(pairs)} training pairs, "
+                 f"{info.world_size} process(es)")
+    mon = monitor_batch(cfg) if info.is_main and not cfg.data_dir else None
+    bar = progress(range(start, cfg.steps), enabled=show_progress and info.is_main, desc=f"train {cfg.name}",
+                   unit="step", total=cfg.steps, initial=start)
+    t0, acc = time.perf_counter(), []
+    prev = state.get("seconds", 0.0) if state else 0.0
+    for step in bar:
+        rainy, clean, exemplar = (t.to(device) for t in sampler.batch(cfg.batch, step, info.rank))
+        out = net(rainy, exemplar)
+        loss = ssim_loss(out, clean)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: the loss is {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        acc.append(loss.item())
+        last = step + 1 == cfg.steps
+        seconds = prev + time.perf_counter() - t0
+        if (step + 1) % cfg.eval_every == 0 or last:
+            row = {"step": step, "loss": sum(acc) / len(acc), "lr": sched.get_last_lr()[0], "seconds": seconds}
+            if info.is_main:
+                if mon is not None:
+                    row.update(monitor(model, mon, device))
+                run.log_metrics(row)
+                extra = f", monitor PSNR {row['monitor_psnr']:.2f} dB" if "monitor_psnr" in row else ""
+                run.info(f"step {step + 1}/{cfg.steps}: -SSIM {row['loss']:.4f}{extra}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            acc = []
+        if info.is_main and ((step + 1) % checkpoint_every == 0 or last):
+            run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
+                                        "sched": sched.state_dict(), "config": asdict(cfg), "seconds": seconds})
+        barrier()
+    return run.rows
+
+
+def load_trained(path: str, device=torch.device("cpu")):
+    """(model in eval mode, TrainConfig) from a checkpoint file or a run folder."""
+    import os
+
+    from methods.common import Checkpointer, load_checkpoint
+
+    if os.path.isdir(path):
+        latest = Checkpointer(os.path.join(path, "checkpoints")).latest()
+        if latest is None:
+            raise ValueError(f"{path} holds no checkpoints")
+        path = latest
+    state = load_checkpoint(path, restore_rng=False)
+    cfg = TrainConfig(**state["config"])
+    model = cfg.model().to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg
+
+
+__all__ = ["TrainConfig", "load_trained", "monitor_batch", "train", "training_pairs"]

@@ -1,0 +1,326 @@
+"""MSGNN deraining (methods/msgnn): data, graphs, model, training, CLI, bad inputs."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from methods.msgnn import data as D
+from methods.msgnn import graph as G
+from methods.msgnn.metrics import psnr, ssim, ssim_loss
+from methods.msgnn.model import MSGNN, count_parameters
+
+
+def tiny(mode="faithful", graphs=True, **kw):
+    torch.manual_seed(0)
+    return MSGNN(mode, graphs=graphs, channels=8, groups=2, units=2, **kw)
+
+
+# ---- data ---------------------------------------------------------------------------------
+def test_rain_synthesis_is_reproducible_for_a_seed():
+    img = np.random.default_rng(0).random((40, 50, 3), dtype=np.float32) * 0.5
+    for preset in ("light", "heavy"):
+        a = D.add_rain(img, preset, D.rain_seed(3, 1))
+        b = D.add_rain(img, preset, D.rain_seed(3, 1))
+        c = D.add_rain(img, preset, D.rain_seed(4, 1))
+        assert a.shape == img.shape and a.dtype == np.float32
+        assert np.array_equal(a, b) and not np.array_equal(a, c)
+        assert a.min() >= 0 and a.max() <= 1 and (a >= img - 1e-6).mean() > 0.99  # rain adds light
+    light = D.add_rain(img, "light", D.rain_seed(0, 0))
+    heavy = D.add_rain(img, "heavy", D.rain_seed(0, 0))
+    assert np.abs(heavy - img).mean() > 2 * np.abs(light - img).mean()
+
+
+def test_train_test_split_is_by_image():
+    assert not set(D.TRAIN_IMAGES) & set(D.TEST_IMAGES)
+    pairs = D.synthetic_pairs(D.TRAIN_IMAGES[:2], ["light"], 2, seed=0)
+    assert len(pairs) == 4 and pairs.names[0] == f"{D.TRAIN_IMAGES[0]}/light/0"
+    assert not np.array_equal(pairs.rainy[0], pairs.rainy[1])  # two draws differ
+    for i in range(len(pairs)):  # the exemplar is another image
+        j = D.exemplar_for(pairs, i, seed=0)
+        assert pairs.names[j].split("/")[0] != pairs.names[i].split("/")[0]
+
+
+def test_exemplar_rule_is_seeded_and_never_self():
+    for n in (2, 3, 6):
+        for seed in (0, 1):
+            ex = [D.exemplar_index(i, n, seed) for i in range(n)]
+            assert all(e != i for i, e in enumerate(ex)) and sorted(ex) == list(range(n))
+            assert ex == [D.exemplar_index(i, n, seed) for i in range(n)]
+    assert D.exemplar_index(0, 1, 0) == 0
+
+
+def test_crop_sampler_is_deterministic_per_step():
+    pairs = D.synthetic_pairs(D.TRAIN_IMAGES[:2], ["light"], 1, seed=0)
+    s = D.CropSampler(pairs, crop=32, seed=5)
+    r1, c1, e1 = s.batch(3, step=7)
+    r2, _, _ = s.batch(3, step=7)
+    r3, _, _ = s.batch(3, step=8)
+    assert r1.shape == c1.shape == e1.shape == (3, 3, 32, 32)
+    assert torch.equal(r1, r2) and not torch.equal(r1, r3)
+
+
+def test_pyr_down_is_cv2_pyrdown():
+    x = torch.rand(2, 3, 13, 10, dtype=torch.float64)
+    y = D.pyr_down(x)
+    assert y.shape == (2, 3, 7, 5)
+    assert torch.allclose(D.pyr_down(torch.full((1, 3, 9, 8), 0.3)), torch.full((1, 3, 5, 4), 0.3))
+    k = torch.tensor([1.0, 4, 6, 4, 1], dtype=torch.float64) / 16
+    refl = lambda i, n: -i if i < 0 else (2 * (n - 1) - i if i >= n else i)  # reflect-101
+    yy, xx = 6, 4  # a border pixel: (12, 8) in the input
+    want = sum(k[a] * k[b] * x[1, 2, refl(2 * yy + a - 2, 13), refl(2 * xx + b - 2, 10)] for a in range(5) for b in range(5))
+    assert torch.allclose(y[1, 2, yy, xx], want)
+
+
+def test_folder_pairs_skip_and_report_bad_files(tmp_path):
+    from skimage import io
+
+    for sub in ("rainy", "clean"):
+        (tmp_path / sub).mkdir()
+    img = (np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8)
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        io.imsave(tmp_path / "clean" / name, img, check_contrast=False)
+    io.imsave(tmp_path / "rainy" / "a.png", img, check_contrast=False)
+    (tmp_path / "rainy" / "b.png").write_bytes(b"not an image")  # unreadable
+    io.imsave(tmp_path / "rainy" / "c.png", img[..., 0], check_contrast=False)  # grayscale
+    io.imsave(tmp_path / "rainy" / "d.png", img[:20], check_contrast=False)  # size mismatch
+    io.imsave(tmp_path / "rainy" / "e.png", img, check_contrast=False)  # no clean partner
+    log = []
+    pairs = D.folder_pairs(str(tmp_path), log=log.append)
+    assert pairs.names == ["a.png"]
+    text = "\n".join(log)
+    assert "b.png" in text and "cannot read" in text
+    assert "grayscale" in text and "differ in size" in text and "no clean image" in text
+    assert "1 pairs loaded, 4 skipped" in text
+    with pytest.raises(ValueError, match="no rainy/clean sub-folders"):
+        D.folder_pairs(str(tmp_path / "rainy"))
+
+
+# ---- graphs -------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1, 2, 4])
+@pytest.mark.parametrize("son_hw", [(40, 52), (21, 27), (60, 31)])
+def test_faithful_search_equals_the_reference_search(scale, son_hw):
+    torch.manual_seed(scale)
+    # float64: the reference's |q|^2 + |d|^2 - 2 q.d is then accurate enough that no near-tie
+    # flips (in float32 about 0.04% of the indices of random maps differ by rounding)
+    q, _ = G.pad_to_grid(torch.randn(2, 6, 43, 58, dtype=torch.float64))
+    s, _ = G.pad_to_grid(torch.randn(2, 6, *son_hw, dtype=torch.float64))
+    for windows in ("faithful", "centred"):
+        for window in (4, 7, 30):
+            a = G.knn_search(q, s, 5, windows=windows, window=window, scale=scale)
+            b = G.reference_search(q, s, 5, windows=windows, window=window, scale=scale)
+            assert torch.equal(a, b), (windows, window)
+    # the official candidate set: the window ends before i // 2 at scale 1 (can miss the query)
+    cand = G.faithful_candidates((15, 20), (15, 20), 4, 1)
+    assert cand[14 * 20].tolist()[:4] == [3 * 20 + c for c in range(4)]  # query row 14 -> rows 3..6
+
+
+def test_padding_and_patch_vectors():
+    assert G.calc_padding(64, 64) == (1, 1, 1, 1)  # 64 -> 66: 22 x 22 patches
+    assert G.calc_padding(31, 44) == (1, 1, 0, 1)
+    x = torch.randn(1, 2, 31, 44)
+    xp, pad = G.pad_to_grid(x)
+    assert xp.shape[-2:] == (33, 45) and torch.equal(G.crop_padding(xp, pad), x)
+    v = G.patch_vectors(xp)  # (B, L, C, 9) in (c, dy, dx) order = F.unfold's
+    u = torch.nn.functional.unfold(xp, 3, stride=3).transpose(1, 2).reshape(1, -1, 2, 9)
+    assert torch.equal(v, u)
+
+
+def test_edge_features_are_per_channel_l1():
+    q, s = torch.randn(1, 4, 9, 12), torch.randn(1, 4, 6, 6)
+    idx = torch.randint(0, 4, (1, 12, 3))
+    f = G.edge_features(q, s, idx)
+    qv = torch.nn.functional.unfold(q, 3, stride=3).transpose(1, 2).view(1, 12, 4, 9)
+    sv = torch.nn.functional.unfold(s, 3, stride=3).transpose(1, 2).view(1, 4, 4, 9)
+    want = (qv[:, :, None] - sv[:, idx[0]]).abs().sum(-1)
+    torch.testing.assert_close(f, want)
+
+
+# ---- model --------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["faithful", "fixed"])
+@pytest.mark.parametrize("hw", [(31, 44), (64, 64), (50, 27)])
+def test_shapes_for_odd_sizes(mode, hw):
+    m = tiny(mode)
+    x = torch.rand(2, 3, *hw)
+    ex = torch.rand(2, 3, 19, 23)  # an exemplar of another size
+    y = m(x, ex)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert tiny(mode, graphs=False)(x).shape == x.shape
+
+
+def test_default_architecture_parameter_count():
+    # The official model has 2,061,579 parameters, 416,356 of which never get a gradient (spec A3);
+    # we do not build the never-used ones but keep the frozen embeddings of the faithful mode.
+    m = MSGNN("faithful")
+    assert count_parameters(m) == 2_061_579 - 416_356
+    emb = sum(p.numel() for n, p in m.named_parameters() if ".embed_" in n)
+    assert count_parameters(m, trainable=False) == count_parameters(m) + emb
+    assert count_parameters(MSGNN("fixed")) == count_parameters(m) + emb
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fixed"])
+def test_gradient_flows_to_the_weight_network(mode):
+    m = tiny(mode)
+    x, ex = torch.rand(1, 3, 33, 30), torch.rand(1, 3, 30, 33)
+    ssim_loss(m(x, ex), torch.rand_like(x)).backward()
+    for name in ("s1", "s2", "s4", "exemplar"):
+        g = m.graph[name]
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.weight_net.parameters()), name
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.features.parameters()), name
+        emb = list(g.embed_son.parameters()) + list(g.embed_query.parameters())
+        if mode == "faithful":  # frozen: the official code's embeddings never get a gradient
+            assert all(not p.requires_grad and p.grad is None for p in emb)
+        else:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in emb), name
+
+
+def test_graph_outputs_computed_once_and_do_not_depend_on_the_backbone():
+    m = tiny("faithful")
+    x = torch.rand(1, 3, 30, 30)
+    calls = []
+    for g in m.graph.values():
+        g.register_forward_hook(lambda *a: calls.append(1))
+    m(x)
+    assert len(calls) == 4  # once per graph, not once per group
+    a = m.graph_features(x, x)
+    with torch.no_grad():
+        for p in m.body.parameters():
+            p.add_(1.0)
+    b = m.graph_features(x, x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_few_training_steps_reduce_the_loss():
+    m = tiny("fixed")
+    pairs = D.synthetic_pairs(D.TRAIN_IMAGES[:1], ["heavy"], 1, seed=0)
+    r, c, e = D.CropSampler(pairs, crop=32, seed=0).batch(4, step=0)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=5e-4)
+    losses = []
+    for _ in range(12):
+        loss = ssim_loss(m(r, e), c)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.02
+
+
+def test_metrics():
+    x = torch.rand(2, 3, 20, 20)
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    assert torch.isclose(ssim_loss(x, x), torch.tensor(-1.0))
+    y = (x + 0.1).clamp(0, 1)
+    mse = (x - y).pow(2).mean((1, 2, 3))
+    torch.testing.assert_close(psnr(y, x), 10 * torch.log10(1 / mse))
+    assert (ssim(y, x) < 1).all()
+
+
+# ---- bad input ----------------------------------------------------------------------------
+@pytest.mark.parametrize("x,exc,msg", [
+    (torch.rand(1, 1, 40, 40), ValueError, "RGB"),
+    (torch.rand(1, 4, 40, 40), ValueError, "RGB"),
+    (torch.rand(3, 40, 40), ValueError, r"\(B, 3, H, W\)"),
+    (torch.rand(1, 3, 20, 40), ValueError, "too small"),
+    (torch.full((1, 3, 40, 40), float("nan")), ValueError, "NaN"),
+    (torch.randint(0, 255, (1, 3, 40, 40)), TypeError, "floating-point"),
+])
+def test_bad_inputs(x, exc, msg):
+    with pytest.raises(exc, match=msg):
+        tiny()(x)
+
+
+def test_bad_exemplar():
+    m = tiny()
+    with pytest.raises(ValueError, match="exemplar of 5 x 40 is too small"):
+        m(torch.rand(1, 3, 40, 40), torch.rand(1, 3, 5, 40))
+    with pytest.raises(ValueError, match="batch size"):
+        m(torch.rand(2, 3, 40, 40), torch.rand(1, 3, 40, 40))
+    with pytest.raises(ValueError, match="NaN"):
+        m(torch.rand(1, 3, 40, 40), torch.full((1, 3, 40, 40), float("inf")))
+    assert tiny(graphs=False)(torch.rand(1, 3, 10, 10)).shape == (1, 3, 10, 10)  # no graph: no size limit
+
+
+def test_bad_configuration():
+    from methods.msgnn.train import TrainConfig
+
+    with pytest.raises(ValueError, match="mode must be"):
+        MSGNN("exact")
+    with pytest.raises(ValueError, match="presets"):
+        TrainConfig(presets=("drizzle",))
+    with pytest.raises(ValueError, match="crop must be at least 25"):
+        TrainConfig(crop=16)
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+TINY = ["--channels", "8", "--units", "2", "--groups", "2", "--batch", "2", "--draws", "1", "--presets", "light",
+        "--no-progress", "--device", "cpu"]
+
+
+def test_cli_train_resume_eval_and_derain(tmp_path, capsys):
+    from skimage import io
+
+    from methods.msgnn.__main__ import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", "--steps", "3", "--eval-every", "1", "--checkpoint-every", "1", "--out", out, *TINY]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "monitor_psnr" in rows[-1]
+    assert os.path.exists(os.path.join(out, "loss.png")) and os.path.exists(os.path.join(out, "monitor_psnr.png"))
+    # resume: delete the last checkpoint, run again: it continues from step 2 and ends with 3 rows
+    from methods.common import Checkpointer
+
+    os.remove(Checkpointer(os.path.join(out, "checkpoints")).latest())
+    assert main(["train", "--steps", "3", "--eval-every", "1", "--checkpoint-every", "1", "--out", out, *TINY]) == 0
+    assert "resumed at step 2" in open(os.path.join(out, "log.txt")).read()
+    assert len(open(os.path.join(out, "metrics.jsonl")).read().splitlines()) == 3
+    # a different configuration in the same folder is refused
+    assert main(["train", "--steps", "4", "--out", out, *TINY]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+    ev = str(tmp_path / "eval")
+    assert main(["eval", "--model", f"tiny={out}", "--presets", "light", "--out", ev, "--no-progress"]) == 0
+    res = json.load(open(os.path.join(ev, "eval.json")))
+    assert set(res["presets"]["light"]) == {"rainy input", "tiny"}
+    assert os.path.exists(os.path.join(ev, "crops_light.png"))
+
+    img = (D.add_rain(D.skimage_image("chelsea", 64), "light", D.rain_seed(0, 0)) * 255).astype(np.uint8)
+    io.imsave(tmp_path / "rainy.png", img, check_contrast=False)
+    assert main(["derain", str(tmp_path / "rainy.png"), "--model", out]) == 0
+    assert io.imread(tmp_path / "rainy_derained.png").shape == img.shape
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    assert main(["derain", str(tmp_path / "bad.png"), "--model", out]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_cli_train_on_a_folder(tmp_path):
+    from skimage import io
+
+    from methods.msgnn.__main__ import main
+
+    for sub in ("input", "target"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    for i in range(2):
+        clean = D.skimage_image(D.TRAIN_IMAGES[i], 80)
+        io.imsave(tmp_path / "data" / "target" / f"{i}.png", (clean * 255).astype(np.uint8), check_contrast=False)
+        rainy = D.add_rain(clean, "heavy", D.rain_seed(0, i))
+        io.imsave(tmp_path / "data" / "input" / f"{i}.png", (rainy * 255).astype(np.uint8), check_contrast=False)
+    out = str(tmp_path / "run")
+    assert main(["train", "--steps", "2", "--crop", "32", "--data-dir", str(tmp_path / "data"), "--out", out, *TINY]) == 0
+    assert "2 training pairs" in open(os.path.join(out, "log.txt")).read()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+           "methods.msgnn", "train", "--steps", "2", "--eval-every", "1", "--out", str(tmp_path / "ddp"), *TINY]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()
