@@ -15,7 +15,7 @@ import logging
 import os
 import platform
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -102,6 +102,23 @@ class Run:
             for r in self._rows:
                 f.write(json.dumps(r) + "\n")
         self._write_csv()
+
+    def resume(self, config: Dict[str, Any], key: str = "step", **objects) -> Optional[Dict[str, Any]]:
+        """Restore ``objects`` (name -> anything with ``load_state_dict``: model, optimiser,
+        scheduler) from the latest checkpoint, which must hold ``config`` under "config" and the
+        last finished ``key`` (step) under ``key``; drop the metric rows logged after it and log
+        the resume. Returns the checkpoint (None when there is none: metric rows are cleared)."""
+        state = self.checkpoints.load_latest()
+        if state is None:
+            self.truncate_metrics(key, -1)
+            return None
+        if state.get("config") != config:
+            raise ValueError(f"{self.out} holds checkpoints of a different configuration; use --fresh or another --out")
+        for name, obj in objects.items():
+            obj.load_state_dict(state[name])
+        self.truncate_metrics(key, state[key])
+        self.info(f"resumed at {key} {state[key] + 1}")
+        return state
 
     def _write_csv(self) -> None:
         keys: List[str] = []

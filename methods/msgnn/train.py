@@ -106,19 +106,9 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     opt = torch.optim.Adam(params, lr=cfg.lr)
     milestones = sorted({max(1, cfg.steps * 3 // 5), max(1, cfg.steps * 4 // 5)})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    start = 0
-    state = run.checkpoints.load_latest()
-    if state is not None:
-        if state.get("config") != asdict(cfg):
-            raise ValueError(f"{run.out} holds checkpoints of a different configuration; use --fresh or another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = state["step"] + 1
-        run.truncate_metrics("step", state["step"])
-        run.info(f"resumed at step {start}")
-    else:
-        run.truncate_metrics("step", -1)
+    state = run.resume(asdict(cfg), model=model, opt=opt, sched=sched)
+    start = state["step"] + 1 if state else 0
+    if state is None:
         run.info(f"{cfg.name}: {count_parameters(model)} trainable parameters "
                  f"({count_parameters(model, trainable=False)} in all), {len(pairs)} training pairs, "
                  f"{info.world_size} process(es)")

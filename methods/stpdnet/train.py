@@ -87,19 +87,9 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     net = wrap_ddp(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
-    start = 0
-    state = run.checkpoints.load_latest()
-    if state is not None:
-        if state.get("config") != asdict(cfg):
-            raise ValueError(f"{run.out} holds checkpoints of a different configuration; use --fresh or another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = state["step"] + 1
-        run.truncate_metrics("step", state["step"])
-        run.info(f"resumed at step {start}")
-    else:
-        run.truncate_metrics("step", -1)
+    state = run.resume(asdict(cfg), model=model, opt=opt, sched=sched)
+    start = state["step"] + 1 if state else 0
+    if state is None:
         run.info(f"{cfg.model}: {sum(p.numel() for p in model.parameters())} parameters, ||A|| = {op.norm:.2f}, "
                  f"{info.world_size} process(es)")
     bar = progress(range(start, cfg.steps), enabled=show_progress and info.is_main, desc=f"train {cfg.model}",
