@@ -59,7 +59,6 @@ def main(argv=None):
     if curves:
         plot_curves(curves, os.path.join(a.results, "training.png"), xlabel="step",
                     ylabel="monitor PSNR (dB)")
-    torch.set_num_threads(torch.get_num_threads())
     timing = search_timing(repeats=a.timing_repeats)
 
     table = {}

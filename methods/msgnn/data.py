@@ -262,7 +262,7 @@ def exemplar_for(pairs: PairSet, i: int, seed: int) -> int:
     suffix = pairs.names[i].split("/")[1:2]
     cands = [t for t, n in enumerate(pairs.names) if src[t] == j and n.split("/")[1:2] == suffix]
     cands = cands or [t for t, n in enumerate(src) if n == j]
-    return cands[exemplar_index(0, len(cands), seed + i) % len(cands)] if len(cands) > 1 else cands[0]
+    return cands[exemplar_index(0, len(cands), seed + i)]
 
 
 class CropSampler:

@@ -125,7 +125,7 @@ def search_timing(height: int = 321, width: int = 481, repeats: int = 3, seed: i
     r4 = D.pyr_down(r2)
     emb = embed_cnn(32)
     q, _ = G.pad_to_grid(emb(img))
-    sons = {"s1": (G.pad_to_grid(emb(img))[0], 1), "s2": (G.pad_to_grid(emb(r2))[0], 2),
+    sons = {"s1": (q, 1), "s2": (G.pad_to_grid(emb(r2))[0], 2),
             "s4": (G.pad_to_grid(emb(r4))[0], 4), "exemplar": (G.pad_to_grid(emb(img.flip(-1)))[0], 1)}
     out = {"image": f"{width} x {height}", "threads": torch.get_num_threads(), "windows": {}}
     for windows in ("faithful", "centred"):

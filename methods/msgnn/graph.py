@@ -91,7 +91,9 @@ def knn_search(query_e: torch.Tensor, son_e: torch.Tensor, k: int, *, windows: s
 def reference_search(query_e: torch.Tensor, son_e: torch.Tensor, k: int, *, windows: str, window: int,
                      scale: int, chunk: int = 2048) -> torch.Tensor:
     """The official search in plain PyTorch (the oracle and the timing baseline): patch vectors,
-    ``|q|^2 + |d|^2 - 2 q d^T`` per chunk of queries, gathered to the candidate set, ``topk``."""
+    ``|q|^2 + |d|^2 - 2 q d^T`` per chunk of queries, gathered to the candidate set, ``topk``.
+    The faithful candidates come from the official formula (``faithful_candidates``), written
+    independently of pyops' ``window_anchor``, so that the test checks the anchor too."""
     if windows == "centred":
         n1, n2 = son_e.shape[-2] // PATCH, son_e.shape[-1] // PATCH
         w = None if (window >= n1 and window >= n2) else window
@@ -136,25 +138,21 @@ def aggregate(son_feat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
     return crop_padding(out, query_pad)
 
 
-def check_image_sizes(h: int, w: int, k: int, name: str = "image") -> None:
-    """Every son map (scale 1, 1/2, 1/4 by pyrDown) needs a patch grid of at least 3 x 3 and at
-    least k patches; raise ValueError naming the size otherwise."""
+def check_image_sizes(h: int, w: int, k: int, name: str = "image", levels: int = 3) -> None:
+    """Each of the ``levels`` pyramid maps of an (h, w) image (scales 1, 1/2, 1/4 by pyrDown; an
+    exemplar has one level) needs a patch grid of at least 3 x 3 and at least k patches; raise
+    ValueError naming the size otherwise."""
     hh, ww = h, w
-    for s in (1, 2, 4):
+    for level in range(levels):
         n1, n2 = -(-hh // PATCH), -(-ww // PATCH)
         if min(n1, n2) < 3 or n1 * n2 < k:
-            raise ValueError(f"{name} of {h} x {w} is too small: its 1/{s}-scale map ({hh} x {ww}) has a "
+            scales = ", ".join(f"1/{2 ** i}" if i else "1" for i in range(levels))
+            raise ValueError(f"{name} of {h} x {w} is too small: its 1/{2 ** level}-scale map ({hh} x {ww}) has a "
                              f"{n1} x {n2} patch grid and MSGNN needs at least 3 x 3 patches of {PATCH} x {PATCH} "
-                             f"at scales 1, 1/2 and 1/4 (images of at least 25 x 25)")
+                             f"at scale{'s' if levels > 1 else ''} {scales} (images of at least {6 * 2 ** (levels - 1) + 1} x "
+                             f"{6 * 2 ** (levels - 1) + 1})")
         hh, ww = (hh + 1) // 2, (ww + 1) // 2
 
 
-def exemplar_check(h: int, w: int, k: int) -> None:
-    n1, n2 = -(-h // PATCH), -(-w // PATCH)
-    if min(n1, n2) < 3 or n1 * n2 < k:
-        raise ValueError(f"exemplar of {h} x {w} is too small: MSGNN needs at least a 3 x 3 grid of "
-                         f"{PATCH} x {PATCH} patches (7 x 7 pixels)")
-
-
-__all__ = ["aggregate", "calc_padding", "check_image_sizes", "crop_padding", "edge_features", "exemplar_check",
+__all__ = ["aggregate", "calc_padding", "check_image_sizes", "crop_padding", "edge_features",
            "faithful_candidates", "knn_search", "pad_to_grid", "patch_vectors", "reference_search"]

@@ -186,7 +186,7 @@ class MSGNN(nn.Module):
             if exemplar is not None:
                 if exemplar.shape[0] != rainy.shape[0]:
                     raise ValueError(f"MSGNN: exemplar batch size {exemplar.shape[0]} != rainy batch size {rainy.shape[0]}")
-                G.exemplar_check(exemplar.shape[-2], exemplar.shape[-1], self.k)
+                G.check_image_sizes(exemplar.shape[-2], exemplar.shape[-1], self.k, "exemplar", levels=1)
 
     def graph_features(self, rainy: torch.Tensor, exemplar: torch.Tensor):
         r2 = pyr_down(rainy)

@@ -72,9 +72,9 @@ def training_pairs(cfg: TrainConfig, log=print) -> D.PairSet:
 def monitor_batch(cfg: TrainConfig, size: int = 96):
     """Fixed centre crops (rainy, clean, exemplar) of the test images under monitor-only rain."""
     rs, cs, es = [], [], []
+    images = [D.skimage_image(name) for name in D.TEST_IMAGES]
     for pi, preset in enumerate(cfg.presets):
-        for i, name in enumerate(D.TEST_IMAGES):
-            img = D.skimage_image(name)
+        for i, img in enumerate(images):
             r = D.add_rain(img, preset, D.rain_seed(cfg.seed + 20_000, i, pi))
             h, w = img.shape[:2]
             y, x = (h - size) // 2, (w - size) // 2
