@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from methods.common import (Checkpointer, Run, all_reduce_mean, init_distributed, load_checkpoint, pick_device,
-                            plot_curves, progress, save_checkpoint, seed_everything, worker_seed, wrap_ddp)
+                            plot_curves, progress, save_checkpoint, seed_everything, shutdown_distributed, worker_seed,
+                            wrap_ddp)
 
 
 def draws():
@@ -121,7 +122,8 @@ def _ddp_worker(rank, world, port, out):
     g = model.module.weight.grad.clone()
     m = all_reduce_mean(torch.tensor([float(rank)]))
     torch.save({"grad": g, "mean": m, "enabled": info.enabled}, os.path.join(out, f"r{rank}.pt"))
-    dist.destroy_process_group()
+    shutdown_distributed()
+    assert not dist.is_initialized()
 
 
 def test_ddp_under_gloo(tmp_path):

@@ -46,6 +46,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down once every rank got here (a barrier first: a rank that destroys
+    gloo while its peer is still talking to it can abort the peer with std::terminate)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of `t` over the processes (a copy; `t` itself is untouched); `t` without DDP."""
     if not dist.is_initialized():

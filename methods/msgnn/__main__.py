@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from methods.common import Run, add_common_args, pick_device, progress
+from methods.common import Run, add_common_args, pick_device, progress, shutdown_distributed
 
 
 def cmd_train(a) -> int:
@@ -23,6 +23,7 @@ def cmd_train(a) -> int:
         rows = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
     finally:
         run.close()
+        shutdown_distributed()
     if main and rows:
         from methods.common import plot_curves
 

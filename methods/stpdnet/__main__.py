@@ -5,7 +5,7 @@ import os
 import sys
 
 
-from methods.common import Run, add_common_args, pick_device, progress
+from methods.common import Run, add_common_args, pick_device, progress, shutdown_distributed
 
 
 def cmd_simulate(a) -> int:
@@ -43,6 +43,7 @@ def cmd_train(a) -> int:
         rows = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
     finally:
         run.close()
+        shutdown_distributed()
     if main and rows:
         from methods.common import plot_curves
 
