@@ -1,0 +1,114 @@
+"""The small LLaVA-style model and the adapter that lets the defense drive any `transformers`
+vision-language model.
+
+`build_model(ModelConfig())` makes a `LlavaForConditionalGeneration` from small configs (a CLIP
+vision tower, LLaVA's two-layer projector, a Llama decoder), randomly initialised: nothing is
+downloaded. The defense needs only four things of a model, and `VLMAdapter` gets them from any
+model whose forward takes ``pixel_values`` and ``input_ids`` (LLaVA, PaliGemma, ...):
+
+* the image geometry, from ``config.vision_config`` (``image_size``, ``patch_size``);
+* the number of image tokens of the prompt (``config.image_seq_length`` or (S / P)^2);
+* the last hidden states (``output_hidden_states=True``; logits only for the last position via
+  ``logits_to_keep=1`` where the model has it, so the full logits are never made);
+* the LM head, ``model.get_output_embeddings()`` (weight and optional bias).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from . import data as D
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = D.IMAGE_SIZE
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+
+
+def build_model(cfg: ModelConfig = ModelConfig(), vocab_size: Optional[int] = None):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"build_model: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    vocab = vocab_size or D.build_tokenizer().get_vocab_size()
+    vc = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                          num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                          image_size=cfg.image_size, patch_size=cfg.patch_size)
+    tc = LlamaConfig(vocab_size=vocab, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
+                     num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                     num_key_value_heads=cfg.text_heads, max_position_embeddings=256,
+                     pad_token_id=D.PAD, bos_token_id=D.BOS, eos_token_id=D.EOS, tie_word_embeddings=False)
+    n_img = (cfg.image_size // cfg.patch_size) ** 2
+    lc = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=D.IMAGE, image_seq_length=n_img,
+                     vision_feature_layer=-1, vision_feature_select_strategy="default",
+                     pad_token_id=D.PAD, bos_token_id=D.BOS, eos_token_id=D.EOS)
+    model = LlavaForConditionalGeneration(lc)
+    model.generation_config.pad_token_id = D.PAD
+    model.generation_config.eos_token_id = D.EOS
+    model.generation_config.bos_token_id = D.BOS
+    return model
+
+
+class VLMAdapter:
+    """What the defense needs of a `transformers` vision-language model (see the module doc)."""
+
+    def __init__(self, model):
+        self.model = model
+        vc = getattr(model.config, "vision_config", None)
+        if vc is None or not hasattr(vc, "image_size") or not hasattr(vc, "patch_size"):
+            raise TypeError(f"VLMAdapter: {type(model).__name__} has no config.vision_config with image_size and "
+                            "patch_size; the defense needs a vision-language model with a ViT-style tower")
+        self.image_size, self.patch_size = int(vc.image_size), int(vc.patch_size)
+        n = getattr(model.config, "image_seq_length", None)
+        self.n_image_tokens = int(n) if n else (self.image_size // self.patch_size) ** 2
+        params = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, fn: str = "defense") -> None:
+        s = self.image_size
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, s, s):
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"{fn}: pixel_values must have shape (B, 3, {s}, {s}) for this vision tower "
+                             f"(image_size {s}, patch_size {self.patch_size}), got {shape}")
+
+    def head(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        lm = self.model.get_output_embeddings()
+        return lm.weight, getattr(lm, "bias", None)
+
+    def hidden_states(self, inputs: Dict[str, torch.Tensor], pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last-layer hidden states (B, L, H) of the text positions (before the LM head)."""
+        kw = {k: v for k, v in inputs.items() if k not in ("labels", "pixel_values")}
+        pv = inputs["pixel_values"] if pixel_values is None else pixel_values
+        self.check_pixel_values(pv)
+        if self._logits_to_keep:
+            kw["logits_to_keep"] = 1
+        out = self.model(pixel_values=pv, output_hidden_states=True, use_cache=False, **kw)
+        return out.hidden_states[-1]
+
+    @torch.no_grad()
+    def generate(self, examples: Sequence[D.Example], max_new_tokens: int = 14, batch: int = 128):
+        """Greedy answers (strings) to the examples' prompts."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        texts = []
+        for s in range(0, len(examples), batch):
+            b = D.collate(examples[s:s + batch], self.n_image_tokens, with_answers=False, pad_left=True)
+            ids = b["input_ids"].to(device)
+            out = model.generate(input_ids=ids, attention_mask=b["attention_mask"].to(device),
+                                 pixel_values=b["pixel_values"].to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=D.PAD, eos_token_id=D.EOS)
+            texts += [D.decode_ids(row[ids.shape[1]:].tolist()) for row in out]
+        model.train(was_training)
+        return texts
