@@ -211,8 +211,10 @@ def _objective_inputs(b=5, length=9, h=16, v=23, seed=0, dtype=torch.float64):
 CONFIGS = [
     DF.DefenseConfig(),
     DF.DefenseConfig(divergence="reverse", cap="batch", kappa=50.0, tau_hi=0.5),
-    DF.DefenseConfig(divergence="symmetric", uncertainty_weights=False, gamma=0.5, tau_lo=2.5, tau_hi=0.5),
-    DF.DefenseConfig(detach_original=True, kappa=50.0, weight_temperature=0.2, lambda_h=1.0, tau_lo=3.0),
+    DF.DefenseConfig(divergence="symmetric", uncertainty_weights=False, gamma=0.5, tau_lo=2.5, tau_hi=0.5,
+                     softmax_temperature=2.5),
+    DF.DefenseConfig(detach="original", kappa=50.0, weight_temperature=0.2, lambda_h=1.0, tau_lo=3.0),
+    DF.DefenseConfig(detach="augmented", kappa=50.0, softmax_temperature=0.7, tau_lo=3.0),
 ]
 
 
@@ -224,14 +226,24 @@ def test_fused_objective_matches_eager_and_reaches_both_views(cfg, monkeypatch):
     ha, hb, w, labels = _objective_inputs()
     loss, stats = DF.cross_view_objective(ha, hb, labels, w, None, cfg)
     assert calls, "the fused op is not used"
-    grads = torch.autograd.grad(loss, (ha, hb, w))
+    zeros = lambda gs: [torch.zeros_like(x) if g is None else g for g, x in zip(gs, (ha, hb, w))]
+    grads = zeros(torch.autograd.grad(loss, (ha, hb, w), allow_unused=True))
     loss_e, stats_e = DF.cross_view_objective(ha, hb, labels, w, None, cfg, eager=True)
-    grads_e = torch.autograd.grad(loss_e, (ha, hb, w))
+    grads_e = zeros(torch.autograd.grad(loss_e, (ha, hb, w), allow_unused=True))
     torch.testing.assert_close(loss, loss_e.to(loss.dtype), rtol=1e-6, atol=1e-8)
     for g, ge in zip(grads, grads_e):
         torch.testing.assert_close(g, ge.to(g.dtype), rtol=1e-5, atol=1e-8)
     assert stats["answer_tokens"] == int((labels[:, 1:] != -100).sum())
-    assert grads[1].abs().sum() > 0 and grads[0].abs().sum() > 0  # both views get gradients
+    if cfg.detach == "none":  # both views get gradients
+        assert grads[1].abs().sum() > 0 and grads[0].abs().sum() > 0
+    else:  # the detached view gets exactly its CE's gradient (none for the augmented view)
+        ha2, hb2 = ha.detach().requires_grad_(), hb.detach().requires_grad_()
+        ce_only = dataclasses.replace(cfg, lambda_cv=0.0, lambda_h=0.0)
+        l2, _ = DF.cross_view_objective(ha2, hb2, labels, w, None, ce_only)
+        g2 = torch.autograd.grad(l2, (ha2, hb2), allow_unused=True)
+        i = 0 if cfg.detach == "original" else 1
+        want = g2[i] if g2[i] is not None else torch.zeros_like(ha)
+        torch.testing.assert_close(grads[i], want, rtol=1e-6, atol=1e-10)
     assert grads[0][0].abs().sum() == 0  # the sample without answer tokens gets none
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from methods.common import Run, add_common_args, pick_device
 
 from .attacks import ATTACKS
-from .defense import AUG_OPS, DIVERGENCES, MODES, DefenseConfig
+from .defense import AUG_OPS, DETACH, DIVERGENCES, MODES, DefenseConfig
 
 DEFENSES = {"plain": "none", "aug": "aug", "crossview": "crossview"}
 
@@ -23,8 +23,9 @@ DEFENSES = {"plain": "none", "aug": "aug", "crossview": "crossview"}
 def _defense(a) -> DefenseConfig:
     return DefenseConfig(mode=DEFENSES[a.defense], divergence=a.divergence, lambda_cv=a.lambda_cv, kappa=a.kappa,
                          cap=a.cap, lambda_h=a.lambda_h, tau_lo=a.tau_lo, tau_hi=a.tau_hi,
-                         weight_temperature=a.weight_temperature, uncertainty_weights=not a.uniform_weights,
-                         gamma=a.gamma, detach_original=a.detach_original, ops=tuple(a.ops), cell=a.cell,
+                         weight_temperature=a.weight_temperature, softmax_temperature=a.softmax_temperature,
+                         uncertainty_weights=not a.uniform_weights,
+                         gamma=a.gamma, detach=a.detach, ops=tuple(a.ops), cell=a.cell,
                          mask_ratio=a.mask_ratio, swaps=a.swaps).validate()
 
 
@@ -121,9 +122,12 @@ def main(argv=None) -> int:
     t.add_argument("--tau-lo", type=float, default=DefenseConfig.tau_lo)
     t.add_argument("--tau-hi", type=float, default=None, help="upper entropy bound (default 0.9 log V)")
     t.add_argument("--weight-temperature", type=float, default=DefenseConfig.weight_temperature)
+    t.add_argument("--softmax-temperature", type=float, default=DefenseConfig.softmax_temperature,
+                   help="temperature of p and q in the divergence and the entropy band (CE stays at 1)")
     t.add_argument("--uniform-weights", action="store_true", help="no uncertainty-aware sample weights")
     t.add_argument("--gamma", type=float, default=DefenseConfig.gamma, help="CE weight of the augmented view")
-    t.add_argument("--detach-original", action="store_true", help="stop-gradient on the original view's p")
+    t.add_argument("--detach", default="none", choices=DETACH,
+                   help="stop-gradient on one view inside the divergence and the entropy band")
     t.add_argument("--ops", nargs="+", default=list(AUG_OPS), choices=AUG_OPS)
     t.add_argument("--cell", type=int, default=DefenseConfig.cell, help="augmentation cell side, in vision patches")
     t.add_argument("--mask-ratio", type=float, default=DefenseConfig.mask_ratio)

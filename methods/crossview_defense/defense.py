@@ -2,16 +2,20 @@
 uncertainty-aware sample weights (spec A.3, a reconstruction with switches; the paper's exact
 loss is not public).
 
-Per batch, every image is shown twice, as itself (view a, logits z, p = softmax z) and patch-
-augmented (view b, z', q), in one forward pass of the doubled batch. On the answer tokens only
-(positions whose label is not -100, shifted as in causal LM training)::
+Per batch, every image is shown twice, as itself (view a, logits z, p = softmax(z / T_s)) and
+patch-augmented (view b, z', q = softmax(z' / T_s)), in one forward pass of the doubled batch. On
+the answer tokens only (positions whose label is not -100, shifted as in causal LM training)::
 
     L = CE(z, y) + gamma CE(z', y)
         - lambda_cv * cap( D_i, kappa )                        # push the views apart, capped
         + lambda_h * mean_t [ relu(H(q_t) - tau_hi) + relu(tau_lo - H(p_t)) ]   # entropy band
     D_i = (1/|M_i|) sum_{t in M_i} div(p_t, q_t)               # forward KL(p||q) by default
     cap = sum_i w_i min(D_i, kappa)  ("sample", default)  or  min(sum_i w_i D_i, kappa)  ("batch")
-    w_i = softmax_i( -mean_t H(p_t) / T )   (detached; confident samples are pushed harder)
+    w_i = softmax_i( -mean_t H(p_t) / T_w )   (detached; confident samples are pushed harder)
+
+`detach` stops the gradient of one view inside the divergence and the band (the CE of the
+original view always trains). T_s > 1 keeps the divergence's gradient alive on saturated
+(near one-hot) outputs, where KL(p||q) and H(p) are flat.
 
 All per-token quantities (both KLs, both entropies, the CE) come from one call of the fused
 `pyops.fused_linear_cross_view` on the answer rows' last hidden states and the LM head: the
@@ -36,6 +40,7 @@ import pyops
 from .model import VLMAdapter
 
 MODES = ("none", "aug", "crossview")
+DETACH = ("none", "original", "augmented")
 DIVERGENCES = ("forward", "reverse", "symmetric")
 AUG_OPS = ("shuffle", "mask", "swap")
 
@@ -44,16 +49,17 @@ AUG_OPS = ("shuffle", "mask", "swap")
 class DefenseConfig:
     mode: str = "crossview"  # none | aug | crossview
     divergence: str = "forward"  # forward KL(p||q) | reverse KL(q||p) | symmetric (mean of both)
-    lambda_cv: float = 0.5
-    kappa: float = 3.0  # cap, nats per token
+    lambda_cv: float = 1.0
+    kappa: float = 1.0  # cap, nats per token
     cap: str = "sample"  # sample | batch
     lambda_h: float = 0.1
     tau_lo: float = 0.05  # nats
     tau_hi: Optional[float] = None  # nats; None = 0.9 log V
-    weight_temperature: float = 1.0  # T of the uncertainty-aware weights
+    weight_temperature: float = 0.1  # T_w of the uncertainty-aware weights
+    softmax_temperature: float = 3.0  # T_s: p = softmax(z / T_s) in the divergence and the entropies (CE at 1)
     uncertainty_weights: bool = True  # False: uniform weights
     gamma: float = 0.0  # CE weight of the augmented view
-    detach_original: bool = False  # stop-gradient on p inside the divergence and the band
+    detach: str = "none"  # none | original | augmented: stop-gradient on that view in the divergence and band
     # patch augmentation
     ops: Tuple[str, ...] = AUG_OPS
     cell: int = 1  # cell side in vision patches
@@ -68,6 +74,8 @@ class DefenseConfig:
             bad(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.divergence not in DIVERGENCES:
             bad(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.detach not in DETACH:
+            bad(f"detach must be one of {DETACH}, got {self.detach!r}")
         if self.cap not in ("sample", "batch"):
             bad(f"cap must be 'sample' or 'batch', got {self.cap!r}")
         for name in ("lambda_cv", "kappa", "lambda_h", "tau_lo", "gamma", "mask_ratio"):
@@ -78,8 +86,10 @@ class DefenseConfig:
             bad(f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
         if self.tau_hi is not None and not (math.isfinite(self.tau_hi) and self.tau_hi >= 0):
             bad(f"tau_hi must be None or a finite number >= 0, got {self.tau_hi!r}")
-        if not (self.weight_temperature > 0 and math.isfinite(self.weight_temperature)):
-            bad(f"weight_temperature must be > 0, got {self.weight_temperature!r}")
+        for name in ("weight_temperature", "softmax_temperature"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                bad(f"{name} must be a finite number > 0, got {v!r}")
         if not self.ops or any(o not in AUG_OPS for o in self.ops):
             bad(f"ops must be a non-empty subset of {AUG_OPS}, got {self.ops!r}")
         if self.cell < 1 or self.swaps < 0:
@@ -161,12 +171,13 @@ def answer_rows(hidden: torch.Tensor, labels: torch.Tensor):
     return h[keep], y[keep], sample[keep], keep
 
 
-def _eager_rows(ha, hb, weight, bias, y):
-    """Per-row KL(p||q), KL(q||p), H(p), H(q), CE(z, y) in plain PyTorch (float32, or float64)."""
+def _eager_rows(ha, hb, weight, bias, y, temperature=1.0):
+    """Per-row KL(p||q), KL(q||p), H(p), H(q) (p = softmax(z / T)) and CE(z, y) in plain PyTorch
+    (float32, or float64)."""
     acc = torch.float64 if ha.dtype == torch.float64 else torch.float32
     za = F.linear(ha.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     zb = F.linear(hb.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
-    lp, lq = za.log_softmax(-1), zb.log_softmax(-1)
+    lp, lq = (za / temperature).log_softmax(-1), (zb / temperature).log_softmax(-1)
     p, q = lp.exp(), lq.exp()
     return ((p * (lp - lq)).sum(-1), (q * (lq - lp)).sum(-1), -(p * lp).sum(-1), -(q * lq).sum(-1),
             F.cross_entropy(za, y, reduction="none"))
@@ -185,13 +196,14 @@ def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Ten
         zero = (h_a.sum() + h_b.sum()) * 0.0
         return zero, {"ce": 0.0, "div": 0.0, "div_capped": 0.0, "band": 0.0, "answer_tokens": 0}
     vocab = weight.shape[0]
-    pa = ra.detach() if cfg.detach_original else ra
+    pa = ra.detach() if cfg.detach == "original" else ra
+    pb = rb.detach() if cfg.detach == "augmented" else rb
     if eager:
-        kab, kba, ea, eb, ce = _eager_rows(pa, rb, weight, bias, y)
+        kab, kba, ea, eb, ce = _eager_rows(pa, pb, weight, bias, y, cfg.softmax_temperature)
     else:
-        out = pyops.fused_linear_cross_view(pa, rb, weight, bias, target=y)
+        out = pyops.fused_linear_cross_view(pa, pb, weight, bias, target=y, temperature=cfg.softmax_temperature)
         kab, kba, ea, eb, ce = out.kl_ab, out.kl_ba, out.entropy_a, out.entropy_b, out.ce_a
-    if cfg.detach_original:  # the CE must still train the original view
+    if cfg.detach == "original":  # the CE must still train the original view
         z = F.linear(ra, weight, bias)
         ce = F.cross_entropy(z if z.dtype == torch.float64 else z.float(), y, reduction="none")
     ce_mean = ce.sum() / n_rows
