@@ -302,10 +302,3 @@ def collate(examples: Sequence[Example], n_image_tokens: int, with_answers: bool
     imgs = torch.stack([ex.image for ex in examples]) if examples else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
     return {"input_ids": ids, "attention_mask": mask, "labels": lab, "pixel_values": pixel_values(imgs)}
 
-
-def batches(n_items: int, batch: int, rng: np.random.Generator):
-    """An endless stream of index batches: shuffled epochs."""
-    while True:
-        order = rng.permutation(n_items)
-        for s in range(0, n_items - batch + 1 if n_items >= batch else 1, batch):
-            yield order[s:s + batch]
