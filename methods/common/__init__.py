@@ -6,11 +6,11 @@ from .device import pick_device
 from .dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_main_process, shutdown_distributed, wrap_ddp
 from .plotting import plot_curves
 from .progress import progress
-from .run import Run, add_common_args
+from .run import Run, add_common_args, training_run
 from .seeding import seed_everything, worker_seed
 
 __all__ = [
     "Checkpointer", "DistInfo", "Run", "add_common_args", "all_reduce_mean", "barrier", "init_distributed",
     "is_main_process", "shutdown_distributed", "load_checkpoint", "pick_device", "plot_curves", "progress", "rng_state",
-    "save_checkpoint", "seed_everything", "set_rng_state", "worker_seed", "wrap_ddp",
+    "save_checkpoint", "seed_everything", "set_rng_state", "training_run", "worker_seed", "wrap_ddp",
 ]

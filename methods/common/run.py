@@ -15,11 +15,13 @@ import logging
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from .checkpoint import Checkpointer
+from .dist import shutdown_distributed
 
 
 def add_common_args(p: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
@@ -146,3 +148,16 @@ class Run:
             h.close()
             self.logger.removeHandler(h)
 
+
+@contextmanager
+def training_run(out: str, config: Dict[str, Any], *, fresh: bool = False, name: str = "pyops"):
+    """The `Run` of a CLI's training command, alone or as one rank under torchrun (RANK): only
+    rank 0 writes and `fresh` clears only there. On the way out, whatever happened, the log is
+    closed and the process group (if any) is shut down."""
+    main = int(os.environ.get("RANK", 0)) == 0
+    run = Run(out, config, fresh=fresh and main, main=main, name=name)
+    try:
+        yield run
+    finally:
+        run.close()
+        shutdown_distributed()

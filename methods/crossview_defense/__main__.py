@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from methods.common import Run, add_common_args, pick_device
+from methods.common import add_common_args, pick_device, training_run
 
 from .attacks import ATTACKS
 from .defense import AUG_OPS, DETACH, DIVERGENCES, MODES, DefenseConfig
@@ -55,13 +55,10 @@ def cmd_train(a) -> int:
                       model=ModelConfig(), n_train=a.n_train, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed,
                       n_test=a.n_test, log_every=a.log_every)
     device = pick_device(a.device)
-    run = Run(a.out, vars(a), fresh=a.fresh, name="crossview_defense")
-    try:
+    with training_run(a.out, vars(a), fresh=a.fresh, name="crossview_defense") as run:
         model, rows = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
         res = evaluate(model, cfg)
         run.info("results: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)))
-    finally:
-        run.close()
     if rows:
         from methods.common import plot_curves
 

@@ -73,7 +73,7 @@ def _mean_std(v):
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def summarize(records, seeds):
+def summarize(records):
     table = {}
     for a in ORDER:
         for m in DEFENSES:
@@ -181,13 +181,13 @@ def main(argv=None) -> int:
                       f"BLEU-4 {100 * r['bleu4']:5.1f}  CIDEr {100 * r['cider']:6.1f}  VQA {100 * r['vqa_acc']:5.1f}  "
                       f"({r['train_seconds']:.0f} s)", flush=True)
                 records.append(rec)
-                table = summarize(records, args.seeds)
+                table = summarize(records)
                 finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
                 md = markdown(table, args, started, finished, time.perf_counter() - t0)
                 open(os.path.join(args.results, f"acceptance{suffix}.md"), "w").write(md)
                 json.dump({"args": vars(args), "defense": asdict(DefenseConfig(**defense_kw)), "runs": records},
                           open(os.path.join(args.results, f"acceptance{suffix}.json"), "w"), indent=1)
-    figure(summarize(records, args.seeds), os.path.join(args.results, f"acceptance{suffix}.png"))
+    figure(summarize(records), os.path.join(args.results, f"acceptance{suffix}.png"))
     print(md)
     return 0
 

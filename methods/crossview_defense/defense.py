@@ -201,7 +201,9 @@ def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Ten
     if eager:
         kab, kba, ea, eb, ce = _eager_rows(pa, pb, weight, bias, y, cfg.softmax_temperature)
     else:
-        out = pyops.fused_linear_cross_view(pa, pb, weight, bias, target=y, temperature=cfg.softmax_temperature)
+        # with the original view detached its CE (computed below) must not come from the detached rows
+        target = None if cfg.detach == "original" else y
+        out = pyops.fused_linear_cross_view(pa, pb, weight, bias, target=target, temperature=cfg.softmax_temperature)
         kab, kba, ea, eb, ce = out.kl_ab, out.kl_ba, out.entropy_a, out.entropy_b, out.ce_a
     if cfg.detach == "original":  # the CE must still train the original view
         z = F.linear(ra, weight, bias)

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from methods.common import Run, add_common_args, pick_device, progress, shutdown_distributed
+from methods.common import add_common_args, pick_device, progress, training_run
 
 
 def cmd_train(a) -> int:
@@ -17,14 +17,9 @@ def cmd_train(a) -> int:
                       presets=tuple(a.presets), draws=a.draws, data_dir=a.data_dir, seed=a.seed,
                       eval_every=a.eval_every)
     device = pick_device(a.device)
-    main = int(os.environ.get("RANK", 0)) == 0
-    run = Run(a.out, vars(a), fresh=a.fresh and main, main=main, name="msgnn")
-    try:
+    with training_run(a.out, vars(a), fresh=a.fresh, name="msgnn") as run:
         rows = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
-    finally:
-        run.close()
-        shutdown_distributed()
-    if main and rows:
+    if run.main and rows:
         from methods.common import plot_curves
 
         steps = [r["step"] + 1 for r in rows]

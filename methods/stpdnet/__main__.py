@@ -5,7 +5,7 @@ import os
 import sys
 
 
-from methods.common import Run, add_common_args, pick_device, progress, shutdown_distributed
+from methods.common import add_common_args, pick_device, progress, training_run
 
 
 def cmd_simulate(a) -> int:
@@ -37,14 +37,9 @@ def cmd_train(a) -> int:
                       steps=a.steps, lr=a.lr, loss=a.loss, clip=a.clip, seed=a.seed, val_studies=a.val_studies,
                       eval_every=a.eval_every)
     device = pick_device(a.device)
-    main = int(os.environ.get("RANK", 0)) == 0
-    run = Run(a.out, vars(a), fresh=a.fresh and main, main=main, name="stpdnet")
-    try:
+    with training_run(a.out, vars(a), fresh=a.fresh, name="stpdnet") as run:
         rows = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
-    finally:
-        run.close()
-        shutdown_distributed()
-    if main and rows:
+    if run.main and rows:
         from methods.common import plot_curves
 
         plot_curves({"validation rel. RMSE": ([r["step"] + 1 for r in rows], [r["val_rel_rmse"] for r in rows])},
