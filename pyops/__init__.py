@@ -9,6 +9,8 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 * ``joseph_project`` / ``joseph_backproject``: Joseph PET projection and its exact transpose
   (``pyops.pet``: ``JosephProjector``, ``parallel_beam_2d``, ``ring_scanner``)
 * ``harmonize_gradients``: FedGH / PCGrad gradient projections, batched in Gram space
+* ``gr_loss``: the GR loss of single-positive multi-label learning (robust terms, soft
+  pseudo-labels, imbalance weight), one fused elementwise pass forward and backward
 
 ``pyops.backends()`` tells what was built; ``pyops.use_backend("triton" | "cuda")`` picks the
 implementation for CUDA tensors.
@@ -20,6 +22,7 @@ from .knn_patch import knn_patch_search, patch_aggregate, patch_grid
 from . import pet
 from .pet import joseph_backproject, joseph_project
 from .harmonize import HarmonizeStats, harmonize_gradients
+from .gr_loss import gr_loss
 
 __all__ = [
     "backends",
@@ -38,5 +41,6 @@ __all__ = [
     "joseph_backproject",
     "harmonize_gradients",
     "HarmonizeStats",
+    "gr_loss",
 ]
 __version__ = "0.1.0"

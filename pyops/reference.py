@@ -20,6 +20,7 @@ __all__ = [
     "joseph_backproject",
     "pcgrad_visit_orders",
     "harmonize_gradients",
+    "gr_loss",
 ]
 
 
@@ -338,3 +339,29 @@ def harmonize_gradients(grads, *, weights=None, mode="fedgh", order=None, genera
     den = n[:, None] * n[None, :]
     cosine = torch.where(den > 0, gram / torch.where(den > 0, den, 1.0), 0.0)
     return result, (int((gram.triu(1) < 0).sum()), cosine)
+
+
+# ---------------------------------------------------------------------------------------------
+# GR loss (single-positive multi-label learning)
+# ---------------------------------------------------------------------------------------------
+def gr_loss(logits, observed, beta=(0.0, -2.0), alpha=(0.5, 2.0), q2=0.01, q3=1.0, *, reduction="mean",
+            require_positive=True):
+    """GR loss in logit space: ``-log p`` on observed positives, ``v (k L2 + (1 - k) L3)`` on
+    unobserved entries, with k = sigmoid(w p + b) and v = exp(-(p - mu)^2 / (2 sigma^2)) from
+    the detached p, L2 = (1 - p^q2) / q2 and L3 = (1 - (1 - p)^q3) / q3 (q = 0: the log limit).
+    float32 (float64 for float64 logits). ``require_positive`` is accepted and not checked."""
+    del require_positive
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(acc)
+    w, b = beta
+    mu, sigma = alpha
+    log_p, log_1mp = F.logsigmoid(z), F.logsigmoid(-z)
+    p = torch.sigmoid(z.detach())
+    k = torch.sigmoid(w * p + b)
+    v = torch.exp(-((p - mu) ** 2) / (2 * sigma**2))
+    l2 = -torch.expm1(q2 * log_p) / q2 if q2 > 0 else -log_p
+    l3 = -torch.expm1(q3 * log_1mp) / q3 if q3 > 0 else -log_1mp
+    loss = torch.where(observed != 0, -log_p, v * (k * l2 + (1 - k) * l3))
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()

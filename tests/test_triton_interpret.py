@@ -90,3 +90,49 @@ def test_triton_empty_rows():
     a = torch.randn(0, 10)
     outs = cvk.triton_cross_view_kl_entropy_fwd(a, a, None, 1.0, -100)
     assert outs[0].shape == (0,)
+
+
+# ---- GR loss ------------------------------------------------------------------------------
+import importlib  # noqa: E402
+
+grl = importlib.import_module("pyops.gr_loss")  # the module (pyops.gr_loss is also the function)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 13), (3, 700)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("setting", [((0.0, -2.0), (0.5, 2.0), 0.01, 1.0), ((1.5, -1.0), (0.6, 0.7), 0.7, 0.3),
+                                     ((-3.0, 0.5), (0.1, 0.2), 0.0, 0.0)], ids=["voc", "mid", "q0"])
+def test_triton_gr_loss_matches_reference(shape, dtype, reduction, setting):
+    beta, alpha, q2, q3 = setting
+    z = (torch.randn(shape) * 4).to(dtype)
+    z.view(-1)[0] = 40.0
+    o = torch.rand(shape) < 0.2
+    o[:, 0] = True
+    params = torch.tensor([*beta, *alpha], dtype=torch.float64)
+    out = grl.triton_gr_loss_fwd(z, o, params, q2, q3, reduction)
+    zr = z.clone().requires_grad_()
+    ref = reference.gr_loss(zr, o, beta, alpha, q2, q3, reduction=reduction)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+    up = torch.randn(ref.shape, dtype=ref.dtype)
+    g = grl.triton_gr_loss_bwd(up, z, o, params, q2, q3, reduction)
+    (gr,) = torch.autograd.grad(ref, zr, up)
+    assert g.dtype == dtype
+    gtol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    sub = 2 * 2.0**-24 if dtype == torch.float16 else 0.0
+    torch.testing.assert_close(g.double(), gr.double(), rtol=0 if gtol < 1e-4 else gtol,
+                               atol=gtol * max(gr.abs().max().item(), 1e-30) + sub)
+
+
+def test_triton_gr_loss_empty_and_nan():
+    params = torch.tensor([0.0, -2.0, 0.5, 2.0], dtype=torch.float64)
+    z = torch.zeros(0, 5)
+    assert torch.isnan(grl.triton_gr_loss_fwd(z, z, params, 0.01, 1.0, "mean"))
+    assert grl.triton_gr_loss_fwd(z, z, params, 0.01, 1.0, "sum").item() == 0.0
+    z = torch.randn(2, 9)
+    z[1, 4] = float("nan")
+    o = torch.zeros(2, 9)
+    out = grl.triton_gr_loss_fwd(z, o, params, 0.01, 1.0, "none")
+    assert torch.isnan(out[1, 4]) and torch.isfinite(out[0]).all()

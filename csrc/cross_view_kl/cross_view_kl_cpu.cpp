@@ -9,13 +9,15 @@
 //
 // Accumulation is float32 for float32/float16/bfloat16 logits and float64 for float64 logits.
 // The float32 block loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at
-// load time (GCC target_clones); exp is a branch-free polynomial that vectorises.
+// load time (GCC target_clones); exp is a branch-free polynomial that vectorises
+// (csrc/common/simd_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cross_view_kl.h"
+#include "../common/simd_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -30,40 +32,7 @@ namespace {
 
 constexpr int64_t kBlock = 1024;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYOPS_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYOPS_MULTIVERSION
-#endif
-
-// exp(x) to ~1 ulp for x <= 88, branch-free so that loops over it vectorise. Cephes-style
-// range reduction exp(x) = 2^n exp(r), |r| <= ln2 / 2, with a degree-7 polynomial.
-// exp(NaN) = NaN, exp(-inf) = 0, x < -87.33 flushes to 0 (below FLT_MIN).
-inline float exp_approx(float x) {
-  const float lo = -87.33654f, hi = 88.0f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  // round(xc / ln2) by the 1.5 * 2^23 trick (no libm call, exact for |n| < 2^22).
-  const float shifter = 12582912.0f;
-  float n = (xc * 1.44269504088896341f + shifter) - shifter;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float y = p * scale;
-  y = x < lo ? 0.0f : y;
-  return x != x ? x : y;
-}
-inline double exp_approx(double x) { return std::exp(x); }
+using namespace pyops::simd;
 
 template <typename acc_t>
 struct ViewState {
@@ -165,48 +134,8 @@ inline void bwd_block(const acc_t* a, const acc_t* b, acc_t* ga, acc_t* gb, int6
 }
 
 // ---- float32 block kernels with explicit 8-lane vectors (GCC/Clang vector extensions) ----
-// Compiled for AVX-512, AVX2+FMA and baseline x86-64 (PYOPS_MULTIVERSION), picked at load time.
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-
-inline vf8 splat(float x) { return vf8{} + x; }
-inline vf8 loadu(const float* p) {
-  vf8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void storeu(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline float hsum(vf8 v) {
-  float s = 0;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-inline float hmax(vf8 v, float m) {
-  for (int i = 0; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-// The vector twin of exp_approx (same constants, same special cases).
-inline vf8 exp_approx(vf8 x) {
-  const vf8 lo = splat(-87.33654f), hi = splat(88.0f), shifter = splat(12582912.0f);
-  vf8 xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const vf8 n = (xc * splat(1.44269504088896341f) + shifter) - shifter;
-  vf8 r = xc - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf8 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  vf8 y = p * reinterpret_cast<const vf8&>(bits);
-  y = x < lo ? splat(0.0f) : y;
-  return x != x ? x : y;
-}
+// Compiled for AVX-512, AVX2+FMA and baseline x86-64 (PYOPS_MULTIVERSION), picked at load time;
+// vf8, exp_approx and friends: csrc/common/simd_math.h.
 
 // fwd_block for float32 logits a, b (unscaled; u = a * inv_t, w = b * inv_t).
 PYOPS_MULTIVERSION void fwd_block_f32(const float* a, const float* b, int64_t n, float inv_t,
