@@ -19,6 +19,7 @@ BENCHES = {
     "knn_patch": "benchmarks.bench_knn_patch",
     "harmonize": "benchmarks.bench_harmonize",
     "pet": "benchmarks.bench_pet",
+    "gr_loss": "benchmarks.bench_gr_loss",
 }
 
 
