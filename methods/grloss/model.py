@@ -1,0 +1,46 @@
+"""The classifiers: an MLP for tabular features (Yeast) and a small CNN for digit mosaics.
+Both end in a linear head of C logits (``model.head``, the reference's ``linear_classifier``)."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.2):
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class MosaicCNN(nn.Module):
+    """conv-bn-relu x 2 and a pool per stage (3 stages), global average pooling, a linear head."""
+
+    def __init__(self, num_classes: int, width: int = 32, in_channels: int = 1):
+        super().__init__()
+
+        def stage(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                    nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.backbone = nn.Sequential(
+            *stage(in_channels, width), nn.MaxPool2d(2),
+            *stage(width, 2 * width), nn.MaxPool2d(2),
+            *stage(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def build_model(dataset: str, in_shape, num_classes: int) -> nn.Module:
+    if dataset == "yeast":
+        return MLP(in_shape[0], num_classes)
+    return MosaicCNN(num_classes, in_channels=in_shape[0])
