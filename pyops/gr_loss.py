@@ -238,42 +238,36 @@ if triton is not None:
         return tl.where(q > 0.0, -em1 * inv_q, s)
 
     @triton.jit
-    def _gr_load_params(params_ptr, dt: tl.constexpr):
+    def _gr_block(z_ptr, obs_ptr, params_ptr, n, dt: tl.constexpr, BLOCK: tl.constexpr):
+        # this program's entries: offsets, mask, observed flags and the pieces of the loss
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dt)
+        observed = tl.load(obs_ptr + offs, mask=mask, other=0).to(dt) != 0.0
         w = tl.load(params_ptr + 0).to(dt)
         b = tl.load(params_ptr + 1).to(dt)
         mu = tl.load(params_ptr + 2).to(dt)
         sigma = tl.load(params_ptr + 3).to(dt)
-        return w, b, mu, 0.5 / (sigma * sigma)
+        sp_neg, sp_pos, p, omp, k, v = _gr_pieces(z, w, b, mu, 0.5 / (sigma * sigma))
+        return offs, mask, observed, sp_neg, sp_pos, p, omp, k, v
 
     @triton.jit
     def _gr_fwd_kernel(z_ptr, obs_ptr, params_ptr, out_ptr, n, q2, q3, inv_q2, inv_q3,
                        PER_ENTRY: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr):
-        dt = tl.float64 if ACC64 else tl.float32
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dt)
-        observed = tl.load(obs_ptr + offs, mask=mask, other=0).to(dt) != 0.0
-        w, b, mu, inv_2s2 = _gr_load_params(params_ptr, dt)
-        sp_neg, sp_pos, p, omp, k, v = _gr_pieces(z, w, b, mu, inv_2s2)
+        dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+        offs, mask, observed, sp_neg, sp_pos, p, omp, k, v = _gr_block(z_ptr, obs_ptr, params_ptr, n, dt, BLOCK)
         unobs = v * (k * _gr_gce(sp_neg, q2, inv_q2) + (1.0 - k) * _gr_gce(sp_pos, q3, inv_q3))
         loss = tl.where(observed, sp_neg, unobs)
         if PER_ENTRY:
             tl.store(out_ptr + offs, loss, mask=mask)
         else:
-            tl.store(out_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
+            tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
 
     @triton.jit
     def _gr_bwd_kernel(g_ptr, z_ptr, obs_ptr, params_ptr, out_ptr, n, scale, q2, q3,
                        PER_ENTRY: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr):
-        dt = tl.float64 if ACC64 else tl.float32
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dt)
-        observed = tl.load(obs_ptr + offs, mask=mask, other=0).to(dt) != 0.0
-        w, b, mu, inv_2s2 = _gr_load_params(params_ptr, dt)
-        sp_neg, sp_pos, p, omp, k, v = _gr_pieces(z, w, b, mu, inv_2s2)
+        dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+        offs, mask, observed, sp_neg, sp_pos, p, omp, k, v = _gr_block(z_ptr, obs_ptr, params_ptr, n, dt, BLOCK)
         p_q2 = tl.exp(-sp_neg * q2)
         omp_q3 = tl.exp(-sp_pos * q3)
         unobs = v * ((1.0 - k) * omp_q3 * p - k * p_q2 * omp)

@@ -99,9 +99,10 @@ PYOPS_VINLINE VF vsplat(float x) {
   return VF{} + x;
 }
 
-// The vector twin of exp_approx (same constants, same special cases).
+// exp(x) = 2^n (1 + P(r)): the range reduction shared by exp_approx_v and expm1_approx_v. Returns
+// P(r) = expm1(r) (|r| <= ln2 / 2) and sets scale = 2^n, for x clamped to [-87.33, 88].
 template <typename VF, typename VI = typename VecInt<VF>::type>
-PYOPS_VINLINE VF exp_approx_v(VF x) {
+PYOPS_VINLINE VF exp_reduce_v(VF x, VF& scale) {
   const VF lo = vsplat<VF>(-87.33654f), hi = vsplat<VF>(88.0f), shifter = vsplat<VF>(12582912.0f);
   VF xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
@@ -114,36 +115,31 @@ PYOPS_VINLINE VF exp_approx_v(VF x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  VF y = p * reinterpret_cast<const VF&>(bits);
-  y = x < lo ? vsplat<VF>(0.0f) : y;
+  scale = reinterpret_cast<const VF&>(bits);
+  return p * r * r + r;
+}
+
+// The vector twin of exp_approx (same constants, same special cases).
+template <typename VF>
+PYOPS_VINLINE VF exp_approx_v(VF x) {
+  VF scale;
+  const VF p = exp_reduce_v(x, scale);
+  VF y = (p + 1.0f) * scale;
+  y = x < vsplat<VF>(-87.33654f) ? vsplat<VF>(0.0f) : y;
   return x != x ? x : y;
 }
 PYOPS_VINLINE vf8 exp_approx(vf8 x) { return exp_approx_v(x); }
 PYOPS_VINLINE vf16 exp_approx(vf16 x) { return exp_approx_v(x); }
 
-// expm1(x) for x <= 0 (and moderate x > 0) with full relative accuracy near 0: the same range
-// reduction, 2^n (1 + P(r)) - 1 = 2^n P(r) + (2^n - 1), exact P(r) for n = 0. x < -87.33: -1.
-template <typename VF, typename VI = typename VecInt<VF>::type>
+// expm1(x) for x <= 0 (and moderate x > 0) with full relative accuracy near 0:
+// 2^n (1 + P(r)) - 1 = 2^n P(r) + (2^n - 1), exactly P(r) for n = 0. x < -87.33: -1.
+template <typename VF>
 PYOPS_VINLINE VF expm1_approx_v(VF x) {
-  const VF lo = vsplat<VF>(-87.33654f), hi = vsplat<VF>(88.0f), shifter = vsplat<VF>(12582912.0f);
-  VF xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const VF n = (xc * 1.44269504088896341f + shifter) - shifter;
-  VF r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  VF p = vsplat<VF>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r;  // expm1(r)
-  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  const VF scale = reinterpret_cast<const VF&>(bits);
+  VF scale;
+  const VF p = exp_reduce_v(x, scale);
   VF y = p * scale + (scale - 1.0f);
-  y = x < lo ? vsplat<VF>(-1.0f) : y;
+  y = x < vsplat<VF>(-87.33654f) ? vsplat<VF>(-1.0f) : y;
   return x != x ? x : y;
 }
 PYOPS_VINLINE vf8 expm1_approx(vf8 x) { return expm1_approx_v(x); }

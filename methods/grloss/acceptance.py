@@ -37,7 +37,19 @@ GR_GRID = {  # name -> (beta, alpha, q)
     "v-flat": ((0.0, 2.0, -2.0, -2.0), (0.5, 2.0, 0.5, 2.0), (0.01, 1.0)),
     "q3-0.5": ((0.0, 2.0, -2.0, -2.0), (0.5, 2.0, 0.8, 0.5), (0.01, 0.5)),
     "q2-0.3": ((0.0, 2.0, -2.0, -2.0), (0.5, 2.0, 0.8, 0.5), (0.3, 1.0)),
+    # the paper's guidance for the initial k-hat: the share of false negatives among the
+    # unobserved labels, (E[#pos] - 1) / (C - 1) from the training labels: b = logit of it
+    "k-prior": ((0.0, 2.0, "prior", "prior"), (0.5, 2.0, 0.8, 0.5), (0.01, 1.0)),
+    "k-prior-steeper": ((0.0, 4.0, "prior", "prior"), (0.5, 2.0, 0.8, 0.5), (0.01, 1.0)),
+    "k-prior-v-wide": ((0.0, 2.0, "prior", "prior"), (0.5, 2.0, 0.8, 1.0), (0.01, 1.0)),
 }
+
+
+def resolve_beta(beta, data) -> tuple:
+    """GR_GRID's "prior": b = logit((E[#pos] - 1) / (C - 1)) of the training labels."""
+    f = (data.expected_num_pos - 1) / (data.num_classes - 1)
+    prior = float(np.log(f / (1 - f)))
+    return tuple(prior if v == "prior" else float(v) for v in beta)
 BASELINE_GRID = {
     "an-ls": {"ls_coef": [0.05, 0.1, 0.2]},
     "em": {"alpha": [0.05, 0.1, 0.2]},
@@ -74,7 +86,7 @@ def run_job(job: dict) -> dict:
     kw = {}
     if job.get("gr"):
         beta, alpha, q = job["gr"]
-        kw = dict(gr_beta=beta, gr_alpha=alpha, gr_q=q)
+        kw = dict(gr_beta=resolve_beta(beta, _DATA[ds]), gr_alpha=alpha, gr_q=q)
     cfg = TrainConfig(dataset=ds, loss=job["loss"], seed=job["seed"], loss_args=job.get("loss_args", {}), **kw)
     folder = tempfile.mkdtemp(prefix="grloss_acc_")
     try:
@@ -232,7 +244,7 @@ def main(argv=None) -> int:
         f.write("\n".join(lines) + "\n")
     traj = [r for r in final_res if r.get("history")]
     if traj:
-        r = traj[-1]
+        r = max(traj, key=lambda r: r["epochs_run"])  # the longest GR run shows the most of the schedule
         trajectory_figure(r["history"], os.path.join(a.results, "gr_trajectory.png"),
                           f"GR on {r['dataset']}, seed {r['seed']} ({r['setting']}): k-hat and v per epoch "
                           f"(early stop after epoch {r['epochs_run']})")

@@ -1,0 +1,413 @@
+"""methods.grloss: GR loss and its schedules against the spec's formulas, each baseline's defining
+property, single-positive sampling, mAP against scikit-learn, the data, training and the CLI."""
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.grloss import data as D
+from methods.grloss import losses as L
+from methods.grloss.metrics import average_precision, mean_average_precision
+
+EPS = L.LOG_EPSILON
+
+
+def spml_batch(B=12, C=7, scale=2.0):
+    logits = torch.randn(B, C, dtype=torch.float64) * scale
+    observed = torch.zeros(B, C, dtype=torch.float64)
+    observed[torch.arange(B), torch.randint(0, C, (B,))] = 1
+    return logits, observed
+
+
+# --------------------------------------------------------------------------------------------
+# GR loss: schedules and formulas
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T,n", [(8, 0), (10, 3), (1, 0)])
+def test_gr_schedule_matches_the_reference_formulas_and_off_by_one(T, n):
+    beta, alpha = (0.5, 3.0, -2.5, -1.0), (0.4, 2.0, 0.9, 0.3)
+    gr = L.GRLoss(beta, alpha, epochs=T, linear_init=n)
+    for e in range(1, T + 1):
+        P = gr.params_at(e)
+        fk, fv = max(e - n - 1, 0) / (T - n), max(e - n, 0) / (T - n)
+        assert P["w"] == pytest.approx(beta[0] + (beta[1] - beta[0]) * fk)
+        assert P["b"] == pytest.approx(beta[2] + (beta[3] - beta[2]) * fk)
+        assert P["mu"] == pytest.approx(alpha[0] + (alpha[2] - alpha[0]) * fv)
+        assert P["sigma"] == pytest.approx(alpha[1] + (alpha[3] - alpha[1]) * fv)
+    last = gr.params_at(T)
+    assert last["mu"] == pytest.approx(alpha[2]) and last["sigma"] == pytest.approx(alpha[3])  # reached at e = T
+    if T - n > 1:
+        assert last["w"] != pytest.approx(beta[1])  # k-hat's never quite reaches (wT, bT)
+    assert gr.params_at(1)["w"] == pytest.approx(beta[0])  # epoch 1 (and e <= n + 1): the start values
+
+
+def transcription(logits, observed, w, b, mu, sigma, q2, q3):
+    """Spec A.2 as the reference writes it (probability space, +1e-7 in the positive log)."""
+    p = torch.sigmoid(logits)
+    pd = p.detach()
+    K = 1 / (1 + torch.exp(-(w * pd + b)))
+    V = torch.exp(-0.5 * ((pd - mu) / sigma) ** 2)
+    l1 = -torch.log(p + 1e-7)
+    l2 = (1 - p**q2) / q2
+    l3 = (1 - (1 - p) ** q3) / q3
+    return torch.where(observed == 1, l1, V * (K * l2 + (1 - K) * l3)).mean()
+
+
+@pytest.mark.parametrize("epoch", [1, 4, 8])
+def test_gr_loss_equals_transcription_at_each_epoch(epoch):
+    logits, observed = spml_batch()
+    logits = torch.where(observed == 1, logits.clamp(min=-2), logits)  # the +1e-7 stays negligible
+    gr = L.GRLoss(beta=(0.0, 2.0, -2.0, -2.0), alpha=(0.5, 2.0, 0.8, 0.5), q=(0.01, 1.0), epochs=8)
+    gr.start_epoch(epoch)
+    P = gr.schedule()
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = gr(x1, observed)
+    ref = transcription(x2, observed, P["w"], P["b"], P["mu"], P["sigma"], 0.01, 1.0)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)
+    (g1,) = torch.autograd.grad(ours, x1)
+    (g2,) = torch.autograd.grad(ref, x2)  # k-hat and v detached in both
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)
+    # k_hat / v helpers: the curves of the current epoch
+    p = torch.linspace(0, 1, 5)
+    torch.testing.assert_close(gr.k_hat(p), torch.sigmoid(P["w"] * p + P["b"]))
+    torch.testing.assert_close(gr.v(p), torch.exp(-((p - P["mu"]) ** 2) / (2 * P["sigma"] ** 2)))
+
+
+def test_gr_state_round_trip():
+    gr = L.GRLoss(epochs=8)
+    gr.start_epoch(6)
+    other = L.GRLoss(epochs=8)
+    other.load_state_dict(gr.state_dict())
+    assert other.schedule() == gr.schedule()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(alpha=(0.5, 0.0, 0.8, 0.5)), "sigma0"),
+    (dict(alpha=(0.5, 2.0, 0.8, -0.1)), "sigmaT"),
+    (dict(beta=(0.0, 2.0, -2.0)), "beta"),
+    (dict(q=(-0.1, 1.0)), "q2 and q3"),
+    (dict(epochs=0), "epochs"),
+    (dict(epochs=4, linear_init=4), "linear_init"),
+])
+def test_gr_bad_schedules_raise(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        L.GRLoss(**kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines: defining properties
+# --------------------------------------------------------------------------------------------
+def test_an_is_bce_with_every_unobserved_label_negative():
+    logits, observed = spml_batch()
+    p = torch.sigmoid(logits)
+    bce = -(observed * torch.log(p + EPS) + (1 - observed) * torch.log(1 - p + EPS)).mean()
+    torch.testing.assert_close(L.an_loss(p, observed), bce)
+    torch.testing.assert_close(L.an_ls_loss(p, observed, 0.0), bce)  # no smoothing = AN
+
+
+def test_an_ls_smooths_both_sides():
+    logits, observed = spml_batch()
+    p = torch.sigmoid(logits)
+    e = 0.1
+    target = observed * (1 - e) + (1 - observed) * e  # AN targets smoothed symmetrically
+    expected = -(target * torch.log(p + EPS) + (1 - target) * torch.log(1 - p + EPS)).mean()
+    torch.testing.assert_close(L.an_ls_loss(p, observed, e), expected)
+
+
+def test_wan_weights_the_unobserved_terms_by_one_over_c_minus_one():
+    logits, observed = spml_batch(C=9)
+    p = torch.sigmoid(logits)
+    pos = (observed * -torch.log(p + EPS)).mean()
+    neg = ((1 - observed) * -torch.log(1 - p + EPS)).mean()
+    torch.testing.assert_close(L.wan_loss(p, observed), pos + neg / 8)
+
+
+def test_epr_ignores_unobserved_labels_except_through_the_regulariser():
+    logits, observed = spml_batch(C=5)
+    x = logits.clone().requires_grad_()
+    p = torch.sigmoid(x)
+    E = float(p.detach().sum(1).mean())  # regulariser exactly at its minimum
+    loss = L.epr_loss(p, observed, E)
+    (g,) = torch.autograd.grad(loss, x)
+    assert (g[observed == 0] == 0).all()
+    torch.testing.assert_close(loss, (observed * -torch.log(p.detach() + EPS)).mean())
+    reg = L.epr_loss(p.detach(), observed, E + 2.0) - L.epr_loss(p.detach(), observed, E)
+    torch.testing.assert_close(reg, torch.tensor(4.0 / 25, dtype=reg.dtype))
+
+
+def test_role_fits_each_side_to_the_other_detached():
+    logits, observed = spml_batch()
+    x = logits.clone().requires_grad_()
+    est_logits = torch.randn_like(logits).requires_grad_()
+    loss = L.role_loss(torch.sigmoid(x), observed, torch.sigmoid(est_logits), 2.0)
+    gx, ge = torch.autograd.grad(loss, (x, est_logits))
+    # the classifier's gradient does not depend on how the estimator's loss treats the classifier
+    x2 = logits.clone().requires_grad_()
+    p2, est = torch.sigmoid(x2), torch.sigmoid(est_logits).detach()
+    half = 0.5 * (observed * -torch.log(p2 + EPS) + est * -torch.log(p2 + EPS) + (1 - est) * -torch.log(1 - p2 + EPS))
+    mine = half.mean() + 0.5 * L.expected_positive_regularizer(p2, 2.0) / logits.shape[1] ** 2
+    (gx2,) = torch.autograd.grad(mine, x2)
+    torch.testing.assert_close(gx, gx2)
+    assert ge.abs().sum() > 0
+
+
+def test_role_module_estimator_is_indexed_and_optimised():
+    _, observed = spml_batch(B=20)
+    role = L.ROLELoss(observed, 2.0, generator=torch.Generator().manual_seed(0))
+    p0 = torch.sigmoid(role.estimator.detach())
+    assert torch.allclose(p0[observed == 1], torch.tensor(0.995, dtype=p0.dtype))
+    assert ((p0[observed == 0] > 0.4 - 1e-6) & (p0[observed == 0] < 0.6 + 1e-6)).all()
+    (group,) = role.param_groups(1e-3)
+    assert group["lr"] == pytest.approx(1e-2)
+    idx = torch.tensor([3, 7, 11])
+    loss = role(torch.randn(3, observed.shape[1]), observed[idx].float(), idx)
+    loss.backward()
+    touched = role.estimator.grad.abs().sum(1) > 0
+    assert touched[idx].all() and touched.sum() == 3
+
+
+def test_em_maximises_entropy_on_unobserved_labels():
+    logits, observed = spml_batch()
+    p = torch.sigmoid(logits)
+    H = -(p * torch.log(p + EPS) + (1 - p) * torch.log(1 - p + EPS))
+    expected = torch.where(observed == 1, -torch.log(p + EPS), -0.1 * H).mean()
+    torch.testing.assert_close(L.em_loss(p, observed, 0.1), expected)
+    x = torch.tensor([[3.0, -3.0]], requires_grad=True)
+    obs = torch.tensor([[0.0, 0.0]])
+    (g,) = torch.autograd.grad(L.em_loss(torch.sigmoid(x), obs, 0.1), x)
+    assert g[0, 0] > 0 and g[0, 1] < 0  # descent moves both towards p = 0.5
+
+
+def test_em_apl_pseudo_negatives_use_their_soft_target():
+    p = torch.tensor([[0.9, 0.2, 0.3]], dtype=torch.float64)
+    obs = torch.tensor([[1.0, -0.25, 0.0]], dtype=torch.float64)
+    beta, alpha = 0.5, 0.1
+    pseudo = beta * -(0.25 * math.log(0.2 + EPS) + 0.75 * math.log(0.8 + EPS))
+    H = -(0.3 * math.log(0.3 + EPS) + 0.7 * math.log(0.7 + EPS))
+    expected = (-math.log(0.9 + EPS) + pseudo - alpha * H) / 3
+    assert L.em_apl_loss(p, obs, alpha, beta).item() == pytest.approx(expected)
+
+
+def test_em_apl_labels_the_lowest_scored_unobserved_entries_each_epoch():
+    N, C, T, warm = 40, 3, 6, 2
+    observed = torch.zeros(N, C)
+    observed[torch.arange(N), torch.arange(N) % C] = 1
+    apl = L.EMAPLLoss(observed, T, warmup=warm)
+    per_class = (0.9 * (observed == 0).sum(0).float() / (T - warm)).floor().long()
+    probs = torch.rand(N, C)
+    apl.end_epoch(1, probs)
+    assert (apl.labels < 0).sum() == 0  # still warming up
+    apl.end_epoch(warm, probs)
+    for c in range(C):
+        marked = (apl.labels[:, c] < 0).nonzero().squeeze(1)
+        assert len(marked) == per_class[c]
+        free = ((observed[:, c] == 0) & (apl.labels[:, c] == 0)).nonzero().squeeze(1)
+        assert probs[marked, c].max() <= probs[free, c].min()
+        torch.testing.assert_close(-apl.labels[marked, c], probs[marked, c])
+    for e in range(warm + 1, T):
+        apl.end_epoch(e, probs)
+    assert (apl.labels < 0).sum() == per_class.sum() * (T - warm)
+    assert ((apl.labels == 1) == (observed == 1)).all()  # positives untouched
+
+
+@pytest.mark.parametrize("scheme", ["ll-r", "ll-ct", "ll-cp"])
+def test_large_loss_schemes(scheme):
+    B, C = 16, 5
+    logits, observed = spml_batch(B, C, scale=3.0)
+    logits, observed = logits.float(), observed.float()
+    delta = 0.05
+    ll = L.LargeLossLoss(scheme, delta, observed.clone() if scheme == "ll-cp" else None)
+    idx = torch.arange(B)
+    ll.start_epoch(1)
+    an = F.binary_cross_entropy_with_logits(logits, observed)
+    torch.testing.assert_close(ll(logits, observed, idx), an)  # epoch 1: plain AN
+    ll.start_epoch(3)
+    assert ll.clean_rate == pytest.approx(1 - 2 * delta)
+    k = math.ceil(B * C * (delta if scheme == "ll-cp" else 2 * delta))
+    loss = F.binary_cross_entropy_with_logits(logits, observed, reduction="none")
+    unobs = torch.where(observed == 0, loss, torch.zeros_like(loss))
+    thresh = unobs.flatten().topk(k).values[-1]
+    large = unobs > thresh
+    if scheme == "ll-r":
+        expected = torch.where(large, torch.zeros_like(loss), loss).mean()
+    else:
+        corrected = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+        expected = torch.where(large, corrected, loss).mean()
+    torch.testing.assert_close(ll(logits, observed, idx), expected)
+    if scheme == "ll-cp":  # permanently corrected in the label matrix
+        assert (ll.labels[large] == 1).all()
+        assert ll.labels.sum() == observed.sum() + large.sum()
+
+
+def test_hill_unobserved_term():
+    logits, observed = spml_batch()
+    p = torch.sigmoid(logits)
+    expected = torch.where(observed == 1, -torch.log(p + EPS), (1.5 - p) * p**2).mean()
+    torch.testing.assert_close(L.hill_loss(p, observed), expected)
+
+
+@pytest.mark.parametrize("fn", [L.an_loss, L.an_ls_loss, L.wan_loss, L.em_loss, L.em_apl_loss, L.hill_loss,
+                                lambda p, o: L.epr_loss(p, o, 1.0), L.full_bce_loss])
+def test_probability_losses_reject_values_outside_0_1(fn):
+    _, observed = spml_batch(B=3, C=4)
+    for bad in (1.5, -0.2, float("nan")):
+        p = torch.full((3, 4), 0.5, dtype=torch.float64)
+        p[1, 2] = bad
+        with pytest.raises(ValueError, match=r"preds must be probabilities in \[0, 1\]"):
+            fn(p, observed)
+
+
+@pytest.mark.parametrize("name", L.LOSSES)
+def test_every_loss_trains_a_step_and_rejects_rows_without_positive(name):
+    B, C, N = 6, 5, 30
+    observed_train = torch.zeros(N, C)
+    observed_train[torch.arange(N), torch.arange(N) % C] = 1
+    loss = L.build_loss(name, observed_train=observed_train, expected_num_pos=1.5, epochs=4)
+    loss.start_epoch(2)
+    idx = torch.arange(B)
+    logits = torch.randn(B, C, requires_grad=True)
+    out = loss(logits, observed_train[idx], idx)
+    assert out.dim() == 0 and torch.isfinite(out)
+    out.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    if name != "full":
+        bad = observed_train[idx].clone()
+        bad[2] = 0
+        with pytest.raises(ValueError, match="row 2 of observed has no positive"):
+            loss(logits, bad, idx)
+
+
+def test_unknown_loss_name():
+    with pytest.raises(ValueError, match="unknown loss"):
+        L.build_loss("bce", observed_train=torch.ones(2, 2), expected_num_pos=1.0, epochs=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Single-positive sampling
+# --------------------------------------------------------------------------------------------
+def test_single_positive_keeps_exactly_one_true_positive():
+    y = (torch.rand(500, 9) < 0.4).float()
+    y[torch.arange(500), torch.randint(0, 9, (500,))] = 1
+    obs = D.single_positive(y, seed=3)
+    assert (obs.sum(1) == 1).all()
+    assert (y[obs == 1] == 1).all()
+    assert torch.equal(obs, D.single_positive(y, seed=3))  # seeded
+    assert not torch.equal(obs, D.single_positive(y, seed=4))
+
+
+def test_single_positive_is_uniform_over_the_positives():
+    y = torch.zeros(6000, 4)
+    y[:, [0, 2, 3]] = 1
+    counts = D.single_positive(y, seed=0).sum(0)
+    assert counts[1] == 0
+    assert ((counts[[0, 2, 3]] - 2000).abs() < 4 * math.sqrt(6000 * (1 / 3) * (2 / 3))).all()
+
+
+def test_single_positive_rejects_rows_without_positive():
+    y = torch.ones(4, 3)
+    y[2] = 0
+    with pytest.raises(ValueError, match="row 2 has no positive"):
+        D.single_positive(y)
+    with pytest.raises(ValueError, match="0/1"):
+        D.single_positive(torch.full((2, 2), 0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# mAP
+# --------------------------------------------------------------------------------------------
+def test_map_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    for n, c in [(50, 6), (7, 3), (200, 14)]:
+        y = (rng.random((n, c)) < 0.3).astype(np.float32)
+        y[0] = 1  # every class has a positive
+        s = rng.random((n, c))
+        s[:, 1] = np.round(s[:, 1], 1)  # many tied scores
+        ours = mean_average_precision(torch.from_numpy(s), torch.from_numpy(y))
+        ref = 100 * np.mean([average_precision_score(y[:, j], s[:, j]) for j in range(c)])
+        assert ours == pytest.approx(ref, abs=1e-9)
+    assert average_precision(np.array([0.3, 0.2]), np.array([0, 0])) == 0.0  # no positive: AP = 0
+    y = np.array([[1, 0], [0, 0], [1, 0]])
+    s = np.array([[0.9, 0.1], [0.5, 0.2], [0.1, 0.3]])
+    assert mean_average_precision(s, y) == pytest.approx(100 * (average_precision_score(y[:, 0], s[:, 0]) + 0) / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, training, CLI
+# --------------------------------------------------------------------------------------------
+def test_mosaic_labels_are_the_digits_present():
+    images = np.zeros((10, 4, 4), np.float32)
+    for d in range(10):
+        images[d] = d + 1  # each digit image is filled with its own value
+    X, Y = D.make_mosaics(images, np.arange(10), 200, np.random.default_rng(0))
+    assert X.shape == (200, 1, 8, 8) and Y.shape == (200, 10)
+    for x, y in zip(X, Y):
+        present = sorted({int(v) - 1 for v in np.unique(x) if v > 0})
+        assert present == sorted(np.nonzero(y)[0].tolist())
+        cells = sum(int(x[0, r * 4, c * 4] > 0) for r in range(2) for c in range(2))
+        assert 2 <= cells <= 4
+
+
+@pytest.mark.parametrize("name", ["yeast", "digits"])
+def test_datasets(name):
+    data = D.load(name)
+    assert (data.observed_train.sum(1) == 1).all()
+    assert (data.y_train[data.observed_train == 1] == 1).all()
+    assert len(data.x_train) + len(data.x_val) > 4 * len(data.x_val) - 4
+    if name == "yeast":
+        assert data.num_classes == 14 and data.x_train.shape[1] == 103
+        assert len(data.x_train) + len(data.x_val) + len(data.x_test) == 2417
+        assert data.expected_num_pos == pytest.approx(4.24, abs=0.2)
+    else:
+        assert data.x_train.shape[1:] == (1, 16, 16) and data.num_classes == 10
+
+
+def _run_cli(args, capsys=None):
+    from methods.grloss.__main__ import main
+
+    return main(args)
+
+
+def test_cli_trains_resumes_and_writes_results(tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--dataset", "yeast", "--loss", "gr", "an", "--epochs", "4", "--out", out, "--no-progress",
+            "--early-stop", "100"]
+    assert _run_cli(args) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        first = json.load(f)["results"]
+    for loss in ("gr", "an"):
+        for name in ("log.txt", "metrics.csv", "val_map.png", "config.json"):
+            assert os.path.exists(os.path.join(out, loss, name)), (loss, name)
+    assert os.path.exists(os.path.join(out, "gr", "schedule.png"))
+    assert os.path.exists(os.path.join(out, "results.md"))
+    # drop the last checkpoint of gr: the rerun resumes after epoch 3 and ends where the first did
+    ckpts = sorted(glob.glob(os.path.join(out, "gr", "checkpoints", "ckpt_*.pt")))
+    os.remove(ckpts[-1])
+    assert _run_cli(args) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        second = json.load(f)["results"]
+    assert second["gr"]["test_map"] == pytest.approx(first["gr"]["test_map"], abs=1e-9)
+    assert second["gr"]["val_map"] == pytest.approx(first["gr"]["val_map"], abs=1e-9)
+    with open(os.path.join(out, "gr", "log.txt")) as f:
+        assert "resumed at epoch 4" in f.read()
+
+
+def test_cli_rejects_bad_schedules(tmp_path, capsys):
+    out = str(tmp_path / "bad")
+    assert _run_cli(["--alpha", "0.5", "0", "0.8", "0.5", "--out", out, "--no-progress"]) == 2
+    assert "sigma0" in capsys.readouterr().err
+    assert not os.path.exists(out)
+    with pytest.raises(SystemExit):
+        _run_cli(["--loss-arg", "alpha", "--out", out])
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        _run_cli(["--help"])
+    assert e.value.code == 0
+    assert "single-positive" in capsys.readouterr().out.lower()
