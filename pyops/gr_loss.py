@@ -4,7 +4,7 @@ learning, fused: one elementwise pass forward, one backward.
 Where each piece lives:
 
 * schemas and the formulas: ``csrc/gr_loss/gr_loss.cpp``
-* CPU kernels: ``csrc/gr_loss/gr_loss_cpu.cpp`` (8-lane float32 vectors, float64 with libm)
+* CPU kernels: ``csrc/gr_loss/gr_loss_cpu.cpp`` (16-lane float32 vectors, float64 with libm)
 * Triton kernels (CUDA): this module (``triton_gr_loss_fwd`` / ``triton_gr_loss_bwd``)
 * fake kernels, autograd, input validation, the public function: this module
 * pure-PyTorch reference: ``pyops/reference.py`` (``gr_loss``)

@@ -3,7 +3,7 @@
 // One elementwise pass each. The flattened entries are split into fixed chunks of kChunk
 // (independent of the thread count, so sums are too) that run in parallel; a chunk is streamed
 // in blocks of kBlock, converted to float32 buffers (logits and the observed flags), and the
-// element math runs on 8-lane vectors (csrc/common/simd_math.h: branch-free exp / log1p,
+// element math runs on 16-lane vectors (csrc/common/simd_math.h: branch-free exp / expm1 / log1p,
 // compiled for AVX-512, AVX2 and baseline x86-64). float64 logits take the same element code on
 // scalar doubles with libm. Sums: float32 within a block, float64 across blocks and chunks.
 #include <ATen/ATen.h>
