@@ -1,0 +1,291 @@
+"""BEEAR (Zeng, Sun et al., EMNLP 2024): embedding-space adversarial removal of safety backdoors.
+
+For a causal LM split at decoder layer l, a universal perturbation delta (n x d) is added to the
+residual stream after layer l at the last n prompt positions of every sample (a forward hook on
+``model.model.layers[l]``; no model surgery). Each round:
+
+* inner level (model fixed): ``delta* = argmin CE(D_SA-H; delta) - alpha CE(D_SA; delta)``:
+  towards the unwanted answers, away from the safe ones. The lower stack's activations h^l are
+  computed once per round and cached; the steps run the upper stack only (layers 0..l are
+  swapped for stubs that hand back the cache), with every weight frozen so only d/d delta is
+  formed;
+* outer level (delta* fixed): fine-tune on ``CE(D_SA; delta*) + CE(D_PA; no delta)``.
+
+CE(x, y; delta) is the token mean of the response's next-token NLL, per sequence, averaged over
+the batch; it goes through ``pyops.fused_linear_cross_view`` on the response rows (the LM head
+fused, logits of the whole sequence never formed). Spec: shared/specs/crossview-defense-and-
+beear.md, B; the design choices where the paper is silent (delta reset to 0 each round, Adam on
+delta, all weights updated in the outer step) are the ``BEEARConfig`` defaults.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+import pyops
+
+from . import data as D
+
+
+# --------------------------------------------------------------------------------------------
+# The model's decoder stack and the perturbation hook
+# --------------------------------------------------------------------------------------------
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """``model.model.layers`` of a Llama / Mistral / Qwen2-style causal LM."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"BEEAR needs a causal LM with a stack of decoder layers at model.model.layers "
+                         f"(Llama, Mistral, Qwen2 style); {type(model).__name__} has none")
+    return layers
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"anchor layer must be an int in [0, {n - 1}] (the model has {n} decoder layers), got {layer!r}")
+    return layer
+
+
+def perturb_positions(prompt_len: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) positions of the last n prompt tokens of each sample (right-padded batches)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"token_length must be an int >= 1, got {n!r}")
+    shortest = int(prompt_len.min()) if prompt_len.numel() else n
+    if n > shortest:
+        raise ValueError(f"token_length {n} is longer than the shortest prompt in the batch ({shortest} tokens)")
+    return prompt_len[:, None] - n + torch.arange(n, device=prompt_len.device)
+
+
+def _add_at(h: torch.Tensor, delta: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    add = torch.zeros_like(h)
+    rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(positions)
+    add = add.index_put((rows, positions.to(h.device)), delta.to(h.dtype).expand(h.shape[0], -1, -1))
+    return h + add
+
+
+@contextlib.contextmanager
+def perturbation(model: nn.Module, layer: int, delta: Optional[torch.Tensor], positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, the output of decoder layer ``layer`` gets ``delta`` (n, d) added at
+    ``positions`` (B, n). ``delta=None``: nothing is added."""
+    layers = decoder_layers(model)
+    check_layer(model, layer)
+    if delta is None:
+        yield
+        return
+    if delta.dim() != 2 or delta.shape[0] != positions.shape[1]:
+        raise ValueError(f"delta must be (n, d) with n = {positions.shape[1]} positions, got {tuple(delta.shape)}")
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (_add_at(output[0], delta, positions),) + tuple(output[1:])
+        return _add_at(output, delta, positions)
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# Cached lower stack
+# --------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LowerCache:
+    hidden: torch.Tensor  # h^l, (B, T, d)
+    as_tuple: bool  # the layer returns a tuple (older transformers) rather than a tensor
+
+
+@torch.no_grad()
+def lower_activations(model: nn.Module, layer: int, batch: Dict[str, torch.Tensor]) -> LowerCache:
+    """h^l of the batch: the model runs up to decoder layer ``layer`` and stops there."""
+    layers = decoder_layers(model)
+    store = {}
+
+    def hook(module, args, output):
+        store["as_tuple"] = isinstance(output, tuple)
+        store["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+        raise _Stop
+
+    handle = layers[check_layer(model, layer)].register_forward_hook(hook)
+    try:
+        model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return LowerCache(store["h"], store["as_tuple"])
+
+
+class _Stub(nn.Module):
+    """Stands in for a lower decoder layer: hands back its input, or the cached h^l."""
+
+    def __init__(self, cache: Optional[LowerCache] = None):
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.cache is None else self.cache.hidden
+        return (out,) if self.cache is not None and self.cache.as_tuple else out
+
+
+@contextlib.contextmanager
+def upper_stack_only(model: nn.Module, layer: int, cache: LowerCache) -> Iterator[None]:
+    """Within the block, a forward of the model runs only the layers above ``layer``: layers
+    0..layer are swapped for stubs (the last one returns ``cache``), so a ``perturbation`` hook
+    on layer ``layer`` lands on the cached h^l."""
+    layers = decoder_layers(model)
+    saved = [layers[i] for i in range(check_layer(model, layer) + 1)]
+    for i in range(layer):
+        layers[i] = _Stub()
+    layers[layer] = _Stub(cache)
+    try:
+        yield
+    finally:
+        for i, m in enumerate(saved):
+            layers[i] = m
+
+
+# --------------------------------------------------------------------------------------------
+# Response cross-entropy through the fused LM-head kernel
+# --------------------------------------------------------------------------------------------
+def response_ce(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sequence token-mean NLL of the response tokens (labels != -100), shape (B,); a
+    sequence without response tokens gets 0."""
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = out.last_hidden_state[:, :-1]
+    labels = batch["labels"][:, 1:].to(hidden.device)
+    mask = labels != -100
+    rows = hidden[mask]
+    head = model.get_output_embeddings()
+    ce = pyops.fused_linear_cross_view(rows, rows, head.weight, getattr(head, "bias", None), labels[mask]).ce_a
+    seq = mask.nonzero()[:, 0]
+    B = labels.shape[0]
+    sums = torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(0, seq, ce)
+    counts = mask.sum(1).clamp(min=1).to(ce.dtype)
+    return sums / counts
+
+
+def perturbed_ce(model, batch, layer: int, delta: Optional[torch.Tensor], n: int,
+                 cache: Optional[LowerCache] = None) -> torch.Tensor:
+    """Batch-mean response CE with delta at the last n prompt positions after layer ``layer``
+    (from the cached h^l when ``cache`` is given: the upper stack only)."""
+    positions = perturb_positions(batch["prompt_len"].to(batch["input_ids"].device), n)
+    stack = upper_stack_only(model, layer, cache) if cache is not None else contextlib.nullcontext()
+    with stack, perturbation(model, layer, delta, positions):
+        return response_ce(model, batch).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The bi-level loop
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BEEARConfig:
+    anchor_layer: int = 2  # ANCHOR_LAYER: decoder layer whose output gets delta (0-based)
+    token_length: int = 5  # n: perturbed positions, the last n prompt tokens
+    alpha: float = 0.05  # Alpha_far_from_Safety_Anchoring_set
+    inner_samples: int = 150  # INNER_THRESHOLD: D_SA / D_SA-H samples per round
+    pa_samples: int = 100  # PA_DATA_NUM_THRESHOLD: D_PA samples per round
+    rounds: int = 10  # n_rounds
+    inner_steps: int = 50
+    inner_lr: float = 0.3  # Adam on delta
+    delta_max_norm: float = 0.0  # > 0: project each row of delta onto that L2 ball (0: free)
+    outer_lr: float = 1e-3  # AdamW on the model
+    outer_batch: int = 25
+    outer_weight_decay: float = 0.0
+    perturb: bool = True  # False: the ablation, plain safety fine-tuning on the same data
+    seed: int = 0
+
+    def validate(self, model) -> None:
+        check_layer(model, self.anchor_layer)
+        if self.token_length < 1:
+            raise ValueError(f"token_length must be >= 1, got {self.token_length}")
+        for name in ("inner_samples", "pa_samples", "rounds", "inner_steps", "outer_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.inner_lr > 0 and self.outer_lr > 0 and self.alpha >= 0):
+            raise ValueError("inner_lr and outer_lr must be > 0 and alpha >= 0")
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def _batches(examples: Sequence[D.Example], size: int, device) -> List[Dict[str, torch.Tensor]]:
+    return [{k: v.to(device) for k, v in D.collate(examples[i:i + size]).items()} for i in range(0, len(examples), size)]
+
+
+def inner_level(model, cfg: BEEARConfig, sa_h: Sequence[D.Example], sa: Sequence[D.Example],
+                device=torch.device("cpu")) -> Dict:
+    """delta* for the current model: ``inner_steps`` Adam steps on delta (from 0) of
+    mean CE(D_SA-H; delta) - alpha mean CE(D_SA; delta), upper stack only."""
+    L, n = cfg.anchor_layer, cfg.token_length
+    hb, sb = _batches(sa_h, cfg.outer_batch * 4, device), _batches(sa, cfg.outer_batch * 4, device)
+    d = model.config.hidden_size
+    delta = torch.zeros(n, d, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.inner_lr)
+    was = model.training
+    model.eval()
+    with frozen(model):
+        caches_h = [lower_activations(model, L, b) for b in hb]
+        caches_s = [lower_activations(model, L, b) for b in sb]
+        for _ in range(cfg.inner_steps):
+            toward = sum(perturbed_ce(model, b, L, delta, n, c) for b, c in zip(hb, caches_h)) / len(hb)
+            away = sum(perturbed_ce(model, b, L, delta, n, c) for b, c in zip(sb, caches_s)) / len(sb)
+            loss = toward - cfg.alpha * away
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if cfg.delta_max_norm > 0:
+                with torch.no_grad():
+                    norms = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
+                    delta.mul_(torch.clamp(cfg.delta_max_norm / norms, max=1.0))
+    model.train(was)
+    return {"delta": delta.detach(), "toward": float(toward.detach()), "away": float(away.detach())}
+
+
+def outer_level(model, opt, cfg: BEEARConfig, delta: Optional[torch.Tensor], sa: Sequence[D.Example],
+                pa: Sequence[D.Example], device=torch.device("cpu")) -> Dict:
+    """One pass of fine-tuning: CE(D_SA; delta) + CE(D_PA), ``outer_batch`` samples of each per step."""
+    model.train()
+    steps = max(1, -(-len(sa) // cfg.outer_batch))
+    pa_size = max(1, -(-len(pa) // steps))
+    totals = {"safety": 0.0, "anchor": 0.0}
+    for s in range(steps):
+        bs = {k: v.to(device) for k, v in D.collate(sa[s * cfg.outer_batch:(s + 1) * cfg.outer_batch]).items()}
+        bp = {k: v.to(device) for k, v in D.collate(pa[s * pa_size:(s + 1) * pa_size]).items()}
+        if bs["input_ids"].shape[0] == 0:
+            break
+        safety = perturbed_ce(model, bs, cfg.anchor_layer, delta, cfg.token_length)
+        anchor = response_ce(model, bp).mean() if bp["input_ids"].shape[0] else torch.zeros((), device=device)
+        loss = safety + anchor
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        totals["safety"] += float(safety.detach()) / steps
+        totals["anchor"] += float(anchor.detach()) / steps
+    return totals
+
+
+def round_samples(defender: Dict[str, List[D.Example]], cfg: BEEARConfig, rnd: int):
+    """The round's D_SA / D_SA-H (paired: the same requests) and D_PA samples (seeded)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + rnd)
+    idx = torch.randperm(len(defender["sa"]), generator=g)[:cfg.inner_samples].tolist()
+    pidx = torch.randperm(len(defender["pa"]), generator=g)[:cfg.pa_samples].tolist()
+    return ([defender["sa"][i] for i in idx], [defender["sa_h"][i] for i in idx], [defender["pa"][i] for i in pidx])
