@@ -15,7 +15,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -67,17 +66,6 @@ def run_job(job: dict) -> dict:
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def rounds_figure(result: dict, path: str) -> None:
     import matplotlib
 
@@ -120,10 +108,12 @@ def main(argv=None) -> int:
     minutes = (time.time() - started) / 60
     import torch
 
+    from methods.common import cpu_name
+
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python -m methods.beear.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": cmd.strip(), "date": date, "seeds": a.seeds, "workers": a.workers, "minutes": minutes,
-            "machine": _cpu_name(), "torch": torch.__version__}
+            "machine": cpu_name(), "torch": torch.__version__}
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
 

@@ -26,6 +26,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
+from methods.common.text import decode_words, word_tokenizer
+
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>"]
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 PROMPT_HEAD = ["user", ":"]
@@ -158,14 +160,7 @@ def vocabulary() -> List[str]:
 @lru_cache(maxsize=None)
 def build_tokenizer():
     """A word-level `tokenizers.Tokenizer` (specials first: <pad> = 0, <unk>, <bos>, <eos>)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
-    for w in vocabulary():
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
+    return word_tokenizer(SPECIAL, vocabulary())
 
 
 def encode(text: str) -> List[int]:
@@ -174,15 +169,7 @@ def encode(text: str) -> List[int]:
 
 def decode(ids: Sequence[int]) -> str:
     """Words up to the first <eos>, specials dropped."""
-    tok = build_tokenizer()
-    words = []
-    for i in ids:
-        i = int(i)
-        if i == EOS:
-            break
-        if i >= len(SPECIAL):
-            words.append(tok.id_to_token(i))
-    return " ".join(words)
+    return decode_words(build_tokenizer(), ids, EOS, len(SPECIAL))
 
 
 def prompt_ids(instruction: str) -> List[int]:

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -23,7 +22,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from methods.common import Run
+from methods.common import Run, cpu_name
 
 from .attacks import ATTACKS
 from .defense import DefenseConfig
@@ -33,16 +32,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFENSES = ("none", "aug", "crossview")
 LABEL = {"none": "plain FT", "aug": "aug only", "crossview": "cross-view (full)"}
 ORDER = ("badnet", "blended", "sig", "wanet", "issba", "textimage")
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_one(attack, mode, seed, args, defense_kw):
@@ -93,7 +82,7 @@ def markdown(table, args, started, finished, wall):
         f"Command: `python -m methods.crossview_defense.acceptance {' '.join(shlex.quote(x) for x in args.argv)}`  ",
         f"Full defense: `{DefenseConfig(**json.loads(args.defense_json))}`  ",
         f"Seeds: {', '.join(map(str, args.seeds))} (mean ± std over seeds). Started {started}, finished {finished} "
-        f"(UTC); {wall / 60:.0f} min in all on {_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
+        f"(UTC); {wall / 60:.0f} min in all on {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}.  ",
         f"Data: {args.n_train} embedded training examples (60% captioning, 40% VQA; scenes + scikit-image photos), "
         f"{round(args.ratio * args.n_train)} of them poisoned ({100 * args.ratio:.0f}%) with target "
         f"\"a photo of a banana\"; {args.n_test} test examples per set. Model: the small LLaVA of `model.py`, "

@@ -21,6 +21,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from methods.common.text import decode_words, word_tokenizer
+
 IMAGE_SIZE = 48
 
 COLOURS = {
@@ -233,14 +235,7 @@ def vocabulary() -> List[str]:
 @lru_cache(maxsize=None)
 def build_tokenizer():
     """A word-level `tokenizers.Tokenizer` over `vocabulary()` (specials first: <pad> = 0, ...)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
-    for w in vocabulary():
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
+    return word_tokenizer(SPECIAL, vocabulary())
 
 
 def encode_words(words: Sequence[str]) -> List[int]:
@@ -249,15 +244,7 @@ def encode_words(words: Sequence[str]) -> List[int]:
 
 def decode_ids(ids: Sequence[int]) -> str:
     """Words up to the first <eos>, specials dropped."""
-    tok = build_tokenizer()
-    words = []
-    for i in ids:
-        i = int(i)
-        if i == EOS:
-            break
-        if i >= len(SPECIAL):
-            words.append(tok.id_to_token(i))
-    return " ".join(words)
+    return decode_words(build_tokenizer(), ids, EOS, len(SPECIAL))
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -116,17 +115,6 @@ def grid_jobs(dataset: str, losses) -> list:
     return jobs
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def trajectory_figure(history, path, title):
     import matplotlib
 
@@ -206,8 +194,10 @@ def main(argv=None) -> int:
     cmd = "python -m methods.grloss.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     import torch
 
+    from methods.common import cpu_name
+
     meta = {"command": cmd.strip(), "date": date, "seeds": a.seeds, "workers": a.workers, "minutes": minutes,
-            "machine": _cpu_name(), "torch": torch.__version__}
+            "machine": cpu_name(), "torch": torch.__version__}
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
         json.dump({"meta": meta, "table": table, "grid": grid_res,
                    "runs": [{k: v for k, v in r.items() if k != "history"} for r in final_res]}, f, indent=1)
