@@ -103,6 +103,30 @@ def test_cached_upper_stack_gives_the_full_forward_loss_and_gradient(layer):
     assert not calls  # inside, the lower layers never run
 
 
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral"])
+def test_other_decoder_architectures(arch):
+    """The hook and the cached upper stack on other model families with model.model.layers."""
+    import transformers
+
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=D.build_tokenizer().get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=D.PAD)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch, _ = a_batch(4)
+    d1 = (0.3 * torch.randn(3, 32)).requires_grad_()
+    d2 = d1.detach().clone().requires_grad_()
+    full = perturbed_ce(model, batch, 1, d1, 3)
+    cached = perturbed_ce(model, batch, 1, d2, 3, lower_activations(model, 1, batch))
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(cached, d2)[0], torch.autograd.grad(full, d1)[0],
+                               rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(perturbed_ce(model, batch, 1, torch.zeros(3, 32), 3), full.detach())
+
+
 def test_inner_level_moves_towards_the_unwanted_answers():
     model = tiny_model()
     d = D.defender_data(8, 4, 0)
@@ -194,6 +218,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="delta must be"):
         with perturbation(model, 1, torch.zeros(3, TINY.hidden), pos):
             pass
+    left = {k: v.clone() for k, v in batch.items()}
+    left["attention_mask"][0] = left["attention_mask"][0].flip(0)  # a left-padded row
+    if not bool(left["attention_mask"][0, 0]):
+        with pytest.raises(ValueError, match="right-padded"):
+            perturbed_ce(model, left, 1, torch.zeros(2, TINY.hidden), 2)
 
 
 def test_cli_backdoor_defend_eval(tmp_path, capsys):

@@ -178,6 +178,10 @@ def perturbed_ce(model, batch, layer: int, delta: Optional[torch.Tensor], n: int
                  cache: Optional[LowerCache] = None) -> torch.Tensor:
     """Batch-mean response CE with delta at the last n prompt positions after layer ``layer``
     (from the cached h^l when ``cache`` is given: the upper stack only)."""
+    mask = batch["attention_mask"]
+    if mask.numel() and not bool(mask[:, 0].all()):
+        raise ValueError("perturbed_ce: batches must be right-padded (prompt first; data.collate makes them so), "
+                         "the perturbed positions count from the start of each row")
     positions = perturb_positions(batch["prompt_len"].to(batch["input_ids"].device), n)
     stack = upper_stack_only(model, layer, cache) if cache is not None else contextlib.nullcontext()
     with stack, perturbation(model, layer, delta, positions):
