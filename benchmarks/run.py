@@ -20,6 +20,7 @@ BENCHES = {
     "harmonize": "benchmarks.bench_harmonize",
     "pet": "benchmarks.bench_pet",
     "gr_loss": "benchmarks.bench_gr_loss",
+    "diagonal_stats": "benchmarks.bench_diagonal_stats",
 }
 
 

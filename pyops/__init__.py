@@ -9,6 +9,7 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 * ``joseph_project`` / ``joseph_backproject``: Joseph PET projection and its exact transpose
   (``pyops.pet``: ``JosephProjector``, ``parallel_beam_2d``, ``ring_scanner``)
 * ``harmonize_gradients``: FedGH / PCGrad gradient projections, batched in Gram space
+* ``diagonal_stats``: per-lag mean and unbiased std along the diagonals of T x T maps
 * ``gr_loss``: the GR loss of single-positive multi-label learning (robust terms, soft
   pseudo-labels, imbalance weight), one fused elementwise pass forward and backward
 
@@ -23,6 +24,7 @@ from . import pet
 from .pet import joseph_backproject, joseph_project
 from .harmonize import HarmonizeStats, harmonize_gradients
 from .gr_loss import gr_loss
+from .diagonal_stats import diagonal_stats
 
 __all__ = [
     "backends",
@@ -42,5 +44,6 @@ __all__ = [
     "harmonize_gradients",
     "HarmonizeStats",
     "gr_loss",
+    "diagonal_stats",
 ]
 __version__ = "0.1.0"

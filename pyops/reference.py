@@ -21,6 +21,8 @@ __all__ = [
     "pcgrad_visit_orders",
     "harmonize_gradients",
     "gr_loss",
+    "diagonal_stats",
+    "diagonal_stats_loop",
 ]
 
 
@@ -365,3 +367,48 @@ def gr_loss(logits, observed, beta=(0.0, -2.0), alpha=(0.5, 2.0), q2=0.01, q3=1.
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagonal statistics of T x T maps (rPPG self-similarity maps)
+# ---------------------------------------------------------------------------------------------
+def diagonal_stats(maps, num_lags=None):
+    """Per-lag mean and unbiased std of the upper diagonals S[i, i + k], k < num_lags (default
+    T - 1), vectorised: the diagonals gathered into a (B, T, K) tensor, masked sums. float32
+    (float64 for float64 maps)."""
+    acc = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    single = maps.dim() == 2
+    S = (maps[None] if single else maps).to(acc)
+    T = S.shape[-1]
+    K = T - 1 if num_lags is None else num_lags
+    i = torch.arange(T, device=S.device)[:, None]
+    k = torch.arange(K, device=S.device)[None, :]
+    valid = (i + k) < T  # (T, K)
+    D = S.gather(-1, (i + k).clamp(max=T - 1).expand(S.shape[0], T, K))  # D[b, i, k] = S[b, i, i + k]
+    n = (T - k).to(acc)  # (1, K)
+    D = torch.where(valid, D, torch.zeros((), dtype=acc, device=S.device))
+    mean = D.sum(1) / n
+    dev = torch.where(valid, D - mean[:, None, :], torch.zeros((), dtype=acc, device=S.device))
+    std = torch.sqrt((dev * dev).sum(1) / (n - 1))
+    return (mean[0], std[0]) if single else (mean, std)
+
+
+def diagonal_stats_loop(maps, num_lags=None):
+    """The same as the official rPPG code computes it (``Turn_map_into_waves`` / ``std_regular``):
+    Python loops over the maps and lags, each diagonal's entries stacked one by one. The
+    benchmark's slowest baseline."""
+    single = maps.dim() == 2
+    S = maps[None] if single else maps
+    T = S.shape[-1]
+    K = T - 1 if num_lags is None else num_lags
+    means, stds = [], []
+    for b in range(S.shape[0]):
+        mb, sb = [], []
+        for k in range(K):
+            vals = torch.stack([S[b, i, i + k] for i in range(T - k)])
+            mb.append(vals.mean())
+            sb.append(vals.std())
+        means.append(torch.stack(mb))
+        stds.append(torch.stack(sb))
+    mean, std = torch.stack(means), torch.stack(stds)
+    return (mean[0], std[0]) if single else (mean, std)

@@ -136,3 +136,25 @@ def test_triton_gr_loss_empty_and_nan():
     o = torch.zeros(2, 9)
     out = grl.triton_gr_loss_fwd(z, o, params, 0.01, 1.0, "none")
     assert torch.isnan(out[1, 4]) and torch.isfinite(out[0]).all()
+
+
+# ---- diagonal statistics ------------------------------------------------------------------
+dsm = importlib.import_module("pyops.diagonal_stats")
+
+
+@pytest.mark.parametrize("B,T,K", [(1, 2, 1), (2, 9, 8), (3, 140, 60)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_triton_diagonal_stats_matches_reference(B, T, K, dtype):
+    S = (torch.randn(B, T, T) + 0.5).to(dtype)
+    mean, std = dsm.triton_diagonal_stats_fwd(S, K)
+    Sr = S.clone().requires_grad_()
+    rm, rs = reference.diagonal_stats(Sr, K)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(mean, rm, rtol=tol, atol=tol)
+    torch.testing.assert_close(std, rs, rtol=max(tol, 1e-12) if dtype == torch.float64 else 1e-5, atol=tol)
+    gm, gs = torch.randn_like(mean), torch.randn_like(std)
+    g = dsm.triton_diagonal_stats_bwd(gm, gs, S, mean, std)
+    (gr,) = torch.autograd.grad((rm * gm).sum() + (rs * gs).sum(), Sr)
+    assert g.dtype == dtype and g.shape == S.shape
+    gtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(g.double(), gr.double(), rtol=gtol, atol=gtol * gr.abs().max().item())
