@@ -240,7 +240,8 @@ def inner_level(model, cfg: BEEARConfig, sa_h: Sequence[D.Example], sa: Sequence
     """delta* for the current model: ``inner_steps`` Adam steps on delta (from 0) of
     mean CE(D_SA-H; delta) - alpha mean CE(D_SA; delta), upper stack only."""
     L, n = cfg.anchor_layer, cfg.token_length
-    hb, sb = _batches(sa_h, cfg.outer_batch * 4, device), _batches(sa, cfg.outer_batch * 4, device)
+    size = cfg.outer_batch * 4  # no weight gradients here: larger batches than the outer level's
+    hb, sb = _batches(sa_h, size, device), _batches(sa, size, device)
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.inner_lr)

@@ -175,8 +175,7 @@ def defend(model, cfg: BEEARConfig, run: Run, device=torch.device("cpu"), show_p
             delta = inner["delta"]
             row.update(inner_toward=inner["toward"], inner_away=inner["away"], delta_norm=float(delta.norm()))
         row.update(outer_level(model, opt, cfg, delta, sa, pa, device))
-        row["seconds"] = time.perf_counter() - t0 + (run.rows[-1]["seconds_total"] if run.rows else 0.0)
-        row["seconds_total"] = row["seconds"]
+        row["seconds"] = time.perf_counter() - t0 + (run.rows[-1]["seconds"] if run.rows else 0.0)  # cumulative
         if eval_fn is not None:
             row.update({k: v for k, v in eval_fn(model).items() if not isinstance(v, dict)})
         run.log_metrics(row)
