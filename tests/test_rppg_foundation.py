@@ -1,0 +1,146 @@
+"""methods.rppg foundations (issue #12, in progress): the evaluation pipeline against
+hand-computed values and scipy, and the SCS label (faithful and clean modes)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from methods.rppg import pipeline as P
+from methods.rppg.scs import analytic_signal, label_phase, scs_label
+
+FS = 30.0
+
+
+def pulse(hr_bpm, seconds=20.0, fs=FS, phase=0.0, harmonic=0.35):
+    t = np.arange(int(seconds * fs)) / fs
+    w = 2 * np.pi * hr_bpm / 60 * t + phase
+    return np.sin(w) + harmonic * np.sin(2 * w - 0.8)
+
+
+@pytest.mark.parametrize("hr", [52.0, 75.0, 96.0, 130.0])
+def test_heart_rate_recovered(hr):
+    # a weak harmonic: a strong one makes extra local maxima, which plain peak counting (the
+    # toolbox's find_peaks without settings) counts as beats
+    x = P.preprocess(pulse(hr, 30.0, harmonic=0.1) + 0.3 * np.linspace(0, 1, 900), FS)  # plus a drift
+    assert abs(P.hr_peaks(x, FS) - hr) < 1.0
+    # the FFT peak is within half a bin of the periodogram (nfft = 1024 at 30 fps: 1.76 bpm)
+    assert abs(P.hr_fft(x, FS) - hr) <= 0.5 * 60 * FS / 1024 + 1e-9
+
+
+def test_hr_fft_picks_the_in_band_bin():
+    n = 256
+    f_bin = 20  # exactly on a bin of nfft = 256: 20 * 30 / 256 Hz
+    x = np.sin(2 * np.pi * f_bin * np.arange(n) / n) + 5 * np.sin(2 * np.pi * 2 * np.arange(n) / n)  # strong 0.23 Hz
+    assert P.hr_fft(x, FS) == pytest.approx(60 * f_bin * FS / n)
+
+
+def test_hr_peaks_by_hand():
+    x = np.zeros(100)
+    x[[10, 40, 70]] = 1.0  # peaks every 30 samples at 30 fps: 60 bpm
+    assert P.hr_peaks(x, FS) == pytest.approx(60.0)
+
+
+def test_detrend_removes_a_ramp_and_keeps_the_pulse():
+    x = pulse(80, 10.0) + np.linspace(0, 5, 300)
+    d = P.detrend(x)
+    assert abs(np.polyfit(np.arange(300), d, 1)[0]) < 1e-3
+    assert np.corrcoef(d, pulse(80, 10.0))[0, 1] > 0.95
+
+
+def test_metrics_by_hand():
+    res = P.WindowResult(hr_pred=[60.0, 80.0, 100.0, 70.0], hr_label=[62.0, 80.0, 95.0, 75.0], snr=[1.0, 3.0, 2.0, 2.0],
+                         macc=[0.5, 0.7, 0.9, 0.7])
+    m = P.summarize(res)
+    err = np.array([-2.0, 0.0, 5.0, -5.0])
+    assert m["MAE"] == pytest.approx(3.0)
+    assert m["RMSE"] == pytest.approx(math.sqrt((4 + 0 + 25 + 25) / 4))
+    assert m["MAPE"] == pytest.approx(100 * np.mean(np.abs(err) / np.array([62, 80, 95, 75])))
+    assert m["Pearson"] == pytest.approx(np.corrcoef(res.hr_pred, res.hr_label)[0, 1])
+    assert m["SNR"] == pytest.approx(2.0) and m["MACC"] == pytest.approx(0.7) and m["windows"] == 4
+
+
+def test_macc_equals_the_roll_loop():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal(64), rng.standard_normal(64)
+    loop = max(abs(np.corrcoef(x, np.roll(y, lag))[0, 1]) for lag in range(63))
+    assert P.macc(x, y) == pytest.approx(loop, rel=1e-10)
+    assert P.macc(x, np.roll(x, 7)) == pytest.approx(1.0)
+
+
+def test_snr_of_a_clean_pulse_is_high_and_of_noise_low():
+    x = P.preprocess(pulse(75, 20.0, harmonic=0.0), FS)
+    noise = P.preprocess(np.random.default_rng(0).standard_normal(600), FS)
+    assert P.snr_db(x, 75.0, FS) > 10 > P.snr_db(noise, 75.0, FS)
+
+
+def test_evaluate_windows_end_to_end():
+    preds = [pulse(70, 20.0, phase=0.4) + 0.05 * np.random.default_rng(1).standard_normal(600), pulse(110, 20.0)]
+    labels = [pulse(70, 20.0), pulse(110, 20.0, phase=1.0)]
+    m = P.evaluate_windows(preds, labels, FS, window_s=10.0, method="peak")
+    assert m["windows"] == 4 and m["MAE"] < 1.0 and m["MACC"] > 0.9
+    m = P.evaluate_windows(preds, labels, FS, window_s=0)  # whole videos
+    assert m["windows"] == 2
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: P.evaluate_windows([np.zeros(100)], [np.zeros(100)], FS, window_s=10.0), "shorter than the 10.0 s window"),
+    (lambda: P.hr_fft(np.r_[np.zeros(10), np.nan, np.zeros(10)], FS), "NaN or infinite sample .first at index 10"),
+    (lambda: P.hr_fft(np.zeros(64), 4.0), "cannot hold the band"),
+    (lambda: P.bandpass(np.zeros(64), -1.0), "sampling rate must be"),
+    (lambda: P.evaluate_windows([np.zeros(9)], [np.zeros(9)], FS, method="svd"), "method must be"),
+])
+def test_bad_inputs(call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call()
+
+
+# ---- SCS label ----------------------------------------------------------------------------
+def test_analytic_signal_matches_scipy():
+    from scipy.signal import hilbert
+
+    for n in (49, 70):
+        x = np.random.default_rng(n).standard_normal((3, n))
+        np.testing.assert_allclose(analytic_signal(torch.tensor(x)).numpy(), hilbert(x), atol=1e-12)
+
+
+def test_clean_scs_is_delay_invariant_on_a_sinusoid_and_rank_two():
+    t = torch.arange(72, dtype=torch.float64) / FS
+    f = 1.25  # 2 whole periods in the 48 trimmed samples: the FFT Hilbert transform is exact
+    waves = torch.stack([torch.sin(2 * math.pi * f * (t - d)) for d in (0.0, 0.13, 0.31)])
+    R = scs_label(waves, "clean")
+    assert R.shape == (3, 47, 47) and R.dtype == torch.float64
+    torch.testing.assert_close(R[1], R[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(R[2], R[0], atol=1e-10, rtol=0)
+    tt = t[13:60]
+    torch.testing.assert_close(R[0], torch.cos(2 * math.pi * f * (tt[:, None] - tt[None, :])), atol=1e-10, rtol=0)
+    assert torch.linalg.matrix_rank(R[0]).item() == 2
+
+
+def test_faithful_mode_follows_the_code_loop():
+    from scipy.signal import hilbert
+
+    rng = np.random.default_rng(0)
+    t = np.arange(70) / FS
+    b = np.sin(2 * np.pi * 1.3 * t + 0.4) + 0.2 * rng.standard_normal(70)
+    z = hilbert(b[12:58])
+    psi = np.array([math.atan(zi.imag / zi.real) if zi.real != 0 else math.copysign(1.57, zi.imag) for zi in z])
+    acc, phi = 0.0, [psi[0]]
+    for i in range(1, len(psi)):
+        if psi[i] < psi[i - 1]:
+            acc += psi[i - 1] - psi[i]
+        phi.append(psi[i] + acc)
+    phi = np.array(phi)[1:]
+    ours = label_phase(torch.tensor(b), "faithful").numpy()
+    np.testing.assert_allclose(ours, phi, atol=1e-10)
+    R = scs_label(torch.tensor(b), "faithful").numpy()
+    np.testing.assert_allclose(R, np.cos(phi[:, None] - phi[None, :]), atol=1e-10)
+
+
+def test_scs_bad_inputs():
+    with pytest.raises(ValueError, match="fewer than 2 phases"):
+        scs_label(torch.zeros(20))
+    with pytest.raises(ValueError, match="mode"):
+        scs_label(torch.zeros(70), "exact")
+    with pytest.raises(ValueError, match="NaN"):
+        scs_label(torch.full((70,), float("nan")))
