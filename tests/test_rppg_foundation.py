@@ -144,3 +144,34 @@ def test_scs_bad_inputs():
         scs_label(torch.zeros(70), "exact")
     with pytest.raises(ValueError, match="NaN"):
         scs_label(torch.full((70,), float("nan")))
+
+
+# ---- synthetic videos ---------------------------------------------------------------------
+from methods.rppg.synth import DOMAINS, Domain, pos, skin_signal, synth_video  # noqa: E402
+
+CLEAN = Domain(name="clean", illumination_drift=0, flicker=0, motion_px=0, specular=0, noise_std=0,
+               delay_range=(0.0, 0.0))
+
+
+@pytest.mark.parametrize("hr", [72.0, 95.0, 128.0])
+def test_video_carries_the_heart_rate(hr):
+    v = synth_video(900, 24, domain=CLEAN, seed=int(hr), hr=hr)
+    x = P.preprocess(pos(skin_signal(v["video"], v["mask"]), FS), FS)
+    assert abs(P.hr_peaks(x, FS) - v["hr"]) < 1.0
+    assert abs(v["hr"] - hr) < 0.1 * hr  # the simulator's variability around the requested rate
+
+
+def test_video_shapes_delay_and_seeding():
+    v = synth_video(120, 20, domain=DOMAINS["default"], seed=3)
+    assert v["video"].shape == (120, 20, 20, 3) and v["video"].dtype == np.float32
+    assert 0.0 <= v["video"].min() and v["video"].max() <= 1.0
+    np.testing.assert_allclose(v["video"] * 255, np.round(v["video"] * 255), atol=1e-3)  # 8-bit levels
+    k = int(round(v["delay"] * FS))
+    assert 0 <= v["delay"] <= 0.5 and k > 0
+    # label(t) = pulse(t - delay): the label is the pulse shifted right by k frames
+    w = synth_video(120 + 0, 20, domain=DOMAINS["default"], seed=3)
+    np.testing.assert_array_equal(v["video"], w["video"])  # seeded
+    np.testing.assert_allclose(v["label"][k:], v["pulse"][:-k], atol=1e-6)
+    assert synth_video(60, 20, domain=DOMAINS["no-delay"], seed=3)["delay"] == 0.0
+    with pytest.raises(ValueError, match="n_frames >= 2"):
+        synth_video(1, 20)

@@ -1,0 +1,176 @@
+"""Synthetic face videos with a known pulse (spec section 6, our procedural generator).
+
+Each video follows the POS skin-reflection model (Wang et al. 2017):
+``C(t) = I(t) * (u_s s(t) + albedo * (1 + a p(t) u_p)) + noise``.
+
+* **Face.** A face image from scikit-image's ``lfw_subset``, colourised with a skin tone, on a
+  grey background. The skin mask is an ellipse over the face.
+* **Pulse.** ``neurokit2.ppg_simulate`` at the video's heart rate, with heart-rate variability.
+  It modulates the skin pixels along the blood-volume direction ``u_p ~ [0.33, 0.77, 0.53]``, with
+  an AC/DC ratio ``a`` and a perfusion map (stronger on forehead and cheeks).
+* **Nuisances.** Illumination drift and flicker ``I(t)``, a specular term tied to the motion,
+  smooth random translation, Gaussian sensor noise and 8-bit quantisation.
+* **Label.** The label wave is the same pulse shifted by a per-video delay (the "uncertain
+  delay" of BYHE): ``label(t) = p(t - delay)``, 0-0.5 s by default.
+* **Domains** (``Domain``) differ in their skin tone, lighting, motion and delay ranges.
+
+Everything is seeded; 30 fps by default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, Tuple
+
+import numpy as np
+
+U_P = np.array([0.33, 0.77, 0.53]) / np.linalg.norm([0.33, 0.77, 0.53])  # blood-volume pulse direction
+SKIN_TONES = {  # CHROM-style skin colour directions (light ... dark), scaled to [0, 1] albedo
+    "light": np.array([0.92, 0.72, 0.62]), "medium": np.array([0.78, 0.55, 0.42]),
+    "tan": np.array([0.64, 0.44, 0.32]), "dark": np.array([0.42, 0.28, 0.20]),
+}
+
+
+@dataclass
+class Domain:
+    name: str = "default"
+    skin_tones: Tuple[str, ...] = ("light", "medium", "tan", "dark")
+    hr_range: Tuple[float, float] = (50.0, 140.0)  # bpm
+    delay_range: Tuple[float, float] = (0.0, 0.5)  # s, label behind the video
+    ac_range: Tuple[float, float] = (0.004, 0.01)  # pulse AC/DC
+    illumination_drift: float = 0.05  # relative amplitude of the slow drift
+    flicker: float = 0.005  # relative amplitude of a 0.3-0.6 Hz flicker
+    motion_px: float = 0.6  # amplitude of the smooth translation, pixels
+    specular: float = 0.02
+    noise_std: float = 1.0  # sensor noise, in 8-bit levels
+
+
+DOMAINS: Dict[str, Domain] = {
+    "default": Domain(),
+    "no-delay": Domain(name="no-delay", delay_range=(0.0, 0.0)),
+    "bright-still": Domain(name="bright-still", skin_tones=("light", "medium"), illumination_drift=0.02, motion_px=0.2,
+                           noise_std=0.5),
+    "dark-moving": Domain(name="dark-moving", skin_tones=("tan", "dark"), illumination_drift=0.1, motion_px=1.2,
+                          noise_std=2.0),
+}
+
+
+@lru_cache(maxsize=None)
+def _faces() -> np.ndarray:
+    from skimage import data
+
+    return data.lfw_subset()[:100]  # (100, 25, 25) grey faces in [0, 1] (the rest are non-faces)
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    from skimage.transform import resize
+
+    return resize(img, (size, size), anti_aliasing=True)
+
+
+def skin_mask(size: int) -> np.ndarray:
+    """An ellipse over the face region (forehead, cheeks, chin) of a size x size frame."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    return (((xx - 0.5) / 0.32) ** 2 + ((yy - 0.52) / 0.42) ** 2) <= 1.0
+
+
+def perfusion_map(size: int) -> np.ndarray:
+    """Relative pulse strength: higher on the forehead and the cheeks, 0 off the skin."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    forehead = np.exp(-(((yy - 0.25) / 0.12) ** 2 + ((xx - 0.5) / 0.25) ** 2))
+    cheeks = np.exp(-(((yy - 0.6) / 0.12) ** 2) - ((np.abs(xx - 0.5) - 0.22) / 0.1) ** 2)
+    return (0.5 + forehead + cheeks) * skin_mask(size)
+
+
+def pulse_wave(n: int, fs: float, hr: float, rng: np.random.Generator) -> np.ndarray:
+    """A PPG wave of n samples at hr bpm (neurokit2's simulator), zero mean, unit std."""
+    import warnings
+
+    import neurokit2 as nk
+
+    duration = int(np.ceil(n / fs)) + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # neurokit2's interpolation notes
+        w = nk.ppg_simulate(duration=duration, sampling_rate=int(round(fs)), heart_rate=hr, frequency_modulation=0.1,
+                            ibi_randomness=0.05, drift=0, motion_amplitude=0, powerline_amplitude=0,
+                            random_state=int(rng.integers(2**31)))[:n]
+    w = np.asarray(w, np.float64)
+    return (w - w.mean()) / (w.std() + 1e-12)
+
+
+def synth_video(n_frames: int = 300, size: int = 36, fs: float = 30.0, domain: Domain = Domain(),
+                seed: int = 0, hr: float = None) -> Dict[str, np.ndarray]:
+    """One video: ``video`` (T, size, size, 3) float32 in [0, 1] (8-bit levels), ``label`` (T,)
+    the delayed label wave, ``pulse`` (T,) the wave the skin carries, ``hr`` (bpm), ``delay`` (s),
+    ``mask`` (size, size) the skin mask."""
+    if n_frames < 2 or size < 8 or not fs > 0:
+        raise ValueError(f"need n_frames >= 2, size >= 8 and fs > 0, got {n_frames}, {size}, {fs}")
+    rng = np.random.default_rng(seed)
+    hr = float(rng.uniform(*domain.hr_range)) if hr is None else float(hr)
+    delay = float(rng.uniform(*domain.delay_range))
+    shift = int(round(delay * fs))
+    wave = pulse_wave(n_frames + shift, fs, hr, rng)
+    p = wave[shift:]  # the video's pulse at frame t ...
+    label = wave[:n_frames]  # ... the label lags it by `shift` frames: label(t) = p(t - delay)
+    face = _resize(_faces()[int(rng.integers(len(_faces())))], size)
+    tone = SKIN_TONES[domain.skin_tones[int(rng.integers(len(domain.skin_tones)))]]
+    mask = skin_mask(size)
+    albedo = np.where(mask[..., None], (0.55 + 0.45 * face[..., None]) * tone, 0.35 + 0.1 * face[..., None])
+    perf = perfusion_map(size)[..., None]
+    t = np.arange(n_frames) / fs
+    ac = float(rng.uniform(*domain.ac_range))
+    illum = (1 + domain.illumination_drift * np.sin(2 * np.pi * rng.uniform(0.02, 0.08) * t + rng.uniform(0, 6.3))
+             + domain.flicker * np.sin(2 * np.pi * rng.uniform(0.3, 0.6) * t))
+    # smooth translation: low-pass random walk
+    steps = rng.standard_normal((n_frames, 2))
+    kernel = np.hanning(31)
+    motion = np.stack([np.convolve(steps[:, i], kernel / kernel.sum(), mode="same") for i in range(2)], 1)
+    motion = domain.motion_px * motion / (np.abs(motion).max() + 1e-12)
+    speed = np.r_[0.0, np.linalg.norm(np.diff(motion, axis=0), axis=1)]
+    frames = np.empty((n_frames, size, size, 3), np.float32)
+    from scipy.ndimage import shift as nd_shift
+
+    for i in range(n_frames):
+        skin = albedo * (1 + ac * p[i] * perf / perf.max() * U_P / U_P.max())
+        spec = domain.specular * (1 + 5 * speed[i]) * mask[..., None]
+        img = illum[i] * (skin + spec)
+        img = nd_shift(img, (motion[i, 0], motion[i, 1], 0), order=1, mode="nearest")
+        img = img * 255 + rng.normal(0, domain.noise_std, img.shape)
+        frames[i] = np.clip(np.round(img), 0, 255) / 255
+    return {"video": frames, "label": label.astype(np.float32), "pulse": p.astype(np.float32),
+            "hr": realized_hr(p, fs), "hr_target": hr, "delay": shift / fs, "mask": mask}
+
+
+def realized_hr(wave: np.ndarray, fs: float) -> float:
+    """The mean heart rate (bpm) of a clean pulse wave: beats = peaks at least 0.3 s apart (the
+    simulator's heart-rate variability makes it differ slightly from the requested rate)."""
+    from scipy.signal import find_peaks
+
+    peaks, _ = find_peaks(wave, distance=max(1, int(0.3 * fs)), prominence=0.5)
+    if peaks.size < 2:
+        raise ValueError("the pulse wave has fewer than 2 beats")
+    return 60.0 * fs / float(np.mean(np.diff(peaks)))
+
+
+def skin_signal(video: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The mean colour of the skin pixels per frame, (T, 3)."""
+    return video[:, mask].mean(1)
+
+
+def pos(rgb: np.ndarray, fs: float, window_s: float = 1.6) -> np.ndarray:
+    """The POS pulse signal (Wang et al. 2017) from per-frame mean skin colour (T, 3)."""
+    T = rgb.shape[0]
+    w = int(round(window_s * fs))
+    if T < w:
+        raise ValueError(f"POS needs at least {w} frames, got {T}")
+    P = np.array([[0.0, 1.0, -1.0], [-2.0, 1.0, 1.0]])
+    h = np.zeros(T)
+    for s in range(0, T - w + 1):
+        c = rgb[s:s + w] / rgb[s:s + w].mean(0)
+        x = c @ P.T
+        sig = x[:, 0] + (x[:, 0].std() / (x[:, 1].std() + 1e-12)) * x[:, 1]
+        h[s:s + w] += sig - sig.mean()
+    return h
+
+
+__all__ = ["Domain", "DOMAINS", "synth_video", "skin_signal", "pos", "skin_mask", "perfusion_map", "pulse_wave"]
