@@ -175,3 +175,46 @@ def test_video_shapes_delay_and_seeding():
     assert synth_video(60, 20, domain=DOMAINS["no-delay"], seed=3)["delay"] == 0.0
     with pytest.raises(ValueError, match="n_frames >= 2"):
         synth_video(1, 20)
+
+
+# ---- losses -------------------------------------------------------------------------------
+from methods.rppg.losses import neg_max_cross_cov, neg_pearson, neg_snr  # noqa: E402
+
+
+def _waves(hr=75.0, seconds=10.0, delay=0.0, B=3):
+    t = torch.arange(int(seconds * FS), dtype=torch.float64) / FS
+    return torch.stack([torch.sin(2 * math.pi * hr / 60 * (t - delay) + 0.3 * b) for b in range(B)])
+
+
+def test_neg_pearson_invariances():
+    y = _waves()
+    x = y + 0.1 * torch.randn_like(y)
+    base = neg_pearson(x, y)
+    torch.testing.assert_close(neg_pearson(3 * x + 7, y), base)  # scale and offset
+    assert neg_pearson(y, y).abs() < 1e-12
+    assert neg_pearson(_waves(delay=0.2), y) > 0.5  # a 0.2 s delay at 75 bpm: r = cos(90 deg) ~ 0
+
+
+def test_neg_mcc_is_delay_robust():
+    y = _waves(seconds=8.0)
+    aligned = neg_max_cross_cov(y, y, FS)
+    for delay in (0.1, 0.2, 0.4):
+        shifted = neg_max_cross_cov(_waves(seconds=8.0, delay=delay), y, FS)
+        assert abs(shifted - aligned) < 0.1 * abs(aligned)
+    torch.testing.assert_close(neg_max_cross_cov(5 * y + 1, y, FS), aligned)  # scale and offset
+    noise = torch.randn_like(y)
+    assert neg_max_cross_cov(noise, y, FS) > aligned + 0.3
+    x = y.clone().requires_grad_()
+    neg_max_cross_cov(x + 0.1 * noise, y, FS).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_neg_snr_prefers_a_clean_pulse_at_the_label_rate():
+    y = _waves(hr=90.0)
+    hr = torch.full((3,), 90.0, dtype=torch.float64)
+    assert neg_snr(y, hr, FS) < neg_snr(torch.randn_like(y), hr, FS) - 10
+    assert neg_snr(y, hr, FS) < neg_snr(_waves(hr=130.0), hr, FS)
+    with pytest.raises(ValueError, match="one heart rate per wave"):
+        neg_snr(y, torch.tensor([90.0]), FS)
+    with pytest.raises(ValueError, match="labels must have"):
+        neg_pearson(y, y[:, :-1])
