@@ -218,3 +218,35 @@ def test_neg_snr_prefers_a_clean_pulse_at_the_label_rate():
         neg_snr(y, torch.tensor([90.0]), FS)
     with pytest.raises(ValueError, match="labels must have"):
         neg_pearson(y, y[:, :-1])
+
+
+# ---- backbones ----------------------------------------------------------------------------
+from methods.rppg.backbones import PhysNet, TSCANLike, diff_normalized  # noqa: E402
+
+
+def test_tscan_like_shapes_gradients_and_bad_input():
+    m = TSCANLike()
+    assert 0.3e6 < sum(p.numel() for p in m.parameters()) < 0.4e6  # the code's ~0.35 M
+    x = torch.rand(2, 3, 70, 36, 36) * 255
+    feats, mask = m(x)
+    assert feats.shape == (2, 8, 55) and mask.shape[:2] == (2, 69)  # T' = L - 15
+    assert ((mask > 0) & (mask < 1)).all()
+    feats.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    small = TSCANLike(shrink=4)
+    assert small(torch.rand(1, 3, 20, 32, 32))[0].shape == (1, 8, 5)
+    with pytest.raises(ValueError, match="T >= 17"):
+        m(torch.rand(1, 3, 10, 36, 36))
+    with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
+        m(torch.rand(1, 70, 36, 36))
+
+
+def test_physnet_and_diff_normalized():
+    p = PhysNet(16)
+    assert p(torch.rand(2, 3, 64, 24, 24)).shape == (2, 64)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        p(torch.rand(1, 3, 30, 24, 24))
+    v = torch.rand(2, 3, 10, 8, 8) + 0.5
+    d = diff_normalized(v)
+    assert d.shape == (2, 3, 9, 8, 8)
+    torch.testing.assert_close(d.flatten(1).std(1), torch.ones(2))
