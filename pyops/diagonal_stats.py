@@ -141,19 +141,12 @@ if triton is not None:
 _TRITON_BLOCK = 128
 
 
-def _triton_maps(maps):
-    m = maps.contiguous()
-    if m.dtype == torch.bfloat16 and m.device.type == "cpu":
-        m = m.float()  # the interpreter has no bfloat16 (numpy); on GPUs the kernel loads it as is
-    return m
-
-
 def triton_diagonal_stats_fwd(maps, num_lags):
     """Triton kernel of ``pyops::diagonal_stats_fwd`` (registered for CUDA)."""
     if maps.dim() != 3 or maps.shape[1] != maps.shape[2] or not 0 <= num_lags <= max(maps.shape[1] - 1, 0):
         raise ValueError(f"pyops::diagonal_stats_fwd: maps must be (B, T, T) and num_lags in [0, T - 1], "
                          f"got {tuple(maps.shape)} and {num_lags}")
-    m = _triton_maps(maps)
+    m = maps.contiguous()
     B, T = m.shape[0], m.shape[1]
     acc = acc_dtype(maps)
     mean = torch.empty(B, num_lags, dtype=acc, device=maps.device)
@@ -166,14 +159,14 @@ def triton_diagonal_stats_fwd(maps, num_lags):
 
 def triton_diagonal_stats_bwd(g_mean, g_std, maps, mean, std):
     """Triton kernel of ``pyops::diagonal_stats_bwd`` (registered for CUDA)."""
-    m = _triton_maps(maps)
+    m = maps.contiguous()
     B, T, K = m.shape[0], m.shape[1], mean.shape[-1]
     out = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
     if B * K > 0:
         with _backend.device_guard(m):
             _diag_bwd_kernel[(B, K)](g_mean.contiguous(), g_std.contiguous(), m, mean.contiguous(), std.contiguous(),
                                      out, T, K, ACC64=acc_dtype(maps) == torch.float64, BLOCK=_TRITON_BLOCK)
-    return out.to(maps.dtype)
+    return out
 
 
 if triton is not None:

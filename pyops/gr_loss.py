@@ -83,7 +83,8 @@ def check_observed(observed: torch.Tensor, fn: str, *, values: bool = True, requ
         empty = ~(o != 0).any(dim=-1)
         if bool(empty.any()):
             idx = tuple(int(i) for i in empty.nonzero()[0])
-            raise ValueError(f"{fn}: row {idx} of observed has no positive label; single-positive "
+            row = idx[0] if len(idx) == 1 else idx  # (B, C) labels: the row number itself
+            raise ValueError(f"{fn}: row {row} of observed has no positive label; single-positive "
                              "training needs at least one observed positive per row")
 
 
@@ -287,10 +288,6 @@ def _triton_inputs(logits, observed, params):
     o = observed.contiguous()
     if o.dtype == torch.bool:
         o = o.view(torch.uint8)  # same bytes; triton loads uint8
-    if z.dtype == torch.bfloat16 and z.device.type == "cpu":
-        z = z.float()  # the interpreter has no bfloat16 (numpy); on GPUs the kernel loads it as is
-    if o.dtype == torch.bfloat16 and o.device.type == "cpu":
-        o = o.float()
     return z, o, params.to(torch.float64).contiguous()
 
 
@@ -332,8 +329,6 @@ def triton_gr_loss_bwd(grad, logits, observed, params, q2, q3, reduction):
     if not per_entry and grad.numel() != 1:
         raise ValueError(f"pyops::gr_loss_bwd: grad must be a scalar for reduction {reduction!r}, got {tuple(grad.shape)}")
     g = grad.contiguous()
-    if g.dtype == torch.bfloat16 and g.device.type == "cpu":
-        g = g.float()
     out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0
     if n > 0:
@@ -341,7 +336,7 @@ def triton_gr_loss_bwd(grad, logits, observed, params, q2, q3, reduction):
             _gr_bwd_kernel[(triton.cdiv(n, _TRITON_BLOCK),)](
                 g, z, o, p, out, n, scale, q2, q3,
                 PER_ENTRY=per_entry, ACC64=acc_dtype(logits) == torch.float64, BLOCK=_TRITON_BLOCK)
-    return out.to(logits.dtype)
+    return out
 
 
 if triton is not None:

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyops
+from pyops.gr_loss import check_observed as check_labels
 
 LOG_EPSILON = 1e-5  # Cole et al.'s neg_log(x) = -log(x + 1e-5)
 
@@ -49,26 +50,14 @@ def check_preds(preds: torch.Tensor, fn: str) -> None:
             raise ValueError(f"{fn}: preds must be probabilities in [0, 1], got values in [{lo}, {hi}]")
 
 
-def check_observed(observed: torch.Tensor, shape, fn: str, *, allow_soft_negative: bool = False) -> None:
-    """0/1 labels of the given shape with a positive in every row (EM+APL's matrix may also hold
-    soft pseudo-negatives -p in [-1, 0))."""
+def check_observed(observed: torch.Tensor, shape, fn: str) -> None:
+    """0/1 labels of the given shape with a positive in every row (the values and rows are
+    checked by ``pyops.gr_loss``'s label check)."""
     if not isinstance(observed, torch.Tensor):
         raise TypeError(f"{fn}: observed must be a tensor, got {type(observed).__name__}")
     if tuple(observed.shape) != tuple(shape):
         raise ValueError(f"{fn}: observed must have shape {tuple(shape)}, got {tuple(observed.shape)}")
-    if observed.numel() == 0 or torch.compiler.is_compiling():
-        return
-    o = observed.detach()
-    ok = (o == 0) | (o == 1)
-    if allow_soft_negative:
-        ok |= (o < 0) & (o >= -1)
-    if not bool(ok.all()):
-        idx = tuple(int(i) for i in (~ok).nonzero()[0])
-        raise ValueError(f"{fn}: observed must hold 0 (unobserved) or 1 (observed positive), got {o[idx].item()} at {idx}")
-    empty = ~(o == 1).any(dim=-1)
-    if bool(empty.any()):
-        raise ValueError(f"{fn}: row {int(empty.nonzero()[0, 0])} of observed has no positive label; "
-                         "single-positive training needs one per row")
+    check_labels(observed, fn, values=True, require_positive=True)
 
 
 def neg_log(x: torch.Tensor) -> torch.Tensor:
@@ -185,10 +174,14 @@ class SPMLLoss(nn.Module):
         """Per-epoch quantities worth logging (GR's w, b, mu, sigma; LL's clean rate ...)."""
         return {}
 
-    def _check(self, logits, observed, fn):
+    @staticmethod
+    def _check_logits(logits, fn):
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise ValueError(f"{fn}: logits must be a (B, C) tensor, got "
                              f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+
+    def _check(self, logits, observed, fn):
+        self._check_logits(logits, fn)
         check_observed(observed, logits.shape, fn)
 
 
@@ -394,9 +387,11 @@ class GRLoss(SPMLLoss):
         return torch.exp(-((p - self._p["mu"]) ** 2) / (2 * self._p["sigma"] ** 2))
 
     def forward(self, logits, observed, index=None):
-        self._check(logits, observed, self.name)
+        self._check_logits(logits, self.name)
         P = self._p
-        return pyops.gr_loss(logits, observed, (P["w"], P["b"]), (P["mu"], P["sigma"]), self.q[0], self.q[1])
+        # the op checks the labels' shape and values (on the CPU inside its kernel) and the rows
+        return pyops.gr_loss(logits, observed, (P["w"], P["b"]), (P["mu"], P["sigma"]), self.q[0], self.q[1],
+                             require_positive=True)
 
     def get_extra_state(self):
         return {"epoch": self.epoch}
