@@ -26,7 +26,7 @@ def _write(out: str, title: str, rows: dict, extra: dict) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({**extra, "results": rows}, f, indent=2)
-    text = _table(title, {k: v for k, v in rows.items()})
+    text = _table(title, rows)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     print(text)

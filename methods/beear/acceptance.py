@@ -21,15 +21,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from methods.common import cpu_name, single_thread_worker
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ("asr_trigger", "unsafe_trigger", "asr_clean", "benign_exact_match", "benign_perplexity")
-
-
-def _init_worker():
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ["PYOPS_NO_PROGRESS"] = "1"
 
 
 def run_job(job: dict) -> dict:
@@ -51,7 +46,7 @@ def run_job(job: dict) -> dict:
     run.close()
     result = {"position": pos, "seed": seed, "trigger": phrase, "minutes": {"backdoor": (time.perf_counter() - t0) / 60}}
     model, _ = load_model(os.path.join(folder, "backdoor"))
-    result["backdoored"] = {k: v for k, v in evaluate(model, phrase, pos).items()}
+    result["backdoored"] = evaluate(model, phrase, pos)
     for method in ("beear", "sft"):
         model, _ = load_model(os.path.join(folder, "backdoor"))
         torch.manual_seed(seed)
@@ -103,12 +98,10 @@ def main(argv=None) -> int:
     os.makedirs(a.results, exist_ok=True)
     started = time.time()
     jobs = [{"position": pos, "seed": s, "trigger": a.trigger, "out": a.out} for pos in a.positions for s in a.seeds]
-    with ProcessPoolExecutor(max_workers=a.workers, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=a.workers, initializer=single_thread_worker) as pool:
         results = list(pool.map(run_job, jobs))
     minutes = (time.time() - started) / 60
     import torch
-
-    from methods.common import cpu_name
 
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python -m methods.beear.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])

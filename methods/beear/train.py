@@ -8,6 +8,7 @@ Both trainings are resumable from their run folder's checkpoints (the backdoor p
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -101,8 +102,6 @@ def train_backdoor(cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), sh
 def load_model(path: str, device=torch.device("cpu")):
     """A model saved by train_backdoor / defend (a checkpoint file or a run folder); returns
     (model, checkpoint dict)."""
-    import os
-
     from methods.common import Checkpointer, load_checkpoint
 
     if os.path.isdir(path):

@@ -2,7 +2,7 @@
 with logs and metric files, atomic resumable checkpoints (RNG states included), progress bars,
 plots, and DDP under torchrun. Methods import from here; nothing here knows about a method."""
 from .checkpoint import Checkpointer, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .device import cpu_name, pick_device
+from .device import cpu_name, pick_device, single_thread_worker
 from .dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_main_process, shutdown_distributed, wrap_ddp
 from .plotting import plot_curves
 from .progress import progress
@@ -12,5 +12,5 @@ from .seeding import seed_everything, worker_seed
 __all__ = [
     "Checkpointer", "DistInfo", "cpu_name", "Run", "add_common_args", "all_reduce_mean", "barrier", "init_distributed",
     "is_main_process", "shutdown_distributed", "load_checkpoint", "pick_device", "plot_curves", "progress", "rng_state",
-    "save_checkpoint", "seed_everything", "set_rng_state", "training_run", "worker_seed", "wrap_ddp",
+    "save_checkpoint", "seed_everything", "set_rng_state", "single_thread_worker", "training_run", "worker_seed", "wrap_ddp",
 ]

@@ -32,3 +32,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def single_thread_worker() -> None:
+    """Initializer of the acceptance scripts' worker processes: one torch thread each (two
+    workers share the two cores) and no progress bars."""
+    import os
+
+    torch.set_num_threads(1)
+    os.environ["PYOPS_NO_PROGRESS"] = "1"

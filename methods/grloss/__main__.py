@@ -10,6 +10,7 @@ from methods.common import add_common_args, pick_device, plot_curves, training_r
 
 from .data import DATASETS, load
 from .losses import DEFAULTS, LOSSES
+from .plots import plot_schedule
 from .train import DATASET_DEFAULTS, TrainConfig, train
 
 
@@ -63,35 +64,6 @@ def config_for(a, loss: str) -> TrainConfig:
                        gr_linear_init=a.linear_init, loss_args=dict(a.loss_arg))
 
 
-def plot_schedule(rows, path: str):
-    """k-hat and v as functions of p, one curve per epoch (GR only)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        return None
-    p = np.linspace(0, 1, 101)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
-    cmap = plt.get_cmap("viridis")
-    for i, r in enumerate(rows):
-        c = cmap(i / max(1, len(rows) - 1))
-        axes[0].plot(p, 1 / (1 + np.exp(-(r["w"] * p + r["b"]))), color=c, lw=1.2)
-        axes[1].plot(p, np.exp(-((p - r["mu"]) ** 2) / (2 * r["sigma"] ** 2)), color=c, lw=1.2,
-                     label=f"epoch {r['epoch']}" if i in (0, len(rows) - 1) else None)
-    axes[0].set(xlabel="p", ylabel="k-hat(p)", title="soft pseudo-label k-hat")
-    axes[1].set(xlabel="p", ylabel="v(p)", title="weight v")
-    axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
@@ -116,7 +88,7 @@ def main(argv=None) -> int:
         plot_curves({loss: curves[loss]}, os.path.join(out, "val_map.png"), xlabel="epoch", ylabel="val mAP",
                     title=f"{a.dataset}, {loss}")
         if loss == "gr" and rows:
-            plot_schedule(rows, os.path.join(out, "schedule.png"))
+            plot_schedule(rows, os.path.join(out, "schedule.png"), f"GR on {a.dataset}, seed {a.seed}")
         results[loss] = {k: res[k] for k in ("val_map", "test_map", "best_epoch", "epochs_run", "seconds")}
     os.makedirs(a.out, exist_ok=True)
     plot_curves(curves, os.path.join(a.out, "val_map.png"), xlabel="epoch", ylabel="val mAP", title=a.dataset)

@@ -25,6 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from methods.common import cpu_name, single_thread_worker
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 GR_GRID = {  # name -> (beta, alpha, q)
@@ -63,13 +65,6 @@ LABELS = {"full": "full-label BCE (upper bound)", "an": "AN", "an-ls": "AN-LS", 
           "hill": "Hill", "gr": "GR (ours: pyops.gr_loss)"}
 
 _DATA = {}
-
-
-def _init_worker():
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ["PYOPS_NO_PROGRESS"] = "1"
 
 
 def run_job(job: dict) -> dict:
@@ -115,36 +110,6 @@ def grid_jobs(dataset: str, losses) -> list:
     return jobs
 
 
-def trajectory_figure(history, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p = np.linspace(0, 1, 101)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=120)
-    cmap = plt.get_cmap("viridis")
-    n = len(history)
-    for i, r in enumerate(history):
-        c = cmap(i / max(1, n - 1))
-        lab = f"epoch {r['epoch']}" if i in (0, n - 1) else None
-        axes[0].plot(p, 1 / (1 + np.exp(-(r["w"] * p + r["b"]))), color=c, lw=1.2, label=lab)
-        axes[1].plot(p, np.exp(-((p - r["mu"]) ** 2) / (2 * r["sigma"] ** 2)), color=c, lw=1.2, label=lab)
-    e = [r["epoch"] for r in history]
-    for key in ("w", "b", "mu", "sigma"):
-        axes[2].plot(e, [r[key] for r in history], marker="o", ms=3, label=key)
-    axes[0].set(xlabel="p", ylabel="k-hat(p)", title="soft pseudo-label k-hat(p; beta_e)")
-    axes[1].set(xlabel="p", ylabel="v(p)", title="weight v(p; alpha_e)")
-    axes[2].set(xlabel="epoch", title="schedule parameters")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m methods.grloss.acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["yeast", "digits"], choices=["yeast", "digits", "mnist"])
@@ -156,7 +121,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.makedirs(a.results, exist_ok=True)
     started = time.time()
-    with ProcessPoolExecutor(max_workers=a.workers, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=a.workers, initializer=single_thread_worker) as pool:
         grid = [] if a.no_grid else [j for ds in a.datasets for j in grid_jobs(ds, a.losses)]
         grid_res = list(pool.map(run_job, grid))
         chosen = {}
@@ -194,7 +159,7 @@ def main(argv=None) -> int:
     cmd = "python -m methods.grloss.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     import torch
 
-    from methods.common import cpu_name
+    from .plots import plot_schedule
 
     meta = {"command": cmd.strip(), "date": date, "seeds": a.seeds, "workers": a.workers, "minutes": minutes,
             "machine": cpu_name(), "torch": torch.__version__}
@@ -235,7 +200,7 @@ def main(argv=None) -> int:
     traj = [r for r in final_res if r.get("history")]
     if traj:
         r = max(traj, key=lambda r: r["epochs_run"])  # the longest GR run shows the most of the schedule
-        trajectory_figure(r["history"], os.path.join(a.results, "gr_trajectory.png"),
+        plot_schedule(r["history"], os.path.join(a.results, "gr_trajectory.png"),
                           f"GR on {r['dataset']}, seed {r['seed']} ({r['setting']}): k-hat and v per epoch "
                           f"(early stop after epoch {r['epochs_run']})")
     print("\n".join(lines))

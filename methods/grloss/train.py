@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -150,7 +150,3 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     return {"val_map": best["val_map"], "test_map": test_map, "best_epoch": best["epoch"],
             "epochs_run": rows[-1]["epoch"] if rows else 0, "seconds": seconds, "history": rows,
             "model": model}
-
-
-def history_columns(rows: List[Dict], key: str) -> List[float]:
-    return [r[key] for r in rows if key in r]

@@ -77,13 +77,19 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(np.ceil(np.log2(max(n, 1)))))
 
 
-def hr_fft(x, fs: float, band=BAND) -> float:
-    """Heart rate (bpm) at the periodogram's peak within the band (nfft: next power of 2)."""
+def _periodogram(x, fs: float, band):
+    """(the signal, frequencies, power): the toolbox's periodogram, nfft the next power of 2."""
     from scipy.signal import periodogram
 
     check_band(fs, band)
     a = _signal(x)
     f, p = periodogram(a, fs=fs, nfft=_next_pow2(a.size), detrend=False)
+    return a, f, p
+
+
+def hr_fft(x, fs: float, band=BAND) -> float:
+    """Heart rate (bpm) at the periodogram's peak within the band (nfft: next power of 2)."""
+    a, f, p = _periodogram(x, fs, band)
     mask = (f >= band[0]) & (f <= band[1])
     if not mask.any():
         raise ValueError(f"no frequency bin of a {a.size}-sample signal falls in the band {band} Hz")
@@ -104,11 +110,7 @@ def hr_peaks(x, fs: float) -> float:
 def snr_db(x, hr_bpm: float, fs: float, band=BAND, tolerance_bpm: float = 6.0) -> float:
     """Power within +-6 bpm of the heart rate and of its first harmonic, over the rest of the
     band, in dB."""
-    from scipy.signal import periodogram
-
-    check_band(fs, band)
-    a = _signal(x)
-    f, p = periodogram(a, fs=fs, nfft=_next_pow2(a.size), detrend=False)
+    _, f, p = _periodogram(x, fs, band)
     f1, f2, dev = hr_bpm / 60.0, 2 * hr_bpm / 60.0, tolerance_bpm / 60.0
     inband = (f >= band[0]) & (f <= band[1])
     sig = ((f >= f1 - dev) & (f <= f1 + dev)) | ((f >= f2 - dev) & (f <= f2 + dev))
@@ -166,9 +168,9 @@ def evaluate_windows(preds: Sequence, labels: Sequence, fs: float, window_s: flo
         w = p.size if window_s <= 0 else int(round(window_s * fs))
         if p.size < w:
             raise ValueError(f"video {v} has {p.size} samples, shorter than the {window_s} s window ({w} samples)")
+        if w < MIN_WINDOW:
+            continue
         for s in range(0, p.size - w + 1, w):
-            if w < MIN_WINDOW:
-                continue
             pw = preprocess(p[s:s + w], fs, diff_normalized, band)
             lw = preprocess(l[s:s + w], fs, diff_normalized, band)
             hp, hl = hr_fn(pw), hr_fn(lw)
