@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _backend
+from . import _backend, reference
 from ._validation import acc_dtype, check_float, check_tensor
 
 __all__ = ["diagonal_stats"]
@@ -51,6 +51,11 @@ def diagonal_stats(maps: torch.Tensor, num_lags: Optional[int] = None) -> Tuple[
         num_lags = T - 1
     if isinstance(num_lags, bool) or not isinstance(num_lags, int) or not 0 <= num_lags <= T - 1:
         raise ValueError(f"{fn}: num_lags must be an int in [0, T - 1] = [0, {T - 1}], got {num_lags!r}")
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(maps):
+        # inside torch.func transforms (grad, jacrev, vmap): they cannot differentiate through a
+        # torch.library autograd registration, so the same statistics come from differentiable
+        # PyTorch ops (the reference; same gradient convention)
+        return reference.diagonal_stats(maps, num_lags)
     single = maps.dim() == 2
     mean, std = _ops.diagonal_stats_fwd(maps[None] if single else maps, num_lags)
     return (mean[0], std[0]) if single else (mean, std)

@@ -389,8 +389,10 @@ def diagonal_stats(maps, num_lags=None):
     D = torch.where(valid, D, torch.zeros((), dtype=acc, device=S.device))
     mean = D.sum(1) / n
     dev = torch.where(valid, D - mean[:, None, :], torch.zeros((), dtype=acc, device=S.device))
-    std = torch.sqrt((dev * dev).sum(1) / (n - 1))
-    return (mean[0], std[0]) if single else (mean, std)
+    var = (dev * dev).sum(1) / (n - 1)
+    pos = var > 0
+    std = torch.where(pos, torch.sqrt(torch.where(pos, var, torch.ones_like(var))), torch.zeros_like(var))
+    return (mean[0], std[0]) if single else (mean, std)  # std's gradient: 0 on a constant diagonal, not NaN
 
 
 def diagonal_stats_loop(maps, num_lags=None):

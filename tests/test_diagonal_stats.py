@@ -72,6 +72,36 @@ def test_constant_diagonal_has_zero_std_and_zero_std_gradient():
     assert torch.isfinite(g).all() and (g == 0).all()
 
 
+def test_torch_func_transforms():
+    """jacrev / vmap / grad see through the op (it runs the reference's PyTorch ops there, since
+    torch.func cannot differentiate a torch.library autograd registration): same values and
+    gradients as the op under ordinary autograd, constant diagonals included."""
+    from torch.func import grad, jacrev, vmap
+
+    S = make_maps(3, 9, torch.float64)
+    S[1, 0, 2] = S[1, 1, 3] = S[1, 2, 4] = S[1, 3, 5] = S[1, 4, 6] = S[1, 5, 7] = S[1, 6, 8] = 0.25  # lag 2: constant
+    w = torch.randn(3, 8, dtype=torch.float64)
+
+    def per_map(S):
+        mean, std = pyops.diagonal_stats(S)
+        return (mean * w).sum(1) + (std * w).sum(1) ** 2
+
+    J = jacrev(per_map)(S)
+    S1 = S.clone().requires_grad_()
+    out = per_map(S1)
+    for b in range(3):
+        (g,) = torch.autograd.grad(out[b], S1, retain_graph=True)
+        torch.testing.assert_close(J[b], g, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(J).all()
+    g1 = grad(lambda s: pyops.diagonal_stats(s)[1].sum())(S[1])  # a single (T, T) map
+    (g2,) = torch.autograd.grad(pyops.diagonal_stats(S1[1])[1].sum(), S1)
+    torch.testing.assert_close(g1, g2[1], rtol=1e-10, atol=1e-12)
+    mean_v, std_v = vmap(pyops.diagonal_stats)(S)
+    mean, std = pyops.diagonal_stats(S)
+    torch.testing.assert_close(mean_v, mean)
+    torch.testing.assert_close(std_v, std)
+
+
 def test_gradcheck_float64():
     S = make_maps(2, 9, torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: pyops.diagonal_stats(x, 7), (S,))

@@ -1,4 +1,5 @@
-"""methods.byhe (in progress): the SCS-map head's alignment with the label, and the losses."""
+"""methods.byhe: the SCS-map head's alignment with the label, the losses, the clip sampler, training (resume,
+NaN steps), evaluation and the CLI."""
 import math
 
 import pytest
@@ -52,3 +53,108 @@ def test_loss_properties():
     torch.testing.assert_close(mask_loss(att, skin), expected)
     with pytest.raises(ValueError, match="one shape"):
         rowwise_neg_pearson(R, R[:, :-1, :-1])
+
+
+# --- training, evaluation, CLI ------------------------------------------------------------------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from methods.byhe import train as T  # noqa: E402
+from methods.common import Run  # noqa: E402
+from methods.rppg.data import make_set, sample_clips, evaluation_clips  # noqa: E402
+
+TINY = dict(steps=2, batch=2, clip=30, n_train=2, n_test=1, frames=60, size=32, shrink=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_sets():
+    cfg = T.TrainConfig(**TINY)
+    return T.datasets(cfg)
+
+
+def test_clip_sampler_flips_video_and_mask_together():
+    vs = make_set(1, frames=40, size=32, seed=3)
+    seen = set()
+    for s in range(12):
+        c = sample_clips(vs, 1, 40, np.random.default_rng(s), label="pulse")
+        v, m = c["video"][0].permute(1, 2, 3, 0).numpy().astype(np.uint8), c["mask"][0].numpy()
+        for flip_h in (False, True):
+            for flip_v in (False, True):
+                ref_v, ref_m = vs.videos[0], vs.masks[0]
+                if flip_h:
+                    ref_v, ref_m = ref_v[:, :, ::-1], ref_m[:, ::-1]
+                if flip_v:
+                    ref_v, ref_m = ref_v[:, ::-1], ref_m[::-1]
+                if np.array_equal(v, ref_v):
+                    assert np.array_equal(m, ref_m)
+                    seen.add((flip_h, flip_v))
+        np.testing.assert_array_equal(c["wave"][0].numpy(), vs.pulses[0])  # the whole video: start 0
+    assert len(seen) >= 3  # the flips are random
+    assert [c["video"].shape[2] for c in evaluation_clips(vs, 20)] == [20, 20]
+    with pytest.raises(ValueError, match="at least 1 video"):
+        make_set(0, frames=40, size=32)
+    with pytest.raises(ValueError, match="label must be one of"):
+        vs.waves("gt")
+
+
+@pytest.mark.parametrize("loss", T.LOSSES)
+def test_train_resume_and_evaluate(tmp_path, tiny_sets, loss):
+    cfg = T.TrainConfig(loss=loss, **TINY)
+    run = Run(str(tmp_path / "run"), {}, name="t")
+    model, test = T.train(cfg, run, show_progress=False, checkpoint_every=1, data=tiny_sets)
+    run.close()
+    assert [r["step"] for r in run.rows] == [1]
+    # resuming a finished run trains nothing and restores the same weights
+    run2 = Run(str(tmp_path / "run"), {}, name="t")
+    model2, _ = T.train(cfg, run2, show_progress=False, checkpoint_every=1, data=tiny_sets)
+    run2.close()
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    res = T.evaluate(model, test, cfg.fs)
+    assert res["n"] == 1 and np.isfinite(res["MAE_fft"]) and len(res["records"]) == 1
+    sig = T.predict_signal(model, next(evaluation_clips(test))["video"])
+    assert sig.shape == ((60 - 26,) if loss == "byhe" else (60 - 15,))
+    loaded, cfg2 = T.load_model(str(tmp_path / "run"))
+    assert cfg2 == cfg and isinstance(loaded, type(model))
+
+
+def test_non_finite_loss_skips_the_step(tmp_path, tiny_sets, monkeypatch):
+    cfg = T.TrainConfig(loss="pearson", **TINY)
+    real = T.step_losses
+    monkeypatch.setattr(T, "step_losses", lambda m, c, b: {"loss": real(m, c, b)["loss"] * float("nan")})
+    torch.manual_seed(0)
+    run = Run(str(tmp_path / "nan"), {}, name="t")
+    model, _ = T.train(cfg, run, show_progress=False, data=tiny_sets)
+    run.close()
+    torch.manual_seed(cfg.seed)
+    fresh = T.build_model(cfg)  # the initial weights
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        torch.testing.assert_close(a, b)  # no update was applied
+    assert run.rows[-1]["skipped"] == 2
+    assert "non-finite loss" in open(tmp_path / "nan" / "log.txt").read()
+
+
+def test_config_errors():
+    for kw, msg in ((dict(loss="l1"), "loss must be"), (dict(label="gt"), "label must be"),
+                    (dict(scs_mode="x"), "scs_mode"), (dict(clip=29), "clip must be"), (dict(batch=1), "batch >= 2")):
+        with pytest.raises(ValueError, match=msg):
+            T.TrainConfig(**kw).check()
+
+
+def test_cli_train_and_eval(tmp_path):
+    from methods.byhe.__main__ import main
+
+    out = str(tmp_path / "cli")
+    args = ["train", "--out", out, "--no-progress", "--steps", "2", "--batch", "2", "--clip", "30", "--n-train", "2",
+            "--n-test", "1", "--frames", "60", "--size", "32", "--shrink", "4"]
+    assert main(args) == 0
+    for f in ("results.md", "results.json", "loss.png", "example.png", "log.txt", "metrics.csv"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert json.load(open(os.path.join(out, "results.json")))["results"]["n"] == 1
+    ev = str(tmp_path / "ev")
+    assert main(["eval", "--model", out, "--domain", "dark-moving", "--out", ev]) == 0
+    assert os.path.exists(os.path.join(ev, "example.png"))
+    assert main(["train", "--out", out, "--clip", "10"]) == 2
+    assert main(["eval", "--model", str(tmp_path / "none")]) == 2

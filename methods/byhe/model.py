@@ -27,7 +27,9 @@ class BYHEHead(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if feats.dim() != 3 or feats.shape[2] < self.window + 1:
             raise ValueError(f"BYHEHead: features must be (B, C, T') with T' > {self.window}, got {tuple(feats.shape)}")
-        W = feats.unfold(2, self.window, 1)  # (B, C, N, window)
+        n, dev = feats.shape[2] - self.window + 1, feats.device
+        idx = torch.arange(n, device=dev)[:, None] + torch.arange(self.window, device=dev)
+        W = feats[:, :, idx]  # (B, C, N, window): a gather (its backward batches under torch.func, unfold's does not)
         W = W.permute(0, 2, 1, 3).flatten(2)  # (B, N, C * window), channel-major like flatten(F[:, :, i:i+11])
         Q = F.normalize(self.drop(self.proj(W)), dim=-1)
         return Q @ Q.transpose(1, 2)

@@ -5,6 +5,7 @@
   differences, the appearance branch's sigmoid attention masks gating the motion branch (Fuse1
   and Fuse2: ``motion * H W m / (2 |m|_1)`` per frame), output features (B, 8, T - 15) and the
   Fuse1 mask (for BYHE's skin-mask loss); 0.34 M parameters (``shrink`` divides the widths).
+* ``TSCANWave``: TSCANLike with a 1x1 head to a pulse wave (B, T - 15), for wave losses;
 * ``PhysNet``: the 3-D CNN encoder-decoder of Yu et al. (BMVC 2019), output a wave (B, T).
 
 Both work for any input size from 32 x 32 (TSCANLike) / 16 x 16 (PhysNet) up.
@@ -78,6 +79,24 @@ class TSCANLike(nn.Module):
         mot = mot * F.interpolate(scale2, size=mot.shape[-3:], mode="nearest")
         out = self.mot3(mot)
         return out.mean((-2, -1)), mask1[:, 0]
+
+
+WAVE_OFFSET = 8  # TSCANLike's output j sees frames j..j+15: its wave is aligned with label[j + 8]
+
+
+class TSCANWave(nn.Module):
+    """TSCANLike with a 1x1 projection of its 8 feature channels to a pulse wave: (B, 3, T, H, W)
+    -> wave (B, T - 15) aligned with the label's samples WAVE_OFFSET..WAVE_OFFSET + T - 16, and
+    the Fuse1 mask. The wave-loss baselines (negative Pearson, MCC) train this."""
+
+    def __init__(self, shrink: int = 1):
+        super().__init__()
+        self.backbone = TSCANLike(shrink=shrink)
+        self.head = nn.Conv1d(8, 1, 1)
+
+    def forward(self, video: torch.Tensor):
+        feats, mask = self.backbone(video)
+        return self.head(feats)[:, 0], mask
 
 
 class PhysNet(nn.Module):

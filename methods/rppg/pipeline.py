@@ -181,18 +181,37 @@ def evaluate_windows(preds: Sequence, labels: Sequence, fs: float, window_s: flo
     return summarize(res)
 
 
-def summarize(res: WindowResult) -> Dict[str, float]:
-    hp, hl = np.asarray(res.hr_pred), np.asarray(res.hr_label)
+def signal_hr(x, fs: float, method: str = "fft", band=BAND) -> float:
+    """The heart rate (bpm) of one pulse-like signal: detrend and band-pass (``preprocess``), then
+    the periodogram peak (``method="fft"``) or peak counting (``"peak"``)."""
+    if method not in ("fft", "peak"):
+        raise ValueError(f"method must be 'fft' or 'peak', got {method!r}")
+    s = preprocess(x, fs, band=band)
+    return hr_fft(s, fs, band) if method == "fft" else hr_peaks(s, fs)
+
+
+def hr_errors(hr_pred, hr_label) -> Dict[str, float]:
+    """MAE, RMSE, MAPE and Pearson r of predicted against label heart rates, with standard
+    errors (``n``: how many)."""
+    hp, hl = np.asarray(hr_pred, np.float64), np.asarray(hr_label, np.float64)
+    if hp.shape != hl.shape or hp.ndim != 1 or not hp.size:
+        raise ValueError(f"need as many predicted as label heart rates (>= 1), got {hp.shape} and {hl.shape}")
     n = hp.size
     err = hp - hl
     out = {
-        "windows": n,
+        "n": n,
         "MAE": float(np.mean(np.abs(err))), "MAE_se": float(np.std(np.abs(err)) / np.sqrt(n)),
         "RMSE": float(np.sqrt(np.mean(err**2))), "RMSE_se": float(np.std(err**2) / np.sqrt(n)),
         "MAPE": float(np.mean(np.abs(err) / hl) * 100), "MAPE_se": float(np.std(np.abs(err) / hl) / np.sqrt(n) * 100),
-        "SNR": float(np.mean(res.snr)), "MACC": float(np.mean(res.macc)),
     }
     r = pearson(hp, hl) if n >= 3 else float("nan")
     out["Pearson"] = r
     out["Pearson_se"] = float(np.sqrt((1 - r**2) / (n - 2))) if n >= 3 else float("nan")
+    return out
+
+
+def summarize(res: WindowResult) -> Dict[str, float]:
+    out = hr_errors(res.hr_pred, res.hr_label)
+    out["windows"] = out.pop("n")
+    out["SNR"], out["MACC"] = float(np.mean(res.snr)), float(np.mean(res.macc))
     return out

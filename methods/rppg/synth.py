@@ -39,7 +39,8 @@ class Domain:
     delay_range: Tuple[float, float] = (0.0, 0.5)  # s, label behind the video
     ac_range: Tuple[float, float] = (0.004, 0.01)  # pulse AC/DC
     illumination_drift: float = 0.05  # relative amplitude of the slow drift
-    flicker: float = 0.005  # relative amplitude of a 0.3-0.6 Hz flicker
+    flicker: float = 0.005  # relative amplitude of a periodic illumination flicker ...
+    flicker_hz: Tuple[float, float] = (0.3, 0.6)  # ... at a frequency drawn from this range
     motion_px: float = 0.6  # amplitude of the smooth translation, pixels
     specular: float = 0.02
     noise_std: float = 1.0  # sensor noise, in 8-bit levels
@@ -52,6 +53,18 @@ DOMAINS: Dict[str, Domain] = {
                            noise_std=0.5),
     "dark-moving": Domain(name="dark-moving", skin_tones=("tan", "dark"), illumination_drift=0.1, motion_px=1.2,
                           noise_std=2.0),
+    # the three domains of DOHA's leave-one-domain-out experiment
+    "lab": Domain(name="lab", skin_tones=("light", "medium"), delay_range=(0.0, 0.2), illumination_drift=0.02,
+                  motion_px=0.3, noise_std=0.5),
+    "flicker": Domain(name="flicker", skin_tones=("medium", "tan"), delay_range=(0.2, 0.5), flicker=0.008,
+                      flicker_hz=(0.7, 2.5), motion_px=0.8, noise_std=1.5),
+    # between default and challenging: a weaker pulse, more motion and noise, the flicker below the band
+    "moderate": Domain(name="moderate", ac_range=(0.002, 0.006), illumination_drift=0.1, flicker=0.01,
+                       motion_px=1.2, specular=0.03, noise_std=2.0),
+    # weaker pulse, an in-band flicker 2-5x stronger than it, more motion and noise: the pulse must be told
+    # from the illumination by its colour direction
+    "challenging": Domain(name="challenging", ac_range=(0.002, 0.005), illumination_drift=0.1, flicker=0.01,
+                          flicker_hz=(0.7, 2.5), motion_px=1.5, specular=0.04, noise_std=3.0),
 }
 
 
@@ -120,7 +133,7 @@ def synth_video(n_frames: int = 300, size: int = 36, fs: float = 30.0, domain: D
     t = np.arange(n_frames) / fs
     ac = float(rng.uniform(*domain.ac_range))
     illum = (1 + domain.illumination_drift * np.sin(2 * np.pi * rng.uniform(0.02, 0.08) * t + rng.uniform(0, 6.3))
-             + domain.flicker * np.sin(2 * np.pi * rng.uniform(0.3, 0.6) * t))
+             + domain.flicker * np.sin(2 * np.pi * rng.uniform(*domain.flicker_hz) * t))
     # smooth translation: low-pass random walk
     steps = rng.standard_normal((n_frames, 2))
     kernel = np.hanning(31)
@@ -173,4 +186,28 @@ def pos(rgb: np.ndarray, fs: float, window_s: float = 1.6) -> np.ndarray:
     return h
 
 
-__all__ = ["Domain", "DOMAINS", "synth_video", "skin_signal", "pos", "skin_mask", "perfusion_map", "pulse_wave"]
+def chrom(rgb: np.ndarray, fs: float, window_s: float = 1.6, band=(0.7, 3.0)) -> np.ndarray:
+    """The CHROM pulse signal (de Haan & Jeanne 2013) from per-frame mean skin colour (T, 3):
+    per half-overlapping Hann window, X = 3R - 2G and Y = 1.5R + G - 1.5B of the normalised colour,
+    band-passed, S = X - (sigma_X / sigma_Y) Y, overlap-added."""
+    from scipy.signal import butter, filtfilt
+
+    T = rgb.shape[0]
+    w = int(round(window_s * fs))
+    w += w % 2
+    if T < w:
+        raise ValueError(f"CHROM needs at least {w} frames, got {T}")
+    b, a = butter(3, [band[0] / (fs / 2), band[1] / (fs / 2)], btype="bandpass")
+    h = np.zeros(T)
+    win = np.hanning(w)
+    for s in range(0, T - w + 1, w // 2):
+        c = rgb[s:s + w] / rgb[s:s + w].mean(0)
+        x = 3 * c[:, 0] - 2 * c[:, 1]
+        y = 1.5 * c[:, 0] + c[:, 1] - 1.5 * c[:, 2]
+        xf, yf = filtfilt(b, a, x, padlen=min(3 * max(len(a), len(b)), w - 1)), filtfilt(b, a, y, padlen=min(3 * max(len(a), len(b)), w - 1))
+        sig = xf - (xf.std() / (yf.std() + 1e-12)) * yf
+        h[s:s + w] += win * (sig - sig.mean())
+    return h
+
+
+__all__ = ["Domain", "DOMAINS", "synth_video", "skin_signal", "pos", "chrom", "skin_mask", "perfusion_map", "pulse_wave"]
