@@ -147,7 +147,7 @@ def test_scs_bad_inputs():
 
 
 # ---- synthetic videos ---------------------------------------------------------------------
-from methods.rppg.synth import DOMAINS, Domain, pos, skin_signal, synth_video  # noqa: E402
+from methods.rppg.synth import DOMAINS, Domain, chrom, pos, skin_signal, synth_video  # noqa: E402
 
 CLEAN = Domain(name="clean", illumination_drift=0, flicker=0, motion_px=0, specular=0, noise_std=0,
                delay_range=(0.0, 0.0))
@@ -159,6 +159,22 @@ def test_video_carries_the_heart_rate(hr):
     x = P.preprocess(pos(skin_signal(v["video"], v["mask"]), FS), FS)
     assert abs(P.hr_peaks(x, FS) - v["hr"]) < 1.0
     assert abs(v["hr"] - hr) < 0.1 * hr  # the simulator's variability around the requested rate
+    c = P.preprocess(chrom(skin_signal(v["video"], v["mask"]), FS), FS)
+    assert abs(P.hr_fft(c, FS) - P.hr_fft(P.preprocess(v["label"], FS), FS)) < 1e-9  # the same periodogram bin
+
+
+def test_classic_evaluation_and_bad_input():
+    from methods.rppg.data import make_set
+    from methods.rppg.evaluation import evaluate_classic
+
+    vs = make_set(2, 240, 24, CLEAN, seed=1)
+    for m in ("pos", "chrom"):
+        res = evaluate_classic(vs, FS, m)
+        assert res["n"] == 2 and res["MAE_fft"] < 1.0, (m, res["MAE_fft"])
+    with pytest.raises(ValueError, match="method must be one of"):
+        evaluate_classic(vs, FS, "green")
+    with pytest.raises(ValueError, match="CHROM needs at least"):
+        chrom(np.ones((10, 3)), FS)
 
 
 def test_video_shapes_delay_and_seeding():
