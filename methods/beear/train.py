@@ -8,7 +8,6 @@ Both trainings are resumable from their run folder's checkpoints (the backdoor p
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -102,14 +101,9 @@ def train_backdoor(cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), sh
 def load_model(path: str, device=torch.device("cpu")):
     """A model saved by train_backdoor / defend (a checkpoint file or a run folder); returns
     (model, checkpoint dict)."""
-    from methods.common import Checkpointer, load_checkpoint
+    from methods.common import load_run_checkpoint
 
-    if os.path.isdir(path):
-        latest = Checkpointer(os.path.join(path, "checkpoints")).latest()
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {path}/checkpoints")
-        path = latest
-    state = load_checkpoint(path, restore_rng=False)
+    state = load_run_checkpoint(path)
     model = build_model(ModelConfig(**state["model_config"])).to(device)
     model.load_state_dict(state["model"])
     return model, state

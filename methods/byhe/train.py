@@ -20,7 +20,6 @@ Training is resumable from the run folder's checkpoints; a NaN loss skips its st
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict
@@ -165,14 +164,9 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
 
 def load_model(path: str, device=torch.device("cpu")):
     """A model saved by ``train`` (a checkpoint file or a run folder): (model, TrainConfig)."""
-    from methods.common import Checkpointer, load_checkpoint
+    from methods.common import load_run_checkpoint
 
-    if os.path.isdir(path):
-        latest = Checkpointer(os.path.join(path, "checkpoints")).latest()
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {path}/checkpoints")
-        path = latest
-    state = load_checkpoint(path, restore_rng=False)
+    state = load_run_checkpoint(path)
     cfg = TrainConfig(**state["config"])
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])

@@ -54,6 +54,17 @@ def load_checkpoint(path: str, *, restore_rng: bool = True, map_location="cpu") 
     return payload
 
 
+def load_run_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """The state of a trained model for evaluation: ``path`` is a checkpoint file or a run folder
+    (its latest ``checkpoints/ckpt_*.pt``). The RNG states are not restored."""
+    if os.path.isdir(path):
+        latest = Checkpointer(os.path.join(path, "checkpoints")).latest()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {path}/checkpoints")
+        path = latest
+    return load_checkpoint(path, restore_rng=False, map_location=map_location)
+
+
 class Checkpointer:
     """Numbered checkpoints ``<dir>/ckpt_<step>.pt`` (the last `keep` are kept) and ``latest()``.
 

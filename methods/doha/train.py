@@ -17,7 +17,6 @@ is skipped and logged, as is a step whose instances were all rejected. Settings 
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
@@ -206,14 +205,9 @@ def _split(cfg, forward, clips):
 
 def load_model(path: str, device=torch.device("cpu")):
     """(model, DOHAConfig) from a run folder or a checkpoint file."""
-    from methods.common import Checkpointer, load_checkpoint
+    from methods.common import load_run_checkpoint
 
-    if os.path.isdir(path):
-        latest = Checkpointer(os.path.join(path, "checkpoints")).latest()
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {path}/checkpoints")
-        path = latest
-    state = load_checkpoint(path, restore_rng=False)
+    state = load_run_checkpoint(path)
     cfg = DOHAConfig(**state["config"])
     cfg.sources = tuple(cfg.sources)
     model = build_model(cfg).to(device)

@@ -1,0 +1,96 @@
+"""python -m methods.sspd train|eval: unsupervised rPPG (SSPD) on synthetic face videos, or the
+supervised reference on the same network."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+
+from methods.byhe.plots import plot_example
+from methods.common import add_common_args, pick_device, plot_curves, training_run, worker_seed
+from methods.rppg.data import LABELS, evaluation_clips, make_set
+from methods.rppg.evaluation import evaluate, results_table, write_results
+from methods.rppg.synth import DOMAINS
+
+from .augment import CROPS
+from .train import SSPDConfig, datasets, load_model, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SSPDConfig()
+    p = argparse.ArgumentParser(prog="python -m methods.sspd", description=(
+        "SSPD (Zhang et al., IEEE TMM 2024): heart rate from face video learned without labels, by "
+        "self-similarity prior distillation from an EMA teacher (two augmented views, S3M self-similarity "
+        "maps, hierarchical losses). --supervised trains the same network on the labels instead."))
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (without labels unless --supervised) and evaluate")
+    t.add_argument("--supervised", action="store_true", help="negative Pearson on the labels instead of SSPD")
+    t.add_argument("--label", choices=LABELS, default=d.label, help="--supervised: pulse (zero delay) or label (delayed)")
+    t.add_argument("--domain", choices=sorted(DOMAINS), default=d.domain)
+    t.add_argument("--crop", choices=CROPS, default=d.crop, help="faithful: the code's top-left crop of the online view")
+    t.add_argument("--keep", type=float, default=d.keep, help="keep-probability of the masked difference")
+    for name, help_ in (("steps", "training steps"), ("batch", "clips per step"), ("clip", "frames per view"),
+                        ("width", "channel-width divisor (1: the code's network)"), ("n_train", "training videos"),
+                        ("n_test", "test videos"), ("frames", "frames per video"), ("size", "frame size (pixels)")):
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                       help=f"{help_} (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--no-spatial-padding", action="store_true",
+                   help="the code's time-only padding (frames of at least 66 x 66)")
+    add_common_args(t, default_out="runs/sspd")
+    e = sub.add_parser("eval", help="evaluate a trained model")
+    e.add_argument("--model", required=True, help="a train run folder or a checkpoint file")
+    e.add_argument("--domain", choices=sorted(DOMAINS), default=None, help="default: the training domain")
+    e.add_argument("--n-test", type=int, default=None)
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--out", default=None, help="also write results.{md,json} and example.png there")
+    e.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    device = pick_device(a.device)
+    try:
+        if a.command == "train":
+            cfg = SSPDConfig(supervised=a.supervised, label=a.label, steps=a.steps, batch=a.batch, clip=a.clip, lr=a.lr,
+                             width=a.width, spatial_padding=not a.no_spatial_padding, crop=a.crop, keep=a.keep,
+                             domain=a.domain, n_train=a.n_train, n_test=a.n_test, frames=a.frames, size=a.size,
+                             seed=a.seed)
+            cfg.check()
+            with training_run(a.out, vars(a), fresh=a.fresh, name="sspd") as run:
+                model, test = train(cfg, run, device, show_progress=not a.no_progress,
+                                    checkpoint_every=max(1, a.checkpoint_every) * 50)
+                rows = run.rows
+                res = evaluate(model, test, cfg.fs)
+                run.info(f"test: HR MAE {res['MAE_fft']:.2f} bpm (FFT), {res['MAE_peak']:.2f} (peaks)")
+            plot_curves({"training loss": ([r["step"] + 1 for r in rows], [r.get("loss", float("nan")) for r in rows])},
+                        os.path.join(a.out, "loss.png"), xlabel="step", ylabel="loss",
+                        title="supervised" if cfg.supervised else "SSPD (no labels)")
+            plot_example(model, next(evaluation_clips(test)), cfg.fs, os.path.join(a.out, "example.png"), offset=1)
+            write_results(a.out, f"{'supervised' if cfg.supervised else 'SSPD'} on {cfg.domain}", res,
+                          {"config": asdict(cfg)})
+            return 0
+        model, cfg = load_model(a.model, device)
+        domain = a.domain or cfg.domain
+        if a.seed is None and a.n_test is None and domain == cfg.domain:
+            test = datasets(cfg)[1]
+        else:
+            seed = cfg.seed if a.seed is None else a.seed
+            test = make_set(a.n_test or cfg.n_test, cfg.frames, cfg.size, domain, seed=worker_seed(seed, 1), fs=cfg.fs)
+        res = evaluate(model, test, cfg.fs)
+        title = f"{a.model} on {domain} test videos"
+        if a.out:
+            write_results(a.out, title, res, {"config": asdict(cfg), "domain": domain})
+            plot_example(model, next(evaluation_clips(test)), cfg.fs, os.path.join(a.out, "example.png"), offset=1)
+        else:
+            print(results_table(title, res))
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""methods.sspd: the losses against the spec's formulas written out, the two views, the network's
+gradient routing, the EMA teacher, training (resume, NaN steps), the CLI."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from methods.common import Run
+from methods.sspd import augment as A
+from methods.sspd import losses as L
+from methods.sspd import train as T
+from methods.sspd.model import SSPDNet
+
+
+def _np_loop(a, b):
+    """NP by the code's formula, row by row."""
+    a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    vals = []
+    for x, y in zip(a2, b2):
+        n = x.numel()
+        cov = ((x - x.mean()) * (y - y.mean())).sum() / (n - 1)
+        rho = cov / (x.std() * y.std() + 1e-7)
+        vals.append(1 - rho.clamp(-1, 1))
+    return torch.stack(vals).mean()
+
+
+def _wave_loop(S):
+    N = S.shape[-1]
+    return torch.stack([torch.stack([S[b, i, i + k] for i in range(N - k)]).mean() for b in range(S.shape[0])
+                        for k in range(N - 1)]).reshape(S.shape[0], N - 1)
+
+
+def _reg_loop(S, s):
+    N = S.shape[-1]
+    out = []
+    for b in range(S.shape[0]):
+        out.append(torch.stack([torch.stack([S[b, i, i + k] for i in range(N - k)]).std() * (N - k) / s
+                                for k in range(1, N - 1)]).mean())
+    return torch.stack(out)
+
+
+def _ratio_loop(x, rate):
+    N = x.shape[-1]
+    lf, hf = math.floor(0.5 * N / rate), math.floor(3 * N / rate)
+    vals = []
+    for row in x:
+        A = torch.fft.fft(row).abs()[: N // 2]
+        A = A / A.max()
+        vals.append(A[: N // 2].sum() / A[lf:hf].sum() - 1)
+    return torch.stack(vals).mean()
+
+
+def test_losses_match_the_spec_formulas():
+    torch.manual_seed(0)
+    B, T_ = 3, 60
+    y_o, y_t = torch.randn(B, T_, dtype=torch.float64), torch.randn(B, T_, dtype=torch.float64)
+    maps_o = [torch.randn(B, n, n, dtype=torch.float64) for n in (20, 17, 15)]
+    maps_t = [torch.randn(B, n, n, dtype=torch.float64) for n in (20, 17, 15)]
+    out = L.sspd_losses(y_o, y_t, maps_o, maps_t, fs=30.0)
+    tspd = sum(((So - St) ** 2).mean() + ((_wave_loop(So) - _wave_loop(St)) ** 2).mean() + _np_loop(So, St)
+               + _np_loop(_wave_loop(So), _wave_loop(St)) for So, St in zip(maps_o, maps_t))
+    reg = torch.stack([_reg_loop(So, 20.0).mean() for So in maps_o]).mean()
+    freq = torch.stack([_ratio_loop(_wave_loop(So), 30.0) for So in maps_o]).mean()
+
+    def spec(x):
+        A = torch.fft.fft(x).abs()[:, : T_ // 2]
+        return A / A.max(1, keepdim=True).values
+
+    rpd = _np_loop(y_o, y_t) + _np_loop(spec(y_o), spec(y_t)) + _ratio_loop(y_o, 30.0)
+    for k, v in (("tspd", 0.5 * tspd), ("reg", 0.5 * reg), ("freq", 0.2 * freq), ("rpd", 0.5 * rpd)):
+        torch.testing.assert_close(out[k], v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out["loss"], 0.5 * tspd + 0.5 * reg + 0.2 * freq + 0.5 * rpd, rtol=1e-10, atol=1e-12)
+    # the band of L_RPD at T = 300: bins 5..29 (0.5-3 Hz)
+    x = torch.zeros(1, 300, dtype=torch.float64)
+    x[0] = torch.cos(2 * math.pi * 10 * torch.arange(300, dtype=torch.float64) / 300)  # bin 10 only
+    assert L.band_ratio(x, 30.0).abs() < 1e-9
+    assert L.neg_pearson(y_o, 3 * y_o + 2).abs() < 1e-6  # 0 up to the code's 1e-7 in the denominator
+
+
+def test_two_views():
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(2, 3, 11, 40, 40) * 255
+    online, target = A.two_views(frames, g, crop="faithful", keep=0.7)
+    c = A.crop_size(40)
+    assert c == 34 and online.shape == target.shape == (2, 3, 10, c, c)
+    zero = online == 0
+    assert (zero[:, 0] == zero[:, 1]).all() and (zero[:, 1] == zero[:, 2]).all()  # one mask for the 3 channels
+    assert 0.2 < zero[:, 0].float().mean() < 0.4  # ~30% masked
+    # faithful: the top-left crop (up to the flips)
+    diff = frames[:, :, 1:, :c, :c] - frames[:, :, :-1, :c, :c]
+    for b in range(2):
+        cands = [diff[b], diff[b].flip(-1), diff[b].flip(-2), diff[b].flip(-1).flip(-2)]
+        keep = ~zero[b]
+        assert any(torch.allclose(online[b][keep], d[keep]) for d in cands)
+    assert (target != 0).float().mean() > 0.99  # the target view is not masked
+    online2, _ = A.two_views(frames, torch.Generator().manual_seed(1), crop="fixed")
+    assert online2.shape == online.shape
+    with pytest.raises(ValueError, match="crop must be"):
+        A.two_views(frames, crop="center")
+
+
+def test_predictor_does_not_train_the_backbone_and_sizes():
+    net = SSPDNet(width=8, spatial_padding=True)
+    x = torch.randn(2, 3, 40, 24, 24)
+    y, maps = net(x)
+    assert y.shape == (2, 40) and [m.shape[-1] for m in maps] == [32, 26, 22]
+    y.sum().backward()
+    assert all(p.grad is None for p in net.backbone.parameters())
+    assert all(p.grad is not None for p in net.predictor.parameters())
+    net.zero_grad()
+    sum(m.sum() for m in maps).backward()
+    assert all(p.grad is None for p in net.predictor.parameters())
+    full = SSPDNet()
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in full.s3m.parameters()) == pytest.approx(
+        0.79e6, rel=0.01)  # the spec's 0.79 M at inference
+    with pytest.raises(ValueError, match="at least 66"):
+        full.backbone(torch.randn(1, 3, 8, 40, 40))
+
+
+def test_momentum_schedule_and_ema():
+    assert T.momentum(0, 100) == pytest.approx(0.9) and T.momentum(100, 100) == pytest.approx(1.0)
+    assert T.momentum(50, 100) == pytest.approx(0.95)
+    s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.clone() for p in t.parameters()]
+    T.ema_update(t, s, 0.9)
+    for pt, p0, ps in zip(t.parameters(), before, s.parameters()):
+        torch.testing.assert_close(pt, 0.9 * p0 + 0.1 * ps)
+
+
+TINY = dict(steps=2, batch=2, clip=40, n_train=2, n_test=1, frames=60, size=32, width=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_sets():
+    return T.datasets(T.SSPDConfig(**TINY))
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_train_teacher_and_resume(tmp_path, tiny_sets, supervised):
+    cfg = T.SSPDConfig(supervised=supervised, **TINY)
+    run = Run(str(tmp_path / "r"), {}, name="t")
+    model, test = T.train(cfg, run, show_progress=False, checkpoint_every=1, data=tiny_sets)
+    run.close()
+    state = torch.load(run.checkpoints.latest(), weights_only=False)
+    torch.manual_seed(cfg.seed)
+    init = T.build(cfg).state_dict()  # the initial weights (train seeds the same way)
+    params = [k for k, _ in T.build(cfg).named_parameters()]
+    moved = [k for k in params if not torch.equal(state["teacher"][k], init[k])]
+    same_as_student = [k for k in params if torch.equal(state["teacher"][k], state["student"][k])]
+    if supervised:
+        assert moved == []  # no teacher in supervised training
+    else:  # the teacher follows the student by EMA: it moved, but less than all the way
+        assert len(moved) > len(params) // 2 and len(same_as_student) < len(params) // 2
+    loaded, cfg2 = T.load_model(str(tmp_path / "r"))
+    assert cfg2 == cfg
+    from methods.rppg.evaluation import evaluate
+
+    res = evaluate(model, test, cfg.fs)
+    assert res["n"] == 1 and np.isfinite(res["MAE_fft"])
+
+
+def test_teacher_gets_no_gradient_and_nan_steps_skip(tmp_path, tiny_sets, monkeypatch):
+    cfg = T.SSPDConfig(**TINY)
+    seen = {}
+    real = T.step_losses
+
+    def spy(c, student, teacher, clips, g):
+        out = real(c, student, teacher, clips, g)
+        seen["teacher_requires_grad"] = any(p.requires_grad for p in teacher.parameters())
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(T, "step_losses", spy)
+    run = Run(str(tmp_path / "nan"), {}, name="t")
+    T.train(cfg, run, show_progress=False, data=tiny_sets)
+    run.close()
+    assert seen["teacher_requires_grad"] is False
+    assert run.rows[-1]["skipped"] == 2
+    assert "non-finite loss" in open(tmp_path / "nan" / "log.txt").read()
+
+
+def test_bad_configs():
+    for kw, msg in ((dict(crop="center"), "crop must be"), (dict(batch=1), "batch >= 2"), (dict(clip=10), "clip must be"),
+                    (dict(domain="moon"), "unknown domain"), (dict(n_train=0), "at least 1 training")):
+        with pytest.raises(ValueError, match=msg):
+            T.SSPDConfig(**kw).check()
+
+
+def test_cli(tmp_path):
+    from methods.sspd.__main__ import main
+
+    out = str(tmp_path / "cli")
+    args = ["train", "--out", out, "--no-progress", "--steps", "2", "--batch", "2", "--clip", "40", "--n-train", "2",
+            "--n-test", "1", "--frames", "60", "--size", "32", "--width", "8"]
+    assert main(args) == 0
+    for f in ("results.md", "results.json", "loss.png", "example.png", "log.txt", "metrics.csv"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert main(["eval", "--model", out, "--domain", "lab", "--n-test", "1"]) == 0
+    assert main(["train", "--out", out, "--clip", "5"]) == 2
