@@ -200,11 +200,12 @@ def chrom(rgb: np.ndarray, fs: float, window_s: float = 1.6, band=(0.7, 3.0)) ->
     b, a = butter(3, [band[0] / (fs / 2), band[1] / (fs / 2)], btype="bandpass")
     h = np.zeros(T)
     win = np.hanning(w)
+    pad = min(3 * max(len(a), len(b)), w - 1)
     for s in range(0, T - w + 1, w // 2):
         c = rgb[s:s + w] / rgb[s:s + w].mean(0)
         x = 3 * c[:, 0] - 2 * c[:, 1]
         y = 1.5 * c[:, 0] + c[:, 1] - 1.5 * c[:, 2]
-        xf, yf = filtfilt(b, a, x, padlen=min(3 * max(len(a), len(b)), w - 1)), filtfilt(b, a, y, padlen=min(3 * max(len(a), len(b)), w - 1))
+        xf, yf = filtfilt(b, a, x, padlen=pad), filtfilt(b, a, y, padlen=pad)
         sig = xf - (xf.std() / (yf.std() + 1e-12)) * yf
         h[s:s + w] += win * (sig - sig.mean())
     return h
