@@ -3,17 +3,15 @@ training (or the negative-Pearson / max-cross-covariance baselines on the same b
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict, fields
 
-from methods.common import add_common_args, pick_device, plot_curves, training_run, worker_seed
-from methods.rppg.data import LABELS, evaluation_clips, make_set
-from methods.rppg.evaluation import evaluate, results_table, write_results
+from methods.common import add_common_args, pick_device, training_run, worker_seed
+from methods.rppg.cli import add_eval_parser, report_training, run_eval
+from methods.rppg.data import LABELS, make_set
 from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
 
-from .plots import plot_example
 from .train import LOSSES, TrainConfig, datasets, load_model, train
 
 
@@ -38,14 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=f"{help_} (default: %(default)s)")
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the cosine schedule")
     add_common_args(t, default_out="runs/byhe")
-    e = sub.add_parser("eval", help="evaluate a trained model on test videos")
-    e.add_argument("--model", required=True, help="a train run folder or a checkpoint file")
-    e.add_argument("--domain", choices=sorted(DOMAINS), default=None, help="default: the training domain")
-    e.add_argument("--n-test", type=int, default=None, help="default: the training run's")
-    e.add_argument("--clip", type=int, default=0, help="test clip length in frames (default: whole videos)")
-    e.add_argument("--seed", type=int, default=None, help="test-set seed (default: the training run's)")
-    e.add_argument("--out", default=None, help="also write results.{md,json} and example.png there")
-    e.add_argument("--device", default="auto")
+    add_eval_parser(sub, "default: the training domain")
     return p
 
 
@@ -60,30 +51,13 @@ def main(argv=None) -> int:
             with training_run(a.out, vars(a), fresh=a.fresh, name="byhe") as run:
                 model, test = train(cfg, run, device, show_progress=not a.no_progress,
                                     checkpoint_every=max(1, a.checkpoint_every) * 100)
-                rows = run.rows
-                res = evaluate(model, test, cfg.fs)
-                run.info(f"test: HR MAE {res['MAE_fft']:.2f} bpm (FFT), {res['MAE_peak']:.2f} bpm (peaks)")
-            plot_curves({"training loss": ([r["step"] + 1 for r in rows], [r["loss"] for r in rows])},
-                        os.path.join(a.out, "loss.png"), xlabel="step", ylabel="loss", title=f"{cfg.loss} / {cfg.label}")
-            plot_example(model, next(evaluation_clips(test)), cfg.fs, os.path.join(a.out, "example.png"), cfg.scs_mode)
-            write_results(a.out, f"{cfg.loss} trained on {cfg.label} waves ({cfg.domain})", res, {"config": asdict(cfg)})
+                report_training(run, model, test, cfg.fs, f"{cfg.loss} trained on {cfg.label} waves ({cfg.domain})",
+                                asdict(cfg), scs_mode=cfg.scs_mode)
             return 0
         model, cfg = load_model(a.model, device)
-        domain = a.domain or cfg.domain
-        n_test = a.n_test if a.n_test is not None else cfg.n_test
-        if a.seed is None and domain == cfg.domain and n_test == cfg.n_test:
-            test = datasets(cfg)[1]
-        else:
-            seed = cfg.seed if a.seed is None else a.seed
-            test = make_set(n_test, cfg.frames, cfg.size, domain, seed=worker_seed(seed, 1), fs=cfg.fs)
-        res = evaluate(model.to(device), test, cfg.fs, a.clip)
-        title = f"{a.model} on {domain} test videos"
-        if a.out:
-            write_results(a.out, title, res, {"config": asdict(cfg), "domain": domain})
-            plot_example(model, next(evaluation_clips(test, a.clip)), cfg.fs, os.path.join(a.out, "example.png"), cfg.scs_mode)
-        else:
-            print(results_table(title, res))
-        return 0
+        return run_eval(a, model, asdict(cfg), cfg.fs, cfg.domain, lambda: datasets(cfg)[1],
+                        lambda d, n, seed: make_set(n, cfg.frames, cfg.size, d, seed=worker_seed(seed, 1), fs=cfg.fs),
+                        cfg.n_test, cfg.seed, scs_mode=cfg.scs_mode)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

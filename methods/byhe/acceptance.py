@@ -33,7 +33,7 @@ def run_job(job: dict) -> dict:
     from methods.common import Run
     from methods.rppg.data import evaluation_clips
 
-    from .plots import plot_example
+    from methods.rppg.plots import plot_example
     from .train import TrainConfig, evaluate, train
 
     cfg = TrainConfig(loss=job["loss"], label=job["label"], steps=job["steps"], seed=job["seed"], domain=job["domain"])

@@ -3,14 +3,12 @@ source domains, evaluated on a held-out target domain."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict
 
-from methods.byhe.plots import plot_example
-from methods.common import add_common_args, pick_device, plot_curves, training_run, worker_seed
-from methods.rppg.data import evaluation_clips, make_set
-from methods.rppg.evaluation import evaluate, results_table, write_results
+from methods.common import add_common_args, pick_device, training_run, worker_seed
+from methods.rppg.cli import add_eval_parser, report_training, run_eval
+from methods.rppg.data import make_set
 from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
 
@@ -41,13 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-instance-level", action="store_true", help="hho/doha: no instance-level PCGrad")
     t.add_argument("--no-domain-level", action="store_true", help="hho/doha: no domain-level PCGrad")
     add_common_args(t, default_out="runs/doha")
-    e = sub.add_parser("eval", help="evaluate a trained model on a domain's test videos")
-    e.add_argument("--model", required=True, help="a train run folder or a checkpoint file")
-    e.add_argument("--domain", choices=sorted(DOMAINS), default=None, help="default: the run's target domain")
-    e.add_argument("--n-test", type=int, default=None)
-    e.add_argument("--seed", type=int, default=None)
-    e.add_argument("--out", default=None, help="also write results.{md,json} and example.png there")
-    e.add_argument("--device", default="auto")
+    add_eval_parser(sub, "default: the run's target domain")
     return p
 
 
@@ -65,29 +57,13 @@ def main(argv=None) -> int:
             with training_run(a.out, vars(a), fresh=a.fresh, name="doha") as run:
                 model, test = train(cfg, run, device, show_progress=not a.no_progress,
                                     checkpoint_every=max(1, a.checkpoint_every) * 50)
-                rows = run.rows
-                res = evaluate(model, test, cfg.fs)
-                run.info(f"target {cfg.target}: HR MAE {res['MAE_fft']:.2f} bpm (FFT), {res['MAE_peak']:.2f} (peaks)")
-            plot_curves({"training loss": ([r["step"] + 1 for r in rows], [r.get("loss", float("nan")) for r in rows])},
-                        os.path.join(a.out, "loss.png"), xlabel="step", ylabel="loss", title=cfg.method)
-            plot_example(model, next(evaluation_clips(test)), cfg.fs, os.path.join(a.out, "example.png"), cfg.scs_mode)
-            write_results(a.out, f"{cfg.method}: {'+'.join(cfg.sources)} -> {cfg.target}", res, {"config": asdict(cfg)})
+                report_training(run, model, test, cfg.fs, f"{cfg.method}: {'+'.join(cfg.sources)} -> {cfg.target}",
+                                asdict(cfg), scs_mode=cfg.scs_mode)
             return 0
         model, cfg = load_model(a.model, device)
-        domain = a.domain or cfg.target
-        if a.seed is None and a.n_test is None and domain == cfg.target:
-            test = domain_sets(cfg)[1]
-        else:
-            seed = cfg.seed if a.seed is None else a.seed
-            test = make_set(a.n_test or cfg.n_test, cfg.frames, cfg.size, domain, seed=worker_seed(seed, 7), fs=cfg.fs)
-        res = evaluate(model, test, cfg.fs)
-        title = f"{a.model} on {domain} test videos"
-        if a.out:
-            write_results(a.out, title, res, {"config": asdict(cfg), "domain": domain})
-            plot_example(model, next(evaluation_clips(test)), cfg.fs, os.path.join(a.out, "example.png"), cfg.scs_mode)
-        else:
-            print(results_table(title, res))
-        return 0
+        return run_eval(a, model, asdict(cfg), cfg.fs, cfg.target, lambda: domain_sets(cfg)[1],
+                        lambda d, n, seed: make_set(n, cfg.frames, cfg.size, d, seed=worker_seed(seed, 7), fs=cfg.fs),
+                        cfg.n_test, cfg.seed, scs_mode=cfg.scs_mode)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

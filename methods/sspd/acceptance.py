@@ -30,7 +30,7 @@ NAMES = {"sspd": "SSPD (no labels)", "supervised": "same network, supervised (ne
 
 
 def run_job(job: dict) -> dict:
-    from methods.byhe.plots import plot_example
+    from methods.rppg.plots import plot_example
     from methods.common import Run
     from methods.rppg.data import evaluation_clips
     from methods.rppg.evaluation import evaluate, evaluate_classic

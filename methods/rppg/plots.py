@@ -1,15 +1,15 @@
-"""Figures of a trained model on one test video: the predicted signal against the label, and (BYHE)
-the predicted SCS map against the label's."""
+"""Figures of a trained rPPG model on one test video: the predicted signal against the label, and
+(map models: BYHE, DOHA) the predicted SCS map against the label's."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from methods.rppg import pipeline as P
-from methods.rppg.backbones import WAVE_OFFSET
-from methods.rppg.scs import scs_label
+import pyops
 
-from .model import BYHENet
+from . import pipeline as P
+from .backbones import WAVE_OFFSET
+from .scs import scs_label
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -36,7 +36,7 @@ def plot_example(model, clip, fs: float, path: str, scs_mode: str = "clean", tri
     if out.dim() == 3:  # BYHE: R_hat (1, N, N)
         R_hat = out[0].double()
         R = scs_label(label[None], scs_mode, trim)[0]
-        w_hat, w = BYHENet.wave(R_hat[None])[0].numpy(), BYHENet.wave(R[None])[0].numpy()
+        w_hat, w = pyops.diagonal_stats(R_hat)[0].numpy(), pyops.diagonal_stats(R)[0].numpy()
         fig, ax = plt.subplots(1, 3, figsize=(14, 4))
         lags = np.arange(w.size) / fs
         ax[0].plot(lags, w, label="label SCS map R", lw=1.5)
