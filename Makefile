@@ -20,7 +20,14 @@ BUILD_STAMP := build/.pyops-built-$(subst /,_,$(PY))
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 BENCH_ARGS ?= --quick
 
-.PHONY: test test-slow bench bench-full build clean test-cpu test-triton
+# The op tests (not the methods'): `make test` runs them once more on every CPU instruction-set
+# path the machine has besides its best one (PYOPS_CPU_ISA=avx2, baseline), and `make test-asan`
+# under the sanitizers.
+OP_TESTS := $(sort $(filter-out tests/test_method% tests/test_rppg% tests/test_cli_resume.py tests/test_cuda% \
+  tests/test_triton_interpret.py tests/test_knn_patch_triton.py,$(wildcard tests/test_*.py)))
+ASAN_DIR := build/asan
+
+.PHONY: test test-slow test-asan bench bench-full build clean test-cpu test-triton
 
 $(VENV)/.deps-ready: Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -35,13 +42,32 @@ $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
-# The main test run, then the Triton kernels under the interpreter in a process of their own
-# (TRITON_INTERPRET must be set before triton is imported). Exit code 5 = nothing collected.
+# The main test run (the CPU kernels on the best instruction-set path of this CPU), the op tests
+# on each other path this CPU can run, then the Triton kernels under the interpreter in a process
+# of their own (TRITON_INTERPRET must be set before triton is imported).
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q
+	@for isa in $$($(PY) -c "import pyops; print(' '.join(pyops.backends()['cpu_isa_supported'][1:]))"); do \
+	  echo "== op tests on the $$isa path (PYOPS_CPU_ISA=$$isa)"; \
+	  PYOPS_CPU_ISA=$$isa $(PY) -m pytest $(OP_TESTS) -q -p no:cacheprovider || exit 1; \
+	done
 	@if $(PY) -c "import triton" 2>/dev/null; then \
 	  TRITON_INTERPRET=1 $(PY) -m pytest tests -q -m triton_interpreter; \
 	else echo "triton not installed: Triton interpreter tests skipped"; fi
+
+# The C++ extension built with AddressSanitizer + UndefinedBehaviorSanitizer (every finding
+# fatal) into $(ASAN_DIR), beside the Python files of pyops, and the op tests run on it: the
+# sanitizer runtimes are preloaded (Python itself is not instrumented), leak checks are off
+# (the interpreter's own allocations), and PYTHONSAFEPATH keeps the checkout's pyops off sys.path.
+test-asan: $(ENV_STAMP)
+	mkdir -p $(ASAN_DIR)/pyops
+	PYOPS_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(ASAN_DIR) --build-temp $(ASAN_DIR)/obj
+	for f in pyops/*.py; do ln -sf "$(CURDIR)/$$f" $(ASAN_DIR)/pyops/; done
+	@export LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  PYTHONSAFEPATH=1 PYTHONPATH=$(ASAN_DIR) OMP_NUM_THREADS=2; \
+	$(PY) -c "import pyops, sys; assert '$(ASAN_DIR)' in pyops._C.__file__, pyops._C.__file__; print('sanitized build:', pyops._C.__file__)" && \
+	$(PY) -m pytest $(OP_TESTS) -q -p no:cacheprovider
 
 # Tests marked slow (a Flower simulation on Ray: 20 s on an idle machine, minutes on a busy one; needs the `fl` extra, flwr[simulation]).
 test-slow: $(BUILD_STAMP)

@@ -4,6 +4,9 @@
 CPU kernels). `pyops._C_cuda` (the CUDA kernels) is built too when the installed torch has CUDA
 (`torch.version.cuda`) and nvcc is found; `PYOPS_NO_CUDA=1` skips it and `PYOPS_FORCE_CUDA=1`
 builds it regardless (it then needs a CUDA build of torch to link against).
+
+`PYOPS_SANITIZE=1` builds the C++ extension with AddressSanitizer and UndefinedBehaviorSanitizer
+(no CUDA; `make test-asan` builds it into build/asan and runs the op tests on it).
 """
 import glob
 import os
@@ -29,15 +32,23 @@ def build_cuda() -> bool:
 
 # no FP traps or errno: lets comparisons and selects on floats vectorise (torch builds the same way)
 cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math", "-fno-math-errno"]
+link_flags = ["-fopenmp"]
+SANITIZE = os.environ.get("PYOPS_SANITIZE") == "1"
+if SANITIZE:
+    # every finding is fatal (no recovery), with frames to read; -O1 keeps the kernels' loops
+    # (and their vectorisation) close to the release build's
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1"] + san
+    link_flags += san
 ext_modules = [
     CppExtension(
         "pyops._C",
         _rel([os.path.join(HERE, "csrc", "pyops.cpp")] + glob.glob(os.path.join(HERE, "csrc", "*", "*.cpp"))),
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
 ]
-if build_cuda():
+if build_cuda() and not SANITIZE:
     ext_modules.append(
         CUDAExtension(
             "pyops._C_cuda",

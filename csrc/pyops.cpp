@@ -8,14 +8,55 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstring>
+
+#include "common/cpu_isa.h"
+
 TORCH_LIBRARY(pyops, m) {
   m.set_python_module("pyops");
 }
 
-// `import pyops._C` runs the static registrations above; the module itself is empty.
+// `import pyops._C` runs the static registrations above. The module holds only the switch of
+// the CPU kernels' instruction-set path (csrc/common/cpu_isa.h), used by pyops/_backend.py:
+//   _cpu_isa() -> (current, best supported), names "avx512" | "avx2" | "baseline";
+//   _set_cpu_isa(name) -> None; ValueError for an unknown name or one the CPU cannot run.
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  using namespace pyops::cpu;
+  return Py_BuildValue("(ss)", isa_name(isa()), isa_name(detected_isa()));
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  using namespace pyops::cpu;
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name == nullptr) {
+    PyErr_SetString(PyExc_TypeError, "_set_cpu_isa: name must be a str");
+    return nullptr;
+  }
+  for (Isa level : {Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
+    if (std::strcmp(name, isa_name(level)) != 0) continue;
+    if (!set_isa(level)) {
+      PyErr_Format(PyExc_ValueError, "this CPU cannot run the %s kernels (it supports up to %s)", name,
+                   isa_name(detected_isa()));
+      return nullptr;
+    }
+    Py_RETURN_NONE;
+  }
+  PyErr_Format(PyExc_ValueError, "unknown CPU instruction-set path %R (avx512, avx2 or baseline)", arg);
+  return nullptr;
+}
+
+PyMethodDef methods[] = {
+    {"_cpu_isa", cpu_isa, METH_NOARGS, "(current, best supported) CPU instruction-set path of the kernels"},
+    {"_set_cpu_isa", set_cpu_isa, METH_O, "force the CPU instruction-set path of the kernels"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

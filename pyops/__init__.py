@@ -13,10 +13,11 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 * ``gr_loss``: the GR loss of single-positive multi-label learning (robust terms, soft
   pseudo-labels, imbalance weight), one fused elementwise pass forward and backward
 
-``pyops.backends()`` tells what was built; ``pyops.use_backend("triton" | "cuda")`` picks the
-implementation for CUDA tensors.
+``pyops.backends()`` tells what was built and which CPU instruction-set path runs;
+``pyops.use_backend("triton" | "cuda")`` picks the implementation for CUDA tensors,
+``PYOPS_CPU_ISA`` / ``pyops.set_cpu_isa("avx512" | "avx2" | "baseline")`` the CPU kernels' path.
 """
-from ._backend import backends, get_backend, set_backend, use_backend
+from ._backend import backends, get_backend, get_cpu_isa, set_backend, set_cpu_isa, use_backend
 from . import reference
 from .cross_view_kl import CrossViewOutput, cross_view_kl_entropy, fused_linear_cross_view
 from .knn_patch import knn_patch_search, patch_aggregate, patch_grid
@@ -31,6 +32,8 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "get_cpu_isa",
+    "set_cpu_isa",
     "reference",
     "CrossViewOutput",
     "cross_view_kl_entropy",

@@ -13,6 +13,11 @@ When an op has both a CUDA C++ and a Triton kernel, one of them serves CUDA tens
 
 The choice is made through the dispatcher (the Triton kernel is registered over the C++ one
 and the registration dropped again), so it holds inside ``torch.compile``d code as well.
+
+The CPU kernels are built for three x86-64 instruction sets (AVX-512, AVX2 + FMA, baseline) and
+run the best one the CPU supports. ``PYOPS_CPU_ISA=avx512|avx2|baseline`` (environment, read at
+import; ``auto`` or unset: the best) forces one, ``pyops.set_cpu_isa(name)`` changes it; a path
+the CPU cannot run is refused with a ``ValueError``. The tests run on every path this way.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 
 BACKENDS = ("cuda", "triton")
+CPU_ISAS = ("avx512", "avx2", "baseline")  # best first
 
 try:
     from . import _C  # noqa: F401  (registers the schemas and the CPU kernels)
@@ -72,12 +78,15 @@ def backends() -> dict:
     Returns a dict with ``cpu_extension`` (always True), ``cuda_extension`` (the CUDA C++
     kernels were built and loaded), ``cuda_extension_error`` (why not, if not), ``triton``
     (its version, or None), ``cuda_available`` (a CUDA device is visible), ``cuda_backend``
-    (which implementation serves CUDA tensors now) and ``triton_kernels`` (ops with a Triton
-    kernel).
+    (which implementation serves CUDA tensors now), ``triton_kernels`` (ops with a Triton
+    kernel), ``cpu_isa`` (the instruction-set path the CPU kernels run now) and
+    ``cpu_isa_supported`` (the paths this CPU can run, best first).
     """
     return {
         "torch": torch.__version__,
         "cpu_extension": True,
+        "cpu_isa": get_cpu_isa(),
+        "cpu_isa_supported": supported_cpu_isas(),
         "cuda_extension": _HAS_CUDA_EXT,
         "cuda_extension_error": _CUDA_EXT_ERROR,
         "triton": _triton_version(),
@@ -85,6 +94,34 @@ def backends() -> dict:
         "cuda_backend": _active,
         "triton_kernels": sorted(_TRITON_KERNELS),
     }
+
+
+def get_cpu_isa() -> str:
+    """The instruction-set path the CPU kernels run: "avx512", "avx2" or "baseline"."""
+    return _C._cpu_isa()[0]
+
+
+def supported_cpu_isas() -> list[str]:
+    """The paths this CPU can run, best first (always ending with "baseline")."""
+    best = _C._cpu_isa()[1]
+    return list(CPU_ISAS[CPU_ISAS.index(best):])
+
+
+def set_cpu_isa(name: str) -> None:
+    """Run the CPU kernels' ``name`` build ("avx512", "avx2", "baseline" or "auto" for the best
+    this CPU supports), process-wide. A path the CPU cannot run raises ``ValueError``."""
+    if not isinstance(name, str):
+        raise TypeError(f"pyops.set_cpu_isa: name must be a str, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key == "auto":
+        key = _C._cpu_isa()[1]
+    if key not in CPU_ISAS:
+        raise ValueError(f"pyops.set_cpu_isa: name must be one of {CPU_ISAS} or 'auto', got {name!r}")
+    if key not in supported_cpu_isas():
+        raise ValueError(
+            f"pyops.set_cpu_isa({name!r}): this CPU cannot run the {key} kernels; it supports {supported_cpu_isas()}"
+        )
+    _C._set_cpu_isa(key)
 
 
 def _has_cpp_cuda_kernel(op: str) -> bool:
@@ -171,6 +208,13 @@ def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def no_values(t: torch.Tensor) -> bool:
+    """True when t's values cannot (or must not) be read on the host: a meta or fake tensor, a
+    region being traced by torch.compile, or a CUDA stream being captured. Data checks skip."""
+    return t.is_meta or torch.compiler.is_compiling() or capturing(t) or isinstance(
+        t, torch._subclasses.fake_tensor.FakeTensor)
+
+
 def register_no_double_backward(op: str) -> None:
     """Registers an autograd formula for the backward op ``pyops::op`` that refuses double
     backward with a clear error (instead of silently returning no gradient)."""
@@ -192,8 +236,19 @@ def _initial_backend() -> str | None:
     return "triton" if HAS_TRITON else None
 
 
+def _init_cpu_isa() -> None:
+    env = os.environ.get("PYOPS_CPU_ISA", "").strip()
+    if not env:
+        return
+    try:
+        set_cpu_isa(env)
+    except ValueError as exc:
+        raise ImportError(f"pyops: PYOPS_CPU_ISA={env!r} cannot be used: {exc}") from None
+
+
 def _init() -> None:
     global _active
+    _init_cpu_isa()
     name = _initial_backend()
     if name is not None:
         set_backend(name)

@@ -84,8 +84,8 @@ def _check_target_range(target: Optional[torch.Tensor], vocab: int, ignore_index
     checks each row as it goes."""
     if target is None or target.numel() == 0:
         return
-    if _backend.capturing(target):
-        return  # no host sync inside CUDA-graph capture; the kernels never index with a bad target
+    if _backend.no_values(target):
+        return  # no host sync in CUDA-graph capture (the kernels never index with a bad target), no data on meta
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if bool(bad.any()):
         idx = int(bad.nonzero()[0, 0])
@@ -93,6 +93,81 @@ def _check_target_range(target: Optional[torch.Tensor], vocab: int, ignore_index
             f"{fn}: target[{idx}] = {int(target[idx])} is out of range [0, {vocab}) and is not "
             f"ignore_index ({ignore_index})"
         )
+
+
+def _check_row_op(logits_a, logits_b, target, temperature, ignore_index, fn: str) -> None:
+    """The registered row ops' tensor arguments (2-D logits, (N,) target); metadata only."""
+    check_tensor(logits_a, "logits_a", fn)
+    if logits_a.dim() != 2:
+        raise ValueError(f"{fn}: logits_a must have shape (N, V), got {tuple(logits_a.shape)}")
+    _validate_logits(logits_a, logits_b, target, temperature, ignore_index, fn)
+
+
+def _check_bwd_rows(fn: str, ref: torch.Tensor, ref_name: str, lse, per_row: dict) -> None:
+    """The backward ops' per-row gradients and statistics ((N,), floating) and lse ((N, 3)), on
+    the device of ref (the logits or hidden states, N rows)."""
+    n_rows = ref.shape[0]
+    for name, t in {**per_row, "lse": lse}.items():
+        if t is None:
+            continue
+        check_tensor(t, name, fn)
+        if name != "lse" and t.shape != (n_rows,):
+            raise ValueError(f"{fn}: {name} must have shape (N,) = ({n_rows},), got {tuple(t.shape)}")
+        check_float(t, name, fn)
+        check_same_device(fn, **{ref_name: ref, name: t})
+    if lse.shape != (n_rows, 3):
+        raise ValueError(f"{fn}: lse must have shape (N, 3) = ({n_rows}, 3), got {tuple(lse.shape)}")
+
+
+def _check_grad_ce(g_ce, target, fn: str) -> None:
+    if g_ce is not None and target is None:
+        raise ValueError(f"{fn}: grad_ce_a needs a target (target is None)")
+
+
+def _check_chunk_size(chunk_size, fn: str) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"{fn}: chunk_size must be a positive int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size}")
+
+
+def _validate_linear(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, fn: str) -> None:
+    """The LM-head composition's arguments, hidden states of shape (..., H)."""
+    for name, t in (("hidden_a", hidden_a), ("hidden_b", hidden_b), ("weight", weight)):
+        check_tensor(t, name, fn)
+        check_float(t, name, fn)
+    if hidden_a.dim() < 1 or hidden_a.shape != hidden_b.shape:
+        raise ValueError(
+            f"{fn}: hidden_a and hidden_b must have the same shape (..., H), got "
+            f"{tuple(hidden_a.shape)} and {tuple(hidden_b.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden_a.shape[-1]:
+        raise ValueError(
+            f"{fn}: weight must have shape (V, H) with H = hidden_a.shape[-1] = {hidden_a.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{fn}: the vocabulary size V = weight.shape[0] must be > 0, got 0")
+    dtypes = {hidden_a.dtype, hidden_b.dtype, weight.dtype}
+    if bias is not None:
+        check_tensor(bias, "bias", fn)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        dtypes.add(bias.dtype)
+    if len(dtypes) != 1:
+        raise TypeError(f"{fn}: hidden_a, hidden_b, weight and bias must share one dtype, got {sorted(map(str, dtypes))}")
+    _check_target(target, hidden_a.shape[:-1], fn)
+    check_same_device(fn, hidden_a=hidden_a, hidden_b=hidden_b, weight=weight, bias=bias, target=target)
+    _check_scalars(temperature, ignore_index, fn)
+
+
+def _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size, fn) -> None:
+    """The registered LM-head ops' arguments (2-D hidden states); metadata only."""
+    check_tensor(hidden_a, "hidden_a", fn)
+    if hidden_a.dim() != 2:
+        raise ValueError(f"{fn}: hidden_a must have shape (N, H), got {tuple(hidden_a.shape)}")
+    _validate_linear(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, fn)
+    _check_chunk_size(chunk_size, fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,38 +237,13 @@ def fused_linear_cross_view(
         chunk_size: rows per chunk; default ``default_chunk_size(N, V)`` (~64 MiB of logits).
     """
     fn = "fused_linear_cross_view"
-    for name, t in (("hidden_a", hidden_a), ("hidden_b", hidden_b), ("weight", weight)):
-        check_tensor(t, name, fn)
-        check_float(t, name, fn)
-    if hidden_a.dim() < 1 or hidden_a.shape != hidden_b.shape:
-        raise ValueError(
-            f"{fn}: hidden_a and hidden_b must have the same shape (..., H), got "
-            f"{tuple(hidden_a.shape)} and {tuple(hidden_b.shape)}"
-        )
-    if weight.dim() != 2 or weight.shape[1] != hidden_a.shape[-1]:
-        raise ValueError(
-            f"{fn}: weight must have shape (V, H) with H = hidden_a.shape[-1] = {hidden_a.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError(f"{fn}: the vocabulary size V = weight.shape[0] must be > 0, got 0")
-    dtypes = {hidden_a.dtype, hidden_b.dtype, weight.dtype}
-    if bias is not None:
-        check_tensor(bias, "bias", fn)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"{fn}: bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-        dtypes.add(bias.dtype)
-    if len(dtypes) != 1:
-        raise TypeError(f"{fn}: hidden_a, hidden_b, weight and bias must share one dtype, got {sorted(map(str, dtypes))}")
-    _check_target(target, hidden_a.shape[:-1], fn)
-    check_same_device(fn, hidden_a=hidden_a, hidden_b=hidden_b, weight=weight, bias=bias, target=target)
-    _check_scalars(temperature, ignore_index, fn)
+    _validate_linear(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, fn)
     lead, hid = hidden_a.shape[:-1], hidden_a.shape[-1]
     n_rows = math.prod(lead)
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, weight.shape[0])
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        _check_chunk_size(chunk_size, fn)
     t2 = None if target is None else target.reshape(-1)
     kl_ab, kl_ba, ent_a, ent_b, ce, _ = _ops.fused_linear_cross_view_fwd(
         hidden_a.reshape(-1, hid), hidden_b.reshape(-1, hid), weight, bias, t2,
@@ -215,22 +265,41 @@ def _row_outputs_like(x: torch.Tensor, n_rows, has_target: bool):
     return (*rows, ce, x.new_empty((n_rows, 3), dtype=dt))
 
 
+def _check_row_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
+                      kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, fn) -> None:
+    _check_row_op(logits_a, logits_b, target, temperature, ignore_index, fn)
+    _check_bwd_rows(fn, logits_a, "logits_a", lse, dict(
+        grad_kl_ab=g_kab, grad_kl_ba=g_kba, grad_entropy_a=g_ha, grad_entropy_b=g_hb, grad_ce_a=g_ce,
+        kl_ab=kl_ab, kl_ba=kl_ba, entropy_a=ent_a, entropy_b=ent_b))
+    _check_grad_ce(g_ce, target, fn)
+
+
+def _check_linear_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target,
+                         kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, chunk_size, fn) -> None:
+    _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size, fn)
+    _check_bwd_rows(fn, hidden_a, "hidden_a", lse, dict(
+        grad_kl_ab=g_kab, grad_kl_ba=g_kba, grad_entropy_a=g_ha, grad_entropy_b=g_hb, grad_ce_a=g_ce,
+        kl_ab=kl_ab, kl_ba=kl_ba, entropy_a=ent_a, entropy_b=ent_b))
+    _check_grad_ce(g_ce, target, fn)
+
+
 @torch.library.register_fake("pyops::cross_view_kl_entropy_fwd")
 def _cross_view_kl_entropy_fwd_fake(logits_a, logits_b, target, temperature, ignore_index):
-    torch._check(logits_a.dim() == 2, lambda: "logits_a must be 2-D (N, V)")
-    torch._check(logits_a.shape == logits_b.shape, lambda: "logits_a and logits_b must have the same shape")
+    _check_row_op(logits_a, logits_b, target, temperature, ignore_index, "pyops::cross_view_kl_entropy_fwd")
     return _row_outputs_like(logits_a, logits_a.shape[0], target is not None)
 
 
 @torch.library.register_fake("pyops::cross_view_kl_entropy_bwd")
-def _cross_view_kl_entropy_bwd_fake(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, *rest):
+def _cross_view_kl_entropy_bwd_fake(*args):
+    _check_row_bwd_op(*args, fn="pyops::cross_view_kl_entropy_bwd")
+    logits_a, logits_b = args[5], args[6]
     return torch.empty_like(logits_a), torch.empty_like(logits_b)
 
 
 @torch.library.register_fake("pyops::fused_linear_cross_view_fwd")
 def _fused_linear_cross_view_fwd_fake(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size):
-    torch._check(hidden_a.dim() == 2, lambda: "hidden_a must be 2-D (N, H)")
-    torch._check(weight.shape[1] == hidden_a.shape[1], lambda: "weight must be (V, H)")
+    _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size,
+                     "pyops::fused_linear_cross_view_fwd")
     return _row_outputs_like(hidden_a, hidden_a.shape[0], target is not None)
 
 
@@ -238,6 +307,8 @@ def _fused_linear_cross_view_fwd_fake(hidden_a, hidden_b, weight, bias, target, 
 def _fused_linear_cross_view_bwd_fake(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias,
                                       target, kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index,
                                       chunk_size, output_mask):
+    _check_linear_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target, kl_ab, kl_ba,
+                         ent_a, ent_b, lse, temperature, ignore_index, chunk_size, "pyops::fused_linear_cross_view_bwd")
     need_ha, need_hb, need_w = output_mask
     empty = hidden_a.new_empty((0,))
     return (
@@ -316,6 +387,9 @@ for _name in ("cross_view_kl_entropy_bwd", "fused_linear_cross_view_bwd"):
 # LM-head composition (device-generic: matmuls + the row op, chunk by chunk)
 # --------------------------------------------------------------------------------------------
 def _fused_linear_fwd_impl(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size):
+    fn = "pyops::fused_linear_cross_view_fwd"
+    _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size, fn)
+    _check_target_range(target, weight.shape[0], ignore_index, fn)
     n_rows = hidden_a.shape[0]
     outs = _row_outputs_like(hidden_a, n_rows, target is not None)
     for s in range(0, n_rows, chunk_size):
@@ -339,6 +413,11 @@ def _slice(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
 def _fused_linear_bwd_impl(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target,
                            kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, chunk_size,
                            output_mask):
+    fn = "pyops::fused_linear_cross_view_bwd"
+    _check_linear_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target, kl_ab, kl_ba,
+                         ent_a, ent_b, lse, temperature, ignore_index, chunk_size, fn)
+    if g_ce is not None:
+        _check_target_range(target, weight.shape[0], ignore_index, fn)
     need_ha, need_hb, need_w = output_mask
     n_rows = hidden_a.shape[0]
     empty = hidden_a.new_empty((0,))
@@ -552,12 +631,8 @@ def _tl_acc(x: torch.Tensor):
 
 def triton_cross_view_kl_entropy_fwd(logits_a, logits_b, target, temperature, ignore_index):
     """Triton kernel of ``pyops::cross_view_kl_entropy_fwd`` (registered for CUDA)."""
-    fn = "cross_view_kl_entropy"
-    _validate_logits(logits_a, logits_b, None, temperature, ignore_index, fn)
-    if logits_a.dim() != 2:
-        raise ValueError(f"{fn}: logits_a must be 2-D (N, V), got {tuple(logits_a.shape)}")
-    _check_target(target, logits_a.shape[:1], fn)
-    check_same_device(fn, logits_a=logits_a, target=target)
+    fn = "pyops::cross_view_kl_entropy_fwd"
+    _check_row_op(logits_a, logits_b, target, temperature, ignore_index, fn)
     n_rows, vocab = logits_a.shape
     _check_target_range(target, vocab, ignore_index, fn)
     a, b = logits_a.contiguous(), logits_b.contiguous()
@@ -579,12 +654,10 @@ def triton_cross_view_kl_entropy_fwd(logits_a, logits_b, target, temperature, ig
 def triton_cross_view_kl_entropy_bwd(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
                                      kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index):
     """Triton kernel of ``pyops::cross_view_kl_entropy_bwd`` (registered for CUDA)."""
-    fn = "cross_view_kl_entropy_bwd"
-    _validate_logits(logits_a, logits_b, None, temperature, ignore_index, fn)
+    fn = "pyops::cross_view_kl_entropy_bwd"
+    _check_row_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
+                      kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, fn)
     n_rows, vocab = logits_a.shape
-    _check_target(target, logits_a.shape[:1], fn)
-    if g_ce is not None and target is None:
-        raise ValueError(f"{fn}: grad_ce_a needs a target")
     if g_ce is not None:
         _check_target_range(target, vocab, ignore_index, fn)
     a, b = logits_a.contiguous(), logits_b.contiguous()
@@ -594,11 +667,7 @@ def triton_cross_view_kl_entropy_bwd(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, l
     acc = acc_dtype(a)
 
     def rows(t):
-        if t is None:
-            return None
-        if t.numel() != n_rows:
-            raise ValueError(f"{fn}: per-row tensors must have N = {n_rows} elements, got {t.numel()}")
-        return t.reshape(n_rows).to(device=a.device, dtype=acc).contiguous()
+        return None if t is None else t.to(device=a.device, dtype=acc).contiguous()
 
     gs = [rows(g) for g in (g_kab, g_kba, g_ha, g_hb, g_ce)]
     fw = [rows(t) for t in (kl_ab, kl_ba, ent_a, ent_b)]

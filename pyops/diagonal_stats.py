@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _backend, reference
-from ._validation import acc_dtype, check_float, check_tensor
+from ._validation import acc_dtype, check_float, check_same_device, check_tensor
 
 __all__ = ["diagonal_stats"]
 
@@ -49,8 +49,10 @@ def diagonal_stats(maps: torch.Tensor, num_lags: Optional[int] = None) -> Tuple[
         raise ValueError(f"{fn}: maps must be at least 2 x 2 (an unbiased std needs 2 entries), got T = {T}")
     if num_lags is None:
         num_lags = T - 1
-    if isinstance(num_lags, bool) or not isinstance(num_lags, int) or not 0 <= num_lags <= T - 1:
-        raise ValueError(f"{fn}: num_lags must be an int in [0, T - 1] = [0, {T - 1}], got {num_lags!r}")
+    if isinstance(num_lags, bool) or not isinstance(num_lags, int):
+        raise TypeError(f"{fn}: num_lags must be an int, got {type(num_lags).__name__}")
+    if not 0 <= num_lags <= T - 1:
+        raise ValueError(f"{fn}: num_lags must be in [0, T - 1] = [0, {T - 1}], got {num_lags!r}")
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(maps):
         # inside torch.func transforms (grad, jacrev, vmap): they cannot differentiate through a
         # torch.library autograd registration, so the same statistics come from differentiable
@@ -64,14 +66,49 @@ def diagonal_stats(maps: torch.Tensor, num_lags: Optional[int] = None) -> Tuple[
 # --------------------------------------------------------------------------------------------
 # Fake kernels and autograd
 # --------------------------------------------------------------------------------------------
+def _check_op_maps(maps, fn: str) -> None:
+    check_tensor(maps, "maps", fn)
+    if maps.dim() != 3 or maps.shape[1] != maps.shape[2]:
+        raise ValueError(f"{fn}: maps must have shape (B, T, T), got {tuple(maps.shape)}")
+    if maps.shape[1] < 2:
+        raise ValueError(f"{fn}: maps must be at least 2 x 2 (an unbiased std needs 2 entries), got T = {maps.shape[1]}")
+    check_float(maps, "maps", fn)
+
+
+def _check_fwd_op(maps, num_lags, fn: str) -> None:
+    _check_op_maps(maps, fn)
+    T = maps.shape[1]
+    if isinstance(num_lags, bool) or not isinstance(num_lags, int) or not 0 <= num_lags <= T - 1:
+        raise ValueError(f"{fn}: num_lags must be in [0, T - 1] = [0, {T - 1}], got {num_lags!r}")
+
+
+def _check_bwd_op(g_mean, g_std, maps, mean, std, fn: str) -> None:
+    _check_op_maps(maps, fn)
+    B, T = maps.shape[0], maps.shape[1]
+    check_tensor(mean, "mean", fn)
+    if mean.dim() != 2 or mean.shape[0] != B:
+        raise ValueError(f"{fn}: mean must have shape (B, K) with B = {B}, got {tuple(mean.shape)}")
+    K = mean.shape[1]
+    if K > T - 1:
+        raise ValueError(f"{fn}: mean has K = {K} lags but (T, T) maps have at most T - 1 = {T - 1}")
+    for name, x in (("g_mean", g_mean), ("g_std", g_std), ("mean", mean), ("std", std)):
+        check_tensor(x, name, fn)
+        if x.shape != (B, K):
+            raise ValueError(f"{fn}: {name} must have shape (B, K) = ({B}, {K}), got {tuple(x.shape)}")
+        check_float(x, name, fn)
+        check_same_device(fn, maps=maps, **{name: x})
+
+
 @torch.library.register_fake("pyops::diagonal_stats_fwd")
 def _fwd_fake(maps, num_lags):
+    _check_fwd_op(maps, num_lags, "pyops::diagonal_stats_fwd")
     shape = (maps.shape[0], num_lags)
     return maps.new_empty(shape, dtype=acc_dtype(maps)), maps.new_empty(shape, dtype=acc_dtype(maps))
 
 
 @torch.library.register_fake("pyops::diagonal_stats_bwd")
 def _bwd_fake(g_mean, g_std, maps, mean, std):
+    _check_bwd_op(g_mean, g_std, maps, mean, std, "pyops::diagonal_stats_bwd")
     return torch.empty_like(maps, memory_format=torch.contiguous_format)
 
 
@@ -148,9 +185,7 @@ _TRITON_BLOCK = 128
 
 def triton_diagonal_stats_fwd(maps, num_lags):
     """Triton kernel of ``pyops::diagonal_stats_fwd`` (registered for CUDA)."""
-    if maps.dim() != 3 or maps.shape[1] != maps.shape[2] or not 0 <= num_lags <= max(maps.shape[1] - 1, 0):
-        raise ValueError(f"pyops::diagonal_stats_fwd: maps must be (B, T, T) and num_lags in [0, T - 1], "
-                         f"got {tuple(maps.shape)} and {num_lags}")
+    _check_fwd_op(maps, num_lags, "pyops::diagonal_stats_fwd")
     m = maps.contiguous()
     B, T = m.shape[0], m.shape[1]
     acc = acc_dtype(maps)
@@ -164,6 +199,7 @@ def triton_diagonal_stats_fwd(maps, num_lags):
 
 def triton_diagonal_stats_bwd(g_mean, g_std, maps, mean, std):
     """Triton kernel of ``pyops::diagonal_stats_bwd`` (registered for CUDA)."""
+    _check_bwd_op(g_mean, g_std, maps, mean, std, "pyops::diagonal_stats_bwd")
     m = maps.contiguous()
     B, T, K = m.shape[0], m.shape[1], mean.shape[-1]
     out = torch.zeros(m.shape, dtype=m.dtype, device=m.device)

@@ -34,7 +34,9 @@ def _pair(x: Pair, name: str, fn: str) -> tuple:
         if x.numel() != 2:
             raise ValueError(f"{fn}: {name} must hold 2 values, got a tensor of shape {tuple(x.shape)}")
         return x.reshape(2)[0], x.reshape(2)[1]
-    if not isinstance(x, (list, tuple)) or len(x) != 2:
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{fn}: {name} must be a pair of numbers (or a tensor of 2), got {type(x).__name__}")
+    if len(x) != 2:
         raise ValueError(f"{fn}: {name} must be a pair of numbers (or a tensor of 2), got {x!r}")
     for v in x:
         if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
@@ -49,8 +51,8 @@ def _check_finite_scalars(fn: str, **values) -> None:
                 raise ValueError(f"{fn}: {name} must be a scalar, got shape {tuple(v.shape)}")
             if v.is_complex() or v.dtype == torch.bool:
                 raise TypeError(f"{fn}: {name} must be a real number, got dtype {v.dtype}")
-            if torch.compiler.is_compiling() or _backend.capturing(v):
-                continue  # no host reads inside a traced or captured region
+            if _backend.no_values(v):
+                continue  # no host reads: meta tensors, traced or captured regions
             v = float(v)
         if not math.isfinite(float(v)):
             raise ValueError(f"{fn}: {name} must be finite, got {v}")
@@ -70,7 +72,7 @@ def check_observed(observed: torch.Tensor, fn: str, *, values: bool = True, requ
     """Data checks of an observed-label matrix (a host sync): with ``values``, entries in {0, 1};
     with ``require_positive``, at least one observed positive per row (last dim). Skipped while
     compiling or capturing a CUDA graph."""
-    if observed.numel() == 0 or torch.compiler.is_compiling() or _backend.capturing(observed):
+    if observed.numel() == 0 or _backend.no_values(observed):
         return
     o = observed.detach()
     if values and o.dtype != torch.bool:
@@ -157,13 +159,53 @@ def gr_loss(
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     q2, q3 = _check_q(q2, "q2", fn), _check_q(q3, "q3", fn)
     params = _params(beta, alpha, logits.device, fn)
-    check_observed(observed, fn, values=observed.device.type != "cpu", require_positive=require_positive)
-    try:
-        return _ops.gr_loss_fwd(logits, observed, params, q2, q3, reduction)
-    except RuntimeError as exc:  # the CPU kernel's label check: a ValueError like the others
-        if "observed must hold 0" in str(exc):
-            raise ValueError(f"{fn}: {str(exc).splitlines()[0]}") from None
-        raise
+    # (the op checks the label values: the CPU kernel as it reads them, the CUDA one separately)
+    check_observed(observed, fn, values=False, require_positive=require_positive)
+    return _ops.gr_loss_fwd(logits, observed, params, q2, q3, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks of the registered ops' arguments (fakes and Triton; the CPU kernels check in C++)
+# --------------------------------------------------------------------------------------------
+def _check_op(logits, observed, params, q2, q3, reduction, fn: str, grad=None, data: bool = False) -> None:
+    """Shapes, dtypes, devices and scalars; with ``data``, also the values of params and of the
+    observed labels (host syncs; skipped under CUDA-graph capture)."""
+    check_tensor(logits, "logits", fn)
+    check_float(logits, "logits", fn)
+    check_tensor(observed, "observed", fn)
+    if observed.shape != logits.shape:
+        raise ValueError(f"{fn}: observed must have the logits' shape {tuple(logits.shape)}, got {tuple(observed.shape)}")
+    if observed.is_complex():
+        raise TypeError(f"{fn}: observed must be bool, integer or float, got {observed.dtype}")
+    check_tensor(params, "params", fn)
+    if params.shape != (4,):
+        raise ValueError(f"{fn}: params must have shape (4,) ([w, b, mu, sigma]), got {tuple(params.shape)}")
+    if not params.is_floating_point():
+        raise TypeError(f"{fn}: params must be floating point, got {params.dtype}")
+    check_same_device(fn, logits=logits, observed=observed)
+    for name, q in (("q2", q2), ("q3", q3)):
+        if not (math.isfinite(q) and q >= 0):
+            raise ValueError(f"{fn}: {name} must be a finite number >= 0 (0: the log limit), got {q}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    if grad is not None:
+        check_tensor(grad, "grad", fn)
+        check_float(grad, "grad", fn)
+        check_same_device(fn, logits=logits, grad=grad)
+        if reduction == "none" and grad.shape != logits.shape:
+            raise ValueError(f"{fn}: grad must have the logits' shape {tuple(logits.shape)} for reduction 'none', "
+                             f"got {tuple(grad.shape)}")
+        if reduction != "none" and grad.numel() != 1:
+            raise ValueError(f"{fn}: grad must be a scalar for reduction {reduction!r}, got shape {tuple(grad.shape)}")
+    if data and not _backend.no_values(params):
+        w, b, mu, sigma = params.detach().double().tolist()
+        if not all(math.isfinite(v) for v in (w, b, mu)):
+            raise ValueError(f"{fn}: params [w, b, mu, sigma] must be finite, got {[w, b, mu, sigma]}")
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"{fn}: sigma (params[3], the width of the weight v) must be a finite number > 0, "
+                             f"got {sigma}")
+    if data:
+        check_observed(observed, fn, values=True, require_positive=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,12 +213,14 @@ def gr_loss(
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("pyops::gr_loss_fwd")
 def _gr_loss_fwd_fake(logits, observed, params, q2, q3, reduction):
+    _check_op(logits, observed, params, q2, q3, reduction, "pyops::gr_loss_fwd")
     shape = logits.shape if reduction == "none" else ()
     return logits.new_empty(shape, dtype=acc_dtype(logits))
 
 
 @torch.library.register_fake("pyops::gr_loss_bwd")
 def _gr_loss_bwd_fake(grad, logits, observed, params, q2, q3, reduction):
+    _check_op(logits, observed, params, q2, q3, reduction, "pyops::gr_loss_bwd", grad=grad)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -297,8 +341,7 @@ def _inv(q: float) -> float:
 
 def triton_gr_loss_fwd(logits, observed, params, q2, q3, reduction):
     """Triton kernel of ``pyops::gr_loss_fwd`` (registered for CUDA)."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"pyops::gr_loss_fwd: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_op(logits, observed, params, q2, q3, reduction, "pyops::gr_loss_fwd", data=True)
     z, o, p = _triton_inputs(logits, observed, params)
     acc = acc_dtype(logits)
     n = z.numel()
@@ -319,15 +362,10 @@ def triton_gr_loss_fwd(logits, observed, params, q2, q3, reduction):
 
 def triton_gr_loss_bwd(grad, logits, observed, params, q2, q3, reduction):
     """Triton kernel of ``pyops::gr_loss_bwd`` (registered for CUDA)."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"pyops::gr_loss_bwd: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_op(logits, observed, params, q2, q3, reduction, "pyops::gr_loss_bwd", grad=grad, data=True)
     z, o, p = _triton_inputs(logits, observed, params)
     n = z.numel()
     per_entry = reduction == "none"
-    if per_entry and grad.shape != logits.shape:
-        raise ValueError(f"pyops::gr_loss_bwd: grad must have the logits' shape {tuple(logits.shape)}, got {tuple(grad.shape)}")
-    if not per_entry and grad.numel() != 1:
-        raise ValueError(f"pyops::gr_loss_bwd: grad must be a scalar for reduction {reduction!r}, got {tuple(grad.shape)}")
     g = grad.contiguous()
     out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0

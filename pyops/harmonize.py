@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ._validation import check_tensor
+from ._validation import check_same_device, check_tensor
 from .reference import pcgrad_visit_orders
 
 __all__ = ["harmonize_gradients", "HarmonizeStats"]
@@ -75,7 +75,9 @@ def _order(order, K, fn) -> torch.Tensor:
     if order is None:
         return torch.arange(K)
     o = torch.as_tensor(order).detach().to("cpu")
-    if o.dtype.is_floating_point or o.dtype == torch.bool or o.shape != (K,):
+    if o.dtype.is_floating_point or o.dtype.is_complex or o.dtype == torch.bool:
+        raise TypeError(f"{fn}: order must be a permutation of 0..K-1 (K = {K}) as K ints, got dtype {o.dtype}")
+    if o.shape != (K,):
         raise ValueError(f"{fn}: order must be a permutation of 0..K-1 (K = {K}) as K ints, got {order!r}")
     o = o.long()
     if not torch.equal(o.sort().values, torch.arange(K)):
@@ -126,6 +128,12 @@ def harmonize_gradients(
     w = _weights(weights, K, fn)
     o = _order(order, K, fn)
     visit = pcgrad_visit_orders(K, o, generator) if mode == "pcgrad" else torch.empty(0, 0, dtype=torch.long)
+    if blocks[0].is_meta:  # shapes only: the coefficients come from values (a host step)
+        if return_stats:
+            raise ValueError(f"{fn}: return_stats needs the gradients' values; meta tensors have none")
+        outs = [b.new_empty((1, b.shape[1]) if reduction == "sum" else b.shape) for b in blocks]
+        outs = [t[0] for t in outs] if reduction == "sum" else outs
+        return outs[0] if single else outs
 
     gram = _ops.harmonize_gram(blocks).cpu()
     diag = gram.diagonal()
@@ -151,21 +159,91 @@ def harmonize_gradients(
 
 
 # --------------------------------------------------------------------------------------------
+# Checks of the registered ops' arguments (fakes, CUDA kernels; the CPU kernels check in C++)
+# --------------------------------------------------------------------------------------------
+def _check_op_blocks(blocks, fn: str) -> None:
+    if not isinstance(blocks, (list, tuple)) or len(blocks) == 0:
+        raise ValueError(f"{fn}: blocks must hold at least one (K, D) tensor, got an empty list")
+    b0 = blocks[0]
+    for l, b in enumerate(blocks):
+        check_tensor(b, f"blocks[{l}]", fn)
+        if b.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{fn}: blocks[{l}] must be float32 or float64, got {b.dtype}")
+        if b.dim() != 2:
+            raise ValueError(f"{fn}: blocks[{l}] must have shape (K, D), got {tuple(b.shape)}")
+        if b.shape[0] != b0.shape[0]:
+            raise ValueError(f"{fn}: blocks[{l}] has K = {b.shape[0]} rows but blocks[0] has {b0.shape[0]}")
+        if b.dtype != b0.dtype:
+            raise TypeError(f"{fn}: blocks[{l}] has dtype {b.dtype} but blocks[0] has {b0.dtype}")
+        if b.device != b0.device:
+            raise ValueError(f"{fn}: blocks[{l}] is on {b.device} but blocks[0] is on {b0.device}")
+
+
+def _check_op_coefficients(gram, order, visit, mode, fn: str) -> None:
+    """Metadata checks of harmonize_coefficients (the permutation checks read the data: C++)."""
+    check_tensor(gram, "gram", fn)
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"{fn}: gram must have shape (K, K), got {tuple(gram.shape)}")
+    if gram.dtype != torch.float64:
+        raise TypeError(f"{fn}: gram must be float64 (harmonize_gram's output), got {gram.dtype}")
+    K = gram.shape[0]
+    if mode not in _MODES:
+        raise ValueError(f"{fn}: mode must be 'fedgh' or 'pcgrad', got {mode!r}")
+    check_tensor(order, "order", fn)
+    if order.dtype != torch.int64:
+        raise TypeError(f"{fn}: order must be int64, got {order.dtype}")
+    if order.shape != (K,):
+        raise ValueError(f"{fn}: order must have shape (K,) = ({K},), got {tuple(order.shape)}")
+    check_same_device(fn, gram=gram, order=order)
+    if mode == "pcgrad":  # (visit is not used in fedgh mode)
+        check_tensor(visit, "visit", fn)
+        if visit.dtype != torch.int64:
+            raise TypeError(f"{fn}: visit must be int64, got {visit.dtype}")
+        if visit.shape != (K, max(K - 1, 0)):
+            raise ValueError(f"{fn}: visit must have shape (K, K - 1) = ({K}, {max(K - 1, 0)}) in pcgrad mode, "
+                             f"got {tuple(visit.shape)}")
+        check_same_device(fn, gram=gram, visit=visit)
+
+
+def _check_op_combine(blocks, coef, fn: str) -> None:
+    _check_op_blocks(blocks, fn)
+    check_tensor(coef, "coef", fn)
+    K = blocks[0].shape[0]
+    if coef.dim() != 2 or coef.shape[1] != K:
+        raise ValueError(f"{fn}: coef must have shape (R, K) with K = {K}, got {tuple(coef.shape)}")
+    if coef.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{fn}: coef must be float32 or float64, got {coef.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
 # Fake kernels
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("pyops::harmonize_gram")
 def _gram_fake(blocks):
+    _check_op_blocks(blocks, "pyops::harmonize_gram")
     K = blocks[0].shape[0]
     return blocks[0].new_empty((K, K), dtype=torch.float64)
 
 
+def _gram_without_kernel(blocks):
+    """harmonize_gram on an empty list (no tensor to dispatch on) or on a device without a kernel."""
+    _check_op_blocks(blocks, "pyops::harmonize_gram")
+    raise ValueError(f"pyops::harmonize_gram: no kernel for blocks on {blocks[0].device}")
+
+
+_fallback_lib = torch.library.Library("pyops", "IMPL")
+_fallback_lib.impl("harmonize_gram", _gram_without_kernel, "CompositeExplicitAutograd")
+
+
 @torch.library.register_fake("pyops::harmonize_coefficients")
 def _coef_fake(gram, order, visit, mode):
+    _check_op_coefficients(gram, order, visit, mode, "pyops::harmonize_coefficients")
     return gram.new_empty(gram.shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("pyops::harmonize_combine")
 def _combine_fake(blocks, coef):
+    _check_op_combine(blocks, coef, "pyops::harmonize_combine")
     return [b.new_empty((coef.shape[0], b.shape[1])) for b in blocks]
 
 
@@ -176,6 +254,7 @@ _CUDA_CHUNK = 1 << 22  # elements of a block converted to float64 at a time
 
 
 def _cuda_gram(blocks):
+    _check_op_blocks(blocks, "pyops::harmonize_gram")
     K = blocks[0].shape[0]
     gram = torch.zeros(K, K, dtype=torch.float64, device=blocks[0].device)
     for b in blocks:
@@ -187,6 +266,7 @@ def _cuda_gram(blocks):
 
 
 def _cuda_combine(blocks, coef):
+    _check_op_combine(blocks, coef, "pyops::harmonize_combine")
     coef = coef.to(blocks[0].device, torch.float64)
     outs = []
     for b in blocks:

@@ -79,19 +79,25 @@ def _check_anchor(window_anchor, window, fn):
     return flat
 
 
-def _search_args(query, database, k, patch_size, stride, window, exclude_self, fn):
+def _check_pair(query, database, fn):
     _check_map(query, "query", fn)
     _check_map(database, "database", fn)
-    patch_size = check_int(patch_size, "patch_size", fn, 1)
-    stride = patch_size if stride is None else check_int(stride, "stride", fn, 1)
+    if query.dtype != database.dtype:
+        raise TypeError(f"{fn}: query and database must have the same dtype, got {query.dtype} and {database.dtype}")
     if query.shape[0] != database.shape[0] or query.shape[1] != database.shape[1]:
         raise ValueError(
             f"{fn}: query {tuple(query.shape)} and database {tuple(database.shape)} must have the "
             "same batch size B and channel count C"
         )
-    if query.dtype != database.dtype:
-        raise TypeError(f"{fn}: query and database must have the same dtype, got {query.dtype} and {database.dtype}")
     check_same_device(fn, query=query, database=database)
+
+
+def _search_args(query, database, k, patch_size, stride, window, exclude_self, fn):
+    """Checks of the search's arguments in the public form (window None = global, stride None =
+    patch_size); returns (k, patch_size, stride, window) with window -1 for a global search."""
+    _check_pair(query, database, fn)
+    patch_size = check_int(patch_size, "patch_size", fn, 1)
+    stride = patch_size if stride is None else check_int(stride, "stride", fn, 1)
     _check_patch(query, "query", patch_size, fn)
     _check_patch(database, "database", patch_size, fn)
     window = -1 if window is None else check_int(window, "window", fn, 1)
@@ -108,6 +114,19 @@ def _search_args(query, database, k, patch_size, stride, window, exclude_self, f
     if k > n_cand:
         raise ValueError(f"{fn}: k = {k} is larger than the number of candidates per query ({n_cand})")
     return k, patch_size, stride, window
+
+
+def _search_op_args(query, database, k, patch_size, stride, window, exclude_self, window_anchor, fn):
+    """Checks of pyops::knn_patch_search_fwd's arguments (window -1 = global, window_anchor [] or
+    8 ints); returns the anchor as a flat list."""
+    if isinstance(window, bool) or not isinstance(window, int) or not (window == -1 or window >= 1):
+        raise ValueError(f"{fn}: window must be -1 (global) or >= 1, got {window!r}")
+    anchor = list(window_anchor)
+    if len(anchor) not in (0, 8):
+        raise ValueError(f"{fn}: window_anchor must be empty or 8 ints (num, off, den, shift of rows, then of "
+                         f"columns), got {len(anchor)} values")
+    _search_args(query, database, k, patch_size, stride, None if window == -1 else window, exclude_self, fn)
+    return _check_anchor(anchor and (anchor[:4], anchor[4:]), None if window == -1 else window, fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +228,8 @@ def patch_aggregate(
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("pyops::knn_patch_search_fwd")
 def _knn_fwd_fake(query, database, k, patch_size, stride, window, exclude_self, window_anchor=()):
+    _search_op_args(query, database, k, patch_size, stride, window, exclude_self, window_anchor,
+                    "pyops::knn_patch_search_fwd")
     rows, cols = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     shape = (query.shape[0], rows * cols, k)
     return query.new_empty(shape, dtype=acc_dtype(query)), query.new_empty(shape, dtype=torch.int64)
@@ -216,16 +237,19 @@ def _knn_fwd_fake(query, database, k, patch_size, stride, window, exclude_self, 
 
 @torch.library.register_fake("pyops::knn_patch_search_bwd")
 def _knn_bwd_fake(grad_dist, query, database, idx, patch_size, stride):
+    _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, "pyops::knn_patch_search_bwd")
     return torch.empty_like(query), torch.empty_like(database)
 
 
 @torch.library.register_fake("pyops::patch_aggregate_fwd")
 def _agg_fwd_fake(values, idx, weights, patch_size, stride, out_h, out_w):
+    _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, "pyops::patch_aggregate_fwd")
     return values.new_empty((values.shape[0], values.shape[1], out_h, out_w))
 
 
 @torch.library.register_fake("pyops::patch_aggregate_bwd")
 def _agg_bwd_fake(grad_out, values, idx, weights, patch_size, stride):
+    _agg_bwd_args(grad_out, values, idx, weights, patch_size, stride, "pyops::patch_aggregate_bwd")
     return torch.empty_like(values), torch.empty_like(weights)
 
 
@@ -610,7 +634,7 @@ def _tl_acc(x: torch.Tensor):
 def _check_idx_range(idx: torch.Tensor, n_db: int, fn: str) -> None:
     """Data check of idx (one host sync); skipped under CUDA-graph capture, where the kernels
     clamp any bad index instead of reading out of bounds."""
-    if idx.numel() == 0 or _backend.capturing(idx):
+    if idx.numel() == 0 or _backend.no_values(idx):
         return
     bad = (idx < 0) | (idx >= n_db)
     if bool(bad.any()):
@@ -687,11 +711,9 @@ def _knn_exact_rows(query, database, b_idx, l_idx, k, patch_size, stride, window
 
 def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, exclude_self, window_anchor=()):
     """Triton kernel of ``pyops::knn_patch_search_fwd`` (registered for CUDA)."""
-    fn = "knn_patch_search"
-    if isinstance(window, int) and not isinstance(window, bool) and window == -1:
-        window = None
-    k, patch_size, stride, window = _search_args(query, database, k, patch_size, stride, window, exclude_self, fn)
-    anchor = _check_anchor(list(window_anchor) and (window_anchor[:4], window_anchor[4:]), window, fn)
+    fn = "pyops::knn_patch_search_fwd"
+    anchor = _search_op_args(query, database, k, patch_size, stride, window, exclude_self, window_anchor, fn)
+    window = None if window == -1 else window
     qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     dgrid = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
     n_db = dgrid[0] * dgrid[1]
@@ -761,40 +783,43 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
     return dist, idx
 
 
+def _check_idx(idx, batch: int, n_rows: int, what: str, fn: str) -> None:
+    """idx: an int64 (B, L, k) tensor; ``what`` says where L comes from."""
+    check_tensor(idx, "idx", fn)
+    if idx.dtype != torch.int64:
+        raise TypeError(f"{fn}: idx must be int64, got {idx.dtype}")
+    if idx.dim() != 3 or idx.shape[0] != batch or idx.shape[1] != n_rows:
+        raise ValueError(f"{fn}: idx must have shape (B, L, k) = ({batch}, {n_rows}, k) (L: {what}), "
+                         f"got {tuple(idx.shape)}")
+
+
+def _check_like_idx(t, name: str, idx, ref, ref_name: str, fn: str) -> None:
+    """t: the shape of idx; the dtype of ref (a float dtype when ref is None)."""
+    check_tensor(t, name, fn)
+    if t.shape != idx.shape:
+        raise ValueError(f"{fn}: {name} must have the shape of idx {tuple(idx.shape)}, got {tuple(t.shape)}")
+    if ref is not None and t.dtype != ref.dtype:
+        raise TypeError(f"{fn}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    check_float(t, name, fn)
+    check_same_device(fn, idx=idx, **{name: t})
+
+
 def _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, fn):
-    _check_map(query, "query", fn)
-    _check_map(database, "database", fn)
+    _check_pair(query, database, fn)
     patch_size = check_int(patch_size, "patch_size", fn, 1)
     stride = check_int(stride, "stride", fn, 1)
-    if query.shape[:2] != database.shape[:2]:
-        raise ValueError(
-            f"{fn}: query {tuple(query.shape)} and database {tuple(database.shape)} must have the "
-            "same batch size B and channel count C"
-        )
-    if query.dtype != database.dtype:
-        raise TypeError(f"{fn}: query and database must have the same dtype, got {query.dtype} and {database.dtype}")
     _check_patch(query, "query", patch_size, fn)
     _check_patch(database, "database", patch_size, fn)
-    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
-        raise TypeError(f"{fn}: idx must be an int64 tensor of shape (B, Lq, k), got "
-                        f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
-    if not isinstance(grad_dist, torch.Tensor) or grad_dist.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{fn}: grad_dist must be a floating-point tensor, got {getattr(grad_dist, 'dtype', type(grad_dist))}")
-    if grad_dist.shape != idx.shape:
-        raise ValueError(f"{fn}: grad_dist {tuple(grad_dist.shape)} and idx {tuple(idx.shape)} must have the same shape")
     qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
-    if idx.shape[0] != query.shape[0] or idx.shape[1] != qgrid[0] * qgrid[1]:
-        raise ValueError(
-            f"{fn}: idx must have shape (B, Lq, k) = ({query.shape[0]}, {qgrid[0] * qgrid[1]}, k), "
-            f"got {tuple(idx.shape)}"
-        )
-    check_same_device(fn, query=query, database=database, idx=idx, grad_dist=grad_dist)
+    _check_idx(idx, query.shape[0], qgrid[0] * qgrid[1], "the query patch grid", fn)
+    _check_like_idx(grad_dist, "grad_dist", idx, None, "", fn)
+    check_same_device(fn, query=query, idx=idx)
     return patch_size, stride
 
 
 def triton_knn_patch_search_bwd(grad_dist, query, database, idx, patch_size, stride):
     """Triton kernel of ``pyops::knn_patch_search_bwd`` (registered for CUDA)."""
-    fn = "knn_patch_search_bwd"
+    fn = "pyops::knn_patch_search_bwd"
     patch_size, stride = _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, fn)
     qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     dgrid = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
@@ -820,38 +845,54 @@ def triton_knn_patch_search_bwd(grad_dist, query, database, idx, patch_size, str
     return gq.to(query.dtype), gd.to(database.dtype)
 
 
+_MAX_NUMEL = 2**62
+
+
 def _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn):
-    """Checks of patch_aggregate_fwd's inputs (as the public function's); returns
-    (patch_size, stride, query grid, database grid)."""
+    """Checks of pyops::patch_aggregate_fwd's arguments; returns (patch_size, stride, query grid,
+    database grid)."""
     _check_map(values, "values", fn)
     patch_size = check_int(patch_size, "patch_size", fn, 1)
     stride = check_int(stride, "stride", fn, 1)
     _check_patch(values, "values", patch_size, fn)
-    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
-        raise TypeError(f"{fn}: idx must be an int64 tensor of shape (B, L, k), got {getattr(idx, 'dtype', type(idx))}"
-                        f" {tuple(getattr(idx, 'shape', ()))}")
-    if not isinstance(weights, torch.Tensor) or weights.shape != idx.shape:
-        raise ValueError(f"{fn}: weights must have the shape of idx {tuple(idx.shape)}, got {tuple(getattr(weights, 'shape', ()))}")
-    if weights.dtype != values.dtype:
-        raise TypeError(f"{fn}: weights must have the dtype of values ({values.dtype}), got {weights.dtype}")
-    if idx.shape[0] != values.shape[0]:
-        raise ValueError(f"{fn}: idx has batch size {idx.shape[0]} but values has {values.shape[0]}")
     out_h = check_int(out_h, "out_h", fn, patch_size)
     out_w = check_int(out_w, "out_w", fn, patch_size)
+    if values.shape[0] * values.shape[1] * out_h * out_w > _MAX_NUMEL:
+        raise ValueError(f"{fn}: the output (B, C, out_h, out_w) = {(*values.shape[:2], out_h, out_w)} is too large")
     qgrid = patch_grid(out_h, out_w, patch_size, stride)
-    if qgrid[0] * qgrid[1] != idx.shape[1]:
-        raise ValueError(
-            f"{fn}: output size ({out_h}, {out_w}) has a {qgrid[0]} x {qgrid[1]} patch grid "
-            f"({qgrid[0] * qgrid[1]} positions) but idx has L = {idx.shape[1]}"
-        )
-    check_same_device(fn, values=values, idx=idx, weights=weights)
+    _check_idx(idx, values.shape[0], qgrid[0] * qgrid[1], "the patch grid of (out_h, out_w)", fn)
+    _check_like_idx(weights, "weights", idx, values, "values", fn)
+    check_same_device(fn, values=values, idx=idx)
+    dgrid = patch_grid(values.shape[-2], values.shape[-1], patch_size, stride)
+    return patch_size, stride, qgrid, dgrid
+
+
+def _agg_bwd_args(grad_out, values, idx, weights, patch_size, stride, fn):
+    """Checks of pyops::patch_aggregate_bwd's arguments; returns (patch_size, stride, query
+    grid, database grid)."""
+    _check_map(values, "values", fn)
+    _check_map(grad_out, "grad_out", fn)
+    if grad_out.dtype != values.dtype:
+        raise TypeError(f"{fn}: grad_out must have the dtype of values ({values.dtype}), got {grad_out.dtype}")
+    if grad_out.shape[:2] != values.shape[:2]:
+        raise ValueError(f"{fn}: grad_out {tuple(grad_out.shape)} must have the batch size and channels of values "
+                         f"{tuple(values.shape)}")
+    check_same_device(fn, values=values, grad_out=grad_out)
+    patch_size = check_int(patch_size, "patch_size", fn, 1)
+    stride = check_int(stride, "stride", fn, 1)
+    _check_patch(values, "values", patch_size, fn)
+    _check_patch(grad_out, "grad_out", patch_size, fn)
+    qgrid = patch_grid(grad_out.shape[-2], grad_out.shape[-1], patch_size, stride)
+    _check_idx(idx, values.shape[0], qgrid[0] * qgrid[1], "the patch grid of grad_out", fn)
+    _check_like_idx(weights, "weights", idx, None, "", fn)
+    check_same_device(fn, values=values, idx=idx)
     dgrid = patch_grid(values.shape[-2], values.shape[-1], patch_size, stride)
     return patch_size, stride, qgrid, dgrid
 
 
 def triton_patch_aggregate_fwd(values, idx, weights, patch_size, stride, out_h, out_w):
     """Triton kernel of ``pyops::patch_aggregate_fwd`` (registered for CUDA)."""
-    fn = "patch_aggregate"
+    fn = "pyops::patch_aggregate_fwd"
     patch_size, stride, qgrid, dgrid = _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn)
     n_db = dgrid[0] * dgrid[1]
     _check_idx_range(idx, n_db, fn)
@@ -876,16 +917,9 @@ def triton_patch_aggregate_fwd(values, idx, weights, patch_size, stride, out_h, 
 
 def triton_patch_aggregate_bwd(grad_out, values, idx, weights, patch_size, stride):
     """Triton kernel of ``pyops::patch_aggregate_bwd`` (registered for CUDA)."""
-    fn = "patch_aggregate_bwd"
-    _check_map(grad_out, "grad_out", fn)
-    patch_size = check_int(patch_size, "patch_size", fn, 1)
-    _check_patch(grad_out, "grad_out", patch_size, fn)
+    fn = "pyops::patch_aggregate_bwd"
+    patch_size, stride, qgrid, dgrid = _agg_bwd_args(grad_out, values, idx, weights, patch_size, stride, fn)
     out_h, out_w = grad_out.shape[-2:]
-    patch_size, stride, qgrid, dgrid = _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn)
-    if grad_out.shape[:2] != values.shape[:2]:
-        raise ValueError(f"{fn}: grad_out {tuple(grad_out.shape)} must have the batch size and channels of values "
-                         f"{tuple(values.shape)}")
-    check_same_device(fn, values=values, grad_out=grad_out)
     n_db = dgrid[0] * dgrid[1]
     _check_idx_range(idx, n_db, fn)
     n_b, n_ch = values.shape[:2]

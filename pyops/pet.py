@@ -92,6 +92,38 @@ def _check_values(x, name: str, dim: int, shape_text: str, fn: str) -> None:
         raise ValueError(f"{fn}: {name} must have shape {shape_text}, got {tuple(x.shape)}")
 
 
+_MAX_NUMEL = 2**62
+
+
+def _check_op_geometry(shape, shape_name: str, voxel_size, image_origin, fn: str) -> None:
+    """The registered ops' geometry: 3 sizes >= 0 (a product that fits), 3 finite voxel sizes
+    > 0 and 3 finite origin coordinates (lists of numbers, as the schemas take them)."""
+    if len(shape) != 3:
+        raise ValueError(f"{fn}: {shape_name} must have 3 entries, got {list(shape)}")
+    if any(n < 0 for n in shape):
+        raise ValueError(f"{fn}: {shape_name} must be >= 0, got {list(shape)}")
+    if math.prod(shape) > _MAX_NUMEL:
+        raise ValueError(f"{fn}: {shape_name} {list(shape)} is too large")
+    _triple(list(voxel_size), "voxel_size", fn, positive=True)
+    _triple(list(image_origin), "image_origin", fn, positive=False)
+
+
+def _check_project_op(image, lor_start, lor_end, voxel_size, image_origin, fn: str) -> None:
+    _check_values(image, "image", 4, "(B, n0, n1, n2)", fn)
+    _check_lors(lor_start, lor_end, image, "image", fn)
+    _check_op_geometry(tuple(image.shape[1:]), "image.shape[1:]", voxel_size, image_origin, fn)
+
+
+def _check_backproject_op(y, lor_start, lor_end, image_shape, voxel_size, image_origin, fn: str) -> None:
+    _check_values(y, "y", 2, "(B, M)", fn)
+    _check_lors(lor_start, lor_end, y, "y", fn)
+    if y.shape[1] != lor_start.shape[0]:
+        raise ValueError(f"{fn}: y has {y.shape[1]} lines (y.shape[1]) but lor_start has {lor_start.shape[0]}")
+    _check_op_geometry(tuple(image_shape), "image_shape", voxel_size, image_origin, fn)
+    if y.shape[0] * math.prod(image_shape) > _MAX_NUMEL:
+        raise ValueError(f"{fn}: the image (B, n0, n1, n2) = {(y.shape[0], *image_shape)} is too large")
+
+
 # --------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------
@@ -134,7 +166,9 @@ def joseph_backproject(y: torch.Tensor, lor_start: torch.Tensor, lor_end: torch.
         raise ValueError(f"{fn}: y has {y.shape[1]} lines (y.shape[1]) but lor_start has {lor_start.shape[0]}")
     if isinstance(image_shape, torch.Size):
         image_shape = tuple(image_shape)
-    if not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3:
+    if not isinstance(image_shape, (tuple, list)):
+        raise TypeError(f"{fn}: image_shape must be 3 ints (n0, n1, n2), got {type(image_shape).__name__}")
+    if len(image_shape) != 3:
         raise ValueError(f"{fn}: image_shape must be 3 ints (n0, n1, n2), got {image_shape!r}")
     shape = [check_int(n, "image_shape entries", fn, 0) for n in image_shape]
     vox, org = _geometry(tuple(shape), voxel_size, image_origin, fn)
@@ -146,11 +180,13 @@ def joseph_backproject(y: torch.Tensor, lor_start: torch.Tensor, lor_end: torch.
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("pyops::joseph_project")
 def _project_fake(image, lor_start, lor_end, voxel_size, image_origin):
+    _check_project_op(image, lor_start, lor_end, voxel_size, image_origin, "pyops::joseph_project")
     return image.new_empty((image.shape[0], lor_start.shape[0]))
 
 
 @torch.library.register_fake("pyops::joseph_backproject")
 def _backproject_fake(y, lor_start, lor_end, image_shape, voxel_size, image_origin):
+    _check_backproject_op(y, lor_start, lor_end, image_shape, voxel_size, image_origin, "pyops::joseph_backproject")
     return y.new_empty((y.shape[0], *image_shape))
 
 

@@ -107,7 +107,7 @@ def test_nan_rows_and_bad_target(backend):
     a[2, 3] = float("nan")
     out = pyops.cross_view_kl_entropy(a, b)
     assert torch.isnan(out.kl_ab[2]) and torch.isfinite(out.kl_ab[[0, 1, 3]]).all()
-    with pytest.raises((ValueError, RuntimeError), match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):
         pyops.cross_view_kl_entropy(a, b, torch.tensor([0, 1, 100, 2], device="cuda"))
 
 

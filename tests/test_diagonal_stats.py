@@ -146,7 +146,8 @@ def test_empty_batch_and_no_lags():
     (torch.zeros(2, 3, 3, 3), {}, ValueError, r"\(B, T, T\)"),
     (torch.zeros(2, 1, 1), {}, ValueError, "at least 2 x 2"),
     (torch.zeros(2, 4, 4, dtype=torch.long), {}, TypeError, "float"),
-    (torch.zeros(2, 4, 4), {"num_lags": 4}, ValueError, r"num_lags must be an int in \[0, T - 1\]"),
+    (torch.zeros(2, 4, 4), {"num_lags": 4}, ValueError, r"num_lags must be in \[0, T - 1\]"),
+    (torch.zeros(2, 4, 4), {"num_lags": 2.0}, TypeError, "num_lags must be an int"),
     (torch.zeros(2, 4, 4), {"num_lags": -1}, ValueError, "num_lags"),
 ])
 def test_bad_inputs(maps, kw, exc, msg):

@@ -248,10 +248,10 @@ def test_require_positive_names_the_row():
 def test_raw_op_checks_shapes_and_labels():
     z, o = make_inputs((4, 6))
     params = torch.tensor([0.0, -2.0, 0.5, 2.0], dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="observed must have the logits' shape"):
+    with pytest.raises(ValueError, match="observed must have the logits' shape"):
         torch.ops.pyops.gr_loss_fwd(z, o[:, :5], params, 0.01, 1.0, "mean")
-    with pytest.raises(RuntimeError, match="params must hold"):
+    with pytest.raises(ValueError, match=r"params must have shape \(4,\)"):
         torch.ops.pyops.gr_loss_fwd(z, o, params[:3], 0.01, 1.0, "mean")
     o[1, 2] = 3
-    with pytest.raises(RuntimeError, match="flat index 8"):
+    with pytest.raises(ValueError, match="flat index 8"):
         torch.ops.pyops.gr_loss_fwd(z, o, params, 0.01, 1.0, "mean")

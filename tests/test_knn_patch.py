@@ -1,4 +1,8 @@
-"""pyops.knn_patch_search and pyops.patch_aggregate against pyops.reference (CPU)."""
+"""pyops.knn_patch_search and pyops.patch_aggregate against pyops.reference (CPU).
+
+The float32 GEMM tiles of the search run the AVX-512 micro-kernel on the avx512 path and BLAS on
+the avx2 and baseline paths: `make test` runs this file on every path the CPU has
+(PYOPS_CPU_ISA)."""
 import pytest
 import torch
 
@@ -19,13 +23,6 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture(params=["simd", "blas"])
-def gemm_path(request, monkeypatch):
-    """The float32 GEMM tiles run either the AVX-512 micro-kernel (where the CPU has it) or BLAS."""
-    monkeypatch.setenv("PYOPS_KNN_NO_AVX512", "1" if request.param == "blas" else "0")
-    return request.param
-
-
 def oracle(query, database, k, patch_size, stride, window, exclude_self):
     """float64 distances by direct differences + stable sort: exact values, ties to the lower index."""
     unf = lambda x: torch.nn.functional.unfold(x.double(), patch_size, stride=stride).transpose(1, 2)
@@ -44,7 +41,7 @@ def oracle(query, database, k, patch_size, stride, window, exclude_self):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0][2]}x{c[0][3]}-p{c[2]}s{c[3]}w{c[4]}x{int(c[5])}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("k", [1, 4])
-def test_matches_exact_oracle_and_reference(config, dtype, k, gemm_path):
+def test_matches_exact_oracle_and_reference(config, dtype, k):
     qs, ds, p, s, w, ex = config
     query = torch.randn(qs).to(dtype)
     database = query if ex else torch.randn(ds).to(dtype)
@@ -70,7 +67,7 @@ def test_matches_exact_oracle_and_reference(config, dtype, k, gemm_path):
 
 @pytest.mark.parametrize("window", [None, 5, 40])
 @pytest.mark.parametrize("stride", [1, 3])
-def test_ties_go_to_the_lower_index(window, stride, gemm_path):
+def test_ties_go_to_the_lower_index(window, stride):
     """Small-integer maps (exact distances) with many duplicate patches."""
     query = torch.randint(0, 2, (2, 2, 27, 25)).float()
     database = torch.randint(0, 2, (2, 2, 27, 25)).float()
@@ -91,7 +88,7 @@ ANCHORS = [
 @pytest.mark.parametrize("anchor", ANCHORS, ids=["msgnn", "steep-fixed", "misc"])
 @pytest.mark.parametrize("p,s,w,shape_d", [(1, 1, 5, (2, 3, 17, 19)), (3, 3, 4, (2, 3, 21, 24)),
                                           (2, 1, 33, (2, 3, 40, 37))], ids=["direct", "tiled", "wide"])
-def test_window_anchor_matches_oracle(anchor, p, s, w, shape_d, gemm_path):
+def test_window_anchor_matches_oracle(anchor, p, s, w, shape_d):
     query, database = torch.randn(2, 3, 23, 20), torch.randn(shape_d)
     qgrid = reference.patch_grid(23, 20, p, s)
     dgrid = reference.patch_grid(shape_d[2], shape_d[3], p, s)
@@ -104,11 +101,17 @@ def test_window_anchor_matches_oracle(anchor, p, s, w, shape_d, gemm_path):
     unf = lambda x: torch.nn.functional.unfold(x.double(), p, stride=s).transpose(1, 2)
     full = ((unf(query)[:, :, None, :] - unf(database)[:, None, :, :]) ** 2).sum(-1)
     od = full.gather(2, cand.expand(2, -1, -1))
-    order = od.sort(dim=-1, stable=True).indices[..., :4]
-    oi = cand.expand(2, -1, -1).gather(2, order)
+    vals, order = od.sort(dim=-1, stable=True)
+    oi = cand.expand(2, -1, -1).gather(2, order[..., :4])
     dist, idx = pyops.knn_patch_search(query, database, 4, patch_size=p, stride=s, window=w, window_anchor=anchor)
-    torch.testing.assert_close(dist.double(), od.gather(2, order), rtol=2e-6, atol=1e-5)
-    assert (idx == oi).float().mean() > 0.999  # random data: no near-ties in practice
+    torch.testing.assert_close(dist.double(), vals[..., :4], rtol=2e-6, atol=1e-5)
+    # indices: equal wherever the oracle distance is clear of the ones before and after it by more
+    # than the float32 error of a distance (~1e-5); a near-tie may go either way
+    gap = 1e-4
+    prev = torch.cat([vals[..., :1] - 2 * gap, vals[..., :3]], -1)
+    untied = ((vals[..., :4] - prev) > gap) & ((vals[..., 1:5] - vals[..., :4]) > gap)
+    assert untied.float().mean() > 0.5  # random data: mostly untied, the check has teeth
+    assert torch.equal(idx[untied], oi[untied])
     rd, ri = reference.knn_patch_search(query, database, 4, patch_size=p, stride=s, window=w, window_anchor=anchor)
     torch.testing.assert_close(dist, rd, rtol=1e-4, atol=1e-3)
 
@@ -122,7 +125,7 @@ def test_window_anchor_default_equals_centred_rule():
     assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
 
 
-def test_exclude_self_never_returns_self(gemm_path):
+def test_exclude_self_never_returns_self():
     x = torch.zeros(1, 1, 12, 12)  # every patch equal: self would win every tie
     dist, idx = pyops.knn_patch_search(x, x, 3, patch_size=3, stride=1, window=5, exclude_self=True)
     assert not (idx == torch.arange(idx.shape[1])[None, :, None]).any()
@@ -137,7 +140,7 @@ def test_k_equal_to_all_candidates():
     assert torch.equal(idx.sort(-1).values, torch.arange(9).expand(1, 9, 9))
 
 
-def test_nan_rows_do_not_crash(gemm_path):
+def test_nan_rows_do_not_crash():
     q, d = torch.randn(1, 2, 9, 9), torch.randn(1, 2, 9, 9)
     d[0, 0, 0, 0] = float("nan")
     dist, idx = pyops.knn_patch_search(q, d, 9, patch_size=3)
@@ -259,8 +262,8 @@ def test_search_bad_inputs(kwargs, exc, msg):
 @pytest.mark.parametrize(
     "mutate,exc,msg",
     [
-        (lambda a: a.update(idx=a["idx"] + 100), (ValueError, RuntimeError), "idx contains"),
-        (lambda a: a.update(idx=a["idx"] - 100), (ValueError, RuntimeError), "idx contains"),
+        (lambda a: a.update(idx=a["idx"] + 100), ValueError, "idx contains"),
+        (lambda a: a.update(idx=a["idx"] - 100), ValueError, "idx contains"),
         (lambda a: a.update(idx=a["idx"].int()), TypeError, "idx must be an int64"),
         (lambda a: a.update(weights=a["weights"][:, :, :1]), ValueError, "weights must have the shape of idx"),
         (lambda a: a.update(weights=a["weights"].double()), TypeError, "weights must have the dtype of values"),

@@ -211,9 +211,9 @@ def test_backproject_bad_inputs(kwargs, exc, msg):
 
 
 def test_cpu_kernel_checks_without_the_python_layer():
-    with pytest.raises(RuntimeError, match="voxel_size must be finite and > 0"):
+    with pytest.raises(ValueError, match="voxel_size must be finite and > 0"):
         torch.ops.pyops.joseph_project(torch.zeros(1, 2, 2, 2), torch.zeros(1, 3), torch.ones(1, 3), [1.0, 0.0, 1.0], [0.0] * 3)
-    with pytest.raises(RuntimeError, match="lor_start must have shape"):
+    with pytest.raises(ValueError, match="lor_start must have shape"):
         torch.ops.pyops.joseph_backproject(torch.zeros(1, 1), torch.zeros(1, 4), torch.ones(1, 4), [2, 2, 2], [1.0] * 3, [0.0] * 3)
 
 

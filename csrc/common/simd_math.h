@@ -12,20 +12,16 @@
 // The vector versions exist for 8 lanes (vf8) and 16 lanes (vf16: one AVX-512 register, two
 // AVX2 ones).
 //
-// PYOPS_MULTIVERSION compiles a function for AVX-512, AVX2+FMA and baseline x86-64 and picks
-// one at load time (GCC target_clones); the vector types lower to the widest registers there.
+// The kernels that use them are built for AVX-512, AVX2+FMA and baseline x86-64
+// (PYOPS_ISA_CLONES, csrc/common/cpu_isa.h); the vector types lower to the widest registers of
+// each build.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYOPS_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PYOPS_MULTIVERSION
-#endif
+#include "cpu_isa.h"
 
 // Vector helpers are always inlined: a 64-byte vector passed by value out of line would have
 // a different calling convention in the AVX-512 clone and in the baseline one.

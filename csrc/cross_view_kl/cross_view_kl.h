@@ -1,33 +1,64 @@
 // Checks shared by the CPU and CUDA kernels of pyops::cross_view_kl_entropy_fwd / _bwd (the
-// Python API checks the same with friendlier messages; these guard direct torch.ops calls).
+// Python API checks the same in its own words; these guard direct torch.ops calls, and the fake
+// kernels in pyops/cross_view_kl.py check the same on metadata).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <initializer_list>
 #include <optional>
+#include <utility>
+
+#include "../common/checks.h"
 
 namespace pyops {
 namespace cross_view_kl {
 
-inline void check_inputs(const at::Tensor& a, const at::Tensor& b,
-                         const std::optional<at::Tensor>& target, double temperature) {
-  TORCH_CHECK(a.dim() == 2, "cross_view_kl_entropy: logits_a must be 2-D (N, V), got ", a.sizes());
-  TORCH_CHECK(a.sizes() == b.sizes(), "cross_view_kl_entropy: logits_a ", a.sizes(),
-              " and logits_b ", b.sizes(), " must have the same shape");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(),
-              "cross_view_kl_entropy: logits_a and logits_b must have the same dtype");
-  TORCH_CHECK(a.size(1) > 0, "cross_view_kl_entropy: the vocabulary size V must be > 0");
-  TORCH_CHECK(temperature > 0, "cross_view_kl_entropy: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(b.device() == a.device(), "cross_view_kl_entropy: logits_b is on ", b.device(),
-              " but logits_a is on ", a.device());
+// The forward's arguments (op = "cross_view_kl_entropy_fwd" or _bwd).
+inline void check_inputs(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& target,
+                         double temperature, const char* op) {
+  checks::dim(a, 2, "logits_a", "(N, V)", op);
+  checks::floating(a, "logits_a", op);
+  PYOPS_CHECK_VALUE(a.sizes() == b.sizes(), op, "logits_b must have the shape of logits_a ", a.sizes(), ", got ",
+                    b.sizes());
+  checks::same_dtype(b, "logits_b", a, "logits_a", op);
+  checks::same_device(b, "logits_b", a, "logits_a", op);
+  PYOPS_CHECK_VALUE(a.size(1) > 0, op, "the vocabulary size V = logits_a.shape[1] must be > 0");
+  PYOPS_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    "temperature must be a finite number > 0, got ", temperature);
   if (target.has_value()) {
-    TORCH_CHECK(target->scalar_type() == at::kLong, "cross_view_kl_entropy: target must be int64");
-    TORCH_CHECK(target->dim() == 1 && target->size(0) == a.size(0),
-                "cross_view_kl_entropy: target must have shape (N,) = (", a.size(0), ",), got ",
-                target->sizes());
-    TORCH_CHECK(target->device() == a.device(), "cross_view_kl_entropy: target is on ",
-                target->device(), " but the logits are on ", a.device());
+    PYOPS_CHECK_TYPE(target->scalar_type() == at::kLong, op, "target must be int64, got ", target->scalar_type());
+    checks::rows(*target, a.size(0), "target", op);
+    checks::same_device(*target, "target", a, "logits_a", op);
   }
+}
+
+// The backward's other arguments: per-row gradients and statistics of shape (N,), lse (N, 3),
+// floating point and on the logits' device; grad_ce_a only with a target.
+inline void check_bwd_inputs(const at::Tensor& a, const std::optional<at::Tensor>& target,
+                             std::initializer_list<std::pair<const char*, const at::Tensor*>> per_row,
+                             const at::Tensor& lse, bool has_grad_ce, const char* op) {
+  const int64_t N = a.size(0);
+  for (const auto& item : per_row) {
+    if (item.second == nullptr) continue;
+    checks::rows(*item.second, N, item.first, op);
+    checks::floating(*item.second, item.first, op);
+    checks::same_device(*item.second, item.first, a, "logits_a", op);
+  }
+  PYOPS_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == N && lse.size(1) == 3, op, "lse must have shape (N, 3) = (",
+                    N, ", 3), got ", lse.sizes());
+  checks::floating(lse, "lse", op);
+  checks::same_device(lse, "lse", a, "logits_a", op);
+  PYOPS_CHECK_VALUE(!has_grad_ce || target.has_value(), op, "grad_ce_a needs a target (target is None)");
+}
+
+inline const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+// The data check of a target: every entry in [0, V) or ignore_index.
+[[noreturn]] inline void bad_target(int64_t r, int64_t value, int64_t V, int64_t ignore_index, const char* op) {
+  TORCH_CHECK_VALUE(false, "pyops::", op, ": target[", r, "] = ", value, " is out of range [0, ", V,
+                    ") and is not ignore_index (", ignore_index, ")");
 }
 
 }  // namespace cross_view_kl

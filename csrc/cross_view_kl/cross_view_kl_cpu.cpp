@@ -8,9 +8,9 @@
 // The backward streams each row once more and recomputes p and q from the saved lse.
 //
 // Accumulation is float32 for float32/float16/bfloat16 logits and float64 for float64 logits.
-// The float32 block loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at
-// load time (GCC target_clones); exp is a branch-free polynomial that vectorises
-// (csrc/common/simd_math.h).
+// The float32 block loops are built for AVX-512, AVX2+FMA and baseline x86-64, the build run is
+// that of pyops::cpu::isa() (csrc/common/cpu_isa.h); exp is a branch-free polynomial that
+// vectorises (csrc/common/simd_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -134,11 +134,11 @@ inline void bwd_block(const acc_t* a, const acc_t* b, acc_t* ga, acc_t* gb, int6
 }
 
 // ---- float32 block kernels with explicit 8-lane vectors (GCC/Clang vector extensions) ----
-// Compiled for AVX-512, AVX2+FMA and baseline x86-64 (PYOPS_MULTIVERSION), picked at load time;
+// Built for AVX-512, AVX2+FMA and baseline x86-64 (PYOPS_ISA_CLONES), run for pyops::cpu::isa();
 // vf8, exp_approx and friends: csrc/common/simd_math.h.
 
 // fwd_block for float32 logits a, b (unscaled; u = a * inv_t, w = b * inv_t).
-PYOPS_MULTIVERSION void fwd_block_f32(const float* a, const float* b, int64_t n, float inv_t,
+PYOPS_ALWAYS_INLINE void fwd_block_f32_impl(const float* a, const float* b, int64_t n, float inv_t,
                                       ViewState<float>& A, ViewState<float>& B) {
   const int64_t nv = n - n % kLanes;
   const vf8 vt = splat(inv_t);
@@ -189,8 +189,9 @@ PYOPS_MULTIVERSION void fwd_block_f32(const float* a, const float* b, int64_t n,
   B.t += stb;
   B.x += sxb;
 }
+PYOPS_ISA_CLONES(, void, fwd_block_f32, (const float* a, const float* b, int64_t n, float inv_t, ViewState<float>& A, ViewState<float>& B), (a, b, n, inv_t, A, B))
 
-PYOPS_MULTIVERSION void lse_block_f32(const float* a, int64_t n, ViewState<float>& S) {
+PYOPS_ALWAYS_INLINE void lse_block_f32_impl(const float* a, int64_t n, ViewState<float>& S) {
   const int64_t nv = n - n % kLanes;
   const float ninf = -std::numeric_limits<float>::infinity();
   vf8 vm = splat(ninf);
@@ -208,8 +209,9 @@ PYOPS_MULTIVERSION void lse_block_f32(const float* a, int64_t n, ViewState<float
   for (int64_t i = nv; i < n; ++i) s += exp_approx(a[i] - S.m);
   S.s += s;
 }
+PYOPS_ISA_CLONES(, void, lse_block_f32, (const float* a, int64_t n, ViewState<float>& S), (a, n, S))
 
-PYOPS_MULTIVERSION void bwd_block_f32(const float* a, const float* b, float* ga, float* gb,
+PYOPS_ALWAYS_INLINE void bwd_block_f32_impl(const float* a, const float* b, float* ga, float* gb,
                                       int64_t n, const BwdCoef& c) {
   const int64_t nv = n - n % kLanes;
   const float g_kab = c.g_kab, g_kba = c.g_kba, g_ha = c.g_ha, g_hb = c.g_hb, g_ce = c.g_ce;
@@ -243,6 +245,7 @@ PYOPS_MULTIVERSION void bwd_block_f32(const float* a, const float* b, float* ga,
     gb[i] = gw * inv_t;
   }
 }
+PYOPS_ISA_CLONES(, void, bwd_block_f32, (const float* a, const float* b, float* ga, float* gb, int64_t n, const BwdCoef& c), (a, b, ga, gb, n, c))
 // Forward over one block of raw logits a, b (u = a * inv_t, w = b * inv_t).
 inline void fwd_block_dispatch(const float* a, const float* b, int64_t n, float inv_t,
                                ViewState<float>& A, ViewState<float>& B) {
@@ -290,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 cross_view_kl_entropy_fwd_cpu(const at::Tensor& logits_a, const at::Tensor& logits_b,
                               const std::optional<at::Tensor>& target, double temperature,
                               int64_t ignore_index) {
-  check_inputs(logits_a, logits_b, target, temperature);
+  check_inputs(logits_a, logits_b, target, temperature, "cross_view_kl_entropy_fwd");
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);
   const auto out_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -320,10 +323,7 @@ cross_view_kl_entropy_fwd_cpu(const at::Tensor& logits_a, const at::Tensor& logi
         const scalar_t* ra = pa + r * V;
         const scalar_t* rb = pb + r * V;
         const bool need_ce = pt != nullptr && pt[r] != ignore_index;
-        if (need_ce) {
-          TORCH_CHECK(pt[r] >= 0 && pt[r] < V, "cross_view_kl_entropy: target[", r, "] = ", pt[r],
-                      " is out of range [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-        }
+        if (need_ce && (pt[r] < 0 || pt[r] >= V)) bad_target(r, pt[r], V, ignore_index, "cross_view_kl_entropy_fwd");
         ViewState<acc_t> A, B, A1;
         for (int64_t j = 0; j < V; j += kBlock) {
           const int64_t n = std::min(kBlock, V - j);
@@ -357,18 +357,19 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cpu(
     const at::Tensor& logits_b, const std::optional<at::Tensor>& target, const at::Tensor& kl_ab,
     const at::Tensor& kl_ba, const at::Tensor& entropy_a, const at::Tensor& entropy_b,
     const at::Tensor& lse, double temperature, int64_t ignore_index) {
-  check_inputs(logits_a, logits_b, target, temperature);
+  const char* op = "cross_view_kl_entropy_bwd";
+  check_inputs(logits_a, logits_b, target, temperature, op);
+  check_bwd_inputs(logits_a, target,
+                   {{"grad_kl_ab", opt(grad_kl_ab)}, {"grad_kl_ba", opt(grad_kl_ba)},
+                    {"grad_entropy_a", opt(grad_entropy_a)}, {"grad_entropy_b", opt(grad_entropy_b)},
+                    {"grad_ce_a", opt(grad_ce_a)}, {"kl_ab", &kl_ab}, {"kl_ba", &kl_ba},
+                    {"entropy_a", &entropy_a}, {"entropy_b", &entropy_b}},
+                   lse, grad_ce_a.has_value(), op);
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == N && lse.size(1) == 3,
-              "cross_view_kl_entropy_bwd: lse must have shape (N, 3)");
-  TORCH_CHECK(!grad_ce_a.has_value() || target.has_value(),
-              "cross_view_kl_entropy_bwd: grad_ce_a needs a target");
   // Per-row scalars as float64 on the host side of the kernel (N values each, cheap).
-  auto rows = [N](const std::optional<at::Tensor>& t) -> at::Tensor {
+  auto rows = [](const std::optional<at::Tensor>& t) -> at::Tensor {
     if (!t.has_value()) return at::Tensor();
-    TORCH_CHECK(t->numel() == N, "cross_view_kl_entropy_bwd: per-row tensors must have N = ", N,
-                " elements, got ", t->numel());
     return t->to(at::kDouble).contiguous();
   };
   const at::Tensor g_kab = rows(grad_kl_ab), g_kba = rows(grad_kl_ba), g_ha = rows(grad_entropy_a),
@@ -401,10 +402,7 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cpu(
         c.g_ha = p_gha ? p_gha[r] : 0.0;
         c.g_hb = p_ghb ? p_ghb[r] : 0.0;
         const bool has_ce = p_gce != nullptr && pt[r] != ignore_index;
-        if (has_ce) {
-          TORCH_CHECK(pt[r] >= 0 && pt[r] < V, "cross_view_kl_entropy: target[", r, "] = ", pt[r],
-                      " is out of range [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-        }
+        if (has_ce && (pt[r] < 0 || pt[r] >= V)) bad_target(r, pt[r], V, ignore_index, "cross_view_kl_entropy_bwd");
         c.g_ce = has_ce ? p_gce[r] : 0.0;
         c.kl_ab = p_kab[r];
         c.kl_ba = p_kba[r];

@@ -39,21 +39,18 @@ struct DeviceScalar<at::BFloat16> {
 };
 
 void check_cuda_inputs(const at::Tensor& a, const at::Tensor& b,
-                       const std::optional<at::Tensor>& target, double temperature) {
-  check_inputs(a, b, target, temperature);
-  TORCH_CHECK(a.is_cuda(), "cross_view_kl_entropy (CUDA): logits_a must be a CUDA tensor, got ",
-              a.device());
+                       const std::optional<at::Tensor>& target, double temperature, const char* op) {
+  check_inputs(a, b, target, temperature, op);
+  PYOPS_CHECK_VALUE(a.is_cuda(), op, "logits_a must be a CUDA tensor, got ", a.device());
 }
 
 // Raises (like the CPU kernel) when a target is outside [0, V) and is not ignore_index.
 // One host sync; the error message costs another few, only on failure.
-void check_target_range(const at::Tensor& tgt, int64_t V, int64_t ignore_index) {
+void check_target_range(const at::Tensor& tgt, int64_t V, int64_t ignore_index, const char* op) {
   const at::Tensor bad = tgt.lt(0).logical_or(tgt.ge(V)).logical_and(tgt.ne(ignore_index));
   if (!bad.any().item<bool>()) return;
   const int64_t r = bad.nonzero().select(1, 0).min().item<int64_t>();
-  const int64_t v = tgt.select(0, r).item<int64_t>();
-  TORCH_CHECK(false, "cross_view_kl_entropy: target[", r, "] = ", v, " is out of range [0, ", V,
-              ") and is not ignore_index (", ignore_index, ")");
+  bad_target(r, tgt.select(0, r).item<int64_t>(), V, ignore_index, op);
 }
 
 // The range check syncs with the host, which a stream being captured into a CUDA graph does not
@@ -77,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 cross_view_kl_entropy_fwd_cuda(const at::Tensor& logits_a, const at::Tensor& logits_b,
                                const std::optional<at::Tensor>& target, double temperature,
                                int64_t ignore_index) {
-  check_cuda_inputs(logits_a, logits_b, target, temperature);
+  const char* op = "cross_view_kl_entropy_fwd";
+  check_cuda_inputs(logits_a, logits_b, target, temperature, op);
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);
@@ -89,7 +87,7 @@ cross_view_kl_entropy_fwd_cuda(const at::Tensor& logits_a, const at::Tensor& log
   if (N == 0) return {kl_ab, kl_ba, ent_a, ent_b, ce, lse};
   const at::Tensor tgt = target.has_value() ? target->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  if (tgt.defined() && !stream_is_capturing(stream)) check_target_range(tgt, V, ignore_index);
+  if (tgt.defined() && !stream_is_capturing(stream)) check_target_range(tgt, V, ignore_index, op);
   const int sms = num_sms(a.device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_view_kl_fwd_cuda", [&] {
@@ -123,24 +121,21 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cuda(
     const at::Tensor& logits_b, const std::optional<at::Tensor>& target, const at::Tensor& kl_ab,
     const at::Tensor& kl_ba, const at::Tensor& entropy_a, const at::Tensor& entropy_b,
     const at::Tensor& lse, double temperature, int64_t ignore_index) {
-  check_cuda_inputs(logits_a, logits_b, target, temperature);
+  const char* op = "cross_view_kl_entropy_bwd";
+  check_cuda_inputs(logits_a, logits_b, target, temperature, op);
+  check_bwd_inputs(logits_a, target,
+                   {{"grad_kl_ab", opt(grad_kl_ab)}, {"grad_kl_ba", opt(grad_kl_ba)},
+                    {"grad_entropy_a", opt(grad_entropy_a)}, {"grad_entropy_b", opt(grad_entropy_b)},
+                    {"grad_ce_a", opt(grad_ce_a)}, {"kl_ab", &kl_ab}, {"kl_ba", &kl_ba},
+                    {"entropy_a", &entropy_a}, {"entropy_b", &entropy_b}},
+                   lse, grad_ce_a.has_value(), op);
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == N && lse.size(1) == 3,
-              "cross_view_kl_entropy_bwd: lse must have shape (N, 3)");
-  TORCH_CHECK(lse.device() == a.device(), "cross_view_kl_entropy_bwd: lse is on ", lse.device(),
-              " but the logits are on ", a.device());
-  TORCH_CHECK(!grad_ce_a.has_value() || target.has_value(),
-              "cross_view_kl_entropy_bwd: grad_ce_a needs a target");
   const at::ScalarType acc = acc_dtype(a.scalar_type());
   // Per-row scalars as contiguous acc_t arrays on the logits' device (N values each, cheap).
-  auto rows = [&](const std::optional<at::Tensor>& t, const char* name) -> at::Tensor {
+  auto rows = [&](const std::optional<at::Tensor>& t, const char*) -> at::Tensor {
     if (!t.has_value()) return at::Tensor();
-    TORCH_CHECK(t->numel() == N, "cross_view_kl_entropy_bwd: per-row tensors must have N = ", N,
-                " elements, got ", t->numel(), " for ", name);
-    TORCH_CHECK(t->device() == a.device(), "cross_view_kl_entropy_bwd: ", name, " is on ",
-                t->device(), " but the logits are on ", a.device());
     return t->to(acc).contiguous();
   };
   const at::Tensor g_kab = rows(grad_kl_ab, "grad_kl_ab"), g_kba = rows(grad_kl_ba, "grad_kl_ba"),
@@ -153,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cuda(
   if (N == 0) return {grad_a, grad_b};
   const at::Tensor tgt = target.has_value() ? target->contiguous() : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  if (g_ce.defined() && !stream_is_capturing(stream)) check_target_range(tgt, V, ignore_index);
+  if (g_ce.defined() && !stream_is_capturing(stream)) check_target_range(tgt, V, ignore_index, op);
   const int sms = num_sms(a.device());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_view_kl_bwd_cuda", [&] {

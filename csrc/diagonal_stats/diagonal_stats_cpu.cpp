@@ -9,23 +9,26 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 
 namespace pyops {
 namespace diagonal_stats {
 namespace {
 
-void check_maps(const at::Tensor& maps, int64_t K) {
-  TORCH_CHECK(maps.dim() == 3 && maps.size(1) == maps.size(2),
-              "pyops::diagonal_stats: maps must be (B, T, T), got ", maps.sizes());
-  TORCH_CHECK(at::isFloatingType(maps.scalar_type()), "pyops::diagonal_stats: maps must be floating point, got ",
-              maps.scalar_type());
-  TORCH_CHECK(K >= 0 && K <= std::max<int64_t>(maps.size(1) - 1, 0),
-              "pyops::diagonal_stats: num_lags must be in [0, T - 1] = [0, ", maps.size(1) - 1, "], got ", K);
+// (B, T, T) float maps with T >= 2 (an unbiased std needs 2 entries on a diagonal)
+void check_maps(const at::Tensor& maps, const char* op) {
+  PYOPS_CHECK_VALUE(maps.dim() == 3 && maps.size(1) == maps.size(2), op, "maps must have shape (B, T, T), got ",
+                    maps.sizes());
+  PYOPS_CHECK_VALUE(maps.size(1) >= 2, op, "maps must be at least 2 x 2 (an unbiased std needs 2 entries), got T = ",
+                    maps.size(1));
+  checks::floating(maps, "maps", op);
 }
 
 // Row-wise passes: row i of a map holds lags 0..K-1 at S[i, i .. i + K - 1], contiguous, so
@@ -51,7 +54,10 @@ void map_stats(const scalar_t* S, int64_t T, int64_t K, double* s1, double* s2, 
 }
 
 std::tuple<at::Tensor, at::Tensor> diagonal_stats_fwd_cpu(const at::Tensor& maps_in, int64_t K) {
-  check_maps(maps_in, K);
+  const char* op = "diagonal_stats_fwd";
+  check_maps(maps_in, op);
+  PYOPS_CHECK_VALUE(K >= 0 && K <= maps_in.size(1) - 1, op, "num_lags must be in [0, T - 1] = [0, ",
+                    maps_in.size(1) - 1, "], got ", K);
   const at::Tensor maps = maps_in.contiguous();
   const int64_t B = maps.size(0), T = maps.size(1);
   const auto out_type = maps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -78,13 +84,21 @@ std::tuple<at::Tensor, at::Tensor> diagonal_stats_fwd_cpu(const at::Tensor& maps
 
 at::Tensor diagonal_stats_bwd_cpu(const at::Tensor& g_mean_in, const at::Tensor& g_std_in, const at::Tensor& maps_in,
                                   const at::Tensor& mean_in, const at::Tensor& std_in) {
-  const int64_t K = mean_in.size(-1);
-  check_maps(maps_in, K);
+  const char* op = "diagonal_stats_bwd";
+  check_maps(maps_in, op);
   const int64_t B = maps_in.size(0), T = maps_in.size(1);
-  for (const at::Tensor* x : {&g_mean_in, &g_std_in, &mean_in, &std_in})
-    TORCH_CHECK(x->dim() == 2 && x->size(0) == B && x->size(1) == K,
-                "pyops::diagonal_stats_bwd: gradients and statistics must be (B, K) = (", B, ", ", K, "), got ",
-                x->sizes());
+  PYOPS_CHECK_VALUE(mean_in.dim() == 2 && mean_in.size(0) == B, op, "mean must have shape (B, K) with B = ", B,
+                    ", got ", mean_in.sizes());
+  const int64_t K = mean_in.size(1);
+  PYOPS_CHECK_VALUE(K <= T - 1, op, "mean has K = ", K, " lags but (T, T) maps have at most T - 1 = ", T - 1);
+  const std::pair<const char*, const at::Tensor*> stats[] = {
+      {"g_mean", &g_mean_in}, {"g_std", &g_std_in}, {"mean", &mean_in}, {"std", &std_in}};
+  for (const auto& x : stats) {
+    PYOPS_CHECK_VALUE(x.second->dim() == 2 && x.second->size(0) == B && x.second->size(1) == K, op, x.first,
+                      " must have shape (B, K) = (", B, ", ", K, "), got ", x.second->sizes());
+    checks::floating(*x.second, x.first, op);
+    checks::same_device(*x.second, x.first, maps_in, "maps", op);
+  }
   const at::Tensor maps = maps_in.contiguous();
   const at::Tensor gm = g_mean_in.to(at::kDouble).contiguous(), gs = g_std_in.to(at::kDouble).contiguous();
   const at::Tensor mu = mean_in.to(at::kDouble).contiguous(), sd = std_in.to(at::kDouble).contiguous();

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
 #include "../common/simd_math.h"
 
 #include <algorithm>
@@ -30,10 +31,10 @@ constexpr int64_t kChunk = 32768;
 
 enum class Reduction { kNone, kSum, kMean };
 
-Reduction parse_reduction(const std::string& r) {
+Reduction parse_reduction(const std::string& r, const char* op) {
   if (r == "none") return Reduction::kNone;
   if (r == "sum") return Reduction::kSum;
-  TORCH_CHECK(r == "mean", "pyops::gr_loss: reduction must be 'none', 'sum' or 'mean', got '", r, "'");
+  PYOPS_CHECK_VALUE(r == "mean", op, "reduction must be 'none', 'sum' or 'mean', got '", r, "'");
   return Reduction::kMean;
 }
 
@@ -67,7 +68,7 @@ template <typename S>
 Params<S> read_params(const at::Tensor& params, double q2, double q3) {
   const at::Tensor p = params.to(at::kCPU, at::kDouble).contiguous();
   const double* v = p.data_ptr<double>();
-  const double sigma = v[3];
+  const double sigma = v[3];  // (checked by check_params)
   return Params<S>{static_cast<S>(v[0]), static_cast<S>(v[1]), static_cast<S>(v[2]),
                    static_cast<S>(0.5 / (sigma * sigma)), static_cast<S>(q2), static_cast<S>(q3),
                    static_cast<S>(q2 > 0 ? 1.0 / q2 : 0.0), static_cast<S>(q3 > 0 ? 1.0 / q3 : 0.0)};
@@ -128,15 +129,16 @@ PYOPS_VINLINE vf16 load16(const float* p) {
 }
 PYOPS_VINLINE void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-PYOPS_MULTIVERSION void loss_block_f32(const float* z, const float* o, int64_t n, const Params<float>& P,
+PYOPS_ALWAYS_INLINE void loss_block_f32_impl(const float* z, const float* o, int64_t n, const Params<float>& P,
                                        float* out) {
   for (int64_t i = 0; i < n; i += kVec) {
     const vi16 obs = load16(o + i) != 0.0f;
     store16(out + i, loss_elem(load16(z + i), obs, P));
   }
 }
+PYOPS_ISA_CLONES(, void, loss_block_f32, (const float* z, const float* o, int64_t n, const Params<float>& P, float* out), (z, o, n, P, out))
 
-PYOPS_MULTIVERSION void grad_block_f32(const float* z, const float* o, const float* g, int64_t n,
+PYOPS_ALWAYS_INLINE void grad_block_f32_impl(const float* z, const float* o, const float* g, int64_t n,
                                        const Params<float>& P, float scale, float* out) {
   for (int64_t i = 0; i < n; i += kVec) {
     const vi16 obs = load16(o + i) != 0.0f;
@@ -144,6 +146,7 @@ PYOPS_MULTIVERSION void grad_block_f32(const float* z, const float* o, const flo
     store16(out + i, grad_elem(load16(z + i), obs, P) * gi);
   }
 }
+PYOPS_ISA_CLONES(, void, grad_block_f32, (const float* z, const float* o, const float* g, int64_t n, const Params<float>& P, float scale, float* out), (z, o, g, n, P, scale, out))
 
 template <typename T>
 inline float to_float(T x) {
@@ -171,13 +174,13 @@ inline int64_t load_flags(const T* x, int64_t n, float* buf) {
 
 // Raises when a chunk saw an observed label other than 0 / 1 (names the first one).
 template <typename T>
-void check_flags(const std::vector<int64_t>& bad_chunks, const T* o, int64_t n) {
+void check_flags(const std::vector<int64_t>& bad_chunks, const T* o, int64_t n, const char* opname) {
   for (size_t c = 0; c < bad_chunks.size(); ++c) {
     if (!bad_chunks[c]) continue;
     for (int64_t i = static_cast<int64_t>(c) * kChunk; i < n; ++i) {
       const double v = static_cast<double>(to_float(o[i]));
-      TORCH_CHECK(v == 0.0 || v == 1.0, "pyops::gr_loss: observed must hold 0 (unobserved) or 1 (observed positive), got ",
-                  v, " at flat index ", i);
+      PYOPS_CHECK_VALUE(v == 0.0 || v == 1.0, opname,
+                        "observed must hold 0 (unobserved) or 1 (observed positive), got ", v, " at flat index ", i);
     }
   }
 }
@@ -189,14 +192,28 @@ inline float block_sum(const float* x, int64_t n) {
   return s;
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& observed, const at::Tensor& params) {
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "pyops::gr_loss: logits must be floating point, got ",
-              logits.scalar_type());
-  TORCH_CHECK(observed.sizes() == logits.sizes(), "pyops::gr_loss: observed must have the logits' shape ",
-              logits.sizes(), ", got ", observed.sizes());
-  TORCH_CHECK(!observed.is_complex(), "pyops::gr_loss: observed must be real or bool");
-  TORCH_CHECK(params.numel() == 4, "pyops::gr_loss: params must hold [w, b, mu, sigma], got ", params.numel(),
-              " values");
+// Everything but the observed labels' values (checked as the kernel reads them). params: read
+// on the host (4 values).
+void check_inputs(const at::Tensor& logits, const at::Tensor& observed, const at::Tensor& params, double q2,
+                  double q3, const char* op) {
+  checks::floating(logits, "logits", op);
+  PYOPS_CHECK_VALUE(observed.sizes() == logits.sizes(), op, "observed must have the logits' shape ", logits.sizes(),
+                    ", got ", observed.sizes());
+  PYOPS_CHECK_TYPE(!observed.is_complex(), op, "observed must be bool, integer or float, got ",
+                   observed.scalar_type());
+  checks::same_device(observed, "observed", logits, "logits", op);
+  PYOPS_CHECK_VALUE(params.dim() == 1 && params.size(0) == 4, op, "params must have shape (4,) ([w, b, mu, sigma]), ",
+                    "got ", params.sizes());
+  PYOPS_CHECK_TYPE(at::isFloatingType(params.scalar_type()), op, "params must be floating point, got ",
+                   params.scalar_type());
+  PYOPS_CHECK_VALUE(std::isfinite(q2) && q2 >= 0, op, "q2 must be a finite number >= 0 (0: the log limit), got ", q2);
+  PYOPS_CHECK_VALUE(std::isfinite(q3) && q3 >= 0, op, "q3 must be a finite number >= 0 (0: the log limit), got ", q3);
+  const at::Tensor p = params.to(at::kCPU, at::kDouble).contiguous();
+  const double* v = p.const_data_ptr<double>();
+  PYOPS_CHECK_VALUE(std::isfinite(v[0]) && std::isfinite(v[1]) && std::isfinite(v[2]), op,
+                    "params [w, b, mu, sigma] must be finite, got [", v[0], ", ", v[1], ", ", v[2], ", ", v[3], "]");
+  PYOPS_CHECK_VALUE(std::isfinite(v[3]) && v[3] > 0, op, "sigma (params[3], the width of the weight v) must be a ",
+                    "finite number > 0, got ", v[3]);
 }
 
 // Runs body(chunk_index, begin, end) over the fixed chunks of [0, n) in parallel.
@@ -210,8 +227,9 @@ void for_chunks(int64_t n, F body) {
 
 at::Tensor gr_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& observed, const at::Tensor& params,
                            double q2, double q3, c10::string_view reduction_sv) {
-  const Reduction red = parse_reduction(std::string(reduction_sv));
-  check_inputs(logits, observed, params);
+  const char* opname = "gr_loss_fwd";
+  const Reduction red = parse_reduction(std::string(reduction_sv), opname);
+  check_inputs(logits, observed, params, q2, q3, opname);
   const at::Tensor z = logits.contiguous(), o = observed.contiguous();
   const int64_t n = z.numel();
   const bool f64 = z.scalar_type() == at::kDouble;
@@ -238,7 +256,7 @@ at::Tensor gr_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& observed,
         }
         partial[c] = s;
       });
-      check_flags(bad, op, n);
+      check_flags(bad, op, n, opname);
       return;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "gr_loss_fwd", [&] {
@@ -259,7 +277,7 @@ at::Tensor gr_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& observed,
         partial[c] = s;
       });
     });
-    check_flags(bad, op, n);
+    check_flags(bad, op, n, opname);
   });
   if (red != Reduction::kNone) {
     double total = 0;
@@ -272,23 +290,27 @@ at::Tensor gr_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& observed,
 
 at::Tensor gr_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& observed,
                            const at::Tensor& params, double q2, double q3, c10::string_view reduction_sv) {
-  const Reduction red = parse_reduction(std::string(reduction_sv));
-  check_inputs(logits, observed, params);
+  const char* opname = "gr_loss_bwd";
+  const Reduction red = parse_reduction(std::string(reduction_sv), opname);
+  check_inputs(logits, observed, params, q2, q3, opname);
+  checks::floating(grad, "grad", opname);
+  checks::same_device(grad, "grad", logits, "logits", opname);
   const at::Tensor z = logits.contiguous(), o = observed.contiguous();
   const int64_t n = z.numel();
   at::Tensor g;
   double scale = 1.0;
   if (red == Reduction::kNone) {
-    TORCH_CHECK(grad.sizes() == logits.sizes(), "pyops::gr_loss_bwd: grad must have the logits' shape ",
-                logits.sizes(), " for reduction 'none', got ", grad.sizes());
+    PYOPS_CHECK_VALUE(grad.sizes() == logits.sizes(), opname, "grad must have the logits' shape ", logits.sizes(),
+                      " for reduction 'none', got ", grad.sizes());
     g = grad.to(z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   } else {
-    TORCH_CHECK(grad.numel() == 1, "pyops::gr_loss_bwd: grad must be a scalar for reduction '",
-                std::string(reduction_sv), "', got shape ", grad.sizes());
+    PYOPS_CHECK_VALUE(grad.numel() == 1, opname, "grad must be a scalar for reduction '", std::string(reduction_sv),
+                      "', got shape ", grad.sizes());
     scale = grad.item<double>();
     if (red == Reduction::kMean && n > 0) scale /= static_cast<double>(n);
   }
   at::Tensor out = at::empty(z.sizes(), z.options());
+  std::vector<int64_t> bad((n + kChunk - 1) / kChunk, 0);  // per chunk: observed labels other than 0 / 1
 
   AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, o.scalar_type(), "gr_loss_bwd_obs", [&] {
     using obs_t = scalar_t;
@@ -298,10 +320,14 @@ at::Tensor gr_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, con
       const double* zp = z.data_ptr<double>();
       const double* gp = g.defined() ? g.data_ptr<double>() : nullptr;
       double* outp = out.data_ptr<double>();
-      for_chunks(n, [&](int64_t, int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i)
-          outp[i] = grad_elem(zp[i], static_cast<double>(op[i]) != 0.0, P) * (gp ? gp[i] * scale : scale);
+      for_chunks(n, [&](int64_t c, int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const double v = static_cast<double>(to_float(op[i]));
+          bad[c] += !(v == 0.0 || v == 1.0);
+          outp[i] = grad_elem(zp[i], v != 0.0, P) * (gp ? gp[i] * scale : scale);
+        }
       });
+      check_flags(bad, op, n, opname);
       return;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "gr_loss_bwd", [&] {
@@ -309,18 +335,19 @@ at::Tensor gr_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, con
       const scalar_t* zp = z.data_ptr<scalar_t>();
       const float* gp = g.defined() ? g.data_ptr<float>() : nullptr;
       scalar_t* outp = out.data_ptr<scalar_t>();
-      for_chunks(n, [&](int64_t, int64_t b, int64_t e) {
+      for_chunks(n, [&](int64_t c, int64_t b, int64_t e) {
         alignas(64) float zb[kBlock], ob[kBlock], gb[kBlock], rb[kBlock];
         for (int64_t i0 = b; i0 < e; i0 += kBlock) {
           const int64_t m = std::min(kBlock, e - i0);
           load_block(zp + i0, m, zb);
-          load_flags(op + i0, m, ob);
+          bad[c] += load_flags(op + i0, m, ob);
           if (gp) load_block(gp + i0, m, gb);
           grad_block_f32(zb, ob, gp ? gb : nullptr, m, P, static_cast<float>(scale), rb);
           for (int64_t i = 0; i < m; ++i) outp[i0 + i] = static_cast<scalar_t>(rb[i]);
         }
       });
     });
+    check_flags(bad, op, n, opname);
   });
   return out;
 }

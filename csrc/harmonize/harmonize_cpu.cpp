@@ -20,6 +20,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/checks.h"
+#include "../common/cpu_isa.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define PYOPS_HARMONIZE_AVX512 1
@@ -50,10 +53,8 @@ void tile_generic(const T* const* ra, const T* const* rb, int64_t t0, int64_t n,
 }
 
 #ifdef PYOPS_HARMONIZE_AVX512
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
+// The AVX-512 tiles run on the avx512 path of pyops::cpu::isa() (csrc/common/cpu_isa.h).
+bool has_avx512() { return cpu::isa() >= cpu::Isa::kAvx512; }
 
 // float64 rows: 16 float64 vector accumulators.
 __attribute__((target("avx512f"))) void tile_avx512_f64(const double* const* ra, const double* const* rb, int64_t n,
@@ -196,20 +197,20 @@ at::Tensor gram_impl(const std::vector<at::Tensor>& blocks, int64_t K) {
   return gram;
 }
 
-void check_blocks(const at::TensorList& blocks, const char* fn) {
-  TORCH_CHECK(!blocks.empty(), fn, ": needs at least one block");
+void check_blocks(const at::TensorList& blocks, const char* op) {
+  PYOPS_CHECK_VALUE(!blocks.empty(), op, "blocks must hold at least one (K, D) tensor, got an empty list");
   const auto& b0 = blocks[0];
-  TORCH_CHECK(b0.scalar_type() == at::kFloat || b0.scalar_type() == at::kDouble, fn,
-              ": gradients must be float32 or float64, got ", b0.scalar_type());
   for (size_t l = 0; l < blocks.size(); ++l) {
     const auto& b = blocks[l];
-    TORCH_CHECK(b.dim() == 2, fn, ": block ", l, " must have shape (K, D), got ", b.sizes());
-    TORCH_CHECK(b.size(0) == b0.size(0), fn, ": block ", l, " has K = ", b.size(0), " rows but block 0 has ",
-                b0.size(0));
-    TORCH_CHECK(b.scalar_type() == b0.scalar_type(), fn, ": block ", l, " has dtype ", b.scalar_type(),
-                " but block 0 has ", b0.scalar_type());
-    TORCH_CHECK(b.device() == b0.device(), fn, ": block ", l, " is on ", b.device(), " but block 0 is on ",
-                b0.device());
+    PYOPS_CHECK_TYPE(b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble, op, "blocks[", l,
+                     "] must be float32 or float64, got ", b.scalar_type());
+    PYOPS_CHECK_VALUE(b.dim() == 2, op, "blocks[", l, "] must have shape (K, D), got ", b.sizes());
+    PYOPS_CHECK_VALUE(b.size(0) == b0.size(0), op, "blocks[", l, "] has K = ", b.size(0),
+                      " rows but blocks[0] has ", b0.size(0));
+    PYOPS_CHECK_TYPE(b.scalar_type() == b0.scalar_type(), op, "blocks[", l, "] has dtype ", b.scalar_type(),
+                     " but blocks[0] has ", b0.scalar_type());
+    PYOPS_CHECK_VALUE(b.device() == b0.device(), op, "blocks[", l, "] is on ", b.device(), " but blocks[0] is on ",
+                      b0.device());
   }
 }
 
@@ -226,26 +227,35 @@ at::Tensor harmonize_gram_cpu(at::TensorList blocks_in) {
 
 at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tensor& order_in,
                                       const at::Tensor& visit_in, c10::string_view mode) {
-  const char* fn = "harmonize_coefficients";
-  TORCH_CHECK(gram_in.dim() == 2 && gram_in.size(0) == gram_in.size(1), fn, ": gram must be (K, K), got ",
-              gram_in.sizes());
+  const char* op = "harmonize_coefficients";
+  PYOPS_CHECK_VALUE(gram_in.dim() == 2 && gram_in.size(0) == gram_in.size(1), op, "gram must have shape (K, K), got ",
+                    gram_in.sizes());
+  PYOPS_CHECK_TYPE(gram_in.scalar_type() == at::kDouble, op, "gram must be float64 (harmonize_gram's output), got ",
+                   gram_in.scalar_type());
   const int64_t K = gram_in.size(0);
   const bool pcgrad = mode == "pcgrad";
-  TORCH_CHECK(pcgrad || mode == "fedgh", fn, ": mode must be 'fedgh' or 'pcgrad', got '", std::string(mode), "'");
-  TORCH_CHECK(order_in.dim() == 1 && order_in.size(0) == K, fn, ": order must have shape (K,) = (", K, "), got ",
-              order_in.sizes());
-  if (pcgrad)
-    TORCH_CHECK(visit_in.dim() == 2 && visit_in.size(0) == K && visit_in.size(1) == std::max<int64_t>(K - 1, 0),
-                fn, ": visit must have shape (K, K - 1) in pcgrad mode, got ", visit_in.sizes());
-  const at::Tensor gram = gram_in.to(at::kDouble).contiguous();
-  const at::Tensor order = order_in.to(at::kLong).contiguous();
-  const at::Tensor visit = pcgrad ? visit_in.to(at::kLong).contiguous() : at::Tensor();
+  PYOPS_CHECK_VALUE(pcgrad || mode == "fedgh", op, "mode must be 'fedgh' or 'pcgrad', got '", std::string(mode), "'");
+  PYOPS_CHECK_TYPE(order_in.scalar_type() == at::kLong, op, "order must be int64, got ", order_in.scalar_type());
+  PYOPS_CHECK_VALUE(order_in.dim() == 1 && order_in.size(0) == K, op, "order must have shape (K,) = (", K,
+                    ",), got ", order_in.sizes());
+  checks::same_device(order_in, "order", gram_in, "gram", op);
+  if (pcgrad) {  // (visit is not used in fedgh mode)
+    PYOPS_CHECK_TYPE(visit_in.scalar_type() == at::kLong, op, "visit must be int64, got ", visit_in.scalar_type());
+    PYOPS_CHECK_VALUE(visit_in.dim() == 2 && visit_in.size(0) == K && visit_in.size(1) == std::max<int64_t>(K - 1, 0),
+                      op, "visit must have shape (K, K - 1) = (", K, ", ", std::max<int64_t>(K - 1, 0),
+                      ") in pcgrad mode, got ", visit_in.sizes());
+    checks::same_device(visit_in, "visit", gram_in, "gram", op);
+  }
+  const at::Tensor gram = gram_in.contiguous();
+  const at::Tensor order = order_in.contiguous();
+  const at::Tensor visit = pcgrad ? visit_in.contiguous() : at::Tensor();
   const double* G = gram.const_data_ptr<double>();
   const int64_t* ord = order.const_data_ptr<int64_t>();
   {  // order must be a permutation; visit rows the others of each row
     std::vector<char> seen(K, 0);
     for (int64_t k = 0; k < K; ++k) {
-      TORCH_CHECK(ord[k] >= 0 && ord[k] < K && !seen[ord[k]], fn, ": order must be a permutation of 0..K-1");
+      PYOPS_CHECK_VALUE(ord[k] >= 0 && ord[k] < K && !seen[ord[k]], op, "order must be a permutation of 0..K-1 (K = ",
+                        K, "), but order[", k, "] = ", ord[k], (ord[k] >= 0 && ord[k] < K ? " repeats" : " is out of range"));
       seen[ord[k]] = 1;
     }
     if (pcgrad) {
@@ -254,8 +264,9 @@ at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tenso
         std::fill(seen.begin(), seen.end(), 0);
         for (int64_t k = 0; k < K - 1; ++k) {
           const int64_t j = vis[i * (K - 1) + k];
-          TORCH_CHECK(j >= 0 && j < K && j != i && !seen[j], fn, ": visit row ", i,
-                      " must be a permutation of the other rows");
+          PYOPS_CHECK_VALUE(j >= 0 && j < K && j != i && !seen[j], op, "visit row ", i,
+                            " must be a permutation of the other rows (0..K-1 without ", i, "), but visit[", i, ", ", k,
+                            "] = ", j, (j == i ? " is the row itself" : (j >= 0 && j < K ? " repeats" : " is out of range")));
           seen[j] = 1;
         }
       }
@@ -287,7 +298,7 @@ at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tenso
 // out[r, c0 + t] = sum_j coef[r, j] G_j[c0 + t] for t < n, float64 sums in acc (n entries, n <=
 // kCombineChunk: stays in L1); four rows of G per sweep over acc.
 template <typename T>
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void combine_chunk(
+PYOPS_ALWAYS_INLINE void combine_chunk_impl(
     const T* base, int64_t D, int64_t K, int64_t c0, int64_t n, const double* coef, int64_t R, T* out,
     double* acc) {
   for (int64_t r = 0; r < R; ++r) {
@@ -315,13 +326,17 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
     for (int64_t t = 0; t < n; ++t) o[t] = static_cast<T>(acc[t]);
   }
 }
+PYOPS_ISA_CLONES(template <typename T>, void, combine_chunk, (const T* base, int64_t D, int64_t K, int64_t c0, int64_t n, const double* coef, int64_t R, T* out, double* acc), (base, D, K, c0, n, coef, R, out, acc))
 
 std::vector<at::Tensor> harmonize_combine_cpu(at::TensorList blocks_in, const at::Tensor& coef_in) {
-  const char* fn = "harmonize_combine";
-  check_blocks(blocks_in, fn);
+  const char* op = "harmonize_combine";
+  check_blocks(blocks_in, op);
   const int64_t K = blocks_in[0].size(0);
-  TORCH_CHECK(coef_in.dim() == 2 && coef_in.size(1) == K, fn, ": coef must be (R, K) with K = ", K, ", got ",
-              coef_in.sizes());
+  PYOPS_CHECK_VALUE(coef_in.dim() == 2 && coef_in.size(1) == K, op, "coef must have shape (R, K) with K = ", K,
+                    ", got ", coef_in.sizes());
+  PYOPS_CHECK_TYPE(coef_in.scalar_type() == at::kFloat || coef_in.scalar_type() == at::kDouble, op,
+                   "coef must be float32 or float64, got ", coef_in.scalar_type());
+  checks::same_device(coef_in, "coef", blocks_in[0], "blocks[0]", op);
   const at::Tensor coef = coef_in.to(at::kDouble).contiguous();
   const int64_t R = coef.size(0);
   // one task list over the column chunks of all blocks: small blocks (biases) cost no extra

@@ -30,6 +30,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/checks.h"
+#include "../common/cpu_isa.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define PYOPS_KNN_AVX512 1
@@ -167,16 +170,9 @@ void direct_scan(const T* q, const T* db, const Grid& dg, Span rs, Span cs, int6
 }
 
 #ifdef PYOPS_KNN_AVX512
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
-
-// PYOPS_KNN_NO_AVX512=1 forces the BLAS path (tests run both paths on AVX-512 machines).
-bool avx512_disabled() {
-  const char* v = std::getenv("PYOPS_KNN_NO_AVX512");
-  return v != nullptr && v[0] == '1';
-}
+// On the avx512 path of pyops::cpu::isa() (csrc/common/cpu_isa.h); the avx2 and baseline paths
+// score with BLAS (PYOPS_CPU_ISA=avx2 tests that path on an AVX-512 machine).
+bool use_avx512_screen() { return cpu::isa() >= cpu::Isa::kAvx512; }
 
 // float32 screening micro-kernel (AVX-512; BLAS libraries may take slower paths on some CPUs,
 // and fusing the screen avoids writing the score tile to memory). Scores |d|^2 - 2 q.d of kMR
@@ -276,7 +272,7 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const T u = std::numeric_limits<T>::epsilon() / 2;
 #ifdef PYOPS_KNN_AVX512
-  const bool use_avx512 = std::is_same<T, float>::value && cpu_has_avx512() && !avx512_disabled();
+  const bool use_avx512 = std::is_same<T, float>::value && use_avx512_screen();
 #else
   const bool use_avx512 = false;
 #endif
@@ -426,11 +422,45 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
   });
 }
 
-void check_maps(const at::Tensor& x, const char* name, int64_t p, int64_t s) {
-  TORCH_CHECK(x.dim() == 4, "knn_patch: ", name, " must have shape (B, C, H, W), got ", x.sizes());
-  TORCH_CHECK(p >= 1 && s >= 1, "knn_patch: patch_size and stride must be >= 1");
-  TORCH_CHECK(x.size(2) >= p && x.size(3) >= p, "knn_patch: patch_size ", p, " is larger than ",
-              name, " (", x.size(2), " x ", x.size(3), ")");
+// A (B, C, H, W) float map that holds at least one patch_size x patch_size patch.
+void check_map(const at::Tensor& x, const char* name, int64_t p, int64_t s, const char* op) {
+  checks::dim(x, 4, name, "(B, C, H, W)", op);
+  checks::floating(x, name, op);
+  checks::at_least(p, 1, "patch_size", op);
+  checks::at_least(s, 1, "stride", op);
+  PYOPS_CHECK_VALUE(x.size(2) >= p && x.size(3) >= p, op, "patch_size ", p, " is larger than ", name, " (",
+                    x.size(2), " x ", x.size(3), ")");
+}
+
+// query and database: same dtype, device, B and C
+void check_pair(const at::Tensor& q, const at::Tensor& d, int64_t p, int64_t s, const char* op) {
+  check_map(q, "query", p, s, op);
+  check_map(d, "database", p, s, op);
+  checks::same_dtype(d, "database", q, "query", op);
+  checks::same_device(d, "database", q, "query", op);
+  PYOPS_CHECK_VALUE(q.size(0) == d.size(0) && q.size(1) == d.size(1), op, "database ", d.sizes(), " and query ",
+                    q.sizes(), " must have the same batch size B and channel count C");
+}
+
+// idx: int64 (B, L, k) on ref's device; `what` says where L comes from.
+void check_idx(const at::Tensor& idx, int64_t B, int64_t L, const char* what, const at::Tensor& ref,
+               const char* ref_name, const char* op) {
+  PYOPS_CHECK_TYPE(idx.scalar_type() == at::kLong, op, "idx must be int64, got ", idx.scalar_type());
+  PYOPS_CHECK_VALUE(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == L, op, "idx must have shape (B, L, k) = (",
+                    B, ", ", L, ", k) (L: ", what, "), got ", idx.sizes());
+  checks::same_device(idx, "idx", ref, ref_name, op);
+}
+
+// t: the shape of idx, a float dtype (that of ref, when given), on idx's device
+void check_like_idx(const at::Tensor& t, const char* name, const at::Tensor& idx, const at::Tensor* ref,
+                    const char* ref_name, const char* op) {
+  PYOPS_CHECK_VALUE(t.sizes() == idx.sizes(), op, name, " must have the shape of idx ", idx.sizes(), ", got ",
+                    t.sizes());
+  if (ref != nullptr)
+    checks::same_dtype(t, name, *ref, ref_name, op);
+  else
+    checks::floating(t, name, op);
+  checks::same_device(t, name, idx, "idx", op);
 }
 
 at::ScalarType acc_type(const at::Tensor& x) {
@@ -442,26 +472,30 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& qu
                                                             int64_t patch_size, int64_t stride,
                                                             int64_t window, bool exclude_self,
                                                             at::IntArrayRef window_anchor) {
-  check_maps(query, "query", patch_size, stride);
-  check_maps(database, "database", patch_size, stride);
-  TORCH_CHECK(query.size(0) == database.size(0) && query.size(1) == database.size(1),
-              "knn_patch_search: query and database must have the same B and C");
-  TORCH_CHECK(query.device() == database.device(), "knn_patch_search: query and database must be on one device");
-  TORCH_CHECK(window == -1 || window >= 1, "knn_patch_search: window must be -1 (global) or >= 1");
-  TORCH_CHECK(window_anchor.empty() || window_anchor.size() == 8,
-              "knn_patch_search: window_anchor must be empty or 8 ints (num, off, den, shift per axis)");
-  for (size_t t = 0; t < window_anchor.size(); ++t)
-    TORCH_CHECK(t % 4 == 3 || window_anchor[t] >= (t % 4 == 2 ? 1 : 0),
-                "knn_patch_search: window_anchor needs num >= 0, off >= 0 and den >= 1");
-  const auto acc = acc_type(query);
-  const at::Tensor q = query.to(acc).contiguous(), d = database.to(acc).contiguous();
-  const Grid qg(q, patch_size, stride), dg(d, patch_size, stride);
-  TORCH_CHECK(!exclude_self || (qg.rows == dg.rows && qg.cols == dg.cols),
-              "knn_patch_search: exclude_self needs equal query and database patch grids");
+  const char* op = "knn_patch_search_fwd";
+  check_pair(query, database, patch_size, stride, op);
+  PYOPS_CHECK_VALUE(window == -1 || window >= 1, op, "window must be -1 (global) or >= 1, got ", window);
+  PYOPS_CHECK_VALUE(window_anchor.empty() || window_anchor.size() == 8, op,
+                    "window_anchor must be empty or 8 ints (num, off, den, shift of rows, then of columns), got ",
+                    window_anchor.size(), " values");
+  PYOPS_CHECK_VALUE(window_anchor.empty() || window >= 1, op,
+                    "window_anchor needs a window (window = -1 is a global search)");
+  constexpr int64_t k31 = int64_t{1} << 31;
+  for (size_t t = 0; t < window_anchor.size(); ++t) {
+    const int64_t v = window_anchor[t], lo = t % 4 == 3 ? -k31 + 1 : (t % 4 == 2 ? 1 : 0);
+    PYOPS_CHECK_VALUE(v >= lo && v < k31, op, "window_anchor needs 0 <= num, off < 2^31, 1 <= den < 2^31 and ",
+                      "|shift| < 2^31, got ", window_anchor);
+  }
+  const Grid qg(query, patch_size, stride), dg(database, patch_size, stride);
+  PYOPS_CHECK_VALUE(!exclude_self || (qg.rows == dg.rows && qg.cols == dg.cols), op,
+                    "exclude_self needs equal query and database patch grids, got ", qg.rows, " x ", qg.cols,
+                    " and ", dg.rows, " x ", dg.cols);
   const int64_t n_cand = (window < 0 ? dg.n() : std::min(window, dg.rows) * std::min(window, dg.cols)) -
                          (exclude_self ? 1 : 0);
-  TORCH_CHECK(k >= 1 && k <= n_cand, "knn_patch_search: k = ", k,
-              " must be in [1, number of candidates per query = ", n_cand, "]");
+  PYOPS_CHECK_VALUE(k >= 1 && k <= n_cand, op, "k = ", k, " must be in [1, number of candidates per query = ",
+                    n_cand, "]");
+  const auto acc = acc_type(query);
+  const at::Tensor q = query.to(acc).contiguous(), d = database.to(acc).contiguous();
   const int64_t B = q.size(0);
   at::Tensor dist = at::empty({B, qg.n(), k}, q.options());
   at::Tensor idx = at::empty({B, qg.n(), k}, q.options().dtype(at::kLong));
@@ -484,13 +518,13 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& qu
   return {dist, idx};
 }
 
-void check_index_range(const at::Tensor& idx, int64_t n, const char* fn) {
+void check_index_range(const at::Tensor& idx, int64_t n, const char* op) {
   if (idx.numel() == 0) return;
   const at::Tensor bad = idx.lt(0).logical_or(idx.ge(n));
   if (!bad.any().item<bool>()) return;
   const int64_t flat = bad.reshape(-1).nonzero().min().item<int64_t>();
-  TORCH_CHECK(false, fn, ": idx contains ", idx.reshape(-1)[flat].item<int64_t>(), " at flat position ", flat,
-              ", outside [0, ", n, ") (the database patch grid)");
+  TORCH_CHECK_VALUE(false, "pyops::", op, ": idx contains ", idx.reshape(-1)[flat].item<int64_t>(),
+                    " at flat position ", flat, ", outside [0, ", n, ") (the database patch grid)");
 }
 
 // For every (query l, neighbour j): f(b, c, query pixel offset, db pixel offset, l, j) over the
@@ -520,15 +554,14 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_bwd_cpu(const at::Tensor& gr
                                                             const at::Tensor& database,
                                                             const at::Tensor& idx, int64_t patch_size,
                                                             int64_t stride) {
-  check_maps(query, "query", patch_size, stride);
-  check_maps(database, "database", patch_size, stride);
+  const char* op = "knn_patch_search_bwd";
+  check_pair(query, database, patch_size, stride, op);
+  const Grid qg(query, patch_size, stride), dg(database, patch_size, stride);
+  check_idx(idx, query.size(0), qg.n(), "the query patch grid", query, "query", op);
+  check_like_idx(grad_dist, "grad_dist", idx, nullptr, nullptr, op);
+  check_index_range(idx, dg.n(), op);
   const auto acc = acc_type(query);
   const at::Tensor q = query.to(acc).contiguous(), d = database.to(acc).contiguous();
-  const Grid qg(q, patch_size, stride), dg(d, patch_size, stride);
-  TORCH_CHECK(idx.dim() == 3 && idx.size(0) == q.size(0) && idx.size(1) == qg.n(),
-              "knn_patch_search_bwd: idx must have shape (B, Lq, k)");
-  TORCH_CHECK(grad_dist.sizes() == idx.sizes(), "knn_patch_search_bwd: grad_dist must have the shape of idx");
-  check_index_range(idx, dg.n(), "knn_patch_search_bwd");
   const at::Tensor g = grad_dist.to(acc).contiguous(), ix = idx.contiguous();
   at::Tensor gq = at::zeros_like(q), gd = at::zeros_like(d);
   const int64_t B = q.size(0), C = q.size(1), L = qg.n(), k = idx.size(2);
@@ -551,20 +584,23 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_bwd_cpu(const at::Tensor& gr
 at::Tensor patch_aggregate_fwd_cpu(const at::Tensor& values, const at::Tensor& idx,
                                    const at::Tensor& weights, int64_t patch_size, int64_t stride,
                                    int64_t out_h, int64_t out_w) {
-  check_maps(values, "values", patch_size, stride);
-  TORCH_CHECK(out_h >= patch_size && out_w >= patch_size, "patch_aggregate: output smaller than a patch");
-  TORCH_CHECK(idx.dim() == 3 && idx.scalar_type() == at::kLong && idx.size(0) == values.size(0),
-              "patch_aggregate: idx must be int64 of shape (B, L, k)");
-  TORCH_CHECK(weights.sizes() == idx.sizes(), "patch_aggregate: weights must have the shape of idx");
+  const char* op = "patch_aggregate_fwd";
+  check_map(values, "values", patch_size, stride, op);
+  PYOPS_CHECK_VALUE(out_h >= patch_size, op, "out_h must be >= patch_size = ", patch_size, ", got ", out_h);
+  PYOPS_CHECK_VALUE(out_w >= patch_size, op, "out_w must be >= patch_size = ", patch_size, ", got ", out_w);
+  const int64_t B = values.size(0), C = values.size(1);
+  checks::mul_size(checks::mul_size(B * C, out_h, "the output (B, C, out_h, out_w)", op), out_w,
+                   "the output (B, C, out_h, out_w)", op);
+  const int64_t L = ((out_h - patch_size) / stride + 1) * ((out_w - patch_size) / stride + 1);
+  check_idx(idx, B, L, "the patch grid of (out_h, out_w)", values, "values", op);
+  check_like_idx(weights, "weights", idx, &values, "values", op);
+  const Grid dg(values, patch_size, stride);
+  check_index_range(idx, dg.n(), op);
   const auto acc = acc_type(values);
   const at::Tensor v = values.to(acc).contiguous(), w = weights.to(acc).contiguous(), ix = idx.contiguous();
-  const Grid dg(v, patch_size, stride);
-  const int64_t B = v.size(0), C = v.size(1), k = idx.size(2);
-  const at::Tensor out_like = at::empty({B, C, out_h, out_w}, v.options());
+  const int64_t k = idx.size(2);
+  const at::Tensor out_like = at::empty({0, 0, out_h, out_w}, v.options());
   const Grid qg(out_like, patch_size, stride);
-  TORCH_CHECK(idx.size(1) == qg.n(), "patch_aggregate: idx has L = ", idx.size(1), " but the output's patch grid has ",
-              qg.n(), " positions");
-  check_index_range(ix, dg.n(), "patch_aggregate");
   at::Tensor out = at::zeros({B, C, out_h, out_w}, v.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "patch_aggregate_fwd", [&] {
     const scalar_t *pv = v.const_data_ptr<scalar_t>(), *pw = w.const_data_ptr<scalar_t>();
@@ -583,16 +619,21 @@ std::tuple<at::Tensor, at::Tensor> patch_aggregate_bwd_cpu(const at::Tensor& gra
                                                            const at::Tensor& idx,
                                                            const at::Tensor& weights,
                                                            int64_t patch_size, int64_t stride) {
-  check_maps(values, "values", patch_size, stride);
-  check_maps(grad_out, "grad_out", patch_size, stride);
+  const char* op = "patch_aggregate_bwd";
+  check_map(values, "values", patch_size, stride, op);
+  check_map(grad_out, "grad_out", patch_size, stride, op);
+  checks::same_dtype(grad_out, "grad_out", values, "values", op);
+  checks::same_device(grad_out, "grad_out", values, "values", op);
+  PYOPS_CHECK_VALUE(grad_out.size(0) == values.size(0) && grad_out.size(1) == values.size(1), op, "grad_out ",
+                    grad_out.sizes(), " must have the batch size and channels of values ", values.sizes());
+  const Grid dg(values, patch_size, stride), qg(grad_out, patch_size, stride);
+  check_idx(idx, values.size(0), qg.n(), "the patch grid of grad_out", values, "values", op);
+  check_like_idx(weights, "weights", idx, nullptr, nullptr, op);
+  check_index_range(idx, dg.n(), op);
   const auto acc = acc_type(values);
   const at::Tensor v = values.to(acc).contiguous(), w = weights.to(acc).contiguous(), ix = idx.contiguous();
   const at::Tensor go = grad_out.to(acc).contiguous();
-  const Grid dg(v, patch_size, stride), qg(go, patch_size, stride);
   const int64_t B = v.size(0), C = v.size(1), L = qg.n(), k = idx.size(2);
-  TORCH_CHECK(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == L && weights.sizes() == idx.sizes(),
-              "patch_aggregate_bwd: idx and weights must have shape (B, L, k)");
-  check_index_range(ix, dg.n(), "patch_aggregate_bwd");
   at::Tensor gv = at::zeros_like(v);
   // grad_weights[b, l, j] = sum over (c, dy, dx): accumulate per channel plane, then sum.
   at::Tensor gw_c = at::zeros({B, C, L, k}, v.options());

@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/cpu_isa.h"
 #include "pet.h"
 #include "pet_geometry.h"
 
@@ -40,7 +41,8 @@ Line line_of(const T* s, const T* e, int64_t m, const Volume& v) {
 
 // The samples of a block of consecutive planes of a line: voxel offsets (-1 outside the image)
 // and weights of the 4 bilinear corners, the formulas of plane_sample (pet_geometry.h) written
-// branch-free so that the loop vectorises (AVX-512 / AVX2 clones picked at load time).
+// branch-free so that the loop vectorises (in the AVX-512 / AVX2 / baseline builds of the line
+// functions, csrc/common/cpu_isa.h).
 constexpr int kBlock = 64;
 
 struct Samples {  // corner-major so that the sampling loop stores whole vectors
@@ -48,8 +50,6 @@ struct Samples {  // corner-major so that the sampling loop stores whole vectors
   double w[4][kBlock];
   bool any[4];  // corner j inside the image at some plane of the block (2D: the c + 1 corners never)
 };
-
-#define PYOPS_PET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 template <bool kAny>
 inline __attribute__((always_inline)) void sample_block(const Line& L, int64_t i0, int n, const Volume& v,
@@ -140,7 +140,7 @@ inline __attribute__((always_inline)) void project_line_groups(const Samples& S,
 }
 
 template <typename T>
-PYOPS_PET_CLONES void project_line(const Line& L, const Volume& v, const T* xT, int64_t P, T* acc, Samples& S) {
+PYOPS_ALWAYS_INLINE void project_line_impl(const Line& L, const Volume& v, const T* xT, int64_t P, T* acc, Samples& S) {
   std::fill(acc, acc + P, T(0));
   for (int64_t i0 = L.lo; i0 <= L.hi; i0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, L.hi - i0 + 1));
@@ -169,6 +169,7 @@ PYOPS_PET_CLONES void project_line(const Line& L, const Volume& v, const T* xT, 
     }
   }
 }
+PYOPS_ISA_CLONES(template <typename T>, void, project_line, (const Line& L, const Volume& v, const T* xT, int64_t P, T* acc, Samples& S), (L, v, xT, P, acc, S))
 
 // Adds w * yrow to the P values of every voxel of a sampled block; G lanes at a time (G
 // divides P), so that a row of up to 4 vectors stays in registers.
@@ -194,7 +195,7 @@ inline __attribute__((always_inline)) void scatter_block(const Samples& S, int n
 // Scatters line m's steps i in [i0, i1] (P values yT row) into xT (N, P). The (up to 4) voxels
 // of all steps of one line are distinct, so the order of one line's adds does not matter.
 template <typename T>
-PYOPS_PET_CLONES void backproject_line(const Line& L, int64_t i0, int64_t i1, const Volume& v, const T* yrow,
+PYOPS_ALWAYS_INLINE void backproject_line_impl(const Line& L, int64_t i0, int64_t i1, const Volume& v, const T* yrow,
                                        int64_t P, T* xT, Samples& S) {
   const int64_t first = std::max(i0, L.lo), last = std::min(i1, L.hi);
   for (int64_t p0 = first; p0 <= last; p0 += kBlock) {
@@ -208,6 +209,7 @@ PYOPS_PET_CLONES void backproject_line(const Line& L, int64_t i0, int64_t i1, co
       });
   }
 }
+PYOPS_ISA_CLONES(template <typename T>, void, backproject_line, (const Line& L, int64_t i0, int64_t i1, const Volume& v, const T* yrow, int64_t P, T* xT, Samples& S), (L, i0, i1, v, yrow, P, xT, S))
 
 constexpr int64_t kBlockBytes = 1024 * 1024;  // back projection: image bytes per task (~ L2)
 constexpr int64_t kLineCacheBytes = int64_t{64} << 20;  // back projection: cached line geometries
@@ -223,10 +225,10 @@ at::Tensor frames_last(const at::Tensor& t, int64_t B, int64_t P) {
 
 at::Tensor joseph_project_cpu(const at::Tensor& image, const at::Tensor& lor_start, const at::Tensor& lor_end,
                               at::ArrayRef<double> voxel_size, at::ArrayRef<double> image_origin) {
-  const char* fn = "joseph_project";
-  TORCH_CHECK(image.dim() == 4, fn, ": image must have shape (B, n0, n1, n2), got ", image.sizes());
-  check_lors(image, "image", lor_start, lor_end, fn);
-  const Volume v = make_volume(image.sizes().slice(1), voxel_size, image_origin, fn);
+  const char* op = "joseph_project";
+  checks::dim(image, 4, "image", "(B, n0, n1, n2)", op);
+  check_lors(image, "image", lor_start, lor_end, op);
+  const Volume v = make_volume(image.sizes().slice(1), "image.shape[1:]", voxel_size, image_origin, op);
   const int64_t B = image.size(0), M = lor_start.size(0), N = v.n[0] * v.n[1] * v.n[2];
   if (B == 0 || M == 0 || N == 0) return at::zeros({B, M}, image.options());
   const at::Tensor s = lor_start.contiguous(), e = lor_end.contiguous();
@@ -250,14 +252,14 @@ at::Tensor joseph_project_cpu(const at::Tensor& image, const at::Tensor& lor_sta
 at::Tensor joseph_backproject_cpu(const at::Tensor& y, const at::Tensor& lor_start, const at::Tensor& lor_end,
                                   at::IntArrayRef image_shape, at::ArrayRef<double> voxel_size,
                                   at::ArrayRef<double> image_origin) {
-  const char* fn = "joseph_backproject";
-  TORCH_CHECK(y.dim() == 2, fn, ": y must have shape (B, M), got ", y.sizes());
-  TORCH_CHECK(image_shape.size() == 3, fn, ": image_shape must have 3 entries, got ", image_shape);
-  check_lors(y, "y", lor_start, lor_end, fn);
-  TORCH_CHECK(y.size(1) == lor_start.size(0), fn, ": y has ", y.size(1), " lines but lor_start has ",
-              lor_start.size(0));
-  const Volume v = make_volume(image_shape, voxel_size, image_origin, fn);
+  const char* op = "joseph_backproject";
+  checks::dim(y, 2, "y", "(B, M)", op);
+  check_lors(y, "y", lor_start, lor_end, op);
+  PYOPS_CHECK_VALUE(y.size(1) == lor_start.size(0), op, "y has ", y.size(1), " lines but lor_start has ",
+                    lor_start.size(0));
+  const Volume v = make_volume(image_shape, "image_shape", voxel_size, image_origin, op);
   const int64_t B = y.size(0), M = y.size(1), N = v.n[0] * v.n[1] * v.n[2];
+  checks::mul_size(B, N, "the image (B, n0, n1, n2)", op);
   if (B == 0 || M == 0 || N == 0) return at::zeros({B, v.n[0], v.n[1], v.n[2]}, y.options());
   const at::Tensor s = lor_start.contiguous(), e = lor_end.contiguous();
   at::Tensor xT;

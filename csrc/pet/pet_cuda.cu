@@ -21,11 +21,11 @@ namespace {
 
 at::Tensor joseph_project_cuda(const at::Tensor& image, const at::Tensor& lor_start, const at::Tensor& lor_end,
                                at::ArrayRef<double> voxel_size, at::ArrayRef<double> image_origin) {
-  const char* fn = "joseph_project";
-  TORCH_CHECK(image.dim() == 4, fn, ": image must have shape (B, n0, n1, n2), got ", image.sizes());
-  check_lors(image, "image", lor_start, lor_end, fn);
-  TORCH_CHECK(image.is_cuda(), fn, " (CUDA): image must be a CUDA tensor, got ", image.device());
-  const Volume v = make_volume(image.sizes().slice(1), voxel_size, image_origin, fn);
+  const char* op = "joseph_project";
+  checks::dim(image, 4, "image", "(B, n0, n1, n2)", op);
+  check_lors(image, "image", lor_start, lor_end, op);
+  PYOPS_CHECK_VALUE(image.is_cuda(), op, "image must be a CUDA tensor, got ", image.device());
+  const Volume v = make_volume(image.sizes().slice(1), "image.shape[1:]", voxel_size, image_origin, op);
   const c10::cuda::CUDAGuard guard(image.device());
   const int64_t B = image.size(0), M = lor_start.size(0);
   at::Tensor y = at::empty({B, M}, image.options());
@@ -44,14 +44,14 @@ at::Tensor joseph_project_cuda(const at::Tensor& image, const at::Tensor& lor_st
 at::Tensor joseph_backproject_cuda(const at::Tensor& y, const at::Tensor& lor_start, const at::Tensor& lor_end,
                                    at::IntArrayRef image_shape, at::ArrayRef<double> voxel_size,
                                    at::ArrayRef<double> image_origin) {
-  const char* fn = "joseph_backproject";
-  TORCH_CHECK(y.dim() == 2, fn, ": y must have shape (B, M), got ", y.sizes());
-  TORCH_CHECK(image_shape.size() == 3, fn, ": image_shape must have 3 entries, got ", image_shape);
-  check_lors(y, "y", lor_start, lor_end, fn);
-  TORCH_CHECK(y.is_cuda(), fn, " (CUDA): y must be a CUDA tensor, got ", y.device());
-  TORCH_CHECK(y.size(1) == lor_start.size(0), fn, ": y has ", y.size(1), " lines but lor_start has ",
-              lor_start.size(0));
-  const Volume v = make_volume(image_shape, voxel_size, image_origin, fn);
+  const char* op = "joseph_backproject";
+  checks::dim(y, 2, "y", "(B, M)", op);
+  check_lors(y, "y", lor_start, lor_end, op);
+  PYOPS_CHECK_VALUE(y.is_cuda(), op, "y must be a CUDA tensor, got ", y.device());
+  PYOPS_CHECK_VALUE(y.size(1) == lor_start.size(0), op, "y has ", y.size(1), " lines but lor_start has ",
+                    lor_start.size(0));
+  const Volume v = make_volume(image_shape, "image_shape", voxel_size, image_origin, op);
+  checks::mul_size(y.size(0), v.n[0] * v.n[1] * v.n[2], "the image (B, n0, n1, n2)", op);
   const c10::cuda::CUDAGuard guard(y.device());
   const int64_t B = y.size(0), M = y.size(1);
   at::Tensor x = at::zeros({B, v.n[0], v.n[1], v.n[2]}, y.options());
