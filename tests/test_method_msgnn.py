@@ -156,23 +156,52 @@ def test_default_architecture_parameter_count():
     assert count_parameters(m) == 2_061_579 - 416_356
     emb = sum(p.numel() for n, p in m.named_parameters() if ".embed_" in n)
     assert count_parameters(m, trainable=False) == count_parameters(m) + emb
-    assert count_parameters(MSGNN("fixed")) == count_parameters(m) + emb
+    # fixed: the embeddings learn; the edge MLPs lose their two dead biases (C + 1 values per graph)
+    assert count_parameters(MSGNN("fixed")) == count_parameters(m) + emb - 4 * (32 + 1)
 
 
 @pytest.mark.parametrize("mode", ["faithful", "fixed"])
 def test_gradient_flows_to_the_weight_network(mode):
-    m = tiny(mode)
-    x, ex = torch.rand(1, 3, 33, 30), torch.rand(1, 3, 30, 33)
+    """In float64, so that a gradient that is zero in exact arithmetic is zero to ~1e-16 relative
+    and a live one is far from it, whatever the CPU's rounding. The edge MLP's weight matrices
+    and the son-feature branch always get a gradient. The output bias and the residual branch's
+    last bias of the edge MLP only shift all k softmax logits alike: their gradient is exactly
+    zero (faithful keeps them, as the official code; fixed drops them). The other two biases of
+    the MLP can be dead for particular data (all k neighbours of every query on one side of the
+    LReLU), so nothing is asserted of their size."""
+    m = tiny(mode).double()
+    x, ex = torch.rand(1, 3, 33, 30, dtype=torch.float64), torch.rand(1, 3, 30, 33, dtype=torch.float64)
     ssim_loss(m(x, ex), torch.rand_like(x)).backward()
     for name in ("s1", "s2", "s4", "exemplar"):
         g = m.graph[name]
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.weight_net.parameters()), name
+        wn = dict(g.weight_net.named_parameters())
+        assert all(p.grad is not None for p in wn.values()), name
+        scale = max(p.grad.abs().max().item() for p in wn.values())
+        assert all(wn[n].grad.abs().sum() > 0 for n in ("inp.weight", "res.0.weight", "res.2.weight", "outp.weight")), name
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.features.parameters()), name
+        dead = ("res.2.bias", "outp.bias")
+        if mode == "faithful":
+            for n in dead:  # rounding noise of float64 only
+                assert wn[n].grad.abs().max() <= 1e-9 * scale, (name, n, wn[n].grad.abs().max().item(), scale)
+        else:
+            assert not any(n in wn for n in dead)
         emb = list(g.embed_son.parameters()) + list(g.embed_query.parameters())
         if mode == "faithful":  # frozen: the official code's embeddings never get a gradient
             assert all(not p.requires_grad and p.grad is None for p in emb)
         else:
             assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in emb), name
+
+
+def test_fixed_mode_loads_a_checkpoint_with_the_dead_biases():
+    """A fixed-mode state dict written with the two dead biases (before they were dropped) loads:
+    they shifted all k logits alike, so the edge weights are the same without them."""
+    old = tiny("faithful").state_dict()
+    m = tiny("fixed")
+    state = {k: v for k, v in m.state_dict().items()}
+    for name in ("s1", "s2", "s4", "exemplar"):
+        state[f"graph.{name}.weight_net.res.2.bias"] = old[f"graph.{name}.weight_net.res.2.bias"]
+        state[f"graph.{name}.weight_net.outp.bias"] = old[f"graph.{name}.weight_net.outp.bias"]
+    m.load_state_dict(state)  # strict
 
 
 def test_graph_outputs_computed_once_and_do_not_depend_on_the_backbone():

@@ -21,8 +21,10 @@ Modes:
   edge features are detached there, so no gradient ever reaches them) and the candidate window
   is the official one (offset for scales 1, 4 and the exemplar at test time; global on 64 x 64
   training crops).
-* ``fixed``: the embeddings learn (the edge features carry gradient to them) and the windows
-  are centred on the query's position in the son grid.
+* ``fixed``: the embeddings learn (the edge features carry gradient to them), the windows
+  are centred on the query's position in the son grid, and the edge MLP has no output bias
+  and no bias on its residual branch's last layer (both only shift all k logits of the
+  softmax alike: their gradient is exactly zero; ``WeightNet``).
 
 ``graphs=False`` is the no-graph ablation: the same backbone, each group feeding the next.
 """
@@ -104,17 +106,32 @@ def embed_cnn(c: int) -> nn.Sequential:
 
 class WeightNet(nn.Module):
     """The edge MLP (official ``weightnet_hr``, 1x1 convs = a per-patch MLP): C -> C -> residual
-    [LReLU, C -> C] -> 1."""
+    [LReLU, C -> C] -> 1.
 
-    def __init__(self, c: int):
+    Its k outputs per query patch feed a softmax over the k neighbours, which ignores a shift
+    common to all k. Two biases only add such a shift, so their gradient is exactly zero: the
+    output layer's bias, and the bias of the residual branch's last layer (added after the last
+    nonlinearity, it reaches the output as the same constant on every neighbour). The official
+    code has both (``conv(..., bias=True)``); ``bias=False`` drops them (``fixed`` mode)."""
+
+    def __init__(self, c: int, dead_biases: bool = True):
         super().__init__()
         self.inp = nn.Linear(c, c)
-        self.res = nn.Sequential(nn.Linear(c, c), _lrelu(), nn.Linear(c, c))
-        self.outp = nn.Linear(c, 1)
+        self.res = nn.Sequential(nn.Linear(c, c), _lrelu(), nn.Linear(c, c, bias=dead_biases))
+        self.outp = nn.Linear(c, 1, bias=dead_biases)
+        if not dead_biases:
+            self._register_load_state_dict_pre_hook(_drop_dead_biases)
 
     def forward(self, d):
         y = self.inp(d)
         return self.outp(y + self.res(y)).squeeze(-1)
+
+
+def _drop_dead_biases(state_dict, prefix, *args):
+    """Loading a checkpoint written before ``fixed`` mode dropped the two dead biases: they only
+    shifted all k logits alike, so leaving them out changes no edge weight."""
+    for name in ("res.2.bias", "outp.bias"):
+        state_dict.pop(prefix + name, None)
 
 
 class PatchGraph(nn.Module):
@@ -126,7 +143,7 @@ class PatchGraph(nn.Module):
         self.features = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), _lrelu(), DenseGroup(c, 4, gct=False, fusion=False))
         self.embed_son = embed_cnn(c)
         self.embed_query = embed_cnn(c)
-        self.weight_net = WeightNet(c)
+        self.weight_net = WeightNet(c, dead_biases=mode == "faithful")
         if mode == "faithful":
             for p in list(self.embed_son.parameters()) + list(self.embed_query.parameters()):
                 p.requires_grad_(False)
