@@ -314,16 +314,20 @@ def test_modes_backpropagate_through_the_model(small_model, examples, mode):
 
 
 def test_divergence_gradient_reaches_the_model(small_model, examples):
-    """The cross-view term alone (no CE, no band) has a gradient: the views really differ."""
+    """The cross-view term alone (no CE, no band) has a gradient: the views really differ. The
+    untrained model's two views differ by ~4e-7 nats, close to float32 rounding of a KL (a few
+    ulp of log V), so the objective is evaluated in float64 on the views' hidden states."""
     d = DF.CrossViewDefense(small_model, DF.DefenseConfig(lambda_h=0.0), seed=0)
     b = _batch(examples, 8)
-    h_a, h_b = d.two_views(b)
+    with torch.no_grad():
+        h_a, h_b = (h.double() for h in d.two_views(b))
     w, bias = d.adapter.head()
+    w, bias = w.detach().double(), None if bias is None else bias.detach().double()
     _, st = DF.cross_view_objective(h_a, h_b, b["labels"], w, bias, d.cfg)
-    assert st["div"] > 0
+    assert st["div"] > 1e-10  # float64 error: ~1e-15
     ha_leaf, hb_leaf = h_a.detach().requires_grad_(), h_b.detach().requires_grad_()
     cfg = dataclasses.replace(d.cfg, lambda_cv=1.0)
-    loss, st2 = DF.cross_view_objective(ha_leaf, hb_leaf, b["labels"], w.detach(), bias, cfg)
+    loss, st2 = DF.cross_view_objective(ha_leaf, hb_leaf, b["labels"], w, bias, cfg)
     (loss - st2["ce"]).backward()
     assert hb_leaf.grad.abs().sum() > 0 and ha_leaf.grad.abs().sum() > 0
 
@@ -382,7 +386,9 @@ def test_another_architecture_paligemma(examples):
     model.train()
     loss, stats = d.loss(b)
     loss.backward()
-    assert torch.isfinite(loss) and stats["div"] >= 0
+    # KL >= 0 holds in exact arithmetic; the float32 value of views this close (~1e-8 nats) is
+    # decided by rounding (a few ulp of log V per row): only its size is checked
+    assert torch.isfinite(loss) and stats["div"] > -1e-5
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
     texts = d.adapter.generate(examples[:3], max_new_tokens=3)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
