@@ -7,6 +7,8 @@
 # tokenizers (+ accelerate for transformers.Trainer) for the multimodal-LLM methods) and the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
 # With PYTHON=/path/to/python (e.g. on a CUDA machine without network) that interpreter is
 # used as it is: only the package is (re)built, nothing is downloaded.
+# Also: `make test-asan` (the op tests on a sanitizer build), `make test-avx2` (the suite on the
+# AVX2 paths of torch and pyops, one thread), `make test-slow`, `make bench-full`.
 PYTHON ?=
 VENV   := .venv
 ifeq ($(strip $(PYTHON)),)
@@ -27,7 +29,7 @@ OP_TESTS := $(sort $(filter-out tests/test_method% tests/test_rppg% tests/test_c
   tests/test_triton_interpret.py tests/test_knn_patch_triton.py,$(wildcard tests/test_*.py)))
 ASAN_DIR := build/asan
 
-.PHONY: test test-slow test-asan bench bench-full build clean test-cpu test-triton
+.PHONY: test test-slow test-asan test-avx2 bench bench-full build clean test-cpu test-triton
 
 $(VENV)/.deps-ready: Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -68,6 +70,13 @@ test-asan: $(ENV_STAMP)
 	  PYTHONSAFEPATH=1 PYTHONPATH=$(ASAN_DIR) OMP_NUM_THREADS=2; \
 	$(PY) -c "import pyops, sys; assert '$(ASAN_DIR)' in pyops._C.__file__, pyops._C.__file__; print('sanitized build:', pyops._C.__file__)" && \
 	$(PY) -m pytest $(OP_TESTS) -q -p no:cacheprovider
+
+# The whole suite as on a CPU without AVX-512 (an AMD EPYC before Zen 4, say): torch's, MKL's,
+# oneDNN's and pyops' AVX2 paths, one thread. Rounding differs from the AVX-512 paths, so a test
+# that passes only through one machine's rounding fails here. Not part of `make test` (minutes).
+test-avx2: $(BUILD_STAMP)
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 PYOPS_CPU_ISA=avx2 \
+	  OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 # Tests marked slow (a Flower simulation on Ray: 20 s on an idle machine, minutes on a busy one; needs the `fl` extra, flwr[simulation]).
 test-slow: $(BUILD_STAMP)
