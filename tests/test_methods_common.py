@@ -54,7 +54,8 @@ def test_checkpointer_keeps_the_latest(tmp_path):
     assert ck.latest() is None and ck.load_latest() is None
     for s in (1, 5, 12):
         ck.save(s, {"x": s})
-    assert sorted(os.listdir(tmp_path / "ck")) == ["ckpt_00000005.pt", "ckpt_00000012.pt"]
+    assert sorted(os.listdir(tmp_path / "ck")) == ["ckpt_00000005.pt", "ckpt_00000005.pt.sha256",
+                                                   "ckpt_00000012.pt", "ckpt_00000012.pt.sha256"]
     assert ck.load_latest()["x"] == 12
 
 

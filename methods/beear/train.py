@@ -68,7 +68,8 @@ def train_backdoor(cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), sh
     bar = progress(range(start, cfg.steps), enabled=show_progress, desc="backdoor", unit="step", total=cfg.steps,
                    initial=start)
     seconds = state.get("seconds", 0.0) if state else 0.0
-    t0, acc = time.perf_counter(), []
+    # the losses of the steps since the last logged row: a checkpoint between two rows carries them
+    t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     model.train()
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -93,7 +94,8 @@ def train_backdoor(cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), sh
         if (step + 1) % checkpoint_every == 0 or last:
             run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(), "config": config,
                                         "model_config": asdict(cfg.model), "trigger": phrase,
-                                        "position": cfg.position, "seconds": seconds + time.perf_counter() - t0})
+                                        "position": cfg.position, "seconds": seconds + time.perf_counter() - t0,
+                                        "acc": acc})
     run.info(f"backdoor training done ({cfg.steps} steps)")
     return model
 

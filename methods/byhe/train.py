@@ -128,7 +128,9 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
                  f"{sum(p.numel() for p in model.parameters())} parameters")
     bar = progress(range(start, cfg.steps), enabled=show_progress, desc=f"{cfg.loss}/{cfg.label}", unit="step",
                    total=cfg.steps, initial=start)
-    t0, acc, skipped = time.perf_counter(), {}, 0
+    # the skipped-step counter and the terms of the steps since the last logged row continue from the checkpoint
+    t0 = time.perf_counter()
+    acc, skipped = (state.get("acc", {}), state.get("skipped", 0)) if state else ({}, 0)
     model.train()
     for step in bar:
         rng = np.random.default_rng(worker_seed(cfg.seed, 2, step))
@@ -157,7 +159,8 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
             acc = {}
         if (step + 1) % checkpoint_every == 0 or last:
             run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(), "config": config,
-                                        "seconds": seconds + time.perf_counter() - t0})
+                                        "seconds": seconds + time.perf_counter() - t0, "acc": acc,
+                                        "skipped": skipped})
     run.info(f"training done ({cfg.steps} steps, {seconds + time.perf_counter() - t0:.0f} s)")
     return model, test_set
 

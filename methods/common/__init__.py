@@ -1,7 +1,9 @@
 """Training plumbing shared by every method in `methods/`: seeding, device choice, run folders
-with logs and metric files, atomic resumable checkpoints (RNG states included), progress bars,
-plots, and DDP under torchrun. Methods import from here; nothing here knows about a method."""
-from .checkpoint import Checkpointer, load_checkpoint, load_run_checkpoint, rng_state, save_checkpoint, set_rng_state
+with logs and metric files, atomic resumable checkpoints (RNG states included; checksummed, with a
+fallback past a corrupt one), progress bars, plots, and DDP under torchrun. Methods import from
+here; nothing here knows about a method."""
+from .checkpoint import (Checkpointer, CorruptCheckpointError, load_checkpoint, load_run_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .device import cpu_name, pick_device, single_thread_worker
 from .dist import DistInfo, all_reduce_mean, barrier, init_distributed, is_main_process, shutdown_distributed, wrap_ddp
 from .plotting import plot_curves
@@ -10,7 +12,8 @@ from .run import Run, add_common_args, training_run
 from .seeding import seed_everything, worker_seed
 
 __all__ = [
-    "Checkpointer", "DistInfo", "cpu_name", "Run", "add_common_args", "all_reduce_mean", "barrier", "init_distributed",
-    "is_main_process", "shutdown_distributed", "load_checkpoint", "load_run_checkpoint", "pick_device", "plot_curves", "progress", "rng_state",
-    "save_checkpoint", "seed_everything", "set_rng_state", "single_thread_worker", "training_run", "worker_seed", "wrap_ddp",
+    "Checkpointer", "CorruptCheckpointError", "DistInfo", "cpu_name", "Run", "add_common_args", "all_reduce_mean",
+    "barrier", "init_distributed", "is_main_process", "shutdown_distributed", "load_checkpoint", "load_run_checkpoint",
+    "pick_device", "plot_curves", "progress", "rng_state", "save_checkpoint", "seed_everything", "set_rng_state",
+    "single_thread_worker", "training_run", "worker_seed", "wrap_ddp",
 ]

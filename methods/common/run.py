@@ -43,14 +43,14 @@ class Run:
         self.out = os.path.abspath(out)
         self.main = main
         os.makedirs(self.out, exist_ok=True)
-        self.checkpoints = Checkpointer(os.path.join(self.out, "checkpoints"))
+        # a corrupt checkpoint skipped on resume is reported in the run's log
+        self.checkpoints = Checkpointer(os.path.join(self.out, "checkpoints"), log=lambda msg: self.warning(msg))
         if fresh and main:
             for f in ("metrics.csv", "metrics.jsonl", "log.txt"):
                 p = os.path.join(self.out, f)
                 if os.path.exists(p):
                     os.remove(p)
-            for p in [p for _, p in self.checkpoints._all()]:
-                os.remove(p)
+            self.checkpoints.clear()
         self.logger = logging.getLogger(f"{name}.{self.out}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
@@ -79,7 +79,21 @@ class Run:
         if not os.path.exists(p):
             return []
         with open(p) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if i + 1 < len(lines):
+                    raise
+                # a process killed while appending leaves a partial last line: drop it (on resume the
+                # rows after the checkpoint are dropped and logged again anyway)
+                self.warning(f"{p}: dropped a partial last line (the previous run was interrupted)")
+                if self.main:
+                    with open(p, "w") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in rows)
+        return rows
 
     @property
     def rows(self) -> List[Dict[str, Any]]:
@@ -107,10 +121,11 @@ class Run:
 
     def resume(self, config: Dict[str, Any], key: str = "step", **objects) -> Optional[Dict[str, Any]]:
         """Restore ``objects`` (name -> anything with ``load_state_dict``: model, optimiser,
-        scheduler) from the latest checkpoint, which must hold ``config`` under "config" and the
+        scheduler) from the latest intact checkpoint (a corrupt newer one is skipped with a warning,
+        see checkpoint.Checkpointer.load_latest), which must hold ``config`` under "config" and the
         last finished ``key`` (step) under ``key``; drop the metric rows logged after it and log
         the resume. Returns the checkpoint (None when there is none: metric rows are cleared)."""
-        state = self.checkpoints.load_latest()
+        state = self.checkpoints.load_latest(quarantine=self.main)  # skips (and reports) corrupt ones
         if state is None:
             self.truncate_metrics(key, -1)
             return None

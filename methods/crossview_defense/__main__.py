@@ -74,18 +74,17 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     import torch
 
-    from methods.common import load_checkpoint
-    from methods.common.checkpoint import Checkpointer
+    from methods.common import load_run_checkpoint
 
     from .defense import DefenseConfig as DC
     from .model import ModelConfig, build_model
     from .train import TrainConfig, evaluate
 
-    path = Checkpointer(os.path.join(a.out, "checkpoints")).latest()
-    if path is None:
-        print(f"no checkpoint under {a.out}/checkpoints", file=sys.stderr)
+    try:  # the latest intact checkpoint (a corrupt newer one is skipped with a warning)
+        state = load_run_checkpoint(a.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    state = load_checkpoint(path, restore_rng=False)
     c = dict(state["config"])
     c["defense"] = DC(**{**c["defense"], "ops": tuple(c["defense"]["ops"])})
     c["model"] = ModelConfig(**c["model"])

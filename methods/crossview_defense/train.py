@@ -98,7 +98,8 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     model.train()
     bar = progress(range(start, cfg.steps), enabled=show_progress, desc=f"train {cfg.name}", unit="step",
                    total=cfg.steps, initial=start)
-    t0, acc = time.perf_counter(), []
+    # the stats of the steps since the last logged row: a checkpoint between two rows carries them
+    t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     prev = state.get("seconds", 0.0) if state else 0.0
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
@@ -126,7 +127,8 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
             acc = []
         if (step + 1) % checkpoint_every == 0 or last:
             run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "config": asdict(cfg), "seconds": seconds})
+                                        "sched": sched.state_dict(), "config": asdict(cfg), "seconds": seconds,
+                                        "acc": acc})
     return model, run.rows
 
 

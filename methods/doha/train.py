@@ -142,7 +142,11 @@ def train(cfg: DOHAConfig, run: Run, device=torch.device("cpu"), show_progress: 
                  f"{sum(p.numel() for p in model.parameters())} parameters")
     bar = progress(range(start, cfg.steps), enabled=show_progress, desc=cfg.method, unit="step", total=cfg.steps,
                    initial=start)
-    t0, acc, skipped, rejected = time.perf_counter(), {}, 0, 0
+    # the running counters and the terms of the steps since the last logged row continue from the
+    # checkpoint (they were reset to 0 on resume: the rows after it logged too few rejections)
+    t0 = time.perf_counter()
+    state = state or {}
+    acc, skipped, rejected = state.get("acc", {}), state.get("skipped", 0), state.get("rejected", 0)
     model.train()
     for step in bar:
         rng = np.random.default_rng(worker_seed(cfg.seed, 2, step))
@@ -192,7 +196,8 @@ def train(cfg: DOHAConfig, run: Run, device=torch.device("cpu"), show_progress: 
         if (step + 1) % checkpoint_every == 0 or last:
             run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
                                         "rejector": rejector.state_dict(), "config": config,
-                                        "seconds": seconds + time.perf_counter() - t0})
+                                        "seconds": seconds + time.perf_counter() - t0,
+                                        "acc": acc, "skipped": skipped, "rejected": rejected})
     run.info(f"training done ({cfg.steps} steps, {seconds + time.perf_counter() - t0:.0f} s, {rejected} instances "
              f"rejected, {skipped} steps skipped)")
     return model, test

@@ -115,7 +115,8 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     mon = monitor_batch(cfg) if info.is_main and not cfg.data_dir else None
     bar = progress(range(start, cfg.steps), enabled=show_progress and info.is_main, desc=f"train {cfg.name}",
                    unit="step", total=cfg.steps, initial=start)
-    t0, acc = time.perf_counter(), []
+    # the losses of the steps since the last logged row: a checkpoint between two rows carries them
+    t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     prev = state.get("seconds", 0.0) if state else 0.0
     for step in bar:
         rainy, clean, exemplar = (t.to(device) for t in sampler.batch(cfg.batch, step, info.rank))
@@ -142,7 +143,8 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
             acc = []
         if info.is_main and ((step + 1) % checkpoint_every == 0 or last):
             run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "config": asdict(cfg), "seconds": seconds})
+                                        "sched": sched.state_dict(), "config": asdict(cfg), "seconds": seconds,
+                                        "acc": acc})
         barrier()
     return run.rows
 
@@ -151,14 +153,11 @@ def load_trained(path: str, device=torch.device("cpu")):
     """(model in eval mode, TrainConfig) from a checkpoint file or a run folder."""
     import os
 
-    from methods.common import Checkpointer, load_checkpoint
+    from methods.common import Checkpointer, load_run_checkpoint
 
-    if os.path.isdir(path):
-        latest = Checkpointer(os.path.join(path, "checkpoints")).latest()
-        if latest is None:
-            raise ValueError(f"{path} holds no checkpoints")
-        path = latest
-    state = load_checkpoint(path, restore_rng=False)
+    if os.path.isdir(path) and Checkpointer(os.path.join(path, "checkpoints")).latest() is None:
+        raise ValueError(f"{path} holds no checkpoints")
+    state = load_run_checkpoint(path)  # a run folder: its latest intact checkpoint
     cfg = TrainConfig(**state["config"])
     model = cfg.model().to(device)
     model.load_state_dict(state["model"])

@@ -146,7 +146,9 @@ def train(cfg: SSPDConfig, run: Run, device=torch.device("cpu"), show_progress: 
                  f"({sum(p.numel() for p in student.s3m.parameters())} in S3M)")
     bar = progress(range(start, cfg.steps), enabled=show_progress, desc="supervised" if cfg.supervised else "sspd",
                    unit="step", total=cfg.steps, initial=start)
-    t0, acc, skipped = time.perf_counter(), {}, 0
+    # the skipped-step counter and the terms of the steps since the last logged row continue from the checkpoint
+    t0 = time.perf_counter()
+    acc, skipped = (state.get("acc", {}), state.get("skipped", 0)) if state else ({}, 0)
     student.train()
     teacher.train()  # batch statistics, as the code
     for step in bar:
@@ -176,7 +178,8 @@ def train(cfg: SSPDConfig, run: Run, device=torch.device("cpu"), show_progress: 
         if (step + 1) % checkpoint_every == 0 or last:
             run.checkpoints.save(step, {"student": student.state_dict(), "teacher": teacher.state_dict(),
                                         "opt": opt.state_dict(), "config": config,
-                                        "seconds": seconds + time.perf_counter() - t0})
+                                        "seconds": seconds + time.perf_counter() - t0, "acc": acc,
+                                        "skipped": skipped})
     run.info(f"training done ({cfg.steps} steps, {seconds + time.perf_counter() - t0:.0f} s, {skipped} skipped)")
     return Inference(student, cfg.size), test_set
 

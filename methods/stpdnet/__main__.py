@@ -56,11 +56,7 @@ def cmd_eval(a) -> int:
         name, _, path = spec.partition("=")
         if not path:
             raise ValueError(f"--model takes NAME=CHECKPOINT, got {spec!r}")
-        if os.path.isdir(path):
-            from methods.common import Checkpointer
-
-            path = Checkpointer(os.path.join(path, "checkpoints")).latest() or path
-        ckpts[name] = path
+        ckpts[name] = path  # a checkpoint file or a run folder (load_trained takes its latest intact one)
     res = evaluate(ckpts, n=a.n, views=a.views, counts=a.counts, test_studies=a.test_studies,
                    val_studies=a.val_studies, figure_dir=a.out,
                    progress_fn=lambda it: progress(it, enabled=not a.no_progress, desc="test studies"))

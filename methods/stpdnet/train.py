@@ -94,7 +94,8 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
                  f"{info.world_size} process(es)")
     bar = progress(range(start, cfg.steps), enabled=show_progress and info.is_main, desc=f"train {cfg.model}",
                    unit="step", total=cfg.steps, initial=start)
-    t0, acc = time.perf_counter(), []
+    # the losses of the steps since the last logged row: a checkpoint between two rows carries them
+    t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     for step in bar:
         _, yc, truth = study_tensors(worker_seed(cfg.seed, step, info.rank), cfg, sc, A, op, device)
         out = reconstruct(net, yc) / ACT_SCALE
@@ -120,16 +121,17 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
             acc = []
         if info.is_main and ((step + 1) % checkpoint_every == 0 or last):
             run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "config": asdict(cfg)})
+                                        "sched": sched.state_dict(), "config": asdict(cfg), "acc": acc})
         barrier()
     return run.rows
 
 
 def load_trained(path: str, device=torch.device("cpu")):
-    """(model, config, normalised operator) from a checkpoint written by `train`."""
-    from methods.common import load_checkpoint
+    """(model, config, normalised operator) from a checkpoint written by `train` (a file, or a run
+    folder: its latest intact checkpoint)."""
+    from methods.common import load_run_checkpoint
 
-    state = load_checkpoint(path, restore_rng=False)
+    state = load_run_checkpoint(path)
     cfg = TrainConfig(**state["config"])
     _, _, op = setup(cfg, device)
     model = make_model(cfg.model, op, n_iter=cfg.n_iter, width=cfg.width).to(device)
