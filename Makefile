@@ -74,9 +74,13 @@ test-asan: $(ENV_STAMP)
 # The whole suite as on a CPU without AVX-512 (an AMD EPYC before Zen 4, say): torch's, MKL's,
 # oneDNN's and pyops' AVX2 paths, one thread. Rounding differs from the AVX-512 paths, so a test
 # that passes only through one machine's rounding fails here. Not part of `make test` (minutes).
+# torch.compile's kernel cache does not tell ATEN_CPU_CAPABILITY settings apart (torch 2.13: the
+# kernels of one, reused under the other, give wrong results or overwrite memory), so this run
+# has a cache folder of its own.
 test-avx2: $(BUILD_STAMP)
 	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 PYOPS_CPU_ISA=avx2 \
-	  OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider
+	  TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 OMP_NUM_THREADS=1 \
+	  $(PY) -m pytest tests -q -p no:cacheprovider
 
 # Tests marked slow (a Flower simulation on Ray: 20 s on an idle machine, minutes on a busy one; needs the `fl` extra, flwr[simulation]).
 test-slow: $(BUILD_STAMP)

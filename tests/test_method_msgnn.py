@@ -221,10 +221,13 @@ def test_graph_outputs_computed_once_and_do_not_depend_on_the_backbone():
 
 
 def test_few_training_steps_reduce_the_loss():
+    """12 Adam steps on one batch at lr 2e-3 lower the SSIM loss by 0.066-0.099 over 8 random
+    initialisations (measured): the 0.02 bar does not depend on one initialisation (at lr 5e-4 the
+    drop was 0.017-0.046, and removing fixed mode's dead biases moved this init below the bar)."""
     m = tiny("fixed")
     pairs = D.synthetic_pairs(D.TRAIN_IMAGES[:1], ["heavy"], 1, seed=0)
     r, c, e = D.CropSampler(pairs, crop=32, seed=0).batch(4, step=0)
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=5e-4)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=2e-3)
     losses = []
     for _ in range(12):
         loss = ssim_loss(m(r, e), c)
