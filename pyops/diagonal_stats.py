@@ -48,10 +48,10 @@ def diagonal_stats(maps: torch.Tensor, num_lags: Optional[int] = None) -> Tuple[
     if T < 2:
         raise ValueError(f"{fn}: maps must be at least 2 x 2 (an unbiased std needs 2 entries), got T = {T}")
     if num_lags is None:
-        num_lags = T - 1
-    if isinstance(num_lags, bool) or not isinstance(num_lags, int):
+        num_lags = T - 1  # (a SymInt under torch.compile with dynamic shapes)
+    elif isinstance(num_lags, bool) or not isinstance(num_lags, int):
         raise TypeError(f"{fn}: num_lags must be an int, got {type(num_lags).__name__}")
-    if not 0 <= num_lags <= T - 1:
+    elif not 0 <= num_lags <= T - 1:
         raise ValueError(f"{fn}: num_lags must be in [0, T - 1] = [0, {T - 1}], got {num_lags!r}")
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(maps):
         # inside torch.func transforms (grad, jacrev, vmap): they cannot differentiate through a

@@ -182,7 +182,7 @@ def _check_op(logits, observed, params, q2, q3, reduction, fn: str, grad=None, d
         raise ValueError(f"{fn}: params must have shape (4,) ([w, b, mu, sigma]), got {tuple(params.shape)}")
     if not params.is_floating_point():
         raise TypeError(f"{fn}: params must be floating point, got {params.dtype}")
-    check_same_device(fn, logits=logits, observed=observed)
+    check_same_device(fn, logits=logits, observed=observed, params=params)
     for name, q in (("q2", q2), ("q3", q3)):
         if not (math.isfinite(q) and q >= 0):
             raise ValueError(f"{fn}: {name} must be a finite number >= 0 (0: the log limit), got {q}")

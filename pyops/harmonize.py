@@ -194,15 +194,14 @@ def _check_op_coefficients(gram, order, visit, mode, fn: str) -> None:
         raise TypeError(f"{fn}: order must be int64, got {order.dtype}")
     if order.shape != (K,):
         raise ValueError(f"{fn}: order must have shape (K,) = ({K},), got {tuple(order.shape)}")
-    check_same_device(fn, gram=gram, order=order)
-    if mode == "pcgrad":  # (visit is not used in fedgh mode)
-        check_tensor(visit, "visit", fn)
+    check_tensor(visit, "visit", fn)
+    check_same_device(fn, gram=gram, order=order, visit=visit)
+    if mode == "pcgrad":  # (visit's values are not used in fedgh mode)
         if visit.dtype != torch.int64:
             raise TypeError(f"{fn}: visit must be int64, got {visit.dtype}")
         if visit.shape != (K, max(K - 1, 0)):
             raise ValueError(f"{fn}: visit must have shape (K, K - 1) = ({K}, {max(K - 1, 0)}) in pcgrad mode, "
                              f"got {tuple(visit.shape)}")
-        check_same_device(fn, gram=gram, visit=visit)
 
 
 def _check_op_combine(blocks, coef, fn: str) -> None:
@@ -213,6 +212,7 @@ def _check_op_combine(blocks, coef, fn: str) -> None:
         raise ValueError(f"{fn}: coef must have shape (R, K) with K = {K}, got {tuple(coef.shape)}")
     if coef.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{fn}: coef must be float32 or float64, got {coef.dtype}")
+    check_same_device(fn, **{"blocks[0]": blocks[0], "coef": coef})
 
 
 # --------------------------------------------------------------------------------------------

@@ -857,7 +857,7 @@ def _agg_args(values, idx, weights, patch_size, stride, out_h, out_w, fn):
     _check_patch(values, "values", patch_size, fn)
     out_h = check_int(out_h, "out_h", fn, patch_size)
     out_w = check_int(out_w, "out_w", fn, patch_size)
-    if values.shape[0] * values.shape[1] * out_h * out_w > _MAX_NUMEL:
+    if out_h * out_w > _MAX_NUMEL or values.shape[0] * values.shape[1] * out_h * out_w > _MAX_NUMEL:
         raise ValueError(f"{fn}: the output (B, C, out_h, out_w) = {(*values.shape[:2], out_h, out_w)} is too large")
     qgrid = patch_grid(out_h, out_w, patch_size, stride)
     _check_idx(idx, values.shape[0], qgrid[0] * qgrid[1], "the patch grid of (out_h, out_w)", fn)

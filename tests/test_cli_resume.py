@@ -65,7 +65,7 @@ CLIS = {
 }
 WALL_CLOCK = {"seconds", "train_s", "agg_ms"}  # the timing fields of metric rows, checkpoints and results
 WORKERS = 2
-TIMEOUT = 300
+TIMEOUT = 900  # per subprocess; a run takes ~10-60 s on an idle 2-core machine
 
 
 # --------------------------------------------------------------------------------------------

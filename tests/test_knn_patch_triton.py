@@ -179,8 +179,8 @@ def test_knn_search_window_anchor(small, anchor):
     vals, order = torch.sort(full, dim=-1, stable=True)
     torch.testing.assert_close(dist.double(), vals[..., :3], rtol=1e-5, atol=1e-4)
     # indices: equal wherever the oracle distance is clear of its neighbours in the sorted list by
-    # more than the float32 error (~1e-5 here); a near-tie may go either way
-    gap = 1e-4
+    # more than the distance tolerance above (~3.4e-4 at |d| ~ 24); a near-tie may go either way
+    gap = 1e-3
     padded = torch.cat([vals[..., :1] - 2 * gap, vals], -1)
     untied = ((padded[..., 1:4] - padded[..., :3]) > gap) & ((vals[..., 1:4] - vals[..., :3]) > gap)
     assert untied.float().mean() > 0.5  # random data: mostly untied, the check has teeth

@@ -249,6 +249,8 @@ CASES += [
     Case(AG, "stride-0", lambda: ag(s=0), ValueError, ("stride",)),
     Case(AG, "out-small", lambda: ag(oh=2), ValueError, ("out_h",)),
     Case(AG, "out-huge", lambda: ag(oh=HUGE, ow=HUGE), ValueError, ("out_h",)),
+    Case(AG, "out-huge-empty-batch", lambda: ag(v=r(0, 2, 8, 9), idx=torch.zeros(0, 42, 2, dtype=torch.long),
+                                              w=torch.ones(0, 42, 2), oh=2**40, ow=2**40), ValueError, ("out_h",)),
 ]
 
 
@@ -396,6 +398,11 @@ CASES += [
     Case(GL, "observed-shape", lambda: gl(o=torch.zeros(4, 4)), ValueError, ("observed",)),
     Case(GL, "observed-complex", lambda: gl(o=torch.zeros(4, 5, dtype=torch.complex64)), TypeError, ("observed",)),
     Case(GL, "observed-2", lambda: gl(o=torch.full((4, 5), 2.0)), ValueError, ("observed",), data=True),
+    # (1 + 1e-12 rounds to 1 in float32: the label is checked in its own dtype)
+    Case(GL, "observed-near-1", lambda: gl(o=torch.full((4, 5), 1 + 1e-12, dtype=torch.float64)), ValueError,
+         ("observed",), data=True),
+    Case(GLB, "observed-near-0", lambda: glb(o=torch.full((4, 5), 1e-50, dtype=torch.float64)), ValueError,
+         ("observed",), data=True),
     Case(GL, "logits-int", lambda: gl(z=torch.ones(4, 5, dtype=torch.long)), TypeError, ("logits",)),
     Case(GL, "reduction", lambda: gl(red="max"), ValueError, ("reduction",)),
     Case(GLB, "grad-shape-none", lambda: glb(g=torch.ones(4, 4), red="none"), ValueError, ("grad",)),
@@ -568,3 +575,40 @@ def test_public_functions_work_on_meta_tensors():
     assert loss.shape == () and loss.is_meta
     mean, std = pyops.diagonal_stats(t(2, 5, 5))
     assert mean.shape == std.shape == (2, 4)
+
+
+VALID = {  # valid arguments of every registered op (CPU tensors)
+    CV: lambda: cv(t=torch.zeros(3, dtype=torch.long)), CVB: cvb, FL: fl, FLB: flb, KN: kn, KNB: knb, AG: ag,
+    AGB: agb, JP: jp, JB: jb, HG: lambda: ([r(3, 4), r(3, 2)],),
+    HC: lambda: hc(mode="pcgrad"), HM: lambda: ([r(3, 4), r(3, 2)], torch.zeros(2, 3, dtype=torch.float64)),
+    GL: gl, GLB: glb, DS: lambda: (r(2, 5, 5), 3), DSB: dsb,
+}
+
+
+def _tensor_slots(args):
+    """(position, list index or None) of every tensor argument."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            yield i, None
+        elif isinstance(a, list) and a and all(isinstance(t, torch.Tensor) for t in a):
+            yield from ((i, j) for j in range(len(a)))
+
+
+@pytest.mark.parametrize("op", sorted(VALID))
+def test_one_argument_on_another_device_is_refused(op):
+    """Moving any one tensor argument to the meta device (the others on the CPU) sends the call
+    to the fake kernel, which must refuse it rather than return uninitialised memory."""
+    getattr(ops, op)(*VALID[op]())  # the valid call works
+    slots = list(_tensor_slots(VALID[op]()))
+    assert slots
+    for i, j in slots:
+        args = list(VALID[op]())
+        if j is None:
+            args[i] = args[i].to("meta")
+        else:
+            args[i] = [t.to("meta") if k == j else t for k, t in enumerate(args[i])]
+        if all(isinstance(a, torch.Tensor) and a.is_meta for a in args if isinstance(a, torch.Tensor)):
+            continue  # the only tensor: nothing to mix with
+        with pytest.raises(ValueError, match=f"pyops::{op}: .* is on") as info:
+            getattr(ops, op)(*args)
+        assert "meta" in str(info.value) and "cpu" in str(info.value), str(info.value)

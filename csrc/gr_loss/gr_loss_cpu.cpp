@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iomanip>
 #include <string>
 #include <vector>
 
@@ -159,14 +160,21 @@ inline void load_block(const T* x, int64_t n, float* buf) {
   for (int64_t i = 0; i < n; ++i) buf[i] = to_float(x[i]);
   for (int64_t i = n; i < (n + kVec - 1) / kVec * kVec; ++i) buf[i] = 0.0f;
 }
+// An observed label is exactly 0 or 1, in its own dtype (a float64 1 + 1e-12 is not 1 even though
+// it rounds to 1 in float32; int64 and float16 / bfloat16 values convert to double exactly enough).
+template <typename T>
+inline bool is_label(T x) {
+  const double v = static_cast<double>(x);
+  return v == 0.0 || v == 1.0;
+}
+
 // The same for the observed labels, as 0/1 flags; returns how many were neither 0 nor 1.
 template <typename T>
 inline int64_t load_flags(const T* x, int64_t n, float* buf) {
   int64_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = to_float(x[i]);
-    buf[i] = v != 0.0f ? 1.0f : 0.0f;
-    bad += !(v == 0.0f || v == 1.0f);
+    buf[i] = static_cast<double>(x[i]) != 0.0 ? 1.0f : 0.0f;
+    bad += !is_label(x[i]);
   }
   for (int64_t i = n; i < (n + kVec - 1) / kVec * kVec; ++i) buf[i] = 0.0f;
   return bad;
@@ -178,9 +186,8 @@ void check_flags(const std::vector<int64_t>& bad_chunks, const T* o, int64_t n, 
   for (size_t c = 0; c < bad_chunks.size(); ++c) {
     if (!bad_chunks[c]) continue;
     for (int64_t i = static_cast<int64_t>(c) * kChunk; i < n; ++i) {
-      const double v = static_cast<double>(to_float(o[i]));
-      PYOPS_CHECK_VALUE(v == 0.0 || v == 1.0, opname,
-                        "observed must hold 0 (unobserved) or 1 (observed positive), got ", v, " at flat index ", i);
+      PYOPS_CHECK_VALUE(is_label(o[i]), opname, "observed must hold 0 (unobserved) or 1 (observed positive), got ",
+                        std::setprecision(17), static_cast<double>(o[i]), " at flat index ", i);
     }
   }
 }
@@ -248,9 +255,9 @@ at::Tensor gr_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& observed,
       for_chunks(n, [&](int64_t c, int64_t b, int64_t e) {
         double s = 0;
         for (int64_t i = b; i < e; ++i) {
-          const double v = static_cast<double>(to_float(op[i]));
+          const double v = static_cast<double>(op[i]);
           const double l = loss_elem(zp[i], v != 0.0, P);
-          bad[c] += !(v == 0.0 || v == 1.0);
+          bad[c] += !is_label(op[i]);
           if (outp) outp[i] = l;
           s += l;
         }
@@ -322,8 +329,8 @@ at::Tensor gr_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& logits, con
       double* outp = out.data_ptr<double>();
       for_chunks(n, [&](int64_t c, int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
-          const double v = static_cast<double>(to_float(op[i]));
-          bad[c] += !(v == 0.0 || v == 1.0);
+          const double v = static_cast<double>(op[i]);
+          bad[c] += !is_label(op[i]);
           outp[i] = grad_elem(zp[i], v != 0.0, P) * (gp ? gp[i] * scale : scale);
         }
       });

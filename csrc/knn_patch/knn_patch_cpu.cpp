@@ -589,8 +589,9 @@ at::Tensor patch_aggregate_fwd_cpu(const at::Tensor& values, const at::Tensor& i
   PYOPS_CHECK_VALUE(out_h >= patch_size, op, "out_h must be >= patch_size = ", patch_size, ", got ", out_h);
   PYOPS_CHECK_VALUE(out_w >= patch_size, op, "out_w must be >= patch_size = ", patch_size, ", got ", out_w);
   const int64_t B = values.size(0), C = values.size(1);
-  checks::mul_size(checks::mul_size(B * C, out_h, "the output (B, C, out_h, out_w)", op), out_w,
-                   "the output (B, C, out_h, out_w)", op);
+  // (the plane alone too: with B * C = 0 the patch grid below must still not overflow)
+  const int64_t plane = checks::mul_size(out_h, out_w, "the output plane (out_h, out_w)", op);
+  checks::mul_size(B * C, plane, "the output (B, C, out_h, out_w)", op);
   const int64_t L = ((out_h - patch_size) / stride + 1) * ((out_w - patch_size) / stride + 1);
   check_idx(idx, B, L, "the patch grid of (out_h, out_w)", values, "values", op);
   check_like_idx(weights, "weights", idx, &values, "values", op);

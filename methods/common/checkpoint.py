@@ -78,6 +78,17 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _readable(path: str) -> bool:
+    """Whether every byte of path can be read (an I/O error is not evidence of a damaged file)."""
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+        return True
+    except OSError:
+        return False
+
+
 def _fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -120,11 +131,11 @@ def verify_checkpoint(path: str) -> bool:
     side = path + SIDECAR
     if not os.path.exists(side):
         return False
-    try:
+    try:  # (an OSError here, e.g. a transient I/O error, is raised as it is: no evidence of damage)
         with open(side) as f:
             meta = json.load(f)
         want_size, want_sha = int(meta["size"]), str(meta["sha256"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"checkpoint {path} is corrupt or truncated (unreadable checksum file "
                                      f"{side}: {e})") from e
     size = os.path.getsize(path)
@@ -147,7 +158,9 @@ def load_checkpoint(path: str, *, restore_rng: bool = True, map_location="cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except (ImportError, AttributeError):  # a class the code no longer has: not a damaged file
         raise
-    except Exception as e:  # truncated zip, bad pickle, ...: torch raises many types
+    except Exception as e:  # truncated zip, bad pickle, ...: torch raises many types (OSError too)
+        if isinstance(e, OSError) and not _readable(path):
+            raise  # the file cannot be read at all: an I/O problem, no evidence of damage
         if verified:  # the bytes are the ones written: not a corrupt file, let the real error through
             raise
         raise CorruptCheckpointError(f"checkpoint {path} is corrupt or truncated (torch.load: "
@@ -260,9 +273,10 @@ class Checkpointer:
             path = found[i][1]
             try:
                 return load_checkpoint(path, **kw)
-            except (CorruptCheckpointError, OSError) as e:
-                reason = str(e) if isinstance(e, CorruptCheckpointError) else \
-                    f"checkpoint {path} is corrupt or truncated (unreadable: {e})"
+            except FileNotFoundError:  # renamed or removed meanwhile (another process): not corrupt
+                continue
+            except CorruptCheckpointError as e:  # evidence in the content; other I/O errors propagate
+                reason = str(e)
             aside = ""
             if quarantine:  # the data file first: a reader never sees it without its sidecar
                 renamed = _try_rename(path, path + CORRUPT)

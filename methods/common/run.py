@@ -91,9 +91,15 @@ class Run:
                 # rows after the checkpoint are dropped and logged again anyway)
                 self.warning(f"{p}: dropped a partial last line (the previous run was interrupted)")
                 if self.main:
-                    with open(p, "w") as f:
-                        f.writelines(json.dumps(r) + "\n" for r in rows)
+                    self._write_jsonl(rows)
         return rows
+
+    def _write_jsonl(self, rows: List[Dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl through a temporary file: a kill never leaves it half written."""
+        tmp = os.path.join(self.out, "metrics.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, os.path.join(self.out, "metrics.jsonl"))
 
     @property
     def rows(self) -> List[Dict[str, Any]]:
@@ -114,9 +120,7 @@ class Run:
         self._rows = [r for r in self._rows if r.get(key, upto) <= upto]
         if not self.main:
             return
-        with open(os.path.join(self.out, "metrics.jsonl"), "w") as f:
-            for r in self._rows:
-                f.write(json.dumps(r) + "\n")
+        self._write_jsonl(self._rows)
         self._write_csv()
 
     def resume(self, config: Dict[str, Any], key: str = "step", **objects) -> Optional[Dict[str, Any]]:
