@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._validation import FLOAT_DTYPES, acc_dtype, check_float, check_int, check_same_device, check_tensor
+from ._validation import acc_dtype, check_float, check_int, check_same_device, check_tensor
 
 __all__ = ["knn_patch_search", "patch_aggregate", "patch_grid"]
 
