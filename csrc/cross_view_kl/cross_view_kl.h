@@ -55,6 +55,23 @@ inline void check_bwd_inputs(const at::Tensor& a, const std::optional<at::Tensor
 
 inline const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
+// All the arguments of pyops::cross_view_kl_entropy_bwd (the CPU and CUDA launchers).
+inline void check_bwd_args(const std::optional<at::Tensor>& grad_kl_ab, const std::optional<at::Tensor>& grad_kl_ba,
+                           const std::optional<at::Tensor>& grad_entropy_a,
+                           const std::optional<at::Tensor>& grad_entropy_b, const std::optional<at::Tensor>& grad_ce_a,
+                           const at::Tensor& logits_a, const at::Tensor& logits_b,
+                           const std::optional<at::Tensor>& target, const at::Tensor& kl_ab, const at::Tensor& kl_ba,
+                           const at::Tensor& entropy_a, const at::Tensor& entropy_b, const at::Tensor& lse,
+                           double temperature, const char* op) {
+  check_inputs(logits_a, logits_b, target, temperature, op);
+  check_bwd_inputs(logits_a, target,
+                   {{"grad_kl_ab", opt(grad_kl_ab)}, {"grad_kl_ba", opt(grad_kl_ba)},
+                    {"grad_entropy_a", opt(grad_entropy_a)}, {"grad_entropy_b", opt(grad_entropy_b)},
+                    {"grad_ce_a", opt(grad_ce_a)}, {"kl_ab", &kl_ab}, {"kl_ba", &kl_ba},
+                    {"entropy_a", &entropy_a}, {"entropy_b", &entropy_b}},
+                   lse, grad_ce_a.has_value(), op);
+}
+
 // The data check of a target: every entry in [0, V) or ignore_index.
 [[noreturn]] inline void bad_target(int64_t r, int64_t value, int64_t V, int64_t ignore_index, const char* op) {
   TORCH_CHECK_VALUE(false, "pyops::", op, ": target[", r, "] = ", value, " is out of range [0, ", V,

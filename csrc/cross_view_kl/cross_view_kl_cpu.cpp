@@ -357,14 +357,8 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cpu(
     const at::Tensor& logits_b, const std::optional<at::Tensor>& target, const at::Tensor& kl_ab,
     const at::Tensor& kl_ba, const at::Tensor& entropy_a, const at::Tensor& entropy_b,
     const at::Tensor& lse, double temperature, int64_t ignore_index) {
-  const char* op = "cross_view_kl_entropy_bwd";
-  check_inputs(logits_a, logits_b, target, temperature, op);
-  check_bwd_inputs(logits_a, target,
-                   {{"grad_kl_ab", opt(grad_kl_ab)}, {"grad_kl_ba", opt(grad_kl_ba)},
-                    {"grad_entropy_a", opt(grad_entropy_a)}, {"grad_entropy_b", opt(grad_entropy_b)},
-                    {"grad_ce_a", opt(grad_ce_a)}, {"kl_ab", &kl_ab}, {"kl_ba", &kl_ba},
-                    {"entropy_a", &entropy_a}, {"entropy_b", &entropy_b}},
-                   lse, grad_ce_a.has_value(), op);
+  check_bwd_args(grad_kl_ab, grad_kl_ba, grad_entropy_a, grad_entropy_b, grad_ce_a, logits_a, logits_b, target, kl_ab,
+                 kl_ba, entropy_a, entropy_b, lse, temperature, "cross_view_kl_entropy_bwd");
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);
   // Per-row scalars as float64 on the host side of the kernel (N values each, cheap).

@@ -122,13 +122,9 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cuda(
     const at::Tensor& kl_ba, const at::Tensor& entropy_a, const at::Tensor& entropy_b,
     const at::Tensor& lse, double temperature, int64_t ignore_index) {
   const char* op = "cross_view_kl_entropy_bwd";
-  check_cuda_inputs(logits_a, logits_b, target, temperature, op);
-  check_bwd_inputs(logits_a, target,
-                   {{"grad_kl_ab", opt(grad_kl_ab)}, {"grad_kl_ba", opt(grad_kl_ba)},
-                    {"grad_entropy_a", opt(grad_entropy_a)}, {"grad_entropy_b", opt(grad_entropy_b)},
-                    {"grad_ce_a", opt(grad_ce_a)}, {"kl_ab", &kl_ab}, {"kl_ba", &kl_ba},
-                    {"entropy_a", &entropy_a}, {"entropy_b", &entropy_b}},
-                   lse, grad_ce_a.has_value(), op);
+  check_bwd_args(grad_kl_ab, grad_kl_ba, grad_entropy_a, grad_entropy_b, grad_ce_a, logits_a, logits_b, target, kl_ab,
+                 kl_ba, entropy_a, entropy_b, lse, temperature, op);
+  PYOPS_CHECK_VALUE(logits_a.is_cuda(), op, "logits_a must be a CUDA tensor, got ", logits_a.device());
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);
