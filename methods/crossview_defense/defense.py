@@ -1,35 +1,59 @@
-"""The defense: patch augmentation, the capped cross-view divergence, the entropy band and the
-uncertainty-aware sample weights (spec A.3, a reconstruction with switches; the paper's exact
-loss is not public).
+"""The defense: patch augmentation, the capped cross-view divergence acting on the original view,
+suspicion weights that single out abnormally invariant (or confident) samples relative to their
+batch, a CE weight that shrinks on suspects, and an entropy band at temperature 1. The paper's
+loss is not public (spec A.3 is a reconstruction); every choice below is ours and has a switch.
 
 Per batch, every image is shown twice, as itself (view a, logits z, p = softmax(z / T_s)) and
 patch-augmented (view b, z', q = softmax(z' / T_s)), in one forward pass of the doubled batch. On
 the answer tokens only (positions whose label is not -100, shifted as in causal LM training)::
 
-    L = CE(z, y) + gamma CE(z', y)
-        - lambda_cv * cap( D_i, kappa )                        # push the views apart, capped
-        + lambda_h * mean_t [ relu(H(q_t) - tau_hi) + relu(tau_lo - H(p_t)) ]   # entropy band
-    D_i = (1/|M_i|) sum_{t in M_i} div(p_t, q_t)               # forward KL(p||q) by default
-    cap = sum_i w_i min(D_i, kappa)  ("sample", default)  or  min(sum_i w_i D_i, kappa)  ("batch")
-    w_i = softmax_i( -mean_t H(p_t) / T_w )   (detached; confident samples are pushed harder)
+    L = sum_t (1 - beta u_i(t)) CE(z_t, y_t) / N  +  gamma CE(z', y)
+        - lambda_cv * sum_i w_i min(D_i, kappa)                 # push the original view away, capped
+        + lambda_h * mean_t [ relu(H1(q_t) - tau_hi) + relu(tau_lo - H1(p_t)) ]   # band, at T = 1
+    D_i = (1/|M_i|) sum_{t in M_i} KL(p_t || sg(q_t))           # detach="augmented": q is a fixed target
+    u_i = sigmoid((-z_i - suspect_z) / width),  z_i = robust z-score of s_i within the batch
+    s_i = a log H_i + b log S_i    (S_i = max (score="max") or mean of the sample's per-token KL;
+                                    (a, b) = (0, 1) "invariance", (1, 0) "confidence",
+                                    (1, 1) "confident-invariant", (1, -1) "confident-sensitive")
+    w_i = u_i / B   (weighting "entropy": softmax_i(-H_i / T_w), the first reconstruction; "uniform": 1 / B)
 
-`detach` stops the gradient of one view inside the divergence and the band (the CE of the
-original view always trains). T_s > 1 keeps the divergence's gradient alive on saturated
-(near one-hot) outputs, where KL(p||q) and H(p) are flat.
+* **Which view moves.** With ``detach="augmented"`` (default) the divergence's gradient reaches
+  only the original view: a triggered original input cannot meet the objective by changing its
+  augmented copy. ``"none"`` lets both views move, ``"original"`` only the augmented one.
+* **Temperature.** The divergence is at T_s = 1 by default; the band's thresholds are nats at
+  T = 1, so the band is always computed there (a second fused pass when T_s != 1).
+* **Suspects.** The paper's signal is abnormal invariance of backdoor outputs under a
+  non-semantic perturbation: ``weighting="invariance"`` flags samples whose divergence is low
+  relative to the batch. The other weightings are the alternatives the acceptance ablates.
+* **CE on suspects.** ``ce_suppress`` beta in [0, 2]: beta = 1 removes a certain suspect's CE,
+  beta > 1 turns it into gradient ascent, stopped per token at ``ascent_ceiling`` nats.
+* **Memory.** ``memory="max"`` with ``sample_ids`` (our training loop passes them) keeps each
+  training sample's largest suspicion so far.
+
+Gradient accumulation: the CE terms and the band are means over the batch's answer tokens, the
+capped divergence a mean over its samples. `token_total` / `sample_total` (the answer tokens and
+the samples with an answer token of the whole accumulated batch) make a micro-batch's loss its
+share of the accumulated batch's: token terms summed over the micro-batch's answer tokens divided
+by token_total, the capped term times (samples with answer tokens here) / sample_total, so the
+micro-batches' gradients add up to the full batch's. That is exact for modes "none" and "aug" and
+for "crossview" with uniform weights and cap="sample"; weights computed from the batch (the
+invariance weights' median and MAD, which also weight the CE, and the entropy weights' softmax)
+and cap="batch" (a clamp of the batch's weighted mean) couple the samples of a batch and cannot
+be split: there each micro-batch uses its own weights, and its capped term is weighted by its
+share of the samples (an approximation).
 
 All per-token quantities (both KLs, both entropies, the CE) come from one call of the fused
 `pyops.fused_linear_cross_view` on the answer rows' last hidden states and the LM head: the
 vocabulary logits of the two views are never materialised. `eager=True` computes the same
 objective with plain PyTorch (the test oracle).
 
-Ablations: ``mode="none"`` (plain fine-tuning: CE on the original view) and ``mode="aug"``
+Baselines: ``mode="none"`` (plain fine-tuning: CE on the original view) and ``mode="aug"``
 (augmentation only: the mean CE of both views, no cross-view or entropy term).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -43,23 +67,32 @@ MODES = ("none", "aug", "crossview")
 DETACH = ("none", "original", "augmented")
 DIVERGENCES = ("forward", "reverse", "symmetric")
 AUG_OPS = ("shuffle", "mask", "swap")
+SCORES = ("max", "mean", "tv")
+WEIGHTINGS = ("invariance", "confidence", "confident-invariant", "confident-sensitive", "entropy", "uniform")
 
 
 @dataclass
 class DefenseConfig:
     mode: str = "crossview"  # none | aug | crossview
     divergence: str = "forward"  # forward KL(p||q) | reverse KL(q||p) | symmetric (mean of both)
-    lambda_cv: float = 1.0
+    lambda_cv: float = 1.0  # weight of the push (the capped divergence of the weighted samples)
     kappa: float = 1.0  # cap, nats per token
     cap: str = "sample"  # sample | batch
     lambda_h: float = 0.1
-    tau_lo: float = 0.05  # nats
-    tau_hi: Optional[float] = None  # nats; None = 0.9 log V
-    weight_temperature: float = 0.1  # T_w of the uncertainty-aware weights
-    softmax_temperature: float = 3.0  # T_s: p = softmax(z / T_s) in the divergence and the entropies (CE at 1)
-    uncertainty_weights: bool = True  # False: uniform weights
+    tau_lo: float = 0.05  # nats, at temperature 1
+    tau_hi: Optional[float] = None  # nats at temperature 1; None = 0.9 log V
+    weighting: str = "invariance"  # invariance | entropy | uniform: which samples the push acts on
+    weight_temperature: float = 0.1  # T_w of the "entropy" weights softmax(-H / T_w)
+    score: str = "max"  # a sample's invariance score: "max" / "mean" of its per-token divergence, or "tv": the
+    # largest per-token total variation 0.5 |p - q|_1 at T = 1 (computed without gradient, in row chunks)
+    suspect_z: float = 1.0  # invariance weights: robust z-score (log score vs the batch) where u_i = 1/2
+    suspect_width: float = 0.5  # invariance weights: width of the sigmoid in z units
+    ce_suppress: float = 1.0  # beta in [0, 2]: the CE of sample i is weighted 1 - beta u_i (suspicion weightings)
+    memory: str = "none"  # none | max: a training sample keeps the largest suspicion it has had (needs sample ids)
+    ascent_ceiling: float = 2.0  # nats: a negative CE weight (beta > 1) stops pushing once a token's CE reaches it
+    softmax_temperature: float = 1.0  # T_s: p = softmax(z / T_s) in the divergence (CE and band at 1)
     gamma: float = 0.0  # CE weight of the augmented view
-    detach: str = "none"  # none | original | augmented: stop-gradient on that view in the divergence and band
+    detach: str = "augmented"  # none | original | augmented: stop-gradient on that view in the divergence and band
     # patch augmentation
     ops: Tuple[str, ...] = AUG_OPS
     cell: int = 1  # cell side in vision patches
@@ -76,6 +109,18 @@ class DefenseConfig:
             bad(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if self.detach not in DETACH:
             bad(f"detach must be one of {DETACH}, got {self.detach!r}")
+        if self.weighting not in WEIGHTINGS:
+            bad(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.memory not in ("none", "max"):
+            bad(f"memory must be 'none' or 'max', got {self.memory!r}")
+        if self.score not in SCORES:
+            bad(f"score must be one of {SCORES}, got {self.score!r}")
+        if not (0 <= self.ce_suppress <= 2):
+            bad(f"ce_suppress must be in [0, 2], got {self.ce_suppress!r}")
+        if not (self.ascent_ceiling > 0 and math.isfinite(self.ascent_ceiling)):
+            bad(f"ascent_ceiling must be a finite number > 0, got {self.ascent_ceiling!r}")
+        if not math.isfinite(self.suspect_z):
+            bad(f"suspect_z must be finite, got {self.suspect_z!r}")
         if self.cap not in ("sample", "batch"):
             bad(f"cap must be 'sample' or 'batch', got {self.cap!r}")
         for name in ("lambda_cv", "kappa", "lambda_h", "tau_lo", "gamma", "mask_ratio"):
@@ -86,7 +131,7 @@ class DefenseConfig:
             bad(f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
         if self.tau_hi is not None and not (math.isfinite(self.tau_hi) and self.tau_hi >= 0):
             bad(f"tau_hi must be None or a finite number >= 0, got {self.tau_hi!r}")
-        for name in ("weight_temperature", "softmax_temperature"):
+        for name in ("weight_temperature", "softmax_temperature", "suspect_width"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 bad(f"{name} must be a finite number > 0, got {v!r}")
@@ -183,66 +228,158 @@ def _eager_rows(ha, hb, weight, bias, y, temperature=1.0):
             F.cross_entropy(za, y, reduction="none"))
 
 
+def suspect_weights(log_stat: torch.Tensor, suspect_z: float = 1.0, width: float = 0.5) -> torch.Tensor:
+    """u_i in (0, 1): how abnormally low sample i's (log) statistic is relative to its batch. With
+    z_i = (s_i - median(s)) / (1.4826 MAD(s) + 0.1) (a robust z-score; the 0.1 keeps a batch of
+    near-equal values from amplifying noise), u_i = sigmoid((-z_i - suspect_z) / width): samples
+    `suspect_z` robust deviations below the batch median get weight 1/2, lower ones tend to 1.
+    Detached; a batch of one sample gets u = sigmoid(-suspect_z / width)."""
+    s = log_stat.detach().double()
+    med = s.median()
+    mad = (s - med).abs().median()
+    z = (s - med) / (1.4826 * mad + 0.1)
+    return torch.sigmoid((-z - suspect_z) / width).to(log_stat.dtype)
+
+
+# weighting -> (a, b): the suspicion statistic is a log H_i + b log D_i (H_i the mean entropy of the
+# original view, D_i the sample's divergence score); low values are suspects
+SUSPICION = {"invariance": (0.0, 1.0), "confidence": (1.0, 0.0), "confident-invariant": (1.0, 1.0),
+             "confident-sensitive": (1.0, -1.0)}
+
+
+def _check_totals(token_total, sample_total):
+    for name, v in (("token_total", token_total), ("sample_total", sample_total)):
+        if v is not None and not (isinstance(v, int) and v > 0):
+            raise ValueError(f"{name} must be None or an int > 0, got {v!r}")
+
+
+@torch.no_grad()
+def total_variation(ha: torch.Tensor, hb: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    chunk: int = 256) -> torch.Tensor:
+    """Per row, 0.5 sum_v |softmax(z_a) - softmax(z_b)|_v at temperature 1 (z = h W^T + b), in float32
+    (float64 inputs stay float64), `chunk` rows of logits at a time; no gradient."""
+    acc = torch.float64 if ha.dtype == torch.float64 else torch.float32
+    w = weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    out = []
+    for s in range(0, ha.shape[0], chunk):
+        p = F.linear(ha[s:s + chunk].to(acc), w, b).softmax(-1)
+        q = F.linear(hb[s:s + chunk].to(acc), w, b).softmax(-1)
+        out.append(0.5 * (p - q).abs().sum(-1))
+    return torch.cat(out) if out else ha.new_zeros(0, dtype=acc)
+
+
 def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                         bias: Optional[torch.Tensor], cfg: DefenseConfig, eager: bool = False):
+                         bias: Optional[torch.Tensor], cfg: DefenseConfig, eager: bool = False,
+                         token_total: Optional[int] = None, sample_total: Optional[int] = None,
+                         suspicion_floor: Optional[torch.Tensor] = None):
     """The loss of the module doc from the last hidden states of both views (B, L, H), the labels
     (B, L) and the LM head. Returns (loss, stats). A batch without any answer token gives a zero
     loss that still depends on the inputs (so backward works); samples without answer tokens are
-    left out of the weights."""
+    left out of the weights.
+
+    `token_total` / `sample_total` (gradient accumulation, module doc): the token means (CE of both
+    views, band) become sums over this batch's answer tokens / token_total, and the capped
+    divergence is multiplied by (this batch's samples with an answer token) / sample_total. None:
+    this batch's own count (the plain means). The stats stay this batch's own means."""
+    _check_totals(token_total, sample_total)
     ra, y, sid, keep = answer_rows(h_a, labels)
     rb = h_b[:, :-1][keep]
     n_rows, n_b = ra.shape[0], h_a.shape[0]
     if n_rows == 0:
         zero = (h_a.sum() + h_b.sum()) * 0.0
-        return zero, {"ce": 0.0, "div": 0.0, "div_capped": 0.0, "band": 0.0, "answer_tokens": 0}
+        return zero, {"ce": 0.0, "div": 0.0, "div_capped": 0.0, "band": 0.0, "answer_tokens": 0, "suspects": 0.0}
     vocab = weight.shape[0]
     pa = ra.detach() if cfg.detach == "original" else ra
     pb = rb.detach() if cfg.detach == "augmented" else rb
+    t_s = cfg.softmax_temperature
     if eager:
-        kab, kba, ea, eb, ce = _eager_rows(pa, pb, weight, bias, y, cfg.softmax_temperature)
+        kab, kba, ea, eb, ce = _eager_rows(pa, pb, weight, bias, y, t_s)
     else:
         # with the original view detached its CE (computed below) must not come from the detached rows
         target = None if cfg.detach == "original" else y
-        out = pyops.fused_linear_cross_view(pa, pb, weight, bias, target=target, temperature=cfg.softmax_temperature)
+        out = pyops.fused_linear_cross_view(pa, pb, weight, bias, target=target, temperature=t_s)
         kab, kba, ea, eb, ce = out.kl_ab, out.kl_ba, out.entropy_a, out.entropy_b, out.ce_a
     if cfg.detach == "original":  # the CE must still train the original view
         z = F.linear(ra, weight, bias)
         ce = F.cross_entropy(z if z.dtype == torch.float64 else z.float(), y, reduction="none")
-    ce_mean = ce.sum() / n_rows
-    loss = ce_mean
+    # the entropy band's thresholds are in nats at temperature 1, and the weights' entropies are at 1 too
+    # (whether or not the band is on: otherwise lambda_h = 0 would change the weights)
+    uses_entropy = cfg.weighting == "entropy" or SUSPICION.get(cfg.weighting, (0.0, 0.0))[0] != 0
+    if t_s != 1.0 and (cfg.lambda_h > 0 or uses_entropy):
+        if eager:
+            ea, eb = _eager_rows(pa, pb, weight, bias, y)[2:4]
+        else:
+            o1 = pyops.fused_linear_cross_view(pa, pb, weight, bias)
+            ea, eb = o1.entropy_a, o1.entropy_b
+    div = {"forward": kab, "reverse": kba, "symmetric": 0.5 * (kab + kba)}[cfg.divergence]
+    count = torch.zeros(n_b, device=ra.device, dtype=div.dtype).index_add_(0, sid, torch.ones_like(div))
+    valid = count > 0
+    d_i = torch.zeros_like(count).index_add_(0, sid, div)[valid] / count[valid]
+    if cfg.weighting in SUSPICION:  # suspects: abnormal statistics relative to the batch
+        ca, cb = SUSPICION[cfg.weighting]
+        if cfg.score in ("max", "tv"):
+            tok = div.detach() if cfg.score == "max" else total_variation(ra, rb, weight, bias).to(div.dtype)
+            sc = torch.zeros_like(count).scatter_reduce_(0, sid, tok, "amax", include_self=False)[valid]
+        else:
+            sc = d_i.detach()
+        h_i = torch.zeros_like(count).index_add_(0, sid, ea.detach())[valid] / count[valid]
+        # KL and entropy are >= 0; their float32 values can be a few ulp below 0 (log of a negative: NaN)
+        h_i, sc = h_i.clamp(min=0), sc.clamp(min=0)
+        u = suspect_weights(ca * torch.log(h_i + 1e-6) + cb * torch.log(sc + 1e-6), cfg.suspect_z, cfg.suspect_width)
+        if suspicion_floor is not None:  # memory: a sample stays as suspect as it has ever been
+            u = torch.maximum(u, suspicion_floor.to(u)[valid])
+        w = u / u.numel()
+    elif cfg.weighting == "entropy":
+        h_i = torch.zeros_like(count).index_add_(0, sid, ea.detach())[valid] / count[valid]
+        w, u = torch.softmax(-h_i / cfg.weight_temperature, 0), None
+    else:
+        w, u = torch.full_like(d_i, 1.0 / d_i.numel()), None
+    # per-row CE weights: 1 - beta u of the row's sample ("invariance" weighting), else 1
+    if cfg.weighting in SUSPICION and cfg.ce_suppress > 0:
+        u_full = torch.zeros_like(count)
+        u_full[valid] = u
+        ce_w = (1.0 - cfg.ce_suppress * u_full)[sid].to(ce.dtype)
+        # a negative weight (beta > 1) is gradient ascent on a suspect's CE, up to ascent_ceiling nats per token
+        ce_used = torch.where(ce_w < 0, ce.clamp(max=cfg.ascent_ceiling), ce)
+        ce_sum = (ce_w * ce_used).sum()
+    else:
+        ce_sum = ce.sum()
+    n_tok = n_rows if token_total is None else token_total
+    loss = ce_sum / n_tok
     if cfg.gamma > 0:
         if eager:
             ce_b = _eager_rows(rb, ra, weight, bias, y)[4]
         else:
             ce_b = pyops.fused_linear_cross_view(rb, ra, weight, bias, target=y).ce_a
-        loss = loss + cfg.gamma * ce_b.sum() / n_rows
-    div = {"forward": kab, "reverse": kba, "symmetric": 0.5 * (kab + kba)}[cfg.divergence]
-    count = torch.zeros(n_b, device=ra.device, dtype=div.dtype).index_add_(0, sid, torch.ones_like(div))
-    valid = count > 0
-    d_i = torch.zeros_like(count).index_add_(0, sid, div)[valid] / count[valid]
-    h_i = torch.zeros_like(count).index_add_(0, sid, ea.detach())[valid] / count[valid]
-    if cfg.uncertainty_weights:
-        w = torch.softmax(-h_i / cfg.weight_temperature, 0)
-    else:
-        w = torch.full_like(h_i, 1.0 / h_i.numel())
+        loss = loss + cfg.gamma * ce_b.sum() / n_tok
     if cfg.cap == "sample":
         capped = (w * d_i.clamp(max=cfg.kappa)).sum()
     else:
         capped = (w * d_i).sum().clamp(max=cfg.kappa)
     tau_hi = 0.9 * math.log(vocab) if cfg.tau_hi is None else cfg.tau_hi
-    band = (F.relu(eb - tau_hi) + F.relu(cfg.tau_lo - ea)).mean()
-    loss = loss - cfg.lambda_cv * capped + cfg.lambda_h * band
-    stats = {"ce": float(ce_mean.detach()), "div": float((w * d_i).sum().detach()),
+    band_rows = F.relu(eb - tau_hi) + F.relu(cfg.tau_lo - ea)
+    band = band_rows.mean()
+    share = 1.0 if sample_total is None else d_i.numel() / sample_total  # this batch's share of the samples
+    loss = loss - cfg.lambda_cv * share * capped + cfg.lambda_h * band_rows.sum() / n_tok
+    stats = {"ce": float((ce.sum() / n_rows).detach()), "div": float(d_i.detach().mean()),
              "div_capped": float(capped.detach()), "band": float(band.detach()), "answer_tokens": int(n_rows),
-             "entropy_a": float(ea.detach().mean()), "entropy_b": float(eb.detach().mean())}
+             "entropy_a": float(ea.detach().mean()), "entropy_b": float(eb.detach().mean()),
+             "suspects": float(u.sum()) if u is not None else 0.0}
+    if u is not None:
+        u_all = torch.zeros_like(count)
+        u_all[valid] = u.detach()
+        stats["_u"] = u_all  # per sample (0 for samples without answer tokens); popped by CrossViewDefense
     return loss, stats
 
 
 def _ce_rows(hidden, labels, weight, bias):
+    """(CE summed over the answer rows, their number)."""
     r, y, _, _ = answer_rows(hidden, labels)
     if r.shape[0] == 0:
         return hidden.sum() * 0.0, 0
-    return F.cross_entropy(F.linear(r, weight, bias).float(), y), int(r.shape[0])
+    z = F.linear(r, weight, bias)
+    return F.cross_entropy(z if z.dtype == torch.float64 else z.float(), y, reduction="sum"), int(r.shape[0])
 
 
 class CrossViewDefense:
@@ -254,6 +391,13 @@ class CrossViewDefense:
         self.augment = PatchAugment(self.adapter.image_size, self.adapter.patch_size, cfg.cell, cfg.ops,
                                     cfg.mask_ratio, cfg.swaps)
         self.generator = torch.Generator().manual_seed(seed)
+        self.memory = torch.zeros(0)  # suspicion per training-sample id (cfg.memory == "max")
+
+    def state_dict(self):
+        return {"memory": self.memory.clone()}
+
+    def load_state_dict(self, state):
+        self.memory = state["memory"].clone()
 
     def two_views(self, inputs: Dict[str, torch.Tensor]):
         """Last hidden states of the original and the augmented view, in one forward pass."""
@@ -264,7 +408,13 @@ class CrossViewDefense:
         h = self.adapter.hidden_states(both, torch.cat([pv, aug]))
         return h[: pv.shape[0]], h[pv.shape[0]:]
 
-    def loss(self, inputs: Dict[str, torch.Tensor], eager: bool = False):
+    def loss(self, inputs: Dict[str, torch.Tensor], eager: bool = False, token_total: Optional[int] = None,
+             sample_total: Optional[int] = None, sample_ids: Optional[torch.Tensor] = None):
+        """(loss, stats) of a batch. `token_total` / `sample_total`: the answer tokens and the samples
+        with an answer token of the accumulated batch this one is a micro-batch of (module doc:
+        token means become sums / token_total, the capped divergence is weighted by this batch's
+        share of sample_total); None: this batch's own (plain means). Stats are this batch's means."""
+        _check_totals(token_total, sample_total)
         cfg = self.cfg
         labels = inputs["labels"]
         weight, bias = self.adapter.head()
@@ -272,36 +422,37 @@ class CrossViewDefense:
             self.adapter.check_pixel_values(inputs["pixel_values"], "CrossViewDefense")
             h = self.adapter.hidden_states(inputs)
             ce, n = _ce_rows(h, labels, weight, bias)
-            return ce, {"ce": float(ce.detach()), "answer_tokens": n}
+            n_tok = max(n, 1) if token_total is None else token_total
+            return ce / n_tok, {"ce": float(ce.detach()) / max(n, 1), "answer_tokens": n}
         h_a, h_b = self.two_views(inputs)
         if cfg.mode == "aug":
             ce_a, n = _ce_rows(h_a, labels, weight, bias)
             ce_b, _ = _ce_rows(h_b, labels, weight, bias)
-            return 0.5 * (ce_a + ce_b), {"ce": float(ce_a.detach()), "ce_aug": float(ce_b.detach()), "answer_tokens": n}
-        return cross_view_objective(h_a, h_b, labels, weight, bias, cfg, eager=eager)
+            n_tok = max(n, 1) if token_total is None else token_total
+            return 0.5 * (ce_a + ce_b) / n_tok, {"ce": float(ce_a.detach()) / max(n, 1),
+                                                 "ce_aug": float(ce_b.detach()) / max(n, 1), "answer_tokens": n}
+        floor = None
+        if cfg.memory == "max" and sample_ids is not None:
+            ids = torch.as_tensor(sample_ids, dtype=torch.long).cpu()
+            if ids.shape != (labels.shape[0],) or (ids < 0).any():
+                raise ValueError(f"sample_ids must be {labels.shape[0]} non-negative ints, got {tuple(ids.shape)}")
+            need = int(ids.max()) + 1 if ids.numel() else 0
+            if need > self.memory.numel():
+                self.memory = torch.cat([self.memory, torch.zeros(need - self.memory.numel())])
+            floor = self.memory[ids]
+        loss, stats = cross_view_objective(h_a, h_b, labels, weight, bias, cfg, eager=eager, token_total=token_total,
+                                           sample_total=sample_total, suspicion_floor=floor)
+        u = stats.pop("_u", None)
+        if floor is not None and u is not None:
+            self.memory[ids] = torch.maximum(floor, u.detach().float().cpu())
+        return loss, stats
 
 
-@lru_cache(maxsize=None)
 def _trainer_class():
-    from transformers import Trainer
+    """`CrossViewTrainer` (hf_trainer.py: exact gradient accumulation)."""
+    from .hf_trainer import make_trainer_class
 
-    class CrossViewTrainer(Trainer):
-        """A `transformers.Trainer` whose `compute_loss` is the defense's loss. Pass
-        ``defense=DefenseConfig(...)`` (and ``defense_seed``) to the constructor; batches are dicts
-        with input_ids, attention_mask, labels and pixel_values, as `data.collate` makes them."""
-
-        def __init__(self, *args, defense: DefenseConfig = DefenseConfig(), defense_seed: int = 0, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.defense = CrossViewDefense(self.model, defense, defense_seed)
-            self.last_defense_stats: Dict[str, float] = {}
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self.defense.adapter.model = model  # the Trainer may have wrapped it
-            loss, stats = self.defense.loss(inputs)
-            self.last_defense_stats = stats
-            return (loss, {"loss": loss}) if return_outputs else loss
-
-    return CrossViewTrainer
+    return make_trainer_class()
 
 
 def __getattr__(name):  # `CrossViewTrainer` is built on first use: importing this module needs no transformers

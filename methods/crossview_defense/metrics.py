@@ -1,13 +1,26 @@
 """Caption, VQA and attack metrics, written out here (no pycocoevalcap at run time).
 
-* ``bleu4``: corpus BLEU-4 (Papineni et al. 2002): clipped 1-4-gram precisions summed over the
-  corpus, geometric mean, brevity penalty against the closest reference length (as coco-caption).
-* ``cider_d``: CIDEr-D (Vedantam et al. 2015) as coco-caption computes it: tf-idf n-gram vectors
-  (n = 1..4, idf over the test set's reference sets), candidate counts clipped by the reference's,
-  a Gaussian length penalty (sigma = 6), averaged over references and n, times 10.
+* ``bleu4``: corpus BLEU-4 (Papineni et al. 2002) exactly as coco-caption's ``Bleu(4)`` reports
+  ``Bleu_4`` (pycocoevalcap ``BleuScorer``, option "closest"): clipped 1-4-gram matches and
+  candidate n-gram counts summed over the corpus, each precision taken as
+  ``(matches + 1e-15) / (count + 1e-9)``, their product raised to 1/4, and the brevity penalty
+  ``exp(1 - 1/ratio)`` when ``ratio = (cand_len + 1e-15) / (ref_len + 1e-9) < 1``, where the
+  reference length of a candidate is that of its closest reference (the shorter one on a tie).
+  Those two constants are coco-caption's: a corpus with no 4-gram match scores a tiny positive
+  number (e.g. 8.7e-13), not 0, and an exact match scores a hair under 1 (by ~1e-10), not 1.
+* ``cider_d``: CIDEr-D (Vedantam et al. 2015) as coco-caption computes it (pycocoevalcap's
+  ``Cider``, which is CIDEr-D: the same code as ``CiderD`` of the authors' cider repository with
+  idf from the evaluated corpus): tf-idf n-gram vectors (n = 1..4, idf ``log(N) - log(max(1, df))``
+  with N the number of images and df the number of images whose reference set holds the n-gram),
+  candidate weights clipped by the reference's, a Gaussian length penalty (sigma = 6), averaged
+  over references and n, times 10. A corpus of one image scores 0 (every idf is log 1 - log 1).
 * ``vqa_accuracy``: exact match of the generated answer with the single ground-truth word.
 * ``attack_success_rate``: the share of outputs containing the target response.
 All scores are fractions in [0, 1] except CIDEr-D (0-10, conventionally reported x100 like BLEU).
+Captions here are already lower-case words separated by single spaces with no punctuation (the
+generated ones and the references of ``data``), so they are split on whitespace as they are:
+coco-caption's PTB tokenizer (Java, run before its scorers) would leave them unchanged.
+``tests/test_crossview_metrics_reference.py`` checks both scores against pycocoevalcap.
 """
 from __future__ import annotations
 
@@ -27,6 +40,12 @@ def _check(cands, refs, fn):
         raise ValueError(f"{fn}: every candidate needs at least one reference")
 
 
+# coco-caption's BleuScorer constants: added to the matches and to the counts (and to the
+# candidate and reference lengths) so that no precision is 0 and nothing divides by 0.
+_TINY = 1e-15
+_SMALL = 1e-9
+
+
 def bleu4(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     _check(cands, refs, "bleu4")
     if not cands:
@@ -36,6 +55,7 @@ def bleu4(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     for c, rs in zip(cands, refs):
         cw, rws = c.split(), [r.split() for r in rs]
         c_len += len(cw)
+        # the closest reference length; on a tie the shorter one
         r_len += min((abs(len(r) - len(cw)), len(r)) for r in rws)[1]
         for n in range(1, 5):
             cn = _ngrams(cw, n)
@@ -44,11 +64,16 @@ def bleu4(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
                 best |= _ngrams(r, n)
             match[n - 1] += sum(min(k, best[g]) for g, k in cn.items())
             total[n - 1] += max(len(cw) - n + 1, 0)
-    if c_len == 0 or min(match) == 0:
-        return 0.0
-    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4
-    bp = 1.0 if c_len > r_len else math.exp(1 - r_len / c_len)
-    return bp * math.exp(log_p)
+    # The same float operations in the same order as coco-caption, so the result is the same
+    # double: the product of the four smoothed precisions, its 4th root, the brevity penalty.
+    prod = 1.0
+    for m, t in zip(match, total):
+        prod *= (m + _TINY) / (t + _SMALL)
+    score = prod ** 0.25
+    ratio = (c_len + _TINY) / (r_len + _SMALL)
+    if ratio < 1:
+        score *= math.exp(1 - 1 / ratio)
+    return score
 
 
 def cider_d(cands: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 6.0) -> float:
