@@ -45,8 +45,10 @@ CLIS = {
                "--n-harmful", "20"], ""),
     "byhe": (["-m", "methods.byhe", "train", "--steps", "101", "--batch", "2", "--clip", "30", "--n-train", "2",
               "--n-test", "1", "--frames", "60", "--size", "32", "--shrink", "16"], ""),
+    # a 3-step base model, cached in the run's own --out (PYOPS_CACHE below), never in ~/.cache
     "crossview_defense": (["-m", "methods.crossview_defense", "train", "--steps", "5", "--n-train", "20", "--n-test",
-                           "2", "--batch", "2", "--log-every", "2", "--checkpoint-every", "3"], ""),
+                           "2", "--batch", "2", "--log-every", "2", "--checkpoint-every", "3", "--pretrain-steps", "3",
+                           "--pretrain-n", "8"], ""),
     # a FIFO of 4 values: instances are rejected from the third step on
     "doha": (["-m", "methods.doha", "train", "--steps", "51", "--per-domain", "1", "--clip", "30", "--n-train", "1",
               "--n-test", "1", "--frames", "60", "--size", "32", "--shrink", "16", "--reject-window", "4"], ""),
@@ -73,7 +75,8 @@ TIMEOUT = 900  # per subprocess; a run takes ~10-60 s on an idle 2-core machine
 # --------------------------------------------------------------------------------------------
 def _cli(name: str, out: str, kill_after: int = 0) -> subprocess.CompletedProcess:
     argv, _ = CLIS[name]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=ROOT,
+               PYOPS_CACHE=os.path.join(out, "cache"))
     env.pop(KILL_AFTER_SAVE_ENV, None)
     if kill_after:
         env[KILL_AFTER_SAVE_ENV] = str(kill_after)
