@@ -335,7 +335,7 @@ def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Ten
         w, u = torch.softmax(-h_i / cfg.weight_temperature, 0), None
     else:
         w, u = torch.full_like(d_i, 1.0 / d_i.numel()), None
-    # per-row CE weights: 1 - beta u of the row's sample ("invariance" weighting), else 1
+    # per-row CE weights: 1 - beta u of the row's sample (suspicion weightings), else 1
     if cfg.weighting in SUSPICION and cfg.ce_suppress > 0:
         u_full = torch.zeros_like(count)
         u_full[valid] = u
