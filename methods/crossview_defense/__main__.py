@@ -16,7 +16,7 @@ from methods.common import add_common_args, pick_device, training_run
 
 from .attacks import ATTACKS
 from .train import TrainConfig
-from .defense import AUG_OPS, DETACH, DIVERGENCES, MODES, WEIGHTINGS, DefenseConfig
+from .defense import AUG_OPS, DETACH, DIVERGENCES, MODES, SCORES, WEIGHTINGS, DefenseConfig
 
 DEFENSES = {"plain": "none", "aug": "aug", "crossview": "crossview"}
 
@@ -122,12 +122,14 @@ def main(argv=None) -> int:
     t.add_argument("--tau-lo", type=float, default=DefenseConfig.tau_lo)
     t.add_argument("--tau-hi", type=float, default=None, help="upper entropy bound (default 0.9 log V)")
     t.add_argument("--weighting", default=DefenseConfig.weighting, choices=WEIGHTINGS,
-                   help="which samples the push acts on: abnormally invariant ones relative to the batch "
-                        "(invariance), confident ones (entropy: softmax(-H / T_w)), or all alike (uniform)")
+                   help="which samples are suspects (pushed, CE suppressed), relative to the batch: abnormally "
+                        "invariant (invariance), confident (confidence), both, confident but sensitive; or the "
+                        "first reconstruction's softmax(-H / T_w) (entropy), or all alike (uniform)")
     t.add_argument("--weight-temperature", type=float, default=DefenseConfig.weight_temperature,
                    help="T_w of the entropy weighting")
-    t.add_argument("--score", default=DefenseConfig.score, choices=("max", "mean"),
-                   help="a sample's invariance score: max or mean of its per-token divergence")
+    t.add_argument("--score", default=DefenseConfig.score, choices=SCORES,
+                   help="a sample's invariance score: max or mean of its per-token divergence, or its largest "
+                        "per-token total variation (tv)")
     t.add_argument("--suspect-z", type=float, default=DefenseConfig.suspect_z,
                    help="robust z-score below the batch median where a sample's invariance weight is 1/2")
     t.add_argument("--suspect-width", type=float, default=DefenseConfig.suspect_width,
