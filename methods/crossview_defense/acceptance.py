@@ -66,8 +66,7 @@ def _job(job):
     torch.set_num_threads(1)
     from methods.common import Run
 
-    from .premise import auroc, sample_statistics
-    from .train import base_model, evaluate, test_sets, train, training_set
+    from .train import base_model, evaluate, test_sets, train
 
     if kind == "premise":
         return premise_job(attack, seed, args)
@@ -122,8 +121,7 @@ def premise_job(attack, seed, args):
         prem = json.load(open(path))
         if "auroc" in prem:
             return {"attack": attack, "seed": seed, "auroc": prem["auroc"]}
-    torch.set_num_threads(1)
-    cfg = train_config(attack, "plain", seed, args)
+    cfg = train_config(attack, "plain", seed, args)  # (the calling _job set one thread)
     model = build_model(cfg.model)
     model.load_state_dict(load_run_checkpoint(out)["model"])
     examples, poisoned = training_set(cfg)

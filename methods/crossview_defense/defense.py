@@ -315,7 +315,11 @@ def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Ten
     div = {"forward": kab, "reverse": kba, "symmetric": 0.5 * (kab + kba)}[cfg.divergence]
     count = torch.zeros(n_b, device=ra.device, dtype=div.dtype).index_add_(0, sid, torch.ones_like(div))
     valid = count > 0
-    d_i = torch.zeros_like(count).index_add_(0, sid, div)[valid] / count[valid]
+
+    def sample_mean(rows):  # per-row values -> mean over each sample's answer rows (samples with rows only)
+        return torch.zeros_like(count).index_add_(0, sid, rows)[valid] / count[valid]
+
+    d_i = sample_mean(div)
     if cfg.weighting in SUSPICION:  # suspects: abnormal statistics relative to the batch
         ca, cb = SUSPICION[cfg.weighting]
         if cfg.score in ("max", "tv"):
@@ -323,7 +327,7 @@ def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Ten
             sc = torch.zeros_like(count).scatter_reduce_(0, sid, tok, "amax", include_self=False)[valid]
         else:
             sc = d_i.detach()
-        h_i = torch.zeros_like(count).index_add_(0, sid, ea.detach())[valid] / count[valid]
+        h_i = sample_mean(ea.detach())
         # KL and entropy are >= 0; their float32 values can be a few ulp below 0 (log of a negative: NaN)
         h_i, sc = h_i.clamp(min=0), sc.clamp(min=0)
         u = suspect_weights(ca * torch.log(h_i + 1e-6) + cb * torch.log(sc + 1e-6), cfg.suspect_z, cfg.suspect_width)
@@ -331,7 +335,7 @@ def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Ten
             u = torch.maximum(u, suspicion_floor.to(u)[valid])
         w = u / u.numel()
     elif cfg.weighting == "entropy":
-        h_i = torch.zeros_like(count).index_add_(0, sid, ea.detach())[valid] / count[valid]
+        h_i = sample_mean(ea.detach())
         w, u = torch.softmax(-h_i / cfg.weight_temperature, 0), None
     else:
         w, u = torch.full_like(d_i, 1.0 / d_i.numel()), None
