@@ -177,7 +177,7 @@ def test_nan_loss_skips_the_step_and_is_logged(tmp_path, tiny_sets, monkeypatch)
 
 
 def test_bad_configs():
-    for kw, msg in ((dict(n_train=0), "a domain with no videos"), (dict(per_domain=1, sources=("lab",)), "at least 2"),
+    for kw, msg in ((dict(n_train=0), "at least 1 training"), (dict(per_domain=1, sources=("lab",)), "at least 2"),
                     (dict(target="lab"), "also a source"), (dict(sources=("nowhere",)), "unknown domain"),
                     (dict(method="pcgrad"), "method must be"), (dict(sources=()), "at least one source")):
         with pytest.raises(ValueError, match=msg):

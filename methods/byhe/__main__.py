@@ -6,9 +6,9 @@ import argparse
 import sys
 from dataclasses import asdict, fields
 
-from methods.common import add_common_args, pick_device, training_run, worker_seed
+from methods.common import add_common_args, pick_device, training_run
 from methods.rppg.cli import add_eval_parser, report_training, run_eval
-from methods.rppg.data import LABELS, make_set
+from methods.rppg.data import LABELS
 from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
 
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scs-mode", choices=MODES, default=d.scs_mode, help="phase unwrap of the SCS label (spec 1.1)")
     for name, help_ in (("steps", "training steps"), ("batch", "clips per step"), ("clip", "frames per training clip"),
                         ("shrink", "backbone width divisor (1: the code's full width)"),
-                        ("n_train", "training videos"), ("n_test", "test videos"), ("frames", "frames per video"),
+                        ("n_train", "training videos"), ("n_test", "test videos"),
+                        ("frames", "frames per training video"),
+                        ("test_frames", "frames per test video (0: as the training videos)"),
                         ("size", "frame size (pixels)")):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=f"{help_} (default: %(default)s)")
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the cosine schedule")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
             return 0
         model, cfg = load_model(a.model, device)
         return run_eval(a, model, asdict(cfg), cfg.fs, cfg.domain, lambda: datasets(cfg)[1],
-                        lambda d, n, seed: make_set(n, cfg.frames, cfg.size, d, seed=worker_seed(seed, 1), fs=cfg.fs),
+                        lambda d, n, seed: cfg.test_set(d, n, seed),
                         cfg.n_test, cfg.seed, scs_mode=cfg.scs_mode)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

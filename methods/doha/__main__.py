@@ -6,9 +6,8 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from methods.common import add_common_args, pick_device, training_run, worker_seed
+from methods.common import add_common_args, pick_device, training_run
 from methods.rppg.cli import add_eval_parser, report_training, run_eval
-from methods.rppg.data import make_set
 from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
 
@@ -31,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("steps", "training steps"), ("per_domain", "clips per source domain per step"),
                         ("clip", "frames per training clip"), ("shrink", "backbone width divisor"),
                         ("n_train", "training videos per source domain"), ("n_test", "target-domain test videos"),
-                        ("frames", "frames per video"), ("size", "frame size (pixels)"),
+                        ("frames", "frames per training video"),
+                        ("test_frames", "frames per test video (0: as the training videos)"), ("size", "frame size (pixels)"),
                         ("reject_window", "FIFO length of the instance rejection")):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
                        help=f"{help_} (default: %(default)s)")
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                              per_domain=a.per_domain, clip=a.clip, lr=a.lr, shrink=a.shrink, scs_mode=a.scs_mode,
                              reject_window=a.reject_window, instance_level=not a.no_instance_level,
                              domain_level=not a.no_domain_level, n_train=a.n_train, n_test=a.n_test,
-                             frames=a.frames, size=a.size, seed=a.seed)
+                             frames=a.frames, test_frames=a.test_frames, size=a.size, seed=a.seed)
             cfg.check()
             with training_run(a.out, vars(a), fresh=a.fresh, name="doha") as run:
                 model, test = train(cfg, run, device, show_progress=not a.no_progress,
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             return 0
         model, cfg = load_model(a.model, device)
         return run_eval(a, model, asdict(cfg), cfg.fs, cfg.target, lambda: domain_sets(cfg)[1],
-                        lambda d, n, seed: make_set(n, cfg.frames, cfg.size, d, seed=worker_seed(seed, 7), fs=cfg.fs),
+                        lambda d, n, seed: cfg.test_set(d, n, seed),
                         cfg.n_test, cfg.seed, scs_mode=cfg.scs_mode)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,12 +1,15 @@
-"""Acceptance experiment of issue #13 (DOHA): leave-one-domain-out over three synthetic domains
+"""Acceptance experiment of issue #23 for DOHA: leave one domain out over three synthetic domains
 (``lab``, ``dark-moving``, ``flicker``: skin tones, lighting, motion, in-band flicker and label
-delays differ), HR MAE / RMSE on the unseen domain for plain multi-domain training (negative
-Pearson), BYHE-style training, and DOHA (HPS only, HHO only, both), 2 seeds.
+delays differ). HR MAE / RMSE / Pearson r on the unseen domain for plain multi-domain training
+(negative Pearson), BYHE-style training, and DOHA (HPS only, HHO only, both), 3 seeds; HHO
+harmonizes 4 instances per source domain and step (``--per-domain``).
 
-    python -m methods.doha.acceptance [--seeds 0 1] [--steps 120] [--workers 2]
+    python -m methods.doha.acceptance [--seeds 0 1 2] [--steps 120] [--per-domain 4] [--workers 2]
 
 Each (method, held-out domain, seed) trains in its own worker process (one thread) in a
-resumable run folder under --out. Writes results/acceptance.{md,json} and results/acceptance.png.
+resumable run folder under --out; a finished job's row is kept there, so a rerun only does what is
+missing. Writes results/acceptance.{md,json} (rows ``method, heldout, seed, mae, rmse, pearson``
+and the paired per-seed differences per held-out domain) and results/acceptance.png.
 """
 from __future__ import annotations
 
@@ -16,12 +19,12 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 
 import numpy as np
 
-from methods.common import cpu_name, single_thread_worker
+from methods.common import cpu_name, format_difference, paired_difference, single_thread_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"pearson": "multi-domain, negative Pearson", "byhe": "BYHE (SCS maps)", "hps": "DOHA: HPS only",
@@ -33,18 +36,27 @@ def run_job(job: dict) -> dict:
 
     from .train import DOHAConfig, LODO_DOMAINS, evaluate, train
 
+    folder = os.path.join(job["out"], f"{job['method']}_to_{job['target']}_seed{job['seed']}")
+    done = os.path.join(folder, "row.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
     sources = tuple(d for d in LODO_DOMAINS if d != job["target"])
-    cfg = DOHAConfig(method=job["method"], sources=sources, target=job["target"], steps=job["steps"], seed=job["seed"])
-    folder = os.path.join(job["out"], f"{cfg.method}_to_{cfg.target}_seed{cfg.seed}")
+    cfg = DOHAConfig(method=job["method"], sources=sources, target=job["target"], steps=job["steps"],
+                     per_domain=job["per_domain"], seed=job["seed"])
     t0 = time.perf_counter()
     run = Run(folder, asdict(cfg), name="doha-acceptance")
     model, test = train(cfg, run, show_progress=False)
     rows = run.rows
     run.close()
     res = evaluate(model, test, cfg.fs)
-    res.pop("records")
-    return {"method": cfg.method, "target": cfg.target, "seed": cfg.seed, "minutes": (time.perf_counter() - t0) / 60,
-            "rejected": rows[-1].get("rejected", 0), "skipped": rows[-1].get("skipped", 0), "config": asdict(cfg), **res}
+    row = {"method": cfg.method, "heldout": cfg.target, "seed": cfg.seed, "mae": res["MAE_fft"], "rmse": res["RMSE_fft"],
+           "pearson": res["Pearson_fft"], "mae_peak": res["MAE_peak"], "snr": res["SNR"],
+           "minutes": (time.perf_counter() - t0) / 60, "rejected": rows[-1].get("rejected", 0),
+           "skipped": rows[-1].get("skipped", 0), "config": asdict(cfg)}
+    with open(done, "w") as f:
+        json.dump(row, f, indent=1)
+    return row
 
 
 def figure(results, targets, methods, path: str) -> None:
@@ -57,7 +69,7 @@ def figure(results, targets, methods, path: str) -> None:
     w = 0.8 / len(methods)
     x = np.arange(len(targets) + 1)
     for j, m in enumerate(methods):
-        vals = [np.mean([r["MAE_fft"] for r in results if r["method"] == m and r["target"] == t]) for t in targets]
+        vals = [np.mean([r["mae"] for r in results if r["method"] == m and r["heldout"] == t]) for t in targets]
         ax.bar(x + (j - (len(methods) - 1) / 2) * w, vals + [np.mean(vals)], w, label=NAMES[m])
     ax.set_xticks(x, [f"unseen: {t}" for t in targets] + ["mean"])
     ax.set_ylabel("HR MAE (bpm), periodogram peak")
@@ -68,12 +80,17 @@ def figure(results, targets, methods, path: str) -> None:
     plt.close(fig)
 
 
+COMPARISONS = (("hps", "pearson"), ("hho", "pearson"), ("doha", "pearson"), ("doha", "hps"), ("byhe", "pearson"),
+               ("hps", "byhe"))
+
+
 def main(argv=None) -> int:
     from .train import LODO_DOMAINS
 
     p = argparse.ArgumentParser(prog="python -m methods.doha.acceptance", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--per-domain", type=int, default=4, help="clips per source domain and step")
     p.add_argument("--methods", nargs="+", choices=tuple(NAMES), default=list(NAMES))
     p.add_argument("--targets", nargs="+", choices=LODO_DOMAINS, default=list(LODO_DOMAINS))
     p.add_argument("--workers", type=int, default=2)
@@ -81,45 +98,76 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
     os.makedirs(a.results, exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    stamp = os.path.join(a.out, "started.txt")  # the first start's date, kept across resumed runs
+    if not os.path.exists(stamp):
+        with open(stamp, "w") as f:
+            f.write(_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    with open(stamp) as f:
+        date = f.read().strip()
     started = time.time()
-    jobs = [{"method": m, "target": t, "seed": s, "steps": a.steps, "out": a.out}
+    jobs = [{"method": m, "target": t, "seed": s, "steps": a.steps, "per_domain": a.per_domain, "out": a.out}
             for s in a.seeds for t in a.targets for m in a.methods]
     # the slow (harmonized) runs first, so the two workers finish together
     jobs.sort(key=lambda j: j["method"] not in ("hho", "doha"))
+    results = []
     with ProcessPoolExecutor(max_workers=a.workers, initializer=single_thread_worker) as pool:
-        results = list(pool.map(run_job, jobs))
+        futures = [pool.submit(run_job, j) for j in jobs]
+        for n, fut in enumerate(as_completed(futures), 1):
+            r = fut.result()
+            results.append(r)
+            print(f"[{n}/{len(jobs)}] {r['method']} -> {r['heldout']} seed {r['seed']}: MAE {r['mae']:.2f} bpm "
+                  f"({r['minutes']:.1f} min; {(time.time() - started) / 60:.1f} min elapsed)", flush=True)
+    results.sort(key=lambda r: (a.methods.index(r["method"]), a.targets.index(r["heldout"]), r["seed"]))
     minutes = (time.time() - started) / 60
     import torch
 
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python -m methods.doha.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": cmd.strip(), "date": date, "seeds": a.seeds, "workers": a.workers, "minutes": minutes,
-            "machine": cpu_name(), "torch": torch.__version__}
+    pairs = []
+    for x, y in COMPARISONS:
+        if x not in a.methods or y not in a.methods:
+            continue
+        for t in a.targets + ["mean"]:
+            def mae(m, s):
+                rs = [r["mae"] for r in results if r["method"] == m and r["seed"] == s and (t == "mean" or r["heldout"] == t)]
+                return float(np.mean(rs))
+            pairs.append({"a": x, "b": y, "heldout": t, "seeds": a.seeds,
+                          **paired_difference([mae(x, s) for s in a.seeds], [mae(y, s) for s in a.seeds])})
+    meta = {"command": cmd.strip(), "date": date, "machine": cpu_name(), "seeds": a.seeds, "workers": a.workers,
+            "minutes_this_invocation": minutes, "torch": torch.__version__, "config": results[0]["config"]}
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+        json.dump({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in results],
+                   "paired": pairs}, f, indent=1)
     c = results[0]["config"]
     lines = [f"# DOHA acceptance: leave one domain out (seeds {a.seeds})", "",
-             f"Command: `{meta['command']}`; date {date}; {a.workers} worker processes of one thread on "
-             f"{meta['machine']}; {minutes:.1f} min in all.", "",
+             f"Command: `{meta['command']}`; started {date}; {a.workers} worker processes of one thread on "
+             f"{meta['machine']}.", "",
              f"Synthetic domains {', '.join(f'`{t}`' for t in a.targets)} (`methods.rppg.synth.DOMAINS`); each run "
              f"trains on the other two ({c['n_train']} videos of {c['frames']} frames at {c['size']}x{c['size']} "
              f"each, {c['per_domain']} clips of {c['clip']} frames per domain and step, {c['steps']} steps, "
              f"TS-CAN-like backbone with widths / {c['shrink']}) and is tested on {c['n_test']} videos of the "
              "held-out domain: HR of the predicted signal against the label's, both by the toolbox pipeline "
-             "(periodogram peak, 3.5-bpm bins). Cells: MAE / RMSE in bpm, mean over seeds (min-max of the MAE).", "",
-             "| method | " + " | ".join(f"unseen {t}" for t in a.targets) + " | mean MAE | mean MAE (peaks) | minutes |",
-             "|---|" + "---|" * (len(a.targets) + 3)]
+             "(periodogram peak, 3.5-bpm bins). Cells: MAE (min-max over seeds) / RMSE / Pearson r, mean over seeds.", "",
+             "| method | " + " | ".join(f"unseen {t}" for t in a.targets) + " | mean MAE | minutes |",
+             "|---|" + "---|" * (len(a.targets) + 2)]
     for m in a.methods:
-        cells, maes, peaks = [], [], []
+        cells, maes = [], []
         for t in a.targets:
-            rs = [r for r in results if r["method"] == m and r["target"] == t]
-            mae, rmse = np.array([r["MAE_fft"] for r in rs]), np.array([r["RMSE_fft"] for r in rs])
+            rs = [r for r in results if r["method"] == m and r["heldout"] == t]
+            mae = np.array([r["mae"] for r in rs])
             maes.append(mae.mean())
-            peaks.append(np.mean([r["MAE_peak"] for r in rs]))
-            rng = f" ({mae.min():.2f}-{mae.max():.2f})" if len(rs) > 1 else ""
-            cells.append(f"{mae.mean():.2f}{rng} / {rmse.mean():.2f}")
+            cells.append(f"{mae.mean():.2f} ({mae.min():.2f}-{mae.max():.2f}) / {np.mean([r['rmse'] for r in rs]):.2f} / "
+                         f"{np.mean([r['pearson'] for r in rs]):.2f}")
         mins = max(r["minutes"] for r in results if r["method"] == m)
-        lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {np.mean(maes):.2f} | {np.mean(peaks):.2f} | {mins:.1f} |")
+        lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {np.mean(maes):.2f} | {mins:.1f} |")
+    lines += ["", "Paired per-seed differences of the MAE (bpm), A minus B: mean [95% interval] over the seeds "
+              "(negative: A is better).", "",
+              "| A - B | " + " | ".join(f"unseen {t}" for t in a.targets) + " | mean over held-out domains |",
+              "|---|" + "---|" * (len(a.targets) + 1)]
+    for x, y in COMPARISONS:
+        cells = [format_difference(q) for q in pairs if q["a"] == x and q["b"] == y]
+        if cells:
+            lines.append(f"| {x} - {y} | " + " | ".join(cells) + " |")
     rej = {m: sum(r["rejected"] for r in results if r["method"] == m) for m in ("hho", "doha") if m in a.methods}
     if rej:
         lines += ["", "Instances rejected over all runs: " + ", ".join(f"{k} {v}" for k, v in rej.items()) + "."]

@@ -1,25 +1,12 @@
 """DOHA's per-instance loss (spec 1.4): ``L_n = MSE(R_hat_n, R_n) + 0.1 Reg_5(R_hat_n)`` with the
-Toeplitz regularizer ``Reg_s(S) = mean_{k=1..N-2} std_unbiased(diag_k S) (N - k) / s``: the SCS map
-of a periodic signal is constant along its diagonals, so a predicted map whose diagonals vary
-is penalised, longer diagonals more."""
+Toeplitz regularizer ``Reg_s`` (``methods.rppg.losses.toeplitz_reg``, shared with SSPD)."""
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
 
-import pyops
-
-
-def toeplitz_reg(S: torch.Tensor, scale: float = 5.0) -> torch.Tensor:
-    """Reg_s per map, (B,): the unbiased std of each upper diagonal k = 1..N-2 of S (B, N, N)
-    (``pyops.diagonal_stats``), weighted by its length N - k over ``scale``, averaged over k."""
-    if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] < 3:
-        raise ValueError(f"toeplitz_reg: maps must be (B, N, N) with N >= 3, got {tuple(S.shape)}")
-    N = S.shape[1]
-    _, std = pyops.diagonal_stats(S)  # lags 0..N-2
-    k = torch.arange(1, N - 1, device=S.device, dtype=std.dtype)
-    return (std[:, 1:] * (N - k) / scale).mean(1)
+from methods.rppg.losses import toeplitz_reg
 
 
 def instance_losses(R_hat: torch.Tensor, R: torch.Tensor, reg_weight: float = 0.1,

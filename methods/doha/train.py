@@ -10,28 +10,28 @@ same TS-CAN-like backbone.
   per-instance loss, PCGrad at the instance and the domain level;
 * ``"doha"``: HPS + HHO: SCS labels, ``MSE + 0.1 Reg_5``, rejection on Reg_5, both PCGrad levels.
 
-Each step draws ``per_domain`` clips from every source domain. The harmonized methods take the
+Each step draws ``per_domain`` clips (4 by default) from every source domain. The harmonized methods take the
 per-instance gradients in one batched pass (``methods.doha.hho``). A step whose loss is not finite
 is skipped and logged, as is a step whose instances were all rejected. Settings as in the code
-(spec 1.5): Adam, cosine lr 5e-4 -> 1e-6, cosine weight decay 1e-5 -> 1e-3, clips of 70 frames.
+(spec 1.5): Adam, cosine lr 5e-4 -> 1e-6, cosine weight decay rising 1e-5 -> 1e-3, clips of 70
+frames; the SCS labels come from the label filtered over the whole video (``methods.rppg.scs``).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
-import numpy as np
 import torch
 
-from methods.byhe.losses import byhe_loss
+from methods.byhe.losses import byhe_loss  # the BYHE baseline is BYHE's own network and loss
 from methods.byhe.model import BYHENet
-from methods.byhe.train import SCS_TRIM, cosine, evaluate, wave_target
-from methods.common import Run, progress, seed_everything, worker_seed
+from methods.common import Run, seed_everything, worker_seed
 from methods.rppg.backbones import TSCANWave
-from methods.rppg.data import VideoSet, make_set, sample_clips
-from methods.rppg.scs import MODES, scs_label
+from methods.rppg.data import VideoSet, sample_clips
+from methods.rppg.evaluation import evaluate
+from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
+from methods.rppg.training import VideoSetConfig, scs_target, set_schedule, train_loop, wave_target
 
 from .hho import InstanceRejector, harmonize, per_instance_grads
 from .losses import instance_losses, per_instance_neg_pearson
@@ -43,18 +43,18 @@ LODO_DOMAINS = ("lab", "dark-moving", "flicker")  # the acceptance's domains
 
 
 @dataclass
-class DOHAConfig:
+class DOHAConfig(VideoSetConfig):
     method: str = "doha"
     sources: Tuple[str, ...] = ("lab", "dark-moving")
     target: str = "flicker"
     steps: int = 120
-    per_domain: int = 2
+    per_domain: int = 4  # clips per source domain and step: the instances HHO harmonizes within a domain
     clip: int = 70
     lr: float = 5e-4
     lr_min: float = 1e-6
-    wd: float = 1e-5
-    wd_max: float = 1e-3
-    shrink: int = 4  # backbone width divisor (on the CPU, jacrev costs about 2x the B backward passes it replaces)
+    wd: float = 1e-5  # weight decay at the start ...
+    wd_max: float = 1e-3  # ... rising to this at the end
+    shrink: int = 4  # backbone width divisor (HHO's B backward passes per step dominate on the CPU)
     scs_mode: str = "clean"
     reg_weight: float = 0.1
     reg_scale: float = 5.0
@@ -62,11 +62,6 @@ class DOHAConfig:
     instance_level: bool = True
     domain_level: bool = True
     n_train: int = 24  # videos per source domain
-    n_test: int = 16  # videos of the target domain
-    frames: int = 300
-    size: int = 36
-    fs: float = 30.0
-    seed: int = 0
     label: str = "label"
 
     def check(self) -> None:
@@ -84,13 +79,12 @@ class DOHAConfig:
             raise ValueError(f"the target domain {self.target!r} is also a source domain")
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"a source domain is listed twice: {self.sources}")
-        if self.n_train < 1 or self.n_test < 1:
-            raise ValueError(f"a domain with no videos: n_train={self.n_train}, n_test={self.n_test} (need >= 1)")
         if self.per_domain * len(self.sources) < 2:
             raise ValueError("per-instance harmonization and batch norm need a batch of at least 2 instances "
                              f"(per_domain {self.per_domain} x {len(self.sources)} source domains)")
         if not 30 <= self.clip <= self.frames:
             raise ValueError(f"clip must be in [30, frames={self.frames}], got {self.clip}")
+        self.check_videos(self.clip)
 
 
 def build_model(cfg: DOHAConfig) -> torch.nn.Module:
@@ -100,12 +94,8 @@ def build_model(cfg: DOHAConfig) -> torch.nn.Module:
 def domain_sets(cfg: DOHAConfig) -> Tuple[List[VideoSet], VideoSet]:
     """The source domains' training sets and the target domain's test set (seeds disjoint by
     domain name and role)."""
-    def seed_of(name: str, role: int) -> int:
-        return worker_seed(cfg.seed, role, sum(map(ord, name)) * 131 + len(name))
-
-    train = [make_set(cfg.n_train, cfg.frames, cfg.size, d, seed=seed_of(d, 0), fs=cfg.fs) for d in cfg.sources]
-    test = make_set(cfg.n_test, cfg.frames, cfg.size, cfg.target, seed=seed_of(cfg.target, 1), fs=cfg.fs)
-    return train, test
+    train = [cfg.domain_set(d, 0, cfg.n_train, cfg.frames) for d in cfg.sources]
+    return train, cfg.domain_set(cfg.target, 1, cfg.n_test, cfg.test_length)
 
 
 def batch_losses(cfg: DOHAConfig, forward, clips: Dict[str, torch.Tensor]):
@@ -115,7 +105,7 @@ def batch_losses(cfg: DOHAConfig, forward, clips: Dict[str, torch.Tensor]):
         losses = per_instance_neg_pearson(wave, wave_target(clips["wave"], wave.shape[1]))
         return losses, losses.detach(), {}
     R_hat, att = forward(clips["video"])
-    R = scs_label(clips["wave"], cfg.scs_mode, trim=SCS_TRIM)
+    R = scs_target(clips, cfg.scs_mode)
     if cfg.method == "byhe":
         terms = byhe_loss(R_hat, R, att, clips["mask"])
         B = R_hat.shape[0]
@@ -133,73 +123,45 @@ def train(cfg: DOHAConfig, run: Run, device=torch.device("cpu"), show_progress: 
     model = build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     rejector = InstanceRejector(cfg.reject_window)
-    config = asdict(cfg)
-    state = run.resume(config, model=model, opt=opt, rejector=rejector)
-    start = state["step"] + 1 if state else 0
-    seconds = state.get("seconds", 0.0) if state else 0.0
-    if state is None:
-        run.info(f"{cfg.method}: sources {list(cfg.sources)} ({cfg.n_train} videos each), target {cfg.target}, "
-                 f"{sum(p.numel() for p in model.parameters())} parameters")
-    bar = progress(range(start, cfg.steps), enabled=show_progress, desc=cfg.method, unit="step", total=cfg.steps,
-                   initial=start)
-    # the running counters and the terms of the steps since the last logged row continue from the
-    # checkpoint (they were reset to 0 on resume: the rows after it logged too few rejections)
-    t0 = time.perf_counter()
-    state = state or {}
-    acc, skipped, rejected = state.get("acc", {}), state.get("skipped", 0), state.get("rejected", 0)
-    model.train()
-    for step in bar:
-        rng = np.random.default_rng(worker_seed(cfg.seed, 2, step))
+    domains = torch.arange(len(sources)).repeat_interleave(cfg.per_domain)
+
+    def step_fn(step, rng, counts):
         parts = [sample_clips(vs, cfg.per_domain, cfg.clip, rng, cfg.label) for vs in sources]
-        clips = {k: torch.cat([p[k] for p in parts]).to(device) for k in ("video", "wave", "mask")}
-        domains = torch.arange(len(sources)).repeat_interleave(cfg.per_domain)
-        for g in opt.param_groups:
-            g["lr"] = cosine(step, cfg.steps, cfg.lr, cfg.lr_min)
-            g["weight_decay"] = cosine(step, cfg.steps, cfg.wd_max, cfg.wd)
+        clips = {k: torch.cat([p[k] for p in parts]).to(device) for k in ("video", "wave", "scs_wave", "mask")}
+        set_schedule(opt, step, cfg.steps, (cfg.lr, cfg.lr_min), (cfg.wd, cfg.wd_max))
         opt.zero_grad(set_to_none=True)
-        logged, why = {}, "non-finite loss or gradient"
         if cfg.method in HARMONIZED:
             losses, (values, logged), grads = per_instance_grads(model, lambda f, c: _split(cfg, f, c), clips)
-            ok = bool(torch.isfinite(losses).all()) and all(bool(torch.isfinite(g).all()) for g in grads.values())
-            if ok:
-                keep = torch.tensor(rejector.keep(values.tolist()))
-                rejected += int((~keep).sum())
-                ok, why = bool(keep.any()), "every instance was rejected"
-            if ok:
-                gen = torch.Generator().manual_seed(worker_seed(cfg.seed, 3, step))
-                upd = harmonize(grads, domains, keep, instance_level=cfg.instance_level,
-                                domain_level=cfg.domain_level, generator=gen)
-                for name, p in model.named_parameters():
-                    if name in upd:
-                        p.grad = upd[name].to(p.dtype)
+            if not (bool(torch.isfinite(losses).all()) and all(bool(torch.isfinite(g).all()) for g in grads.values())):
+                return None, "non-finite loss or gradient"
+            keep = torch.tensor(rejector.keep(values.tolist()))
+            counts["rejected"] += int((~keep).sum())
+            if not keep.any():
+                return None, "every instance was rejected"
+            gen = torch.Generator().manual_seed(worker_seed(cfg.seed, 3, step))
+            upd = harmonize(grads, domains, keep, instance_level=cfg.instance_level, domain_level=cfg.domain_level,
+                            generator=gen)
+            for name, p in model.named_parameters():
+                if name in upd:
+                    p.grad = upd[name].to(p.dtype)
         else:
             losses, _, logged = batch_losses(cfg, model, clips)
-            ok = bool(torch.isfinite(losses).all())
-            if ok:
-                losses.mean().backward()
-        if not ok:
-            skipped += 1
-            run.warning(f"step {step}: {why}, step skipped")
-            opt.zero_grad(set_to_none=True)
-        else:
-            opt.step()
-            acc.setdefault("loss", []).append(float(losses.detach().mean()))
-            for k, v in logged.items():
-                acc.setdefault(k, []).append(float(v))
-        last = step + 1 == cfg.steps
-        if (step + 1) % 25 == 0 or last:
-            row = {"step": step, **{k: float(np.mean(v)) for k, v in acc.items()}, "skipped": skipped,
-                   "rejected": rejected, "lr": opt.param_groups[0]["lr"], "seconds": seconds + time.perf_counter() - t0}
-            run.log_metrics(row)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}")
-            acc = {}
-        if (step + 1) % checkpoint_every == 0 or last:
-            run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "rejector": rejector.state_dict(), "config": config,
-                                        "seconds": seconds + time.perf_counter() - t0,
-                                        "acc": acc, "skipped": skipped, "rejected": rejected})
-    run.info(f"training done ({cfg.steps} steps, {seconds + time.perf_counter() - t0:.0f} s, {rejected} instances "
-             f"rejected, {skipped} steps skipped)")
+            if not bool(torch.isfinite(losses).all()):
+                opt.zero_grad(set_to_none=True)
+                return None, "non-finite loss or gradient"
+            losses.mean().backward()
+        opt.step()
+        return {"loss": losses.detach().mean(), **logged}, None
+
+    model.train()
+    out = train_loop(
+        run, asdict(cfg), {"model": model, "opt": opt, "rejector": rejector}, cfg.steps, cfg.seed, step_fn,
+        desc=cfg.method, show_progress=show_progress, checkpoint_every=checkpoint_every, counters=("rejected",),
+        row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
+        intro=lambda: (f"{cfg.method}: sources {list(cfg.sources)} ({cfg.n_train} videos each), target {cfg.target}, "
+                       f"{sum(p.numel() for p in model.parameters())} parameters"))
+    run.info(f"training done ({cfg.steps} steps, {out['seconds']:.0f} s, {out['rejected']} instances rejected, "
+             f"{out['skipped']} steps skipped)")
     return model, test
 
 

@@ -32,6 +32,18 @@ class VideoSet:
     masks: np.ndarray  # (n, H, W) bool skin masks
     domain: str
     fs: float
+    # the label waves and pulses filtered over the whole video as the official code filters its labels
+    # (``methods.rppg.scs.filter_label``): the SCS maps are built from clips of these
+    scs_labels: Optional[np.ndarray] = None
+    scs_pulses: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        from .scs import filter_label
+
+        if self.scs_labels is None:
+            self.scs_labels = filter_label(self.labels, self.fs).astype(np.float32)
+        if self.scs_pulses is None:
+            self.scs_pulses = filter_label(self.pulses, self.fs).astype(np.float32)
 
     def __len__(self) -> int:
         return self.videos.shape[0]
@@ -40,9 +52,13 @@ class VideoSet:
     def frames(self) -> int:
         return self.videos.shape[1]
 
-    def waves(self, which: str) -> np.ndarray:
+    def waves(self, which: str, filtered: bool = False) -> np.ndarray:
+        """The delayed label waves (``"label"``) or the pulses (``"pulse"``); ``filtered``: as
+        filtered for the SCS map."""
         if which not in LABELS:
             raise ValueError(f"label must be one of {LABELS}, got {which!r}")
+        if filtered:
+            return self.scs_labels if which == "label" else self.scs_pulses
         return self.labels if which == "label" else self.pulses
 
 
@@ -77,12 +93,13 @@ def sample_clips(vs: VideoSet, batch: int, length: int, rng: np.random.Generator
                  flip: bool = True, index: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
     """``batch`` clips of ``length`` frames from random videos (or the videos ``index``) at random
     starts, each flipped horizontally / vertically with probability 1/2 (mask too):
-    video (B, 3, L, H, W) 0..255, wave (B, L), mask (B, H, W), hr (B,), video index (B,)."""
+    video (B, 3, L, H, W) 0..255, wave (B, L), scs_wave (B, L) (the same samples of the wave
+    filtered over the whole video, for the SCS map), mask (B, H, W), hr (B,), video index (B,)."""
     if length > vs.frames:
         raise ValueError(f"clips of {length} frames from videos of {vs.frames} frames")
     idx = rng.integers(0, len(vs), batch) if index is None else np.asarray(index)
     start = rng.integers(0, vs.frames - length + 1, len(idx))
-    waves = vs.waves(label)
+    waves, filtered = vs.waves(label), vs.waves(label, filtered=True)
     v = np.stack([vs.videos[i, s:s + length] for i, s in zip(idx, start)])
     m = vs.masks[idx].copy()
     if flip:
@@ -92,7 +109,8 @@ def sample_clips(vs: VideoSet, batch: int, length: int, rng: np.random.Generator
             if rng.random() < 0.5:
                 v[b], m[b] = v[b, :, ::-1], m[b, ::-1]
     w = np.stack([waves[i, s:s + length] for i, s in zip(idx, start)])
-    return {"video": _to_tensor(v), "wave": torch.from_numpy(w), "mask": torch.from_numpy(m),
+    wf = np.stack([filtered[i, s:s + length] for i, s in zip(idx, start)])
+    return {"video": _to_tensor(v), "wave": torch.from_numpy(w), "scs_wave": torch.from_numpy(wf), "mask": torch.from_numpy(m),
             "hr": torch.from_numpy(vs.hr[idx]), "index": torch.from_numpy(idx)}
 
 
@@ -102,10 +120,11 @@ def evaluation_clips(vs: VideoSet, length: int = 0, label: str = "label"):
     L = vs.frames if length <= 0 else length
     if L > vs.frames:
         raise ValueError(f"test clips of {L} frames from videos of {vs.frames} frames")
-    waves = vs.waves(label)
+    waves, filtered = vs.waves(label), vs.waves(label, filtered=True)
     for i in range(len(vs)):
         for s in range(0, vs.frames - L + 1, L):
             yield {"video": _to_tensor(vs.videos[i:i + 1, s:s + L]), "wave": torch.from_numpy(waves[i:i + 1, s:s + L]),
+                   "scs_wave": torch.from_numpy(filtered[i:i + 1, s:s + L]),
                    "mask": torch.from_numpy(vs.masks[i:i + 1]), "hr": torch.from_numpy(vs.hr[i:i + 1]),
                    "index": torch.tensor([i])}
 

@@ -6,11 +6,19 @@
   ICCV'21), via the FFT with zero padding to 2T, restricted to the heart-rate band and
   normalised by the in-band share of the cross-spectrum: robust to a label delay;
 * ``neg_snr``: minus the SNR (dB) of the prediction's spectrum at the label's heart rate
-  against the rest of the 40-250 bpm band.
+  against the rest of the 40-250 bpm band;
+
+and on self-similarity maps (B, N, N):
+
+* ``toeplitz_reg``: DOHA's Toeplitz regularizer ``Reg_s(S) = mean_{k=1..N-2} std_unbiased(diag_k S)
+  (N - k) / s`` (spec 1.4; SSPD's L_reg with s = 20): the SCS map of a periodic signal is constant
+  along its diagonals, so a map whose diagonals vary is penalised, longer diagonals more.
 """
 from __future__ import annotations
 
 import torch
+
+import pyops
 
 BAND_BPM = (40.0, 250.0)
 
@@ -73,4 +81,15 @@ def neg_snr(x: torch.Tensor, hr_bpm: torch.Tensor, fs: float) -> torch.Tensor:
     return -(10 * torch.log10(p_ref.clamp(min=1e-30) / noise.clamp(min=1e-30))).mean()
 
 
-__all__ = ["neg_pearson", "neg_max_cross_cov", "neg_snr"]
+def toeplitz_reg(S: torch.Tensor, scale: float = 5.0) -> torch.Tensor:
+    """Reg_s per map, (B,): the unbiased std of each upper diagonal k = 1..N-2 of S (B, N, N)
+    (``pyops.diagonal_stats``), weighted by its length N - k over ``scale``, averaged over k."""
+    if S.dim() != 3 or S.shape[1] != S.shape[2] or S.shape[1] < 3:
+        raise ValueError(f"toeplitz_reg: maps must be (B, N, N) with N >= 3, got {tuple(S.shape)}")
+    N = S.shape[1]
+    _, std = pyops.diagonal_stats(S)  # lags 0..N-2
+    k = torch.arange(1, N - 1, device=S.device, dtype=std.dtype)
+    return (std[:, 1:] * (N - k) / scale).mean(1)
+
+
+__all__ = ["neg_pearson", "neg_max_cross_cov", "neg_snr", "toeplitz_reg"]

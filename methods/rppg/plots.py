@@ -35,7 +35,7 @@ def plot_example(model, clip, fs: float, path: str, scs_mode: str = "clean", tri
     hr = float(clip["hr"][0])
     if out.dim() == 3:  # BYHE: R_hat (1, N, N)
         R_hat = out[0].double()
-        R = scs_label(label[None], scs_mode, trim)[0]
+        R = scs_label(clip["scs_wave"][0].double()[None], scs_mode, trim)[0]
         w_hat, w = pyops.diagonal_stats(R_hat)[0].numpy(), pyops.diagonal_stats(R)[0].numpy()
         fig, ax = plt.subplots(1, 3, figsize=(14, 4))
         lags = np.arange(w.size) / fs

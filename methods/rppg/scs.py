@@ -12,6 +12,16 @@ Two phase modes:
   for one sample at each pi-wrap: the map differs from the ideal one by ~0.19 on average on a
   clean 75 bpm sine);
 * ``"clean"``: phi = unwrap(angle(z)) (wrapped differences summed), the ideal phase.
+
+The label wave goes in filtered, as the official preprocessing (BYHE's ``VIPL_preprocess.py``)
+filters it over the whole recording before any clip is cut: ``filter_label`` applies the code's
+Butterworth band-pass (``butter(6, [0.65, 3.5] Hz)``, zero-phase) and then its CWT smoothing,
+which weights the wavelet scales by a Gaussian around the dominant one. We apply that weight in the
+Fourier domain (the code's scales are frequencies 3.75 -> 0.088 Hz in steps of 0.0293 Hz and its
+weight is ``exp(-0.3 ((j - j*) / (0.08 * 126))^2)`` over the scale index j, so a Gaussian in
+frequency of standard deviation 0.38 Hz around the dominant frequency): our approximation of the
+Morlet transform and its inverse, not the code's pycwt call. ``methods.rppg.data.VideoSet``
+filters every video's label once; clips cut the filtered wave.
 """
 from __future__ import annotations
 
@@ -20,6 +30,38 @@ import math
 import torch
 
 MODES = ("faithful", "clean")
+LABEL_BAND = (0.65, 3.5)  # Hz, the official label band-pass
+CWT_STEP = 3.75 / 128  # Hz between the code's CWT frequencies (126 of them, 3.75 down to 0.088 Hz)
+CWT_SIGMA = 0.08 * 126 * CWT_STEP / math.sqrt(0.6)  # exp(-0.3 x^2) = exp(-x^2 / (2 * (1 / 0.6)))
+
+
+def filter_label(wave, fs: float, smooth: bool = True):
+    """The official label preprocessing on whole recordings (numpy, last axis): Butterworth
+    band-pass 0.65-3.5 Hz (scipy ``butter(6, ...)``, ``filtfilt``), then (``smooth``) a Gaussian
+    weight of standard deviation ``CWT_SIGMA`` Hz around the dominant frequency in 0.088-3.75 Hz
+    (the code's CWT smoothing, applied in the Fourier domain)."""
+    import numpy as np
+    from scipy.signal import butter, filtfilt
+
+    x = np.asarray(wave, dtype=np.float64)
+    if x.ndim < 1 or x.shape[-1] < 40:
+        raise ValueError(f"filter_label: need waves of at least 40 samples (the order-6 band-pass pads 39), "
+                         f"got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("filter_label: the wave has NaN or infinite samples")
+    if not fs > 2 * LABEL_BAND[1]:
+        raise ValueError(f"filter_label: a sampling rate of {fs} Hz cannot hold the band {LABEL_BAND} Hz")
+    b, a = butter(6, [2 * LABEL_BAND[0] / fs, 2 * LABEL_BAND[1] / fs], "bandpass")
+    y = filtfilt(b, a, x, axis=-1)
+    if not smooth:
+        return y
+    n = y.shape[-1]
+    Y = np.fft.rfft(y, axis=-1)
+    f = np.fft.rfftfreq(n, 1.0 / fs)
+    inside = (f >= 3 * CWT_STEP) & (f <= 3.75)
+    dom = f[np.where(inside, np.abs(Y), -1.0).argmax(-1)]  # the dominant frequency per wave
+    weight = np.exp(-0.5 * ((f - dom[..., None]) / CWT_SIGMA) ** 2)
+    return np.fft.irfft(Y * weight, n=n, axis=-1)
 
 
 def analytic_signal(x: torch.Tensor) -> torch.Tensor:

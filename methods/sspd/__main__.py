@@ -6,9 +6,9 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from methods.common import add_common_args, pick_device, training_run, worker_seed
+from methods.common import add_common_args, pick_device, training_run
 from methods.rppg.cli import add_eval_parser, report_training, run_eval
-from methods.rppg.data import LABELS, make_set
+from methods.rppg.data import LABELS
 from methods.rppg.synth import DOMAINS
 
 from .augment import CROPS
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             return 0
         model, cfg = load_model(a.model, device)
         return run_eval(a, model, asdict(cfg), cfg.fs, cfg.domain, lambda: datasets(cfg)[1],
-                        lambda d, n, seed: make_set(n, cfg.frames, cfg.size, d, seed=worker_seed(seed, 1), fs=cfg.fs),
+                        lambda d, n, seed: cfg.test_set(d, n, seed),
                         cfg.n_test, cfg.seed, offset=1)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import pyops
-from methods.doha.losses import toeplitz_reg
+from methods.rppg.losses import toeplitz_reg
 
 
 def neg_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

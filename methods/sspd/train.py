@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Dict
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.common import Run, progress, seed_everything, worker_seed
-from methods.rppg.data import LABELS, make_set, sample_clips
+from methods.common import Run, seed_everything, worker_seed
+from methods.rppg.data import LABELS, sample_clips
 from methods.rppg.synth import DOMAINS
+from methods.rppg.training import VideoSetConfig, train_loop
 
 from .augment import CROPS, crop_size, two_views
 from .losses import neg_pearson, sspd_losses
@@ -35,7 +34,7 @@ from .model import SSPDNet
 
 
 @dataclass
-class SSPDConfig:
+class SSPDConfig(VideoSetConfig):
     supervised: bool = False
     label: str = "pulse"  # supervised only: pulse (zero delay) | label (delayed)
     steps: int = 150
@@ -48,11 +47,6 @@ class SSPDConfig:
     keep: float = 0.7  # Bernoulli keep-probability of the masked difference
     domain: str = "challenging"
     n_train: int = 32
-    n_test: int = 16
-    frames: int = 300
-    size: int = 36
-    fs: float = 30.0
-    seed: int = 0
 
     def check(self) -> None:
         if self.crop not in CROPS:
@@ -66,8 +60,7 @@ class SSPDConfig:
         if not 32 <= self.clip < self.frames:
             raise ValueError(f"clip must be in [32, frames - 1 = {self.frames - 1}] (the S3M maps need time), "
                              f"got {self.clip}")
-        if self.n_train < 1 or self.n_test < 1:
-            raise ValueError(f"need at least 1 training and 1 test video, got {self.n_train} and {self.n_test}")
+        self.check_videos(self.clip + 1)
 
 
 def momentum(step: int, total: int) -> float:
@@ -107,9 +100,7 @@ def build(cfg: SSPDConfig) -> SSPDNet:
 
 
 def datasets(cfg: SSPDConfig):
-    train = make_set(cfg.n_train, cfg.frames, cfg.size, cfg.domain, seed=worker_seed(cfg.seed, 0), fs=cfg.fs)
-    test = make_set(cfg.n_test, cfg.frames, cfg.size, cfg.domain, seed=worker_seed(cfg.seed, 1), fs=cfg.fs)
-    return train, test
+    return cfg.video_sets(cfg.domain)
 
 
 def step_losses(cfg: SSPDConfig, student: SSPDNet, teacher: SSPDNet, clips: Dict[str, torch.Tensor],
@@ -136,51 +127,31 @@ def train(cfg: SSPDConfig, run: Run, device=torch.device("cpu"), show_progress: 
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    config = asdict(cfg)
-    state = run.resume(config, student=student, teacher=teacher, opt=opt)
-    start = state["step"] + 1 if state else 0
-    seconds = state.get("seconds", 0.0) if state else 0.0
-    if state is None:
-        run.info(f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}: {len(train_set)} training "
-                 f"videos, {sum(p.numel() for p in student.parameters())} parameters "
-                 f"({sum(p.numel() for p in student.s3m.parameters())} in S3M)")
-    bar = progress(range(start, cfg.steps), enabled=show_progress, desc="supervised" if cfg.supervised else "sspd",
-                   unit="step", total=cfg.steps, initial=start)
-    # the skipped-step counter and the terms of the steps since the last logged row continue from the checkpoint
-    t0 = time.perf_counter()
-    acc, skipped = (state.get("acc", {}), state.get("skipped", 0)) if state else ({}, 0)
-    student.train()
-    teacher.train()  # batch statistics, as the code
-    for step in bar:
-        rng = np.random.default_rng(worker_seed(cfg.seed, 2, step))
+
+    def step_fn(step, rng, counts):
         clips = {k: v.to(device) for k, v in sample_clips(train_set, cfg.batch, cfg.clip + 1, rng, cfg.label,
                                                           flip=cfg.supervised).items()}
         g = torch.Generator().manual_seed(worker_seed(cfg.seed, 3, step))
         terms = step_losses(cfg, student, teacher, clips, g)
         opt.zero_grad(set_to_none=True)
         if not torch.isfinite(terms["loss"]):
-            skipped += 1
-            run.warning(f"step {step}: non-finite loss ({float(terms['loss'].detach())}), step skipped")
-        else:
-            terms["loss"].backward()
-            opt.step()
-            if not cfg.supervised:
-                ema_update(teacher, student, momentum(step, cfg.steps))
-            for k, v in terms.items():
-                acc.setdefault(k, []).append(float(v.detach()))
-        last = step + 1 == cfg.steps
-        if (step + 1) % 10 == 0 or last:
-            row = {"step": step, **{k: float(np.mean(v)) for k, v in acc.items()}, "skipped": skipped,
-                   "momentum": momentum(step, cfg.steps), "seconds": seconds + time.perf_counter() - t0}
-            run.log_metrics(row)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}")
-            acc = {}
-        if (step + 1) % checkpoint_every == 0 or last:
-            run.checkpoints.save(step, {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                        "opt": opt.state_dict(), "config": config,
-                                        "seconds": seconds + time.perf_counter() - t0, "acc": acc,
-                                        "skipped": skipped})
-    run.info(f"training done ({cfg.steps} steps, {seconds + time.perf_counter() - t0:.0f} s, {skipped} skipped)")
+            return None, f"non-finite loss ({float(terms['loss'].detach())})"
+        terms["loss"].backward()
+        opt.step()
+        if not cfg.supervised:
+            ema_update(teacher, student, momentum(step, cfg.steps))
+        return {k: v.detach() for k, v in terms.items()}, None
+
+    student.train()
+    teacher.train()  # batch statistics, as the code
+    out = train_loop(
+        run, asdict(cfg), {"student": student, "teacher": teacher, "opt": opt}, cfg.steps, cfg.seed, step_fn,
+        desc="supervised" if cfg.supervised else "sspd", show_progress=show_progress,
+        checkpoint_every=checkpoint_every, log_every=10, row_extra=lambda step: {"momentum": momentum(step, cfg.steps)},
+        intro=lambda: (f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}: {len(train_set)} "
+                       f"training videos, {sum(p.numel() for p in student.parameters())} parameters "
+                       f"({sum(p.numel() for p in student.s3m.parameters())} in S3M)"))
+    run.info(f"training done ({cfg.steps} steps, {out['seconds']:.0f} s, {out['skipped']} skipped)")
     return Inference(student, cfg.size), test_set
 
 
