@@ -22,17 +22,16 @@ delay (seed 0).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 
 import numpy as np
 
-from methods.common import cpu_name, format_difference, paired_difference, single_thread_worker
+from methods.common import format_difference, paired_difference
+from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"pearson": "negative Pearson", "mcc": "negative max cross-covariance (MCC)", "byhe": "BYHE (SCS maps)"}
@@ -143,36 +142,18 @@ def main(argv=None) -> int:
         if d not in DOMAINS:
             p.error(f"unknown domain {d!r}; choose from {sorted(DOMAINS)}")
     os.makedirs(a.results, exist_ok=True)
-    os.makedirs(a.out, exist_ok=True)
-    stamp = os.path.join(a.out, "started.txt")  # the first start's date, kept across resumed runs
-    if not os.path.exists(stamp):
-        with open(stamp, "w") as f:
-            f.write(_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    with open(stamp) as f:
-        date = f.read().strip()
+    date = started_date(a.out)
     config = {"steps": a.steps, "n_train": a.n_train, "frames": a.frames, "n_test": a.n_test,
               "test_frames": a.test_frames}
     jobs = [{"loss": loss, "delay": delay, "seed": s, "domain": dom, "out": a.out, "config": config,
              "figure": os.path.join(a.results, f"example_{dom}_{loss}_{delay}.png") if s == a.seeds[0] else None}
             for dom in a.domains for s in a.seeds for loss in a.losses for delay in DELAYS]
-    started = time.time()
-    rows = []
-    with ProcessPoolExecutor(max_workers=a.workers, initializer=single_thread_worker) as pool:
-        futures = {pool.submit(run_job, j): j for j in jobs}
-        for n, fut in enumerate(as_completed(futures), 1):
-            r = fut.result()
-            rows.append(r)
-            print(f"[{n}/{len(jobs)}] {r['domain']} {r['loss']} {r['delay']} seed {r['seed']}: MAE {r['mae']:.2f} "
-                  f"bpm ({r['minutes']:.1f} min; {(time.time() - started) / 60:.1f} min elapsed)", flush=True)
+    rows = run_jobs(run_job, jobs, a.workers, lambda r: f"{r['domain']} {r['loss']} {r['delay']} seed {r['seed']}: "
+                                                        f"MAE {r['mae']:.2f} bpm ({r['minutes']:.1f} min)")
     rows.sort(key=lambda r: (a.domains.index(r["domain"]), a.losses.index(r["loss"]), r["delay"] != "zero", r["seed"]))
-    minutes = (time.time() - started) / 60
-    import torch
-
-    cmd = "python -m methods.byhe.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = summarize(rows, a.domains, a.losses)
-    meta = {"command": cmd.strip(), "date": date, "machine": cpu_name(), "seeds": a.seeds, "workers": a.workers,
-            "minutes_this_invocation": minutes, "torch": torch.__version__, "config": rows[0]["config"],
-            "delay_range_s": [0.0, 0.5]}
+    meta = acceptance_meta("methods.byhe.acceptance", argv, date, a.seeds, a.workers, config=rows[0]["config"],
+                           delay_range_s=[0.0, 0.5])
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
         json.dump({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in rows],
                    "summary": summary}, f, indent=1)

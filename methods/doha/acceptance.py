@@ -4,7 +4,7 @@ delays differ). HR MAE / RMSE / Pearson r on the unseen domain for plain multi-d
 (negative Pearson), BYHE-style training, and DOHA (HPS only, HHO only, both), 3 seeds; HHO
 harmonizes 4 instances per source domain and step (``--per-domain``).
 
-    python -m methods.doha.acceptance [--seeds 0 1 2] [--steps 120] [--per-domain 4] [--workers 2]
+    python -m methods.doha.acceptance [--seeds 0 1 2] [--steps 60] [--per-domain 4] [--size 32] [--workers 2]
 
 Each (method, held-out domain, seed) trains in its own worker process (one thread) in a
 resumable run folder under --out; a finished job's row is kept there, so a rerun only does what is
@@ -14,17 +14,16 @@ and the paired per-seed differences per held-out domain) and results/acceptance.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 
 import numpy as np
 
-from methods.common import cpu_name, format_difference, paired_difference, single_thread_worker
+from methods.common import format_difference, paired_difference
+from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"pearson": "multi-domain, negative Pearson", "byhe": "BYHE (SCS maps)", "hps": "DOHA: HPS only",
@@ -43,7 +42,7 @@ def run_job(job: dict) -> dict:
             return json.load(f)
     sources = tuple(d for d in LODO_DOMAINS if d != job["target"])
     cfg = DOHAConfig(method=job["method"], sources=sources, target=job["target"], steps=job["steps"],
-                     per_domain=job["per_domain"], seed=job["seed"])
+                     per_domain=job["per_domain"], size=job["size"], seed=job["seed"])
     t0 = time.perf_counter()
     run = Run(folder, asdict(cfg), name="doha-acceptance")
     model, test = train(cfg, run, show_progress=False)
@@ -89,7 +88,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m methods.doha.acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--size", type=int, default=32, help="frame size (pixels; 32 is the backbone's smallest)")
     p.add_argument("--per-domain", type=int, default=4, help="clips per source domain and step")
     p.add_argument("--methods", nargs="+", choices=tuple(NAMES), default=list(NAMES))
     p.add_argument("--targets", nargs="+", choices=LODO_DOMAINS, default=list(LODO_DOMAINS))
@@ -98,31 +98,15 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
     os.makedirs(a.results, exist_ok=True)
-    os.makedirs(a.out, exist_ok=True)
-    stamp = os.path.join(a.out, "started.txt")  # the first start's date, kept across resumed runs
-    if not os.path.exists(stamp):
-        with open(stamp, "w") as f:
-            f.write(_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    with open(stamp) as f:
-        date = f.read().strip()
-    started = time.time()
-    jobs = [{"method": m, "target": t, "seed": s, "steps": a.steps, "per_domain": a.per_domain, "out": a.out}
+    date = started_date(a.out)
+    jobs = [{"method": m, "target": t, "seed": s, "steps": a.steps, "per_domain": a.per_domain, "size": a.size,
+             "out": a.out}
             for s in a.seeds for t in a.targets for m in a.methods]
     # the slow (harmonized) runs first, so the two workers finish together
     jobs.sort(key=lambda j: j["method"] not in ("hho", "doha"))
-    results = []
-    with ProcessPoolExecutor(max_workers=a.workers, initializer=single_thread_worker) as pool:
-        futures = [pool.submit(run_job, j) for j in jobs]
-        for n, fut in enumerate(as_completed(futures), 1):
-            r = fut.result()
-            results.append(r)
-            print(f"[{n}/{len(jobs)}] {r['method']} -> {r['heldout']} seed {r['seed']}: MAE {r['mae']:.2f} bpm "
-                  f"({r['minutes']:.1f} min; {(time.time() - started) / 60:.1f} min elapsed)", flush=True)
+    results = run_jobs(run_job, jobs, a.workers, lambda r: f"{r['method']} -> {r['heldout']} seed {r['seed']}: "
+                                                           f"MAE {r['mae']:.2f} bpm ({r['minutes']:.1f} min)")
     results.sort(key=lambda r: (a.methods.index(r["method"]), a.targets.index(r["heldout"]), r["seed"]))
-    minutes = (time.time() - started) / 60
-    import torch
-
-    cmd = "python -m methods.doha.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
     pairs = []
     for x, y in COMPARISONS:
         if x not in a.methods or y not in a.methods:
@@ -133,8 +117,7 @@ def main(argv=None) -> int:
                 return float(np.mean(rs))
             pairs.append({"a": x, "b": y, "heldout": t, "seeds": a.seeds,
                           **paired_difference([mae(x, s) for s in a.seeds], [mae(y, s) for s in a.seeds])})
-    meta = {"command": cmd.strip(), "date": date, "machine": cpu_name(), "seeds": a.seeds, "workers": a.workers,
-            "minutes_this_invocation": minutes, "torch": torch.__version__, "config": results[0]["config"]}
+    meta = acceptance_meta("methods.doha.acceptance", argv, date, a.seeds, a.workers, config=results[0]["config"])
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
         json.dump({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in results],
                    "paired": pairs}, f, indent=1)
