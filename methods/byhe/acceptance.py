@@ -51,7 +51,7 @@ def run_job(job: dict) -> dict:
     done = os.path.join(folder, "row.json")
     if os.path.exists(done) and not job.get("figure"):
         with open(done) as f:
-            return json.load(f)
+            return {**json.load(f), "final_loss": _final_loss(folder)}
     cfg = TrainConfig(loss=job["loss"], label=DELAYS[job["delay"]], domain=job["domain"], seed=job["seed"],
                       **job["config"])
     t0 = time.perf_counter()
@@ -65,10 +65,16 @@ def run_job(job: dict) -> dict:
     row = {"loss": cfg.loss, "delay": job["delay"], "domain": cfg.domain, "seed": cfg.seed,
            "mae": res["MAE_fft"], "rmse": res["RMSE_fft"], "pearson": res["Pearson_fft"], "snr": res["SNR"],
            "mae_peak": res["MAE_peak"], "skipped": rows[-1].get("skipped", 0) if rows else 0,
-           "minutes": (time.perf_counter() - t0) / 60, "config": asdict(cfg)}
+           "minutes": (time.perf_counter() - t0) / 60, "final_loss": _final_loss(folder), "config": asdict(cfg)}
     with open(done, "w") as f:
         json.dump(row, f, indent=1)
     return row
+
+
+def _final_loss(folder: str) -> float:
+    """The training loss of the run's last metrics row (the mean over its last 25 steps)."""
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return float(json.loads(f.read().strip().splitlines()[-1])["loss"])
 
 
 def summarize(rows, domains, losses):
@@ -178,6 +184,10 @@ def main(argv=None) -> int:
                                  f"{np.mean([r['rmse'] for r in rs]):.2f} | {np.mean([r['pearson'] for r in rs]):.3f} | "
                                  f"{np.mean([r['snr'] for r in rs]):.1f} | "
                                  + ", ".join(f"{r['mae']:.2f}" for r in rs) + " |")
+    lines += ["", "Training loss at the end (mean of the last 25 steps; seeds averaged): " + "; ".join(
+        f"{NAMES[loss]} {np.mean([r['final_loss'] for r in rows if r['loss'] == loss and r['delay'] == 'zero']):.3f} "
+        f"(zero delay) / {np.mean([r['final_loss'] for r in rows if r['loss'] == loss and r['delay'] == 'delayed']):.3f} "
+        "(delayed)" for loss in a.losses) + "."]
     lines += ["", f"Paired per-seed differences, delayed minus zero delay (mean [95% interval]). A loss counts "
               f"only if its zero-delay MAE is <= {VALID_MAE:g} bpm; the claim: BYHE and MCC within "
               f"{TOLERANCE:g} bpm, negative Pearson worse by more than {TOLERANCE:g} bpm.", "",

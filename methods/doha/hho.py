@@ -1,5 +1,5 @@
-"""Harmonious Hyperplane Optimization (spec 1.4): per-instance gradients in one batched pass,
-outlier instance rejection, and PCGrad projections at the instance and at the domain level.
+"""Harmonious Hyperplane Optimization (spec 1.4): per-instance gradients, outlier instance
+rejection, and PCGrad projections at the instance and at the domain level.
 
 * ``per_instance_grads``: the gradient of each instance's loss with respect to the parameters:
   one forward of the batch, then one backward pass per instance through the shared graph (as the

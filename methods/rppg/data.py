@@ -110,8 +110,8 @@ def sample_clips(vs: VideoSet, batch: int, length: int, rng: np.random.Generator
                 v[b], m[b] = v[b, :, ::-1], m[b, ::-1]
     w = np.stack([waves[i, s:s + length] for i, s in zip(idx, start)])
     wf = np.stack([filtered[i, s:s + length] for i, s in zip(idx, start)])
-    return {"video": _to_tensor(v), "wave": torch.from_numpy(w), "scs_wave": torch.from_numpy(wf), "mask": torch.from_numpy(m),
-            "hr": torch.from_numpy(vs.hr[idx]), "index": torch.from_numpy(idx)}
+    return {"video": _to_tensor(v), "wave": torch.from_numpy(w), "scs_wave": torch.from_numpy(wf),
+            "mask": torch.from_numpy(m), "hr": torch.from_numpy(vs.hr[idx]), "index": torch.from_numpy(idx)}
 
 
 def evaluation_clips(vs: VideoSet, length: int = 0, label: str = "label"):
