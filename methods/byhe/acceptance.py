@@ -49,7 +49,7 @@ def run_job(job: dict) -> dict:
 
     folder = os.path.join(job["out"], job["domain"], f"{job['loss']}_{job['delay']}_seed{job['seed']}")
     done = os.path.join(folder, "row.json")
-    if os.path.exists(done) and not job.get("figure"):
+    if os.path.exists(done) and (not job.get("figure") or os.path.exists(job["figure"])):
         with open(done) as f:
             return {**json.load(f), "final_loss": _final_loss(folder)}
     cfg = TrainConfig(loss=job["loss"], label=DELAYS[job["delay"]], domain=job["domain"], seed=job["seed"],
