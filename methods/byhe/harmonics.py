@@ -1,7 +1,7 @@
 """Diagnostic for the BYHE acceptance: on how many test videos does each trained model read the
 heart rate off the pulse's second harmonic (predicted HR within 6% of twice the label's HR)?
 
-    python -m methods.byhe.harmonics [--out runs/byhe_acceptance] [--workers 2]
+    python -m methods.byhe.harmonics [--out runs/byhe_acceptance] [--losses pearson mcc byhe] [--workers 2]
 
 Re-evaluates every finished run under --out (its last checkpoint, its own test set) and writes
 results/harmonics.{json,md}. Each run's records are cached in its folder (harmonics.json), so a
@@ -53,10 +53,12 @@ def diagnose(folder: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m methods.byhe.harmonics", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join("runs", "byhe_acceptance"))
+    p.add_argument("--losses", nargs="+", default=["pearson", "mcc", "byhe"], help="runs of these losses only")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
-    folders = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(a.out, "*", "*", "row.json")))
+    folders = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(a.out, "*", "*", "row.json"))
+                     if os.path.basename(os.path.dirname(f)).split("_")[0] in a.losses)
     if not folders:
         p.error(f"no finished acceptance runs under {a.out}")
     rows = run_jobs(diagnose, folders, a.workers, lambda r: f"{r['loss']} {r['delay']} seed {r['seed']}: "
