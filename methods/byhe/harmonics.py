@@ -14,7 +14,7 @@ import glob
 import json
 import os
 import sys
-
+from dataclasses import asdict
 
 from methods.common.acceptance import run_jobs
 
@@ -39,7 +39,7 @@ def diagnose(folder: str) -> dict:
         model, cfg = load_model(folder)
         res = evaluate(model, cfg.test_set(cfg.domain), cfg.fs)
         with open(cache, "w") as f:
-            json.dump({"config": {k: v for k, v in vars(cfg).items()}, "records": res["records"]}, f)
+            json.dump({"config": asdict(cfg), "records": res["records"]}, f)
     with open(cache) as f:
         data = json.load(f)
     recs, c = data["records"], data["config"]
