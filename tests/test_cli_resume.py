@@ -37,7 +37,7 @@ from methods.common.checkpoint import KILL_AFTER_SAVE_ENV
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--no-progress", "--device", "cpu"]
 # Each run has exactly two checkpoints (--checkpoint-every is in steps, epochs or rounds, or in
-# units of 200/100/50 steps for beear/byhe/doha/sspd). Where the CLI lets them differ, metric rows
+# units of 200/100/50 steps for beear/byhe/doha). Where the CLI lets them differ, metric rows
 # and checkpoints fall on different steps, so a partly accumulated row must survive the resume.
 CLIS = {
     # name: (argv after `python`, run folder inside --out)
@@ -59,8 +59,9 @@ CLIS = {
     "msgnn": (["-m", "methods.msgnn", "train", "--steps", "4", "--eval-every", "3", "--checkpoint-every", "2",
                "--crop", "32", "--channels", "8", "--units", "2", "--groups", "2", "--batch", "2", "--draws", "1",
                "--presets", "light"], ""),
-    "sspd": (["-m", "methods.sspd", "train", "--steps", "51", "--batch", "2", "--clip", "32", "--n-train", "2",
-              "--n-test", "1", "--frames", "60", "--size", "32", "--width", "16"], ""),
+    "sspd": (["-m", "methods.sspd", "train", "--epochs", "3", "--batch", "2", "--clip", "32", "--n-train", "4",
+              "--n-test", "1", "--frames", "90", "--test-frames", "90", "--size", "32", "--width", "16",
+              "--checkpoint-every", "2"], ""),
     "stpdnet": (["-m", "methods.stpdnet", "train", "--model", "lpd", "--iterations", "2", "--width", "4",
                  "--eval-every", "3", "--val-studies", "1", "--checkpoint-every", "2", "--steps", "4",
                  "--image-size", "32", "--views", "24"], ""),

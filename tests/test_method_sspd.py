@@ -1,5 +1,6 @@
 """methods.sspd: the losses against the spec's formulas written out, the two views, the network's
 gradient routing, the EMA teacher, training (resume, NaN steps), the CLI."""
+import json
 import math
 import os
 
@@ -129,7 +130,7 @@ def test_momentum_schedule_and_ema():
         torch.testing.assert_close(pt, 0.9 * p0 + 0.1 * ps)
 
 
-TINY = dict(steps=2, batch=2, clip=40, n_train=2, n_test=1, frames=60, size=32, width=8)
+TINY = dict(epochs=1, batch=2, clip=40, n_train=4, n_test=1, frames=90, test_frames=90, size=32, width=8)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +156,19 @@ def test_train_teacher_and_resume(tmp_path, tiny_sets, supervised):
         assert len(moved) > len(params) // 2 and len(same_as_student) < len(params) // 2
     loaded, cfg2 = T.load_model(str(tmp_path / "r"))
     assert cfg2 == cfg
+    # the tested network: SSPD's EMA teacher by default (its batch-norm statistics are of the unmasked
+    # view), the student on request; a supervised run's student (its teacher never trained)
+    default = "student" if supervised else "teacher"
+    for m in (model.net, loaded.net):
+        assert all(torch.equal(v, state[default][k]) for k, v in m.state_dict().items())
+    student, _ = T.load_model(str(tmp_path / "r"), net="student")
+    assert all(torch.equal(v, state["student"][k]) for k, v in student.net.state_dict().items())
+    if supervised:
+        with pytest.raises(ValueError, match="only the student"):
+            T.load_model(str(tmp_path / "r"), net="teacher")
+    else:  # the two nets' batch-norm statistics come from different views
+        bn = next(k for k in state["student"] if k.endswith("running_var"))  # the input batch norm
+        assert not torch.equal(state["student"][bn], state["teacher"][bn])
     from methods.rppg.evaluation import evaluate
 
     res = evaluate(model, test, cfg.fs)
@@ -181,9 +195,30 @@ def test_teacher_gets_no_gradient_and_nan_steps_skip(tmp_path, tiny_sets, monkey
     assert "non-finite loss" in open(tmp_path / "nan" / "log.txt").read()
 
 
+def test_official_schedule_one_clip_per_video_per_epoch():
+    cfg = T.SSPDConfig()  # the code's: 30 videos, batches of 12, 30 epochs
+    assert (cfg.n_train, cfg.batch, cfg.epochs, cfg.clip) == (30, 12, 30, 300)
+    assert cfg.iters_per_epoch == 3 and cfg.total_steps == 90
+    epochs = []
+    for e in range(3):
+        batches = [cfg.batch_index(3 * e + k) for k in range(3)]
+        assert [len(b) for b in batches] == [12, 12, 6]  # drop_last=False
+        order = np.concatenate(batches)
+        assert sorted(order.tolist()) == list(range(30))  # every video once per epoch
+        epochs.append(order)
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
+    assert np.array_equal(cfg.batch_index(4), T.SSPDConfig().batch_index(4))  # seeded
+    assert T.SSPDConfig(steps=7).total_steps == 7
+    # momentum over the derived number of steps: 0.9 at the first, -> 1 at the last
+    assert T.momentum(0, cfg.total_steps) == pytest.approx(0.9)
+    assert T.momentum(cfg.total_steps, cfg.total_steps) == pytest.approx(1.0)
+
+
 def test_bad_configs():
     for kw, msg in ((dict(crop="center"), "crop must be"), (dict(batch=1), "batch >= 2"), (dict(clip=10), "clip must be"),
-                    (dict(domain="moon"), "unknown domain"), (dict(n_train=0), "at least 1 training")):
+                    (dict(domain="moon"), "unknown domain"), (dict(n_train=0), "at least 1 training"),
+                    (dict(eval_net="ema"), "eval_net must be"), (dict(epochs=0), "epochs >= 1"),
+                    (dict(n_train=13, batch=12), "last batch of 1"), (dict(steps=-1), "steps >= 0")):
         with pytest.raises(ValueError, match=msg):
             T.SSPDConfig(**kw).check()
 
@@ -192,10 +227,38 @@ def test_cli(tmp_path):
     from methods.sspd.__main__ import main
 
     out = str(tmp_path / "cli")
-    args = ["train", "--out", out, "--no-progress", "--steps", "2", "--batch", "2", "--clip", "40", "--n-train", "2",
-            "--n-test", "1", "--frames", "60", "--size", "32", "--width", "8"]
+    args = ["train", "--out", out, "--no-progress", "--epochs", "1", "--batch", "2", "--clip", "40", "--n-train", "4",
+            "--n-test", "1", "--frames", "90", "--test-frames", "90", "--size", "32", "--width", "8",
+            "--eval-net", "student"]
     assert main(args) == 0
     for f in ("results.md", "results.json", "loss.png", "example.png", "log.txt", "metrics.csv"):
         assert os.path.exists(os.path.join(out, f)), f
+    assert json.load(open(os.path.join(out, "results.json")))["config"]["eval_net"] == "student"
     assert main(["eval", "--model", out, "--domain", "lab", "--n-test", "1"]) == 0
+    assert main(["eval", "--model", out, "--n-test", "1", "--net", "teacher"]) == 0
     assert main(["train", "--out", out, "--clip", "5"]) == 2
+
+
+def test_acceptance_script_smoke(tmp_path):
+    """The acceptance script end to end on tiny videos: the rows the issue names, for every method,
+    domain and seed, the meta block, the paired differences."""
+    from methods.sspd.acceptance import main
+
+    res = tmp_path / "results"
+    assert main(["--smoke", "--epochs", "1", "--size", "24", "--seeds", "0", "1", "--domains", "default", "wild",
+                 "--workers", "1", "--out", str(tmp_path / "runs"), "--results", str(res)]) == 0
+    data = json.load(open(res / "acceptance.json"))
+    assert {"command", "date", "machine", "seeds"} <= set(data["meta"]) and data["meta"]["seeds"] == [0, 1]
+    rows = data["rows"]
+    for r in rows:
+        assert {"method", "domain", "seed", "mae", "rmse", "pearson", "snr"} <= set(r)
+    keys = {(r["method"], r["domain"], r["seed"], r.get("roi")) for r in rows}
+    for d in ("default", "wild"):
+        for s in (0, 1):
+            for m, roi in (("sspd_teacher", None), ("sspd", None), ("supervised", None), ("pos", "estimated"),
+                           ("chrom", "estimated"), ("pos", "true"), ("chrom", "true")):
+                assert (m, d, s, roi) in keys
+    assert len(rows) == len(keys) == 2 * 2 * 7
+    assert set(data["differences"]) == {"default", "wild"}
+    for f in ("acceptance.md", "acceptance.png", "example_wild_sspd_teacher.png", "example_wild_supervised.png"):
+        assert (res / f).exists(), f

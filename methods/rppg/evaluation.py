@@ -63,19 +63,27 @@ def evaluate(model, test: VideoSet, fs: float, clip: int = 0) -> Dict:
     return _summary(recs)
 
 
-def evaluate_classic(test: VideoSet, fs: float, method: str = "pos", clip: int = 0) -> Dict:
-    """The same evaluation for a training-free method on the mean skin colour of each frame
-    (the videos' skin masks as the face ROI): ``"pos"`` or ``"chrom"``."""
-    from .synth import chrom, pos, skin_signal
+ROIS = ("true", "estimated")
+
+
+def evaluate_classic(test: VideoSet, fs: float, method: str = "pos", clip: int = 0, roi: str = "true") -> Dict:
+    """The same evaluation for a training-free method (``"pos"`` or ``"chrom"``) on the mean skin
+    colour of each frame: ``roi="true"`` averages the videos' true skin masks (an advantage no
+    learned model gets), ``"estimated"`` each frame's skin pixels found by colour
+    (``synth.skin_signal_estimated``), as a pipeline without the true mask would."""
+    from .synth import chrom, pos, skin_signal, skin_signal_estimated
 
     fns = {"pos": pos, "chrom": chrom}
     if method not in fns:
         raise ValueError(f"method must be one of {sorted(fns)}, got {method!r}")
+    if roi not in ROIS:
+        raise ValueError(f"roi must be one of {ROIS}, got {roi!r}")
     recs = []
     for c in evaluation_clips(test, clip):
         i = int(c["index"][0])
         video = c["video"][0].permute(1, 2, 3, 0).numpy() / 255.0  # (T, H, W, 3)
-        sig = fns[method](skin_signal(video, test.masks[i]), fs)
+        rgb = skin_signal(video, test.masks[i]) if roi == "true" else skin_signal_estimated(video)
+        sig = fns[method](rgb, fs)
         recs.append(_record(sig, c["wave"][0].double().numpy(), i, float(c["hr"][0]), fs))
     return _summary(recs)
 
@@ -108,4 +116,4 @@ def write_results(out: str, title: str, res: Dict, extra: Dict) -> None:
     print(text.split("\n\n| video")[0])
 
 
-__all__ = ["evaluate", "evaluate_classic", "predict_signal", "records_table", "results_table", "write_results"]
+__all__ = ["ROIS", "evaluate", "evaluate_classic", "predict_signal", "records_table", "results_table", "write_results"]

@@ -9,7 +9,12 @@ Each video follows the POS skin-reflection model (Wang et al. 2017):
   It modulates the skin pixels along the blood-volume direction ``u_p ~ [0.33, 0.77, 0.53]``, with
   an AC/DC ratio ``a`` and a perfusion map (stronger on forehead and cheeks).
 * **Nuisances.** Illumination drift and flicker ``I(t)``, a specular term tied to the motion,
-  smooth random translation, Gaussian sensor noise and 8-bit quantisation.
+  smooth random translation, Gaussian sensor noise and 8-bit quantisation. Off by default (so
+  the domains that do not use them give the same videos as before), the nuisances that make the
+  classical methods fail on real videos: head motion (rotation, scale, translation with an
+  in-band jitter), non-rigid motion of the lower face (talking), a shading gradient that turns
+  with the head, and coloured light changes (a screen in front of the face) that reach the
+  background less than the face.
 * **Label.** The label wave is the same pulse shifted by a per-video delay (the "uncertain
   delay" of BYHE): ``label(t) = p(t - delay)``, 0-0.5 s by default.
 * **Domains** (``Domain``) differ in their skin tone, lighting, motion and delay ranges.
@@ -44,6 +49,19 @@ class Domain:
     motion_px: float = 0.6  # amplitude of the smooth translation, pixels
     specular: float = 0.02
     noise_std: float = 1.0  # sensor noise, in 8-bit levels
+    # the "in the wild" nuisances (0: off); drawn from their own generator, after the others
+    rotation_deg: float = 0.0  # amplitude of the smooth in-plane head rotation, degrees
+    scale: float = 0.0  # amplitude of the smooth relative head scale change (towards / away from the camera)
+    jitter_px: float = 0.0  # amplitude of an in-band (0.7-3 Hz) head jitter (nodding, talking), pixels
+    talk_px: float = 0.0  # amplitude of the lower-face (mouth, jaw) displacement while talking, pixels
+    shading: float = 0.0  # strength of a side-light gradient across the frame whose direction follows the head
+    colour_light: float = 0.0  # relative amplitude of coloured light changes (screen content), per channel
+    colour_light_background: float = 0.3  # the share of the coloured light the background receives
+
+    @property
+    def wild(self) -> bool:
+        return any(v > 0 for v in (self.rotation_deg, self.scale, self.jitter_px, self.talk_px, self.shading,
+                                   self.colour_light))
 
 
 DOMAINS: Dict[str, Domain] = {
@@ -65,6 +83,12 @@ DOMAINS: Dict[str, Domain] = {
     # from the illumination by its colour direction
     "challenging": Domain(name="challenging", ac_range=(0.002, 0.005), illumination_drift=0.1, flicker=0.01,
                           flicker_hz=(0.7, 2.5), motion_px=1.5, specular=0.04, noise_std=3.0),
+    # what defeats POS / CHROM on real videos (SSPD's acceptance): head rotation, scale and translation
+    # with an in-band jitter, talking, a shading gradient that turns with the head, and a screen's coloured
+    # light changes, stronger than the pulse, falling mostly on the face
+    "wild": Domain(name="wild", ac_range=(0.003, 0.008), illumination_drift=0.1, motion_px=2.0, specular=0.04,
+                   noise_std=2.0, rotation_deg=8.0, scale=0.05, jitter_px=0.4, talk_px=1.5, shading=0.15,
+                   colour_light=0.01),
 }
 
 
@@ -143,15 +167,116 @@ def synth_video(n_frames: int = 300, size: int = 36, fs: float = 30.0, domain: D
     frames = np.empty((n_frames, size, size, 3), np.float32)
     from scipy.ndimage import shift as nd_shift
 
+    wild = _WildMotion(domain, n_frames, size, fs, motion, seed) if domain.wild else None
     for i in range(n_frames):
         skin = albedo * (1 + ac * p[i] * perf / perf.max() * U_P / U_P.max())
         spec = domain.specular * (1 + 5 * speed[i]) * mask[..., None]
         img = illum[i] * (skin + spec)
-        img = nd_shift(img, (motion[i, 0], motion[i, 1], 0), order=1, mode="nearest")
+        if wild is None:
+            img = nd_shift(img, (motion[i, 0], motion[i, 1], 0), order=1, mode="nearest")
+        else:
+            img = wild.frame(img, i)
         img = img * 255 + rng.normal(0, domain.noise_std, img.shape)
         frames[i] = np.clip(np.round(img), 0, 255) / 255
     return {"video": frames, "label": label.astype(np.float32), "pulse": p.astype(np.float32),
             "hr": realized_hr(p, fs), "hr_target": hr, "delay": shift / fs, "mask": mask}
+
+
+def _smooth_noise(rng: np.random.Generator, n: int, fs: float, band: Tuple[float, float], k: int = 1) -> np.ndarray:
+    """k random signals of n samples band-limited to ``band`` Hz (Fourier-domain mask), each scaled
+    to a maximum |value| of 1: (n, k)."""
+    spec = np.fft.rfft(rng.standard_normal((n, k)), axis=0)
+    f = np.fft.rfftfreq(n, 1 / fs)
+    spec[(f < band[0]) | (f > band[1])] = 0
+    x = np.fft.irfft(spec, n, axis=0)
+    return x / (np.abs(x).max(0) + 1e-12)
+
+
+class _WildMotion:
+    """The "in the wild" nuisances of one video (``Domain.wild``), from their own generator (so the
+    other draws of ``synth_video`` are those of a domain without them):
+
+    * head motion: a smooth in-plane rotation and scale change about the frame's centre, the
+      domain's smooth translation, and an in-band (0.7-3 Hz) jitter;
+    * talking: during random speech segments the lower face (mouth, jaw) moves down and back at
+      2-6 Hz;
+    * shading: a side-light gradient across the frame whose direction turns with the head;
+    * coloured light: a screen's content changes the light's colour every 0.2-1.5 s (smoothed over
+      0.1 s); the face gets all of it, the background ``colour_light_background`` of it.
+    """
+
+    def __init__(self, d: Domain, n: int, size: int, fs: float, motion: np.ndarray, seed: int):
+        rng = np.random.default_rng([seed, 7919])
+        slow = _smooth_noise(rng, n, fs, (0.0, 0.5), 2)
+        self.angle = np.deg2rad(d.rotation_deg) * slow[:, 0]
+        self.scale = 1 + d.scale * slow[:, 1]
+        self.shift = motion + d.jitter_px * _smooth_noise(rng, n, fs, (0.7, 3.0), 2)
+        talking = np.zeros(n)
+        t = 0
+        while t < n:  # alternate silent and talking segments of 1-4 s
+            length = int(rng.uniform(1, 4) * fs)
+            if rng.random() < 0.5:
+                talking[t:t + length] = 1
+            t += length
+        self.jaw = d.talk_px * talking * np.abs(_smooth_noise(rng, n, fs, (2.0, 6.0), 1)[:, 0])
+        self.light_angle = rng.uniform(0, 2 * np.pi) + 3 * self.angle
+        self.shading = d.shading
+        colours = np.zeros((n, 3))
+        t = 0
+        while t < n:
+            length = max(1, int(rng.uniform(0.2, 1.5) * fs))
+            colours[t:t + length] = rng.uniform(-1, 1, 3)
+            t += length
+        kernel = np.hanning(max(3, int(0.1 * fs)) + 2)[1:-1]
+        colours = np.stack([np.convolve(colours[:, c], kernel / kernel.sum(), mode="same") for c in range(3)], 1)
+        self.light = d.colour_light * colours
+        self.background = d.colour_light_background
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+        self.yy, self.xx, self.c = yy, xx, (size - 1) / 2
+        u, v = yy / size, xx / size
+        self.jaw_shape = np.exp(-(((u - 0.78) / 0.1) ** 2) - ((v - 0.5) / 0.16) ** 2)
+        self.face = skin_mask(size).astype(np.float64)
+
+    def frame(self, img: np.ndarray, i: int) -> np.ndarray:
+        from scipy.ndimage import map_coordinates
+
+        # output pixel p comes from the face at R^-1 (p - c - shift) / scale + c, less the jaw's displacement
+        cy, cx = self.yy - self.c - self.shift[i, 0], self.xx - self.c - self.shift[i, 1]
+        ca, sa, s = np.cos(self.angle[i]), np.sin(self.angle[i]), self.scale[i]
+        sy, sx = (ca * cy + sa * cx) / s + self.c, (-sa * cy + ca * cx) / s + self.c
+        sy = sy - self.jaw[i] * self.jaw_shape
+        coords = np.stack([sy, sx])
+        out = np.stack([map_coordinates(img[..., c], coords, order=1, mode="nearest") for c in range(3)], -1)
+        face = map_coordinates(self.face, coords, order=1, mode="constant")[..., None]
+        ang = self.light_angle[i]
+        grad = ((self.yy - self.c) * np.sin(ang) + (self.xx - self.c) * np.cos(ang)) / (2 * self.c)
+        light = (1 + self.shading * grad)[..., None] * (1 + self.light[i] * (face + self.background * (1 - face)))
+        return out * light
+
+
+def skin_mask_estimate(frame: np.ndarray) -> np.ndarray:
+    """A skin mask estimated from one frame (H, W, 3) in [0, 1], as a classical pipeline without
+    the true mask would: the pixels whose chroma falls in the YCbCr skin ranges of Chai & Ngan
+    (1999): Cr in [133, 173] and Cb in [77, 127] (8-bit)."""
+    rgb = np.asarray(frame, np.float64) * 255
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    return (cr >= 133) & (cr <= 173) & (cb >= 77) & (cb <= 127)
+
+
+def skin_signal_estimated(video: np.ndarray, min_pixels: int = 4) -> np.ndarray:
+    """The mean colour per frame over each frame's estimated skin mask (``skin_mask_estimate``),
+    (T, 3); a frame with fewer than ``min_pixels`` skin pixels keeps the previous frame's mask
+    (the first such frame: the whole frame)."""
+    out = np.empty((video.shape[0], 3))
+    last = np.ones(video.shape[1:3], bool)
+    for t, frame in enumerate(video):
+        m = skin_mask_estimate(frame)
+        if m.sum() >= min_pixels:
+            last = m
+        out[t] = frame[last].mean(0)
+    return out
 
 
 def realized_hr(wave: np.ndarray, fs: float) -> float:
@@ -211,4 +336,5 @@ def chrom(rgb: np.ndarray, fs: float, window_s: float = 1.6, band=(0.7, 3.0)) ->
     return h
 
 
-__all__ = ["Domain", "DOMAINS", "synth_video", "skin_signal", "pos", "chrom", "skin_mask", "perfusion_map", "pulse_wave"]
+__all__ = ["Domain", "DOMAINS", "synth_video", "skin_signal", "skin_signal_estimated", "skin_mask_estimate", "pos", "chrom",
+           "skin_mask", "perfusion_map", "pulse_wave"]

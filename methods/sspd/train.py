@@ -1,30 +1,47 @@
 """SSPD training without labels (spec 2.4), and the supervised reference on the same network.
 
-Each step draws clips of ``clip + 1`` frames, makes the two views (``augment.two_views``), runs
-the student on the online view and the EMA teacher (no gradient, kept in training mode: its
-batch norm uses batch statistics) on the target view, and minimises ``sspd_losses``. The backbone
-learns only through the S3M losses, the predictor only through L_RPD (it sees F.detach()). After
-each Adam step the teacher's parameters follow ``theta_t <- m theta_t + (1 - m) theta_o`` with
-``m_i = 1 - 0.05 (1 + cos(pi i / I))`` (0.9 -> 1.0 over the I steps).
+The schedule is the official one: ``epochs`` epochs, each drawing one random clip of ``clip + 1``
+frames from every training video in a shuffled order, in batches of ``batch`` (the last one
+smaller, as the code's ``drop_last=False``): 30 epochs x 3 iterations (12, 12, 6 clips of 300
+frame differences) for 30 videos. ``steps`` > 0 stops (or goes on) after that many iterations of
+the same sampler.
+
+Each step makes the two views (``augment.two_views``), runs the student on the online view and
+the EMA teacher (no gradient, kept in training mode: its batch norm uses batch statistics and
+accumulates its running statistics on the target view) on the target view, and minimises
+``sspd_losses``. The backbone learns only through the S3M losses, the predictor only through
+L_RPD (it sees F.detach()). After each Adam step the teacher's parameters follow
+``theta_t <- m theta_t + (1 - m) theta_o`` with ``m_i = 1 - 0.05 (1 + cos(pi i / I))`` (0.9 -> 1.0
+over the I steps).
 
 ``supervised=True`` trains the same backbone + predictor end to end on the target view with
 negative Pearson against the label wave (the videos' own pulses by default: the supervised
 reference at its best, without label delay). Both are resumable; a NaN loss skips its step.
-Test: the whole frame resized like the target view, frame differences, backbone + predictor.
+
+Test: the whole frame resized like the target view, frame differences, backbone + predictor of
+``eval_net``, in eval mode. The student's batch-norm running statistics come from masked online
+views (30 % zeros, a crop) and so do not match the unmasked test input; the teacher's come from
+the target view, which is the test view. The official ``test.py`` loads a released state dict of
+the inference network without saying which of the two nets it was cut from (``train.py`` saves
+both), so that is not determined; the default is the teacher (as in DINO, whose training
+utilities the code uses), and the acceptance reports both.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict
+from typing import Dict, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.common import Run, seed_everything, worker_seed
 from methods.rppg.data import LABELS, sample_clips
+
+NETS = ("teacher", "student")
 from methods.rppg.synth import DOMAINS
 from methods.rppg.training import VideoSetConfig, train_loop
 
@@ -37,16 +54,36 @@ from .model import SSPDNet
 class SSPDConfig(VideoSetConfig):
     supervised: bool = False
     label: str = "pulse"  # supervised only: pulse (zero delay) | label (delayed)
-    steps: int = 150
-    batch: int = 4
-    clip: int = 150  # frames per view (clip + 1 frames are drawn)
+    epochs: int = 30  # one clip per training video per epoch (the code: 30)
+    steps: int = 0  # 0: epochs x ceil(n_train / batch); else this many iterations of the same sampler
+    batch: int = 12
+    clip: int = 300  # frame differences per view (clip + 1 frames are drawn)
     lr: float = 1e-3
     width: int = 1  # channel-width divisor (1: the code's network)
     spatial_padding: bool = True  # pad space in the convs (frames smaller than 66 x 66)
     crop: str = "fixed"  # fixed | faithful (the code's top-left crop)
     keep: float = 0.7  # Bernoulli keep-probability of the masked difference
-    domain: str = "challenging"
-    n_train: int = 32
+    eval_net: str = "teacher"  # teacher | student: the network tested (SSPD; supervised tests the student)
+    domain: str = "wild"
+    n_train: int = 30  # the code's 30 UBFC training subjects
+    frames: int = 450  # 15-s training videos, so 301-frame clips start anywhere in 5 s
+    test_frames: int = 300  # 10-s test videos, evaluated whole
+    size: int = 36
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return -(-self.n_train // self.batch)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps > 0 else self.epochs * self.iters_per_epoch
+
+    def batch_index(self, step: int) -> np.ndarray:
+        """The training videos of iteration ``step``: epoch ``step // iters_per_epoch`` shuffles
+        them (its own seed), iteration k of the epoch takes places [k B, (k + 1) B)."""
+        epoch, k = divmod(step, self.iters_per_epoch)
+        order = np.random.default_rng(worker_seed(self.seed, 4, epoch)).permutation(self.n_train)
+        return order[k * self.batch:(k + 1) * self.batch]
 
     def check(self) -> None:
         if self.crop not in CROPS:
@@ -55,8 +92,13 @@ class SSPDConfig(VideoSetConfig):
             raise ValueError(f"label must be one of {LABELS}, got {self.label!r}")
         if self.domain not in DOMAINS:
             raise ValueError(f"unknown domain {self.domain!r}; choose from {sorted(DOMAINS)}")
-        if self.batch < 2 or self.steps < 1:
-            raise ValueError(f"need batch >= 2 (batch norm) and steps >= 1, got {self.batch} and {self.steps}")
+        if self.eval_net not in NETS:
+            raise ValueError(f"eval_net must be one of {NETS}, got {self.eval_net!r}")
+        if self.batch < 2 or self.epochs < 1 or self.steps < 0:
+            raise ValueError(f"need batch >= 2 (batch norm), epochs >= 1 and steps >= 0, got {self.batch}, "
+                             f"{self.epochs} and {self.steps}")
+        if self.n_train % self.batch == 1:
+            raise ValueError(f"n_train={self.n_train} leaves a last batch of 1 clip each epoch (batch norm needs 2)")
         if not 32 <= self.clip < self.frames:
             raise ValueError(f"clip must be in [32, frames - 1 = {self.frames - 1}] (the S3M maps need time), "
                              f"got {self.clip}")
@@ -128,9 +170,11 @@ def train(cfg: SSPDConfig, run: Run, device=torch.device("cpu"), show_progress: 
         p.requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=0.0)
 
+    total = cfg.total_steps
+
     def step_fn(step, rng, counts):
         clips = {k: v.to(device) for k, v in sample_clips(train_set, cfg.batch, cfg.clip + 1, rng, cfg.label,
-                                                          flip=cfg.supervised).items()}
+                                                          flip=cfg.supervised, index=cfg.batch_index(step)).items()}
         g = torch.Generator().manual_seed(worker_seed(cfg.seed, 3, step))
         terms = step_losses(cfg, student, teacher, clips, g)
         opt.zero_grad(set_to_none=True)
@@ -139,28 +183,41 @@ def train(cfg: SSPDConfig, run: Run, device=torch.device("cpu"), show_progress: 
         terms["loss"].backward()
         opt.step()
         if not cfg.supervised:
-            ema_update(teacher, student, momentum(step, cfg.steps))
+            ema_update(teacher, student, momentum(step, total))
         return {k: v.detach() for k, v in terms.items()}, None
 
     student.train()
     teacher.train()  # batch statistics, as the code
     out = train_loop(
-        run, asdict(cfg), {"student": student, "teacher": teacher, "opt": opt}, cfg.steps, cfg.seed, step_fn,
+        run, asdict(cfg), {"student": student, "teacher": teacher, "opt": opt}, total, cfg.seed, step_fn,
         desc="supervised" if cfg.supervised else "sspd", show_progress=show_progress,
-        checkpoint_every=checkpoint_every, log_every=10, row_extra=lambda step: {"momentum": momentum(step, cfg.steps)},
+        checkpoint_every=checkpoint_every, log_every=cfg.iters_per_epoch,
+        row_extra=lambda step: {"epoch": step // cfg.iters_per_epoch, "momentum": momentum(step, total)},
         intro=lambda: (f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}: {len(train_set)} "
                        f"training videos, {sum(p.numel() for p in student.parameters())} parameters "
                        f"({sum(p.numel() for p in student.s3m.parameters())} in S3M)"))
-    run.info(f"training done ({cfg.steps} steps, {out['seconds']:.0f} s, {out['skipped']} skipped)")
-    return Inference(student, cfg.size), test_set
+    run.info(f"training done ({total} steps, {out['seconds']:.0f} s, {out['skipped']} skipped)")
+    return Inference(teacher if resolve_net(cfg) == "teacher" else student, cfg.size), test_set
 
 
-def load_model(path: str, device=torch.device("cpu")):
-    """(Inference model, SSPDConfig) from a run folder or a checkpoint file."""
+def resolve_net(cfg: SSPDConfig, net: Optional[str] = None) -> str:
+    """The network a test evaluates: ``net``, by default ``cfg.eval_net``; a supervised run's is
+    the student (its teacher never trains)."""
+    which = net or ("student" if cfg.supervised else cfg.eval_net)
+    if which not in NETS:
+        raise ValueError(f"net must be one of {NETS}, got {which!r}")
+    if cfg.supervised and which == "teacher":
+        raise ValueError("a supervised run trains only the student; evaluate net='student'")
+    return which
+
+
+def load_model(path: str, device=torch.device("cpu"), net: Optional[str] = None):
+    """(Inference model, SSPDConfig) from a run folder or a checkpoint file: the network ``net``
+    (teacher | student; default: the run's ``eval_net``, the student for a supervised run)."""
     from methods.common import load_run_checkpoint
 
     state = load_run_checkpoint(path)
     cfg = SSPDConfig(**state["config"])
-    net = build(cfg).to(device)
-    net.load_state_dict(state["student"])
-    return Inference(net, cfg.size), cfg
+    model = build(cfg).to(device)
+    model.load_state_dict(state[resolve_net(cfg, net)])
+    return Inference(model, cfg.size), cfg
