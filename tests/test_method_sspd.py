@@ -162,6 +162,12 @@ def test_train_teacher_and_resume(tmp_path, tiny_sets, supervised):
     for m in (model.net, loaded.net):
         assert all(torch.equal(v, state[default][k]) for k, v in m.state_dict().items())
     student, _ = T.load_model(str(tmp_path / "r"), net="student")
+    # a run saved before the teacher became the default (no eval_net in its config) tests its student
+    old = dict(state, config={k: v for k, v in state["config"].items() if k != "eval_net"})
+    torch.save(old, tmp_path / "old.pt")
+    legacy, legacy_cfg = T.load_model(str(tmp_path / "old.pt"))
+    assert legacy_cfg.eval_net == "student"
+    assert all(torch.equal(v, state["student"][k]) for k, v in legacy.net.state_dict().items())
     assert all(torch.equal(v, state["student"][k]) for k, v in student.net.state_dict().items())
     if supervised:
         with pytest.raises(ValueError, match="only the student"):
@@ -207,18 +213,20 @@ def test_official_schedule_one_clip_per_video_per_epoch():
         assert sorted(order.tolist()) == list(range(30))  # every video once per epoch
         epochs.append(order)
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
-    assert np.array_equal(cfg.batch_index(4), T.SSPDConfig().batch_index(4))  # seeded
+    assert np.array_equal(cfg.batch_index(4), T.SSPDConfig().batch_index(4))  # a function of (seed, step) ...
+    assert not np.array_equal(cfg.batch_index(4), T.SSPDConfig(seed=1).batch_index(4))  # ... and of the seed
     assert T.SSPDConfig(steps=7).total_steps == 7
-    # momentum over the derived number of steps: 0.9 at the first, -> 1 at the last
-    assert T.momentum(0, cfg.total_steps) == pytest.approx(0.9)
-    assert T.momentum(cfg.total_steps, cfg.total_steps) == pytest.approx(1.0)
+    # the momentum of iteration i of I = 90, as the code's cosine_scheduler(0.9, 1, 30, 3)[i]
+    i = np.arange(cfg.total_steps)
+    official = 1 + 0.5 * (0.9 - 1) * (1 + np.cos(np.pi * i / cfg.total_steps))
+    np.testing.assert_allclose([T.momentum(k, cfg.total_steps) for k in i], official, rtol=0, atol=1e-15)
 
 
 def test_bad_configs():
     for kw, msg in ((dict(crop="center"), "crop must be"), (dict(batch=1), "batch >= 2"), (dict(clip=10), "clip must be"),
                     (dict(domain="moon"), "unknown domain"), (dict(n_train=0), "at least 1 training"),
                     (dict(eval_net="ema"), "eval_net must be"), (dict(epochs=0), "epochs >= 1"),
-                    (dict(n_train=13, batch=12), "last batch of 1"), (dict(steps=-1), "steps >= 0")):
+                    (dict(steps=-1), "steps >= 0")):
         with pytest.raises(ValueError, match=msg):
             T.SSPDConfig(**kw).check()
 
@@ -233,9 +241,12 @@ def test_cli(tmp_path):
     assert main(args) == 0
     for f in ("results.md", "results.json", "loss.png", "example.png", "log.txt", "metrics.csv"):
         assert os.path.exists(os.path.join(out, f)), f
-    assert json.load(open(os.path.join(out, "results.json")))["config"]["eval_net"] == "student"
+    config = json.load(open(os.path.join(out, "results.json")))["config"]
+    assert config["eval_net"] == config["tested_net"] == "student"
     assert main(["eval", "--model", out, "--domain", "lab", "--n-test", "1"]) == 0
-    assert main(["eval", "--model", out, "--n-test", "1", "--net", "teacher"]) == 0
+    ev = str(tmp_path / "ev")
+    assert main(["eval", "--model", out, "--n-test", "1", "--net", "teacher", "--out", ev]) == 0
+    assert json.load(open(os.path.join(ev, "results.json")))["config"]["tested_net"] == "teacher"
     assert main(["train", "--out", out, "--clip", "5"]) == 2
 
 

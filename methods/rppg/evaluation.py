@@ -69,7 +69,8 @@ ROIS = ("true", "estimated")
 def evaluate_classic(test: VideoSet, fs: float, method: str = "pos", clip: int = 0, roi: str = "true") -> Dict:
     """The same evaluation for a training-free method (``"pos"`` or ``"chrom"``) on the mean skin
     colour of each frame: ``roi="true"`` averages the videos' true skin masks (an advantage no
-    learned model gets), ``"estimated"`` each frame's skin pixels found by colour
+    learned model gets; the mask of the face at rest, which does not follow a moving head),
+    ``"estimated"`` each frame's skin pixels found by colour
     (``synth.skin_signal_estimated``), as a pipeline without the true mask would."""
     from .synth import chrom, pos, skin_signal, skin_signal_estimated
 

@@ -232,10 +232,14 @@ class _WildMotion:
         self.light = d.colour_light * colours
         self.background = d.colour_light_background
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-        self.yy, self.xx, self.c = yy, xx, (size - 1) / 2
-        u, v = yy / size, xx / size
-        self.jaw_shape = np.exp(-(((u - 0.78) / 0.1) ** 2) - ((v - 0.5) / 0.16) ** 2)
+        self.yy, self.xx, self.c, self.size = yy, xx, (size - 1) / 2, size
         self.face = skin_mask(size).astype(np.float64)
+
+    def _jaw_shape(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The talking displacement's profile at face coordinates (y, x) (pixels): a bump over
+        mouth and jaw."""
+        u, v = y / self.size, x / self.size
+        return np.exp(-(((u - 0.78) / 0.1) ** 2) - ((v - 0.5) / 0.16) ** 2)
 
     def frame(self, img: np.ndarray, i: int) -> np.ndarray:
         from scipy.ndimage import map_coordinates
@@ -244,7 +248,8 @@ class _WildMotion:
         cy, cx = self.yy - self.c - self.shift[i, 0], self.xx - self.c - self.shift[i, 1]
         ca, sa, s = np.cos(self.angle[i]), np.sin(self.angle[i]), self.scale[i]
         sy, sx = (ca * cy + sa * cx) / s + self.c, (-sa * cy + ca * cx) / s + self.c
-        sy = sy - self.jaw[i] * self.jaw_shape
+        # the jaw moves with the face: its displacement is placed in face coordinates
+        sy = sy - self.jaw[i] * self._jaw_shape(sy, sx)
         coords = np.stack([sy, sx])
         out = np.stack([map_coordinates(img[..., c], coords, order=1, mode="nearest") for c in range(3)], -1)
         face = map_coordinates(self.face, coords, order=1, mode="constant")[..., None]

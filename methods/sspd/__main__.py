@@ -12,7 +12,7 @@ from methods.rppg.data import LABELS
 from methods.rppg.synth import DOMAINS
 
 from .augment import CROPS
-from .train import NETS, SSPDConfig, datasets, load_model, train
+from .train import NETS, SSPDConfig, datasets, load_model, resolve_net, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +63,14 @@ def main(argv=None) -> int:
             with training_run(a.out, vars(a), fresh=a.fresh, name="sspd") as run:
                 model, test = train(cfg, run, device, show_progress=not a.no_progress,
                                     checkpoint_every=max(1, a.checkpoint_every) * cfg.iters_per_epoch)
+                net = resolve_net(cfg)
                 report_training(run, model, test, cfg.fs,
-                                f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}",
-                                asdict(cfg), offset=1)
+                                f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}, the {net}",
+                                {**asdict(cfg), "tested_net": net}, offset=1)
             return 0
         model, cfg = load_model(a.model, device, a.net)
-        return run_eval(a, model, asdict(cfg), cfg.fs, cfg.domain, lambda: datasets(cfg)[1],
+        return run_eval(a, model, {**asdict(cfg), "tested_net": resolve_net(cfg, a.net)}, cfg.fs, cfg.domain,
+                        lambda: datasets(cfg)[1],
                         lambda d, n, seed: cfg.test_set(d, n, seed),
                         cfg.n_test, cfg.seed, offset=1)
     except (ValueError, FileNotFoundError) as e:

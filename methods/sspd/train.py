@@ -40,14 +40,14 @@ import torch.nn.functional as F
 
 from methods.common import Run, seed_everything, worker_seed
 from methods.rppg.data import LABELS, sample_clips
-
-NETS = ("teacher", "student")
 from methods.rppg.synth import DOMAINS
 from methods.rppg.training import VideoSetConfig, train_loop
 
 from .augment import CROPS, crop_size, two_views
 from .losses import neg_pearson, sspd_losses
 from .model import SSPDNet
+
+NETS = ("teacher", "student")
 
 
 @dataclass
@@ -97,8 +97,6 @@ class SSPDConfig(VideoSetConfig):
         if self.batch < 2 or self.epochs < 1 or self.steps < 0:
             raise ValueError(f"need batch >= 2 (batch norm), epochs >= 1 and steps >= 0, got {self.batch}, "
                              f"{self.epochs} and {self.steps}")
-        if self.n_train % self.batch == 1:
-            raise ValueError(f"n_train={self.n_train} leaves a last batch of 1 clip each epoch (batch norm needs 2)")
         if not 32 <= self.clip < self.frames:
             raise ValueError(f"clip must be in [32, frames - 1 = {self.frames - 1}] (the S3M maps need time), "
                              f"got {self.clip}")
@@ -217,7 +215,8 @@ def load_model(path: str, device=torch.device("cpu"), net: Optional[str] = None)
     from methods.common import load_run_checkpoint
 
     state = load_run_checkpoint(path)
-    cfg = SSPDConfig(**state["config"])
+    # runs saved before the teacher became the default were tested with the student
+    cfg = SSPDConfig(**{"eval_net": "student", **state["config"]})
     model = build(cfg).to(device)
     model.load_state_dict(state[resolve_net(cfg, net)])
     return Inference(model, cfg.size), cfg
