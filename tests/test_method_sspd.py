@@ -179,6 +179,14 @@ def test_train_teacher_and_resume(tmp_path, tiny_sets, supervised):
 
     res = evaluate(model, test, cfg.fs)
     assert res["n"] == 1 and np.isfinite(res["MAE_fft"])
+    if not supervised:  # the diagnostics read the tested wave's HR exactly as the evaluation does
+        from methods.sspd.diagnostics import diagnose_run, summarize
+
+        recs = diagnose_run(str(tmp_path / "r"))
+        teacher = [r for r in recs if r["net"] == "teacher"]
+        assert [r["wave"] for r in teacher] == [r["hr_pred_fft"] for r in res["records"]]
+        assert [r["hr_label"] for r in teacher] == [r["hr_label_fft"] for r in res["records"]]
+        assert {(r["domain"], r["net"]) for r in summarize(recs)} == {(cfg.domain, "teacher"), (cfg.domain, "student")}
 
 
 def test_teacher_gets_no_gradient_and_nan_steps_skip(tmp_path, tiny_sets, monkeypatch):
