@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 
 from methods.common.acceptance import run_jobs
+from methods.rppg.pipeline import BAND
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 0.06  # relative distance to 2x the label's HR that counts as a harmonic lock (two 3.5-bpm bins at 60 bpm)
@@ -44,7 +45,7 @@ def diagnose(folder: str) -> dict:
         data = json.load(f)
     recs, c = data["records"], data["config"]
     harm, other = locks(recs)
-    low = [r for r in recs if 2 * r["hr_label_fft"] <= 150]  # videos whose 2nd harmonic is inside the 45-150 bpm band
+    low = [r for r in recs if 2 * r["hr_label_fft"] <= 60 * BAND[1]]  # videos whose 2nd harmonic is in the band
     return {"loss": c["loss"], "delay": "zero" if c["label"] == "pulse" else "delayed", "domain": c["domain"],
             "seed": c["seed"], "videos": len(recs), "harmonic_locks": harm, "other_errors": other,
             "videos_harmonic_in_band": len(low)}
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     lines = ["# BYHE acceptance: heart rates read off the second harmonic", "",
              f"Test videos whose predicted HR is within {TOL:.0%} of twice the label's HR (harmonic locks), and "
              "the other errors above 4 bpm (more than one 3.5-bpm bin), per run (`python -m methods.byhe.harmonics`). Only videos with a label "
-             "HR up to 75 bpm have their second harmonic inside the 45-150 bpm band.", "",
+             f"HR up to {30 * BAND[1]:g} bpm have their second harmonic inside the {60 * BAND[0]:g}-{60 * BAND[1]:g} "
+             "bpm band.", "",
              "| domain | loss | delay | seed | videos | harmonic in band | harmonic locks | other errors |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

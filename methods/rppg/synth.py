@@ -192,6 +192,16 @@ def _smooth_noise(rng: np.random.Generator, n: int, fs: float, band: Tuple[float
     return x / (np.abs(x).max(0) + 1e-12)
 
 
+def _segments(rng: np.random.Generator, n: int, fs: float, seconds: Tuple[float, float]):
+    """Consecutive slices covering n samples, each U(seconds) long (at least one sample); the
+    caller's draws for a segment follow the draw of its length."""
+    t = 0
+    while t < n:
+        length = max(1, int(rng.uniform(*seconds) * fs))
+        yield slice(t, t + length)
+        t += length
+
+
 class _WildMotion:
     """The "in the wild" nuisances of one video (``Domain.wild``), from their own generator (so the
     other draws of ``synth_video`` are those of a domain without them):
@@ -212,21 +222,15 @@ class _WildMotion:
         self.scale = 1 + d.scale * slow[:, 1]
         self.shift = motion + d.jitter_px * _smooth_noise(rng, n, fs, (0.7, 3.0), 2)
         talking = np.zeros(n)
-        t = 0
-        while t < n:  # alternate silent and talking segments of 1-4 s
-            length = int(rng.uniform(1, 4) * fs)
+        for seg in _segments(rng, n, fs, (1.0, 4.0)):  # silent and talking segments of 1-4 s
             if rng.random() < 0.5:
-                talking[t:t + length] = 1
-            t += length
+                talking[seg] = 1
         self.jaw = d.talk_px * talking * np.abs(_smooth_noise(rng, n, fs, (2.0, 6.0), 1)[:, 0])
         self.light_angle = rng.uniform(0, 2 * np.pi) + 3 * self.angle
         self.shading = d.shading
         colours = np.zeros((n, 3))
-        t = 0
-        while t < n:
-            length = max(1, int(rng.uniform(0.2, 1.5) * fs))
-            colours[t:t + length] = rng.uniform(-1, 1, 3)
-            t += length
+        for seg in _segments(rng, n, fs, (0.2, 1.5)):
+            colours[seg] = rng.uniform(-1, 1, 3)
         kernel = np.hanning(max(3, int(0.1 * fs)) + 2)[1:-1]
         colours = np.stack([np.convolve(colours[:, c], kernel / kernel.sum(), mode="same") for c in range(3)], 1)
         self.light = d.colour_light * colours

@@ -37,6 +37,13 @@ SMOKE = dict(n_train=4, n_test=3, batch=2, clip=40, frames=90, test_frames=90, w
 CLAIM_RATIO = 1.5  # "within 1.5x of the supervised network's MAE"
 
 
+def claim_rows(rows, domain: str, method: str) -> list:
+    """The rows of one method on one domain that the claim is tested on (POS / CHROM: the
+    estimated skin mask), by seed."""
+    return sorted((r for r in rows if r["domain"] == domain and r["method"] == method
+                   and r.get("roi", "estimated") == "estimated"), key=lambda r: r["seed"])
+
+
 def _row(method: str, domain: str, seed: int, res: dict, **extra) -> dict:
     return {"method": method, "domain": domain, "seed": seed, "mae": res["MAE_fft"], "rmse": res["RMSE_fft"],
             "pearson": res["Pearson_fft"], "snr": res["SNR"], "mae_peak": res["MAE_peak"], **extra}
@@ -83,10 +90,9 @@ def summarize(rows, domains, seeds):
     """Per domain: per-method means, and the paired per-seed differences that test the claim."""
     out = {}
     for d in domains:
-        by = {(r["method"], r["seed"]): r for r in rows if r["domain"] == d and r.get("roi", "estimated") == "estimated"}
-
         def mae(m):
-            return [by[(m, s)]["mae"] for s in seeds]
+            by = {r["seed"]: r for r in claim_rows(rows, d, m)}
+            return [by[s]["mae"] for s in seeds]
         s = {"n": len(seeds)}
         for a, b in (("sspd_teacher", "supervised"), ("sspd", "supervised"), ("sspd_teacher", "sspd"),
                      ("sspd_teacher", "pos"), ("sspd_teacher", "chrom"), ("supervised", "pos")):
@@ -107,8 +113,7 @@ def figure(rows, domains, path: str) -> None:
     fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.4), dpi=120, squeeze=False)
     for ax, d in zip(axes[0], domains):
         for i, m in enumerate(METHODS):
-            v = [r["mae"] for r in rows if r["domain"] == d and r["method"] == m and r.get("roi", "estimated") ==
-                 "estimated"]
+            v = [r["mae"] for r in claim_rows(rows, d, m)]
             ax.bar(i, np.mean(v), 0.6, color=f"C{i}", alpha=0.7)
             ax.plot([i] * len(v), v, "k.", ms=5)
         ax.set_xticks(range(len(METHODS)), ["SSPD\nteacher", "SSPD\nstudent", "super-\nvised", "POS", "CHROM"],
@@ -128,7 +133,7 @@ def markdown(rows, meta, domains, seeds, summ, cfg) -> str:
              f"Setup: {cfg['n_train']} training videos of {cfg['frames']} frames and {cfg['n_test']} test videos of "
              f"{cfg['test_frames']} frames per seed and domain, {cfg['size']}x{cfg['size']} px at 30 fps. Training "
              f"(SSPD and supervised alike): {cfg['epochs']} epochs of one {cfg['clip']}-frame-difference clip per "
-             f"video in batches of {cfg['batch']} ({cfg['epochs'] * -(-cfg['n_train'] // cfg['batch'])} "
+             f"video in batches of {cfg['batch']} ({cfg['total_steps']} "
              "iterations), Adam 1e-3, the code's network with convs padded in space. Test: whole videos, HR "
              "by the periodogram peak (3.5-bpm bins) of the prediction against the label's. POS / CHROM: the "
              "mean colour of each frame's skin pixels found by colour (YCbCr ranges), not the true mask.", "",
@@ -136,8 +141,7 @@ def markdown(rows, meta, domains, seeds, summ, cfg) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for d in domains:
         for m in METHODS:
-            rs = sorted((r for r in rows if r["domain"] == d and r["method"] == m
-                         and r.get("roi", "estimated") == "estimated"), key=lambda r: r["seed"])
+            rs = claim_rows(rows, d, m)
             mean = {k: np.mean([r[k] for r in rs]) for k in ("mae", "rmse", "pearson", "snr", "mae_peak")}
             lines.append(f"| {d} | {NAMES[m]} | {mean['mae']:.2f} | {mean['rmse']:.2f} | {mean['pearson']:.2f} | "
                          f"{mean['snr']:.1f} | {mean['mae_peak']:.2f} | "
@@ -195,7 +199,8 @@ def main(argv=None) -> int:
                   key=lambda r: (a.domains.index(r["domain"]), METHODS.index(r["method"]), r.get("roi", ""), r["seed"]))
     from .train import SSPDConfig
 
-    cfg = asdict(SSPDConfig(epochs=a.epochs, size=a.size, **common["overrides"]))
+    config = SSPDConfig(epochs=a.epochs, size=a.size, **common["overrides"])
+    cfg = {**asdict(config), "total_steps": config.total_steps}
     meta = acceptance_meta("methods.sspd.acceptance", argv, date, a.seeds, a.workers, domains=a.domains,
                            minutes=(time.time() - t0) / 60, config=cfg)
     summ = summarize(rows, a.domains, a.seeds)
