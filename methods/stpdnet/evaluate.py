@@ -44,7 +44,10 @@ def choose_iterations(method, studies, A, candidates: List[int]) -> int:
 
 def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, counts="low", test_studies: int = 8,
              val_studies: int = 4, mlem_iters=(1, 2, 3, 5, 10, 20, 30, 50, 80), kem_iters=(10, 20, 30, 50),
-             figure_dir: Optional[str] = None, progress_fn=None) -> Dict:
+             figure_dir: Optional[str] = None, progress_fn=None, figure_methods: Optional[List[str]] = None) -> Dict:
+    """The table over ``test_studies`` held-out studies for MLEM, KEM-ST and every network in
+    ``checkpoints`` (name -> checkpoint file or run folder). The figures show the first test study,
+    with the columns ``figure_methods`` (default: all)."""
     sc = Scanner(n=n, views=views)
     A = sc.projector()
     val = [simulate_study(VAL_SEED0 + i, sc, counts=counts, projector=A) for i in range(val_studies)]
@@ -89,7 +92,8 @@ def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, count
     out = {"table": table, "mlem_iterations": it_mlem, "kem_iterations": it_kem, "test_studies": test_studies,
            "val_studies": val_studies, "n": n, "views": views, "counts": counts}
     if figure_dir is not None and example is not None:
-        out["figures"] = figures(example[0], example[1], figure_dir)
+        recs = example[1] if figure_methods is None else {m: example[1][m] for m in figure_methods}
+        out["figures"] = figures(example[0], recs, figure_dir)
     return out
 
 
