@@ -1,10 +1,13 @@
-"""Evaluation: PSNR/SSIM of derained held-out images, figures of crops, and the wall time of the
-graph search (pyops against the plain-PyTorch reference) at 481 x 321."""
+"""Evaluation: PSNR/SSIM of derained held-out images (full images, or a fixed set of seeded test
+crops with several rain draws each), figures of crops, and the wall time of the graph search
+(pyops against the plain-PyTorch reference) at 481 x 321."""
 from __future__ import annotations
 
+import functools
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,6 +71,97 @@ def evaluate(models: Dict[str, torch.nn.Module], presets=("light", "heavy"), see
             os.makedirs(figure_dir, exist_ok=True)
             crops_figure(pairs, outs, os.path.join(figure_dir, f"crops_{preset}.png"), title=f"{preset} rain")
     return res
+
+
+# ------------------------------------------------------------------------------------------
+# Seeded test crops (the acceptance's test set)
+# ------------------------------------------------------------------------------------------
+@dataclass
+class CropSet:
+    """Test items of one rain preset: ``rainy``, ``clean``, ``exemplar`` (N, 3, S, S) and, per item,
+    its ``crop`` id (the same for every rain draw of one crop position), ``draw`` and ``name``."""
+    preset: str
+    rainy: torch.Tensor
+    clean: torch.Tensor
+    exemplar: torch.Tensor
+    crop: List[int]
+    draw: List[int]
+    names: List[str]
+
+    def __len__(self):
+        return len(self.names)
+
+
+def crop_positions(h: int, w: int, size: int, n: int, rng: np.random.Generator) -> List[Tuple[int, int]]:
+    """``n`` non-overlapping ``size`` x ``size`` crops of an (h, w) image: the image is cut into a
+    grid of (h // size) x (w // size) cells, ``n`` cells are picked by ``rng`` (row-major order) and
+    each crop sits at a random offset inside its cell."""
+    rows, cols = h // size, w // size
+    if rows * cols < n:
+        raise ValueError(f"a {h} x {w} image holds only {rows * cols} non-overlapping {size} x {size} crops, "
+                         f"{n} were asked for")
+    ch, cw = h // rows, w // cols
+    out = []
+    for cell in sorted(int(c) for c in rng.choice(rows * cols, n, replace=False)):
+        r, c = divmod(cell, cols)
+        out.append((r * ch + int(rng.integers(0, ch - size + 1)), c * cw + int(rng.integers(0, cw - size + 1))))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def held_out_crops(preset: str, size: int = 112, per_image: int = 8, draws: int = 3, seed: int = 0,
+                   images: Sequence[str] = D.TEST_IMAGES) -> CropSet:
+    """The held-out crop test set of one rain preset, a function of its arguments only (cached per
+    process: do not modify the tensors).
+
+    - ``per_image`` non-overlapping crops per test image (``crop_positions``), at positions seeded
+      by (seed, image) only, so light and heavy rain share them;
+    - ``draws`` rain draws per image, each drawn on the full image and then cropped, seeded by
+      (seed, image, preset, draw) and disjoint from the training rain (seeds 40,000 up);
+    - the exemplar of every item: a crop of the same size, at a seeded position, of the test
+      image's exemplar training image under the same preset (the rule and rainy pool of
+      ``evaluate``: ``exemplar_index`` and seed + 30,000), the same for every draw. A same-size
+      crop, as in training, rather than the full training image that ``evaluate`` uses.
+    """
+    if preset not in D.PRESETS:
+        raise ValueError(f"unknown rain preset {preset!r}; one of {tuple(D.PRESETS)}")
+    if draws < 1 or per_image < 1:
+        raise ValueError("draws and per_image must be >= 1")
+    pidx = list(D.PRESETS).index(preset)  # stable whatever presets the caller evaluates
+    train = list(D.TRAIN_IMAGES)
+    rs, cs, es, crop_ids, draw_ids, names = [], [], [], [], [], []
+    for i, name in enumerate(images):
+        img = D.skimage_image(name)
+        rng = D.rain_seed(seed + 50_000, i)
+        pos = crop_positions(img.shape[0], img.shape[1], size, per_image, rng)
+        j = D.exemplar_index(i % len(train), len(train), seed)  # the rule of test_exemplar
+        ex_img = D.add_rain(D.skimage_image(train[j]), preset, D.rain_seed(seed + 30_000, j, pidx, 0))
+        eh, ew = ex_img.shape[:2]
+        if min(eh, ew) < size:
+            raise ValueError(f"exemplar image {train[j]} ({eh} x {ew}) is smaller than the {size} x {size} crops")
+        ex_pos = [(int(rng.integers(0, eh - size + 1)), int(rng.integers(0, ew - size + 1))) for _ in pos]
+        for d in range(draws):
+            rainy = D.add_rain(img, preset, D.rain_seed(seed + 40_000, i, pidx, d))
+            for c, ((y, x), (ey, ex)) in enumerate(zip(pos, ex_pos)):
+                rs.append(D.to_tensor(rainy[y:y + size, x:x + size]))
+                cs.append(D.to_tensor(img[y:y + size, x:x + size]))
+                es.append(D.to_tensor(ex_img[ey:ey + size, ex:ex + size]))
+                crop_ids.append(i * per_image + c)
+                draw_ids.append(d)
+                names.append(f"{name}@{y},{x}/{preset}/{d}")
+    return CropSet(preset, torch.stack(rs), torch.stack(cs), torch.stack(es), crop_ids, draw_ids, names)
+
+
+@torch.no_grad()
+def evaluate_crops(model: Optional[torch.nn.Module], crops: CropSet, batch: int = 8) -> Dict[str, List[float]]:
+    """Per-item PSNR and SSIM of a model's output on a CropSet (``model=None``: of the rainy input)."""
+    ps, ss = [], []
+    for a in range(0, len(crops), batch):
+        r, c = crops.rainy[a:a + batch], crops.clean[a:a + batch]
+        o = r if model is None else derain(model, r, crops.exemplar[a:a + batch])
+        ps += psnr(o, c).tolist()
+        ss += ssim(o, c).tolist()
+    return {"psnr": ps, "ssim": ss}
 
 
 def crops_figure(pairs: D.PairSet, outs: Dict[str, List[torch.Tensor]], path: str, size: int = 128,
@@ -143,4 +237,5 @@ def search_timing(height: int = 321, width: int = 481, repeats: int = 3, seed: i
     return out
 
 
-__all__ = ["crops_figure", "derain", "evaluate", "exemplar_pool", "search_timing", "test_exemplar"]
+__all__ = ["CropSet", "crop_positions", "crops_figure", "derain", "evaluate", "evaluate_crops", "exemplar_pool",
+           "held_out_crops", "search_timing", "test_exemplar"]
