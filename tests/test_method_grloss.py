@@ -367,6 +367,75 @@ def test_datasets(name):
         assert data.x_train.shape[1:] == (1, 16, 16) and data.num_classes == 10
 
 
+def test_colour_mosaic_labels_are_the_coloured_digits_present():
+    """cmnist: class len(COLOURS) * digit + colour for every painted digit; the colour of a cell is
+    recoverable from its pixels (the nearest normalised entry of COLOURS)."""
+    images = np.zeros((10, 4, 4), np.float32)
+    images[:, 1:3, 1:3] = 1.0
+    rng = np.random.default_rng(0)
+    X, Y = D.make_colour_mosaics(images, np.arange(10), 100, rng, noise=0.0)
+    G = D.CMNIST_GRID
+    assert X.shape == (100, 3, 4 * G, 4 * G) and Y.shape == (100, D.CMNIST_CLASSES)
+    assert ((Y.sum(1) >= 1) & (Y.sum(1) <= 6)).all()
+    for x, y in zip(X, Y):
+        painted = 0
+        for r in range(G):
+            for c in range(G):
+                px = x[:, r * 4 + 1, c * 4 + 1]
+                if px.max() == 0:
+                    continue
+                painted += 1
+                colour = int(np.argmin(np.abs(D.COLOURS / D.COLOURS.max(1, keepdims=True)
+                                              - px / px.max()).sum(1)))
+                nc = len(D.COLOURS)
+                assert y[[nc * d + colour for d in range(10)]].sum() >= 1  # some digit in that colour is labelled
+        assert 2 <= painted <= 6 and y.sum() <= painted
+
+
+def test_cmnist_splits_are_disjoint_and_pretraining_is_single_label():
+    images, digits, pre, ft, test, _ = D._cmnist_pools(D.DATA_SEED)
+    assert len(set(pre) | set(ft) | set(test)) == len(pre) + len(ft) + len(test) == len(images)
+    x, y = D.pretraining_data(50)
+    assert x.shape == (50, 3, 42, 42) and y.dtype == torch.int64 and int(y.max()) < D.CMNIST_CLASSES
+
+
+def test_pretrained_backbone_is_loaded(tmp_path):
+    from methods.common import Run
+    from methods.grloss.pretrain import pretrain_backbone
+    from methods.grloss.train import TrainConfig, train
+
+    path = str(tmp_path / "pre.pt")
+    rec = pretrain_backbone(path, epochs=1, n=40, batch_size=20, show_progress=False)
+    assert rec["epochs"] == 1 and 0 <= rec["heldout_acc"] <= 1
+    assert pretrain_backbone(path, epochs=5) == rec  # written once, reused
+    saved = torch.load(path, weights_only=False)["backbone"]
+    data = D.SPMLData("cmnist", torch.rand(12, 3, 42, 42), torch.eye(40)[:12], torch.eye(40)[:12],
+                      torch.rand(6, 3, 42, 42), torch.eye(40)[:6], torch.rand(6, 3, 42, 42), torch.eye(40)[:6])
+    cfg = TrainConfig(dataset="cmnist", loss="an", epochs=1, lr=1e-12, lr_mult=1.0, pretrained=path)
+    run = Run(str(tmp_path / "ft"), {})
+    res = train(cfg, run, show_progress=False, data=data)
+    run.close()
+    got = res["model"].backbone.state_dict()
+    first_conv = next(k for k in saved if k.endswith("weight"))
+    torch.testing.assert_close(got[first_conv], saved[first_conv], rtol=0, atol=1e-9)  # lr ~ 0: still the loaded weights
+
+
+def test_acceptance_summary_rank_and_best_baseline():
+    from methods.grloss.acceptance import summarize
+
+    means = {"full": 80.0, "an": 60.0, "em": 66.0, "gr": 65.0}
+    rows = [{"dataset": "cmnist", "loss": loss, "seed": s, "map": m + (s if loss == "gr" else 0.5 * s)}
+            for loss, m in means.items() for s in (0, 1, 2)]
+    sm = summarize(rows, ["cmnist"], ["full", "an", "em", "gr"], [0, 1, 2])["cmnist"]
+    assert sm["ranking"] == ["em", "gr", "an"] and sm["gr_rank"] == 2 and sm["best_baseline"] == "em"
+    # GR - EM per seed: -1 + 0.5 s -> (-1, -0.5, 0)
+    assert sm["gr_minus_best"]["mean"] == pytest.approx(-0.5) and sm["gr_minus_best"]["n"] == 3
+    assert sm["baseline_spread"] == pytest.approx(6.0)
+    assert sm["full_minus_best_sp"] == pytest.approx(80.5 - 66.5)
+    for r in rows:
+        assert {"dataset", "loss", "seed", "map"} <= set(r)
+
+
 def _run_cli(args, capsys=None):
     from methods.grloss.__main__ import main
 
@@ -404,6 +473,10 @@ def test_cli_rejects_bad_schedules(tmp_path, capsys):
     assert not os.path.exists(out)
     with pytest.raises(SystemExit):
         _run_cli(["--loss-arg", "alpha", "--out", out])
+    assert _run_cli(["--dataset", "cmnist", "--pretrained", str(tmp_path / "missing.pt"), "--out", out,
+                     "--no-progress"]) == 2
+    assert "--pretrained" in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
 def test_cli_help(capsys):

