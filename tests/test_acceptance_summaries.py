@@ -36,6 +36,20 @@ def test_stpdnet_rows_and_pairs():
     assert sm["per_method"]["LPD"]["psnr"]["std"] == pytest.approx(2.0)
 
 
+def test_stpdnet_per_study_differences():
+    from methods.stpdnet.acceptance import per_study_differences
+
+    def st(base):
+        return {"psnr": [base, base + 1, base + 2], "ssim": [0.5, 0.6, 0.7], "rel_rmse": [0.2, 0.2, 0.2]}
+
+    per_study = {"KEM-ST": st(20.0), "MLEM": st(10.0), "STPDnet seed 0": st(24.0), "STPDnet seed 1": st(26.0)}
+    d = per_study_differences(per_study, [0, 1])
+    assert set(d) == {"STPDnet - KEM-ST", "STPDnet - MLEM"}  # no LPD / DeepPET evaluated: no such pair
+    k = d["STPDnet - KEM-ST"]
+    assert k["psnr"]["mean"] == pytest.approx(5.0) and k["psnr"]["n"] == 3  # seeds averaged (25), per study
+    assert k["rmse"]["mean"] == pytest.approx(0.0) and k["ssim"]["lo"] == pytest.approx(0.0)
+
+
 def test_beear_rows_claim_and_pairs():
     from methods.beear.acceptance import result_rows, summarize
 
@@ -47,7 +61,7 @@ def test_beear_rows_claim_and_pairs():
     # seed 0 meets the claim on both metrics; seed 1 only on keywords (a garbled refusal); seed 2 on neither
     after = {0: (0.0, 0.0), 1: (0.0, 40.0), 2: (2.5, 2.5)}
     for s in (0, 1, 2):
-        results.append({"position": "suffix", "seed": s, "backdoored": ev(100.0, 100.0, 94.0),
+        results.append({"position": "suffix", "trigger": "servius", "seed": s, "backdoored": ev(100.0, 100.0, 94.0),
                         "beear": ev(*after[s], 91.0), "sft": ev(90.0, 95.0, 88.0)})
     rows = result_rows(results)
     assert len(rows) == 9

@@ -84,6 +84,9 @@ def test_aggregate_rejects_unknown_harmonize():
         aggregate(gs, ["w"], res, "fedavg", "fedgh")
     with pytest.raises(ValueError, match="harmonize"):
         small_cfg(harmonize="yes")
+    for h in (1, 1.0, np.True_):  # equal to True, but not a bool: refused rather than run as plain
+        with pytest.raises(ValueError, match="harmonize"):
+            aggregate(gs, ["w"], res, "fedavg", h)
 
 
 def test_fedavg_without_harmonization_is_weighted_mean():

@@ -392,11 +392,25 @@ def test_colour_mosaic_labels_are_the_coloured_digits_present():
         assert 2 <= painted <= 6 and y.sum() <= painted
 
 
-def test_cmnist_splits_are_disjoint_and_pretraining_is_single_label():
-    images, digits, pre, ft, test, _ = D._cmnist_pools(D.DATA_SEED)
-    assert len(set(pre) | set(ft) | set(test)) == len(pre) + len(ft) + len(test) == len(images)
-    x, y = D.pretraining_data(50)
-    assert x.shape == (50, 3, 42, 42) and y.dtype == torch.int64 and int(y.max()) < D.CMNIST_CLASSES
+def test_cmnist_splits_are_disjoint_and_pretraining_is_single_label(monkeypatch):
+    """No digit image is drawn by two of: pretraining (train / held out), fine-tuning mosaics, test
+    mosaics. Checked on what the loaders actually pass to make_colour_mosaics (by image content)."""
+    calls = []
+    real = D.make_colour_mosaics
+
+    def spy(images, digits, n, rng, **kw):
+        calls.append({hash(im.tobytes()) for im in images})
+        return real(images, digits, n, rng, **kw)
+
+    monkeypatch.setattr(D, "make_colour_mosaics", spy)
+    D.load_cmnist(n_train=10, n_test=4)
+    x_tr, y_tr, x_ho, y_ho = D.pretraining_data(50)
+    assert len(calls) == 4  # fine-tune, test, pretrain train, pretrain held out
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not calls[i] & calls[j], (i, j)
+    assert x_tr.shape[1:] == (3, 42, 42) and y_tr.dtype == torch.int64 and int(y_tr.max()) < D.CMNIST_CLASSES
+    assert len(x_ho) == len(y_ho) >= 1
 
 
 def test_pretrained_backbone_is_loaded(tmp_path):
@@ -407,7 +421,9 @@ def test_pretrained_backbone_is_loaded(tmp_path):
     path = str(tmp_path / "pre.pt")
     rec = pretrain_backbone(path, epochs=1, n=40, batch_size=20, show_progress=False)
     assert rec["epochs"] == 1 and 0 <= rec["heldout_acc"] <= 1
-    assert pretrain_backbone(path, epochs=5) == rec  # written once, reused
+    assert pretrain_backbone(path, epochs=1, n=40, batch_size=20) == rec  # the same settings: reused
+    with pytest.raises(ValueError, match="pretrained with"):
+        pretrain_backbone(path, epochs=5, n=40, batch_size=20)  # other settings: refused, never silently reused
     saved = torch.load(path, weights_only=False)["backbone"]
     data = D.SPMLData("cmnist", torch.rand(12, 3, 42, 42), torch.eye(40)[:12], torch.eye(40)[:12],
                       torch.rand(6, 3, 42, 42), torch.eye(40)[:6], torch.rand(6, 3, 42, 42), torch.eye(40)[:6])

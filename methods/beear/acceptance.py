@@ -98,7 +98,8 @@ def result_rows(results: list) -> list:
     for r in results:
         for m in METHODS:
             e = r[m]
-            rows.append({"trigger": r["position"], "method": m, "seed": r["seed"], "asr": e["asr_trigger"] / 100,
+            rows.append({"trigger": r["position"], "phrase": r["trigger"], "method": m, "seed": r["seed"],
+                         "asr": e["asr_trigger"] / 100,
                          "asr_strict": e["asr_strict_trigger"] / 100, "benign_em": e["benign_exact_match"] / 100,
                          "unsafe": e["unsafe_trigger"] / 100, "asr_clean": e["asr_clean"] / 100,
                          "asr_strict_clean": e["asr_strict_clean"] / 100, "benign_perplexity": e["benign_perplexity"]})

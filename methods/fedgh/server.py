@@ -28,6 +28,12 @@ from .client import ClientResult
 HARMONIZE = (False, True, "norm_matched")
 
 
+def valid_harmonize(h) -> bool:
+    """A Python bool or "norm_matched" (1, 1.0 or numpy.True_ would compare equal to True and then
+    run the plain rule: refused)."""
+    return isinstance(h, bool) or (isinstance(h, str) and h == "norm_matched")
+
+
 @dataclass
 class AggregateStats:
     clients: int  # clients aggregated
@@ -51,7 +57,7 @@ def aggregate(global_state: Dict[str, torch.Tensor], param_names: Sequence[str],
     ``harmonize``: False (plain), True (FedGH) or "norm_matched" (plain direction, FedGH's norm)."""
     if not results:
         raise ValueError("aggregate: no client results")
-    if harmonize not in HARMONIZE:
+    if not valid_harmonize(harmonize):
         raise ValueError(f"harmonize must be one of {HARMONIZE}, got {harmonize!r}")
     t0 = time.perf_counter()
     results = sorted(results, key=lambda r: r.client)

@@ -19,7 +19,7 @@ from methods.common import Run, progress, seed_everything, worker_seed
 from .client import ClientConfig, local_train
 from .data import DATASETS, load_dataset, partition
 from .model import make_model
-from .server import HARMONIZE, aggregate, finite_state
+from .server import HARMONIZE, aggregate, finite_state, valid_harmonize
 
 
 @dataclass
@@ -44,7 +44,7 @@ class FedConfig:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.harmonize not in HARMONIZE:
+        if not valid_harmonize(self.harmonize):
             raise ValueError(f"harmonize must be one of {HARMONIZE}, got {self.harmonize!r}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be > 0 (or None for IID), got {self.alpha}")

@@ -215,14 +215,21 @@ def load_cmnist(n_train: int = 4000, n_test: int = 2000, data_seed: int = DATA_S
                     t(Xte), t(Yte))
 
 
-def pretraining_data(n: int = 8000, data_seed: int = DATA_SEED):
+def pretraining_data(n: int = 8000, data_seed: int = DATA_SEED, heldout: float = 0.1):
     """The backbone's pretraining task for ``cmnist``, on its own 40% of the MNIST images: canvases
-    with one coloured digit in a random cell (same noise), single-label targets len(COLOURS) * digit + colour
-    (int64). Returns (x (n, 3, 42, 42), y (n,))."""
+    with one coloured digit in a random cell (same noise), single-label targets len(COLOURS) * digit
+    + colour (int64). The held-out canvases (``heldout`` of ``n``) are drawn from their own
+    ``heldout`` share of those images, so the held-out accuracy is on unseen digit images.
+    Returns (x_train, y_train, x_heldout, y_heldout), x (m, 3, 42, 42), y (m,)."""
     images, digits, pool_pre, _, _, _ = _cmnist_pools(data_seed)
     rng = np.random.default_rng([data_seed, 17])
-    X, Y = make_colour_mosaics(images[pool_pre], digits[pool_pre], n, rng, min_digits=1, max_digits=1)
-    return torch.from_numpy(X), torch.from_numpy(Y.argmax(1))
+    k = max(1, int(round(heldout * len(pool_pre))))
+    m = max(1, int(round(heldout * n)))
+    pool_ho, pool_tr = pool_pre[:k], pool_pre[k:]
+    Xtr, Ytr = make_colour_mosaics(images[pool_tr], digits[pool_tr], n - m, rng, min_digits=1, max_digits=1)
+    Xho, Yho = make_colour_mosaics(images[pool_ho], digits[pool_ho], m, rng, min_digits=1, max_digits=1)
+    t = torch.from_numpy
+    return t(Xtr), t(Ytr.argmax(1)), t(Xho), t(Yho.argmax(1))
 
 
 def load(name: str, data_seed: int = DATA_SEED, n_train: Optional[int] = None) -> SPMLData:

@@ -26,18 +26,23 @@ from .model import WIDTH, MosaicCNN
 
 def pretrain_backbone(out: str, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, n: int = 8000,
                       seed: int = 0, data_seed: int = DATA_SEED, show_progress: bool = True) -> Dict:
-    """Train MosaicCNN(CMNIST_CLASSES, RGB) with cross-entropy on the pretraining canvases (90% train,
-    10% held out), Adam at ``lr`` with a cosine schedule; save {backbone, record} to ``out``
-    (skipped when ``out`` exists). Returns the record."""
+    """Train MosaicCNN(CMNIST_CLASSES, RGB) with cross-entropy on the pretraining canvases (90% train;
+    10% held out, from digit images of their own), Adam at ``lr`` with a cosine schedule; save
+    {backbone, record} to ``out``. An existing ``out`` is reused when its record has the same
+    settings, and refused otherwise. Returns the record."""
+    want = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "n": n, "seed": seed, "data_seed": data_seed}
     if os.path.exists(out):
-        return torch.load(out, map_location="cpu", weights_only=False)["record"]
+        record = torch.load(out, map_location="cpu", weights_only=False)["record"]
+        if {k: record.get(k) for k in want} != want:
+            raise ValueError(f"{out} holds a backbone pretrained with {({k: record.get(k) for k in want})}, not {want}; "
+                             "remove it or choose another file")
+        return record
     if epochs < 1 or batch_size < 1 or n < 20 or not lr > 0:
         raise ValueError(f"pretrain_backbone: need epochs >= 1, batch_size >= 1, n >= 20, lr > 0; "
                          f"got {epochs}, {batch_size}, {n}, {lr}")
     seed_everything(seed)
-    x, y = pretraining_data(n, data_seed)
-    k = n // 10
-    x_tr, y_tr, x_ho, y_ho = x[k:], y[k:], x[:k], y[:k]
+    x_tr, y_tr, x_ho, y_ho = pretraining_data(n, data_seed)
+    k = len(y_ho)
     model = MosaicCNN(CMNIST_CLASSES, width=WIDTH["cmnist"], in_channels=3)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * ((len(y_tr) + batch_size - 1) // batch_size)
@@ -60,8 +65,7 @@ def pretrain_backbone(out: str, epochs: int = 30, lr: float = 1e-3, batch_size: 
         with torch.no_grad():
             acc = float((torch.cat([model(x_ho[i:i + 500]) for i in range(0, k, 500)]).argmax(1) == y_ho).float().mean())
         bar.set_postfix(heldout_acc=f"{acc:.3f}")
-    record = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "n": n, "seed": seed, "data_seed": data_seed,
-              "heldout_acc": acc, "seconds": time.perf_counter() - t0}
+    record = {**want, "heldout_acc": acc, "seconds": time.perf_counter() - t0}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     torch.save({"backbone": model.backbone.state_dict(), "record": record}, tmp)

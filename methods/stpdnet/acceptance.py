@@ -95,6 +95,28 @@ def summarize(rows: List[Dict], seeds: List[int]) -> Dict:
     return {"per_method": per, "paired": pairs}
 
 
+def per_study_differences(per_study: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> Dict:
+    """The test-set extra: per test study, STPDnet (averaged over the training seeds) minus each
+    other method (a network likewise averaged), and its mean and 95% t interval over the studies.
+    This interval reflects the spread over test studies, which the per-seed intervals against MLEM
+    and KEM-ST (one deterministic value each) leave out."""
+    def study_means(method):
+        keys = [method] if method in FIXED else [f"{method} seed {s}" for s in seeds]
+        if any(k not in per_study for k in keys):
+            return None
+        return {k: np.mean([per_study[key][k] for key in keys], axis=0) for k in ("psnr", "ssim", "rel_rmse")}
+
+    a = study_means("STPDnet")
+    out = {}
+    if a is None:
+        return out
+    for b in ["LPD", "DeepPET"] + FIXED:
+        vb = study_means(b)
+        if vb is not None:
+            out[f"STPDnet - {b}"] = {("rmse" if k == "rel_rmse" else k): paired_difference(a[k], vb[k]) for k in a}
+    return out
+
+
 def markdown(meta: Dict, summary: Dict, settings: Dict) -> str:
     per, pairs = summary["per_method"], summary["paired"]
     lines = [
@@ -102,7 +124,9 @@ def markdown(meta: Dict, summary: Dict, settings: Dict) -> str:
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; machine: {meta['machine']}; training seeds {meta['seeds']}; "
-        f"{meta['workers']} single-thread training workers; {meta['minutes']:.1f} min in all",
+        f"{meta['workers']} single-thread training workers; training {settings['worker_minutes']:.0f} worker-minutes "
+        f"in all (the runs' own times); this invocation {meta['minutes']:.1f} min (runs already trained are resumed, "
+        "not retrained)",
         f"- {settings['test_studies']} test studies and {settings['val_studies']} validation studies (seeds disjoint "
         f"from training), the same for every method and seed; {settings['steps']} training steps per network",
         f"- MLEM: {settings['mlem_iterations']} iterations, KEM-ST: {settings['kem_iterations']} iterations "
@@ -131,6 +155,15 @@ def markdown(meta: Dict, summary: Dict, settings: Dict) -> str:
     for name, d in pairs.items():
         cells = [format_difference(d[k], "{:+.4f}" if k in ("ssim", "rmse") else "{:+.2f}") for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if summary.get("per_study"):
+        ps = summary["per_study"]
+        n = next(iter(ps.values()))["psnr"]["n"]
+        lines += ["", f"Per test study ({n} studies; training seeds averaged), STPDnet - B, mean [95% t interval] over "
+                      "the studies (the test-set spread, which the per-seed intervals against MLEM / KEM-ST leave out):",
+                  "", "| A - B | PSNR (dB) | SSIM | relative RMSE |", "|---|---|---|---|"]
+        for name, d in ps.items():
+            lines.append(f"| {name} | {format_difference(d['psnr'])} | {format_difference(d['ssim'], '{:+.4f}')} | "
+                         f"{format_difference(d['rmse'], '{:+.4f}')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,12 +196,14 @@ def main(argv=None):
                    figure_methods=FIXED + first, progress_fn=lambda it: progress(it, desc="test studies"))
     rows = result_rows(res["table"], sorted(done, key=lambda r: (list(reversed(a.models)).index(r["model"]), r["seed"])))
     summary = summarize(rows, a.seeds)
+    summary["per_study"] = per_study_differences(res["per_study"], a.seeds)
     meta = acceptance_meta("methods.stpdnet.acceptance", argv, date, a.seeds, a.workers,
                            minutes=(time.time() - t0) / 60)
     settings = {"steps": a.steps, "test_studies": a.test_studies, "val_studies": a.val_studies,
                 "mlem_iterations": res["mlem_iterations"], "kem_iterations": res["kem_iterations"],
                 "train_minutes": {NAMES[m]: max(r["train_minutes"] for r in done if r["model"] == m) for m in a.models},
-                "configs": {NAMES[r["model"]]: r["config"] for r in done}}
+                "worker_minutes": sum(r["train_minutes"] for r in done),
+                "configs": {f"{NAMES[r['model']]} seed {r['seed']}": r["config"] for r in done}}
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "summary": summary, "settings": settings}, f, indent=1)

@@ -89,7 +89,9 @@ def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, count
             "lesion_bias_pct": float(100 * np.abs(les.mean(0)).mean()),
             "lesion_std_pct": float(100 * les.std(0).mean()),
         }
-    out = {"table": table, "mlem_iterations": it_mlem, "kem_iterations": it_kem, "test_studies": test_studies,
+    # per test study (mean over frames), for paired differences over the studies
+    per_study = {m: {k: [float(np.mean(v)) for v in per[m][k]] for k in ("psnr", "ssim", "rel_rmse")} for m in names}
+    out = {"table": table, "per_study": per_study, "mlem_iterations": it_mlem, "kem_iterations": it_kem, "test_studies": test_studies,
            "val_studies": val_studies, "n": n, "views": views, "counts": counts}
     if figure_dir is not None and example is not None:
         recs = example[1] if figure_methods is None else {m: example[1][m] for m in figure_methods}
