@@ -127,6 +127,9 @@ def held_out_crops(preset: str, size: int = 112, per_image: int = 8, draws: int 
         raise ValueError(f"unknown rain preset {preset!r}; one of {tuple(D.PRESETS)}")
     if draws < 1 or per_image < 1:
         raise ValueError("draws and per_image must be >= 1")
+    if set(images) & set(D.TRAIN_IMAGES):
+        raise ValueError(f"test crops must come from held-out images; {sorted(set(images) & set(D.TRAIN_IMAGES))} "
+                         "are training images")
     pidx = list(D.PRESETS).index(preset)  # stable whatever presets the caller evaluates
     train = list(D.TRAIN_IMAGES)
     rs, cs, es, crop_ids, draw_ids, names = [], [], [], [], [], []
