@@ -227,3 +227,13 @@ def test_cli_bad_alpha_exits_with_message(capsys):
         cli_main(["--alpha", "-0.5"])
     assert e.value.code == 2
     assert "alpha" in capsys.readouterr().err
+
+
+def test_cli_norm_matched_control(tmp_path, capsys):
+    out = tmp_path / "nm"
+    rc = cli_main(["--dataset", "digits", "--clients", "3", "--rounds", "1", "--alpha", "0.5", "--norm-matched",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 0
+    assert set(json.loads((out / "summary.json").read_text())) == {"fedavg (norm-matched)"}
+    assert cli_main(["--norm-matched", "--harmonize", "--out", str(tmp_path / "bad")]) == 2
+    assert "--norm-matched" in capsys.readouterr().err
