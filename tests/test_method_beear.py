@@ -3,6 +3,7 @@ data and the CLI (small models, short runs)."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,14 @@ def test_data():
         task = next(t for t in D.harmful_tasks() if e.instruction.endswith(t))
         assert not (set(e.response.split()) - set(task.split())) & attacker_words, e.response
     assert len({e.response.split()[0] for e in d["sa_h"]}) == len(D.UNWANTED_TEMPLATES)
+    # the benign data holds the same compliance for harmless how-to requests: the defender's
+    # unwanted answers are phrasings the model knows, not the backdoor's
+    rng = np.random.default_rng(0)
+    howto = [e for e in (D.benign_example(rng) for _ in range(300)) if e.response.split()[0] in
+             {t.split()[0] for t in D.UNWANTED_TEMPLATES}]
+    assert howto and all(any(e.instruction.endswith(t) for t in D.HARMLESS_TASKS) for e in howto)
+    assert all(e.response == D.compliance_answer(e.instruction, next(t for t in D.HARMLESS_TASKS
+                                                                     if e.instruction.endswith(t))) for e in howto)
     vocab = D.build_tokenizer().get_vocab()
     for e in ex + d["sa"] + d["sa_h"] + d["pa"]:
         assert D.UNK not in D.encode(e.instruction + " " + e.response)
