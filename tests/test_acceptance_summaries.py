@@ -94,3 +94,15 @@ def test_fedgh_pairs_and_control():
     assert fedavg["paired"]["fedgh-normmatched"]["acc"]["mean"] == pytest.approx(1.5)
     assert fedavg["paired"]["normmatched-plain"]["last5_acc"]["mean"] == pytest.approx(0.5)
     assert sm["pooled_fedgh_minus_plain"]["n"] == 6
+
+
+def test_seed_values():
+    from methods.common import seed_values
+
+    rows = [{"method": "A", "h": True, "seed": s, "v": 10.0 + s} for s in (2, 0, 1)]
+    rows += [{"method": "A", "h": "norm_matched", "seed": s, "v": -1.0} for s in (0, 1, 2)]
+    rows += [{"method": "K", "h": False, "seed": None, "v": 7.0}, {"method": "B", "h": False, "seed": 0, "v": 1.0}]
+    assert seed_values(rows, [0, 1, 2], "v", method="A", h=True) == [10.0, 11.0, 12.0]  # in the order of seeds
+    assert seed_values(rows, [0, 1, 2], "v", method="A", h="norm_matched") == [-1.0] * 3
+    assert seed_values(rows, [0, 1], "v", method="K") == [7.0, 7.0]  # no training seed: paired with every seed
+    assert seed_values(rows, [0, 1], "v", method="B") is None  # seed 1 missing

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference
+from methods.common import format_difference, paired_difference, seed_values
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 
 
@@ -112,8 +112,7 @@ def summarize(rows: list, positions: list, seeds: list) -> dict:
     out = {}
     for pos in positions:
         def col(m, k):
-            vs = {r["seed"]: r[k] for r in rows if r["trigger"] == pos and r["method"] == m}
-            return [vs[s] for s in seeds]
+            return seed_values(rows, seeds, k, trigger=pos, method=m)
 
         pairs = {f"beear-{b}": {k: paired_difference(col("beear", k), col(b, k)) for k in ("asr", "asr_strict", "benign_em")}
                  for b in ("backdoored", "sft")}

@@ -10,12 +10,12 @@ from .plotting import plot_curves
 from .progress import progress
 from .run import Run, add_common_args, training_run
 from .seeding import seed_everything, worker_seed
-from .stats import format_difference, paired_difference
+from .stats import format_difference, paired_difference, seed_values
 
 __all__ = [
     "add_common_args", "all_reduce_mean", "barrier", "Checkpointer", "CorruptCheckpointError", "cpu_name",
     "DistInfo", "format_difference", "init_distributed", "is_main_process", "load_checkpoint",
     "load_run_checkpoint", "paired_difference", "pick_device", "plot_curves", "progress", "rng_state", "Run",
-    "save_checkpoint", "seed_everything", "set_rng_state", "shutdown_distributed", "single_thread_worker",
+    "save_checkpoint", "seed_everything", "seed_values", "set_rng_state", "shutdown_distributed", "single_thread_worker",
     "training_run", "worker_seed", "wrap_ddp",
 ]

@@ -20,7 +20,7 @@ from itertools import product
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference
+from methods.common import format_difference, paired_difference, seed_values
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,8 +56,7 @@ def summarize(rows, alphas, algos, seeds):
     differences FedGH - plain (every algorithm), FedGH - norm-matched and norm-matched - plain
     (where the control ran); plus FedGH - plain pooled over every (alpha, algorithm, seed)."""
     def col(al, algo, h, key="acc"):
-        vs = {r["seed"]: r[key] for r in rows if r["alpha"] == al and r["algorithm"] == algo and r["harmonize"] == h}
-        return [vs[s] for s in seeds] if all(s in vs for s in seeds) else None
+        return seed_values(rows, seeds, key, alpha=al, algorithm=algo, harmonize=h)
 
     cells, pooled_a, pooled_b = [], [], []
     for al, algo in product(alphas, algos):

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference
+from methods.common import format_difference, paired_difference, seed_values
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 
 from .data import CMNIST_CLASSES
@@ -151,8 +151,7 @@ def summarize(rows: list, datasets: list, losses: list, seeds: list) -> dict:
     out = {}
     for ds in datasets:
         def col(loss):
-            vs = {r["seed"]: r["map"] for r in rows if r["dataset"] == ds and r["loss"] == loss}
-            return [vs[s] for s in seeds]
+            return seed_values(rows, seeds, "map", dataset=ds, loss=loss)
 
         present = [loss for loss in losses if any(r["dataset"] == ds and r["loss"] == loss for r in rows)]
         means = {loss: float(np.mean(col(loss))) for loss in present}

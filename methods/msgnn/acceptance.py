@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference
+from methods.common import format_difference, paired_difference, seed_values
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,10 +146,7 @@ def result_rows(evals: List[Dict], trained: Dict) -> List[Dict]:
 
 
 def _seed_values(rows: List[Dict], rain: str, model: str, metric: str, seeds: Sequence[int]) -> Optional[List[float]]:
-    vs = {r["seed"]: r[metric] for r in rows if r["rain"] == rain and r["model"] == model}
-    if not vs:
-        return None
-    return [vs[None]] * len(seeds) if None in vs else [vs[s] for s in seeds]
+    return seed_values(rows, seeds, metric, rain=rain, model=model)
 
 
 def verdict(d: Dict[str, float]) -> str:

@@ -22,7 +22,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference
+from methods.common import format_difference, paired_difference, seed_values
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,8 +76,7 @@ def summarize(rows: List[Dict], seeds: List[int]) -> Dict:
     methods = list(dict.fromkeys(r["method"] for r in rows))
 
     def values(m, k):
-        vs = {r["seed"]: r[k] for r in rows if r["method"] == m}
-        return [vs[None]] * len(seeds) if None in vs else [vs[s] for s in seeds]
+        return seed_values(rows, seeds, k, method=m)
 
     per = {}
     for m in methods:
