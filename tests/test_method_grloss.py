@@ -452,6 +452,30 @@ def test_acceptance_summary_rank_and_best_baseline():
         assert {"dataset", "loss", "seed", "map"} <= set(r)
 
 
+def test_acceptance_final_jobs_take_the_grid_choice():
+    """The reported runs carry the grid's chosen setting (its name, GR's schedule, a baseline's
+    argument) where the grid chose one, and the default setting elsewhere; the grid's record
+    holds a 'setting' key, which must replace the default, not collide with it."""
+    from methods.grloss.acceptance import final_jobs, grid_jobs
+
+    base = {"out": "o"}
+    grid = grid_jobs("yeast", ["gr", "em", "an"], base, 100)
+    pick_gr = next(j for j in grid if j["loss"] == "gr" and j["setting"] != "voc")
+    pick_em = next(j for j in grid if j["loss"] == "em")
+    chosen = {("yeast", "gr"): {k: pick_gr[k] for k in ("setting", "gr")},
+              ("yeast", "em"): {k: pick_em[k] for k in ("setting", "loss_args")}}
+    jobs = final_jobs(["yeast"], ["gr", "em", "an"], [0, 1, 2], base, chosen)
+    assert len(jobs) == 9 and {j["seed"] for j in jobs} == {0, 1, 2}
+    for j in jobs:
+        assert j["out"] == "o" and j["dataset"] == "yeast"
+        if j["loss"] == "gr":
+            assert j["setting"] == pick_gr["setting"] and j["gr"] == pick_gr["gr"]
+        elif j["loss"] == "em":
+            assert j["setting"] == pick_em["setting"] and j["loss_args"] == pick_em["loss_args"]
+        else:
+            assert j["setting"] == "default" and "gr" not in j and "loss_args" not in j
+
+
 def _run_cli(args, capsys=None):
     from methods.grloss.__main__ import main
 

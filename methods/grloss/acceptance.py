@@ -143,6 +143,13 @@ def grid_jobs(dataset: str, losses, base: dict, seed: int) -> list:
     return jobs
 
 
+def final_jobs(datasets, losses, seeds, base: dict, chosen: dict) -> list:
+    """The reported runs: every (dataset, loss, seed), with the grid's chosen ``{setting, gr?,
+    loss_args?}`` for that (dataset, loss) where there is one, else the loss's default setting."""
+    return [dict(base, dataset=ds, loss=loss, seed=seed, **{"setting": "default", **chosen.get((ds, loss), {})})
+            for ds in datasets for loss in losses for seed in seeds]
+
+
 def summarize(rows: list, datasets: list, losses: list, seeds: list) -> dict:
     """Per dataset: mean / std of test mAP per loss; GR's rank among the single-positive losses (1 =
     best mean); the best baseline (highest mean test mAP, the comparison least favourable to GR)
@@ -211,8 +218,7 @@ def main(argv=None) -> int:
                 best = max(cands, key=lambda r: r["val_map"])
                 chosen[(ds, loss)] = {k: best[k] for k in ("setting", "gr", "loss_args") if k in best}
                 print(f"[select] {ds} {loss}: {best['setting']} (val mAP {best['val_map']:.2f})", flush=True)
-    final = [dict(base, dataset=ds, loss=loss, seed=seed, setting="default", **chosen.get((ds, loss), {}))
-             for ds in a.datasets for loss in a.losses for seed in a.seeds]
+    final = final_jobs(a.datasets, a.losses, a.seeds, base, chosen)
     final_res = run_jobs(run_job, final, a.workers, lambda r: f"[run] {r['dataset']} {r['loss']} seed {r['seed']} "
                          f"({r['setting']}): test mAP {r['test_map']:.2f}, val {r['val_map']:.2f}, "
                          f"{r['epochs_run']} epochs, {r['seconds']:.0f} s")
