@@ -220,7 +220,9 @@ def markdown(meta: Dict, summary: Dict, settings: Dict, timing: Optional[Dict]) 
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; machine: {meta['machine']}; training seeds {meta['seeds']}; "
-        f"{meta['workers']} single-thread worker processes; {meta['minutes']:.1f} min in all",
+        f"{meta['workers']} single-thread worker processes; this invocation {meta['minutes']:.1f} min (runs trained "
+        "or evaluated before are resumed or reused; the training minutes per model below are the runs' own, "
+        "summed across resumes)",
         f"- training: {tr['steps']} steps of batch {tr['batch']}, {tr['crop']} x {tr['crop']} crops of light + heavy "
         f"rain ({tr['train_draws']} draws per training image and preset), -SSIM, Adam {tr['lr']:g}, x0.1 at steps "
         f"{', '.join(str(m) for m in tr['milestones'])}; width {tr['channels']} channels, {tr['groups']} groups of "
