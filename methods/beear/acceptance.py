@@ -32,6 +32,12 @@ METHODS = {"backdoored": "backdoored", "beear": "after BEEAR", "sft": "after saf
 CLAIM_BEFORE, CLAIM_AFTER = 0.95, 0.01  # the paper: "from over 95% to <1%"
 
 
+def _train_minutes(rows: list, t0: float) -> float:
+    """Training minutes of a run: its folder's cumulative ``seconds`` (summed across resumes,
+    evaluation excluded), else the wall time since ``t0``."""
+    return (rows[-1]["seconds"] if rows else time.perf_counter() - t0) / 60
+
+
 def run_job(job: dict) -> dict:
     import torch
 
@@ -50,9 +56,7 @@ def run_job(job: dict) -> dict:
     train_backdoor(cfg, run, show_progress=False)
     rows = run.rows
     run.close()
-    # training minutes from the run folder's cumulative seconds (summed across resumes, evaluation excluded)
-    minutes = {"backdoor": rows[-1]["seconds"] / 60 if rows else (time.perf_counter() - t0) / 60}
-    result = {"position": pos, "seed": seed, "trigger": phrase, "minutes": minutes}
+    result = {"position": pos, "seed": seed, "trigger": phrase, "minutes": {"backdoor": _train_minutes(rows, t0)}}
     model, _ = load_model(os.path.join(folder, "backdoor"))
     result["backdoored"] = evaluate(model, phrase, pos)
     for method in ("beear", "sft"):
@@ -63,7 +67,7 @@ def run_job(job: dict) -> dict:
         rows = defend(model, BEEARConfig(perturb=method == "beear", seed=seed, rounds=job.get("rounds", 10)), run, show_progress=False,
                       eval_fn=lambda m: evaluate(m, phrase, pos))
         run.close()
-        result["minutes"][method] = rows[-1]["seconds"] / 60 if rows else (time.perf_counter() - t0) / 60
+        result["minutes"][method] = _train_minutes(rows, t0)
         result[method] = evaluate(model, phrase, pos)
         result[method + "_rounds"] = [{k: r[k] for k in ("round",) + METRICS if k in r} for r in rows]
     return result
