@@ -173,11 +173,20 @@ if triton is not None:
         c = tl.where(sd > 0, tl.load(gs_ptr + t).to(dt) / ((n - 1) * tl.where(sd > 0, sd, 1.0)), 0.0)
         m = tl.load(mean_ptr + t).to(dt)
         off = b * T * T + k
+        # the diagonal's exact mean is m + r, r = mean_i (S - m): the saved mean is rounded to
+        # float32 for float32 maps, which alone would cost S - mean most of its digits where
+        # std << |mean| (S - m is small there, so r sums accurately in float32)
+        acc = tl.zeros([BLOCK], dtype=dt)
+        for i0 in range(0, n, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            x = tl.load(s_ptr + off + i * (T + 1), mask=i < n, other=0.0).to(dt)
+            acc += tl.where(i < n, x - m, 0.0)
+        r = tl.sum(acc, axis=0) / n
         for i0 in range(0, n, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
             j = off + i * (T + 1)
             x = tl.load(s_ptr + j, mask=i < n, other=0.0).to(dt)
-            tl.store(out_ptr + j, (a + c * (x - m)).to(out_ptr.dtype.element_ty), mask=i < n)
+            tl.store(out_ptr + j, (a + c * ((x - m) - r)).to(out_ptr.dtype.element_ty), mask=i < n)
 
 
 _TRITON_BLOCK = 128

@@ -33,10 +33,35 @@ def test_matches_reference_and_gradients(B, T, K, dtype):
         return
     gm, gs = torch.randn_like(mean), torch.randn_like(std)
     (g,) = torch.autograd.grad((mean * gm).sum() + (std * gs).sum(), S1)
-    (gr,) = torch.autograd.grad((rm * gm).sum() + (rs * gs).sum(), S2)
+    # the oracle: the reference in float64 on the same values (the float32 reference's own error
+    # grows like eps |mean| / std, unbounded where a diagonal's entries nearly agree, e.g. T = 2)
+    S3 = S.double().requires_grad_()
+    dm, ds = reference.diagonal_stats(S3, K)
+    (gr,) = torch.autograd.grad((dm * gm.double()).sum() + (ds * gs.double()).sum(), S3)
     assert g.dtype == dtype
+    # the op's gradient: float64 statistics, then A + C (S - mean) in float32 (float64 for
+    # float64) rounded to the maps' dtype: a few ulps of the largest term, 1 ulp of the output type
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-5 if dtype == torch.float32 else 1e-12)
-    torch.testing.assert_close(g.double(), gr.double(), rtol=tol, atol=tol * gr.abs().max().item())
+    torch.testing.assert_close(g.double(), gr, rtol=tol, atol=tol * gr.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_std_gradient_keeps_its_digits_when_std_is_far_below_the_mean(dtype):
+    # diagonals of entries 3 + 1e-4 noise: the float32-rounded mean is off by up to 1.2e-7, 1e-3 of
+    # the deviations S - mean; a backward that took the saved mean as exact lost those digits
+    # (relative error ~1e-3; CI caught it at 9e-5 on a T = 2 map whose two entries agreed to 1e-3)
+    B, T = 3, 17
+    S = (3.0 + 1e-4 * torch.randn(B, T, T, dtype=torch.float64)).to(dtype)
+    S1, S2 = S.clone().requires_grad_(), S.double().requires_grad_()
+    mean, std = pyops.diagonal_stats(S1)
+    dm, ds = reference.diagonal_stats(S2)
+    gs = torch.randn_like(ds)
+    (g,) = torch.autograd.grad((std * gs.to(std.dtype)).sum(), S1)
+    (gr,) = torch.autograd.grad((ds * gs).sum(), S2)
+    # S - mean is exact in float32 here (Sterbenz: S within a factor 2 of the pivot), so the
+    # gradient is a few float32 ulps of itself
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(g.double(), gr, rtol=tol, atol=tol * gr.abs().max().item())
 
 
 def test_matches_the_double_loop_definition():

@@ -158,3 +158,18 @@ def test_triton_diagonal_stats_matches_reference(B, T, K, dtype):
     assert g.dtype == dtype and g.shape == S.shape
     gtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(g.double(), gr.double(), rtol=gtol, atol=gtol * gr.abs().max().item())
+
+
+@pytest.mark.parametrize("T", [2, 140])
+def test_triton_diagonal_stats_std_gradient_when_std_is_far_below_the_mean(T):
+    # entries 3 + 1e-4 noise: the float32 mean is off by up to 1e-3 of the deviations; the
+    # kernel's correction pass (mean of S - mean) restores them (see test_diagonal_stats.py)
+    S64 = 3.0 + 1e-4 * torch.randn(2, T, T, dtype=torch.float64)
+    S = S64.float()
+    mean, std = dsm.triton_diagonal_stats_fwd(S, T - 1)
+    Sr = S.double().requires_grad_()
+    rm, rs = reference.diagonal_stats(Sr, T - 1)
+    gs = torch.randn_like(rs)
+    g = dsm.triton_diagonal_stats_bwd(torch.zeros_like(std), gs.float(), S, mean, std)
+    (gr,) = torch.autograd.grad((rs * gs).sum(), Sr)
+    torch.testing.assert_close(g.double(), gr, rtol=1e-5, atol=1e-5 * gr.abs().max().item())

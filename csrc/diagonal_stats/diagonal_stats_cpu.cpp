@@ -2,8 +2,11 @@
 //
 // Forward: one task per map; two row-wise passes (sums, then squared deviations from the mean,
 // both in float64): row i contributes S[i, i + k] to lag k, a contiguous run of the row.
-// Backward: one task per block of rows; every entry of a row is written once (the lag's
-// A_k + C_k (S - M_k) on the diagonals k < K, zero elsewhere), contiguously.
+// Backward: first, per map, the exact (float64) diagonal means as the saved mean M_k plus a
+// correction R_k = mean_i (S[i, i + k] - M_k) (the saved mean is rounded to float32 for float32
+// maps: where std_k << |mean_k| that rounding alone would cost S - mean_k, and so the std's
+// gradient, most of its digits); then one task per block of rows, every entry of a row written
+// once (the lag's A_k + C_k ((S - M_k) - R_k) on the diagonals k < K, zero elsewhere).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -103,15 +106,34 @@ at::Tensor diagonal_stats_bwd_cpu(const at::Tensor& g_mean_in, const at::Tensor&
   const at::Tensor gm = g_mean_in.to(at::kDouble).contiguous(), gs = g_std_in.to(at::kDouble).contiguous();
   const at::Tensor mu = mean_in.to(at::kDouble).contiguous(), sd = std_in.to(at::kDouble).contiguous();
   at::Tensor grad = at::empty_like(maps, at::MemoryFormat::Contiguous);
+  at::Tensor corr = at::empty({B, K}, maps.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "diagonal_stats_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* s = maps.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
+    double* pr = corr.data_ptr<double>();
     const double *pgm = gm.data_ptr<double>(), *pgs = gs.data_ptr<double>();
     const double *pmu = mu.data_ptr<double>(), *psd = sd.data_ptr<double>();
-    // rows in parallel; per map, the lag coefficients once: grad = A_k + C_k (S - M_k) on lag k
+    // per map: R_k = mean_i (S[i, i + k] - M_k) in float64, so that M_k + R_k is the diagonal's
+    // mean to float64 precision whatever the precision of the saved mean
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        double* r = pr + b * K;
+        const double* m = pmu + b * K;
+        std::fill(r, r + K, 0.0);
+        const scalar_t* S = s + b * T * T;
+        for (int64_t i = 0; i < T; ++i) {
+          const scalar_t* row = S + i * T + i;
+          const int64_t w = std::min(K, T - i);
+          for (int64_t k = 0; k < w; ++k) r[k] += static_cast<double>(row[k]) - m[k];
+        }
+        for (int64_t k = 0; k < K; ++k) r[k] /= static_cast<double>(T - k);
+      }
+    });
+    // rows in parallel; per map, the lag coefficients once: grad = A_k + C_k ((S - M_k) - R_k) on
+    // lag k (S - M_k is exact or nearly so where it matters, S close to M_k)
     at::parallel_for(0, B * T, 64, [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> A(K), C(K), M(K);
+      std::vector<acc_t> A(K), C(K), M(K), R(K);
       int64_t cur = -1;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / T, i = r % T;
@@ -121,6 +143,7 @@ at::Tensor diagonal_stats_bwd_cpu(const at::Tensor& g_mean_in, const at::Tensor&
             A[k] = static_cast<acc_t>(pgm[t] / static_cast<double>(n));
             C[k] = static_cast<acc_t>(psd[t] > 0 ? pgs[t] / (static_cast<double>(n - 1) * psd[t]) : 0.0);
             M[k] = static_cast<acc_t>(pmu[t]);
+            R[k] = static_cast<acc_t>(pmu[t] - static_cast<double>(M[k]) + pr[t]);
           }
           cur = b;
         }
@@ -129,7 +152,7 @@ at::Tensor diagonal_stats_bwd_cpu(const at::Tensor& g_mean_in, const at::Tensor&
         const int64_t w = std::min(K, T - i);
         for (int64_t j = 0; j < i; ++j) grow[j] = scalar_t(0);
         for (int64_t k = 0; k < w; ++k)
-          grow[i + k] = static_cast<scalar_t>(A[k] + C[k] * (static_cast<acc_t>(srow[i + k]) - M[k]));
+          grow[i + k] = static_cast<scalar_t>(A[k] + C[k] * ((static_cast<acc_t>(srow[i + k]) - M[k]) - R[k]));
         for (int64_t j = i + w; j < T; ++j) grow[j] = scalar_t(0);
       }
     });
