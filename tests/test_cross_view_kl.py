@@ -84,12 +84,13 @@ def test_subsets_of_outputs(used):
     a, b = make_logits((6, 301))
     t = make_target((6,), 301)
     grads = [torch.randn(6) if i in used else None for i in range(5)]
-    (out, ga, gb), (ref, rga, rgb) = run_both((a, b, t), grads, temperature=1.3)
+    (out, ga, gb), (ref, rga, rgb) = run_both((a, b, t), grads, ref_dtype=torch.float64, temperature=1.3)
     for g, r in ((ga, rga), (gb, rgb)):
         if r is None:
             assert g is None or g.abs().max() == 0
-        else:
-            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+        else:  # float64 oracle, the kernel's float32 error bound (GRAD_TOL, header)
+            f32 = GRAD_TOL[torch.float32]
+            torch.testing.assert_close(g.double(), r, rtol=f32, atol=f32 * max(r.abs().max().item(), 1.0))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -128,10 +129,11 @@ def test_stop_gradient_on_one_view():
     a.requires_grad_()
     out = pyops.cross_view_kl_entropy(a, b.detach())
     (out.kl_ab.sum() + out.entropy_b.sum()).backward()
-    a2 = a.detach().clone().requires_grad_()
-    ref = reference.cross_view_kl_entropy(a2, b)
+    a2 = a.detach().double().requires_grad_()
+    ref = reference.cross_view_kl_entropy(a2, b.double())
     (ref.kl_ab.sum() + ref.entropy_b.sum()).backward()
-    torch.testing.assert_close(a.grad, a2.grad, rtol=1e-5, atol=1e-6)
+    f32 = GRAD_TOL[torch.float32]  # float64 oracle, the kernel's float32 error bound (header)
+    torch.testing.assert_close(a.grad.double(), a2.grad, rtol=f32, atol=f32 * max(a2.grad.abs().max().item(), 1.0))
 
 
 def test_large_magnitude_logits_are_stable():

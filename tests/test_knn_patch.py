@@ -5,6 +5,7 @@ the avx2 and baseline paths: `make test` runs this file on every path the CPU ha
 (PYOPS_CPU_ISA)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pyops
 from pyops import reference
@@ -159,9 +160,17 @@ def test_backward_matches_reference():
     q = torch.randn(2, 3, 14, 13, requires_grad=True)
     d = torch.randn(2, 3, 14, 13, requires_grad=True)
     g = torch.randn(2, 16, 4)
-    dist, _ = pyops.knn_patch_search(q, d, 4, patch_size=3, stride=3)
+    dist, idx = pyops.knn_patch_search(q, d, 4, patch_size=3, stride=3)
     gq, gd = torch.autograd.grad((dist * g).sum(), (q, d))
-    rd, _ = reference.knn_patch_search(q, d, 4, patch_size=3, stride=3)
+    # the reference distances of the op's own neighbours: where two candidates nearly tie, the
+    # float32 |q|^2 + |d|^2 - 2 q.d of the reference's top-k can rank them the other way, and
+    # the gradient would then land on another patch (an O(1) difference that says nothing)
+    Pq = F.unfold(q, 3, stride=3).transpose(1, 2)  # (B, 16, 27)
+    Pd = F.unfold(d, 3, stride=3).transpose(1, 2)
+    rd = ((Pq[:, :, None] - Pd[torch.arange(2)[:, None, None], idx]) ** 2).sum(-1)
+    torch.testing.assert_close(rd, dist, rtol=1e-4, atol=1e-4)
+    ref_dist, _ = reference.knn_patch_search(q, d, 4, patch_size=3, stride=3)
+    torch.testing.assert_close(ref_dist, dist, rtol=1e-4, atol=1e-4)  # a near-tie swap keeps the values
     rq, rdd = torch.autograd.grad((rd * g).sum(), (q, d))
     torch.testing.assert_close(gq, rq, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gd, rdd, rtol=1e-4, atol=1e-4)

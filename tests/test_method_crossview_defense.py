@@ -737,7 +737,11 @@ def test_suspect_weights_properties(z, width):
     sig = 1 / (1 + math.exp(z / width))  # sigmoid(-z / width)
     order = np.argsort(s)
     assert float(u[order[n // 2]]) == pytest.approx(sig, rel=1e-12), seed  # the median sample
-    assert (np.diff(u.numpy()[order]) < 0).all(), seed  # monotone decreasing in the statistic
+    # monotone decreasing in the statistic: strictly, except where float64 rounds the sigmoid to
+    # exactly 1 (robust z-scores below about -11 at width 0.3: two low outliers over a small MAD)
+    us = u.numpy()[order]
+    assert (np.diff(us) <= 0).all(), seed
+    assert (np.diff(us)[us[:-1] < 1 - 1e-9] < 0).all(), seed
     # in log space: multiplying every raw statistic by a constant is a shift, which changes nothing
     raw = np.exp(s)
     for c in (1e-3, 37.5):
