@@ -21,9 +21,9 @@ def make_maps(B, T, dtype=torch.float32, offset=0.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_matches_reference_and_gradients(B, T, K, dtype):
     S = make_maps(B, T, dtype)
-    S1, S2 = S.clone().requires_grad_(), S.clone().requires_grad_()
+    S1 = S.clone().requires_grad_()
     mean, std = pyops.diagonal_stats(S1, K)
-    rm, rs = reference.diagonal_stats(S2, K)
+    rm, rs = reference.diagonal_stats(S, K)
     Kn = T - 1 if K is None else K
     assert mean.shape == std.shape == (B, Kn)
     assert mean.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)

@@ -24,10 +24,14 @@ CONFIGS = [
 ]
 
 
+def patches(x, patch_size, stride):
+    """(B, L, C * p * p): the patches of x, row-major over the patch grid (the op's indexing)."""
+    return F.unfold(x, patch_size, stride=stride).transpose(1, 2)
+
+
 def oracle(query, database, k, patch_size, stride, window, exclude_self):
     """float64 distances by direct differences + stable sort: exact values, ties to the lower index."""
-    unf = lambda x: torch.nn.functional.unfold(x.double(), patch_size, stride=stride).transpose(1, 2)
-    q, d = unf(query), unf(database)
+    q, d = patches(query.double(), patch_size, stride), patches(database.double(), patch_size, stride)
     full = ((q[:, :, None, :] - d[:, None, :, :]) ** 2).sum(-1)  # (B, Lq, Ld)
     qgrid = reference.patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     dgrid = reference.patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
@@ -99,8 +103,7 @@ def test_window_anchor_matches_oracle(anchor, p, s, w, shape_d):
     if w < dgrid[0]:  # the rows really follow the anchor
         i = torch.arange(qgrid[0])
         assert torch.equal(r0, ((num * i + off) // den - shift).clamp(0, dgrid[0] - w))
-    unf = lambda x: torch.nn.functional.unfold(x.double(), p, stride=s).transpose(1, 2)
-    full = ((unf(query)[:, :, None, :] - unf(database)[:, None, :, :]) ** 2).sum(-1)
+    full = ((patches(query.double(), p, s)[:, :, None, :] - patches(database.double(), p, s)[:, None, :, :]) ** 2).sum(-1)
     od = full.gather(2, cand.expand(2, -1, -1))
     vals, order = od.sort(dim=-1, stable=True)
     oi = cand.expand(2, -1, -1).gather(2, order[..., :4])
@@ -165,8 +168,7 @@ def test_backward_matches_reference():
     # the reference distances of the op's own neighbours: where two candidates nearly tie, the
     # float32 |q|^2 + |d|^2 - 2 q.d of the reference's top-k can rank them the other way, and
     # the gradient would then land on another patch (an O(1) difference that says nothing)
-    Pq = F.unfold(q, 3, stride=3).transpose(1, 2)  # (B, 16, 27)
-    Pd = F.unfold(d, 3, stride=3).transpose(1, 2)
+    Pq, Pd = patches(q, 3, 3), patches(d, 3, 3)  # (B, 16, 27)
     rd = ((Pq[:, :, None] - Pd[torch.arange(2)[:, None, None], idx]) ** 2).sum(-1)
     torch.testing.assert_close(rd, dist, rtol=1e-4, atol=1e-4)
     ref_dist, _ = reference.knn_patch_search(q, d, 4, patch_size=3, stride=3)

@@ -36,15 +36,22 @@ void check_maps(const at::Tensor& maps, const char* op) {
 
 // Row-wise passes: row i of a map holds lags 0..K-1 at S[i, i .. i + K - 1], contiguous, so
 // sums[k] += S[i, i + k] over the rows is a contiguous (vectorisable) loop per row.
+// out[k] = sum_i (S[i, i + k] - pivot[k]) in float64, k < K.
 template <typename scalar_t>
-void map_stats(const scalar_t* S, int64_t T, int64_t K, double* s1, double* s2, double* m) {
-  std::fill(s1, s1 + K, 0.0);
-  std::fill(s2, s2 + K, 0.0);
+void lag_sums(const scalar_t* S, int64_t T, int64_t K, const double* pivot, double* out) {
+  std::fill(out, out + K, 0.0);
   for (int64_t i = 0; i < T; ++i) {
     const scalar_t* row = S + i * T + i;
     const int64_t w = std::min(K, T - i);
-    for (int64_t k = 0; k < w; ++k) s1[k] += static_cast<double>(row[k]);
+    for (int64_t k = 0; k < w; ++k) out[k] += static_cast<double>(row[k]) - pivot[k];
   }
+}
+
+template <typename scalar_t>
+void map_stats(const scalar_t* S, int64_t T, int64_t K, double* s1, double* s2, double* m) {
+  std::fill(m, m + K, 0.0);
+  lag_sums(S, T, K, m, s1);  // plain sums (pivot 0)
+  std::fill(s2, s2 + K, 0.0);
   for (int64_t k = 0; k < K; ++k) m[k] = s1[k] / static_cast<double>(T - k);
   for (int64_t i = 0; i < T; ++i) {
     const scalar_t* row = S + i * T + i;
@@ -119,14 +126,7 @@ at::Tensor diagonal_stats_bwd_cpu(const at::Tensor& g_mean_in, const at::Tensor&
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         double* r = pr + b * K;
-        const double* m = pmu + b * K;
-        std::fill(r, r + K, 0.0);
-        const scalar_t* S = s + b * T * T;
-        for (int64_t i = 0; i < T; ++i) {
-          const scalar_t* row = S + i * T + i;
-          const int64_t w = std::min(K, T - i);
-          for (int64_t k = 0; k < w; ++k) r[k] += static_cast<double>(row[k]) - m[k];
-        }
+        lag_sums(s + b * T * T, T, K, pmu + b * K, r);
         for (int64_t k = 0; k < K; ++k) r[k] /= static_cast<double>(T - k);
       }
     });
