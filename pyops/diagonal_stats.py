@@ -140,25 +140,38 @@ except Exception:  # triton missing or unusable: the CPU kernel still works
 if triton is not None:
 
     @triton.jit
+    def _diag_sum(base, n, T, pivot, dt: tl.constexpr, BLOCK: tl.constexpr):
+        # sum_i (S[i, i + k] - pivot) along the diagonal starting at base (n entries, stride T + 1)
+        acc = tl.zeros([BLOCK], dtype=dt)
+        for i0 in range(0, n, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            x = tl.load(base + i * (T + 1), mask=i < n, other=0.0).to(dt)
+            acc += tl.where(i < n, x - pivot, 0.0)
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
     def _diag_fwd_kernel(s_ptr, mean_ptr, std_ptr, T, K, ACC64: tl.constexpr, BLOCK: tl.constexpr):
-        # one program per (map, lag): two passes over the diagonal S[b, i, i + k]
+        # one program per (map, lag): two passes over the diagonal S[b, i, i + k]. The second
+        # pass sums d = S - m0 and d^2 around the first pass's mean m0 (the corrected two-pass
+        # algorithm): the mean is m0 + sum(d) / n and the variance (sum(d^2) - sum(d)^2 / n) / (n - 1),
+        # so m0's float32 rounding (~1e-7 of |mean|) costs neither of them digits where std << |mean|
         dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
         b = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1).to(tl.int64)
         n = T - k
         base = s_ptr + b * T * T + k
-        acc = tl.zeros([BLOCK], dtype=dt)
-        for i0 in range(0, n, BLOCK):
-            i = i0 + tl.arange(0, BLOCK)
-            acc += tl.load(base + i * (T + 1), mask=i < n, other=0.0).to(dt)
-        m = tl.sum(acc, axis=0) / n
+        m0 = _diag_sum(base, n, T, 0.0, dt, BLOCK) / n
+        acc1 = tl.zeros([BLOCK], dtype=dt)
         acc2 = tl.zeros([BLOCK], dtype=dt)
         for i0 in range(0, n, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
-            x = tl.load(base + i * (T + 1), mask=i < n, other=0.0).to(dt) - m
-            acc2 += tl.where(i < n, x * x, 0.0)
-        tl.store(mean_ptr + b * K + k, m)
-        tl.store(std_ptr + b * K + k, tl.sqrt(tl.sum(acc2, axis=0) / (n - 1)))
+            d = tl.where(i < n, tl.load(base + i * (T + 1), mask=i < n, other=0.0).to(dt) - m0, 0.0)
+            acc1 += d
+            acc2 += d * d
+        s1 = tl.sum(acc1, axis=0)
+        var = tl.maximum(tl.sum(acc2, axis=0) - s1 * s1 / n, 0.0) / (n - 1)
+        tl.store(mean_ptr + b * K + k, m0 + s1 / n)
+        tl.store(std_ptr + b * K + k, tl.sqrt(var))
 
     @triton.jit
     def _diag_bwd_kernel(gm_ptr, gs_ptr, s_ptr, mean_ptr, std_ptr, out_ptr, T, K, ACC64: tl.constexpr,
@@ -176,12 +189,7 @@ if triton is not None:
         # the diagonal's exact mean is m + r, r = mean_i (S - m): the saved mean is rounded to
         # float32 for float32 maps, which alone would cost S - mean most of its digits where
         # std << |mean| (S - m is small there, so r sums accurately in float32)
-        acc = tl.zeros([BLOCK], dtype=dt)
-        for i0 in range(0, n, BLOCK):
-            i = i0 + tl.arange(0, BLOCK)
-            x = tl.load(s_ptr + off + i * (T + 1), mask=i < n, other=0.0).to(dt)
-            acc += tl.where(i < n, x - m, 0.0)
-        r = tl.sum(acc, axis=0) / n
+        r = _diag_sum(s_ptr + off, n, T, m, dt, BLOCK) / n
         for i0 in range(0, n, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
             j = off + i * (T + 1)
