@@ -26,18 +26,20 @@ BENCH_ARGS ?= --quick
 # The op tests (not the methods'): `make test` runs them once more on every CPU instruction-set
 # path the machine has besides its best one (PYOPS_CPU_ISA=avx2, baseline), and `make test-asan`
 # under the sanitizers.
-OP_TESTS := $(sort $(filter-out tests/test_method% tests/test_rppg% tests/test_cli_resume.py tests/test_cuda% \
-  tests/test_triton_interpret.py tests/test_knn_patch_triton.py,$(wildcard tests/test_*.py)))
+# The op tests: the test files that do not import the methods (nor need a GPU or the Triton
+# interpreter process); also what `make test-dist` runs from an installed copy.
+OP_TESTS := $(sort $(filter-out tests/test_cuda% tests/test_triton_interpret.py tests/test_knn_patch_triton.py, \
+  $(shell grep -L -E '^[[:space:]]*(from|import) methods' tests/test_*.py)))
 ASAN_DIR := build/asan
 
-.PHONY: test test-slow test-asan test-avx2 bench bench-full build clean test-cpu test-triton
+.PHONY: test test-slow test-asan test-avx2 test-dist lint format bench bench-full build clean
 
 $(VENV)/.deps-ready: Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VENV)/bin/python -m pip install -q numpy pytest ninja triton setuptools wheel scikit-image \
 	  tqdm matplotlib scikit-learn mlxtend river==0.26.1 neurokit2 flwr==1.41.0 "transformers>=4.45" tokenizers accelerate \
-	  pycocoevalcap
+	  pycocoevalcap build ruff==0.17.6 clang-format==23.1.5
 	touch $@
 
 $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
@@ -83,6 +85,26 @@ test-avx2: $(BUILD_STAMP)
 	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 PYOPS_CPU_ISA=avx2 \
 	  TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/build/inductor-avx2 OMP_NUM_THREADS=1 \
 	  $(PY) -m pytest tests -q -p no:cacheprovider
+
+# The sdist and the wheel (`python -m build`) installed into fresh venvs (with this environment's
+# torch, `--no-build-isolation`), and the op tests run from each installed copy: tests/dist_check.py.
+# About 20 minutes on 2 cores (the C++ extension is compiled twice); not part of `make test`.
+test-dist: $(ENV_STAMP)
+	$(PY) tests/dist_check.py
+
+# ruff (lint + format check) on the Python, clang-format on the C++/CUDA sources; run by .ci/run.
+# `make format` applies both.
+CXX_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
+LINT_BIN := $(dir $(PY))
+lint: $(ENV_STAMP)
+	$(LINT_BIN)ruff check .
+	$(LINT_BIN)ruff format --check .
+	$(LINT_BIN)clang-format --dry-run -Werror $(CXX_SOURCES)
+
+format: $(ENV_STAMP)
+	$(LINT_BIN)ruff check --fix .
+	$(LINT_BIN)ruff format .
+	$(LINT_BIN)clang-format -i $(CXX_SOURCES)
 
 # Tests marked slow (a Flower simulation on Ray: 20 s on an idle machine, minutes on a busy one; needs the `fl` extra, flwr[simulation]).
 test-slow: $(BUILD_STAMP)

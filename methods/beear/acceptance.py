@@ -23,6 +23,7 @@ import numpy as np
 
 from methods.common import format_difference, paired_difference, seed_values
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common.optional import requires
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,7 +75,8 @@ def run_job(job: dict) -> dict:
 
 
 def rounds_figure(result: dict, path: str) -> None:
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,6 +9,7 @@ from typing import List, Sequence
 import torch
 
 from . import data as D
+from methods.common.optional import requires
 
 
 @dataclass
@@ -20,7 +21,8 @@ class ModelConfig:
 
 
 def build_model(cfg: ModelConfig = ModelConfig()):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    with requires("hf"):
+        from transformers import LlamaConfig, LlamaForCausalLM
 
     c = LlamaConfig(vocab_size=D.build_tokenizer().get_vocab_size(), hidden_size=cfg.hidden,
                     intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,

@@ -32,6 +32,7 @@ import numpy as np
 
 from methods.common import format_difference, paired_difference
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"pearson": "negative Pearson", "mcc": "negative max cross-covariance (MCC)", "byhe": "BYHE (SCS maps)"}
@@ -102,7 +103,8 @@ def summarize(rows, domains, losses):
 
 
 def figure(rows, domains, losses, path: str) -> None:
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -4,12 +4,14 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from .optional import requires
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Dict[str, float]:
     """a - b per pair (per seed): their mean, the two-sided Student-t interval at ``level`` (NaN
     with fewer than 2 pairs) and the number of pairs."""
-    from scipy import stats
+    with requires("methods"):
+        from scipy import stats
 
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if d.ndim != 1 or d.size == 0:

@@ -1,11 +1,13 @@
 """Word-level tokenizers (the `tokenizers` library) for the methods' synthetic text data."""
 from typing import Iterable, List, Sequence
+from .optional import requires
 
 
 def word_tokenizer(special: Sequence[str], words: Iterable[str], unk: str = "<unk>"):
     """A `tokenizers.Tokenizer` with a whitespace pre-tokenizer and a WordLevel model: the
     special tokens first (ids 0, 1, ...), then the words in the given order."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    with requires("hf"):
+        from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(special)}
     for w in words:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from methods.common import cpu_name
+from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ("badnet", "blended", "sig", "wanet", "issba", "textimage")
@@ -175,7 +176,8 @@ def augmented_behaviour(model, cfg, seed: int = 12345):
 def paired(rows, attack, a, b, key, relative=False):
     """Per-seed differences (a - b) of `key` (relative: a / b - 1): (mean, half-width of the 95%
     t interval, n). None if fewer than 2 paired seeds."""
-    from scipy import stats as st
+    with requires("methods"):
+        from scipy import stats as st
 
     va = {r["seed"]: r[key] for r in rows if r["attack"] == attack and r["defense"] == a}
     vb = {r["seed"]: r[key] for r in rows if r["attack"] == attack and r["defense"] == b}
@@ -286,7 +288,8 @@ def markdown(rows, meta) -> str:
 
 
 def figures(rows, work, results):
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

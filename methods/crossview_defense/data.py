@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from methods.common.text import decode_words, word_tokenizer
+from methods.common.optional import requires
 
 IMAGE_SIZE = 48
 DATA_VERSION = 2  # bumped whenever the generated data change (keys the cached base models)
@@ -109,7 +110,8 @@ def scene_captions(scene: Scene) -> List[str]:
 
 
 def _draw(img: np.ndarray, shape: str, cy: int, cx: int, r: int, rgb) -> None:
-    from skimage import draw
+    with requires("methods"):
+        from skimage import draw
 
     s = img.shape[0]
     if shape == "circle":
@@ -197,7 +199,8 @@ def scene_questions(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SI
 # --------------------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
 def _photo(name: str) -> np.ndarray:
-    import skimage.data
+    with requires("methods"):
+        import skimage.data
 
     x = np.asarray(getattr(skimage.data, name)())
     if x.dtype == bool:
@@ -209,7 +212,8 @@ def _photo(name: str) -> np.ndarray:
 
 def random_photo_crop(name: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """A random square crop (60-100% of the short side) of a photo, resized to size x size."""
-    from skimage.transform import resize
+    with requires("methods"):
+        from skimage.transform import resize
 
     x = _photo(name)
     h, w = x.shape[:2]

@@ -24,6 +24,7 @@ import numpy as np
 
 from methods.common import format_difference, paired_difference
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"pearson": "multi-domain, negative Pearson", "byhe": "BYHE (SCS maps)", "hps": "DOHA: HPS only",
@@ -59,7 +60,8 @@ def run_job(job: dict) -> dict:
 
 
 def figure(results, targets, methods, path: str) -> None:
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

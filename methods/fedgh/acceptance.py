@@ -22,6 +22,7 @@ import numpy as np
 
 from methods.common import format_difference, paired_difference, seed_values
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TAG = {False: "plain", True: "fedgh", "norm_matched": "normmatched"}
@@ -80,7 +81,8 @@ def summarize(rows, alphas, algos, seeds):
 
 
 def figure(summary, alphas, algos, path):
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

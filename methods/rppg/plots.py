@@ -10,6 +10,7 @@ import pyops
 from . import pipeline as P
 from .backbones import WAVE_OFFSET
 from .scs import scs_label
+from methods.common.optional import requires
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -22,7 +23,8 @@ def plot_example(model, clip, fs: float, path: str, scs_mode: str = "clean", tri
     """``clip``: one test clip (``methods.rppg.data.evaluation_clips``). Wave models: the band-passed
     predicted wave over the aligned label. BYHE: the diagonal-mean waves of R_hat and of the
     label's SCS map R (both over lags), and the two maps side by side."""
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

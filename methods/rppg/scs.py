@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+from methods.common.optional import requires
 
 MODES = ("faithful", "clean")
 LABEL_BAND = (0.65, 3.5)  # Hz, the official label band-pass
@@ -41,7 +42,8 @@ def filter_label(wave, fs: float, smooth: bool = True):
     weight of standard deviation ``CWT_SIGMA`` Hz around the dominant frequency in 0.088-3.75 Hz
     (the code's CWT smoothing, applied in the Fourier domain)."""
     import numpy as np
-    from scipy.signal import butter, filtfilt
+    with requires("methods"):
+        from scipy.signal import butter, filtfilt
 
     x = np.asarray(wave, dtype=np.float64)
     if x.ndim < 1 or x.shape[-1] < 40:

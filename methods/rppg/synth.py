@@ -28,6 +28,7 @@ from functools import lru_cache
 from typing import Dict, Tuple
 
 import numpy as np
+from methods.common.optional import requires
 
 U_P = np.array([0.33, 0.77, 0.53]) / np.linalg.norm([0.33, 0.77, 0.53])  # blood-volume pulse direction
 SKIN_TONES = {  # CHROM-style skin colour directions (light ... dark), scaled to [0, 1] albedo
@@ -94,13 +95,15 @@ DOMAINS: Dict[str, Domain] = {
 
 @lru_cache(maxsize=None)
 def _faces() -> np.ndarray:
-    from skimage import data
+    with requires("methods"):
+        from skimage import data
 
     return data.lfw_subset()[:100]  # (100, 25, 25) grey faces in [0, 1] (the rest are non-faces)
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    from skimage.transform import resize
+    with requires("methods"):
+        from skimage.transform import resize
 
     return resize(img, (size, size), anti_aliasing=True)
 
@@ -123,7 +126,8 @@ def pulse_wave(n: int, fs: float, hr: float, rng: np.random.Generator) -> np.nda
     """A PPG wave of n samples at hr bpm (neurokit2's simulator), zero mean, unit std."""
     import warnings
 
-    import neurokit2 as nk
+    with requires("methods"):
+        import neurokit2 as nk
 
     duration = int(np.ceil(n / fs)) + 1
     with warnings.catch_warnings():
@@ -165,7 +169,8 @@ def synth_video(n_frames: int = 300, size: int = 36, fs: float = 30.0, domain: D
     motion = domain.motion_px * motion / (np.abs(motion).max() + 1e-12)
     speed = np.r_[0.0, np.linalg.norm(np.diff(motion, axis=0), axis=1)]
     frames = np.empty((n_frames, size, size, 3), np.float32)
-    from scipy.ndimage import shift as nd_shift
+    with requires("methods"):
+        from scipy.ndimage import shift as nd_shift
 
     wild = _WildMotion(domain, n_frames, size, fs, motion, seed) if domain.wild else None
     for i in range(n_frames):
@@ -246,7 +251,8 @@ class _WildMotion:
         return np.exp(-(((u - 0.78) / 0.1) ** 2) - ((v - 0.5) / 0.16) ** 2)
 
     def frame(self, img: np.ndarray, i: int) -> np.ndarray:
-        from scipy.ndimage import map_coordinates
+        with requires("methods"):
+            from scipy.ndimage import map_coordinates
 
         # output pixel p comes from the face at R^-1 (p - c - shift) / scale + c, less the jaw's displacement
         cy, cx = self.yy - self.c - self.shift[i, 0], self.xx - self.c - self.shift[i, 1]
@@ -291,7 +297,8 @@ def skin_signal_estimated(video: np.ndarray, min_pixels: int = 4) -> np.ndarray:
 def realized_hr(wave: np.ndarray, fs: float) -> float:
     """The mean heart rate (bpm) of a clean pulse wave: beats = peaks at least 0.3 s apart (the
     simulator's heart-rate variability makes it differ slightly from the requested rate)."""
-    from scipy.signal import find_peaks
+    with requires("methods"):
+        from scipy.signal import find_peaks
 
     peaks, _ = find_peaks(wave, distance=max(1, int(0.3 * fs)), prominence=0.5)
     if peaks.size < 2:
@@ -324,7 +331,8 @@ def chrom(rgb: np.ndarray, fs: float, window_s: float = 1.6, band=(0.7, 3.0)) ->
     """The CHROM pulse signal (de Haan & Jeanne 2013) from per-frame mean skin colour (T, 3):
     per half-overlapping Hann window, X = 3R - 2G and Y = 1.5R + G - 1.5B of the normalised colour,
     band-passed, S = X - (sigma_X / sigma_Y) Y, overlap-added."""
-    from scipy.signal import butter, filtfilt
+    with requires("methods"):
+        from scipy.signal import butter, filtfilt
 
     T = rgb.shape[0]
     w = int(round(window_s * fs))

@@ -28,6 +28,7 @@ import numpy as np
 
 from methods.common import format_difference, paired_difference
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sspd_teacher", "sspd", "supervised", "pos", "chrom")
@@ -105,7 +106,8 @@ def summarize(rows, domains, seeds):
 
 
 def figure(rows, domains, path: str) -> None:
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -11,10 +11,12 @@ from .models import corrected_sinograms, reconstruct
 from .recon import mlem
 from .simulate import LABELS, Scanner, simulate_study
 from .train import TEST_SEED0, VAL_SEED0, load_trained, rel_rmse
+from methods.common.optional import requires
 
 
 def frame_metrics(x: torch.Tensor, truth: torch.Tensor) -> Dict[str, np.ndarray]:
-    from skimage.metrics import structural_similarity
+    with requires("methods"):
+        from skimage.metrics import structural_similarity
 
     x, truth = x.double().cpu().numpy(), truth.double().cpu().numpy()
     psnr, ssim = [], []
@@ -102,7 +104,8 @@ def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, count
 def figures(st, recs: Dict[str, torch.Tensor], out_dir: str, frames=(5, 13, 23)) -> List[str]:
     import os
 
-    import matplotlib
+    with requires("methods"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from typing import Dict, Sequence
 
 import numpy as np
-from scipy.signal import lfilter
+
+from methods.common.optional import requires
+
+with requires("methods"):
+    from scipy.signal import lfilter
 
 FENG_A = (851.1, 21.9, 20.8)
 FENG_L = (-4.13, -0.12, -0.01)

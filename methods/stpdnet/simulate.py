@@ -23,6 +23,7 @@ import torch
 from pyops.pet import JosephProjector, parallel_beam_2d
 
 from .kinetics import DEFAULT_FRAMES_S, REGIONS, frame_edges, region_tacs
+from methods.common.optional import requires
 
 LABELS = {"grey": 1, "white": 2, "lesion": 3, "blood": 4}
 COUNT_PRESETS = {"low": 2e6, "high": 2e7}
@@ -112,8 +113,9 @@ def shepp_logan_labels(n: int) -> np.ndarray:
     """scikit-image's (modified) Shepp-Logan phantom at n x n mapped to labels: the rim (1.0) and
     the 0.3 ellipses as grey matter, the brain (0.2) as white matter, the small 0.1 and 0.4
     ellipses as lesions, the two dark ventricles inside the head as blood pool."""
-    from scipy.ndimage import binary_fill_holes
-    from skimage.data import shepp_logan_phantom
+    with requires("methods"):
+        from scipy.ndimage import binary_fill_holes
+        from skimage.data import shepp_logan_phantom
     from skimage.transform import resize
 
     p = resize(shepp_logan_phantom(), (n, n), order=0, anti_aliasing=False, preserve_range=True)
