@@ -18,17 +18,17 @@ space with ``-log(x + 1e-5)``, the loss matrix summed over B x C and divided by 
 regulariser where there is one; LL-* work on logits with BCE, as theirs. The probability-space
 functions (``an_loss`` ...) are public too and check that ``preds`` lie in [0, 1].
 
-GR (``GRLoss``): ``pyops.gr_loss`` (fused, logit space) with the per-epoch linear schedules of
-k-hat(p; beta) and v(p; alpha) of the reference ``train.py`` (its off-by-one included).
+GR (``GRLoss``): ``pyops.nn.GRLoss``, i.e. ``pyops.gr_loss`` (fused, logit space) with the per-epoch
+linear schedules of k-hat(p; beta) and v(p; alpha) of the reference ``train.py`` (its off-by-one
+included), behind the common interface.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import pyops
 from pyops.gr_loss import check_observed as check_labels
@@ -161,16 +161,16 @@ class SPMLLoss(nn.Module):
     name = "base"
     needs_train_probs = False
 
-    def start_epoch(self, epoch: int) -> None:  # noqa: D401 - hook
+    def start_epoch(self, epoch: int) -> None:
         pass
 
-    def end_epoch(self, epoch: int, train_probs: Optional[torch.Tensor] = None) -> None:
+    def end_epoch(self, epoch: int, train_probs: torch.Tensor | None = None) -> None:
         pass
 
-    def param_groups(self, lr: float) -> List[dict]:
+    def param_groups(self, lr: float) -> list[dict]:
         return []
 
-    def schedule(self) -> Dict[str, float]:
+    def schedule(self) -> dict[str, float]:
         """Per-epoch quantities worth logging (GR's w, b, mu, sigma; LL's clean rate ...)."""
         return {}
 
@@ -212,7 +212,7 @@ class ROLELoss(SPMLLoss):
     name = "role"
 
     def __init__(self, observed_train: torch.Tensor, expected_num_pos: float, lr_mult: float = 10.0,
-                 generator: Optional[torch.Generator] = None):
+                 generator: torch.Generator | None = None):
         super().__init__()
         N, C = observed_train.shape
         q = math.log(0.6 / 0.4)
@@ -275,7 +275,7 @@ class LargeLossLoss(SPMLLoss):
     k = ceil(B C (1 - clean_rate)) (LL-Cp: ceil(B C delta)); clean_rate = 1 in epoch 1 and
     drops by delta after every epoch."""
 
-    def __init__(self, scheme: str, delta: float, observed_train: Optional[torch.Tensor] = None):
+    def __init__(self, scheme: str, delta: float, observed_train: torch.Tensor | None = None):
         super().__init__()
         if scheme not in ("ll-r", "ll-ct", "ll-cp"):
             raise ValueError(f"scheme must be ll-r, ll-ct or ll-cp, got {scheme!r}")
@@ -324,80 +324,25 @@ class LargeLossLoss(SPMLLoss):
         return final.mean()
 
 
-def _pairs(x: Sequence[float], n: int, name: str) -> tuple:
-    x = tuple(float(v) for v in x)
-    if len(x) != n or not all(math.isfinite(v) for v in x):
-        raise ValueError(f"{name} must be {n} finite numbers, got {x}")
-    return x
-
-
-class GRLoss(SPMLLoss):
-    """GR loss with the reference's per-epoch schedules (spec A.2):
-
-    * k-hat(p) = sigmoid(w p + b), (w, b) from (w0, b0) to (wT, bT):
-      ``w_e = w0 + (wT - w0) max(e - n - 1, 0) / (T - n)`` (never quite reaching wT);
-    * v(p) = exp(-(p - mu)^2 / (2 sigma^2)), ``mu_e = mu0 + (muT - mu0) max(e - n, 0) / (T - n)``;
-    * e = 1..T the epoch, n = ``linear_init``. Call ``start_epoch(e)`` (the trainer does).
+class GRLoss(pyops.nn.GRLoss, SPMLLoss):
+    """``pyops.nn.GRLoss`` (the GR loss with the reference's per-epoch schedules of k-hat and v,
+    spec A.2; the epoch is the checkpointed extra state) with the common interface:
+    ``loss(logits, observed, index)`` on (B, C) logits, every row needing an observed positive.
 
     Args: ``beta = (w0, wT, b0, bT)``, ``alpha = (mu0, sigma0, muT, sigmaT)``, ``q = (q2, q3)``
-    in the reference CLI's order; ``epochs`` = T. Defaults: the reference's VOC setting.
+    in the reference CLI's order; ``epochs`` = T; ``linear_init`` = n. Defaults: the
+    reference's VOC setting.
     """
     name = "gr"
 
     def __init__(self, beta=(0.0, 2.0, -2.0, -2.0), alpha=(0.5, 2.0, 0.8, 0.5), q=(0.01, 1.0), epochs: int = 8,
                  linear_init: int = 0):
-        super().__init__()
-        self.beta = _pairs(beta, 4, "beta (w0, wT, b0, bT)")
-        self.alpha = _pairs(alpha, 4, "alpha (mu0, sigma0, muT, sigmaT)")
-        self.q = _pairs(q, 2, "q (q2, q3)")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-        if isinstance(linear_init, bool) or not isinstance(linear_init, int) or not 0 <= linear_init < epochs:
-            raise ValueError(f"linear_init must be an int in [0, epochs), got {linear_init!r}")
-        # sigma is linear in the epoch: positive at both ends <=> positive at every epoch
-        for which, s in (("sigma0 = alpha[1]", self.alpha[1]), ("sigmaT = alpha[3]", self.alpha[3])):
-            if not s > 0:
-                raise ValueError(f"GRLoss: {which} must be > 0 (v(p) = exp(-(p - mu)^2 / (2 sigma^2))), got {s}")
-        if min(self.q) < 0:
-            raise ValueError(f"GRLoss: q2 and q3 must be >= 0, got {self.q}")
-        self.epochs, self.linear_init = epochs, linear_init
-        self.epoch = 1
-        self.start_epoch(1)
-
-    def params_at(self, epoch: int) -> Dict[str, float]:
-        T, n = self.epochs, self.linear_init
-        w0, wT, b0, bT = self.beta
-        mu0, s0, muT, sT = self.alpha
-        fk = max(epoch - n - 1, 0) / (T - n)
-        fv = max(epoch - n, 0) / (T - n)
-        return {"w": w0 + (wT - w0) * fk, "b": b0 + (bT - b0) * fk, "mu": mu0 + (muT - mu0) * fv,
-                "sigma": s0 + (sT - s0) * fv}
-
-    def start_epoch(self, epoch):
-        self.epoch = int(epoch)
-        self._p = self.params_at(self.epoch)
-
-    def schedule(self):
-        return dict(self._p)
-
-    def k_hat(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self._p["w"] * p + self._p["b"])
-
-    def v(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-((p - self._p["mu"]) ** 2) / (2 * self._p["sigma"] ** 2))
+        super().__init__(beta, alpha, q, epochs, linear_init, reduction="mean", require_positive=True)
 
     def forward(self, logits, observed, index=None):
         self._check_logits(logits, self.name)
-        P = self._p
         # the op checks the labels' shape and values (on the CPU inside its kernel) and the rows
-        return pyops.gr_loss(logits, observed, (P["w"], P["b"]), (P["mu"], P["sigma"]), self.q[0], self.q[1],
-                             require_positive=True)
-
-    def get_extra_state(self):
-        return {"epoch": self.epoch}
-
-    def set_extra_state(self, state):
-        self.start_epoch(state["epoch"])
+        return super().forward(logits, observed)
 
 
 DEFAULTS = {  # per-loss settings (spec A.4; EM, APL and LL: their COCO / NUS-WIDE values)
@@ -411,7 +356,7 @@ DEFAULTS = {  # per-loss settings (spec A.4; EM, APL and LL: their COCO / NUS-WI
 
 
 def build_loss(name: str, *, observed_train: torch.Tensor, expected_num_pos: float, epochs: int,
-               gr_kwargs: Optional[dict] = None, seed: int = 0, overrides: Optional[dict] = None) -> SPMLLoss:
+               gr_kwargs: dict | None = None, seed: int = 0, overrides: dict | None = None) -> SPMLLoss:
     """The loss ``name`` (one of LOSSES) set up for a training set (its observed label matrix,
     the expected number of positives per sample, the number of epochs)."""
     if name not in LOSSES:
