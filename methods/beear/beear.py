@@ -12,10 +12,11 @@ residual stream after layer l at the last n prompt positions of every sample (a 
 * outer level (delta* fixed): fine-tune on ``CE(D_SA; delta*) + CE(D_PA; no delta)``.
 
 CE(x, y; delta) is the token mean of the response's next-token NLL, per sequence, averaged over
-the batch; it goes through ``pyops.fused_linear_cross_view`` on the response rows (the LM head
-fused, logits of the whole sequence never formed). Spec: shared/specs/crossview-defense-and-
-beear.md, B; the design choices where the paper is silent (delta reset to 0 each round, Adam on
-delta, all weights updated in the outer step) are the ``BEEARConfig`` defaults.
+the batch; it goes through ``pyops.fused_linear_cross_view`` on the response rows
+(``pyops.transformers.causal_lm_loss``: the LM head fused, logits of the whole sequence never
+formed). Spec: shared/specs/crossview-defense-and-beear.md, B; the design choices where the paper
+is silent (delta reset to 0 each round, Adam on delta, all weights updated in the outer step) are
+the ``BEEARConfig`` defaults.
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-
-import pyops
 
 from . import data as D
 
@@ -159,19 +158,13 @@ def upper_stack_only(model: nn.Module, layer: int, cache: LowerCache) -> Iterato
 # --------------------------------------------------------------------------------------------
 def response_ce(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sequence token-mean NLL of the response tokens (labels != -100), shape (B,); a
-    sequence without response tokens gets 0."""
-    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    hidden = out.last_hidden_state[:, :-1]
-    labels = batch["labels"][:, 1:].to(hidden.device)
-    mask = labels != -100
-    rows = hidden[mask]
-    head = model.get_output_embeddings()
-    ce = pyops.fused_linear_cross_view(rows, rows, head.weight, getattr(head, "bias", None), labels[mask]).ce_a
-    seq = mask.nonzero()[:, 0]
-    B = labels.shape[0]
-    sums = torch.zeros(B, dtype=ce.dtype, device=ce.device).index_add(0, seq, ce)
-    counts = mask.sum(1).clamp(min=1).to(ce.dtype)
-    return sums / counts
+    sequence without response tokens gets 0. The last hidden states and the fused CE come from
+    ``pyops.transformers`` (``last_hidden_state``, ``causal_lm_loss(reduction="per_sample")``)."""
+    from pyops.transformers import causal_lm_loss, last_hidden_state, lm_head
+
+    hidden = last_hidden_state(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    weight, bias = lm_head(model)
+    return causal_lm_loss(hidden, batch["labels"], weight, bias, reduction="per_sample")
 
 
 def perturbed_ce(model, batch, layer: int, delta: Optional[torch.Tensor], n: int,

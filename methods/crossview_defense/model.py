@@ -8,13 +8,14 @@ model whose forward takes ``pixel_values`` and ``input_ids`` (LLaVA, PaliGemma, 
 
 * the image geometry, from ``config.vision_config`` (``image_size``, ``patch_size``);
 * the number of image tokens of the prompt (``config.image_seq_length`` or (S / P)^2);
-* the last hidden states (``output_hidden_states=True``; logits only for the last position via
-  ``logits_to_keep=1`` where the model has it, so the full logits are never made);
-* the LM head, ``model.get_output_embeddings()`` (weight and optional bias).
+* the last hidden states (``pyops.transformers.last_hidden_state``: the base model's output, the
+  LM head run on the last position only via ``logits_to_keep=1``, so the full logits are never made);
+* the LM head, ``model.get_output_embeddings()`` (weight and optional bias), through
+  ``pyops.transformers.lm_head``: models whose logits are not ``lm_head(last hidden state)``
+  (soft-capped, scaled) are refused when the adapter is made.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -71,8 +72,9 @@ class VLMAdapter:
         self.image_size, self.patch_size = int(vc.image_size), int(vc.patch_size)
         n = getattr(model.config, "image_seq_length", None)
         self.n_image_tokens = int(n) if n else (self.image_size // self.patch_size) ** 2
-        params = inspect.signature(model.forward).parameters
-        self._logits_to_keep = "logits_to_keep" in params
+        from pyops.transformers import check_lm_head
+
+        check_lm_head(model)
 
     def check_pixel_values(self, pixel_values: torch.Tensor, fn: str = "defense") -> None:
         s = self.image_size
@@ -82,18 +84,20 @@ class VLMAdapter:
                              f"(image_size {s}, patch_size {self.patch_size}), got {shape}")
 
     def head(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        lm = self.model.get_output_embeddings()
-        return lm.weight, getattr(lm, "bias", None)
+        """(weight (V, H), bias (V,) or None) of the LM head (``pyops.transformers.lm_head``)."""
+        from pyops.transformers import lm_head
+
+        return lm_head(self.model)
 
     def hidden_states(self, inputs: Dict[str, torch.Tensor], pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Last-layer hidden states (B, L, H) of the text positions (before the LM head)."""
+        """Last-layer hidden states (B, L, H) of the text positions (before the LM head), from
+        ``pyops.transformers.last_hidden_state``; `pixel_values` replaces the batch's images."""
+        from pyops.transformers import last_hidden_state
+
         kw = {k: v for k, v in inputs.items() if k not in ("labels", "pixel_values")}
         pv = inputs["pixel_values"] if pixel_values is None else pixel_values
         self.check_pixel_values(pv)
-        if self._logits_to_keep:
-            kw["logits_to_keep"] = 1
-        out = self.model(pixel_values=pv, output_hidden_states=True, use_cache=False, **kw)
-        return out.hidden_states[-1]
+        return last_hidden_state(self.model, pixel_values=pv, **kw)
 
     @torch.no_grad()
     def generate(self, examples: Sequence[D.Example], max_new_tokens: int = 14, batch: int = 128):
