@@ -110,12 +110,13 @@ format: $(ENV_STAMP)
 test-slow: $(BUILD_STAMP)
 	PYOPS_SLOW_TESTS=1 $(PY) -m pytest tests -q -m slow
 
-# faiss-cpu and astra-toolbox are benchmark anchors (the `bench` extra); installed into .venv
-# when missing.
+# faiss-cpu, astra-toolbox and pykeops are benchmark anchors (the `bench` extra); installed into
+# .venv when missing.
 bench: $(BUILD_STAMP)
 	@if [ -z "$(strip $(PYTHON))" ]; then \
 	  $(PY) -c "import faiss" 2>/dev/null || $(PY) -m pip install -q faiss-cpu || echo "faiss-cpu unavailable: its benchmark rows are skipped"; \
 	  $(PY) -c "import astra" 2>/dev/null || $(PY) -m pip install -q astra-toolbox || echo "astra-toolbox unavailable: its benchmark rows are skipped"; \
+	  $(PY) -c "import pykeops" 2>/dev/null || $(PY) -m pip install -q pykeops || echo "pykeops unavailable: its benchmark rows are skipped"; \
 	fi
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 

@@ -17,6 +17,7 @@ from . import common
 BENCHES = {
     "cross_view_kl": "benchmarks.bench_cross_view_kl",
     "knn_patch": "benchmarks.bench_knn_patch",
+    "knn_points": "benchmarks.bench_knn_points",
     "harmonize": "benchmarks.bench_harmonize",
     "pet": "benchmarks.bench_pet",
     "gr_loss": "benchmarks.bench_gr_loss",

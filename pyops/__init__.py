@@ -6,6 +6,7 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 * ``fused_linear_cross_view``: the same fused with a shared LM head, logits never materialised
 * ``knn_patch_search``: exact k nearest patches (global or windowed, multi-scale)
 * ``patch_aggregate``: weighted gather of neighbour patches placed back into a map
+* ``knn``: exact k nearest neighbours of point sets (the patch search with 1 x 1 patches)
 * ``joseph_project`` / ``joseph_backproject``: Joseph PET projection and its exact transpose
   (``pyops.pet``: ``JosephProjector``, ``parallel_beam_2d``, ``ring_scanner``)
 * ``harmonize_gradients``: FedGH / PCGrad gradient projections, batched in Gram space
@@ -20,12 +21,13 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 from ._backend import backends, get_backend, get_cpu_isa, set_backend, set_cpu_isa, use_backend
 from . import reference
 from .cross_view_kl import CrossViewOutput, cross_view_kl_entropy, fused_linear_cross_view
-from .knn_patch import knn_patch_search, patch_aggregate, patch_grid
+from .knn_patch import KNNResult, knn, knn_patch_search, patch_aggregate, patch_grid
 from . import pet
 from .pet import joseph_backproject, joseph_project
 from .harmonize import HarmonizeStats, harmonize_gradients
 from .gr_loss import gr_loss
 from .diagonal_stats import diagonal_stats
+from . import nn
 
 __all__ = [
     "backends",
@@ -41,6 +43,8 @@ __all__ = [
     "knn_patch_search",
     "patch_aggregate",
     "patch_grid",
+    "knn",
+    "KNNResult",
     "pet",
     "joseph_project",
     "joseph_backproject",
@@ -48,5 +52,15 @@ __all__ = [
     "HarmonizeStats",
     "gr_loss",
     "diagonal_stats",
+    "nn",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``pyops.transformers``, the Hugging Face integration (optional extra ``pyops[hf]``), is imported on first use."""
+    if name == "transformers":
+        import importlib
+
+        return importlib.import_module(".transformers", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -293,7 +293,8 @@ def _cross_view_kl_entropy_fwd_fake(logits_a, logits_b, target, temperature, ign
 def _cross_view_kl_entropy_bwd_fake(*args):
     _check_row_bwd_op(*args, fn="pyops::cross_view_kl_entropy_bwd")
     logits_a, logits_b = args[5], args[6]
-    return torch.empty_like(logits_a), torch.empty_like(logits_b)
+    # contiguous, as every kernel returns them (empty_like would keep strided logits' layout)
+    return logits_a.new_empty(logits_a.shape), logits_b.new_empty(logits_b.shape)
 
 
 @torch.library.register_fake("pyops::fused_linear_cross_view_fwd")
@@ -314,8 +315,8 @@ def _fused_linear_cross_view_bwd_fake(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, 
     return (
         torch.empty_like(hidden_a) if need_ha else empty,
         torch.empty_like(hidden_b) if need_hb else empty.clone(),
-        torch.empty_like(weight) if need_w else empty.clone(),
-        torch.empty_like(bias) if (need_w and bias is not None) else empty.clone(),
+        weight.new_empty(weight.shape) if need_w else empty.clone(),  # contiguous, as _fused_linear_bwd_impl's
+        bias.new_empty(bias.shape) if (need_w and bias is not None) else empty.clone(),
     )
 
 

@@ -21,7 +21,6 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from ._validation import check_same_device, check_tensor
-from .reference import pcgrad_visit_orders
 
 __all__ = ["harmonize_gradients", "HarmonizeStats"]
 
@@ -61,13 +60,12 @@ def _blocks(grads, fn):
 
 
 def _weights(weights, K, fn) -> torch.Tensor:
+    """(K,) float64 CPU weights; their finiteness is a value check (``_check_values``)."""
     if weights is None:
         return torch.full((K,), 1.0 / K if K else 0.0, dtype=torch.float64)
     w = torch.as_tensor(weights).detach().to("cpu", torch.float64)
     if w.shape != (K,):
         raise ValueError(f"{fn}: weights must have shape (K,) = ({K},), got {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"{fn}: weights must be finite")
     return w
 
 
@@ -80,9 +78,78 @@ def _order(order, K, fn) -> torch.Tensor:
     if o.shape != (K,):
         raise ValueError(f"{fn}: order must be a permutation of 0..K-1 (K = {K}) as K ints, got {order!r}")
     o = o.long()
-    if not torch.equal(o.sort().values, torch.arange(K)):
+    # A value check: skipped while torch.compile traces (no host values there), where
+    # pyops::harmonize_coefficients checks the same before it reads anything through order.
+    if not torch.compiler.is_compiling() and not torch.equal(o.sort().values, torch.arange(K)):
         raise ValueError(f"{fn}: order must be a permutation of 0..K-1 (K = {K}), got {o.tolist()}")
     return o
+
+
+def _visit_orders(K: int, order: torch.Tensor, generator) -> torch.Tensor:
+    """``pyops.reference.pcgrad_visit_orders(K, order, generator)``, the same draws, without a
+    boolean mask (whose size depends on values, which torch.compile cannot trace): row i is
+    ``order`` without the entry i, permuted by ``torch.randperm(K - 1, generator=generator)``.
+    Every index stays in range whatever ``order`` holds (pyops::harmonize_coefficients refuses
+    an ``order`` that is not a permutation)."""
+    if K == 0:
+        return torch.empty(0, 0, dtype=torch.long)
+    ar = torch.arange(K)
+    where = (order[None, :] == ar[:, None]).long().argmax(1)  # position of i in order
+    col = torch.arange(K - 1)[None, :]
+    others = order[col + (col >= where[:, None]).long()]  # (K, K - 1)
+    perms = torch.stack([torch.randperm(K - 1, generator=generator) for _ in range(K)])
+    return others.gather(1, perms)
+
+
+def _value_errors(gram: torch.Tensor, weights: torch.Tensor, fn: str) -> None:
+    """The checks that read values: a finite Gram matrix (finite gradients whose products do not
+    overflow) and finite weights."""
+    diag = gram.diagonal()
+    bad = ~torch.isfinite(diag)
+    if bad.any() or not torch.isfinite(gram).all():
+        row = int(bad.nonzero()[0, 0]) if bad.any() else int((~torch.isfinite(gram)).nonzero()[0, 0])
+        raise ValueError(f"{fn}: the gradients contain NaN or inf (or overflow float64 in their products); "
+                         f"first bad row: {row}")
+    if not torch.isfinite(weights).all():
+        raise ValueError(f"{fn}: weights must be finite")
+
+
+def _check_values_args(gram, weights, fn: str) -> None:
+    check_tensor(gram, "gram", fn)
+    check_tensor(weights, "weights", fn)
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"{fn}: gram must have shape (K, K), got {tuple(gram.shape)}")
+    if weights.shape != (gram.shape[0],):
+        raise ValueError(f"{fn}: weights must have shape (K,) = ({gram.shape[0]},), got {tuple(weights.shape)}")
+    for name, t in (("gram", gram), ("weights", weights)):
+        if t.dtype != torch.float64:
+            raise TypeError(f"{fn}: {name} must be float64, got {t.dtype}")
+    check_same_device(fn, gram=gram, weights=weights)
+
+
+@torch.library.custom_op("pyops::harmonize_check_values", mutates_args=())
+def _check_values_op(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``_value_errors`` as an op, so that torch.compile'd code runs it on the values: raises the
+    same ValueError, else returns a copy of gram (the caller goes on with the copy, so the check
+    stays in the graph). gram (K, K) and weights (K,), float64."""
+    _check_values_args(gram, weights, "pyops::harmonize_check_values")
+    _value_errors(gram, weights, "harmonize_gradients")
+    return gram.clone()
+
+
+@_check_values_op.register_fake
+def _check_values_fake(gram, weights):
+    _check_values_args(gram, weights, "pyops::harmonize_check_values")
+    return torch.empty_like(gram)
+
+
+def _check_values(gram: torch.Tensor, weights: torch.Tensor, fn: str) -> torch.Tensor:
+    """gram, after the value checks (eagerly on the host; as the op pyops::harmonize_check_values
+    while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return _check_values_op(gram, weights)
+    _value_errors(gram, weights, fn)
+    return gram
 
 
 def harmonize_gradients(
@@ -107,6 +174,11 @@ def harmonize_gradients(
             ``"pcgrad"``: i visits the others in its own random order (``generator``; see
             ``pyops.reference.pcgrad_visit_orders``) and projects when the current
             ``<g_i, G_j> < 0`` (Yu et al. 2020).
+        generator: the ``torch.Generator`` of pcgrad's orders (default: torch's default one).
+            torch.compile cannot trace a Generator object: with ``fullgraph=True`` leave it
+            None (the compiled code then draws the same orders as eager code after the same
+            ``torch.manual_seed``); a Generator there stops the compilation with this
+            function's TypeError in the message (without ``fullgraph`` the call runs eagerly).
         order: a permutation of 0..K-1 (default ascending): fedgh's visiting order (pcgrad: the
             order the random permutations permute). Nothing else (e.g. arrival order) matters.
         reduction: ``"sum"``: the weighted sum of the harmonized rows, (D,) or a list of (D_l,);
@@ -114,7 +186,8 @@ def harmonize_gradients(
         return_stats: also return ``HarmonizeStats(num_conflicts, cosine)``.
 
     Zero gradients are allowed (never projected onto); D < K and rank-deficient inputs are exact
-    (no inverse is involved). Non-finite gradients raise a ValueError naming a bad row. The Gram
+    (no inverse is involved). Non-finite gradients raise a ValueError naming a bad row (also in
+    torch.compile'd code, where the op pyops::harmonize_check_values runs that check). The Gram
     matrix and all coefficients are float64 (float32 gradients on the CPU: products summed in
     float32 over runs of 64 per lane, the runs in float64); outputs have the gradients' dtype.
     """
@@ -127,7 +200,10 @@ def harmonize_gradients(
     K = blocks[0].shape[0]
     w = _weights(weights, K, fn)
     o = _order(order, K, fn)
-    visit = pcgrad_visit_orders(K, o, generator) if mode == "pcgrad" else torch.empty(0, 0, dtype=torch.long)
+    if mode == "pcgrad" and generator is not None and torch.compiler.is_compiling():
+        raise TypeError(f"{fn}: torch.compile cannot trace a torch.Generator; under torch.compile pcgrad draws "
+                        "its visiting orders from the default generator (generator=None, seeded by torch.manual_seed)")
+    visit = _visit_orders(K, o, generator) if mode == "pcgrad" else torch.empty(0, 0, dtype=torch.long)
     if blocks[0].is_meta:  # shapes only: the coefficients come from values (a host step)
         if return_stats:
             raise ValueError(f"{fn}: return_stats needs the gradients' values; meta tensors have none")
@@ -135,13 +211,8 @@ def harmonize_gradients(
         outs = [t[0] for t in outs] if reduction == "sum" else outs
         return outs[0] if single else outs
 
-    gram = _ops.harmonize_gram(blocks).cpu()
+    gram = _check_values(_ops.harmonize_gram(blocks).cpu(), w, fn)
     diag = gram.diagonal()
-    bad = ~torch.isfinite(diag)
-    if bad.any() or not torch.isfinite(gram).all():
-        row = int(bad.nonzero()[0, 0]) if bad.any() else int((~torch.isfinite(gram)).nonzero()[0, 0])
-        raise ValueError(f"{fn}: the gradients contain NaN or inf (or overflow float64 in their products); "
-                         f"first bad row: {row}")
     coef = _ops.harmonize_coefficients(gram, o, visit, mode)
     device = blocks[0].device
     rows = (coef.t() @ w)[None] if reduction == "sum" else coef

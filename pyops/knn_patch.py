@@ -1,4 +1,5 @@
-"""k-NN patch search and patch aggregation (the MSGNN graph hot path; non-local denoisers).
+"""k-NN patch search and patch aggregation (the MSGNN graph hot path; non-local denoisers), and
+exact k-NN of point sets (``knn``: the search with 1 x 1 patches).
 
 Where each piece lives:
 
@@ -7,7 +8,7 @@ Where each piece lives:
 * Triton kernels (CUDA): this module, section "Triton"
 * fake kernels, autograd, input validation, public functions: this module
 * pure-PyTorch reference: ``pyops/reference.py`` (``knn_patch_search``, ``patch_aggregate``,
-  ``window_candidates``)
+  ``window_candidates``, ``knn``)
 
 A patch is the ``C * p * p`` vector of a ``p x p`` window of a ``(B, C, H, W)`` map, in
 ``(c, dy, dx)`` order (as ``F.unfold``); patches are taken every ``stride`` pixels where a whole
@@ -15,14 +16,15 @@ patch fits, giving a ``(rows, cols)`` patch grid; positions are row-major in tha
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import _backend
 from ._validation import acc_dtype, check_float, check_int, check_same_device, check_tensor
 
-__all__ = ["knn_patch_search", "patch_aggregate", "patch_grid"]
+__all__ = ["knn_patch_search", "patch_aggregate", "patch_grid", "knn", "KNNResult"]
 
 _ops = torch.ops.pyops
 
@@ -223,6 +225,91 @@ def patch_aggregate(
     return _ops.patch_aggregate_fwd(values, idx, weights, patch_size, stride, out_h, out_w)
 
 
+class KNNResult(NamedTuple):
+    """Result of ``knn``: for every query point, its k nearest database points, nearest first."""
+
+    dists: torch.Tensor  # (..., M, k) squared L2 distances, float32 (float64 for float64 points)
+    idx: torch.Tensor  # (..., M, k) int64 row indices into the database y
+
+
+def _check_points(x, y, k, exclude_self, fn: str) -> tuple[bool, int]:
+    """The arguments of ``knn``; returns (batched, k)."""
+    for name, t in (("x", x), ("y", y)):
+        check_tensor(t, name, fn)
+        check_float(t, name, fn)
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{fn}: {name} must have shape (M, D) or (B, M, D) (y: (N, D) or (B, N, D)), "
+                             f"got {tuple(t.shape)}")
+    if x.dim() != y.dim():
+        raise ValueError(f"{fn}: x {tuple(x.shape)} and y {tuple(y.shape)} must both be batched (B, *, D) or "
+                         "both unbatched (*, D)")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"{fn}: x and y must have the same dimension D (last dim), got {x.shape[-1]} and "
+                         f"{y.shape[-1]}")
+    if x.dim() == 3 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"{fn}: x and y must have the same batch size B, got {x.shape[0]} and {y.shape[0]}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"{fn}: x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    check_same_device(fn, x=x, y=y)
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"{fn}: exclude_self must be a bool, got {type(exclude_self).__name__}")
+    k = check_int(k, "k", fn, 1)
+    n_db = y.shape[-2]
+    if exclude_self and x.shape[-2] != n_db:
+        raise ValueError(f"{fn}: exclude_self needs as many query points as database points (x is y), got "
+                         f"M = {x.shape[-2]} and N = {n_db}")
+    n_cand = n_db - int(exclude_self)
+    if k > n_cand:
+        raise ValueError(f"{fn}: k = {k} is larger than the number of candidates per query point "
+                         f"({n_cand}: N = {n_db}{' less the point itself' if exclude_self else ''})")
+    return x.dim() == 3, k
+
+
+def _as_maps(points: torch.Tensor) -> torch.Tensor:
+    """(B, M, D) points as a (B, D, M, 1) map (CPU: a query grid of M rows, which the C++ search
+    splits into row tiles, one task each) or (B, D, 1, M) (CUDA: the Triton kernel's 4 x 8 query
+    tiles hold 8 points of one row instead of 4 of one column). Grid position = point index."""
+    maps = points.transpose(1, 2).unsqueeze(-1)
+    return maps.transpose(2, 3) if points.is_cuda else maps
+
+
+def knn(x: torch.Tensor, y: torch.Tensor, k: int, *, exclude_self: bool = False) -> KNNResult:
+    """Exact k nearest neighbours of point sets: for every query point ``x[..., i, :]`` the ``k``
+    database points ``y[..., j, :]`` with the smallest squared L2 distance.
+
+    Args:
+        x: (M, D) query points, or (B, M, D) for B independent searches.
+        y: (N, D) database points, or (B, N, D) (batched like x); the dtype (float32, float16,
+            bfloat16 or float64) and device of x.
+        k: neighbours per query point, 1 <= k <= N (N - 1 with ``exclude_self``).
+        exclude_self: never return j = i (for a search of a set against itself, ``knn(x, x, k,
+            exclude_self=True)``; needs M = N). Other points equal to x_i are still returned.
+
+    Returns:
+        ``KNNResult(dists, idx)``: ``dists`` (..., M, k) ascending squared distances
+        ``sum_d (x_id - y_jd)^2``, float32 (float64 for float64 points); ``idx`` (..., M, k) int64
+        rows of y. Exact (no approximate index); equal distances (duplicate database points)
+        go to the lower index. NaN distances count as +inf for the order (they come last) and
+        are returned as NaN. ``dists`` is differentiable w.r.t. x and y (``idx`` is not).
+
+    The search of ``knn_patch_search`` with 1 x 1 patches (its C++ kernel on the CPU, its Triton
+    kernel on CUDA): GEMM tiles of ``|y|^2 - 2 x.y`` screen chunks of database points for a
+    tile of query points, the candidates kept are re-ranked with exact differences, and a query
+    whose screening cannot be proven right (a rounding-error bound) is searched again directly.
+    The M x N distances are never stored: memory is O((M + N) (D + k)) plus fixed-size tiles.
+    """
+    fn = "knn"
+    batched, k = _check_points(x, y, k, exclude_self, fn)
+    xb, yb = (x, y) if batched else (x.unsqueeze(0), y.unsqueeze(0))
+    n_b, n_q = xb.shape[0], xb.shape[1]
+    if n_q == 0:  # no query points: the op needs a non-empty query grid
+        shape = (n_b, 0, k)
+        dists, idx = xb.new_zeros(shape, dtype=acc_dtype(xb)), xb.new_zeros(shape, dtype=torch.int64)
+    else:
+        dists, idx = _ops.knn_patch_search_fwd(_as_maps(xb), _as_maps(yb), k, 1, 1, -1, exclude_self, [])
+    return KNNResult(dists, idx) if batched else KNNResult(dists[0], idx[0])
+
+
 # --------------------------------------------------------------------------------------------
 # Fake kernels
 # --------------------------------------------------------------------------------------------
@@ -238,7 +325,8 @@ def _knn_fwd_fake(query, database, k, patch_size, stride, window, exclude_self, 
 @torch.library.register_fake("pyops::knn_patch_search_bwd")
 def _knn_bwd_fake(grad_dist, query, database, idx, patch_size, stride):
     _knn_bwd_args(grad_dist, query, database, idx, patch_size, stride, "pyops::knn_patch_search_bwd")
-    return torch.empty_like(query), torch.empty_like(database)
+    # contiguous, as the kernels return them (empty_like would keep a strided input's layout)
+    return query.new_empty(query.shape), database.new_empty(database.shape)
 
 
 @torch.library.register_fake("pyops::patch_aggregate_fwd")
@@ -250,7 +338,7 @@ def _agg_fwd_fake(values, idx, weights, patch_size, stride, out_h, out_w):
 @torch.library.register_fake("pyops::patch_aggregate_bwd")
 def _agg_bwd_fake(grad_out, values, idx, weights, patch_size, stride):
     _agg_bwd_args(grad_out, values, idx, weights, patch_size, stride, "pyops::patch_aggregate_bwd")
-    return torch.empty_like(values), torch.empty_like(weights)
+    return values.new_empty(values.shape), weights.new_empty(weights.shape)  # contiguous, as the kernels
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,8 +405,6 @@ for _name in ("knn_patch_search_bwd", "patch_aggregate_bwd"):
 # knn_patch_search_bwd and patch_aggregate_bwd scatter with atomic adds into float32 (float64)
 # buffers; patch_aggregate_fwd gathers: every output pixel sums the patches that cover it (no
 # atomics, deterministic).
-import os
-
 try:
     import triton
     import triton.language as tl

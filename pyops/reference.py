@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .knn_patch import KNNResult
 from .types import CrossViewOutput
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "window_candidates",
     "knn_patch_search",
     "patch_aggregate",
+    "knn",
     "joseph_weights",
     "joseph_project",
     "joseph_backproject",
@@ -182,6 +184,61 @@ def patch_aggregate(
     g = v.gather(1, idx.reshape(n_b, n_q * k, 1).expand(-1, -1, v.shape[-1])).view(n_b, n_q, k, -1)
     agg = (g * weights.unsqueeze(-1).to(g.dtype)).sum(2)  # (B, L, C'pp)
     return F.fold(agg.transpose(1, 2), output_size, patch_size, stride=stride)
+
+
+def _smallest_lower_index_first(dist: torch.Tensor, k: int, exclude_self: bool, row0: int):
+    """The k smallest entries of each row of dist (..., R, N) (rows row0 ... of the query set),
+    ascending, equal values to the lower column, NaN as +inf, the column row0 + r of row r
+    never taken with exclude_self: (values, columns). ``topk`` leaves the order of ties
+    unspecified, so it only finds the k-th smallest value t; then the columns below t and the
+    first columns equal to t are taken, and ordered by value with a stable sort."""
+    n = dist.shape[-1]
+    key = torch.where(torch.isnan(dist), torch.inf, dist)
+    col = torch.arange(n, device=dist.device)
+    valid = None
+    if exclude_self:
+        row = row0 + torch.arange(dist.shape[-2], device=dist.device)[:, None]
+        valid = col != row
+        key = torch.where(valid, key, torch.inf)  # one +inf more leaves the k-th smallest (k < N) as it was
+    kth = key.topk(k, dim=-1, largest=False).values[..., -1:]
+    below = key < kth
+    tied = key == kth if valid is None else (key == kth) & valid
+    take = below | (tied & (tied.cumsum(-1) <= k - below.sum(-1, keepdim=True)))  # exactly k per row
+    cols = torch.where(take, col, col + n).topk(k, dim=-1, largest=False).indices  # ascending columns
+    order = key.gather(-1, cols).sort(dim=-1, stable=True).indices
+    cols = cols.gather(-1, order)
+    return dist.gather(-1, cols), cols
+
+
+def knn(x: torch.Tensor, y: torch.Tensor, k: int, *, exclude_self: bool = False) -> KNNResult:
+    """Exact k nearest neighbours of the points x (M, D) or (B, M, D) among y (N, D) or
+    (B, N, D), as ``pyops.knn``: squared distances ``sum_d (x_d - y_d)^2`` accumulated over d
+    (float32, float64 for float64), k smallest per query point, ties to the lower index, NaN as
+    +inf, with ``exclude_self`` never j = i. Query points in chunks of about 2^24 distances,
+    each chunk's (chunk, N) distances summed one coordinate at a time (no (chunk, N, D)
+    difference tensor, no ``|x|^2 + |y|^2 - 2 x.y`` cancellation). Returns ``KNNResult``."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    single = x.dim() == 2
+    xb, yb = (x[None], y[None]) if single else (x, y)
+    xb, yb = xb.to(acc), yb.to(acc)
+    n_b, m, n = xb.shape[0], xb.shape[1], yb.shape[1]
+    yt = yb.transpose(1, 2)  # (B, D, N)
+    chunk = max(1, (1 << 24) // max(1, n_b * n))
+    dists, idxs = [], []
+    for s in range(0, m, chunk):
+        xc = xb[:, s:s + chunk]  # (B, R, D)
+        dist = xc.new_zeros((n_b, xc.shape[1], n))
+        for d in range(xb.shape[2]):
+            diff = xc[:, :, d, None] - yt[:, None, d, :]
+            dist.addcmul_(diff, diff)
+        dv, di = _smallest_lower_index_first(dist, k, exclude_self, s)
+        dists.append(dv)
+        idxs.append(di)
+    if dists:
+        dist, idx = torch.cat(dists, 1), torch.cat(idxs, 1)
+    else:
+        dist, idx = xb.new_zeros((n_b, 0, k)), torch.zeros((n_b, 0, k), dtype=torch.int64, device=x.device)
+    return KNNResult(dist[0], idx[0]) if single else KNNResult(dist, idx)
 
 
 # --------------------------------------------------------------------------------------------

@@ -367,6 +367,18 @@ CASES += [
 ]
 
 
+# harmonize_check_values(gram, weights): harmonize_gradients' value checks in compiled code (its
+# value errors name harmonize_gradients, as eagerly: tests/test_compile_wrappers.py)
+HV = "harmonize_check_values"
+F64 = torch.float64
+CASES += [
+    Case(HV, "gram-nonsquare", lambda: (torch.zeros(3, 2, dtype=F64), torch.ones(3, dtype=F64)), ValueError, ("gram",)),
+    Case(HV, "gram-float32", lambda: (torch.eye(3), torch.ones(3, dtype=F64)), TypeError, ("gram",)),
+    Case(HV, "weights-K", lambda: (torch.eye(3, dtype=F64), torch.ones(2, dtype=F64)), ValueError, ("weights",)),
+    Case(HV, "weights-float32", lambda: (torch.eye(3, dtype=F64), torch.ones(3)), TypeError, ("weights",)),
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # gr_loss_fwd(logits, observed, params, q2, q3, reduction), gr_loss_bwd(grad, ...)
 # ---------------------------------------------------------------------------------------------
@@ -582,6 +594,7 @@ VALID = {  # valid arguments of every registered op (CPU tensors)
     AGB: agb, JP: jp, JB: jb, HG: lambda: ([r(3, 4), r(3, 2)],),
     HC: lambda: hc(mode="pcgrad"), HM: lambda: ([r(3, 4), r(3, 2)], torch.zeros(2, 3, dtype=torch.float64)),
     GL: gl, GLB: glb, DS: lambda: (r(2, 5, 5), 3), DSB: dsb,
+    HV: lambda: (torch.eye(3, dtype=F64), torch.ones(3, dtype=F64)),
 }
 
 
