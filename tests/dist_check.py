@@ -110,6 +110,7 @@ def install_and_test(kind: str, artifact: str, work: str, tests_src: str, versio
     names = op_tests(tests_src)
     for name in ["conftest.py"] + names:
         shutil.copy(os.path.join(tests_src, name), tests)
+    shutil.copy(os.path.join(os.path.dirname(tests_src), "README.md"), work)  # its examples are tested too
     run([py, "-c", CHECK, prefix, version], env=env, cwd=tests)
     run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, *names], env=env, cwd=tests)
 
