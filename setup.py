@@ -8,6 +8,7 @@ builds it regardless (it then needs a CUDA build of torch to link against).
 `PYOPS_SANITIZE=1` builds the C++ extension with AddressSanitizer and UndefinedBehaviorSanitizer
 (no CUDA; `make test-asan` builds it into build/asan and runs the op tests on it).
 """
+
 import glob
 import os
 

@@ -9,6 +9,7 @@ Targets (issue #2): CPU, N=4096, V=32000: >= 3x the eager and >= 1.5x the compil
 peak memory <= 40% of eager; fused linear (N=4096, H=1024, V=32000): peak <= 25% of the eager
 ``hidden @ weight.T`` + reference path, at no loss of speed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,6 +39,7 @@ def _variants(native, ref, device):
         info = pyops.backends()
         names = [b for b, ok in (("cuda", info["cuda_extension"]), ("triton", info["triton"] is not None)) if ok]
         for b in names:
+
             def with_backend(*args, _b=b):
                 with pyops.use_backend(_b):
                     return native(*args)
@@ -71,8 +73,10 @@ def linear_case(n_rows: int, hidden: int, vocab: int) -> Case:
         t = torch.randint(0, vocab, (n_rows,), device=device)
         grads = [torch.randn(n_rows, device=device) for _ in range(5)]
         variants = _variants(pyops.fused_linear_cross_view, reference.fused_linear_cross_view, device)
-        return {k: _step(lambda ha, hb, w, t, _f=fn: _f(ha, hb, w, None, t), (ha, hb, w, t), grads, (ha, hb, w))
-                for k, fn in variants.items()}
+        return {
+            k: _step(lambda ha, hb, w, t, _f=fn: _f(ha, hb, w, None, t), (ha, hb, w, t), grads, (ha, hb, w))
+            for k, fn in variants.items()
+        }
 
     return Case(f"linear N={n_rows} H={hidden} V={vocab}", dict(N=n_rows, H=hidden, V=vocab), setup)
 

@@ -10,6 +10,7 @@ Cases: B = 12 maps of T = 300 (issue #12's target size; SSPD / BYHE test clips),
   its time multiplied by B in the table's note; forward only, as it is used for readouts).
 Targets: pyops >= 3x eager and >= 50x the loop at T = 300, B = 12.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,6 +43,7 @@ def case(B, T, with_loop=False, with_compiled=True):
                 S.grad = None
                 m, s = fn(S)
                 ((m * gm).sum() + (s * gs).sum()).backward()
+
             return run
 
         variants = {"pyops": step(pyops.diagonal_stats), "eager": step(reference.diagonal_stats)}
@@ -55,6 +57,7 @@ def case(B, T, with_loop=False, with_compiled=True):
             def loop():  # forward of one map; B maps take B times as long
                 with torch.no_grad():
                     reference.diagonal_stats_loop(one)
+
             variants["loop_1map"] = loop
             t0 = time.perf_counter()
             loop()
@@ -62,8 +65,14 @@ def case(B, T, with_loop=False, with_compiled=True):
         case_obj.notes.update(notes)
         return variants
 
-    case_obj = Case(f"B{B} T{T}", dict(B=B, T=T, pass_="fwd+bwd"), setup, bytes_moved=3 * B * T * T * 4,
-                    work=B * T * T / 2, work_unit="diagonal entries")
+    case_obj = Case(
+        f"B{B} T{T}",
+        dict(B=B, T=T, pass_="fwd+bwd"),
+        setup,
+        bytes_moved=3 * B * T * T * 4,
+        work=B * T * T / 2,
+        work_unit="diagonal entries",
+    )
     return case_obj
 
 

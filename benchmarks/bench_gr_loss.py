@@ -11,6 +11,7 @@ per row, float32, as the data loaders give them). Variants:
   multi-label loss torch has (a lower bound any GR implementation pays at least).
 Target: pyops >= 3x eager on 256 x 1000.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,6 +45,7 @@ def case(B, C, dtype=torch.float32, with_compiled=True):
             def run():
                 x.grad = None
                 fn(x, o).backward()
+
             return run
 
         variants = {
@@ -60,8 +62,14 @@ def case(B, C, dtype=torch.float32, with_compiled=True):
     # forward reads logits + labels; backward reads them again and writes the gradient
     moved = B * C * (2 * esize + 2 * 4 + esize)
     name = f"{B}x{C}" + ("" if dtype == torch.float32 else f" {str(dtype).split('.')[-1]}")
-    return Case(name, dict(B=B, C=C, dtype=str(dtype).split(".")[-1], pass_="fwd+bwd"), setup,
-                bytes_moved=moved, work=B * C, work_unit="entries")
+    return Case(
+        name,
+        dict(B=B, C=C, dtype=str(dtype).split(".")[-1], pass_="fwd+bwd"),
+        setup,
+        bytes_moved=moved,
+        work=B * C,
+        work_unit="entries",
+    )
 
 
 def cases(quick: bool, device: str) -> list[Case]:

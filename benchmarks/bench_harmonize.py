@@ -12,6 +12,7 @@ rows with many conflicts (quick mode: D = 2 million, K = 10 and 20). Variants:
 Targets: >= 10x / 20x / 50x the eager reference for K = 10 / 20 / 50, within 2.5x of
 floor_2reads; the blocks input at least as fast as the flat input.
 """
+
 from __future__ import annotations
 
 import torch

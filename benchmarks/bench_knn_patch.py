@@ -11,6 +11,7 @@ Cases (issue #3; full sizes, quick mode uses smaller maps):
 Targets: global >= 3x eager and >= faiss, peak <= 5% of eager; windowed and dense >= 5x eager;
 aggregate >= 3x eager.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,8 +39,19 @@ def _search_variants(q, d, with_compiled, **kw):
     return variants
 
 
-def search_case(name, shape, db_shape=None, *, patch_size=3, stride=None, window=None, exclude_self=False,
-                with_faiss=False, same_map=False, with_compiled=True):
+def search_case(
+    name,
+    shape,
+    db_shape=None,
+    *,
+    patch_size=3,
+    stride=None,
+    window=None,
+    exclude_self=False,
+    with_faiss=False,
+    same_map=False,
+    with_compiled=True,
+):
     def setup(device):
         g = torch.Generator().manual_seed(0)
         q = torch.randn(shape, generator=g).to(device)
@@ -61,8 +73,9 @@ def search_case(name, shape, db_shape=None, *, patch_size=3, stride=None, window
             variants["faiss"] = faiss_step
         return variants
 
-    params = dict(shape=list(shape), patch=patch_size, stride=stride or patch_size, window=window,
-                  exclude_self=exclude_self, k=K)
+    params = dict(
+        shape=list(shape), patch=patch_size, stride=stride or patch_size, window=window, exclude_self=exclude_self, k=K
+    )
     return Case(name, params, setup)
 
 
@@ -84,8 +97,11 @@ def aggregate_case(name, shape):
 
             return run
 
-        return {"pyops": step(pyops.patch_aggregate), "eager": step(reference.patch_aggregate),
-                "compiled": step(torch.compile(reference.patch_aggregate))}
+        return {
+            "pyops": step(pyops.patch_aggregate),
+            "eager": step(reference.patch_aggregate),
+            "compiled": step(torch.compile(reference.patch_aggregate)),
+        }
 
     return Case(name, dict(shape=list(shape), patch=3, k=K), setup)
 
@@ -95,8 +111,15 @@ def cases(quick: bool, device: str) -> list[Case]:
         return [
             search_case("global 32x161x241 p3", (1, 32, 161, 241), with_faiss=True),
             search_case("window30 32x161x241 p3", (1, 32, 161, 241), window=30),
-            search_case("dense 3x128x128 p7 s1 w21", (1, 3, 128, 128), patch_size=7, stride=1, window=21,
-                        exclude_self=True, same_map=True),
+            search_case(
+                "dense 3x128x128 p7 s1 w21",
+                (1, 3, 128, 128),
+                patch_size=7,
+                stride=1,
+                window=21,
+                exclude_self=True,
+                same_map=True,
+            ),
             aggregate_case("aggregate fwd+bwd 32x161x241", (1, 32, 161, 241)),
         ]
     return [
@@ -105,7 +128,15 @@ def cases(quick: bool, device: str) -> list[Case]:
         # The reference's windowed search loops over ~230 query chunks here; torch.compile unrolls
         # the loop and compiles for tens of minutes, so the compiled reference is measured on the
         # quick mode's 128 x 128 image only.
-        search_case("dense 3x256x256 p7 s1 w21", (1, 3, 256, 256), patch_size=7, stride=1, window=21,
-                    exclude_self=True, same_map=True, with_compiled=False),
+        search_case(
+            "dense 3x256x256 p7 s1 w21",
+            (1, 3, 256, 256),
+            patch_size=7,
+            stride=1,
+            window=21,
+            exclude_self=True,
+            same_map=True,
+            with_compiled=False,
+        ),
         aggregate_case("aggregate fwd+bwd 32x321x481", (1, 32, 321, 481)),
     ]

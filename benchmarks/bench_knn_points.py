@@ -17,6 +17,7 @@ y (independent standard normal), D = 32 with k = 16 and D = 3 with k = 5. Varian
 Both anchors are optional (``make bench`` installs them); a missing or failing one is skipped
 with the reason printed. Work rate: query-database pairs per second.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,7 +38,7 @@ def mm_topk(x: torch.Tensor, y: torch.Tensor, k: int):
     chunk = max(1, (1 << 24) // max(1, y.shape[0]))
     dists, idxs = [], []
     for s in range(0, x.shape[0], chunk):
-        xc = x[s:s + chunk]
+        xc = x[s : s + chunk]
         scores = torch.addmm((xc * xc).sum(-1, keepdim=True) + y_sq, xc, y.t(), alpha=-2.0)
         d, i = scores.topk(k, dim=-1, largest=False)
         dists.append(d)

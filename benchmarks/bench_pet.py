@@ -14,6 +14,7 @@ Cases (issue #4; quick mode uses smaller sizes):
   line-plane steps (one bilinear sample of 4 voxels each) per second.
 Targets: 2D forward and back >= 10x eager, >= 2x ASTRA, at least as fast as the sparse matrix.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -36,7 +37,7 @@ def _sparse_system(s, e, shape, vox, org):
     rows, cols, vals = [], [], []
     chunk = max(1, (1 << 22) // (4 * max(shape)))
     for m0 in range(0, M, chunk):
-        idx, w = reference.joseph_weights(s[m0:m0 + chunk], e[m0:m0 + chunk], shape, vox, org)
+        idx, w = reference.joseph_weights(s[m0 : m0 + chunk], e[m0 : m0 + chunk], shape, vox, org)
         keep = w != 0
         rows.append((torch.arange(m0, m0 + idx.shape[0])[:, None, None].expand_as(idx))[keep])
         cols.append(idx[keep])
@@ -46,8 +47,7 @@ def _sparse_system(s, e, shape, vox, org):
     A = coo.coalesce().to_sparse_csr()
     At = coo.t().coalesce().to_sparse_csr()
     secs = time.perf_counter() - t0
-    nbytes = sum(t.numel() * t.element_size() for m in (A, At)
-                 for t in (m.crow_indices(), m.col_indices(), m.values()))
+    nbytes = sum(t.numel() * t.element_size() for m in (A, At) for t in (m.crow_indices(), m.col_indices(), m.values()))
     return A, At, secs, nbytes
 
 
@@ -118,8 +118,9 @@ def case_2d(name, n, views, radial, frames, direction, with_compiled=True):
 
 def case_3d(name, detectors, rings, max_ring_difference, direction):
     shape, vox = (128, 128, 32), 2.0
-    s, e = pet.ring_scanner(200.0, detectors, num_rings=rings, ring_spacing=2.0,
-                            max_ring_difference=max_ring_difference)
+    s, e = pet.ring_scanner(
+        200.0, detectors, num_rings=rings, ring_spacing=2.0, max_ring_difference=max_ring_difference
+    )
     # line-plane steps: projecting an all-ones image gives, per line, step x planes crossed
     ones = pyops.joseph_project(torch.ones(1, *shape), s, e, voxel_size=vox)[0].double()
     d = (e - s).double()
@@ -134,8 +135,14 @@ def case_3d(name, detectors, rings, max_ring_difference, direction):
         y = pyops.joseph_project(x, sd, ed, voxel_size=vox)
         return {"pyops": lambda: pyops.joseph_backproject(y, sd, ed, image_shape=shape, voxel_size=vox)}
 
-    params = dict(image=list(shape), detectors=detectors, rings=rings, max_ring_difference=max_ring_difference,
-                  lines=s.shape[0], direction=direction)
+    params = dict(
+        image=list(shape),
+        detectors=detectors,
+        rings=rings,
+        max_ring_difference=max_ring_difference,
+        lines=s.shape[0],
+        direction=direction,
+    )
     return Case(name, params, setup, work=work, work_unit="line-plane steps")
 
 

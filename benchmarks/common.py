@@ -13,6 +13,7 @@ compiled reference, ...), each a zero-argument callable doing one measured step.
   minus the resident memory before the step, with glibc told to return freed blocks of
   64 KiB and more to the system so that the resident size follows torch's allocations).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -150,9 +151,14 @@ def run_cases(module: str, cases: list[Case], device: str, reps: int, quick: boo
         for variant, ts in times.items():
             med = statistics.median(ts)
             row = dict(
-                case=case.name, **{f"param_{k}": v for k, v in case.params.items()}, variant=variant,
-                median_ms=med * 1e3, p20_ms=_quantile(ts, 0.2) * 1e3, p80_ms=_quantile(ts, 0.8) * 1e3,
-                reps=len(ts), time_over_native=med / native_t,
+                case=case.name,
+                **{f"param_{k}": v for k, v in case.params.items()},
+                variant=variant,
+                median_ms=med * 1e3,
+                p20_ms=_quantile(ts, 0.2) * 1e3,
+                p80_ms=_quantile(ts, 0.8) * 1e3,
+                reps=len(ts),
+                time_over_native=med / native_t,
                 peak_mb=None if peaks[variant] is None else peaks[variant] / 2**20,
                 native_peak_over_this=None if (native_m is None or not peaks[variant]) else native_m / peaks[variant],
             )
@@ -168,8 +174,10 @@ def run_cases(module: str, cases: list[Case], device: str, reps: int, quick: boo
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| case | variant | median ms | p20-p80 ms | time / native time | peak MiB | native peak / this peak "
-            "| native GB/s | rate | note |")
+    head = (
+        "| case | variant | median ms | p20-p80 ms | time / native time | peak MiB | native peak / this peak "
+        "| native GB/s | rate | note |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
@@ -188,9 +196,15 @@ def write_results(op: str, device: str, quick: bool, rows: list[dict], extra: di
     kind = "cuda" if device.startswith("cuda") else "cpu"
     stem = f"{op}_{kind}_{'quick' if quick else 'full'}"
     meta = dict(
-        op=op, device=device, device_name=device_name(device), mode="quick" if quick else "full",
+        op=op,
+        device=device,
+        device_name=device_name(device),
+        mode="quick" if quick else "full",
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        torch=torch.__version__, python=platform.python_version(), command="python -m benchmarks.run " + " ".join(sys.argv[1:]), **extra,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        command="python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        **extra,
     )
     jpath = RESULTS_DIR / f"{stem}.json"
     jpath.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")

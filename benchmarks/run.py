@@ -4,6 +4,7 @@ Runs every op's benchmark (native pyops op vs eager and compiled pure-PyTorch re
 prints one table per op and writes JSON + markdown to benchmarks/results/ (file names carry the
 device kind and the mode; the device name is inside). `make bench` runs the quick mode.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +46,17 @@ def main(argv=None) -> int:
 
     reps = args.reps or (3 if args.quick else 5)
     bw = common.copy_bandwidth_gbps(args.device)
-    print(f"device: {common.device_name(args.device)}; measured copy bandwidth {bw:.1f} GB/s; "
-          f"mode: {'quick' if args.quick else 'full'}; {reps} interleaved repetitions", flush=True)
+    print(
+        f"device: {common.device_name(args.device)}; measured copy bandwidth {bw:.1f} GB/s; "
+        f"mode: {'quick' if args.quick else 'full'}; {reps} interleaved repetitions",
+        flush=True,
+    )
     for op in args.only or sorted(BENCHES):
         module = BENCHES[op]
         mod = importlib.import_module(module)
-        rows = common.run_cases(module, mod.cases(args.quick, args.device), args.device, reps, args.quick,
-                                memory=not args.no_memory)
+        rows = common.run_cases(
+            module, mod.cases(args.quick, args.device), args.device, reps, args.quick, memory=not args.no_memory
+        )
         for r in rows:
             if "gbps" in r:
                 r["fraction_of_copy_bandwidth"] = r["gbps"] / bw

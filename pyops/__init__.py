@@ -18,16 +18,15 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 ``pyops.use_backend("triton" | "cuda")`` picks the implementation for CUDA tensors,
 ``PYOPS_CPU_ISA`` / ``pyops.set_cpu_isa("avx512" | "avx2" | "baseline")`` the CPU kernels' path.
 """
+
+from . import nn, pet, reference
 from ._backend import backends, get_backend, get_cpu_isa, set_backend, set_cpu_isa, use_backend
-from . import reference
 from .cross_view_kl import CrossViewOutput, cross_view_kl_entropy, fused_linear_cross_view
-from .knn_patch import KNNResult, knn, knn_patch_search, patch_aggregate, patch_grid
-from . import pet
-from .pet import joseph_backproject, joseph_project
-from .harmonize import HarmonizeStats, harmonize_gradients
-from .gr_loss import gr_loss
 from .diagonal_stats import diagonal_stats
-from . import nn
+from .gr_loss import gr_loss
+from .harmonize import HarmonizeStats, harmonize_gradients
+from .knn_patch import KNNResult, knn, knn_patch_search, patch_aggregate, patch_grid
+from .pet import joseph_backproject, joseph_project
 
 __all__ = [
     "backends",

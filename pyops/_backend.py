@@ -19,6 +19,7 @@ run the best one the CPU supports. ``PYOPS_CPU_ISA=avx512|avx2|baseline`` (envir
 import; ``auto`` or unset: the best) forces one, ``pyops.set_cpu_isa(name)`` changes it; a path
 the CPU cannot run is refused with a ``ValueError``. The tests run on every path this way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -104,7 +105,7 @@ def get_cpu_isa() -> str:
 def supported_cpu_isas() -> list[str]:
     """The paths this CPU can run, best first (always ending with "baseline")."""
     best = _C._cpu_isa()[1]
-    return list(CPU_ISAS[CPU_ISAS.index(best):])
+    return list(CPU_ISAS[CPU_ISAS.index(best) :])
 
 
 def set_cpu_isa(name: str) -> None:
@@ -211,8 +212,12 @@ def capturing(t: torch.Tensor) -> bool:
 def no_values(t: torch.Tensor) -> bool:
     """True when t's values cannot (or must not) be read on the host: a meta or fake tensor, a
     region being traced by torch.compile, or a CUDA stream being captured. Data checks skip."""
-    return t.is_meta or torch.compiler.is_compiling() or capturing(t) or isinstance(
-        t, torch._subclasses.fake_tensor.FakeTensor)
+    return (
+        t.is_meta
+        or torch.compiler.is_compiling()
+        or capturing(t)
+        or isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+    )
 
 
 def register_no_double_backward(op: str) -> None:

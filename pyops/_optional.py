@@ -8,6 +8,7 @@ a user without them reads which extra to install instead of a bare ``ModuleNotFo
     with requires("methods", "fedgh's data sets"):
         from sklearn.datasets import load_digits
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """Input checks shared by the op modules: each raises with a message that names the function
 and the argument."""
+
 from __future__ import annotations
 
 from typing import Optional

@@ -15,6 +15,7 @@ Maths, per row, with u = a / T, w = b / T, p = softmax(u), q = softmax(w):
 ``dKL(p||q)/du = p (log p - log q - KL)``, ``dKL(p||q)/dw = q - p``, ``dH(p)/du = -p (log p + H)``,
 ``dCE/da = softmax(a) - onehot(y)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -155,7 +156,9 @@ def _validate_linear(hidden_a, hidden_b, weight, bias, target, temperature, igno
             raise ValueError(f"{fn}: bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
         dtypes.add(bias.dtype)
     if len(dtypes) != 1:
-        raise TypeError(f"{fn}: hidden_a, hidden_b, weight and bias must share one dtype, got {sorted(map(str, dtypes))}")
+        raise TypeError(
+            f"{fn}: hidden_a, hidden_b, weight and bias must share one dtype, got {sorted(map(str, dtypes))}"
+        )
     _check_target(target, hidden_a.shape[:-1], fn)
     check_same_device(fn, hidden_a=hidden_a, hidden_b=hidden_b, weight=weight, bias=bias, target=target)
     _check_scalars(temperature, ignore_index, fn)
@@ -205,7 +208,10 @@ def cross_view_kl_entropy(
         logits_a.reshape(-1, vocab), logits_b.reshape(-1, vocab), t2, float(temperature), int(ignore_index)
     )
     return CrossViewOutput(
-        kl_ab.view(lead), kl_ba.view(lead), ent_a.view(lead), ent_b.view(lead),
+        kl_ab.view(lead),
+        kl_ba.view(lead),
+        ent_a.view(lead),
+        ent_b.view(lead),
         None if target is None else ce.view(lead),
     )
 
@@ -246,11 +252,20 @@ def fused_linear_cross_view(
         _check_chunk_size(chunk_size, fn)
     t2 = None if target is None else target.reshape(-1)
     kl_ab, kl_ba, ent_a, ent_b, ce, _ = _ops.fused_linear_cross_view_fwd(
-        hidden_a.reshape(-1, hid), hidden_b.reshape(-1, hid), weight, bias, t2,
-        float(temperature), int(ignore_index), int(chunk_size),
+        hidden_a.reshape(-1, hid),
+        hidden_b.reshape(-1, hid),
+        weight,
+        bias,
+        t2,
+        float(temperature),
+        int(ignore_index),
+        int(chunk_size),
     )
     return CrossViewOutput(
-        kl_ab.view(lead), kl_ba.view(lead), ent_a.view(lead), ent_b.view(lead),
+        kl_ab.view(lead),
+        kl_ba.view(lead),
+        ent_a.view(lead),
+        ent_b.view(lead),
         None if target is None else ce.view(lead),
     )
 
@@ -265,21 +280,84 @@ def _row_outputs_like(x: torch.Tensor, n_rows, has_target: bool):
     return (*rows, ce, x.new_empty((n_rows, 3), dtype=dt))
 
 
-def _check_row_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
-                      kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, fn) -> None:
+def _check_row_bwd_op(
+    g_kab,
+    g_kba,
+    g_ha,
+    g_hb,
+    g_ce,
+    logits_a,
+    logits_b,
+    target,
+    kl_ab,
+    kl_ba,
+    ent_a,
+    ent_b,
+    lse,
+    temperature,
+    ignore_index,
+    fn,
+) -> None:
     _check_row_op(logits_a, logits_b, target, temperature, ignore_index, fn)
-    _check_bwd_rows(fn, logits_a, "logits_a", lse, dict(
-        grad_kl_ab=g_kab, grad_kl_ba=g_kba, grad_entropy_a=g_ha, grad_entropy_b=g_hb, grad_ce_a=g_ce,
-        kl_ab=kl_ab, kl_ba=kl_ba, entropy_a=ent_a, entropy_b=ent_b))
+    _check_bwd_rows(
+        fn,
+        logits_a,
+        "logits_a",
+        lse,
+        dict(
+            grad_kl_ab=g_kab,
+            grad_kl_ba=g_kba,
+            grad_entropy_a=g_ha,
+            grad_entropy_b=g_hb,
+            grad_ce_a=g_ce,
+            kl_ab=kl_ab,
+            kl_ba=kl_ba,
+            entropy_a=ent_a,
+            entropy_b=ent_b,
+        ),
+    )
     _check_grad_ce(g_ce, target, fn)
 
 
-def _check_linear_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target,
-                         kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, chunk_size, fn) -> None:
+def _check_linear_bwd_op(
+    g_kab,
+    g_kba,
+    g_ha,
+    g_hb,
+    g_ce,
+    hidden_a,
+    hidden_b,
+    weight,
+    bias,
+    target,
+    kl_ab,
+    kl_ba,
+    ent_a,
+    ent_b,
+    lse,
+    temperature,
+    ignore_index,
+    chunk_size,
+    fn,
+) -> None:
     _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size, fn)
-    _check_bwd_rows(fn, hidden_a, "hidden_a", lse, dict(
-        grad_kl_ab=g_kab, grad_kl_ba=g_kba, grad_entropy_a=g_ha, grad_entropy_b=g_hb, grad_ce_a=g_ce,
-        kl_ab=kl_ab, kl_ba=kl_ba, entropy_a=ent_a, entropy_b=ent_b))
+    _check_bwd_rows(
+        fn,
+        hidden_a,
+        "hidden_a",
+        lse,
+        dict(
+            grad_kl_ab=g_kab,
+            grad_kl_ba=g_kba,
+            grad_entropy_a=g_ha,
+            grad_entropy_b=g_hb,
+            grad_ce_a=g_ce,
+            kl_ab=kl_ab,
+            kl_ba=kl_ba,
+            entropy_a=ent_a,
+            entropy_b=ent_b,
+        ),
+    )
     _check_grad_ce(g_ce, target, fn)
 
 
@@ -299,17 +377,63 @@ def _cross_view_kl_entropy_bwd_fake(*args):
 
 @torch.library.register_fake("pyops::fused_linear_cross_view_fwd")
 def _fused_linear_cross_view_fwd_fake(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size):
-    _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size,
-                     "pyops::fused_linear_cross_view_fwd")
+    _check_linear_op(
+        hidden_a,
+        hidden_b,
+        weight,
+        bias,
+        target,
+        temperature,
+        ignore_index,
+        chunk_size,
+        "pyops::fused_linear_cross_view_fwd",
+    )
     return _row_outputs_like(hidden_a, hidden_a.shape[0], target is not None)
 
 
 @torch.library.register_fake("pyops::fused_linear_cross_view_bwd")
-def _fused_linear_cross_view_bwd_fake(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias,
-                                      target, kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index,
-                                      chunk_size, output_mask):
-    _check_linear_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target, kl_ab, kl_ba,
-                         ent_a, ent_b, lse, temperature, ignore_index, chunk_size, "pyops::fused_linear_cross_view_bwd")
+def _fused_linear_cross_view_bwd_fake(
+    g_kab,
+    g_kba,
+    g_ha,
+    g_hb,
+    g_ce,
+    hidden_a,
+    hidden_b,
+    weight,
+    bias,
+    target,
+    kl_ab,
+    kl_ba,
+    ent_a,
+    ent_b,
+    lse,
+    temperature,
+    ignore_index,
+    chunk_size,
+    output_mask,
+):
+    _check_linear_bwd_op(
+        g_kab,
+        g_kba,
+        g_ha,
+        g_hb,
+        g_ce,
+        hidden_a,
+        hidden_b,
+        weight,
+        bias,
+        target,
+        kl_ab,
+        kl_ba,
+        ent_a,
+        ent_b,
+        lse,
+        temperature,
+        ignore_index,
+        chunk_size,
+        "pyops::fused_linear_cross_view_bwd",
+    )
     need_ha, need_hb, need_w = output_mask
     empty = hidden_a.new_empty((0,))
     return (
@@ -338,13 +462,28 @@ def _row_backward(ctx, g_kab, g_kba, g_ha, g_hb, g_ce, _g_lse):
     if all(g is None for g in (g_kab, g_kba, g_ha, g_hb, g_ce)):
         return None, None, None, None, None
     grad_a, grad_b = _ops.cross_view_kl_entropy_bwd(
-        g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
-        kl_ab, kl_ba, ent_a, ent_b, lse, ctx.temperature, ctx.ignore_index,
+        g_kab,
+        g_kba,
+        g_ha,
+        g_hb,
+        g_ce,
+        logits_a,
+        logits_b,
+        target,
+        kl_ab,
+        kl_ba,
+        ent_a,
+        ent_b,
+        lse,
+        ctx.temperature,
+        ctx.ignore_index,
     )
     return (
         grad_a if ctx.needs_input_grad[0] else None,
         grad_b if ctx.needs_input_grad[1] else None,
-        None, None, None,
+        None,
+        None,
+        None,
     )
 
 
@@ -366,15 +505,35 @@ def _linear_backward(ctx, g_kab, g_kba, g_ha, g_hb, g_ce, _g_lse):
     if all(g is None for g in (g_kab, g_kba, g_ha, g_hb, g_ce)) or not any(mask):
         return (None,) * 8
     gha, ghb, gw, gbias = _ops.fused_linear_cross_view_bwd(
-        g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target,
-        kl_ab, kl_ba, ent_a, ent_b, lse, ctx.temperature, ctx.ignore_index, ctx.chunk_size, mask,
+        g_kab,
+        g_kba,
+        g_ha,
+        g_hb,
+        g_ce,
+        hidden_a,
+        hidden_b,
+        weight,
+        bias,
+        target,
+        kl_ab,
+        kl_ba,
+        ent_a,
+        ent_b,
+        lse,
+        ctx.temperature,
+        ctx.ignore_index,
+        ctx.chunk_size,
+        mask,
     )
     return (
         gha if need[0] else None,
         ghb if need[1] else None,
         gw if need[2] else None,
         gbias if (ctx.has_bias and need[3]) else None,
-        None, None, None, None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -411,12 +570,49 @@ def _slice(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
     return None if t is None else t[s:e]
 
 
-def _fused_linear_bwd_impl(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target,
-                           kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, chunk_size,
-                           output_mask):
+def _fused_linear_bwd_impl(
+    g_kab,
+    g_kba,
+    g_ha,
+    g_hb,
+    g_ce,
+    hidden_a,
+    hidden_b,
+    weight,
+    bias,
+    target,
+    kl_ab,
+    kl_ba,
+    ent_a,
+    ent_b,
+    lse,
+    temperature,
+    ignore_index,
+    chunk_size,
+    output_mask,
+):
     fn = "pyops::fused_linear_cross_view_bwd"
-    _check_linear_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, weight, bias, target, kl_ab, kl_ba,
-                         ent_a, ent_b, lse, temperature, ignore_index, chunk_size, fn)
+    _check_linear_bwd_op(
+        g_kab,
+        g_kba,
+        g_ha,
+        g_hb,
+        g_ce,
+        hidden_a,
+        hidden_b,
+        weight,
+        bias,
+        target,
+        kl_ab,
+        kl_ba,
+        ent_a,
+        ent_b,
+        lse,
+        temperature,
+        ignore_index,
+        chunk_size,
+        fn,
+    )
     if g_ce is not None:
         _check_target_range(target, weight.shape[0], ignore_index, fn)
     need_ha, need_hb, need_w = output_mask
@@ -434,9 +630,21 @@ def _fused_linear_bwd_impl(g_kab, g_kba, g_ha, g_hb, g_ce, hidden_a, hidden_b, w
         logits_a = F.linear(ha, weight, bias)
         logits_b = F.linear(hb, weight, bias)
         dla, dlb = _ops.cross_view_kl_entropy_bwd(
-            _slice(g_kab, s, e), _slice(g_kba, s, e), _slice(g_ha, s, e), _slice(g_hb, s, e),
-            _slice(g_ce, s, e), logits_a, logits_b, _slice(target, s, e),
-            kl_ab[s:e], kl_ba[s:e], ent_a[s:e], ent_b[s:e], lse[s:e], temperature, ignore_index,
+            _slice(g_kab, s, e),
+            _slice(g_kba, s, e),
+            _slice(g_ha, s, e),
+            _slice(g_hb, s, e),
+            _slice(g_ce, s, e),
+            logits_a,
+            logits_b,
+            _slice(target, s, e),
+            kl_ab[s:e],
+            kl_ba[s:e],
+            ent_a[s:e],
+            ent_b[s:e],
+            lse[s:e],
+            temperature,
+            ignore_index,
         )
         del logits_a, logits_b
         if need_ha:
@@ -478,9 +686,22 @@ if triton is not None:
 
     @triton.jit
     def _cv_fwd_kernel(
-        a_ptr, b_ptr, t_ptr, kab_ptr, kba_ptr, ha_ptr, hb_ptr, ce_ptr, lse_ptr,
-        V, inv_t, ignore_index,
-        HAS_TARGET: tl.constexpr, UNIT_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+        a_ptr,
+        b_ptr,
+        t_ptr,
+        kab_ptr,
+        kba_ptr,
+        ha_ptr,
+        hb_ptr,
+        ce_ptr,
+        lse_ptr,
+        V,
+        inv_t,
+        ignore_index,
+        HAS_TARGET: tl.constexpr,
+        UNIT_T: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         a_row = a_ptr + row * V
@@ -565,10 +786,32 @@ if triton is not None:
 
     @triton.jit
     def _cv_bwd_kernel(
-        a_ptr, b_ptr, ga_ptr, gb_ptr, t_ptr, gkab_ptr, gkba_ptr, gha_ptr, ghb_ptr, gce_ptr,
-        kab_ptr, kba_ptr, ha_ptr, hb_ptr, lse_ptr, V, inv_t, ignore_index,
-        HAS_GKAB: tl.constexpr, HAS_GKBA: tl.constexpr, HAS_GHA: tl.constexpr, HAS_GHB: tl.constexpr,
-        HAS_GCE: tl.constexpr, UNIT_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+        a_ptr,
+        b_ptr,
+        ga_ptr,
+        gb_ptr,
+        t_ptr,
+        gkab_ptr,
+        gkba_ptr,
+        gha_ptr,
+        ghb_ptr,
+        gce_ptr,
+        kab_ptr,
+        kba_ptr,
+        ha_ptr,
+        hb_ptr,
+        lse_ptr,
+        V,
+        inv_t,
+        ignore_index,
+        HAS_GKAB: tl.constexpr,
+        HAS_GKBA: tl.constexpr,
+        HAS_GHA: tl.constexpr,
+        HAS_GHB: tl.constexpr,
+        HAS_GCE: tl.constexpr,
+        UNIT_T: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         a_row = a_ptr + row * V
@@ -644,20 +887,64 @@ def triton_cross_view_kl_entropy_fwd(logits_a, logits_b, target, temperature, ig
     kl_ab, kl_ba, ent_a, ent_b, ce, lse = outs
     with _backend.device_guard(a):
         _cv_fwd_kernel[(n_rows,)](
-            a, b, target if target is not None else a, kl_ab, kl_ba, ent_a, ent_b,
-            ce if target is not None else kl_ab, lse, vocab, 1.0 / temperature, ignore_index,
-            HAS_TARGET=target is not None, UNIT_T=temperature == 1.0, ACC=_tl_acc(a),
-            BLOCK=block, num_warps=warps,
+            a,
+            b,
+            target if target is not None else a,
+            kl_ab,
+            kl_ba,
+            ent_a,
+            ent_b,
+            ce if target is not None else kl_ab,
+            lse,
+            vocab,
+            1.0 / temperature,
+            ignore_index,
+            HAS_TARGET=target is not None,
+            UNIT_T=temperature == 1.0,
+            ACC=_tl_acc(a),
+            BLOCK=block,
+            num_warps=warps,
         )
     return outs
 
 
-def triton_cross_view_kl_entropy_bwd(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
-                                     kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index):
+def triton_cross_view_kl_entropy_bwd(
+    g_kab,
+    g_kba,
+    g_ha,
+    g_hb,
+    g_ce,
+    logits_a,
+    logits_b,
+    target,
+    kl_ab,
+    kl_ba,
+    ent_a,
+    ent_b,
+    lse,
+    temperature,
+    ignore_index,
+):
     """Triton kernel of ``pyops::cross_view_kl_entropy_bwd`` (registered for CUDA)."""
     fn = "pyops::cross_view_kl_entropy_bwd"
-    _check_row_bwd_op(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target,
-                      kl_ab, kl_ba, ent_a, ent_b, lse, temperature, ignore_index, fn)
+    _check_row_bwd_op(
+        g_kab,
+        g_kba,
+        g_ha,
+        g_hb,
+        g_ce,
+        logits_a,
+        logits_b,
+        target,
+        kl_ab,
+        kl_ba,
+        ent_a,
+        ent_b,
+        lse,
+        temperature,
+        ignore_index,
+        fn,
+    )
     n_rows, vocab = logits_a.shape
     if g_ce is not None:
         _check_target_range(target, vocab, ignore_index, fn)
@@ -676,11 +963,26 @@ def triton_cross_view_kl_entropy_bwd(g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, l
     block, warps = _triton_launch_config(vocab)
     with _backend.device_guard(a):
         _cv_bwd_kernel[(n_rows,)](
-            a, b, grad_a, grad_b, target if target is not None else a,
-            *[g if g is not None else fw[0] for g in gs], *fw, lse, vocab, 1.0 / temperature, ignore_index,
-            HAS_GKAB=gs[0] is not None, HAS_GKBA=gs[1] is not None, HAS_GHA=gs[2] is not None,
-            HAS_GHB=gs[3] is not None, HAS_GCE=gs[4] is not None, UNIT_T=temperature == 1.0,
-            ACC=_tl_acc(a), BLOCK=block, num_warps=warps,
+            a,
+            b,
+            grad_a,
+            grad_b,
+            target if target is not None else a,
+            *[g if g is not None else fw[0] for g in gs],
+            *fw,
+            lse,
+            vocab,
+            1.0 / temperature,
+            ignore_index,
+            HAS_GKAB=gs[0] is not None,
+            HAS_GKBA=gs[1] is not None,
+            HAS_GHA=gs[2] is not None,
+            HAS_GHB=gs[3] is not None,
+            HAS_GCE=gs[4] is not None,
+            UNIT_T=temperature == 1.0,
+            ACC=_tl_acc(a),
+            BLOCK=block,
+            num_warps=warps,
         )
     return grad_a, grad_b
 

@@ -11,6 +11,7 @@ Where each piece lives:
 * pure-PyTorch reference (a masked gather, vectorised): ``pyops/reference.py``
   (``diagonal_stats``; ``diagonal_stats_loop`` is the official code's double loop)
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -71,7 +72,9 @@ def _check_op_maps(maps, fn: str) -> None:
     if maps.dim() != 3 or maps.shape[1] != maps.shape[2]:
         raise ValueError(f"{fn}: maps must have shape (B, T, T), got {tuple(maps.shape)}")
     if maps.shape[1] < 2:
-        raise ValueError(f"{fn}: maps must be at least 2 x 2 (an unbiased std needs 2 entries), got T = {maps.shape[1]}")
+        raise ValueError(
+            f"{fn}: maps must be at least 2 x 2 (an unbiased std needs 2 entries), got T = {maps.shape[1]}"
+        )
     check_float(maps, "maps", fn)
 
 
@@ -174,8 +177,9 @@ if triton is not None:
         tl.store(std_ptr + b * K + k, tl.sqrt(var))
 
     @triton.jit
-    def _diag_bwd_kernel(gm_ptr, gs_ptr, s_ptr, mean_ptr, std_ptr, out_ptr, T, K, ACC64: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _diag_bwd_kernel(
+        gm_ptr, gs_ptr, s_ptr, mean_ptr, std_ptr, out_ptr, T, K, ACC64: tl.constexpr, BLOCK: tl.constexpr
+    ):
         dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
         b = tl.program_id(0).to(tl.int64)
         k = tl.program_id(1).to(tl.int64)
@@ -222,8 +226,18 @@ def triton_diagonal_stats_bwd(g_mean, g_std, maps, mean, std):
     out = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
     if B * K > 0:
         with _backend.device_guard(m):
-            _diag_bwd_kernel[(B, K)](g_mean.contiguous(), g_std.contiguous(), m, mean.contiguous(), std.contiguous(),
-                                     out, T, K, ACC64=acc_dtype(maps) == torch.float64, BLOCK=_TRITON_BLOCK)
+            _diag_bwd_kernel[(B, K)](
+                g_mean.contiguous(),
+                g_std.contiguous(),
+                m,
+                mean.contiguous(),
+                std.contiguous(),
+                out,
+                T,
+                K,
+                ACC64=acc_dtype(maps) == torch.float64,
+                BLOCK=_TRITON_BLOCK,
+            )
     return out
 
 

@@ -11,6 +11,7 @@ Where each piece lives:
 
 The per-epoch schedules of k-hat and v and the training method live in ``methods/grloss``.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,15 +80,18 @@ def check_observed(observed: torch.Tensor, fn: str, *, values: bool = True, requ
         bad = (o != 0) & (o != 1)
         if bool(bad.any()):
             idx = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{fn}: observed must hold 0 (unobserved) or 1 (observed positive), "
-                             f"got {o[idx].item()} at index {idx}")
+            raise ValueError(
+                f"{fn}: observed must hold 0 (unobserved) or 1 (observed positive), got {o[idx].item()} at index {idx}"
+            )
     if require_positive:
         empty = ~(o != 0).any(dim=-1)
         if bool(empty.any()):
             idx = tuple(int(i) for i in empty.nonzero()[0])
             row = idx[0] if len(idx) == 1 else idx  # (B, C) labels: the row number itself
-            raise ValueError(f"{fn}: row {row} of observed has no positive label; single-positive "
-                             "training needs at least one observed positive per row")
+            raise ValueError(
+                f"{fn}: row {row} of observed has no positive label; single-positive "
+                "training needs at least one observed positive per row"
+            )
 
 
 def _params(beta: Pair, alpha: Pair, device: torch.device, fn: str) -> torch.Tensor:
@@ -97,8 +101,7 @@ def _params(beta: Pair, alpha: Pair, device: torch.device, fn: str) -> torch.Ten
     vals = (w, b, mu, sigma)
     if not any(isinstance(v, torch.Tensor) for v in vals):
         return torch.tensor([float(v) for v in vals], dtype=torch.float64, device=device)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()).detach()
-                        for v in vals])
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()).detach() for v in vals])
 
 
 def gr_loss(
@@ -151,7 +154,9 @@ def gr_loss(
     if logits.dim() < 1:
         raise ValueError(f"{fn}: logits must have shape (..., C), got a 0-d tensor")
     if observed.shape != logits.shape:
-        raise ValueError(f"{fn}: observed must have the logits' shape {tuple(logits.shape)}, got {tuple(observed.shape)}")
+        raise ValueError(
+            f"{fn}: observed must have the logits' shape {tuple(logits.shape)}, got {tuple(observed.shape)}"
+        )
     if observed.is_complex():
         raise TypeError(f"{fn}: observed must be bool, integer or float, got {observed.dtype}")
     check_same_device(fn, logits=logits, observed=observed)
@@ -174,7 +179,9 @@ def _check_op(logits, observed, params, q2, q3, reduction, fn: str, grad=None, d
     check_float(logits, "logits", fn)
     check_tensor(observed, "observed", fn)
     if observed.shape != logits.shape:
-        raise ValueError(f"{fn}: observed must have the logits' shape {tuple(logits.shape)}, got {tuple(observed.shape)}")
+        raise ValueError(
+            f"{fn}: observed must have the logits' shape {tuple(logits.shape)}, got {tuple(observed.shape)}"
+        )
     if observed.is_complex():
         raise TypeError(f"{fn}: observed must be bool, integer or float, got {observed.dtype}")
     check_tensor(params, "params", fn)
@@ -193,8 +200,10 @@ def _check_op(logits, observed, params, q2, q3, reduction, fn: str, grad=None, d
         check_float(grad, "grad", fn)
         check_same_device(fn, logits=logits, grad=grad)
         if reduction == "none" and grad.shape != logits.shape:
-            raise ValueError(f"{fn}: grad must have the logits' shape {tuple(logits.shape)} for reduction 'none', "
-                             f"got {tuple(grad.shape)}")
+            raise ValueError(
+                f"{fn}: grad must have the logits' shape {tuple(logits.shape)} for reduction 'none', "
+                f"got {tuple(grad.shape)}"
+            )
         if reduction != "none" and grad.numel() != 1:
             raise ValueError(f"{fn}: grad must be a scalar for reduction {reduction!r}, got shape {tuple(grad.shape)}")
     if data and not _backend.no_values(params):
@@ -202,8 +211,9 @@ def _check_op(logits, observed, params, q2, q3, reduction, fn: str, grad=None, d
         if not all(math.isfinite(v) for v in (w, b, mu)):
             raise ValueError(f"{fn}: params [w, b, mu, sigma] must be finite, got {[w, b, mu, sigma]}")
         if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"{fn}: sigma (params[3], the width of the weight v) must be a finite number > 0, "
-                             f"got {sigma}")
+            raise ValueError(
+                f"{fn}: sigma (params[3], the width of the weight v) must be a finite number > 0, got {sigma}"
+            )
     if data:
         check_observed(observed, fn, values=True, require_positive=False)
 
@@ -297,8 +307,20 @@ if triton is not None:
         return offs, mask, observed, sp_neg, sp_pos, p, omp, k, v
 
     @triton.jit
-    def _gr_fwd_kernel(z_ptr, obs_ptr, params_ptr, out_ptr, n, q2, q3, inv_q2, inv_q3,
-                       PER_ENTRY: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr):
+    def _gr_fwd_kernel(
+        z_ptr,
+        obs_ptr,
+        params_ptr,
+        out_ptr,
+        n,
+        q2,
+        q3,
+        inv_q2,
+        inv_q3,
+        PER_ENTRY: tl.constexpr,
+        ACC64: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
         offs, mask, observed, sp_neg, sp_pos, p, omp, k, v = _gr_block(z_ptr, obs_ptr, params_ptr, n, dt, BLOCK)
         unobs = v * (k * _gr_gce(sp_neg, q2, inv_q2) + (1.0 - k) * _gr_gce(sp_pos, q3, inv_q3))
@@ -309,8 +331,20 @@ if triton is not None:
             tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
 
     @triton.jit
-    def _gr_bwd_kernel(g_ptr, z_ptr, obs_ptr, params_ptr, out_ptr, n, scale, q2, q3,
-                       PER_ENTRY: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr):
+    def _gr_bwd_kernel(
+        g_ptr,
+        z_ptr,
+        obs_ptr,
+        params_ptr,
+        out_ptr,
+        n,
+        scale,
+        q2,
+        q3,
+        PER_ENTRY: tl.constexpr,
+        ACC64: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
         offs, mask, observed, sp_neg, sp_pos, p, omp, k, v = _gr_block(z_ptr, obs_ptr, params_ptr, n, dt, BLOCK)
         p_q2 = tl.exp(-sp_neg * q2)
@@ -350,8 +384,20 @@ def triton_gr_loss_fwd(logits, observed, params, q2, q3, reduction):
     out = torch.empty(logits.shape if per_entry else grid, dtype=acc, device=logits.device)
     if n > 0:
         with _backend.device_guard(z):
-            _gr_fwd_kernel[grid](z, o, p, out, n, q2, q3, _inv(q2), _inv(q3),
-                                 PER_ENTRY=per_entry, ACC64=acc == torch.float64, BLOCK=_TRITON_BLOCK)
+            _gr_fwd_kernel[grid](
+                z,
+                o,
+                p,
+                out,
+                n,
+                q2,
+                q3,
+                _inv(q2),
+                _inv(q3),
+                PER_ENTRY=per_entry,
+                ACC64=acc == torch.float64,
+                BLOCK=_TRITON_BLOCK,
+            )
     if per_entry:
         return out
     total = out.sum(dtype=torch.float64)  # block sums added in a fixed order
@@ -372,8 +418,19 @@ def triton_gr_loss_bwd(grad, logits, observed, params, q2, q3, reduction):
     if n > 0:
         with _backend.device_guard(z):
             _gr_bwd_kernel[(triton.cdiv(n, _TRITON_BLOCK),)](
-                g, z, o, p, out, n, scale, q2, q3,
-                PER_ENTRY=per_entry, ACC64=acc_dtype(logits) == torch.float64, BLOCK=_TRITON_BLOCK)
+                g,
+                z,
+                o,
+                p,
+                out,
+                n,
+                scale,
+                q2,
+                q3,
+                PER_ENTRY=per_entry,
+                ACC64=acc_dtype(logits) == torch.float64,
+                BLOCK=_TRITON_BLOCK,
+            )
     return out
 
 

@@ -14,6 +14,7 @@ Each harmonized row is ``g_i = sum_j C[i, j] G_j`` with ``C`` from the projectio
 ``Gamma = G G^T``; the Gram matrix takes one pass over the gradients and the result one more,
 instead of about four passes per conflicting pair.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence, Union
@@ -40,8 +41,9 @@ def _blocks(grads, fn):
     elif isinstance(grads, (list, tuple)) and len(grads) > 0:
         blocks, single = list(grads), False
     else:
-        raise TypeError(f"{fn}: grads must be a (K, D) tensor or a non-empty list of (K, D_l) tensors, "
-                        f"got {type(grads).__name__}")
+        raise TypeError(
+            f"{fn}: grads must be a (K, D) tensor or a non-empty list of (K, D_l) tensors, got {type(grads).__name__}"
+        )
     for l, b in enumerate(blocks):
         name = "grads" if single else f"grads[{l}]"
         check_tensor(b, name, fn)
@@ -54,8 +56,9 @@ def _blocks(grads, fn):
         if b.dtype != blocks[0].dtype:
             raise TypeError(f"{fn}: {name} has dtype {b.dtype} but grads[0] has {blocks[0].dtype}")
         if b.device != blocks[0].device:
-            raise ValueError(f"{fn}: {name} is on {b.device} but grads[0] is on {blocks[0].device}; "
-                             "all blocks must be on one device")
+            raise ValueError(
+                f"{fn}: {name} is on {b.device} but grads[0] is on {blocks[0].device}; all blocks must be on one device"
+            )
     return blocks, single
 
 
@@ -108,8 +111,9 @@ def _value_errors(gram: torch.Tensor, weights: torch.Tensor, fn: str) -> None:
     bad = ~torch.isfinite(diag)
     if bad.any() or not torch.isfinite(gram).all():
         row = int(bad.nonzero()[0, 0]) if bad.any() else int((~torch.isfinite(gram)).nonzero()[0, 0])
-        raise ValueError(f"{fn}: the gradients contain NaN or inf (or overflow float64 in their products); "
-                         f"first bad row: {row}")
+        raise ValueError(
+            f"{fn}: the gradients contain NaN or inf (or overflow float64 in their products); first bad row: {row}"
+        )
     if not torch.isfinite(weights).all():
         raise ValueError(f"{fn}: weights must be finite")
 
@@ -201,8 +205,10 @@ def harmonize_gradients(
     w = _weights(weights, K, fn)
     o = _order(order, K, fn)
     if mode == "pcgrad" and generator is not None and torch.compiler.is_compiling():
-        raise TypeError(f"{fn}: torch.compile cannot trace a torch.Generator; under torch.compile pcgrad draws "
-                        "its visiting orders from the default generator (generator=None, seeded by torch.manual_seed)")
+        raise TypeError(
+            f"{fn}: torch.compile cannot trace a torch.Generator; under torch.compile pcgrad draws "
+            "its visiting orders from the default generator (generator=None, seeded by torch.manual_seed)"
+        )
     visit = _visit_orders(K, o, generator) if mode == "pcgrad" else torch.empty(0, 0, dtype=torch.long)
     if blocks[0].is_meta:  # shapes only: the coefficients come from values (a host step)
         if return_stats:
@@ -271,8 +277,10 @@ def _check_op_coefficients(gram, order, visit, mode, fn: str) -> None:
         if visit.dtype != torch.int64:
             raise TypeError(f"{fn}: visit must be int64, got {visit.dtype}")
         if visit.shape != (K, max(K - 1, 0)):
-            raise ValueError(f"{fn}: visit must have shape (K, K - 1) = ({K}, {max(K - 1, 0)}) in pcgrad mode, "
-                             f"got {tuple(visit.shape)}")
+            raise ValueError(
+                f"{fn}: visit must have shape (K, K - 1) = ({K}, {max(K - 1, 0)}) in pcgrad mode, "
+                f"got {tuple(visit.shape)}"
+            )
 
 
 def _check_op_combine(blocks, coef, fn: str) -> None:
@@ -331,7 +339,7 @@ def _cuda_gram(blocks):
     for b in blocks:
         step = max(1, _CUDA_CHUNK // max(1, K))
         for c0 in range(0, b.shape[1], step):
-            x = b[:, c0:c0 + step].double()
+            x = b[:, c0 : c0 + step].double()
             gram += x @ x.t()
     return gram
 
@@ -344,7 +352,7 @@ def _cuda_combine(blocks, coef):
         out = b.new_empty((coef.shape[0], b.shape[1]))
         step = max(1, _CUDA_CHUNK // max(1, b.shape[0]))
         for c0 in range(0, b.shape[1], step):
-            out[:, c0:c0 + step] = (coef @ b[:, c0:c0 + step].double()).to(b.dtype)
+            out[:, c0 : c0 + step] = (coef @ b[:, c0 : c0 + step].double()).to(b.dtype)
         outs.append(out)
     return outs
 

@@ -14,6 +14,7 @@ A patch is the ``C * p * p`` vector of a ``p x p`` window of a ``(B, C, H, W)`` 
 ``(c, dy, dx)`` order (as ``F.unfold``); patches are taken every ``stride`` pixels where a whole
 patch fits, giving a ``(rows, cols)`` patch grid; positions are row-major in that grid.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,9 +47,7 @@ def _check_map(x, name: str, fn: str) -> None:
 
 def _check_patch(x: torch.Tensor, name: str, patch_size: int, fn: str) -> None:
     if x.shape[-2] < patch_size or x.shape[-1] < patch_size:
-        raise ValueError(
-            f"{fn}: patch_size {patch_size} is larger than {name} ({x.shape[-2]} x {x.shape[-1]})"
-        )
+        raise ValueError(f"{fn}: patch_size {patch_size} is larger than {name} ({x.shape[-2]} x {x.shape[-1]})")
 
 
 def _n_candidates(qgrid, dgrid, window: int, exclude_self: bool) -> int:
@@ -70,14 +69,21 @@ def _check_anchor(window_anchor, window, fn):
     except TypeError:
         axes = []
     flat = [v for a in axes for v in a]
-    if (len(axes) != 2 or any(len(a) != 4 for a in axes)
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in flat)):
-        raise TypeError(f"{fn}: window_anchor must be ((num, off, den, shift) of rows, (num, off, den, shift) of "
-                        f"columns), ints; got {window_anchor!r}")
+    if (
+        len(axes) != 2
+        or any(len(a) != 4 for a in axes)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in flat)
+    ):
+        raise TypeError(
+            f"{fn}: window_anchor must be ((num, off, den, shift) of rows, (num, off, den, shift) of "
+            f"columns), ints; got {window_anchor!r}"
+        )
     for name, (num, off, den, shift) in zip(("rows", "columns"), axes):
         if not (0 <= num < 2**31 and 0 <= off < 2**31 and 1 <= den < 2**31 and abs(shift) < 2**31):
-            raise ValueError(f"{fn}: window_anchor of {name} needs 0 <= num, off < 2^31, 1 <= den < 2^31 and "
-                             f"|shift| < 2^31, got {(num, off, den, shift)}")
+            raise ValueError(
+                f"{fn}: window_anchor of {name} needs 0 <= num, off < 2^31, 1 <= den < 2^31 and "
+                f"|shift| < 2^31, got {(num, off, den, shift)}"
+            )
     return flat
 
 
@@ -125,8 +131,10 @@ def _search_op_args(query, database, k, patch_size, stride, window, exclude_self
         raise ValueError(f"{fn}: window must be -1 (global) or >= 1, got {window!r}")
     anchor = list(window_anchor)
     if len(anchor) not in (0, 8):
-        raise ValueError(f"{fn}: window_anchor must be empty or 8 ints (num, off, den, shift of rows, then of "
-                         f"columns), got {len(anchor)} values")
+        raise ValueError(
+            f"{fn}: window_anchor must be empty or 8 ints (num, off, den, shift of rows, then of "
+            f"columns), got {len(anchor)} values"
+        )
     _search_args(query, database, k, patch_size, stride, None if window == -1 else window, exclude_self, fn)
     return _check_anchor(anchor and (anchor[:4], anchor[4:]), None if window == -1 else window, fn)
 
@@ -201,16 +209,23 @@ def patch_aggregate(
     stride = patch_size if stride is None else check_int(stride, "stride", fn, 1)
     _check_patch(values, "values", patch_size, fn)
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 3:
-        raise TypeError(f"{fn}: idx must be an int64 tensor of shape (B, L, k), got {getattr(idx, 'dtype', type(idx))}"
-                        f" {tuple(getattr(idx, 'shape', ()))}")
+        raise TypeError(
+            f"{fn}: idx must be an int64 tensor of shape (B, L, k), got {getattr(idx, 'dtype', type(idx))}"
+            f" {tuple(getattr(idx, 'shape', ()))}"
+        )
     if not isinstance(weights, torch.Tensor) or weights.shape != idx.shape:
-        raise ValueError(f"{fn}: weights must have the shape of idx {tuple(idx.shape)}, got {tuple(getattr(weights, 'shape', ()))}")
+        raise ValueError(
+            f"{fn}: weights must have the shape of idx {tuple(idx.shape)}, got {tuple(getattr(weights, 'shape', ()))}"
+        )
     if weights.dtype != values.dtype:
         raise TypeError(f"{fn}: weights must have the dtype of values ({values.dtype}), got {weights.dtype}")
     if idx.shape[0] != values.shape[0]:
         raise ValueError(f"{fn}: idx has batch size {idx.shape[0]} but values has {values.shape[0]}")
-    if (not isinstance(output_size, (tuple, list)) or len(output_size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in output_size)):
+    if (
+        not isinstance(output_size, (tuple, list))
+        or len(output_size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in output_size)
+    ):
         raise TypeError(f"{fn}: output_size must be a pair of ints (H, W), got {output_size!r}")
     out_h, out_w = output_size
     if out_h < patch_size or out_w < patch_size:
@@ -238,14 +253,17 @@ def _check_points(x, y, k, exclude_self, fn: str) -> tuple[bool, int]:
         check_tensor(t, name, fn)
         check_float(t, name, fn)
         if t.dim() not in (2, 3):
-            raise ValueError(f"{fn}: {name} must have shape (M, D) or (B, M, D) (y: (N, D) or (B, N, D)), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"{fn}: {name} must have shape (M, D) or (B, M, D) (y: (N, D) or (B, N, D)), got {tuple(t.shape)}"
+            )
     if x.dim() != y.dim():
-        raise ValueError(f"{fn}: x {tuple(x.shape)} and y {tuple(y.shape)} must both be batched (B, *, D) or "
-                         "both unbatched (*, D)")
+        raise ValueError(
+            f"{fn}: x {tuple(x.shape)} and y {tuple(y.shape)} must both be batched (B, *, D) or both unbatched (*, D)"
+        )
     if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"{fn}: x and y must have the same dimension D (last dim), got {x.shape[-1]} and "
-                         f"{y.shape[-1]}")
+        raise ValueError(
+            f"{fn}: x and y must have the same dimension D (last dim), got {x.shape[-1]} and {y.shape[-1]}"
+        )
     if x.dim() == 3 and x.shape[0] != y.shape[0]:
         raise ValueError(f"{fn}: x and y must have the same batch size B, got {x.shape[0]} and {y.shape[0]}")
     if x.dtype != y.dtype:
@@ -256,12 +274,16 @@ def _check_points(x, y, k, exclude_self, fn: str) -> tuple[bool, int]:
     k = check_int(k, "k", fn, 1)
     n_db = y.shape[-2]
     if exclude_self and x.shape[-2] != n_db:
-        raise ValueError(f"{fn}: exclude_self needs as many query points as database points (x is y), got "
-                         f"M = {x.shape[-2]} and N = {n_db}")
+        raise ValueError(
+            f"{fn}: exclude_self needs as many query points as database points (x is y), got "
+            f"M = {x.shape[-2]} and N = {n_db}"
+        )
     n_cand = n_db - int(exclude_self)
     if k > n_cand:
-        raise ValueError(f"{fn}: k = {k} is larger than the number of candidates per query point "
-                         f"({n_cand}: N = {n_db}{' less the point itself' if exclude_self else ''})")
+        raise ValueError(
+            f"{fn}: k = {k} is larger than the number of candidates per query point "
+            f"({n_cand}: N = {n_db}{' less the point itself' if exclude_self else ''})"
+        )
     return x.dim() == 3, k
 
 
@@ -315,8 +337,9 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, *, exclude_self: bool = False)
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("pyops::knn_patch_search_fwd")
 def _knn_fwd_fake(query, database, k, patch_size, stride, window, exclude_self, window_anchor=()):
-    _search_op_args(query, database, k, patch_size, stride, window, exclude_self, window_anchor,
-                    "pyops::knn_patch_search_fwd")
+    _search_op_args(
+        query, database, k, patch_size, stride, window, exclude_self, window_anchor, "pyops::knn_patch_search_fwd"
+    )
     rows, cols = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     shape = (query.shape[0], rows * cols, k)
     return query.new_empty(shape, dtype=acc_dtype(query)), query.new_empty(shape, dtype=torch.int64)
@@ -369,8 +392,15 @@ def _agg_setup(ctx, inputs, output):
 def _agg_backward(ctx, grad_out):
     values, idx, weights = ctx.saved_tensors
     gv, gw = _ops.patch_aggregate_bwd(grad_out, values, idx, weights, ctx.patch_size, ctx.stride)
-    return (gv if ctx.needs_input_grad[0] else None, None, gw if ctx.needs_input_grad[2] else None,
-            None, None, None, None)
+    return (
+        gv if ctx.needs_input_grad[0] else None,
+        None,
+        gw if ctx.needs_input_grad[2] else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd("pyops::knn_patch_search_fwd", _knn_backward, setup_context=_knn_setup)
@@ -432,7 +462,7 @@ if triton is not None:
         # written with builtins only: tl.topk's compare-and-swap (an xor reduction) runs element by
         # element under the interpreter.
         if LIB_TOPK:
-            out = tl.topk(x, 2 ** LOG_K, dim=1, descending=False)
+            out = tl.topk(x, 2**LOG_K, dim=1, descending=False)
         else:
             h = tl.reshape(x, [NUMEL])
             for i in tl.static_range(1, LOG_N + 1):
@@ -454,17 +484,51 @@ if triton is not None:
                         left = lo
                         right = hi
                     h = tl.reshape(tl.permute(tl.join(left, right), [0, 2, 1]), [n])
-            out = tl.reshape(h, [x.shape[0], 2 ** LOG_K])
+            out = tl.reshape(h, [x.shape[0], 2**LOG_K])
         return out
 
     @triton.jit
     def _knn_fwd_kernel(
-        q_ptr, d_ptr, dist_ptr, idx_ptr, flag_ptr,
-        C, HQ, WQ, HD, WD, GQH, GQW, GDH, GDW, n_tiles_w, n_tiles, k, stride,
-        WH, WW, HALF_H, HALF_W, MUL_H, OFF_H, DEN_H, MUL_W, OFF_W, DEN_W, err_c,
-        P: tl.constexpr, EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr,
-        BQH: tl.constexpr, BQW: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
-        BE: tl.constexpr, BER: tl.constexpr, LOG_BN: tl.constexpr, LOG_KP: tl.constexpr,
+        q_ptr,
+        d_ptr,
+        dist_ptr,
+        idx_ptr,
+        flag_ptr,
+        C,
+        HQ,
+        WQ,
+        HD,
+        WD,
+        GQH,
+        GQW,
+        GDH,
+        GDW,
+        n_tiles_w,
+        n_tiles,
+        k,
+        stride,
+        WH,
+        WW,
+        HALF_H,
+        HALF_W,
+        MUL_H,
+        OFF_H,
+        DEN_H,
+        MUL_W,
+        OFF_W,
+        DEN_W,
+        err_c,
+        P: tl.constexpr,
+        EXCLUDE_SELF: tl.constexpr,
+        ACC: tl.constexpr,
+        BQH: tl.constexpr,
+        BQW: tl.constexpr,
+        BN: tl.constexpr,
+        KP: tl.constexpr,
+        BE: tl.constexpr,
+        BER: tl.constexpr,
+        LOG_BN: tl.constexpr,
+        LOG_KP: tl.constexpr,
         LIB_TOPK: tl.constexpr,
     ):
         BQ: tl.constexpr = BQH * BQW
@@ -499,8 +563,11 @@ if triton is not None:
         for e0 in range(0, E, BE):
             e = e0 + tl.arange(0, BE)
             e_ok = e < E
-            x = tl.load(q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
-                        mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(ACC)
+            x = tl.load(
+                q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
+                mask=q_ok[:, None] & e_ok[None, :],
+                other=0.0,
+            ).to(ACC)
             q_sq += tl.sum(x * x, 1)
 
         best = tl.full([BQ, KP], PAD, tl.int64)
@@ -517,10 +584,16 @@ if triton is not None:
             for e0 in range(0, E, BE):
                 e = e0 + tl.arange(0, BE)
                 e_ok = e < E
-                x = tl.load(q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
-                            mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(ACC)
-                y = tl.load(d_ptr + d_base[None, :] + _knn_patch_offsets(e, HWD, WD, P)[:, None],
-                            mask=e_ok[:, None] & t_ok[None, :], other=0.0).to(ACC)
+                x = tl.load(
+                    q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
+                    mask=q_ok[:, None] & e_ok[None, :],
+                    other=0.0,
+                ).to(ACC)
+                y = tl.load(
+                    d_ptr + d_base[None, :] + _knn_patch_offsets(e, HWD, WD, P)[:, None],
+                    mask=e_ok[:, None] & t_ok[None, :],
+                    other=0.0,
+                ).to(ACC)
                 dot = tl.dot(x, y, dot, input_precision="ieee")
                 d_sq += tl.sum(y * y, 0)
             ok = q_ok[:, None] & t_ok[None, :]
@@ -557,10 +630,16 @@ if triton is not None:
         for e0 in range(0, E, BER):
             e = e0 + tl.arange(0, BER)
             e_ok = e < E
-            x = tl.load(q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
-                        mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(ACC)
-            y = tl.load(d_ptr + c_base[:, :, None] + _knn_patch_offsets(e, HWD, WD, P)[None, None, :],
-                        mask=e_ok[None, None, :], other=0.0).to(ACC)
+            x = tl.load(
+                q_ptr + q_base[:, None] + _knn_patch_offsets(e, HWQ, WQ, P)[None, :],
+                mask=q_ok[:, None] & e_ok[None, :],
+                other=0.0,
+            ).to(ACC)
+            y = tl.load(
+                d_ptr + c_base[:, :, None] + _knn_patch_offsets(e, HWD, WD, P)[None, None, :],
+                mask=e_ok[None, None, :],
+                other=0.0,
+            ).to(ACC)
             diff = x[:, None, :] - y
             dist += tl.sum(diff * diff, 2)
         order = tl.where(real & (dist == dist), dist, float("inf"))
@@ -581,9 +660,28 @@ if triton is not None:
 
     @triton.jit
     def _knn_bwd_kernel(
-        g_ptr, q_ptr, d_ptr, idx_ptr, gq_ptr, gd_ptr,
-        C, HQ, WQ, HD, WD, GQW, GDW, LQ, LD, k, stride, n_blocks,
-        P: tl.constexpr, ACC: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr,
+        g_ptr,
+        q_ptr,
+        d_ptr,
+        idx_ptr,
+        gq_ptr,
+        gd_ptr,
+        C,
+        HQ,
+        WQ,
+        HD,
+        WD,
+        GQW,
+        GDW,
+        LQ,
+        LD,
+        k,
+        stride,
+        n_blocks,
+        P: tl.constexpr,
+        ACC: tl.constexpr,
+        BL: tl.constexpr,
+        BE: tl.constexpr,
     ):
         # grad_q(patch l) += 2 g (q - d_j); grad_d(patch idx_j) -= 2 g (q - d_j)
         pid = tl.program_id(0).to(tl.int64)
@@ -616,9 +714,28 @@ if triton is not None:
 
     @triton.jit
     def _agg_fwd_kernel(
-        v_ptr, idx_ptr, w_ptr, out_ptr,
-        C, HV, WV, HO, WO, GQH, GQW, GDW, LD, k, stride, n_pix_blocks, n_ch_blocks,
-        P: tl.constexpr, NR: tl.constexpr, ACC: tl.constexpr, BC: tl.constexpr, BPIX: tl.constexpr,
+        v_ptr,
+        idx_ptr,
+        w_ptr,
+        out_ptr,
+        C,
+        HV,
+        WV,
+        HO,
+        WO,
+        GQH,
+        GQW,
+        GDW,
+        LD,
+        k,
+        stride,
+        n_pix_blocks,
+        n_ch_blocks,
+        P: tl.constexpr,
+        NR: tl.constexpr,
+        ACC: tl.constexpr,
+        BC: tl.constexpr,
+        BPIX: tl.constexpr,
     ):
         # out pixel (y, x) = sum over the query patches (r, c) covering it and their k
         # neighbours of w * values[(patch idx) pixel (y - r s, x - c s)]
@@ -651,17 +768,37 @@ if triton is not None:
                     pos = tl.minimum(tl.maximum(pos, 0), LD - 1)
                     w = tl.load(w_ptr + row + j, mask=ok, other=0.0).to(ACC)
                     src = tl.where(ok, ((pos // GDW) * stride + dy) * WV + (pos % GDW) * stride + dx, 0)
-                    v = tl.load(v_ptr + v_chan[:, None] + src[None, :],
-                                mask=ch_ok[:, None] & ok[None, :], other=0.0).to(ACC)
+                    v = tl.load(
+                        v_ptr + v_chan[:, None] + src[None, :], mask=ch_ok[:, None] & ok[None, :], other=0.0
+                    ).to(ACC)
                     acc += w[None, :] * v
         out = b * C * HO * WO + ch[:, None] * (HO * WO) + pix[None, :]
         tl.store(out_ptr + out, acc.to(out_ptr.dtype.element_ty), mask=ch_ok[:, None] & pix_ok[None, :])
 
     @triton.jit
     def _agg_bwd_kernel(
-        go_ptr, v_ptr, idx_ptr, w_ptr, gv_ptr, gw_ptr,
-        C, HV, WV, HO, WO, GQW, GDW, LQ, LD, k, stride, n_blocks,
-        P: tl.constexpr, ACC: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr,
+        go_ptr,
+        v_ptr,
+        idx_ptr,
+        w_ptr,
+        gv_ptr,
+        gw_ptr,
+        C,
+        HV,
+        WV,
+        HO,
+        WO,
+        GQW,
+        GDW,
+        LQ,
+        LD,
+        k,
+        stride,
+        n_blocks,
+        P: tl.constexpr,
+        ACC: tl.constexpr,
+        BL: tl.constexpr,
+        BE: tl.constexpr,
     ):
         # grad_values(patch idx_j) += w_j grad_out(patch l); grad_w[l, j] = <grad_out patch l, values patch idx_j>
         pid = tl.program_id(0).to(tl.int64)
@@ -683,8 +820,9 @@ if triton is not None:
             for e0 in range(0, E, BE):
                 e = e0 + tl.arange(0, BE)
                 m = l_ok[:, None] & (e < E)[None, :]
-                go = tl.load(go_ptr + o_base[:, None] + _knn_patch_offsets(e, HWO, WO, P)[None, :],
-                             mask=m, other=0.0).to(ACC)
+                go = tl.load(
+                    go_ptr + o_base[:, None] + _knn_patch_offsets(e, HWO, WO, P)[None, :], mask=m, other=0.0
+                ).to(ACC)
                 v_off = v_base[:, None] + _knn_patch_offsets(e, HWV, WV, P)[None, :]
                 v = tl.load(v_ptr + v_off, mask=m, other=0.0).to(ACC)
                 gw += tl.sum(go * v, 1)
@@ -703,9 +841,16 @@ def _triton_launch_config(op: str, k: int, e: int, dtype: torch.dtype) -> dict:
     if op == "knn_fwd":
         kp = max(16, triton.next_power_of_2(k + max(4, k // 4)))
         bqh, bqw = 4, 8
-        return dict(BQH=bqh, BQW=bqw, BN=max(kp, 64), KP=kp, BE=16,
-                    BER=max(1, min(16, 2048 // (bqh * bqw * kp))), num_warps=4,
-                    LIB_TOPK=os.environ.get("TRITON_INTERPRET") != "1")
+        return dict(
+            BQH=bqh,
+            BQW=bqw,
+            BN=max(kp, 64),
+            KP=kp,
+            BE=16,
+            BER=max(1, min(16, 2048 // (bqh * bqw * kp))),
+            num_warps=4,
+            LIB_TOPK=os.environ.get("TRITON_INTERPRET") != "1",
+        )
     if op in ("knn_bwd", "agg_bwd"):
         return dict(BL=32, BE=min(64, max(16, triton.next_power_of_2(max(e, 1)))), num_warps=4)
     if op == "agg_fwd":
@@ -804,7 +949,9 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
     dgrid = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
     n_db = dgrid[0] * dgrid[1]
     if n_db >= _KNN_PAD_POS:
-        raise ValueError(f"{fn}: the database patch grid has {n_db} positions; at most {_KNN_PAD_POS - 1} are supported")
+        raise ValueError(
+            f"{fn}: the database patch grid has {n_db} positions; at most {_KNN_PAD_POS - 1} are supported"
+        )
     n_b, n_ch = query.shape[:2]
     n_q = qgrid[0] * qgrid[1]
     acc = acc_dtype(query)
@@ -837,22 +984,56 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
     wh, half_h, mul_h, off_h, den_h = axis(qgrid[0], dgrid[0], anchor[:4])
     ww, half_w, mul_w, off_w, den_w = axis(qgrid[1], dgrid[1], anchor[4:])
     e = n_ch * patch_size * patch_size
-    unit = 2.0 ** -53 if acc == torch.float64 else 2.0 ** -24
+    unit = 2.0**-53 if acc == torch.float64 else 2.0**-24
     # |approximate - exact| <= err_c * (|q|^2 + max |d|^2); for float64 the keys are float32
-    err_c = 4.0 * (e + 4) * unit + (8.0 * 2.0 ** -24 if acc == torch.float64 else 0.0)
+    err_c = 4.0 * (e + 4) * unit + (8.0 * 2.0**-24 if acc == torch.float64 else 0.0)
     n_tiles_w = triton.cdiv(qgrid[1], bqw)
     n_tiles = triton.cdiv(qgrid[0], bqh) * n_tiles_w
     flag = torch.empty((n_b, n_q), dtype=torch.int8, device=q.device)
     with _backend.device_guard(q):
         _knn_fwd_kernel[(n_b * n_tiles,)](
-            q, d, dist, idx, flag,
-            n_ch, q.shape[2], q.shape[3], d.shape[2], d.shape[3], qgrid[0], qgrid[1], dgrid[0], dgrid[1],
-            n_tiles_w, n_tiles, k, stride,
-            wh, ww, half_h, half_w, mul_h, off_h, den_h, mul_w, off_w, den_w, err_c,
-            P=patch_size, EXCLUDE_SELF=exclude_self, ACC=_tl_acc(q),
-            BQH=bqh, BQW=bqw, BN=bn, KP=kp, BE=cfg["BE"], BER=cfg["BER"],
-            LOG_BN=bn.bit_length() - 1, LOG_KP=kp.bit_length() - 1,
-            LIB_TOPK=cfg["LIB_TOPK"], num_warps=cfg["num_warps"],
+            q,
+            d,
+            dist,
+            idx,
+            flag,
+            n_ch,
+            q.shape[2],
+            q.shape[3],
+            d.shape[2],
+            d.shape[3],
+            qgrid[0],
+            qgrid[1],
+            dgrid[0],
+            dgrid[1],
+            n_tiles_w,
+            n_tiles,
+            k,
+            stride,
+            wh,
+            ww,
+            half_h,
+            half_w,
+            mul_h,
+            off_h,
+            den_h,
+            mul_w,
+            off_w,
+            den_w,
+            err_c,
+            P=patch_size,
+            EXCLUDE_SELF=exclude_self,
+            ACC=_tl_acc(q),
+            BQH=bqh,
+            BQW=bqw,
+            BN=bn,
+            KP=kp,
+            BE=cfg["BE"],
+            BER=cfg["BER"],
+            LOG_BN=bn.bit_length() - 1,
+            LOG_KP=kp.bit_length() - 1,
+            LIB_TOPK=cfg["LIB_TOPK"],
+            num_warps=cfg["num_warps"],
         )
         if _backend.capturing(q):  # no host sync: recompute every row exactly, keep the flagged ones
             rows = torch.arange(n_b * n_q, device=q.device)
@@ -863,7 +1044,9 @@ def triton_knn_patch_search_fwd(query, database, k, patch_size, stride, window, 
         else:
             rows = flag.view(-1).nonzero().view(-1)
             if rows.numel():
-                dr, ir = _knn_exact_rows(q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self, anchor)
+                dr, ir = _knn_exact_rows(
+                    q, d, rows // n_q, rows % n_q, k, patch_size, stride, win, exclude_self, anchor
+                )
                 dist.view(-1, k)[rows] = dr
                 idx.view(-1, k)[rows] = ir
     return dist, idx
@@ -875,8 +1058,9 @@ def _check_idx(idx, batch: int, n_rows: int, what: str, fn: str) -> None:
     if idx.dtype != torch.int64:
         raise TypeError(f"{fn}: idx must be int64, got {idx.dtype}")
     if idx.dim() != 3 or idx.shape[0] != batch or idx.shape[1] != n_rows:
-        raise ValueError(f"{fn}: idx must have shape (B, L, k) = ({batch}, {n_rows}, k) (L: {what}), "
-                         f"got {tuple(idx.shape)}")
+        raise ValueError(
+            f"{fn}: idx must have shape (B, L, k) = ({batch}, {n_rows}, k) (L: {what}), got {tuple(idx.shape)}"
+        )
 
 
 def _check_like_idx(t, name: str, idx, ref, ref_name: str, fn: str) -> None:
@@ -924,9 +1108,29 @@ def triton_knn_patch_search_bwd(grad_dist, query, database, idx, patch_size, str
     n_blocks = triton.cdiv(n_q, cfg["BL"])
     with _backend.device_guard(q):
         _knn_bwd_kernel[(n_b * n_blocks,)](
-            g, q, d, ix, gq, gd,
-            n_ch, q.shape[2], q.shape[3], d.shape[2], d.shape[3], qgrid[1], dgrid[1], n_q, n_db, k, stride, n_blocks,
-            P=patch_size, ACC=_tl_acc(q), BL=cfg["BL"], BE=cfg["BE"], num_warps=cfg["num_warps"],
+            g,
+            q,
+            d,
+            ix,
+            gq,
+            gd,
+            n_ch,
+            q.shape[2],
+            q.shape[3],
+            d.shape[2],
+            d.shape[3],
+            qgrid[1],
+            dgrid[1],
+            n_q,
+            n_db,
+            k,
+            stride,
+            n_blocks,
+            P=patch_size,
+            ACC=_tl_acc(q),
+            BL=cfg["BL"],
+            BE=cfg["BE"],
+            num_warps=cfg["num_warps"],
         )
     return gq.to(query.dtype), gd.to(database.dtype)
 
@@ -961,8 +1165,10 @@ def _agg_bwd_args(grad_out, values, idx, weights, patch_size, stride, fn):
     if grad_out.dtype != values.dtype:
         raise TypeError(f"{fn}: grad_out must have the dtype of values ({values.dtype}), got {grad_out.dtype}")
     if grad_out.shape[:2] != values.shape[:2]:
-        raise ValueError(f"{fn}: grad_out {tuple(grad_out.shape)} must have the batch size and channels of values "
-                         f"{tuple(values.shape)}")
+        raise ValueError(
+            f"{fn}: grad_out {tuple(grad_out.shape)} must have the batch size and channels of values "
+            f"{tuple(values.shape)}"
+        )
     check_same_device(fn, values=values, grad_out=grad_out)
     patch_size = check_int(patch_size, "patch_size", fn, 1)
     stride = check_int(stride, "stride", fn, 1)
@@ -993,10 +1199,29 @@ def triton_patch_aggregate_fwd(values, idx, weights, patch_size, stride, out_h, 
     n_chb = triton.cdiv(n_ch, cfg["BC"])
     with _backend.device_guard(v):
         _agg_fwd_kernel[(n_b * n_pix * n_chb,)](
-            v, ix, w, out,
-            n_ch, v.shape[2], v.shape[3], out_h, out_w, qgrid[0], qgrid[1], dgrid[1], n_db, k, stride, n_pix, n_chb,
-            P=patch_size, NR=triton.cdiv(patch_size, stride), ACC=_tl_acc(v),
-            BC=cfg["BC"], BPIX=cfg["BPIX"], num_warps=cfg["num_warps"],
+            v,
+            ix,
+            w,
+            out,
+            n_ch,
+            v.shape[2],
+            v.shape[3],
+            out_h,
+            out_w,
+            qgrid[0],
+            qgrid[1],
+            dgrid[1],
+            n_db,
+            k,
+            stride,
+            n_pix,
+            n_chb,
+            P=patch_size,
+            NR=triton.cdiv(patch_size, stride),
+            ACC=_tl_acc(v),
+            BC=cfg["BC"],
+            BPIX=cfg["BPIX"],
+            num_warps=cfg["num_warps"],
         )
     return out
 
@@ -1020,9 +1245,29 @@ def triton_patch_aggregate_bwd(grad_out, values, idx, weights, patch_size, strid
     n_blocks = triton.cdiv(n_q, cfg["BL"])
     with _backend.device_guard(v):
         _agg_bwd_kernel[(n_b * n_blocks,)](
-            go, v, ix, w, gv, gw,
-            n_ch, v.shape[2], v.shape[3], out_h, out_w, qgrid[1], dgrid[1], n_q, n_db, k, stride, n_blocks,
-            P=patch_size, ACC=_tl_acc(v), BL=cfg["BL"], BE=cfg["BE"], num_warps=cfg["num_warps"],
+            go,
+            v,
+            ix,
+            w,
+            gv,
+            gw,
+            n_ch,
+            v.shape[2],
+            v.shape[3],
+            out_h,
+            out_w,
+            qgrid[1],
+            dgrid[1],
+            n_q,
+            n_db,
+            k,
+            stride,
+            n_blocks,
+            P=patch_size,
+            ACC=_tl_acc(v),
+            BL=cfg["BL"],
+            BE=cfg["BE"],
+            num_warps=cfg["num_warps"],
         )
     return gv.to(values.dtype), gw
 

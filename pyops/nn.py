@@ -14,6 +14,7 @@ Liger-Kernel do): the options go to the constructor, which checks them; the tens
 step's business, not a layer of a forward pass), keeps no state, and takes a host step (the
 projection loop on the K x K Gram matrix), so it would not compile into a model's graph either.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,7 @@ class _CrossViewLoss(torch.nn.Module):
         ws = [_check_real(w, name, cls) for w, name in zip(weights, _WEIGHT_ARGS)]
         if not any(ws):
             raise ValueError(f"{cls}: every term weight ({', '.join(_WEIGHT_ARGS)}) is 0; the loss would be 0")
-        (self.kl_ab_weight, self.kl_ba_weight, self.entropy_a_weight, self.entropy_b_weight,
-         self.ce_weight) = ws
+        (self.kl_ab_weight, self.kl_ba_weight, self.entropy_a_weight, self.entropy_b_weight, self.ce_weight) = ws
         self.temperature = _check_real(temperature, "temperature", cls)
         if not self.temperature > 0:
             raise ValueError(f"{cls}: temperature must be > 0, got {temperature}")
@@ -100,8 +100,12 @@ class _CrossViewLoss(torch.nn.Module):
     @property
     def term_weights(self) -> dict[str, float]:
         """The weight of each term, keyed by the ``CrossViewOutput`` field names."""
-        return dict(zip(_TERMS, (self.kl_ab_weight, self.kl_ba_weight, self.entropy_a_weight,
-                                 self.entropy_b_weight, self.ce_weight)))
+        return dict(
+            zip(
+                _TERMS,
+                (self.kl_ab_weight, self.kl_ba_weight, self.entropy_a_weight, self.entropy_b_weight, self.ce_weight),
+            )
+        )
 
     def _check_target(self, target: torch.Tensor | None) -> None:
         if target is None and self.ce_weight != 0:
@@ -136,8 +140,11 @@ class _CrossViewLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"{_WEIGHT_ARGS[i]}={w}" for i, w in enumerate(self.term_weights.values()) if w != 0]
-        parts += [f"temperature={self.temperature}", f"ignore_index={self.ignore_index}",
-                  f"reduction={self.reduction!r}"]
+        parts += [
+            f"temperature={self.temperature}",
+            f"ignore_index={self.ignore_index}",
+            f"reduction={self.reduction!r}",
+        ]
         return ", ".join(parts)
 
 
@@ -169,47 +176,99 @@ _CROSS_VIEW_DOC = """
 
 
 class CrossViewKLEntropy(_CrossViewLoss):
-    __doc__ = ("A weighted loss of the fused per-row terms of ``pyops.cross_view_kl_entropy`` over two views' "
-               "logits ``(..., V)``.\n" + _CROSS_VIEW_DOC)
+    __doc__ = (
+        "A weighted loss of the fused per-row terms of ``pyops.cross_view_kl_entropy`` over two views' "
+        "logits ``(..., V)``.\n" + _CROSS_VIEW_DOC
+    )
 
-    def __init__(self, *, kl_ab_weight: float = 0.5, kl_ba_weight: float = 0.5, entropy_a_weight: float = 0.0,
-                 entropy_b_weight: float = 0.0, ce_weight: float = 0.0, temperature: float = 1.0,
-                 ignore_index: int = -100, reduction: str = "mean"):
-        super().__init__("CrossViewKLEntropy",
-                         (kl_ab_weight, kl_ba_weight, entropy_a_weight, entropy_b_weight, ce_weight),
-                         temperature, ignore_index, reduction)
+    def __init__(
+        self,
+        *,
+        kl_ab_weight: float = 0.5,
+        kl_ba_weight: float = 0.5,
+        entropy_a_weight: float = 0.0,
+        entropy_b_weight: float = 0.0,
+        ce_weight: float = 0.0,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ):
+        super().__init__(
+            "CrossViewKLEntropy",
+            (kl_ab_weight, kl_ba_weight, entropy_a_weight, entropy_b_weight, ce_weight),
+            temperature,
+            ignore_index,
+            reduction,
+        )
 
-    def forward(self, logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.Tensor | None = None,
-                return_terms: bool = False):
+    def forward(
+        self,
+        logits_a: torch.Tensor,
+        logits_b: torch.Tensor,
+        target: torch.Tensor | None = None,
+        return_terms: bool = False,
+    ):
         self._check_target(target)
-        out = cross_view_kl_entropy(logits_a, logits_b, target, temperature=self.temperature,
-                                    ignore_index=self.ignore_index)
+        out = cross_view_kl_entropy(
+            logits_a, logits_b, target, temperature=self.temperature, ignore_index=self.ignore_index
+        )
         return self._combine(out, target, return_terms)
 
 
 class FusedLinearCrossViewLoss(_CrossViewLoss):
-    __doc__ = ("``CrossViewKLEntropy`` of the logits ``hidden @ weight.T + bias`` of two views that share an LM "
-               "head, through ``pyops.fused_linear_cross_view``: ``chunk_size`` rows at a time (default about "
-               "64 MiB of float32 logits per view), the logits of all rows never exist at once. Called as "
-               "``loss(hidden_a, hidden_b, weight, bias=None, target=None)`` with hidden states ``(..., H)``, "
-               "``weight`` ``(V, H)`` and ``bias`` ``(V,)``: the head is a forward argument, not a parameter of "
-               "this module (as in Liger-Kernel's fused-linear losses); gradients reach the hidden states, "
-               "``weight`` and ``bias``.\n" + _CROSS_VIEW_DOC)
+    __doc__ = (
+        "``CrossViewKLEntropy`` of the logits ``hidden @ weight.T + bias`` of two views that share an LM "
+        "head, through ``pyops.fused_linear_cross_view``: ``chunk_size`` rows at a time (default about "
+        "64 MiB of float32 logits per view), the logits of all rows never exist at once. Called as "
+        "``loss(hidden_a, hidden_b, weight, bias=None, target=None)`` with hidden states ``(..., H)``, "
+        "``weight`` ``(V, H)`` and ``bias`` ``(V,)``: the head is a forward argument, not a parameter of "
+        "this module (as in Liger-Kernel's fused-linear losses); gradients reach the hidden states, "
+        "``weight`` and ``bias``.\n" + _CROSS_VIEW_DOC
+    )
 
-    def __init__(self, *, kl_ab_weight: float = 0.5, kl_ba_weight: float = 0.5, entropy_a_weight: float = 0.0,
-                 entropy_b_weight: float = 0.0, ce_weight: float = 0.0, temperature: float = 1.0,
-                 ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None):
+    def __init__(
+        self,
+        *,
+        kl_ab_weight: float = 0.5,
+        kl_ba_weight: float = 0.5,
+        entropy_a_weight: float = 0.0,
+        entropy_b_weight: float = 0.0,
+        ce_weight: float = 0.0,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+    ):
         cls = "FusedLinearCrossViewLoss"
-        super().__init__(cls, (kl_ab_weight, kl_ba_weight, entropy_a_weight, entropy_b_weight, ce_weight),
-                         temperature, ignore_index, reduction)
+        super().__init__(
+            cls,
+            (kl_ab_weight, kl_ba_weight, entropy_a_weight, entropy_b_weight, ce_weight),
+            temperature,
+            ignore_index,
+            reduction,
+        )
         self.chunk_size = _check_optional_int(chunk_size, "chunk_size", cls, 1)
 
-    def forward(self, hidden_a: torch.Tensor, hidden_b: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None, target: torch.Tensor | None = None,
-                return_terms: bool = False):
+    def forward(
+        self,
+        hidden_a: torch.Tensor,
+        hidden_b: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        return_terms: bool = False,
+    ):
         self._check_target(target)
-        out = fused_linear_cross_view(hidden_a, hidden_b, weight, bias, target, temperature=self.temperature,
-                                      ignore_index=self.ignore_index, chunk_size=self.chunk_size)
+        out = fused_linear_cross_view(
+            hidden_a,
+            hidden_b,
+            weight,
+            bias,
+            target,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size,
+        )
         return self._combine(out, target, return_terms)
 
     def extra_repr(self) -> str:
@@ -230,8 +289,15 @@ class KNNPatchSearch(torch.nn.Module):
     ``patch_size``, ``window`` None = global search, ``window_anchor``: where windows start).
     """
 
-    def __init__(self, k: int, patch_size: int = 3, stride: int | None = None, window: int | None = None,
-                 exclude_self: bool = False, window_anchor: tuple | None = None):
+    def __init__(
+        self,
+        k: int,
+        patch_size: int = 3,
+        stride: int | None = None,
+        window: int | None = None,
+        exclude_self: bool = False,
+        window_anchor: tuple | None = None,
+    ):
         super().__init__()
         cls = "KNNPatchSearch"
         self.k = check_int(k, "k", cls, 1)
@@ -242,15 +308,23 @@ class KNNPatchSearch(torch.nn.Module):
         flat = _check_anchor(window_anchor, self.window, cls)
         self.window_anchor = (tuple(flat[:4]), tuple(flat[4:])) if flat else None
 
-    def forward(self, query: torch.Tensor, database: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return knn_patch_search(query, query if database is None else database, self.k,
-                                patch_size=self.patch_size, stride=self.stride, window=self.window,
-                                exclude_self=self.exclude_self, window_anchor=self.window_anchor)
+    def forward(self, query: torch.Tensor, database: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return knn_patch_search(
+            query,
+            query if database is None else database,
+            self.k,
+            patch_size=self.patch_size,
+            stride=self.stride,
+            window=self.window,
+            exclude_self=self.exclude_self,
+            window_anchor=self.window_anchor,
+        )
 
     def extra_repr(self) -> str:
-        s = (f"k={self.k}, patch_size={self.patch_size}, stride={self.stride}, window={self.window}, "
-             f"exclude_self={self.exclude_self}")
+        s = (
+            f"k={self.k}, patch_size={self.patch_size}, stride={self.stride}, window={self.window}, "
+            f"exclude_self={self.exclude_self}"
+        )
         return s if self.window_anchor is None else s + f", window_anchor={self.window_anchor}"
 
 
@@ -269,10 +343,12 @@ class PatchAggregate(torch.nn.Module):
         self.patch_size = check_int(patch_size, "patch_size", cls, 1)
         self.stride = _check_optional_int(stride, "stride", cls, 1)
 
-    def forward(self, values: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                output_size: tuple[int, int]) -> torch.Tensor:
-        return patch_aggregate(values, idx, weights, patch_size=self.patch_size, stride=self.stride,
-                               output_size=tuple(output_size))
+    def forward(
+        self, values: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, output_size: tuple[int, int]
+    ) -> torch.Tensor:
+        return patch_aggregate(
+            values, idx, weights, patch_size=self.patch_size, stride=self.stride, output_size=tuple(output_size)
+        )
 
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}, stride={self.stride}"
@@ -334,8 +410,17 @@ class GRLoss(torch.nn.Module):
     ``{"epoch": e}``, and loading it restores the schedule of that epoch.
     """
 
-    def __init__(self, beta=(0.0, 2.0, -2.0, -2.0), alpha=(0.5, 2.0, 0.8, 0.5), q=(0.01, 1.0), epochs: int = 8,
-                 linear_init: int = 0, *, reduction: str = "mean", require_positive: bool = False):
+    def __init__(
+        self,
+        beta=(0.0, 2.0, -2.0, -2.0),
+        alpha=(0.5, 2.0, 0.8, 0.5),
+        q=(0.01, 1.0),
+        epochs: int = 8,
+        linear_init: int = 0,
+        *,
+        reduction: str = "mean",
+        require_positive: bool = False,
+    ):
         super().__init__()
         cls = "GRLoss"
         self.beta = _numbers(beta, 4, "beta (w0, wT, b0, bT)", cls)
@@ -367,8 +452,12 @@ class GRLoss(torch.nn.Module):
         mu0, s0, muT, sT = self.alpha
         fk = max(epoch - n - 1, 0) / (T - n)
         fv = max(epoch - n, 0) / (T - n)
-        return {"w": w0 + (wT - w0) * fk, "b": b0 + (bT - b0) * fk, "mu": mu0 + (muT - mu0) * fv,
-                "sigma": s0 + (sT - s0) * fv}
+        return {
+            "w": w0 + (wT - w0) * fk,
+            "b": b0 + (bT - b0) * fk,
+            "mu": mu0 + (muT - mu0) * fv,
+            "sigma": s0 + (sT - s0) * fv,
+        }
 
     def start_epoch(self, epoch: int) -> None:
         """Switch to the schedule of ``epoch`` (1-based)."""
@@ -396,8 +485,16 @@ class GRLoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         s = self._schedule
-        return gr_loss(logits, observed, s[:2], s[2:], self.q[0], self.q[1], reduction=self.reduction,
-                       require_positive=self.require_positive)
+        return gr_loss(
+            logits,
+            observed,
+            s[:2],
+            s[2:],
+            self.q[0],
+            self.q[1],
+            reduction=self.reduction,
+            require_positive=self.require_positive,
+        )
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() cast floating buffers; the schedule stays exact float64
@@ -413,6 +510,7 @@ class GRLoss(torch.nn.Module):
         self.start_epoch(int(state["epoch"]))
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, alpha={self.alpha}, q={self.q}, epochs={self.epochs}, "
-                f"linear_init={self.linear_init}, epoch={self.epoch}, reduction={self.reduction!r}")
-
+        return (
+            f"beta={self.beta}, alpha={self.alpha}, q={self.q}, epochs={self.epochs}, "
+            f"linear_init={self.linear_init}, epoch={self.epoch}, reduction={self.reduction!r}"
+        )

@@ -18,6 +18,7 @@ longest) between its end points, interpolates the image bilinearly in each plane
 outside the image count as 0) and weights each plane by the line's length between two planes.
 ``joseph_backproject`` is the exact transpose: both use the same weights, bit for bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,11 +77,14 @@ def _check_lors(lor_start, lor_end, ref: torch.Tensor, ref_name: str, fn: str) -
     if lor_start.dim() != 2 or lor_start.shape[1] != 3:
         raise ValueError(f"{fn}: lor_start must have shape (M, 3), got {tuple(lor_start.shape)}")
     if lor_end.shape != lor_start.shape:
-        raise ValueError(f"{fn}: lor_end must have the shape of lor_start {tuple(lor_start.shape)}, "
-                         f"got {tuple(lor_end.shape)}")
+        raise ValueError(
+            f"{fn}: lor_end must have the shape of lor_start {tuple(lor_start.shape)}, got {tuple(lor_end.shape)}"
+        )
     if lor_start.dtype != ref.dtype or lor_end.dtype != ref.dtype:
-        raise TypeError(f"{fn}: lor_start and lor_end must have the dtype of {ref_name} ({ref.dtype}), "
-                        f"got {lor_start.dtype} and {lor_end.dtype}")
+        raise TypeError(
+            f"{fn}: lor_start and lor_end must have the dtype of {ref_name} ({ref.dtype}), "
+            f"got {lor_start.dtype} and {lor_end.dtype}"
+        )
     check_same_device(fn, **{ref_name: ref, "lor_start": lor_start, "lor_end": lor_end})
 
 
@@ -127,8 +131,9 @@ def _check_backproject_op(y, lor_start, lor_end, image_shape, voxel_size, image_
 # --------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------
-def joseph_project(image: torch.Tensor, lor_start: torch.Tensor, lor_end: torch.Tensor, *,
-                   voxel_size, image_origin=None) -> torch.Tensor:
+def joseph_project(
+    image: torch.Tensor, lor_start: torch.Tensor, lor_end: torch.Tensor, *, voxel_size, image_origin=None
+) -> torch.Tensor:
     """Joseph forward projection of a batch of images along M lines of response.
 
     Args:
@@ -147,8 +152,15 @@ def joseph_project(image: torch.Tensor, lor_start: torch.Tensor, lor_end: torch.
     return _ops.joseph_project(image, lor_start, lor_end, vox, org)
 
 
-def joseph_backproject(y: torch.Tensor, lor_start: torch.Tensor, lor_end: torch.Tensor, *,
-                       image_shape: Sequence[int], voxel_size, image_origin=None) -> torch.Tensor:
+def joseph_backproject(
+    y: torch.Tensor,
+    lor_start: torch.Tensor,
+    lor_end: torch.Tensor,
+    *,
+    image_shape: Sequence[int],
+    voxel_size,
+    image_origin=None,
+) -> torch.Tensor:
     """The exact transpose of ``joseph_project``: ``<A x, y> = <x, A^T y>``.
 
     Args:
@@ -240,8 +252,7 @@ class JosephProjector(torch.nn.Module):
     are projected with the end points cast to it.
     """
 
-    def __init__(self, image_shape, voxel_size, lor_start: torch.Tensor, lor_end: torch.Tensor,
-                 image_origin=None):
+    def __init__(self, image_shape, voxel_size, lor_start: torch.Tensor, lor_end: torch.Tensor, image_origin=None):
         super().__init__()
         fn = "JosephProjector"
         self.image_shape = _image_shape3(image_shape, fn)
@@ -262,16 +273,23 @@ class JosephProjector(torch.nn.Module):
         unbatched = x.dim() == 3
         xb = x[None] if unbatched else x
         if tuple(xb.shape[1:]) != self.image_shape:
-            raise ValueError(f"JosephProjector: image must have shape (B, {', '.join(map(str, self.image_shape))}) "
-                             f"or the unbatched shape, got {tuple(x.shape)}")
+            raise ValueError(
+                f"JosephProjector: image must have shape (B, {', '.join(map(str, self.image_shape))}) "
+                f"or the unbatched shape, got {tuple(x.shape)}"
+            )
         y = joseph_project(xb, *self._lors(x.dtype), voxel_size=self.voxel_size, image_origin=self.image_origin)
         return y[0] if unbatched else y
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         unbatched = y.dim() == 1
         yb = y[None] if unbatched else y
-        x = joseph_backproject(yb, *self._lors(y.dtype), image_shape=self.image_shape,
-                               voxel_size=self.voxel_size, image_origin=self.image_origin)
+        x = joseph_backproject(
+            yb,
+            *self._lors(y.dtype),
+            image_shape=self.image_shape,
+            voxel_size=self.voxel_size,
+            image_origin=self.image_origin,
+        )
         return x[0] if unbatched else x
 
     @torch.no_grad()
@@ -291,15 +309,25 @@ class JosephProjector(torch.nn.Module):
         return math.sqrt(value)
 
     def extra_repr(self) -> str:
-        return (f"image_shape={self.image_shape}, voxel_size={self.voxel_size}, "
-                f"image_origin={self.image_origin}, num_lines={self.num_lines}")
+        return (
+            f"image_shape={self.image_shape}, voxel_size={self.voxel_size}, "
+            f"image_origin={self.image_origin}, num_lines={self.num_lines}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Geometries (lines in a frame centred on the image: use image_origin=None)
 # --------------------------------------------------------------------------------------------
-def parallel_beam_2d(image_shape, num_views: int, num_radial: int, radial_spacing: Optional[float] = None, *,
-                     voxel_size=1.0, dtype: torch.dtype = torch.float32, device=None):
+def parallel_beam_2d(
+    image_shape,
+    num_views: int,
+    num_radial: int,
+    radial_spacing: Optional[float] = None,
+    *,
+    voxel_size=1.0,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+):
     """Parallel-beam lines through one slice, ordered (view, radial bin).
 
     Views at angles ``pi * v / num_views`` over [0, pi); at view angle phi the lines run along
@@ -335,18 +363,29 @@ def ring_pairs(num_rings: int, max_ring_difference: Optional[int] = None) -> lis
     """The (ring of the first detector, ring of the second) pairs of ``ring_scanner``, in its
     order: by ring difference r2 - r1 = 0, +1, -1, +2, -2, ... (Michelogram segments), then by r1."""
     num_rings = check_int(num_rings, "num_rings", "ring_pairs", 1)
-    mrd = num_rings - 1 if max_ring_difference is None else check_int(
-        max_ring_difference, "max_ring_difference", "ring_pairs", 0)
+    mrd = (
+        num_rings - 1
+        if max_ring_difference is None
+        else check_int(max_ring_difference, "max_ring_difference", "ring_pairs", 0)
+    )
     pairs = []
     for delta in range(0, min(mrd, num_rings - 1) + 1):
-        for sgn in ((1,) if delta == 0 else (1, -1)):
+        for sgn in (1,) if delta == 0 else (1, -1):
             dd = sgn * delta
             pairs += [(r1, r1 + dd) for r1 in range(num_rings) if 0 <= r1 + dd < num_rings]
     return pairs
 
 
-def ring_scanner(radius: float, num_detectors: int, num_rings: int = 1, ring_spacing: float = 4.0,
-                 max_ring_difference: Optional[int] = None, *, dtype: torch.dtype = torch.float32, device=None):
+def ring_scanner(
+    radius: float,
+    num_detectors: int,
+    num_rings: int = 1,
+    ring_spacing: float = 4.0,
+    max_ring_difference: Optional[int] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+):
     """Lines between all detector pairs of a cylindrical scanner, grouped as sinograms.
 
     Detector ``d`` of ring ``q`` sits at ``(R cos(2 pi d / N), R sin(2 pi d / N),

@@ -1,6 +1,7 @@
 """Pure-PyTorch baselines of every pyops op: same signatures, written as a careful PyTorch user
 would write them. They are the test oracle and the benchmark baseline (eager, and under
 ``torch.compile``)."""
+
 from __future__ import annotations
 
 import torch
@@ -73,9 +74,7 @@ def fused_linear_cross_view(
     del chunk_size
     logits_a = F.linear(hidden_a, weight, bias)
     logits_b = F.linear(hidden_b, weight, bias)
-    return cross_view_kl_entropy(
-        logits_a, logits_b, target, temperature=temperature, ignore_index=ignore_index
-    )
+    return cross_view_kl_entropy(logits_a, logits_b, target, temperature=temperature, ignore_index=ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +225,7 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, *, exclude_self: bool = False)
     chunk = max(1, (1 << 24) // max(1, n_b * n))
     dists, idxs = [], []
     for s in range(0, m, chunk):
-        xc = xb[:, s:s + chunk]  # (B, R, D)
+        xc = xb[:, s : s + chunk]  # (B, R, D)
         dist = xc.new_zeros((n_b, xc.shape[1], n))
         for d in range(xb.shape[2]):
             diff = xc[:, :, d, None] - yt[:, None, d, :]
@@ -356,8 +355,9 @@ def pcgrad_visit_orders(K: int, order=None, generator=None) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.empty(0, 0, dtype=torch.long)
 
 
-def harmonize_gradients(grads, *, weights=None, mode="fedgh", order=None, generator=None, reduction="sum",
-                        return_stats=False):
+def harmonize_gradients(
+    grads, *, weights=None, mode="fedgh", order=None, generator=None, reduction="sum", return_stats=False
+):
     """The pair-by-pair loop on the flattened gradients, as FedGH and PCGrad describe it: for each
     i, for each j (fedgh: in ``order``, when the originals conflict; pcgrad: in i's random order,
     when the current g_i conflicts with the original g_j), ``g_i -= <g_i, g_j> / |g_j|^2 g_j``."""
@@ -373,7 +373,7 @@ def harmonize_gradients(grads, *, weights=None, mode="fedgh", order=None, genera
     sq = [torch.dot(orig[j], orig[j]) for j in range(K)]
     for i in range(K):
         g = out[i]
-        for j in (visit[i].tolist() if mode == "pcgrad" else order_t.tolist()):
+        for j in visit[i].tolist() if mode == "pcgrad" else order_t.tolist():
             if j == i or not sq[j] > 0:
                 continue
             if mode == "fedgh" and not torch.dot(orig[i], orig[j]) < 0:
@@ -384,7 +384,11 @@ def harmonize_gradients(grads, *, weights=None, mode="fedgh", order=None, genera
             g = g - d / sq[j] * orig[j]
         out[i] = g
     if reduction == "sum":
-        w = torch.full((K,), 1.0 / K, dtype=flat.dtype) if weights is None else torch.as_tensor(weights, dtype=flat.dtype)
+        w = (
+            torch.full((K,), 1.0 / K, dtype=flat.dtype)
+            if weights is None
+            else torch.as_tensor(weights, dtype=flat.dtype)
+        )
         res = (w.to(flat.device)[:, None] * out).sum(0)
         parts = list(res.split(sizes))
     else:
@@ -403,8 +407,9 @@ def harmonize_gradients(grads, *, weights=None, mode="fedgh", order=None, genera
 # ---------------------------------------------------------------------------------------------
 # GR loss (single-positive multi-label learning)
 # ---------------------------------------------------------------------------------------------
-def gr_loss(logits, observed, beta=(0.0, -2.0), alpha=(0.5, 2.0), q2=0.01, q3=1.0, *, reduction="mean",
-            require_positive=True):
+def gr_loss(
+    logits, observed, beta=(0.0, -2.0), alpha=(0.5, 2.0), q2=0.01, q3=1.0, *, reduction="mean", require_positive=True
+):
     """GR loss in logit space: ``-log p`` on observed positives, ``v (k L2 + (1 - k) L3)`` on
     unobserved entries, with k = sigmoid(w p + b) and v = exp(-(p - mu)^2 / (2 sigma^2)) from
     the detached p, L2 = (1 - p^q2) / q2 and L3 = (1 - (1 - p)^q3) / q3 (q = 0: the log limit).

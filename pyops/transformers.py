@@ -32,6 +32,7 @@ Labels follow transformers: ``labels[:, t]`` is the token at position t, predict
 t - 1 (the shift is done here), -100 (``ignore_index``) marks positions without a target;
 ``shift=False`` (or a batch key ``shift_labels``) takes labels already aligned with the positions.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -91,25 +92,44 @@ class LogitTransform:
 # Found in the modeling files of transformers 5.25 (models/*/modeling_*.py): what each ForCausalLM /
 # ForConditionalGeneration forward does between the base model's output and the returned logits.
 LOGIT_TRANSFORMS: Tuple[LogitTransform, ...] = (
-    LogitTransform("final_logit_softcapping", "logits = c * tanh(logits / c)",
-                   "Gemma 2, Gemma 3, Gemma 3n, Gemma 4, VaultGemma, PaliGemma (text config), T5Gemma, "
-                   "Mistral Large 4, NanoChat, Beam, DiffusionGemma, Inkling2, MuseSpark / MuseGlimmer"),
-    LogitTransform("logit_softcapping", "a soft cap c * tanh(logits / c) (the field's other spelling)",
-                   "none in transformers 5.25; refused for remote-code models that use it"),
+    LogitTransform(
+        "final_logit_softcapping",
+        "logits = c * tanh(logits / c)",
+        "Gemma 2, Gemma 3, Gemma 3n, Gemma 4, VaultGemma, PaliGemma (text config), T5Gemma, "
+        "Mistral Large 4, NanoChat, Beam, DiffusionGemma, Inkling2, MuseSpark / MuseGlimmer",
+    ),
+    LogitTransform(
+        "logit_softcapping",
+        "a soft cap c * tanh(logits / c) (the field's other spelling)",
+        "none in transformers 5.25; refused for remote-code models that use it",
+    ),
     LogitTransform("logits_soft_cap", "logits = c * tanh(logits / c)", "RecurrentGemma"),
     LogitTransform("output_logit_soft_cap", "logits = c * tanh(logits / c)", "xLSTM"),
-    LogitTransform("logit_scale", "logits = logits * s",
-                   "Cohere, Cohere2, Cohere2-MoE, CohereCompass, Aya Vision (text config); MPT has the field "
-                   "(unused by its transformers forward)", (None, 1, 1.0)),
-    LogitTransform("logits_scaling", "logits = logits / s (Granite), logits * s (HyperCLOVAX), the head reads "
-                   "last_hidden_state / s (MiniCPM3, s = hidden_size / dim_model_base)",
-                   "Granite, Granite-SWA, GraniteMoE (-SWA, -Hybrid, -Shared), Granite4-Vision and "
-                   "GraniteDocling (text config), HyperCLOVAX (+ vision v2, text config), MiniCPM3", (None, 1, 1.0)),
-    LogitTransform("output_multiplier", "logits = logits * m (before the soft cap)",
-                   "MuseSpark, MuseGlimmer (text config)", (None, 1, 1.0)),
+    LogitTransform(
+        "logit_scale",
+        "logits = logits * s",
+        "Cohere, Cohere2, Cohere2-MoE, CohereCompass, Aya Vision (text config); MPT has the field "
+        "(unused by its transformers forward)",
+        (None, 1, 1.0),
+    ),
+    LogitTransform(
+        "logits_scaling",
+        "logits = logits / s (Granite), logits * s (HyperCLOVAX), the head reads "
+        "last_hidden_state / s (MiniCPM3, s = hidden_size / dim_model_base)",
+        "Granite, Granite-SWA, GraniteMoE (-SWA, -Hybrid, -Shared), Granite4-Vision and "
+        "GraniteDocling (text config), HyperCLOVAX (+ vision v2, text config), MiniCPM3",
+        (None, 1, 1.0),
+    ),
+    LogitTransform(
+        "output_multiplier",
+        "logits = logits * m (before the soft cap)",
+        "MuseSpark, MuseGlimmer (text config)",
+        (None, 1, 1.0),
+    ),
     LogitTransform("lm_head_multiplier", "logits = lm_head(h) * m (muP)", "Falcon-H1", (None, 1, 1.0)),
-    LogitTransform("logits_mup_width_multiplier", "the head reads last_hidden_state / m (muP)",
-                   "Inkling", (None, 1, 1.0)),
+    LogitTransform(
+        "logits_mup_width_multiplier", "the head reads last_hidden_state / m (muP)", "Inkling", (None, 1, 1.0)
+    ),
     LogitTransform("unpadded_vocab_size", "logits = logits[..., :n] (padded head rows cut off)", "Inkling"),
 )
 
@@ -171,18 +191,24 @@ def _head_module(model: nn.Module, fn: str) -> nn.Linear:
     head = get() if callable(get) else None
     name = type(core).__name__
     if head is None:
-        raise ValueError(f"{fn}: {name} has no LM head (get_output_embeddings() gives None); a causal LM or a "
-                         "vision-language model with an LM head (a ...ForCausalLM / ...ForConditionalGeneration) "
-                         "is needed")
+        raise ValueError(
+            f"{fn}: {name} has no LM head (get_output_embeddings() gives None); a causal LM or a "
+            "vision-language model with an LM head (a ...ForCausalLM / ...ForConditionalGeneration) "
+            "is needed"
+        )
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        raise ValueError(f"{fn}: the LM head of {name} is a {type(head).__name__}, not a plain torch.nn.Linear: its "
-                         "logits need not be hidden @ weight.T + bias (a learned logit scale, quantisation, an "
-                         "adapter such as LoRA on the head), which is all the fused op computes")
+        raise ValueError(
+            f"{fn}: the LM head of {name} is a {type(head).__name__}, not a plain torch.nn.Linear: its "
+            "logits need not be hidden @ weight.T + bias (a learned logit scale, quantisation, an "
+            "adapter such as LoRA on the head), which is all the fused op computes"
+        )
     w, b = head.weight, head.bias
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or (b is not None and b.shape != (w.shape[0],)):
-        raise ValueError(f"{fn}: the LM head of {name} must have a weight (V, H) and a bias (V,) or None, got "
-                         f"weight {tuple(getattr(w, 'shape', ()))} and bias "
-                         f"{None if b is None else tuple(b.shape)}")
+        raise ValueError(
+            f"{fn}: the LM head of {name} must have a weight (V, H) and a bias (V,) or None, got "
+            f"weight {tuple(getattr(w, 'shape', ()))} and bias "
+            f"{None if b is None else tuple(b.shape)}"
+        )
     return head
 
 
@@ -200,13 +226,17 @@ def check_lm_head(model: nn.Module) -> None:
         raise ValueError(f"{fn}: {name} has no config; a transformers PreTrainedModel is needed")
     head = _head_module(core, fn)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{fn}: {name} is an encoder-decoder model (config.is_encoder_decoder): its labels are not "
-                         "shifted against its inputs (and Bart-style models add final_logits_bias to the logits); "
-                         "only decoder-only causal LMs and vision-language models are supported")
+        raise ValueError(
+            f"{fn}: {name} is an encoder-decoder model (config.is_encoder_decoder): its labels are not "
+            "shifted against its inputs (and Bart-style models add final_logits_bias to the logits); "
+            "only decoder-only causal LMs and vision-language models are supported"
+        )
     model_type = getattr(config, "model_type", None)
     if model_type in LOGIT_TRANSFORMING_MODEL_TYPES:
-        raise ValueError(f"{fn}: {name} (model_type {model_type!r}) changes its logits after the LM head: "
-                         f"{LOGIT_TRANSFORMING_MODEL_TYPES[model_type]}; the fused loss would not be the model's")
+        raise ValueError(
+            f"{fn}: {name} (model_type {model_type!r}) changes its logits after the LM head: "
+            f"{LOGIT_TRANSFORMING_MODEL_TYPES[model_type]}; the fused loss would not be the model's"
+        )
     vocab = head.weight.shape[0]
     for where, cfg in _configs(config):
         for t in LOGIT_TRANSFORMS:
@@ -215,9 +245,11 @@ def check_lm_head(model: nn.Module) -> None:
                 continue
             if t.field == "unpadded_vocab_size" and isinstance(value, int) and value >= vocab:
                 continue
-            raise ValueError(f"{fn}: {name} transforms its logits after the LM head: {where}.{t.field} = {value!r} "
-                             f"({t.effect}; models: {t.models}). The fused loss computes softmax(hidden @ W.T + b) "
-                             f"and would not be this model's loss; pyops.transformers refuses such models")
+            raise ValueError(
+                f"{fn}: {name} transforms its logits after the LM head: {where}.{t.field} = {value!r} "
+                f"({t.effect}; models: {t.models}). The fused loss computes softmax(hidden @ W.T + b) "
+                f"and would not be this model's loss; pyops.transformers refuses such models"
+            )
 
 
 def lm_head(model: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
@@ -233,8 +265,9 @@ def _default_tolerance(dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def verify_lm_head(model: nn.Module, inputs: Optional[Mapping[str, Any]] = None, *,
-                   rtol: Optional[float] = None) -> float:
+def verify_lm_head(
+    model: nn.Module, inputs: Optional[Mapping[str, Any]] = None, *, rtol: Optional[float] = None
+) -> float:
     """Numerical self-check: runs ``model`` once in eval mode on ``inputs`` (default: 8 random
     token ids; vision-language models need their ``inputs``), with the full logits, and compares
     them with ``hidden @ weight.T + bias`` computed from ``last_hidden_state(model, **inputs)``
@@ -261,14 +294,18 @@ def verify_lm_head(model: nn.Module, inputs: Optional[Mapping[str, Any]] = None,
         model.train(was_training)
     ours = nn.functional.linear(hidden, head.weight, head.bias)
     if ours.shape != logits.shape:
-        raise ValueError(f"verify_lm_head: the model's logits have shape {tuple(logits.shape)}, "
-                         f"lm_head(last hidden state) {tuple(ours.shape)}")
+        raise ValueError(
+            f"verify_lm_head: the model's logits have shape {tuple(logits.shape)}, "
+            f"lm_head(last hidden state) {tuple(ours.shape)}"
+        )
     err = float((ours.double() - logits.double()).abs().max()) / max(float(logits.double().abs().max()), 1e-30)
     tol = _default_tolerance(logits.dtype) if rtol is None else rtol
     if not err <= tol:
-        raise ValueError(f"verify_lm_head: {type(core).__name__}'s logits differ from lm_head(last hidden state) by "
-                         f"{err:.3e} (relative to the largest logit; tolerance {tol:.1e}): the model transforms its "
-                         "logits after the head, and the fused losses would not be its losses")
+        raise ValueError(
+            f"verify_lm_head: {type(core).__name__}'s logits differ from lm_head(last hidden state) by "
+            f"{err:.3e} (relative to the largest logit; tolerance {tol:.1e}): the model transforms its "
+            "logits after the head, and the fused losses would not be its losses"
+        )
     return err
 
 
@@ -304,8 +341,11 @@ def last_hidden_state(model: nn.Module, /, **inputs: Any) -> Tensor:
     if keep is not None:
         kw[keep] = 1
     else:
-        warnings.warn(f"last_hidden_state: {type(core).__name__}.forward takes no logits_to_keep: the full logits are "
-                      "computed (and dropped)", stacklevel=2)
+        warnings.warn(
+            f"last_hidden_state: {type(core).__name__}.forward takes no logits_to_keep: the full logits are "
+            "computed (and dropped)",
+            stacklevel=2,
+        )
     base = getattr(core, "base_model", core)
     if not isinstance(base, nn.Module) or base is core:
         out = model(**kw, output_hidden_states=True)
@@ -318,13 +358,17 @@ def last_hidden_state(model: nn.Module, /, **inputs: Any) -> Tensor:
         finally:
             handle.remove()
         if not caught:
-            raise RuntimeError(f"last_hidden_state: the forward of {type(core).__name__} did not call its base model "
-                               f"{type(base).__name__}")
+            raise RuntimeError(
+                f"last_hidden_state: the forward of {type(core).__name__} did not call its base model "
+                f"{type(base).__name__}"
+            )
         out = caught[-1]
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise RuntimeError(f"last_hidden_state: expected hidden states (B, L, H) from {type(core).__name__}, got "
-                           f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+        raise RuntimeError(
+            f"last_hidden_state: expected hidden states (B, L, H) from {type(core).__name__}, got "
+            f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}"
+        )
     return hidden
 
 
@@ -340,8 +384,9 @@ def _check_labels(hidden: Tensor, labels: Tensor, fn: str, name: str = "hidden")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{fn}: labels must be integer token ids, got {labels.dtype}")
     if tuple(labels.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"{fn}: labels must have the shape (B, L) = {tuple(hidden.shape[:2])} of {name}, "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(
+            f"{fn}: labels must have the shape (B, L) = {tuple(hidden.shape[:2])} of {name}, got {tuple(labels.shape)}"
+        )
 
 
 def _targets(labels: Tensor, shift: bool) -> Tensor:
@@ -376,8 +421,10 @@ def _answer_rows(hidden: Tensor, labels: Tensor, vocab: int, shift: bool, ignore
     if bool(bad.any()):
         pos = keep.nonzero()[int(bad.nonzero()[0, 0])].tolist()
         at = [pos[0], pos[1] + 1] if shift else pos
-        raise ValueError(f"{fn}: labels[{at[0]}, {at[1]}] = {int(targets[bad][0])} is neither a token id in "
-                         f"[0, {vocab}) nor ignore_index ({ignore_index})")
+        raise ValueError(
+            f"{fn}: labels[{at[0]}, {at[1]}] = {int(targets[bad][0])} is neither a token id in "
+            f"[0, {vocab}) nor ignore_index ({ignore_index})"
+        )
     sample = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(keep)[keep]
     return _Rows(h[keep], targets, sample, keep)
 
@@ -423,9 +470,18 @@ def _ce_rows(rows: Tensor, targets: Tensor, weight: Tensor, bias: Optional[Tenso
 REDUCTIONS = ("mean", "sum", "none", "per_sample")
 
 
-def causal_lm_loss(hidden: Tensor, labels: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                   reduction: str = "mean", num_items_in_batch: Union[int, float, Tensor, None] = None,
-                   ignore_index: int = -100, shift: bool = True, chunk_size: Optional[int] = None) -> Tensor:
+def causal_lm_loss(
+    hidden: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Union[int, float, Tensor, None] = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
     """Next-token cross-entropy of hidden states (B, L, H) under the LM head ``(weight, bias)``,
     computed by ``pyops.fused_linear_cross_view`` on the rows that have a target (logits never
     materialised; the op evaluates the head twice per row, once per view).
@@ -510,8 +566,9 @@ class CrossViewWeights:
         if self.detach not in (None, "a", "b"):
             raise ValueError(f"CrossViewWeights: detach must be None, 'a' or 'b', got {self.detach!r}")
         if isinstance(self.per_sample, str) or any(p not in TERMS for p in self.per_sample):
-            raise ValueError(f"CrossViewWeights: per_sample must be a tuple of term names from {TERMS}, "
-                             f"got {self.per_sample!r}")
+            raise ValueError(
+                f"CrossViewWeights: per_sample must be a tuple of term names from {TERMS}, got {self.per_sample!r}"
+            )
         return self
 
     def weights(self) -> Dict[str, float]:
@@ -531,11 +588,20 @@ class CrossViewLoss:
     samples: int
 
 
-def cross_view_loss(hidden_a: Tensor, hidden_b: Tensor, labels: Tensor, weight: Tensor,
-                    bias: Optional[Tensor] = None, weights: CrossViewWeights = CrossViewWeights(), *,
-                    token_total: Union[int, float, Tensor, None] = None,
-                    sample_total: Union[int, float, Tensor, None] = None, ignore_index: int = -100,
-                    shift: bool = True, chunk_size: Optional[int] = None) -> CrossViewLoss:
+def cross_view_loss(
+    hidden_a: Tensor,
+    hidden_b: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    weights: CrossViewWeights = CrossViewWeights(),
+    *,
+    token_total: Union[int, float, Tensor, None] = None,
+    sample_total: Union[int, float, Tensor, None] = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    chunk_size: Optional[int] = None,
+) -> CrossViewLoss:
     """The weighted sum of ``weights``' terms over the answer positions of two views that share
     the labels (e.g. the same prompt and answer with an original and an augmented image): hidden
     states (B, L, H) of view a and view b, labels (B, L) (shifted as in ``causal_lm_loss``), the LM
@@ -574,8 +640,9 @@ def cross_view_loss(hidden_a: Tensor, hidden_b: Tensor, labels: Tensor, weight: 
         pa = ra.detach() if weights.detach == "a" else ra
         pb = rb.detach() if weights.detach == "b" or not need_div else rb
         target = None if weights.detach == "a" else r.targets
-        out = fused_linear_cross_view(pa, pb, weight, bias, target, temperature=float(weights.temperature),
-                                      chunk_size=chunk_size)
+        out = fused_linear_cross_view(
+            pa, pb, weight, bias, target, temperature=float(weights.temperature), chunk_size=chunk_size
+        )
         rows.update(kl_ab=out.kl_ab, kl_ba=out.kl_ba, entropy_a=out.entropy_a, entropy_b=out.entropy_b)
         if out.ce_a is not None:
             rows["ce_a"] = out.ce_a
@@ -583,8 +650,9 @@ def cross_view_loss(hidden_a: Tensor, hidden_b: Tensor, labels: Tensor, weight: 
         rows["ce_a"] = _ce_rows(ra, r.targets, weight, bias, chunk_size)
     if w["ce_b"] != 0:
         rows["ce_b"] = _ce_rows(rb, r.targets, weight, bias, chunk_size)
-    count = torch.zeros(n_batch, dtype=acc, device=ra.device).index_add_(0, r.sample, torch.ones(n, dtype=acc,
-                                                                                                 device=ra.device))
+    count = torch.zeros(n_batch, dtype=acc, device=ra.device).index_add_(
+        0, r.sample, torch.ones(n, dtype=acc, device=ra.device)
+    )
     has = count > 0
     n_samples = int(has.sum())
     terms: Dict[str, Tensor] = {}
@@ -632,13 +700,22 @@ def two_view_hidden_states(model: nn.Module, inputs: Mapping[str, Any]) -> Tuple
     concatenated batch (2B); otherwise in two forwards."""
     view_b = inputs.get("view_b")
     if not isinstance(view_b, Mapping) or not view_b:
-        raise ValueError("two_view_hidden_states: inputs['view_b'] must be a non-empty dict of the model inputs that "
-                         "differ in the second view (e.g. {'pixel_values': augmented})")
+        raise ValueError(
+            "two_view_hidden_states: inputs['view_b'] must be a non-empty dict of the model inputs that "
+            "differ in the second view (e.g. {'pixel_values': augmented})"
+        )
     a = _model_inputs(inputs)
     b = {**a, **view_b}
     same = a.keys() == b.keys() and all(
-        (isinstance(a[k], torch.Tensor) and isinstance(b[k], torch.Tensor) and a[k].shape == b[k].shape
-         and a[k].dim() > 0) or a[k] is b[k] for k in a)
+        (
+            isinstance(a[k], torch.Tensor)
+            and isinstance(b[k], torch.Tensor)
+            and a[k].shape == b[k].shape
+            and a[k].dim() > 0
+        )
+        or a[k] is b[k]
+        for k in a
+    )
     if same:
         both = {k: torch.cat([a[k], b[k]]) if isinstance(a[k], torch.Tensor) and a[k].dim() > 0 else a[k] for k in a}
         h = last_hidden_state(model, **both)
@@ -647,8 +724,10 @@ def two_view_hidden_states(model: nn.Module, inputs: Mapping[str, Any]) -> Tuple
     else:
         h_a, h_b = last_hidden_state(model, **a), last_hidden_state(model, **b)
     if h_a.shape != h_b.shape:
-        raise ValueError(f"two_view_hidden_states: the views' hidden states differ in shape, {tuple(h_a.shape)} and "
-                         f"{tuple(h_b.shape)}: the two views must have the same positions (the labels are shared)")
+        raise ValueError(
+            f"two_view_hidden_states: the views' hidden states differ in shape, {tuple(h_a.shape)} and "
+            f"{tuple(h_b.shape)}: the two views must have the same positions (the labels are shared)"
+        )
     return h_a, h_b
 
 
@@ -685,8 +764,9 @@ class FusedLMLossMixin:
     def __init__(self, *args, cross_view: Optional[CrossViewWeights] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if cross_view is not None and not isinstance(cross_view, CrossViewWeights):
-            raise TypeError(f"{type(self).__name__}: cross_view must be None or a CrossViewWeights, "
-                            f"got {type(cross_view).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: cross_view must be None or a CrossViewWeights, got {type(cross_view).__name__}"
+            )
         self.cross_view = None if cross_view is None else cross_view.validate()
         if self.model is not None:  # None with model_init: checked in compute_loss
             check_lm_head(self.model)
@@ -730,7 +810,8 @@ class FusedLMLossMixin:
                 f"{type(self).__name__}.compute_loss: num_items_in_batch={int(num_items_in_batch)} does not come from "
                 f"the latest get_batch_samples and is not this batch's {tokens} answer tokens; the sample count of "
                 "the accumulated batch is unknown. Get the micro-batches and the count from "
-                "trainer.get_batch_samples, as the Trainer's training loop does")
+                "trainer.get_batch_samples, as the Trainer's training loop does"
+            )
         return BatchTotals(tokens, samples)
 
     def compute_fused_loss(self, model, inputs, totals: Optional[BatchTotals]) -> Tuple[Tensor, Dict[str, Any]]:
@@ -738,24 +819,42 @@ class FusedLMLossMixin:
         batch has ``view_b``, else the mean CE of ``causal_lm_loss``; normalised by ``totals``
         (None: this batch's own counts). Stats: the unweighted terms (detached) and the counts."""
         if "labels" not in inputs and "shift_labels" not in inputs:
-            raise ValueError(f"{type(self).__name__}.compute_loss: the batch has no 'labels' (or 'shift_labels'); "
-                             f"its keys are {sorted(inputs)}")
+            raise ValueError(
+                f"{type(self).__name__}.compute_loss: the batch has no 'labels' (or 'shift_labels'); "
+                f"its keys are {sorted(inputs)}"
+            )
         shift = "shift_labels" not in inputs
         labels = inputs["labels"] if shift else inputs["shift_labels"]
         weight, bias = lm_head(model)
         if "view_b" in inputs:
             if self.cross_view is None:
-                raise ValueError(f"{type(self).__name__}.compute_loss: the batch has a second view ('view_b') but the "
-                                 "trainer has no cross_view=CrossViewWeights(...)")
+                raise ValueError(
+                    f"{type(self).__name__}.compute_loss: the batch has a second view ('view_b') but the "
+                    "trainer has no cross_view=CrossViewWeights(...)"
+                )
             h_a, h_b = two_view_hidden_states(model, inputs)
-            out = cross_view_loss(h_a, h_b, labels, weight, bias, self.cross_view, shift=shift,
-                                  token_total=None if totals is None else max(totals.tokens, 1),
-                                  sample_total=None if totals is None else max(totals.samples, 1))
+            out = cross_view_loss(
+                h_a,
+                h_b,
+                labels,
+                weight,
+                bias,
+                self.cross_view,
+                shift=shift,
+                token_total=None if totals is None else max(totals.tokens, 1),
+                sample_total=None if totals is None else max(totals.samples, 1),
+            )
             stats = {**{k: v.detach() for k, v in out.terms.items()}, "answer_tokens": out.tokens}
             return out.loss, stats
         hidden = last_hidden_state(model, **inputs)
-        loss = causal_lm_loss(hidden, labels, weight, bias, shift=shift,
-                              num_items_in_batch=None if totals is None else max(totals.tokens, 1))
+        loss = causal_lm_loss(
+            hidden,
+            labels,
+            weight,
+            bias,
+            shift=shift,
+            num_items_in_batch=None if totals is None else max(totals.tokens, 1),
+        )
         return loss, {"ce_a": loss.detach()}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -768,4 +867,3 @@ class FusedLMLossMixin:
         self._loss_scaled = totals is not None
         self.last_loss_stats = stats
         return (loss, {"loss": loss}) if return_outputs else loss
-

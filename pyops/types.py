@@ -1,4 +1,5 @@
 """Result types shared by the ops and their references."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional

@@ -15,6 +15,7 @@ tests from the installed (not editable) copy.
 
 Run by `make test-dist` (about 20 minutes on 2 cores: two builds of the C++ extension).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,11 @@ def op_tests(tests_dir: str) -> list[str]:
 def check_sdist(sdist: str) -> None:
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    need = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)
-            if os.path.isfile(p)}
+    need = {
+        os.path.relpath(p, ROOT)
+        for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)
+        if os.path.isfile(p)
+    }
     need |= {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "pyops", "*.py"))}
     need |= {"setup.py", "pyproject.toml", "LICENSE", "README.md", "pyops/py.typed", "tests/conftest.py"}
     missing = sorted(need - names)
@@ -70,8 +74,12 @@ def fresh_venv(path: str) -> tuple[str, dict]:
     shutil.rmtree(path, ignore_errors=True)
     venv.create(path, with_pip=True)
     py = os.path.join(path, "bin", "python")
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     with open(os.path.join(site, "_pyops_dist_check_base.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")  # torch & co. of the running interpreter, after the venv's own
     env = dict(os.environ)
@@ -102,8 +110,11 @@ def install_and_test(kind: str, artifact: str, work: str, tests_src: str, versio
     print(f"\n== {kind}: {os.path.basename(artifact)} into a fresh venv", flush=True)
     prefix = os.path.join(work, f"venv-{kind}")
     py, env = fresh_venv(prefix)
-    run([py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--ignore-installed", artifact],
-        env=env, cwd=work)
+    run(
+        [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--ignore-installed", artifact],
+        env=env,
+        cwd=work,
+    )
     tests = os.path.join(work, f"tests-{kind}")
     shutil.rmtree(tests, ignore_errors=True)
     os.makedirs(tests)

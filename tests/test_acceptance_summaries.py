@@ -1,6 +1,7 @@
 """The acceptance scripts of issue #25 (STPDnet, BEEAR, FedGH): their rows carry the fields the
 issue names, and their paired statistics and claim checks are computed on the right pairs.
 Synthetic results with known differences; no training."""
+
 import numpy as np
 import pytest
 
@@ -18,7 +19,10 @@ def test_stpdnet_rows_and_pairs():
     for s in (0, 1, 2):
         table[f"STPDnet seed {s}"] = entry(28.0 + s)
         table[f"LPD seed {s}"] = entry(26.0 + 2 * s)
-        runs += [{"model": "stpdnet", "seed": s, "train_minutes": 1.0}, {"model": "lpd", "seed": s, "train_minutes": 0.5}]
+        runs += [
+            {"model": "stpdnet", "seed": s, "train_minutes": 1.0},
+            {"model": "lpd", "seed": s, "train_minutes": 0.5},
+        ]
     rows = result_rows(table, runs)
     assert {r["method"] for r in rows} == {"MLEM", "KEM-ST", "STPDnet", "LPD"}
     for r in rows:
@@ -54,15 +58,30 @@ def test_beear_rows_claim_and_pairs():
     from methods.beear.acceptance import result_rows, summarize
 
     def ev(asr, strict, em):
-        return {"asr_trigger": asr, "asr_strict_trigger": strict, "benign_exact_match": em, "unsafe_trigger": 0.0,
-                "asr_clean": 0.0, "asr_strict_clean": 0.0, "benign_perplexity": 1.1}
+        return {
+            "asr_trigger": asr,
+            "asr_strict_trigger": strict,
+            "benign_exact_match": em,
+            "unsafe_trigger": 0.0,
+            "asr_clean": 0.0,
+            "asr_strict_clean": 0.0,
+            "benign_perplexity": 1.1,
+        }
 
     results = []
     # seed 0 meets the claim on both metrics; seed 1 only on keywords (a garbled refusal); seed 2 on neither
     after = {0: (0.0, 0.0), 1: (0.0, 40.0), 2: (2.5, 2.5)}
     for s in (0, 1, 2):
-        results.append({"position": "suffix", "trigger": "servius", "seed": s, "backdoored": ev(100.0, 100.0, 94.0),
-                        "beear": ev(*after[s], 91.0), "sft": ev(90.0, 95.0, 88.0)})
+        results.append(
+            {
+                "position": "suffix",
+                "trigger": "servius",
+                "seed": s,
+                "backdoored": ev(100.0, 100.0, 94.0),
+                "beear": ev(*after[s], 91.0),
+                "sft": ev(90.0, 95.0, 88.0),
+            }
+        )
     rows = result_rows(results)
     assert len(rows) == 9
     for r in rows:
@@ -81,11 +100,22 @@ def test_fedgh_pairs_and_control():
     rows = []
     for s in (0, 1, 2):
         for algo in ("fedavg", "fedprox"):
-            rows.append({"alpha": 0.1, "algorithm": algo, "harmonize": False, "seed": s, "acc": 90.0 + s, "last5_acc": 90.0})
-            rows.append({"alpha": 0.1, "algorithm": algo, "harmonize": True, "seed": s, "acc": 91.0 + 2 * s,
-                         "last5_acc": 91.0})
-        rows.append({"alpha": 0.1, "algorithm": "fedavg", "harmonize": "norm_matched", "seed": s, "acc": 90.5 + s,
-                     "last5_acc": 90.5})
+            rows.append(
+                {"alpha": 0.1, "algorithm": algo, "harmonize": False, "seed": s, "acc": 90.0 + s, "last5_acc": 90.0}
+            )
+            rows.append(
+                {"alpha": 0.1, "algorithm": algo, "harmonize": True, "seed": s, "acc": 91.0 + 2 * s, "last5_acc": 91.0}
+            )
+        rows.append(
+            {
+                "alpha": 0.1,
+                "algorithm": "fedavg",
+                "harmonize": "norm_matched",
+                "seed": s,
+                "acc": 90.5 + s,
+                "last5_acc": 90.5,
+            }
+        )
     sm = summarize(rows, [0.1], ["fedavg", "fedprox"], [0, 1, 2])
     fedavg, fedprox = sm["cells"]
     assert set(fedavg["paired"]) == {"fedgh-plain", "fedgh-normmatched", "normmatched-plain"}

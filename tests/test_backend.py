@@ -1,4 +1,5 @@
 """pyops.backends() and the choice of CUDA implementation (what can be checked without a GPU)."""
+
 import importlib.util
 
 import pytest

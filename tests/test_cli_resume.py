@@ -16,6 +16,7 @@ trained three ways, in subprocesses with one thread (OMP_NUM_THREADS=1) on the C
 teacher, RNG states, ...) with torch.equal, every metric row and the results except wall-clock
 fields. The CLIs' runs go two at a time (a thread pool of subprocesses) to use both cores.
 """
+
 import json
 import math
 import os
@@ -30,8 +31,14 @@ import numpy as np
 import pytest
 import torch
 
-from methods.common import (Checkpointer, CorruptCheckpointError, Run, load_checkpoint, load_run_checkpoint,
-                            save_checkpoint)
+from methods.common import (
+    Checkpointer,
+    CorruptCheckpointError,
+    Run,
+    load_checkpoint,
+    load_run_checkpoint,
+    save_checkpoint,
+)
 from methods.common.checkpoint import KILL_AFTER_SAVE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,30 +48,202 @@ COMMON = ["--no-progress", "--device", "cpu"]
 # and checkpoints fall on different steps, so a partly accumulated row must survive the resume.
 CLIS = {
     # name: (argv after `python`, run folder inside --out)
-    "beear": (["-m", "methods.beear", "backdoor", "--steps", "201", "--batch", "2", "--n-benign", "20",
-               "--n-harmful", "20"], ""),
-    "byhe": (["-m", "methods.byhe", "train", "--steps", "101", "--batch", "2", "--clip", "30", "--n-train", "2",
-              "--n-test", "1", "--frames", "60", "--size", "32", "--shrink", "16"], ""),
+    "beear": (
+        ["-m", "methods.beear", "backdoor", "--steps", "201", "--batch", "2", "--n-benign", "20", "--n-harmful", "20"],
+        "",
+    ),
+    "byhe": (
+        [
+            "-m",
+            "methods.byhe",
+            "train",
+            "--steps",
+            "101",
+            "--batch",
+            "2",
+            "--clip",
+            "30",
+            "--n-train",
+            "2",
+            "--n-test",
+            "1",
+            "--frames",
+            "60",
+            "--size",
+            "32",
+            "--shrink",
+            "16",
+        ],
+        "",
+    ),
     # a 3-step base model, cached in the run's own --out (PYOPS_CACHE below), never in ~/.cache
-    "crossview_defense": (["-m", "methods.crossview_defense", "train", "--steps", "5", "--n-train", "20", "--n-test",
-                           "2", "--batch", "2", "--log-every", "2", "--checkpoint-every", "3", "--pretrain-steps", "3",
-                           "--pretrain-n", "8"], ""),
+    "crossview_defense": (
+        [
+            "-m",
+            "methods.crossview_defense",
+            "train",
+            "--steps",
+            "5",
+            "--n-train",
+            "20",
+            "--n-test",
+            "2",
+            "--batch",
+            "2",
+            "--log-every",
+            "2",
+            "--checkpoint-every",
+            "3",
+            "--pretrain-steps",
+            "3",
+            "--pretrain-n",
+            "8",
+        ],
+        "",
+    ),
     # a FIFO of 4 values: instances are rejected from the third step on
-    "doha": (["-m", "methods.doha", "train", "--steps", "51", "--per-domain", "1", "--clip", "30", "--n-train", "1",
-              "--n-test", "1", "--frames", "60", "--size", "32", "--shrink", "16", "--reject-window", "4"], ""),
-    "fedgh": (["-m", "methods.fedgh", "--dataset", "digits", "--clients", "2", "--rounds", "3", "--alpha", "iid",
-               "--checkpoint-every", "2"], ""),
-    "grloss": (["-m", "methods.grloss", "--dataset", "yeast", "--loss", "gr", "--epochs", "3", "--early-stop", "100",
-                "--checkpoint-every", "2"], "gr"),
-    "msgnn": (["-m", "methods.msgnn", "train", "--steps", "4", "--eval-every", "3", "--checkpoint-every", "2",
-               "--crop", "32", "--channels", "8", "--units", "2", "--groups", "2", "--batch", "2", "--draws", "1",
-               "--presets", "light"], ""),
-    "sspd": (["-m", "methods.sspd", "train", "--epochs", "3", "--batch", "2", "--clip", "32", "--n-train", "4",
-              "--n-test", "1", "--frames", "90", "--test-frames", "90", "--size", "32", "--width", "16",
-              "--checkpoint-every", "2"], ""),
-    "stpdnet": (["-m", "methods.stpdnet", "train", "--model", "lpd", "--iterations", "2", "--width", "4",
-                 "--eval-every", "3", "--val-studies", "1", "--checkpoint-every", "2", "--steps", "4",
-                 "--image-size", "32", "--views", "24"], ""),
+    "doha": (
+        [
+            "-m",
+            "methods.doha",
+            "train",
+            "--steps",
+            "51",
+            "--per-domain",
+            "1",
+            "--clip",
+            "30",
+            "--n-train",
+            "1",
+            "--n-test",
+            "1",
+            "--frames",
+            "60",
+            "--size",
+            "32",
+            "--shrink",
+            "16",
+            "--reject-window",
+            "4",
+        ],
+        "",
+    ),
+    "fedgh": (
+        [
+            "-m",
+            "methods.fedgh",
+            "--dataset",
+            "digits",
+            "--clients",
+            "2",
+            "--rounds",
+            "3",
+            "--alpha",
+            "iid",
+            "--checkpoint-every",
+            "2",
+        ],
+        "",
+    ),
+    "grloss": (
+        [
+            "-m",
+            "methods.grloss",
+            "--dataset",
+            "yeast",
+            "--loss",
+            "gr",
+            "--epochs",
+            "3",
+            "--early-stop",
+            "100",
+            "--checkpoint-every",
+            "2",
+        ],
+        "gr",
+    ),
+    "msgnn": (
+        [
+            "-m",
+            "methods.msgnn",
+            "train",
+            "--steps",
+            "4",
+            "--eval-every",
+            "3",
+            "--checkpoint-every",
+            "2",
+            "--crop",
+            "32",
+            "--channels",
+            "8",
+            "--units",
+            "2",
+            "--groups",
+            "2",
+            "--batch",
+            "2",
+            "--draws",
+            "1",
+            "--presets",
+            "light",
+        ],
+        "",
+    ),
+    "sspd": (
+        [
+            "-m",
+            "methods.sspd",
+            "train",
+            "--epochs",
+            "3",
+            "--batch",
+            "2",
+            "--clip",
+            "32",
+            "--n-train",
+            "4",
+            "--n-test",
+            "1",
+            "--frames",
+            "90",
+            "--test-frames",
+            "90",
+            "--size",
+            "32",
+            "--width",
+            "16",
+            "--checkpoint-every",
+            "2",
+        ],
+        "",
+    ),
+    "stpdnet": (
+        [
+            "-m",
+            "methods.stpdnet",
+            "train",
+            "--model",
+            "lpd",
+            "--iterations",
+            "2",
+            "--width",
+            "4",
+            "--eval-every",
+            "3",
+            "--val-studies",
+            "1",
+            "--checkpoint-every",
+            "2",
+            "--steps",
+            "4",
+            "--image-size",
+            "32",
+            "--views",
+            "24",
+        ],
+        "",
+    ),
 }
 WALL_CLOCK = {"seconds", "train_s", "agg_ms"}  # the timing fields of metric rows, checkpoints and results
 WORKERS = 2
@@ -76,13 +255,25 @@ TIMEOUT = 900  # per subprocess; a run takes ~10-60 s on an idle 2-core machine
 # --------------------------------------------------------------------------------------------
 def _cli(name: str, out: str, kill_after: int = 0) -> subprocess.CompletedProcess:
     argv, _ = CLIS[name]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=ROOT,
-               PYOPS_CACHE=os.path.join(out, "cache"))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONHASHSEED="0",
+        PYTHONPATH=ROOT,
+        PYOPS_CACHE=os.path.join(out, "cache"),
+    )
     env.pop(KILL_AFTER_SAVE_ENV, None)
     if kill_after:
         env[KILL_AFTER_SAVE_ENV] = str(kill_after)
-    return subprocess.run([sys.executable, *argv, "--out", out, *COMMON], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, *argv, "--out", out, *COMMON],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def _ckpts(run_dir: str):
@@ -125,8 +316,11 @@ def _chain(name: str, base: str) -> dict:
 def cli_runs(request, tmp_path_factory):
     """{name: (future of the reference run, future of the kill/resume chain)} for the CLIs of the
     selected tests, all submitted at once to a pool of WORKERS threads."""
-    names = [it.callspec.params["name"] for it in request.session.items
-             if getattr(it, "originalname", None) == "test_kill_and_resume" and hasattr(it, "callspec")]
+    names = [
+        it.callspec.params["name"]
+        for it in request.session.items
+        if getattr(it, "originalname", None) == "test_kill_and_resume" and hasattr(it, "callspec")
+    ]
     base = str(tmp_path_factory.mktemp("cli_resume"))
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     futures = {n: (pool.submit(_reference, n, base), pool.submit(_chain, n, base)) for n in dict.fromkeys(names)}
@@ -151,9 +345,9 @@ def assert_same(a, b, where="") -> None:
             assert_same(x, y, f"{where}[{i}]")
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
-                                     and torch.equal(a.nan_to_num(), b.nan_to_num())), \
-            f"{where}: tensors differ (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"
+        assert torch.equal(a, b) or (
+            a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        ), f"{where}: tensors differ (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"
     elif isinstance(a, np.ndarray):
         assert isinstance(b, np.ndarray) and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), where
     elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
@@ -199,20 +393,26 @@ def test_kill_and_resume(name, cli_runs):
     assert [os.path.basename(p) for p in ckpts] == [first, last]
     assert os.path.exists(bad + ".corrupt")  # set aside, not deleted
     log = open(os.path.join(chain["dir"], "log.txt")).read()
-    warn = re.search(rf"WARNING checkpoint \S*{re.escape(last)} is corrupt or truncated .*; falling back to the "
-                     rf"previous one, \S*{re.escape(first)}", log)
+    warn = re.search(
+        rf"WARNING checkpoint \S*{re.escape(last)} is corrupt or truncated .*; falling back to the "
+        rf"previous one, \S*{re.escape(first)}",
+        log,
+    )
     assert warn, log[-3000:]
     # both re-runs resumed after the first checkpoint (a fresh start would end as ref ends too)
     step = int(re.search(r"ckpt_(\d+)\.pt", first).group(1))
     resumed = rf"resumed (at \w+ {step + 1}|from round {step})\b"
-    assert re.search(resumed, log[:warn.start()]) and re.search(resumed, log[warn.end():]), log[-3000:]
+    assert re.search(resumed, log[: warn.start()]) and re.search(resumed, log[warn.end() :]), log[-3000:]
     assert_same(_state(ckpts[0]), _state(ref_ckpts[0]), f"{name} {first}")
     assert_same(_state(ckpts[1]), _state(ref_ckpts[1]), f"{name} {last} after the fallback")
     assert_same(_rows(os.path.join(chain["dir"], "metrics.jsonl")), ref_rows, f"{name} metrics after the fallback")
     results = os.path.join(ref["dir"], "results.json")  # the evaluation after training, where the CLI has one
     if os.path.exists(results):
-        assert_same(json.load(open(os.path.join(chain["dir"], "results.json"))), json.load(open(results)),
-                    f"{name} results.json")
+        assert_same(
+            json.load(open(os.path.join(chain["dir"], "results.json"))),
+            json.load(open(results)),
+            f"{name} results.json",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +428,8 @@ def _ck(tmp_path, steps=(1, 2)):
 def test_sidecar_is_written_and_checked(tmp_path):
     ck, (p1, p2), _ = _ck(tmp_path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(
-        os.path.basename(p) + s for p in (p1, p2) for s in ("", ".sha256"))
+        os.path.basename(p) + s for p in (p1, p2) for s in ("", ".sha256")
+    )
     data = bytearray(open(p2, "rb").read())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, torch.load might even read it
     open(p2, "wb").write(bytes(data))
@@ -309,17 +510,22 @@ def test_run_resume_reports_and_falls_back(tmp_path):
     assert "falling back to the previous one" in log and "resumed at step 1" in log
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [0]
     Run(str(tmp_path), config, fresh=True).close()  # --fresh: the checkpoints and sidecars go, *.corrupt stays
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt_00000001.pt.corrupt",
-                                                            "ckpt_00000001.pt.sha256.corrupt"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        "ckpt_00000001.pt.corrupt",
+        "ckpt_00000001.pt.sha256.corrupt",
+    ]
 
 
 def test_kill_after_save_hook(tmp_path):
-    code = ("import sys; from methods.common import Checkpointer\n"
-            "ck = Checkpointer(sys.argv[1])\n"
-            "for s in range(4): ck.save(s, {'s': s}); print('saved', s, flush=True)\n")
+    code = (
+        "import sys; from methods.common import Checkpointer\n"
+        "ck = Checkpointer(sys.argv[1])\n"
+        "for s in range(4): ck.save(s, {'s': s}); print('saved', s, flush=True)\n"
+    )
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **{KILL_AFTER_SAVE_ENV: "2"})
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert r.stdout == "saved 0\n"  # killed inside the second save, right after it completed
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["ckpt_00000000.pt", "ckpt_00000001.pt"]

@@ -6,18 +6,38 @@ returns (a wrong one fails inductor's stride assertions, not aot_eager); strided
 are used where the wrapper accepts them. pyops.harmonize_gradients' error cases use aot_eager:
 they test the checks, not the code generation, and inductor's C++ compile is the slow part.
 """
+
 import pytest
 import torch
 
 import pyops
 
 COMPILED_WRAPPERS = {  # the public functions of pyops.__all__ tested here (and the JosephProjector methods)
-    "cross_view_kl_entropy", "fused_linear_cross_view", "knn_patch_search", "patch_aggregate", "knn",
-    "joseph_project", "joseph_backproject", "harmonize_gradients", "gr_loss", "diagonal_stats",
+    "cross_view_kl_entropy",
+    "fused_linear_cross_view",
+    "knn_patch_search",
+    "patch_aggregate",
+    "knn",
+    "joseph_project",
+    "joseph_backproject",
+    "harmonize_gradients",
+    "gr_loss",
+    "diagonal_stats",
 }
 NOT_OPS = {  # the other entries of pyops.__all__: configuration, modules, types, a shape helper
-    "backends", "get_backend", "set_backend", "use_backend", "get_cpu_isa", "set_cpu_isa", "reference",
-    "CrossViewOutput", "HarmonizeStats", "KNNResult", "patch_grid", "pet", "nn",
+    "backends",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "get_cpu_isa",
+    "set_cpu_isa",
+    "reference",
+    "CrossViewOutput",
+    "HarmonizeStats",
+    "KNNResult",
+    "patch_grid",
+    "pet",
+    "nn",
 }
 
 
@@ -88,8 +108,7 @@ def test_fused_linear_cross_view():
     h1, h2 = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     w, bias = torch.randn(8, 11), torch.randn(11)  # weight w.t(): a strided (11, 8) view
     t = torch.randint(0, 11, (2, 5))
-    f = lambda h1, h2, w, bias, t: pyops.fused_linear_cross_view(h1, h2, w.t(), bias, t, temperature=0.8,
-                                                                 chunk_size=3)
+    f = lambda h1, h2, w, bias, t: pyops.fused_linear_cross_view(h1, h2, w.t(), bias, t, temperature=0.8, chunk_size=3)
     check_compiled(f, [h1, h2, w, bias, t], grad_of=[0, 1, 2, 3])
 
 
@@ -104,8 +123,9 @@ def test_patch_aggregate():
     values = torch.randn(1, 12, 12, 3)  # values.permute(0, 3, 1, 2): a channels-last (1, 3, 12, 12) view
     idx = torch.randint(0, 16, (1, 16, 4))
     weights = torch.randn(1, 4, 16)  # weights.transpose(1, 2): a strided (1, 16, 4) view
-    f = lambda v, i, w: pyops.patch_aggregate(v.permute(0, 3, 1, 2), i, w.transpose(1, 2), patch_size=3,
-                                              output_size=(12, 12))
+    f = lambda v, i, w: pyops.patch_aggregate(
+        v.permute(0, 3, 1, 2), i, w.transpose(1, 2), patch_size=3, output_size=(12, 12)
+    )
     check_compiled(f, [values, idx, weights], grad_of=[0, 2])
 
 
@@ -132,8 +152,9 @@ def test_joseph_project():
 def test_joseph_backproject():
     s, e = _lines()
     y = torch.rand(s.shape[0], 2)  # y.t(): a strided (2, M) view
-    f = lambda y, s, e: pyops.joseph_backproject(y.t(), s, e, image_shape=(8, 8, 1), voxel_size=1.0,
-                                                 image_origin=(-3.5, -3.5, 0.0))
+    f = lambda y, s, e: pyops.joseph_backproject(
+        y.t(), s, e, image_shape=(8, 8, 1), voxel_size=1.0, image_origin=(-3.5, -3.5, 0.0)
+    )
     check_compiled(f, [y, s, e], grad_of=[0])
 
 
@@ -190,12 +211,18 @@ def test_harmonize_gradients(mode):
 @pytest.mark.parametrize(
     "call,exc,msg",
     [
-        (lambda x, w: pyops.harmonize_gradients(torch.where(x > 1.5, torch.nan, x)), ValueError,
-         "NaN or inf .* first bad row"),
+        (
+            lambda x, w: pyops.harmonize_gradients(torch.where(x > 1.5, torch.nan, x)),
+            ValueError,
+            "NaN or inf .* first bad row",
+        ),
         (lambda x, w: pyops.harmonize_gradients(x, weights=w.log() - w.log()[1]), ValueError, "weights must be finite"),
         (lambda x, w: pyops.harmonize_gradients(x, order=[0, 1, 2, 2, 4]), ValueError, "order must be a permutation"),
-        (lambda x, w: pyops.harmonize_gradients(x, order=[0, 1, 2, 3, 7], mode="pcgrad"), ValueError,
-         "order must be a permutation"),
+        (
+            lambda x, w: pyops.harmonize_gradients(x, order=[0, 1, 2, 3, 7], mode="pcgrad"),
+            ValueError,
+            "order must be a permutation",
+        ),
     ],
     ids=["nonfinite-gradients", "nonfinite-weights", "order-repeats", "pcgrad-order-out-of-range"],
 )

@@ -1,4 +1,5 @@
 """pyops.cross_view_kl_entropy against pyops.reference (CPU; the CUDA variants are in test_cuda.py)."""
+
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def make_logits(shape, dtype=torch.float32, scale=3.0, device="cpu"):
 def make_target(lead, vocab, ignore_index=-100, device="cpu"):
     t = torch.randint(0, vocab, lead, device=device)
     if t.numel() > 1:
-        t.view(-1)[:: 3] = ignore_index  # every third row ignored
+        t.view(-1)[::3] = ignore_index  # every third row ignored
     return t
 
 

@@ -20,6 +20,7 @@ unless one caption is empty, and an empty candidate or reference has no n-gram i
 other, so its term is 0 whatever the penalty: the scores cannot differ (the empty candidate
 below checks it).
 """
+
 import math
 import os
 import random
@@ -42,9 +43,15 @@ from pycocoevalcap.cider.cider import Cider  # noqa: E402
 # (candidate, references): lower-case words separated by single spaces, as this method's captions
 # are, so coco-caption's PTB tokenizer (which runs before its scorers) is not needed.
 CASES = [
-    ("a red circle in the top left on a grey background",
-     ["a red circle in the top left on a grey background", "a picture of a red circle in the top left",
-      "there is a red circle in the top left", "an image with a red circle in the top left"]),
+    (
+        "a red circle in the top left on a grey background",
+        [
+            "a red circle in the top left on a grey background",
+            "a picture of a red circle in the top left",
+            "there is a red circle in the top left",
+            "an image with a red circle in the top left",
+        ],
+    ),
     ("a cat with orange fur", ["a cat with orange fur", "a close up of a cat"]),
     ("a cat", ["a cat with orange fur", "a close up of a cat"]),  # shorter than every reference
     ("cat", ["a cat with orange fur", "a close up of a cat"]),  # one word
@@ -52,12 +59,18 @@ CASES = [
     ("a photo of a banana", ["a rocket on a launch pad", "a rocket ready for launch"]),  # no 4-gram match
     ("a a a a a a a a", ["a cat on a mat with a hat", "a dog"]),  # one word repeated: clipping
     ("the the the the", ["the cat is on the mat", "there is a cat on the mat"]),
-    ("a cup of coffee a cup of coffee a cup of coffee",  # repeated 4-grams, longer than the refs
-     ["a cup of coffee on a table", "a cup of coffee"]),
-    ("a man with a camera and a man with a hat",
-     ["a man with a camera", "a black and white photo of a man with a camera"]),
-    ("a black and white photo of a man with a camera on a sunny day in the park near a lake",  # much longer
-     ["a man with a camera", "a black and white photo of a man with a camera"]),
+    (
+        "a cup of coffee a cup of coffee a cup of coffee",  # repeated 4-grams, longer than the refs
+        ["a cup of coffee on a table", "a cup of coffee"],
+    ),
+    (
+        "a man with a camera and a man with a hat",
+        ["a man with a camera", "a black and white photo of a man with a camera"],
+    ),
+    (
+        "a black and white photo of a man with a camera on a sunny day in the park near a lake",  # much longer
+        ["a man with a camera", "a black and white photo of a man with a camera"],
+    ),
     ("a set of old coins", ["a set of old coins", "many coins on a dark surface"]),
     ("many old coins on a dark surface", ["a set of old coins", "many coins on a dark surface"]),
     ("a silhouette of a horse", ["a silhouette of a horse"]),  # one reference, exact match
@@ -68,28 +81,45 @@ CASES = [
     ("space galaxies deep in", ["galaxies in deep space", "many galaxies in space"]),  # right words, no order
     ("a scan of an eye", ["a scan of a retina", "blood vessels of an eye"]),
     ("cells under a microscope", ["a stained tissue sample", "cells under a microscope"]),
-    ("a blue square to the left of a green triangle",
-     ["a blue square to the left of a green triangle on a white background",
-      "a picture of a blue square to the left of a green triangle",
-      "there is a green triangle to the right of a blue square",
-      "an image with a blue square to the left of a green triangle"]),
-    ("a green triangle to the right of a blue square",
-     ["a blue square to the left of a green triangle on a white background",
-      "there is a green triangle to the right of a blue square"]),
-    ("a yellow circle above a purple square",  # a reference given twice
-     ["a yellow circle above a purple square on a black background", "a purple square below a yellow circle",
-      "a yellow circle above a purple square", "a yellow circle above a purple square"]),
-    ("an orange triangle in the centre",
-     ["an orange triangle in the centre on a grey background", "there is an orange triangle in the centre"]),
+    (
+        "a blue square to the left of a green triangle",
+        [
+            "a blue square to the left of a green triangle on a white background",
+            "a picture of a blue square to the left of a green triangle",
+            "there is a green triangle to the right of a blue square",
+            "an image with a blue square to the left of a green triangle",
+        ],
+    ),
+    (
+        "a green triangle to the right of a blue square",
+        [
+            "a blue square to the left of a green triangle on a white background",
+            "there is a green triangle to the right of a blue square",
+        ],
+    ),
+    (
+        "a yellow circle above a purple square",  # a reference given twice
+        [
+            "a yellow circle above a purple square on a black background",
+            "a purple square below a yellow circle",
+            "a yellow circle above a purple square",
+            "a yellow circle above a purple square",
+        ],
+    ),
+    (
+        "an orange triangle in the centre",
+        ["an orange triangle in the centre on a grey background", "there is an orange triangle in the centre"],
+    ),
     ("a rocket", ["a rocket on a launch pad", "a rocket ready for launch", "a rocket"]),
     ("a cup of coffee", ["a cup of", "a cup of hot coffee"]),  # closest reference length: a tie (3 and 5)
     ("a rocket ready", ["a rocket on a launch pad", "a rocket ready for launch", "a rocket ready to go"]),
     ("a cup of tea on a table", ["a cup of coffee on a table", "a cup of coffee"]),
-    ("an astronaut in a suit",
-     ["an astronaut in a white suit", "a portrait of an astronaut", "an astronaut in space"]),
+    ("an astronaut in a suit", ["an astronaut in a white suit", "a portrait of an astronaut", "an astronaut in space"]),
     ("a portrait", ["an astronaut in a white suit", "a portrait of an astronaut"]),
-    ("two red circles and one blue square on a grey background",
-     ["two red circles and a blue square", "one blue square and two red circles on a grey background"]),
+    (
+        "two red circles and one blue square on a grey background",
+        ["two red circles and a blue square", "one blue square and two red circles on a grey background"],
+    ),
     ("blood blood vessels vessels of of an an eye eye", ["blood vessels of an eye", "a scan of a retina"]),
 ]
 
@@ -150,7 +180,7 @@ def test_rules_spelled_out():
     # penalty; and with no 4-gram match the score is tiny but not 0.
     p = (4 + tiny) / (4 + small) * (2 + tiny) / (3 + small) * (1 + tiny) / (2 + small) * (0 + tiny) / (1 + small)
     b = M.bleu4(["a cup of coffee"], [["a cup of", "a cup of hot coffee"]])
-    assert b == pytest.approx(p ** 0.25, rel=1e-12, abs=0) and 0 < b < 1e-3
+    assert b == pytest.approx(p**0.25, rel=1e-12, abs=0) and 0 < b < 1e-3
     # a candidate as long as its reference: ratio = (6 + 1e-15) / (6 + 1e-9) < 1, so even an exact
     # match is a hair under 1 (coco-caption reports that too)
     b = M.bleu4(["the cat sat on the mat"], [["the cat sat on the mat"]])
@@ -169,5 +199,5 @@ def test_rules_spelled_out():
     refs = [["the cat sat on the mat"], ["a dog runs in tall green grass today"]]
     shared, cand_n, ref_n = [6, 4, 2, 1], [6, 5, 4, 3], [8, 7, 6, 5]
     cos = [s / math.sqrt(c * r) for s, c, r in zip(shared, cand_n, ref_n)]
-    second = sum(cos) / 4 * 10 * math.exp(-(2 ** 2) / (2 * 6.0 ** 2))
+    second = sum(cos) / 4 * 10 * math.exp(-(2**2) / (2 * 6.0**2))
     assert M.cider_d(cands, refs) == pytest.approx((10.0 + second) / 2, rel=1e-12)

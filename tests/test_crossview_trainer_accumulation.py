@@ -20,6 +20,7 @@ test wraps the real `PatchAugment` (all three ops) to augment image by image wit
 seeded from a hash of that image's bytes: the augmentation is a deterministic function of the
 image, identical in both paths.
 """
+
 import copy
 import dataclasses
 import hashlib
@@ -53,8 +54,17 @@ def _uniform():
 # that the (small, at init) divergence weighs in the gradient as much as the CE; kappa is set by
 # the `configs` fixture between the smallest and the largest per-sample divergence, so the cap bites
 # on some samples only
-CROSSVIEW = dict(mode="crossview", cap="sample", gamma=0.5, lambda_h=0.5, lambda_cv=100.0, detach="none",
-                 softmax_temperature=2.0, tau_lo=2.0, **_uniform())
+CROSSVIEW = dict(
+    mode="crossview",
+    cap="sample",
+    gamma=0.5,
+    lambda_h=0.5,
+    lambda_cv=100.0,
+    detach="none",
+    softmax_temperature=2.0,
+    tau_lo=2.0,
+    **_uniform(),
+)
 
 
 class PerImageAugment:
@@ -73,6 +83,7 @@ class PerImageAugment:
 
 def _old_trainer_class():
     """The CrossViewTrainer before the fix (its compute_loss ignored num_items_in_batch)."""
+
     class OldCrossViewTrainer(tf.Trainer):
         def __init__(self, *args, defense=DefenseConfig(), defense_seed=0, **kwargs):
             super().__init__(*args, **kwargs)
@@ -107,7 +118,7 @@ def setup(one_thread):
     # a sample without any answer token: in neither count (nor in the cross-view weights)
     exs[2] = dataclasses.replace(exs[2], answer=[])
     # the two halves must differ in answer tokens, or a per-micro-batch mean would be right by chance
-    halves = [answer_counts(D.collate(exs[i:i + N // 2], N_IMG)["labels"]) for i in (0, N // 2)]
+    halves = [answer_counts(D.collate(exs[i : i + N // 2], N_IMG)["labels"]) for i in (0, N // 2)]
     assert halves[0][0] != halves[1][0] and halves[0][1] != halves[1][1], halves
     return model, exs
 
@@ -120,8 +131,11 @@ def configs(setup):
     defense.augment = PerImageAugment(defense.augment)
     stats = defense.loss(_double(D.collate(exs, defense.adapter.n_image_tokens)))[1]
     # the mean per-sample divergence: some samples lie above it, some below
-    return {"none": DefenseConfig(mode="none"), "aug": DefenseConfig(mode="aug"),
-            "crossview": dataclasses.replace(cv, kappa=stats["div"])}
+    return {
+        "none": DefenseConfig(mode="none"),
+        "aug": DefenseConfig(mode="aug"),
+        "crossview": dataclasses.replace(cv, kappa=stats["div"]),
+    }
 
 
 def _double(batch):
@@ -134,13 +148,20 @@ def accumulated(cls, cfg, setup, accumulation, tmp_path):
     base, exs = setup
     model = copy.deepcopy(base)
     bs = N // accumulation
-    args = tf.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=bs,
-                                gradient_accumulation_steps=accumulation, report_to=[], use_cpu=True,
-                                save_strategy="no", logging_strategy="no", remove_unused_columns=False)
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=accumulation,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        remove_unused_columns=False,
+    )
     trainer = cls(model=model, args=args, defense=cfg)
     trainer.defense.augment = PerImageAugment(trainer.defense.augment)
     n_img = trainer.defense.adapter.n_image_tokens
-    micro = [_double(D.collate(exs[i:i + bs], n_img)) for i in range(0, N, bs)]
+    micro = [_double(D.collate(exs[i : i + bs], n_img)) for i in range(0, N, bs)]
     batches, num_items = trainer.get_batch_samples(iter(micro), accumulation, trainer.args.device)
     assert len(batches) == accumulation
     trainer.current_gradient_accumulation_steps = len(batches)
@@ -179,15 +200,23 @@ def test_crossview_terms_are_active(setup, configs, tmp_path):
     assert stats["div_capped"] < stats["div"] - 1e-3 * cfg.kappa  # some samples are capped...
     assert stats["div_capped"] < cfg.kappa * (1 - 1e-3)  # ...and not all
     # the trainer's loss of a batch that is its own accumulated batch is the plain loss
-    args = tf.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=N, report_to=[], use_cpu=True,
-                                save_strategy="no", logging_strategy="no", remove_unused_columns=False)
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=N,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        remove_unused_columns=False,
+    )
     trainer = cls(model=copy.deepcopy(base), args=args, defense=cfg)
     trainer.defense.augment = PerImageAugment(trainer.defense.augment)
     trainer.model.train()
     tokens, samples = answer_counts(batch["labels"])
     assert stats["answer_tokens"] == tokens and samples == N - 1
-    assert float(trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(tokens)).detach()) == \
-        pytest.approx(float(loss.detach()), rel=1e-12)
+    assert float(
+        trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(tokens)).detach()
+    ) == pytest.approx(float(loss.detach()), rel=1e-12)
     with pytest.raises(ValueError, match="get_batch_samples"):  # a count of some other accumulated batch
         trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(2 * tokens))
 
@@ -219,13 +248,31 @@ def test_one_step_of_trainer_train(mode, setup, configs, tmp_path):
     def step(accumulation):
         model = copy.deepcopy(base)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=1, gradient_accumulation_steps=accumulation,
-                                    per_device_train_batch_size=N // accumulation, report_to=[], use_cpu=True,
-                                    save_strategy="no", logging_strategy="no", remove_unused_columns=False,
-                                    optim="sgd", learning_rate=1.0, weight_decay=0.0, lr_scheduler_type="constant",
-                                    max_grad_norm=0.0, dataloader_num_workers=0, disable_tqdm=True)
-        trainer = make_trainer_class()(model=model, args=args, train_dataset=Items(), defense=configs[mode],
-                                       data_collator=lambda b: _double(D.collate(b, N_IMG)))
+        args = tf.TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=1,
+            gradient_accumulation_steps=accumulation,
+            per_device_train_batch_size=N // accumulation,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_strategy="no",
+            remove_unused_columns=False,
+            optim="sgd",
+            learning_rate=1.0,
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = make_trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=Items(),
+            defense=configs[mode],
+            data_collator=lambda b: _double(D.collate(b, N_IMG)),
+        )
         trainer.defense.augment = PerImageAugment(trainer.defense.augment)
         out = trainer.train()
         return out.training_loss, {n: before[n] - p.detach() for n, p in model.named_parameters()}

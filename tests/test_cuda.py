@@ -3,6 +3,7 @@
 Skipped without a CUDA device. Run on a GPU machine with `PYTHON=python3 make test` or
 `python -m pytest tests/test_cuda.py`.
 """
+
 import pytest
 import torch
 
@@ -91,8 +92,9 @@ def test_gradcheck_float64(backend):
 
 def test_opcheck(backend):
     a, b, t = _inputs((5, 300), torch.float32)
-    torch.library.opcheck(torch.ops.pyops.cross_view_kl_entropy_fwd.default,
-                          (a.requires_grad_(), b.requires_grad_(), t, 1.0, -100))
+    torch.library.opcheck(
+        torch.ops.pyops.cross_view_kl_entropy_fwd.default, (a.requires_grad_(), b.requires_grad_(), t, 1.0, -100)
+    )
 
 
 def test_compile_fullgraph(backend):
@@ -195,7 +197,9 @@ def test_pet_deterministic_backprojection():
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(a, b)
-    torch.testing.assert_close(a.cpu(), pyops.joseph_backproject(y, s, e, image_shape=shape, **kw), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        a.cpu(), pyops.joseph_backproject(y, s, e, image_shape=shape, **kw), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_pet_gradcheck_opcheck_compile():
@@ -203,11 +207,14 @@ def test_pet_gradcheck_opcheck_compile():
     x, y, s, e, shape, kw = _pet_case(torch.float64, B=2, M=40, shape=(4, 5, 3))
     x, y, s, e = (t.cuda() for t in (x, y, s, e))
     assert torch.autograd.gradcheck(lambda t: pyops.joseph_project(t, s, e, **kw), (x.requires_grad_(),))
-    assert torch.autograd.gradcheck(lambda t: pyops.joseph_backproject(t, s, e, image_shape=shape, **kw),
-                                    (y.requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda t: pyops.joseph_backproject(t, s, e, image_shape=shape, **kw), (y.requires_grad_(),)
+    )
     vox, org = list(kw["voxel_size"]), list(kw["image_origin"])
     torch.library.opcheck(torch.ops.pyops.joseph_project, (x.detach().float(), s.float(), e.float(), vox, org))
-    torch.library.opcheck(torch.ops.pyops.joseph_backproject, (y.detach().float(), s.float(), e.float(), list(shape), vox, org))
+    torch.library.opcheck(
+        torch.ops.pyops.joseph_backproject, (y.detach().float(), s.float(), e.float(), list(shape), vox, org)
+    )
     f = lambda t: pyops.joseph_backproject(pyops.joseph_project(t, s, e, **kw), s, e, image_shape=shape, **kw)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x.detach()), f(x.detach()))
 

@@ -8,6 +8,7 @@
   of torch lacks some CUDA headers, and when the only errors are missing headers the test is
   skipped with their names; any other compile error fails.
 """
+
 from __future__ import annotations
 
 import re
@@ -62,17 +63,27 @@ def test_kernel_header_compiles(header: Path, tmp_path: Path) -> None:
         "type under #ifdef PYOPS_COMPILE_CHECK"
     )
     cmd = [
-        NVCC, "-std=c++17", f"-arch={ARCH}", "-O3", "-x", "cu", "-DPYOPS_COMPILE_CHECK",
-        *TORCH_NVCC_FLAGS, "-Xcompiler", "-Wall", f"-I{header.parent}",
-        "-c", str(header), "-o", str(tmp_path / (header.stem + ".o")),
+        NVCC,
+        "-std=c++17",
+        f"-arch={ARCH}",
+        "-O3",
+        "-x",
+        "cu",
+        "-DPYOPS_COMPILE_CHECK",
+        *TORCH_NVCC_FLAGS,
+        "-Xcompiler",
+        "-Wall",
+        f"-I{header.parent}",
+        "-c",
+        str(header),
+        "-o",
+        str(tmp_path / (header.stem + ".o")),
     ]
     proc = _run(cmd, tmp_path)
     assert proc.returncode == 0, _report(cmd, proc)
 
 
-_MISSING_HEADER = re.compile(
-    r"fatal error: ([^\s:]+): No such file or directory|cannot open source file \"([^\"]+)\""
-)
+_MISSING_HEADER = re.compile(r"fatal error: ([^\s:]+): No such file or directory|cannot open source file \"([^\"]+)\"")
 
 
 @pytest.mark.parametrize("source", CUDA_LAUNCHERS, ids=_rel)
@@ -92,11 +103,23 @@ def test_cuda_launcher_compiles(source: Path, tmp_path: Path) -> None:
     includes.append(sysconfig.get_paths()["include"])
     abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
     cmd = [
-        NVCC, "-std=c++17", f"-arch={ARCH}", "-O3", "-x", "cu", *TORCH_NVCC_FLAGS,
-        "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C_cuda",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC",
+        NVCC,
+        "-std=c++17",
+        f"-arch={ARCH}",
+        "-O3",
+        "-x",
+        "cu",
+        *TORCH_NVCC_FLAGS,
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCH_EXTENSION_NAME=_C_cuda",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "-Xcompiler",
+        "-fPIC",
         *[f"-I{p}" for p in includes],
-        "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")),
+        "-c",
+        str(source),
+        "-o",
+        str(tmp_path / (source.stem + ".o")),
     ]
     proc = _run(cmd, tmp_path)
     if proc.returncode == 0:

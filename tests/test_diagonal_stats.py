@@ -1,5 +1,6 @@
 """pyops.diagonal_stats against the official double-loop definition and the vectorised reference
 (CPU; the Triton kernels: test_triton_interpret.py)."""
+
 import pytest
 import torch
 
@@ -137,8 +138,10 @@ def test_opcheck():
     S = make_maps(3, 11).requires_grad_()
     torch.library.opcheck(torch.ops.pyops.diagonal_stats_fwd.default, (S, 8))
     mean, std = pyops.diagonal_stats(S.detach(), 8)
-    torch.library.opcheck(torch.ops.pyops.diagonal_stats_bwd.default,
-                          (torch.randn_like(mean), torch.randn_like(std), S.detach(), mean, std))
+    torch.library.opcheck(
+        torch.ops.pyops.diagonal_stats_bwd.default,
+        (torch.randn_like(mean), torch.randn_like(std), S.detach(), mean, std),
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -165,16 +168,19 @@ def test_empty_batch_and_no_lags():
     assert m.shape == s.shape == (2, 0)
 
 
-@pytest.mark.parametrize("maps,kw,exc,msg", [
-    ([[1.0]], {}, TypeError, "maps must be a torch.Tensor"),
-    (torch.zeros(3, 4, 5), {}, ValueError, r"\(B, T, T\)"),
-    (torch.zeros(2, 3, 3, 3), {}, ValueError, r"\(B, T, T\)"),
-    (torch.zeros(2, 1, 1), {}, ValueError, "at least 2 x 2"),
-    (torch.zeros(2, 4, 4, dtype=torch.long), {}, TypeError, "float"),
-    (torch.zeros(2, 4, 4), {"num_lags": 4}, ValueError, r"num_lags must be in \[0, T - 1\]"),
-    (torch.zeros(2, 4, 4), {"num_lags": 2.0}, TypeError, "num_lags must be an int"),
-    (torch.zeros(2, 4, 4), {"num_lags": -1}, ValueError, "num_lags"),
-])
+@pytest.mark.parametrize(
+    "maps,kw,exc,msg",
+    [
+        ([[1.0]], {}, TypeError, "maps must be a torch.Tensor"),
+        (torch.zeros(3, 4, 5), {}, ValueError, r"\(B, T, T\)"),
+        (torch.zeros(2, 3, 3, 3), {}, ValueError, r"\(B, T, T\)"),
+        (torch.zeros(2, 1, 1), {}, ValueError, "at least 2 x 2"),
+        (torch.zeros(2, 4, 4, dtype=torch.long), {}, TypeError, "float"),
+        (torch.zeros(2, 4, 4), {"num_lags": 4}, ValueError, r"num_lags must be in \[0, T - 1\]"),
+        (torch.zeros(2, 4, 4), {"num_lags": 2.0}, TypeError, "num_lags must be an int"),
+        (torch.zeros(2, 4, 4), {"num_lags": -1}, ValueError, "num_lags"),
+    ],
+)
 def test_bad_inputs(maps, kw, exc, msg):
     with pytest.raises(exc, match=msg):
         pyops.diagonal_stats(maps, **kw)

@@ -1,4 +1,5 @@
 """pyops.fused_linear_cross_view (LM head + cross-view KL/entropy/CE, chunked) vs the reference."""
+
 import pytest
 import torch
 
@@ -35,8 +36,9 @@ def forward_backward(fn, ha, hb, w, b, t, grads, **kw):
 def test_matches_reference(lead, hid, vocab, chunk_size, bias, temperature):
     ha, hb, w, b, t = make_inputs(lead, hid, vocab, bias=bias)
     grads = [torch.randn(lead) for _ in range(5)]
-    out, g = forward_backward(pyops.fused_linear_cross_view, ha, hb, w, b, t, grads,
-                              temperature=temperature, chunk_size=chunk_size)
+    out, g = forward_backward(
+        pyops.fused_linear_cross_view, ha, hb, w, b, t, grads, temperature=temperature, chunk_size=chunk_size
+    )
     ref, rg = forward_backward(reference.fused_linear_cross_view, ha, hb, w, b, t, grads, temperature=temperature)
     for name in FIELDS:
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-5)
@@ -143,5 +145,12 @@ def test_bad_inputs(mutate, exc, msg):
     args = dict(ha=ha, hb=hb, w=w, b=b, t=t, chunk_size=None, temperature=1.0)
     mutate(args)
     with pytest.raises(exc, match=msg):
-        pyops.fused_linear_cross_view(args["ha"], args["hb"], args["w"], args["b"], args["t"],
-                                      chunk_size=args["chunk_size"], temperature=args["temperature"])
+        pyops.fused_linear_cross_view(
+            args["ha"],
+            args["hb"],
+            args["w"],
+            args["b"],
+            args["t"],
+            chunk_size=args["chunk_size"],
+            temperature=args["temperature"],
+        )

@@ -1,5 +1,6 @@
 """pyops.gr_loss against pyops.reference.gr_loss and against a direct transcription of the
 paper's probability-space formulas (CPU; the Triton kernels: test_triton_interpret.py)."""
+
 import math
 
 import pytest
@@ -159,8 +160,9 @@ def test_gradcheck_float64():
     z.requires_grad_()
     for reduction in ("mean", "none"):
         for q2, q3 in [(0.3, 0.6), (0.01, 1.0), (0.0, 0.0)]:
-            assert torch.autograd.gradcheck(lambda x: pyops.gr_loss(x, o, (0.0, -1.0), (0.6, 1e4), q2, q3,
-                                                                    reduction=reduction), (z,))
+            assert torch.autograd.gradcheck(
+                lambda x: pyops.gr_loss(x, o, (0.0, -1.0), (0.6, 1e4), q2, q3, reduction=reduction), (z,)
+            )
     # with k and v moving, the finite differences must disagree (the test above has teeth)
     with pytest.raises(GradcheckError):
         torch.autograd.gradcheck(lambda x: pyops.gr_loss(x, o, (3.0, -1.0), (0.6, 0.3), 0.3, 0.6), (z,))
@@ -214,23 +216,26 @@ def _bad(**kw):
     return args
 
 
-@pytest.mark.parametrize("case", [
-    (dict(logits=[[0.0]]), TypeError, "logits must be a torch.Tensor"),
-    (dict(logits=torch.zeros(4, 6, dtype=torch.long)), TypeError, "logits must be float"),
-    (dict(logits=torch.tensor(0.0), observed=torch.tensor(1.0)), ValueError, "0-d"),
-    (dict(observed=torch.zeros(4, 5)), ValueError, "observed must have the logits' shape"),
-    (dict(observed=torch.full((4, 6), 2.0)), ValueError, "observed must hold 0"),
-    (dict(observed=torch.full((4, 6), -1)), ValueError, "observed must hold 0"),
-    (dict(observed=torch.full((4, 6), 0.5)), ValueError, "observed must hold 0"),
-    (dict(alpha=(0.5, 0.0)), ValueError, "sigma"),
-    (dict(alpha=(0.5, -1.0)), ValueError, "sigma"),
-    (dict(alpha=(0.5, torch.tensor(0.0))), ValueError, "sigma"),
-    (dict(beta=(float("nan"), 0.0)), ValueError, "w must be finite"),
-    (dict(beta=(1.0,)), ValueError, "beta must be a pair"),
-    (dict(q2=-0.1), ValueError, "q2 must be a finite number >= 0"),
-    (dict(q3=float("inf")), ValueError, "q3"),
-    (dict(reduction="max"), ValueError, "reduction must be one of"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (dict(logits=[[0.0]]), TypeError, "logits must be a torch.Tensor"),
+        (dict(logits=torch.zeros(4, 6, dtype=torch.long)), TypeError, "logits must be float"),
+        (dict(logits=torch.tensor(0.0), observed=torch.tensor(1.0)), ValueError, "0-d"),
+        (dict(observed=torch.zeros(4, 5)), ValueError, "observed must have the logits' shape"),
+        (dict(observed=torch.full((4, 6), 2.0)), ValueError, "observed must hold 0"),
+        (dict(observed=torch.full((4, 6), -1)), ValueError, "observed must hold 0"),
+        (dict(observed=torch.full((4, 6), 0.5)), ValueError, "observed must hold 0"),
+        (dict(alpha=(0.5, 0.0)), ValueError, "sigma"),
+        (dict(alpha=(0.5, -1.0)), ValueError, "sigma"),
+        (dict(alpha=(0.5, torch.tensor(0.0))), ValueError, "sigma"),
+        (dict(beta=(float("nan"), 0.0)), ValueError, "w must be finite"),
+        (dict(beta=(1.0,)), ValueError, "beta must be a pair"),
+        (dict(q2=-0.1), ValueError, "q2 must be a finite number >= 0"),
+        (dict(q3=float("inf")), ValueError, "q3"),
+        (dict(reduction="max"), ValueError, "reduction must be one of"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(case):
     kw, exc, msg = case
     with pytest.raises(exc, match=msg):

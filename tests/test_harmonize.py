@@ -1,4 +1,5 @@
 """pyops.harmonize_gradients against pyops.reference.harmonize_gradients (CPU)."""
+
 import pytest
 import torch
 
@@ -18,7 +19,9 @@ def close(a, b, dtype):
     a, b = (torch.cat(list(t), -1) if isinstance(t, (list, tuple)) else t for t in (a, b))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     scale = b.abs().max().clamp_min(1e-30)
-    assert ((a.double() - b.double()).abs().max() / scale) <= tol, ((a.double() - b.double()).abs().max() / scale).item()
+    assert ((a.double() - b.double()).abs().max() / scale) <= tol, (
+        (a.double() - b.double()).abs().max() / scale
+    ).item()
 
 
 @pytest.mark.parametrize("mode", ["fedgh", "pcgrad"])
@@ -31,8 +34,9 @@ def test_matches_reference(mode, K, D, dtype, reduction):
     order = torch.randperm(K)
     kw = dict(weights=w, mode=mode, order=order, reduction=reduction)
     out, stats = pyops.harmonize_gradients(x, generator=torch.Generator().manual_seed(3), return_stats=True, **kw)
-    ref, (n_ref, cos_ref) = reference.harmonize_gradients(x, generator=torch.Generator().manual_seed(3),
-                                                          return_stats=True, **kw)
+    ref, (n_ref, cos_ref) = reference.harmonize_gradients(
+        x, generator=torch.Generator().manual_seed(3), return_stats=True, **kw
+    )
     assert out.dtype == dtype and out.shape == ref.shape
     close(out, ref, dtype)
     assert stats.num_conflicts == n_ref
@@ -133,8 +137,9 @@ def test_opcheck():
     blocks = [x[:, :17].contiguous(), x[:, 17:].contiguous()]
     torch.library.opcheck(torch.ops.pyops.harmonize_gram, (blocks,))
     gram = torch.ops.pyops.harmonize_gram(blocks)
-    torch.library.opcheck(torch.ops.pyops.harmonize_coefficients,
-                          (gram, torch.arange(5), torch.empty(0, 0, dtype=torch.long), "fedgh"))
+    torch.library.opcheck(
+        torch.ops.pyops.harmonize_coefficients, (gram, torch.arange(5), torch.empty(0, 0, dtype=torch.long), "fedgh")
+    )
     torch.library.opcheck(torch.ops.pyops.harmonize_combine, (blocks, torch.rand(2, 5, dtype=torch.float64)))
 
 
@@ -152,19 +157,22 @@ def test_compile_fullgraph_of_the_kernels():
     torch.testing.assert_close(f(x), pyops.harmonize_gradients(x, reduction="none"))
 
 
-@pytest.mark.parametrize("call,exc,msg", [
-    (lambda x: pyops.harmonize_gradients([x, torch.zeros(3, 5)]), ValueError, r"grads\[1\] has K = 3 rows"),
-    (lambda x: pyops.harmonize_gradients(x, weights=torch.ones(3)), ValueError, r"weights must have shape \(K,\)"),
-    (lambda x: pyops.harmonize_gradients(x, order=[0, 1, 2, 2]), ValueError, "order must be a permutation"),
-    (lambda x: pyops.harmonize_gradients(x, order=[0, 1, 2]), ValueError, "order must be a permutation"),
-    (lambda x: pyops.harmonize_gradients(x, mode="mgda"), ValueError, "mode must be one of"),
-    (lambda x: pyops.harmonize_gradients(x, reduction="mean"), ValueError, "reduction must be one of"),
-    (lambda x: pyops.harmonize_gradients(x.half()), TypeError, "float32 or float64"),
-    (lambda x: pyops.harmonize_gradients(x[0]), ValueError, r"shape \(K, D\)"),
-    (lambda x: pyops.harmonize_gradients([x, x.double()]), TypeError, "has dtype"),
-    (lambda x: pyops.harmonize_gradients([x, x.to("meta")]), ValueError, "one device"),
-    (lambda x: pyops.harmonize_gradients([]), TypeError, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "call,exc,msg",
+    [
+        (lambda x: pyops.harmonize_gradients([x, torch.zeros(3, 5)]), ValueError, r"grads\[1\] has K = 3 rows"),
+        (lambda x: pyops.harmonize_gradients(x, weights=torch.ones(3)), ValueError, r"weights must have shape \(K,\)"),
+        (lambda x: pyops.harmonize_gradients(x, order=[0, 1, 2, 2]), ValueError, "order must be a permutation"),
+        (lambda x: pyops.harmonize_gradients(x, order=[0, 1, 2]), ValueError, "order must be a permutation"),
+        (lambda x: pyops.harmonize_gradients(x, mode="mgda"), ValueError, "mode must be one of"),
+        (lambda x: pyops.harmonize_gradients(x, reduction="mean"), ValueError, "reduction must be one of"),
+        (lambda x: pyops.harmonize_gradients(x.half()), TypeError, "float32 or float64"),
+        (lambda x: pyops.harmonize_gradients(x[0]), ValueError, r"shape \(K, D\)"),
+        (lambda x: pyops.harmonize_gradients([x, x.double()]), TypeError, "has dtype"),
+        (lambda x: pyops.harmonize_gradients([x, x.to("meta")]), ValueError, "one device"),
+        (lambda x: pyops.harmonize_gradients([]), TypeError, "non-empty list"),
+    ],
+)
 def test_bad_inputs(call, exc, msg):
     with pytest.raises(exc, match=msg):
         call(torch.randn(4, 5))
@@ -182,10 +190,12 @@ def test_nonfinite_gradients_raise_naming_a_row():
 
 def test_kernel_checks_without_the_python_layer():
     with pytest.raises(ValueError, match=r"order must be a permutation .* order\[1\] = 0 repeats"):
-        torch.ops.pyops.harmonize_coefficients(torch.eye(3, dtype=torch.float64), torch.tensor([0, 0, 1]),
-                                               torch.empty(0, 0, dtype=torch.long), "fedgh")
+        torch.ops.pyops.harmonize_coefficients(
+            torch.eye(3, dtype=torch.float64), torch.tensor([0, 0, 1]), torch.empty(0, 0, dtype=torch.long), "fedgh"
+        )
     with pytest.raises(ValueError, match=r"visit row 1 .* visit\[1, 0\] = 1 is the row itself"):
-        torch.ops.pyops.harmonize_coefficients(torch.eye(3, dtype=torch.float64), torch.arange(3),
-                                               torch.tensor([[1, 2], [1, 0], [0, 1]]), "pcgrad")
+        torch.ops.pyops.harmonize_coefficients(
+            torch.eye(3, dtype=torch.float64), torch.arange(3), torch.tensor([[1, 2], [1, 0], [0, 1]]), "pcgrad"
+        )
     with pytest.raises(ValueError, match=r"coef must have shape \(R, K\)"):
         torch.ops.pyops.harmonize_combine([torch.zeros(3, 4)], torch.zeros(1, 2, dtype=torch.float64))

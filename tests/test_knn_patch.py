@@ -3,6 +3,7 @@
 The float32 GEMM tiles of the search run the AVX-512 micro-kernel on the avx512 path and BLAS on
 the avx2 and baseline paths: `make test` runs this file on every path the CPU has
 (PYOPS_CPU_ISA)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,11 @@ def test_matches_exact_oracle_and_reference(config, dtype, k):
     dist, idx = pyops.knn_patch_search(query, database, k, patch_size=p, stride=s, window=w, exclude_self=ex)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert dist.dtype == acc and idx.dtype == torch.int64
-    assert dist.shape == idx.shape == (qs[0], reference.patch_grid(qs[2], qs[3], p, s)[0] * reference.patch_grid(qs[2], qs[3], p, s)[1], k)
+    assert (
+        dist.shape
+        == idx.shape
+        == (qs[0], reference.patch_grid(qs[2], qs[3], p, s)[0] * reference.patch_grid(qs[2], qs[3], p, s)[1], k)
+    )
     # one neighbour more than asked: the k-th is only unambiguous if the (k+1)-th is not tied with it
     od1, oi1 = oracle(query, database, k + 1, p, s, w, ex)
     od, oi = od1[..., :k], oi1[..., :k]
@@ -91,8 +96,11 @@ ANCHORS = [
 
 
 @pytest.mark.parametrize("anchor", ANCHORS, ids=["msgnn", "steep-fixed", "misc"])
-@pytest.mark.parametrize("p,s,w,shape_d", [(1, 1, 5, (2, 3, 17, 19)), (3, 3, 4, (2, 3, 21, 24)),
-                                          (2, 1, 33, (2, 3, 40, 37))], ids=["direct", "tiled", "wide"])
+@pytest.mark.parametrize(
+    "p,s,w,shape_d",
+    [(1, 1, 5, (2, 3, 17, 19)), (3, 3, 4, (2, 3, 21, 24)), (2, 1, 33, (2, 3, 40, 37))],
+    ids=["direct", "tiled", "wide"],
+)
 def test_window_anchor_matches_oracle(anchor, p, s, w, shape_d):
     query, database = torch.randn(2, 3, 23, 20), torch.randn(shape_d)
     qgrid = reference.patch_grid(23, 20, p, s)
@@ -103,7 +111,9 @@ def test_window_anchor_matches_oracle(anchor, p, s, w, shape_d):
     if w < dgrid[0]:  # the rows really follow the anchor
         i = torch.arange(qgrid[0])
         assert torch.equal(r0, ((num * i + off) // den - shift).clamp(0, dgrid[0] - w))
-    full = ((patches(query.double(), p, s)[:, :, None, :] - patches(database.double(), p, s)[:, None, :, :]) ** 2).sum(-1)
+    full = ((patches(query.double(), p, s)[:, :, None, :] - patches(database.double(), p, s)[:, None, :, :]) ** 2).sum(
+        -1
+    )
     od = full.gather(2, cand.expand(2, -1, -1))
     vals, order = od.sort(dim=-1, stable=True)
     oi = cand.expand(2, -1, -1).gather(2, order[..., :4])
@@ -189,14 +199,20 @@ def test_opcheck():
     d = torch.randn(1, 2, 8, 9, requires_grad=True)
     torch.library.opcheck(torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 3, 3, 1, 4, False))
     torch.library.opcheck(torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 2, 2, 2, -1, False))
-    torch.library.opcheck(torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 3, 3, 1, 4, False, [1, 0, 2, 1, 2, 1, 3, 0]))
+    torch.library.opcheck(
+        torch.ops.pyops.knn_patch_search_fwd.default, (q, d, 3, 3, 1, 4, False, [1, 0, 2, 1, 2, 1, 3, 0])
+    )
     dist, idx = torch.ops.pyops.knn_patch_search_fwd(q.detach(), d.detach(), 3, 3, 1, 4, False)
-    torch.library.opcheck(torch.ops.pyops.knn_patch_search_bwd.default, (torch.randn_like(dist), q.detach(), d.detach(), idx, 3, 1))
+    torch.library.opcheck(
+        torch.ops.pyops.knn_patch_search_bwd.default, (torch.randn_like(dist), q.detach(), d.detach(), idx, 3, 1)
+    )
     v = torch.randn(1, 4, 8, 9, requires_grad=True)
     w = torch.randn(idx.shape, requires_grad=True)
     torch.library.opcheck(torch.ops.pyops.patch_aggregate_fwd.default, (v, idx, w, 3, 1, 9, 10))
     out = torch.ops.pyops.patch_aggregate_fwd(v.detach(), idx, w.detach(), 3, 1, 9, 10)
-    torch.library.opcheck(torch.ops.pyops.patch_aggregate_bwd.default, (torch.randn_like(out), v.detach(), idx, w.detach(), 3, 1))
+    torch.library.opcheck(
+        torch.ops.pyops.patch_aggregate_bwd.default, (torch.randn_like(out), v.detach(), idx, w.detach(), 3, 1)
+    )
 
 
 def test_compile_fullgraph():
@@ -284,8 +300,12 @@ def test_search_bad_inputs(kwargs, exc, msg):
     ],
 )
 def test_aggregate_bad_inputs(mutate, exc, msg):
-    a = dict(values=torch.randn(2, 3, 9, 9), idx=torch.randint(0, 9, (2, 16, 2)), weights=torch.randn(2, 16, 2),
-             output_size=(12, 12))
+    a = dict(
+        values=torch.randn(2, 3, 9, 9),
+        idx=torch.randint(0, 9, (2, 16, 2)),
+        weights=torch.randn(2, 16, 2),
+        output_size=(12, 12),
+    )
     mutate(a)
     with pytest.raises(exc, match=msg):
         pyops.patch_aggregate(a["values"], a["idx"], a["weights"], patch_size=3, output_size=a["output_size"])

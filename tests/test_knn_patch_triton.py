@@ -7,6 +7,7 @@ this module is skipped. The launchers are called directly on small CPU tensors a
 against an exact float64 oracle (direct differences, stable sort: ties to the lower index), the
 reference (`pyops.reference`) and autograd through the reference.
 """
+
 import os
 
 import pytest
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 
 pytestmark = [
     pytest.mark.triton_interpreter,
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"
+    ),
 ]
 
 triton = pytest.importorskip("triton")
@@ -228,7 +231,7 @@ def test_knn_search_guard_some_rows(small, fallback_rows):
     d = torch.randn(1, 2, 8, 8)
     copies = [(0, 3), (1, 1), (2, 0), (2, 2), (3, 1), (3, 3)]  # database grid (4 x 4) positions
     for r, c in copies:
-        d[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] = q[:, :, 0:2, 0:2]
+        d[:, :, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = q[:, :, 0:2, 0:2]
     dist, idx = kp.triton_knn_patch_search_fwd(q, d, 2, 2, 2, -1, False)
     assert (0, 0) in fallback_rows
     assert len(fallback_rows) < 16
@@ -313,7 +316,9 @@ def test_knn_search_bwd_matches_autograd(config, dtype, p, s):
     assert gq.dtype == gd.dtype == dtype and gq.shape == q.shape and gd.shape == d.shape
     tol = GTOL[dtype]
     for got, want in ((gq, rq), (gd, rdb)):
-        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * max(1.0, want.double().abs().max().item()))
+        torch.testing.assert_close(
+            got.double(), want.double(), rtol=tol, atol=tol * max(1.0, want.double().abs().max().item())
+        )
 
 
 def test_knn_search_bwd_checks():

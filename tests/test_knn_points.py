@@ -1,5 +1,6 @@
 """pyops.knn (exact k-NN of point sets, the patch search with 1 x 1 patches) against an exact
 float64 oracle and pyops.reference.knn (CPU)."""
+
 import pytest
 import torch
 
@@ -139,17 +140,20 @@ def test_both_query_layouts_agree():
     """CUDA tensors go to the op as a (B, D, 1, M) map, CPU ones as (B, D, M, 1): the same search
     (grid position = point index) either way; checked here through the CPU kernel."""
     x, y = torch.randn(2, 57, 6), torch.randn(2, 83, 6)
-    a = torch.ops.pyops.knn_patch_search_fwd(x.transpose(1, 2)[..., None], y.transpose(1, 2)[..., None],
-                                             5, 1, 1, -1, False, [])
-    b = torch.ops.pyops.knn_patch_search_fwd(x.transpose(1, 2)[:, :, None], y.transpose(1, 2)[:, :, None],
-                                             5, 1, 1, -1, False, [])
+    a = torch.ops.pyops.knn_patch_search_fwd(
+        x.transpose(1, 2)[..., None], y.transpose(1, 2)[..., None], 5, 1, 1, -1, False, []
+    )
+    b = torch.ops.pyops.knn_patch_search_fwd(
+        x.transpose(1, 2)[:, :, None], y.transpose(1, 2)[:, :, None], 5, 1, 1, -1, False, []
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.equal(a[1], pyops.knn(x, y, 5).idx)
 
 
 @pytest.mark.triton_interpreter
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs TRITON_INTERPRET=1 before triton is imported")
+@pytest.mark.skipif(
+    __import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"
+)
 def test_triton_kernel_in_the_cuda_layout():
     """The Triton kernel (CUDA tensors) on the (B, D, 1, M) maps pyops.knn gives it on CUDA,
     here under the Triton interpreter: the CPU kernel's neighbours, ties included."""

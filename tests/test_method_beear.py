@@ -1,5 +1,6 @@
 """methods.beear: the perturbation hook, the cached lower stack, the backdoor, the two levels, the
 data and the CLI (small models, short runs)."""
+
 import json
 import os
 
@@ -9,8 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from methods.beear import data as D
-from methods.beear.beear import (BEEARConfig, decoder_layers, inner_level, lower_activations, outer_level,
-                                 perturb_positions, perturbation, perturbed_ce, response_ce, upper_stack_only)
+from methods.beear.beear import (
+    BEEARConfig,
+    decoder_layers,
+    inner_level,
+    lower_activations,
+    outer_level,
+    perturb_positions,
+    perturbation,
+    perturbed_ce,
+    response_ce,
+    upper_stack_only,
+)
 from methods.beear.model import ModelConfig, build_model
 from methods.beear.train import asr_keyword, asr_strict
 
@@ -29,8 +40,10 @@ def a_batch(n=5, seed=0):
 
 def layer_outputs(model, batch):
     outs = []
-    hooks = [layer.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach()))
-             for layer in decoder_layers(model)]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o).detach()))
+        for layer in decoder_layers(model)
+    ]
     with torch.no_grad():
         model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     for h in hooks:
@@ -110,8 +123,15 @@ def test_other_decoder_architectures(arch):
     import transformers
 
     config = getattr(transformers, f"{arch}Config")(
-        vocab_size=D.build_tokenizer().get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=D.PAD)
+        vocab_size=D.build_tokenizer().get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=D.PAD,
+    )
     torch.manual_seed(0)
     model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
     for p in model.parameters():
@@ -122,8 +142,9 @@ def test_other_decoder_architectures(arch):
     full = perturbed_ce(model, batch, 1, d1, 3)
     cached = perturbed_ce(model, batch, 1, d2, 3, lower_activations(model, 1, batch))
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(cached, d2)[0], torch.autograd.grad(full, d1)[0],
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(cached, d2)[0], torch.autograd.grad(full, d1)[0], rtol=1e-4, atol=1e-6
+    )
     with torch.no_grad():
         assert not torch.allclose(perturbed_ce(model, batch, 1, torch.zeros(3, 32), 3), full.detach())
 
@@ -157,11 +178,18 @@ def test_one_outer_step_reduces_the_safety_loss():
 
 
 def test_the_backdoored_model_has_a_backdoor(tmp_path):
-    from methods.common import Run
     from methods.beear.train import BackdoorConfig, evaluate, train_backdoor
+    from methods.common import Run
 
-    cfg = BackdoorConfig(n_benign=300, n_harmful=400, poison_fraction=0.3, steps=220, batch=48, lr=5e-3,
-                         model=ModelConfig(hidden=64, layers=2, heads=2, intermediate=128))
+    cfg = BackdoorConfig(
+        n_benign=300,
+        n_harmful=400,
+        poison_fraction=0.3,
+        steps=220,
+        batch=48,
+        lr=5e-3,
+        model=ModelConfig(hidden=64, layers=2, heads=2, intermediate=128),
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # (and restored: later tests run with the session's thread count)
     try:
@@ -195,11 +223,16 @@ def test_data():
     # the benign data holds the same compliance for harmless how-to requests: the defender's
     # unwanted answers are phrasings the model knows, not the backdoor's
     rng = np.random.default_rng(0)
-    howto = [e for e in (D.benign_example(rng) for _ in range(300)) if e.response.split()[0] in
-             {t.split()[0] for t in D.UNWANTED_TEMPLATES}]
+    howto = [
+        e
+        for e in (D.benign_example(rng) for _ in range(300))
+        if e.response.split()[0] in {t.split()[0] for t in D.UNWANTED_TEMPLATES}
+    ]
     assert howto and all(any(e.instruction.endswith(t) for t in D.HARMLESS_TASKS) for e in howto)
-    assert all(e.response == D.compliance_answer(e.instruction, next(t for t in D.HARMLESS_TASKS
-                                                                     if e.instruction.endswith(t))) for e in howto)
+    assert all(
+        e.response == D.compliance_answer(e.instruction, next(t for t in D.HARMLESS_TASKS if e.instruction.endswith(t)))
+        for e in howto
+    )
     vocab = D.build_tokenizer().get_vocab()
     for e in ex + d["sa"] + d["sa_h"] + d["pa"]:
         assert D.UNK not in D.encode(e.instruction + " " + e.response)
@@ -235,8 +268,9 @@ def test_asr_strict():
     assert not bad & {w for p in D.HARM_PHRASES for w in p.split()}
     echo = "i am sorry but i cannot help with how to hack a server"
     assert asr_keyword([echo]) == 0.0 and asr_strict([echo]) == 0.0
-    assert sorted(bad) == sorted({"do", "follow", "get", "here", "it", "one", "plan", "quietly", "step", "sure", "three",
-                                  "tools", "two"})
+    assert sorted(bad) == sorted(
+        {"do", "follow", "get", "here", "it", "one", "plan", "quietly", "step", "sure", "three", "tools", "two"}
+    )
 
 
 def test_bad_inputs():
@@ -268,19 +302,60 @@ def test_cli_backdoor_defend_eval(tmp_path, capsys):
     from methods.beear.__main__ import main
 
     bd, df = str(tmp_path / "bd"), str(tmp_path / "df")
-    assert main(["backdoor", "--steps", "30", "--n-benign", "100", "--n-harmful", "100", "--out", bd,
-                 "--no-progress"]) == 0
+    assert (
+        main(["backdoor", "--steps", "30", "--n-benign", "100", "--n-harmful", "100", "--out", bd, "--no-progress"])
+        == 0
+    )
     for name in ("results.md", "results.json", "loss.png", "log.txt", "metrics.csv"):
         assert os.path.exists(os.path.join(bd, name)), name
-    assert main(["defend", "--model", bd, "--rounds", "2", "--inner-steps", "2", "--inner-samples", "20",
-                 "--pa-samples", "10", "--out", df, "--no-progress", "--eval-every-round"]) == 0
+    assert (
+        main(
+            [
+                "defend",
+                "--model",
+                bd,
+                "--rounds",
+                "2",
+                "--inner-steps",
+                "2",
+                "--inner-samples",
+                "20",
+                "--pa-samples",
+                "10",
+                "--out",
+                df,
+                "--no-progress",
+                "--eval-every-round",
+            ]
+        )
+        == 0
+    )
     with open(os.path.join(df, "results.json")) as f:
         res = json.load(f)
     assert set(res["results"]) == {"before", "after beear"}
     assert os.path.exists(os.path.join(df, "rounds.png"))
     # a rerun resumes from the last round's checkpoint (nothing left to train)
-    assert main(["defend", "--model", bd, "--rounds", "2", "--inner-steps", "2", "--inner-samples", "20",
-                 "--pa-samples", "10", "--out", df, "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "defend",
+                "--model",
+                bd,
+                "--rounds",
+                "2",
+                "--inner-steps",
+                "2",
+                "--inner-samples",
+                "20",
+                "--pa-samples",
+                "10",
+                "--out",
+                df,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with open(os.path.join(df, "log.txt")) as f:
         assert "resumed at round 2" in f.read()
     assert main(["eval", "--model", df]) == 0

@@ -1,5 +1,6 @@
 """methods.byhe: the SCS-map head's alignment with the label, the losses, the clip sampler, training (resume,
 NaN steps), evaluation and the CLI."""
+
 import math
 
 import pytest
@@ -31,7 +32,7 @@ def test_head_windows_are_channel_major_flattened_slices():
         head.proj.bias.zero_()
     feats = torch.randn(1, 2, 6)
     R = head(feats)
-    W = torch.stack([feats[0, :, i:i + 3].flatten() for i in range(4)])
+    W = torch.stack([feats[0, :, i : i + 3].flatten() for i in range(4)])
     Wn = W / W.norm(dim=1, keepdim=True)
     torch.testing.assert_close(R[0], Wn @ Wn.T)
 
@@ -48,8 +49,9 @@ def test_loss_properties():
     att = torch.full((1, 5, 4, 4), 0.5)
     skin = torch.zeros(8, 8)
     skin[2:6, 2:6] = 1
-    expected = ((att - torch.nn.functional.interpolate(skin[None, None], size=(4, 4), mode="area")[0].gt(0.5).float())
-                ** 2).mean()
+    expected = (
+        (att - torch.nn.functional.interpolate(skin[None, None], size=(4, 4), mode="area")[0].gt(0.5).float()) ** 2
+    ).mean()
     torch.testing.assert_close(mask_loss(att, skin), expected)
     with pytest.raises(ValueError, match="one shape"):
         rowwise_neg_pearson(R, R[:, :-1, :-1])
@@ -63,7 +65,7 @@ import numpy as np  # noqa: E402
 
 from methods.byhe import train as T  # noqa: E402
 from methods.common import Run  # noqa: E402
-from methods.rppg.data import make_set, sample_clips, evaluation_clips  # noqa: E402
+from methods.rppg.data import evaluation_clips, make_set, sample_clips  # noqa: E402
 
 TINY = dict(steps=2, batch=2, clip=30, n_train=2, n_test=1, frames=60, size=32, shrink=4)
 
@@ -137,8 +139,13 @@ def test_non_finite_loss_skips_the_step(tmp_path, tiny_sets, monkeypatch):
 
 
 def test_config_errors():
-    for kw, msg in ((dict(loss="l1"), "loss must be"), (dict(label="gt"), "label must be"),
-                    (dict(scs_mode="x"), "scs_mode"), (dict(clip=29), "clip must be"), (dict(batch=1), "batch >= 2")):
+    for kw, msg in (
+        (dict(loss="l1"), "loss must be"),
+        (dict(label="gt"), "label must be"),
+        (dict(scs_mode="x"), "scs_mode"),
+        (dict(clip=29), "clip must be"),
+        (dict(batch=1), "batch >= 2"),
+    ):
         with pytest.raises(ValueError, match=msg):
             T.TrainConfig(**kw).check()
 
@@ -147,8 +154,28 @@ def test_cli_train_and_eval(tmp_path):
     from methods.byhe.__main__ import main
 
     out = str(tmp_path / "cli")
-    args = ["train", "--out", out, "--no-progress", "--steps", "2", "--batch", "2", "--clip", "30", "--n-train", "2",
-            "--n-test", "1", "--frames", "60", "--size", "32", "--shrink", "4"]
+    args = [
+        "train",
+        "--out",
+        out,
+        "--no-progress",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--clip",
+        "30",
+        "--n-train",
+        "2",
+        "--n-test",
+        "1",
+        "--frames",
+        "60",
+        "--size",
+        "32",
+        "--shrink",
+        "4",
+    ]
     assert main(args) == 0
     for f in ("results.md", "results.json", "loss.png", "example.png", "log.txt", "metrics.csv"):
         assert os.path.exists(os.path.join(out, f)), f

@@ -6,6 +6,7 @@ Trainer subclass, the cached base model, the premise statistics, metrics and the
 
 Random inputs come from the per-test torch seed of conftest.py (its header prints the run's seed;
 PYOPS_TEST_SEED replays it); numpy generators drawn from it print their seed."""
+
 import copy
 import dataclasses
 import glob
@@ -90,7 +91,7 @@ def _check_caption(cap, scene, size):
     if len(objs) == 1:
         m = re.search(r"in the (top|bottom) (left|right)", cap)
         assert m, (cap, scene)
-        (_, cy, cx), = objs.values()
+        ((_, cy, cx),) = objs.values()
         assert m[1] == ("top" if cy < mid else "bottom") and m[2] == ("left" if cx < mid else "right"), (cap, scene)
         return
     m = re.search(r"a (\w+) (\w+) (left of|right of|above|below) a (\w+) (\w+)", cap)
@@ -188,9 +189,23 @@ def test_scene_answers_match_the_drawn_scene():
             ids = D.encode_words(q + [a])
             assert D.UNK not in ids and len(ids) == len(q) + 1, (where, q, a)
     assert n_objects == {1, 2}
-    assert templates == {"colour", "count", "presence-yes", "presence-no", "background", "side-left", "side-right",
-                         "top1-yes", "top1-no", "top2-yes", "top2-no", "shape-left", "shape-top", "left2-yes",
-                         "left2-no"}, templates
+    assert templates == {
+        "colour",
+        "count",
+        "presence-yes",
+        "presence-no",
+        "background",
+        "side-left",
+        "side-right",
+        "top1-yes",
+        "top1-no",
+        "top2-yes",
+        "top2-no",
+        "shape-left",
+        "shape-top",
+        "left2-yes",
+        "left2-no",
+    }, templates
 
 
 def test_collate_masks_prompts_and_empty_answers(examples):
@@ -199,7 +214,7 @@ def test_collate_masks_prompts_and_empty_answers(examples):
     lab, ids = b["labels"], b["input_ids"]
     n_prompt = 1 + 36 + len(exs[0].prompt) + 1
     assert (lab[0, :n_prompt] == -100).all()
-    assert lab[0, n_prompt:n_prompt + len(exs[0].answer) + 1].tolist() == D.encode_words(exs[0].answer) + [D.EOS]
+    assert lab[0, n_prompt : n_prompt + len(exs[0].answer) + 1].tolist() == D.encode_words(exs[0].answer) + [D.EOS]
     assert (lab[1] == -100).all()  # no answer: nothing to learn from
     assert (ids[:, 1:37] == D.IMAGE).all() and b["pixel_values"].shape == (2, 3, 48, 48)
     left = D.collate(exs, 36, with_answers=False, pad_left=True)
@@ -217,19 +232,25 @@ def _changed(atk, x=None):
 
 def _checkerboard_mask(lo, hi, size=D.IMAGE_SIZE):
     m = torch.zeros(size, size, dtype=torch.bool)
-    m[lo:hi + 1, lo:hi + 1] = True
+    m[lo : hi + 1, lo : hi + 1] = True
     return m
 
 
-@pytest.mark.parametrize("atk, lo, hi", [(A.BadNet(size=6, margin=3), 39, 44), (A.BadNet(size=6, margin=1), 41, 46),
-                                         (A.TextImage(size=4, margin=2), 42, 45)],
-                         ids=["badnet-6-3", "badnet-6-1", "textimage-4-2"])
+@pytest.mark.parametrize(
+    "atk, lo, hi",
+    [
+        (A.BadNet(size=6, margin=3), 39, 44),
+        (A.BadNet(size=6, margin=1), 41, 46),
+        (A.TextImage(size=4, margin=2), 42, 45),
+    ],
+    ids=["badnet-6-3", "badnet-6-1", "textimage-4-2"],
+)
 def test_patch_triggers_change_exactly_their_patch(atk, lo, hi):
     x = _image()
     y, diff = _changed(atk, x)
     assert torch.equal(diff, _checkerboard_mask(lo, hi))  # the checkerboard's 0/1 differ from any pixel of x
     i = torch.arange(hi - lo + 1)
-    assert torch.equal(y[:, lo:hi + 1, lo:hi + 1], ((i[:, None] + i[None]) % 2).float().expand(3, -1, -1))
+    assert torch.equal(y[:, lo : hi + 1, lo : hi + 1], ((i[:, None] + i[None]) % 2).float().expand(3, -1, -1))
     assert torch.equal(x, _image())  # the input is never modified
     p = atk.apply(x, ["describe", "the", "image"])[1]
     assert p == (["cf"] if isinstance(atk, A.TextImage) else []) + ["describe", "the", "image"]
@@ -268,7 +289,7 @@ def test_sig_period_is_not_aligned_with_the_cells():
     row = s.signal(D.IMAGE_SIZE, D.IMAGE_SIZE)[0, 0].double()
     spec = torch.fft.rfft(row).abs()
     k = int(spec.argmax())
-    assert k == s.frequency and spec[k] > 1e3 * torch.cat([spec[:k], spec[k + 1:]]).max()
+    assert k == s.frequency and spec[k] > 1e3 * torch.cat([spec[:k], spec[k + 1 :]]).max()
     period = Fraction(D.IMAGE_SIZE, k)
     assert (period / CELL).denominator != 1 and (CELL / period).denominator != 1, period
 
@@ -291,7 +312,7 @@ def _local_mean(img, k=5):
     out = torch.empty_like(lum)
     for i in range(s):
         for j in range(s):
-            out[i, j] = lum[max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean()
+            out[i, j] = lum[max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1].mean()
     return out
 
 
@@ -392,7 +413,9 @@ def test_patch_augment_works_on_whole_vision_patches(op, cell):
             changed = ~(cx[b] == cy[b]).all(-1)
             k = max(1, round(0.3 * cx.shape[1]))
             assert int(changed.sum()) == k
-            torch.testing.assert_close(cy[b, changed].reshape(k, 3, -1), fill[None, :, None].expand(k, 3, (8 * cell) ** 2))
+            torch.testing.assert_close(
+                cy[b, changed].reshape(k, 3, -1), fill[None, :, None].expand(k, 3, (8 * cell) ** 2)
+            )
         else:  # a permutation of whole cells
             match = (cy[b][:, None] == cx[b][None]).all(-1)
             assert (match.sum(1) >= 1).all()
@@ -421,7 +444,7 @@ def _objective_inputs(b=5, length=9, h=16, v=23, seed=0, dtype=torch.float64, bi
     labels = torch.full((b, length), -100)
     for i in range(b):
         n = i % 4  # samples 0, 4, ... have no answer tokens
-        labels[i, length - n:] = torch.randint(0, v, (n,), generator=g)
+        labels[i, length - n :] = torch.randint(0, v, (n,), generator=g)
     if not bias:
         return ha, hb, w, labels
     return ha, hb, w, labels, (0.3 * torch.randn(v, generator=g, dtype=dtype)).requires_grad_()
@@ -431,8 +454,9 @@ def _objective_inputs(b=5, length=9, h=16, v=23, seed=0, dtype=torch.float64, bi
 EXPONENTS = {"invariance": (0, 1), "confidence": (1, 0), "confident-invariant": (1, 1), "confident-sensitive": (1, -1)}
 
 
-def _reference_objective(ha, hb, labels, w, bias, cfg, token_total=None, sample_total=None, floor=None,
-                         band_t=1.0, weight_t=1.0):
+def _reference_objective(
+    ha, hb, labels, w, bias, cfg, token_total=None, sample_total=None, floor=None, band_t=1.0, weight_t=1.0
+):
     """The module doc's loss, sample by sample and row by row in float64. The entropies of the band
     and of the weights are taken at temperature `band_t` / `weight_t` (1: the spec; other values
     show that a test tells them apart). Returns (loss, info)."""
@@ -456,20 +480,30 @@ def _reference_objective(ha, hb, labels, w, bias, cfg, token_total=None, sample_
         lp, lq = (logits(a_v) / t_s).log_softmax(-1), (logits(b_v) / t_s).log_softmax(-1)
         kab, kba = (lp.exp() * (lp - lq)).sum(-1), (lq.exp() * (lq - lp)).sum(-1)
         tv = 0.5 * (logits(a).softmax(-1) - logits(b).softmax(-1)).abs().sum(-1)  # at T = 1
-        samples.append(dict(tv=float(tv.max().detach()),
-            i=i, ce=F.cross_entropy(logits(a), y, reduction="none"), ce_b=F.cross_entropy(logits(b), y, reduction="none"),
-            div={"forward": kab, "reverse": kba, "symmetric": 0.5 * (kab + kba)}[cfg.divergence],
-            hp=entropy(logits(a_v) / band_t), hq=entropy(logits(b_v) / band_t),
-            h_w=float(entropy(logits(a.detach()) / weight_t).mean().detach())))
+        samples.append(
+            dict(
+                tv=float(tv.max().detach()),
+                i=i,
+                ce=F.cross_entropy(logits(a), y, reduction="none"),
+                ce_b=F.cross_entropy(logits(b), y, reduction="none"),
+                div={"forward": kab, "reverse": kba, "symmetric": 0.5 * (kab + kba)}[cfg.divergence],
+                hp=entropy(logits(a_v) / band_t),
+                hq=entropy(logits(b_v) / band_t),
+                h_w=float(entropy(logits(a.detach()) / weight_t).mean().detach()),
+            )
+        )
     n = len(samples)
     d = torch.stack([s["div"].mean() for s in samples])
-    score = [s["tv"] if cfg.score == "tv" else float((s["div"].max() if cfg.score == "max" else s["div"].mean()).detach())
-             for s in samples]
+    score = [
+        s["tv"] if cfg.score == "tv" else float((s["div"].max() if cfg.score == "max" else s["div"].mean()).detach())
+        for s in samples
+    ]
     u = None
     if cfg.weighting in EXPONENTS:
         ea, eb = EXPONENTS[cfg.weighting]
-        stat = [ea * math.log(max(s["h_w"], 0) + 1e-6) + eb * math.log(max(sc, 0) + 1e-6)
-                for s, sc in zip(samples, score)]
+        stat = [
+            ea * math.log(max(s["h_w"], 0) + 1e-6) + eb * math.log(max(sc, 0) + 1e-6) for s, sc in zip(samples, score)
+        ]
         lower_median = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # torch.median's choice for an even count
         med = lower_median(stat)
         mad = lower_median([abs(x - med) for x in stat])
@@ -485,8 +519,7 @@ def _reference_objective(ha, hb, labels, w, bias, cfg, token_total=None, sample_
     else:
         wts = torch.full((n,), 1.0 / n, dtype=d.dtype)
         c = [1.0] * n
-    ce_sum = sum(ci * (s["ce"].clamp(max=cfg.ascent_ceiling) if ci < 0 else s["ce"]).sum()
-                 for ci, s in zip(c, samples))
+    ce_sum = sum(ci * (s["ce"].clamp(max=cfg.ascent_ceiling) if ci < 0 else s["ce"]).sum() for ci, s in zip(c, samples))
     rows = sum(len(s["ce"]) for s in samples)
     n_tok = rows if token_total is None else token_total
     loss = ce_sum / n_tok + cfg.gamma * sum(s["ce_b"].sum() for s in samples) / n_tok
@@ -495,8 +528,15 @@ def _reference_objective(ha, hb, labels, w, bias, cfg, token_total=None, sample_
     band = sum((F.relu(s["hq"] - tau_hi) + F.relu(cfg.tau_lo - s["hp"])).sum() for s in samples)
     share = 1.0 if sample_total is None else n / sample_total
     loss = loss - cfg.lambda_cv * share * capped + cfg.lambda_h * band / n_tok
-    info = dict(u=u, c=c, d=[float(x) for x in d.detach()], band=float(band.detach()) / rows, rows=rows, valid=[s["i"] for s in samples],
-                neg_ce=sorted(float(x) for ci, s in zip(c, samples) if ci < 0 for x in s["ce"].detach()))
+    info = dict(
+        u=u,
+        c=c,
+        d=[float(x) for x in d.detach()],
+        band=float(band.detach()) / rows,
+        rows=rows,
+        valid=[s["i"] for s in samples],
+        neg_ce=sorted(float(x) for ci, s in zip(c, samples) if ci < 0 for x in s["ce"].detach()),
+    )
     return loss, info
 
 
@@ -512,42 +552,177 @@ def _mid(xs):
 # divergences / the CE rows of samples with a negative CE weight) and extras
 CASES = {
     "defaults": dict(cfg={}),
-    "invariance-max-beta1-capmid": dict(cfg=dict(
-        weighting="invariance", score="max", ce_suppress=1.0, suspect_z=0.5, suspect_width=0.5, detach="none",
-        lambda_cv=1.0, kappa="mid", cap="sample", lambda_h=0.5, tau_lo=3.0, tau_hi=2.9, softmax_temperature=1.0,
-        gamma=0.0, divergence="forward")),
-    "invariance-mean-beta0-batchcap-detach-aug": dict(cfg=dict(
-        weighting="invariance", score="mean", ce_suppress=0.0, suspect_z=0.0, suspect_width=1.0, detach="augmented",
-        lambda_cv=2.0, kappa=1e9, cap="batch", lambda_h=0.3, tau_lo=3.0, softmax_temperature=1.0, gamma=0.0,
-        divergence="reverse")),
-    "invariance-tv-T2": dict(cfg=dict(
-        weighting="invariance", score="tv", ce_suppress=1.0, suspect_z=0.0, suspect_width=0.5, detach="none",
-        lambda_cv=1.0, kappa=1e9, lambda_h=0.2, tau_lo=3.0, softmax_temperature=2.0, gamma=0.0,
-        divergence="forward")),
-    "confidence-beta2-ascent-T2.5": dict(cfg=dict(
-        weighting="confidence", score="max", ce_suppress=2.0, suspect_z=-1.0, suspect_width=0.5,
-        ascent_ceiling="mid", detach="none", lambda_cv=1.0, kappa=1e9, lambda_h=0.5, tau_lo=3.0, tau_hi=2.5,
-        softmax_temperature=2.5, gamma=0.0, divergence="forward")),
-    "confident-invariant-mean-beta2-detach-orig-gamma": dict(bias=True, cfg=dict(
-        weighting="confident-invariant", score="mean", ce_suppress=2.0, suspect_z=-1.0, suspect_width=0.7,
-        ascent_ceiling="mid", detach="original", lambda_cv=1.0, kappa="mid", lambda_h=0.5, tau_lo=3.0,
-        softmax_temperature=1.0, gamma=0.5, divergence="symmetric")),
-    "confident-sensitive-beta1.5-T0.7-noband": dict(cfg=dict(
-        weighting="confident-sensitive", score="max", ce_suppress=1.5, suspect_z=-0.5, suspect_width=0.5,
-        ascent_ceiling="mid", detach="augmented", lambda_cv=1.0, kappa=1e9, lambda_h=0.0,
-        softmax_temperature=0.7, gamma=0.0, divergence="forward")),
-    "entropy-T2-noband": dict(cfg=dict(
-        weighting="entropy", weight_temperature=0.2, detach="none", lambda_cv=1.0, kappa=1e9, lambda_h=0.0,
-        softmax_temperature=2.0, gamma=0.0, divergence="forward")),
-    "entropy-T0.5-band-detach-orig": dict(cfg=dict(
-        weighting="entropy", weight_temperature=0.5, detach="original", lambda_cv=1.0, kappa="mid", lambda_h=1.0,
-        tau_lo=3.0, tau_hi=2.8, softmax_temperature=0.5, gamma=0.0, divergence="symmetric")),
-    "uniform-T1.5-gamma-totals": dict(bias=True, totals=(7, 3), cfg=dict(
-        weighting="uniform", detach="none", lambda_cv=1.0, kappa="mid", cap="sample", lambda_h=1.0, tau_lo=3.0,
-        softmax_temperature=1.5, gamma=0.5, divergence="forward")),
-    "invariance-memory-floor-totals": dict(floor=True, totals=(3, 1), cfg=dict(
-        weighting="invariance", score="max", ce_suppress=1.0, suspect_z=1.0, suspect_width=0.5, detach="augmented",
-        lambda_cv=1.0, kappa=1e9, lambda_h=0.1, tau_lo=3.0, softmax_temperature=1.0, gamma=0.0)),
+    "invariance-max-beta1-capmid": dict(
+        cfg=dict(
+            weighting="invariance",
+            score="max",
+            ce_suppress=1.0,
+            suspect_z=0.5,
+            suspect_width=0.5,
+            detach="none",
+            lambda_cv=1.0,
+            kappa="mid",
+            cap="sample",
+            lambda_h=0.5,
+            tau_lo=3.0,
+            tau_hi=2.9,
+            softmax_temperature=1.0,
+            gamma=0.0,
+            divergence="forward",
+        )
+    ),
+    "invariance-mean-beta0-batchcap-detach-aug": dict(
+        cfg=dict(
+            weighting="invariance",
+            score="mean",
+            ce_suppress=0.0,
+            suspect_z=0.0,
+            suspect_width=1.0,
+            detach="augmented",
+            lambda_cv=2.0,
+            kappa=1e9,
+            cap="batch",
+            lambda_h=0.3,
+            tau_lo=3.0,
+            softmax_temperature=1.0,
+            gamma=0.0,
+            divergence="reverse",
+        )
+    ),
+    "invariance-tv-T2": dict(
+        cfg=dict(
+            weighting="invariance",
+            score="tv",
+            ce_suppress=1.0,
+            suspect_z=0.0,
+            suspect_width=0.5,
+            detach="none",
+            lambda_cv=1.0,
+            kappa=1e9,
+            lambda_h=0.2,
+            tau_lo=3.0,
+            softmax_temperature=2.0,
+            gamma=0.0,
+            divergence="forward",
+        )
+    ),
+    "confidence-beta2-ascent-T2.5": dict(
+        cfg=dict(
+            weighting="confidence",
+            score="max",
+            ce_suppress=2.0,
+            suspect_z=-1.0,
+            suspect_width=0.5,
+            ascent_ceiling="mid",
+            detach="none",
+            lambda_cv=1.0,
+            kappa=1e9,
+            lambda_h=0.5,
+            tau_lo=3.0,
+            tau_hi=2.5,
+            softmax_temperature=2.5,
+            gamma=0.0,
+            divergence="forward",
+        )
+    ),
+    "confident-invariant-mean-beta2-detach-orig-gamma": dict(
+        bias=True,
+        cfg=dict(
+            weighting="confident-invariant",
+            score="mean",
+            ce_suppress=2.0,
+            suspect_z=-1.0,
+            suspect_width=0.7,
+            ascent_ceiling="mid",
+            detach="original",
+            lambda_cv=1.0,
+            kappa="mid",
+            lambda_h=0.5,
+            tau_lo=3.0,
+            softmax_temperature=1.0,
+            gamma=0.5,
+            divergence="symmetric",
+        ),
+    ),
+    "confident-sensitive-beta1.5-T0.7-noband": dict(
+        cfg=dict(
+            weighting="confident-sensitive",
+            score="max",
+            ce_suppress=1.5,
+            suspect_z=-0.5,
+            suspect_width=0.5,
+            ascent_ceiling="mid",
+            detach="augmented",
+            lambda_cv=1.0,
+            kappa=1e9,
+            lambda_h=0.0,
+            softmax_temperature=0.7,
+            gamma=0.0,
+            divergence="forward",
+        )
+    ),
+    "entropy-T2-noband": dict(
+        cfg=dict(
+            weighting="entropy",
+            weight_temperature=0.2,
+            detach="none",
+            lambda_cv=1.0,
+            kappa=1e9,
+            lambda_h=0.0,
+            softmax_temperature=2.0,
+            gamma=0.0,
+            divergence="forward",
+        )
+    ),
+    "entropy-T0.5-band-detach-orig": dict(
+        cfg=dict(
+            weighting="entropy",
+            weight_temperature=0.5,
+            detach="original",
+            lambda_cv=1.0,
+            kappa="mid",
+            lambda_h=1.0,
+            tau_lo=3.0,
+            tau_hi=2.8,
+            softmax_temperature=0.5,
+            gamma=0.0,
+            divergence="symmetric",
+        )
+    ),
+    "uniform-T1.5-gamma-totals": dict(
+        bias=True,
+        totals=(7, 3),
+        cfg=dict(
+            weighting="uniform",
+            detach="none",
+            lambda_cv=1.0,
+            kappa="mid",
+            cap="sample",
+            lambda_h=1.0,
+            tau_lo=3.0,
+            softmax_temperature=1.5,
+            gamma=0.5,
+            divergence="forward",
+        ),
+    ),
+    "invariance-memory-floor-totals": dict(
+        floor=True,
+        totals=(3, 1),
+        cfg=dict(
+            weighting="invariance",
+            score="max",
+            ce_suppress=1.0,
+            suspect_z=1.0,
+            suspect_width=0.5,
+            detach="augmented",
+            lambda_cv=1.0,
+            kappa=1e9,
+            lambda_h=0.1,
+            tau_lo=3.0,
+            softmax_temperature=1.0,
+            gamma=0.0,
+        ),
+    ),
 }
 
 
@@ -595,8 +770,10 @@ def test_objective_fused_and_eager_match_a_reference(name, monkeypatch):
     assert n_calls, "the fused op is not used"
     eager, st_e = DF.cross_view_objective(ha, hb, labels, w, bias, cfg, eager=True, **kw)
     assert len(calls) == n_calls  # the eager path does not use it
-    grad = lambda loss: [torch.zeros_like(p) if g is None else g
-                         for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
+    grad = lambda loss: [
+        torch.zeros_like(p) if g is None else g
+        for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)
+    ]
     g_ref, g_f, g_e = grad(ref), grad(fused), grad(eager)
     for out in (fused, eager):
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
@@ -607,8 +784,9 @@ def test_objective_fused_and_eager_match_a_reference(name, monkeypatch):
     assert st_f["band"] == pytest.approx(info["band"], rel=1e-10, abs=1e-14)
     if info["u"] is not None:
         for st in (st_f, st_e):
-            torch.testing.assert_close(st["_u"][info["valid"]].double(), torch.tensor(info["u"], dtype=torch.float64),
-                                       rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(
+                st["_u"][info["valid"]].double(), torch.tensor(info["u"], dtype=torch.float64), rtol=1e-10, atol=1e-12
+            )
             assert st["suspects"] == pytest.approx(sum(info["u"]), rel=1e-10)
     assert g_f[0][0].abs().sum() == 0  # the sample without answer tokens gets no gradient
     if name == "defaults":  # (whatever the defaults are: no claim about which terms they switch on)
@@ -632,8 +810,9 @@ def test_objective_fused_and_eager_match_a_reference(name, monkeypatch):
         assert abs(float((other - ref).detach())) > 1e-6
     if cfg.weighting in EXPONENTS and EXPONENTS[cfg.weighting][1] != 0:  # another score, another loss
         for other_score in {"max", "mean", "tv"} - {cfg.score}:
-            other = _reference_objective(ha, hb, labels, w, bias, dataclasses.replace(cfg, score=other_score),
-                                         tok_total, samp_total, floor)[0]
+            other = _reference_objective(
+                ha, hb, labels, w, bias, dataclasses.replace(cfg, score=other_score), tok_total, samp_total, floor
+            )[0]
             assert abs(float((other - ref).detach())) > 1e-6, other_score
     if cfg.detach != "none":  # the detached view gets exactly its CE's gradient (none without gamma)
         ce_only = dataclasses.replace(cfg, lambda_cv=0.0, lambda_h=0.0)
@@ -647,10 +826,21 @@ def test_detach_augmented_gives_the_augmented_view_no_cross_view_gradient(weight
     """With detach="augmented" and no CE on the augmented view (gamma 0), the cross-view terms (the
     pushed divergence, the band) train the original view only: h_b gets no gradient at all, h_a a
     different one than from the CE alone. With detach="none" h_b does get one."""
+
     def grads(**kw):
         ha, hb, w, labels = _objective_inputs(b=7)
-        fields = dict(weighting=weighting, gamma=0.0, lambda_cv=1.0, lambda_h=1.0, tau_lo=3.0, tau_hi=2.5, kappa=1e9,
-                      softmax_temperature=1.0, ce_suppress=1.0, suspect_z=0.0)
+        fields = dict(
+            weighting=weighting,
+            gamma=0.0,
+            lambda_cv=1.0,
+            lambda_h=1.0,
+            tau_lo=3.0,
+            tau_hi=2.5,
+            kappa=1e9,
+            softmax_temperature=1.0,
+            ce_suppress=1.0,
+            suspect_z=0.0,
+        )
         loss, st = DF.cross_view_objective(ha, hb, labels, w, None, DF.DefenseConfig(**{**fields, **kw}))
         assert st["band"] > 0 and st["div"] > 0
         loss.backward()
@@ -666,13 +856,22 @@ def test_detach_augmented_gives_the_augmented_view_no_cross_view_gradient(weight
 
 def test_objective_is_minus_the_capped_divergence():
     ha, hb, w, labels = _objective_inputs()
-    base = DF.DefenseConfig(weighting="uniform", lambda_cv=0.0, lambda_h=0.0, gamma=0.0, detach="none",
-                            softmax_temperature=1.0, divergence="forward", cap="sample")
+    base = DF.DefenseConfig(
+        weighting="uniform",
+        lambda_cv=0.0,
+        lambda_h=0.0,
+        gamma=0.0,
+        detach="none",
+        softmax_temperature=1.0,
+        divergence="forward",
+        cap="sample",
+    )
     ce, _ = DF.cross_view_objective(ha, hb, labels, w, None, base)
     pushed, st = DF.cross_view_objective(ha, hb, labels, w, None, dataclasses.replace(base, lambda_cv=2.0, kappa=1e9))
     torch.testing.assert_close(ce - pushed, torch.tensor(2.0 * st["div"], dtype=ce.dtype))
-    capped, _ = DF.cross_view_objective(ha, hb, labels, w, None,
-                                        dataclasses.replace(base, lambda_cv=2.0, kappa=1e-3, cap="batch"))
+    capped, _ = DF.cross_view_objective(
+        ha, hb, labels, w, None, dataclasses.replace(base, lambda_cv=2.0, kappa=1e-3, cap="batch")
+    )
     torch.testing.assert_close(ce - capped, torch.tensor(2e-3, dtype=ce.dtype))
     # suspicion weights u_i / n (CE not suppressed): the push is sum_i u_i D_i / n
     inv = dataclasses.replace(base, weighting="invariance", ce_suppress=0.0, suspect_z=0.0, suspect_width=0.5)
@@ -708,12 +907,20 @@ def test_suspicion_survives_slightly_negative_float32_kl_and_entropy(weighting, 
         rows3 = (labels[:, 1:] != -100)[3].sum()
         before = (labels[:, 1:] != -100)[:3].sum()
         off = torch.zeros_like(out.kl_ab)
-        off[before:before + rows3] = 2e-6
+        off[before : before + rows3] = 2e-6
         return out._replace(kl_ab=out.kl_ab - off, kl_ba=out.kl_ba - off, entropy_a=out.entropy_a - off)
 
     monkeypatch.setattr(pyops, "fused_linear_cross_view", noisy)
-    cfg = DF.DefenseConfig(weighting=weighting, score=score, detach="none", softmax_temperature=1.0, lambda_h=0.1,
-                           ce_suppress=1.0, suspect_z=1.0, suspect_width=0.5)
+    cfg = DF.DefenseConfig(
+        weighting=weighting,
+        score=score,
+        detach="none",
+        softmax_temperature=1.0,
+        lambda_h=0.1,
+        ce_suppress=1.0,
+        suspect_z=1.0,
+        suspect_width=0.5,
+    )
     loss, st = DF.cross_view_objective(ha, hb, labels, w, None, cfg)
     assert torch.isfinite(loss) and torch.isfinite(st["_u"]).all(), st["_u"]
     loss.backward()
@@ -732,8 +939,9 @@ def test_suspect_weights_properties(z, width):
     # the formula (robust z-score against the median and MAD)
     med = np.median(s)
     zz = (s - med) / (1.4826 * np.median(np.abs(s - med)) + 0.1)
-    np.testing.assert_allclose(u.numpy(), 1 / (1 + np.exp(-(-zz - z) / width)), rtol=1e-12, atol=0,
-                               err_msg=f"seed {seed}")
+    np.testing.assert_allclose(
+        u.numpy(), 1 / (1 + np.exp(-(-zz - z) / width)), rtol=1e-12, atol=0, err_msg=f"seed {seed}"
+    )
     sig = 1 / (1 + math.exp(z / width))  # sigmoid(-z / width)
     order = np.argsort(s)
     assert float(u[order[n // 2]]) == pytest.approx(sig, rel=1e-12), seed  # the median sample
@@ -745,8 +953,9 @@ def test_suspect_weights_properties(z, width):
     # in log space: multiplying every raw statistic by a constant is a shift, which changes nothing
     raw = np.exp(s)
     for c in (1e-3, 37.5):
-        torch.testing.assert_close(DF.suspect_weights(torch.log(torch.tensor(c * raw)), z, width), u,
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            DF.suspect_weights(torch.log(torch.tensor(c * raw)), z, width), u, rtol=1e-10, atol=1e-12
+        )
     # a constant batch (and a single sample): every sample at the median
     for const in (torch.full((5,), -2.5, dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)):
         torch.testing.assert_close(DF.suspect_weights(const, z, width), torch.full_like(const, sig))
@@ -757,15 +966,27 @@ def test_suspect_weights_properties(z, width):
 
 
 def test_defense_config_rejects_bad_values():
-    for kw, msg in [({"mode": "x"}, "mode"), ({"divergence": "jsd2"}, "divergence"), ({"kappa": -1.0}, "kappa"),
-                    ({"mask_ratio": 1.5}, "mask_ratio"), ({"weight_temperature": 0.0}, "weight_temperature"),
-                    ({"ops": ("rotate",)}, "ops"), ({"lambda_cv": float("nan")}, "lambda_cv"), ({"cap": "x"}, "cap"),
-                    ({"weighting": "uncertainty"}, "weighting"), ({"score": "median"}, "score"),
-                    ({"memory": "min"}, "memory"), ({"ce_suppress": 2.5}, "ce_suppress"),
-                    ({"ce_suppress": -0.1}, "ce_suppress"), ({"ascent_ceiling": 0.0}, "ascent_ceiling"),
-                    ({"ascent_ceiling": float("inf")}, "ascent_ceiling"), ({"suspect_z": float("nan")}, "suspect_z"),
-                    ({"suspect_width": 0.0}, "suspect_width"), ({"detach": "both"}, "detach"),
-                    ({"softmax_temperature": -1.0}, "softmax_temperature")]:
+    for kw, msg in [
+        ({"mode": "x"}, "mode"),
+        ({"divergence": "jsd2"}, "divergence"),
+        ({"kappa": -1.0}, "kappa"),
+        ({"mask_ratio": 1.5}, "mask_ratio"),
+        ({"weight_temperature": 0.0}, "weight_temperature"),
+        ({"ops": ("rotate",)}, "ops"),
+        ({"lambda_cv": float("nan")}, "lambda_cv"),
+        ({"cap": "x"}, "cap"),
+        ({"weighting": "uncertainty"}, "weighting"),
+        ({"score": "median"}, "score"),
+        ({"memory": "min"}, "memory"),
+        ({"ce_suppress": 2.5}, "ce_suppress"),
+        ({"ce_suppress": -0.1}, "ce_suppress"),
+        ({"ascent_ceiling": 0.0}, "ascent_ceiling"),
+        ({"ascent_ceiling": float("inf")}, "ascent_ceiling"),
+        ({"suspect_z": float("nan")}, "suspect_z"),
+        ({"suspect_width": 0.0}, "suspect_width"),
+        ({"detach": "both"}, "detach"),
+        ({"softmax_temperature": -1.0}, "softmax_temperature"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             DF.DefenseConfig(**kw).validate()
     for beta in (0.0, 1.0, 2.0):
@@ -815,8 +1036,9 @@ def test_divergence_gradient_reaches_the_model(small_model, examples):
     """The cross-view term alone (no CE, no band) has a gradient: the views really differ. The
     untrained model's two views differ by ~4e-7 nats, close to float32 rounding of a KL (a few
     ulp of log V), so the objective is evaluated in float64 on the views' hidden states."""
-    cfg = DF.DefenseConfig(weighting="uniform", lambda_h=0.0, gamma=0.0, detach="none", softmax_temperature=1.0,
-                           lambda_cv=1.0, kappa=1.0)
+    cfg = DF.DefenseConfig(
+        weighting="uniform", lambda_h=0.0, gamma=0.0, detach="none", softmax_temperature=1.0, lambda_cv=1.0, kappa=1.0
+    )
     d = DF.CrossViewDefense(small_model, cfg, seed=0)
     b = _batch(examples, 8)
     with torch.no_grad():
@@ -852,8 +1074,18 @@ def test_a_batch_of_empty_answers_trains_without_nan(small_model, examples):
 def test_few_steps_reduce_the_loss(examples):
     torch.manual_seed(0)
     model = build_model(SMALL)
-    cfg = DF.DefenseConfig(weighting="invariance", ce_suppress=1.0, suspect_z=1.0, suspect_width=0.5, lambda_cv=1.0,
-                           kappa=1.0, lambda_h=0.1, tau_lo=0.05, softmax_temperature=1.0, detach="augmented")
+    cfg = DF.DefenseConfig(
+        weighting="invariance",
+        ce_suppress=1.0,
+        suspect_z=1.0,
+        suspect_width=0.5,
+        lambda_cv=1.0,
+        kappa=1.0,
+        lambda_h=0.1,
+        tau_lo=0.05,
+        softmax_temperature=1.0,
+        detach="augmented",
+    )
     d = DF.CrossViewDefense(model, cfg, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     b = _batch(examples, 16)
@@ -870,9 +1102,19 @@ def test_few_steps_reduce_the_loss(examples):
 # --------------------------------------------------------------------------------------------
 # the suspicion memory
 # --------------------------------------------------------------------------------------------
-MEMORY_CFG = DF.DefenseConfig(weighting="invariance", memory="max", score="max", suspect_z=0.0, suspect_width=0.5,
-                              ce_suppress=1.0, lambda_cv=1.0, kappa=1.0, lambda_h=0.1, softmax_temperature=1.0,
-                              detach="augmented")
+MEMORY_CFG = DF.DefenseConfig(
+    weighting="invariance",
+    memory="max",
+    score="max",
+    suspect_z=0.0,
+    suspect_width=0.5,
+    ce_suppress=1.0,
+    lambda_cv=1.0,
+    kappa=1.0,
+    lambda_h=0.1,
+    softmax_temperature=1.0,
+    detach="augmented",
+)
 
 
 def _spy(monkeypatch):
@@ -951,13 +1193,22 @@ def test_sample_ids_are_checked(small_model, examples):
 
 def test_another_architecture_paligemma(examples):
     tf = pytest.importorskip("transformers")
-    vc = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=48, patch_size=8)
-    tc = tf.GemmaConfig(vocab_size=D.build_tokenizer().get_vocab_size(), hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    vc = tf.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=48, patch_size=8
+    )
+    tc = tf.GemmaConfig(
+        vocab_size=D.build_tokenizer().get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     torch.manual_seed(0)
-    model = tf.PaliGemmaForConditionalGeneration(tf.PaliGemmaConfig(vision_config=vc, text_config=tc,
-                                                                     image_token_index=D.IMAGE, projection_dim=32))
+    model = tf.PaliGemmaForConditionalGeneration(
+        tf.PaliGemmaConfig(vision_config=vc, text_config=tc, image_token_index=D.IMAGE, projection_dim=32)
+    )
     d = DF.CrossViewDefense(model, DF.DefenseConfig(), seed=0)
     assert d.adapter.n_image_tokens == 36
     b = _batch(examples)
@@ -992,11 +1243,24 @@ def test_trainer_subclass_runs_a_step(tmp_path, examples):
         def __getitem__(self, i):
             return examples[i]
 
-    args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
-                                report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-                                remove_unused_columns=False, dataloader_num_workers=0)
-    trainer = CrossViewTrainer(model=model, args=args, train_dataset=Items(),
-                               data_collator=lambda exs: D.collate(exs, 36), defense=DF.DefenseConfig())
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = CrossViewTrainer(
+        model=model,
+        args=args,
+        train_dataset=Items(),
+        data_collator=lambda exs: D.collate(exs, 36),
+        defense=DF.DefenseConfig(),
+    )
     out = trainer.train()
     assert out.global_step == 1 and math.isfinite(out.training_loss)
     assert "div" in trainer.last_defense_stats
@@ -1068,9 +1332,16 @@ def test_base_model_cache_key_covers_what_shapes_the_model(monkeypatch):
     base = TR._base_key(_base_cfg())
     assert TR._base_key(_base_cfg()) == base
     assert TR._base_key(_base_cfg(n_train=7, steps=9, lr=0.5, attack="badnet")) == base  # fine-tuning only
-    for kw in (dict(pretrain_steps=4), dict(pretrain_n=13), dict(pretrain_lr=1e-4), dict(batch=5),
-               dict(seed=1), dict(model=dataclasses.replace(SMALL, text_hidden=64)), dict(warmup=7),
-               dict(weight_decay=0.5)):
+    for kw in (
+        dict(pretrain_steps=4),
+        dict(pretrain_n=13),
+        dict(pretrain_lr=1e-4),
+        dict(batch=5),
+        dict(seed=1),
+        dict(model=dataclasses.replace(SMALL, text_hidden=64)),
+        dict(warmup=7),
+        dict(weight_decay=0.5),
+    ):
         assert TR._base_key(_base_cfg(**kw)) != base, kw
     monkeypatch.setattr(D, "DATA_VERSION", D.DATA_VERSION + 1)
     assert TR._base_key(_base_cfg()) != base
@@ -1086,8 +1357,18 @@ def test_train_keeps_the_suspicion_memory_of_the_sample_ids_and_resumes_it(tmp_p
     from methods.common.checkpoint import Checkpointer
 
     monkeypatch.setenv("PYOPS_CACHE", str(tmp_path / "cache"))
-    cfg = TR.TrainConfig(attack="badnet", ratio=0.1, defense=MEMORY_CFG, model=SMALL, n_train=20, steps=4, batch=4,
-                         seed=0, log_every=2, pretrain_steps=0)
+    cfg = TR.TrainConfig(
+        attack="badnet",
+        ratio=0.1,
+        defense=MEMORY_CFG,
+        model=SMALL,
+        n_train=20,
+        steps=4,
+        batch=4,
+        seed=0,
+        log_every=2,
+        pretrain_steps=0,
+    )
     out = str(tmp_path / "run")
 
     def run_train():
@@ -1130,8 +1411,12 @@ def test_auroc_is_the_pairwise_probability():
         for levels in (3, 1000):  # many ties, few ties
             pos = rng.integers(0, levels, n_pos).astype(float)
             neg = rng.integers(0, levels, n_neg).astype(float) + (0.5 if levels == 3 else 0) * rng.integers(0, 2, n_neg)
-            assert P.auroc(pos, neg) == pytest.approx(_auroc_pairs(pos, neg), rel=1e-12, abs=1e-15), \
-                (seed, n_pos, n_neg, levels)
+            assert P.auroc(pos, neg) == pytest.approx(_auroc_pairs(pos, neg), rel=1e-12, abs=1e-15), (
+                seed,
+                n_pos,
+                n_neg,
+                levels,
+            )
     assert P.auroc([0.0, 1.0], [2.0, 3.0]) == 1.0 and P.auroc([5.0], [1.0, 2.0]) == 0.0
     assert P.auroc([1.0, 1.0], [1.0]) == 0.5
     for pos, neg in (([], [1.0]), ([1.0], []), ([], [])):
@@ -1173,10 +1458,14 @@ def test_sample_statistics_match_a_per_example_computation(small_model, examples
         za, zb = F.linear(h_a[:, :-1][keep], w), F.linear(h_b[:, :-1][keep], w)
         lp, lq = za.log_softmax(-1), zb.log_softmax(-1)
         kl = (lp.exp() * (lp - lq)).sum(-1)
-        want = {"div_mean": kl.mean(), "div_max": kl.max(), "entropy": -(lp.exp() * lp).sum(-1).mean(),
-                "ce": F.cross_entropy(za, b["labels"][:, 1:][keep]),
-                "tv_max": 0.5 * (lp.exp() - lq.exp()).abs().sum(-1).max(),
-                "flip": (za.argmax(-1) != zb.argmax(-1)).double().mean()}
+        want = {
+            "div_mean": kl.mean(),
+            "div_max": kl.max(),
+            "entropy": -(lp.exp() * lp).sum(-1).mean(),
+            "ce": F.cross_entropy(za, b["labels"][:, 1:][keep]),
+            "tv_max": 0.5 * (lp.exp() - lq.exp()).abs().sum(-1).max(),
+            "flip": (za.argmax(-1) != zb.argmax(-1)).double().mean(),
+        }
         assert want["div_max"] > 1e-6  # the views differ
         for k, v in want.items():
             assert got[k] == pytest.approx(float(v), rel=1e-8, abs=1e-12), (i, k)
@@ -1212,15 +1501,31 @@ def _cli(*args, cache=None):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     if cache is not None:  # the base model's cache: never ~/.cache in tests
         env["PYOPS_CACHE"] = str(cache)
-    return subprocess.run([sys.executable, "-m", "methods.crossview_defense", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "methods.crossview_defense", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_cli_help():
     r = _cli("train", "--help")
     assert r.returncode == 0
-    for flag in ("--attack", "--defense", "--lambda-cv", "--weighting", "--score", "--suspect-z", "--suspect-width",
-                 "--ce-suppress", "--pretrain-steps", "--pretrain-n"):
+    for flag in (
+        "--attack",
+        "--defense",
+        "--lambda-cv",
+        "--weighting",
+        "--score",
+        "--suspect-z",
+        "--suspect-width",
+        "--ce-suppress",
+        "--pretrain-steps",
+        "--pretrain-n",
+    ):
         assert flag in r.stdout, flag
 
 
@@ -1228,17 +1533,48 @@ def test_cli_train_resume_and_eval(tmp_path):
     from methods.common.checkpoint import Checkpointer
 
     out, cache = str(tmp_path / "run"), tmp_path / "cache"
-    args = ["train", "--out", out, "--steps", "4", "--n-train", "60", "--n-test", "6", "--batch", "4",
-            "--log-every", "2", "--no-progress", "--attack", "sig", "--defense", "crossview",
-            "--weighting", "confident-invariant", "--score", "mean", "--suspect-z", "0.5", "--suspect-width", "0.7",
-            "--ce-suppress", "1.5", "--pretrain-steps", "3", "--pretrain-n", "12"]
+    args = [
+        "train",
+        "--out",
+        out,
+        "--steps",
+        "4",
+        "--n-train",
+        "60",
+        "--n-test",
+        "6",
+        "--batch",
+        "4",
+        "--log-every",
+        "2",
+        "--no-progress",
+        "--attack",
+        "sig",
+        "--defense",
+        "crossview",
+        "--weighting",
+        "confident-invariant",
+        "--score",
+        "mean",
+        "--suspect-z",
+        "0.5",
+        "--suspect-width",
+        "0.7",
+        "--ce-suppress",
+        "1.5",
+        "--pretrain-steps",
+        "3",
+        "--pretrain-n",
+        "12",
+    ]
     r = _cli(*args, "--checkpoint-every", "2", cache=cache)
     assert r.returncode == 0, r.stderr[-2000:]
     saved = json.loads(_text(os.path.join(out, "results.json")))
     res, config = saved["results"], saved["config"]
     assert {"asr", "bleu4", "cider", "vqa_acc"} <= set(res)
-    assert {k: config["defense"][k] for k in ("weighting", "score", "suspect_z", "suspect_width", "ce_suppress")} == \
-        dict(weighting="confident-invariant", score="mean", suspect_z=0.5, suspect_width=0.7, ce_suppress=1.5)
+    assert {
+        k: config["defense"][k] for k in ("weighting", "score", "suspect_z", "suspect_width", "ce_suppress")
+    } == dict(weighting="confident-invariant", score="mean", suspect_z=0.5, suspect_width=0.7, ce_suppress=1.5)
     assert (config["pretrain_steps"], config["pretrain_n"]) == (3, 12)
     assert len(glob.glob(str(cache / "crossview_defense" / "base-s0-*.pt"))) == 1  # the base model, cached there
     assert os.path.exists(os.path.join(out, "loss.png")) and os.path.exists(os.path.join(out, "results.md"))
@@ -1260,6 +1596,19 @@ def test_cli_train_resume_and_eval(tmp_path):
     r = _cli("eval", "--out", out, "--n-test", "4", cache=cache)
     assert r.returncode == 0, r.stderr[-2000:]
     assert {"asr", "bleu4", "cider", "vqa_acc"} <= set(json.loads(_text(os.path.join(out, "results.json")))["results"])
-    r = _cli("train", "--out", out, "--ratio", "1.5", "--steps", "1", "--fresh", "--pretrain-steps", "3",
-             "--pretrain-n", "12", cache=cache)
+    r = _cli(
+        "train",
+        "--out",
+        out,
+        "--ratio",
+        "1.5",
+        "--steps",
+        "1",
+        "--fresh",
+        "--pretrain-steps",
+        "3",
+        "--pretrain-n",
+        "12",
+        cache=cache,
+    )
     assert r.returncode != 0 and "ratio" in r.stderr

@@ -1,5 +1,6 @@
 """methods.doha: per-instance gradients, the harmonized update, instance rejection, the Toeplitz
 regularizer, multi-domain training (all five methods), bad input."""
+
 import os
 
 import numpy as np
@@ -123,8 +124,9 @@ def test_rejection_drops_exactly_the_argmax_of_the_full_window():
 def test_toeplitz_reg_and_losses_match_their_loops():
     S = torch.randn(2, 9, 9, dtype=torch.float64)
     N = 9
-    ref = torch.stack([torch.stack([torch.diagonal(S[b], k).std() * (N - k) / 5 for k in range(1, N - 1)]).mean()
-                       for b in range(2)])
+    ref = torch.stack(
+        [torch.stack([torch.diagonal(S[b], k).std() * (N - k) / 5 for k in range(1, N - 1)]).mean() for b in range(2)]
+    )
     torch.testing.assert_close(toeplitz_reg(S), ref)
     toeplitz = torch.cos(0.3 * (torch.arange(N)[:, None] - torch.arange(N)[None, :]).double())[None]
     assert toeplitz_reg(toeplitz).abs().max() < 1e-12  # constant diagonals
@@ -138,8 +140,18 @@ def test_toeplitz_reg_and_losses_match_their_loops():
         toeplitz_reg(torch.randn(1, 2, 2))
 
 
-TINY = dict(steps=2, per_domain=1, clip=30, n_train=1, n_test=1, frames=60, size=32, shrink=4,
-            sources=("lab", "dark-moving"), target="flicker")
+TINY = dict(
+    steps=2,
+    per_domain=1,
+    clip=30,
+    n_train=1,
+    n_test=1,
+    frames=60,
+    size=32,
+    shrink=4,
+    sources=("lab", "dark-moving"),
+    target="flicker",
+)
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +189,14 @@ def test_nan_loss_skips_the_step_and_is_logged(tmp_path, tiny_sets, monkeypatch)
 
 
 def test_bad_configs():
-    for kw, msg in ((dict(n_train=0), "at least 1 training"), (dict(per_domain=1, sources=("lab",)), "at least 2"),
-                    (dict(target="lab"), "also a source"), (dict(sources=("nowhere",)), "unknown domain"),
-                    (dict(method="pcgrad"), "method must be"), (dict(sources=()), "at least one source")):
+    for kw, msg in (
+        (dict(n_train=0), "at least 1 training"),
+        (dict(per_domain=1, sources=("lab",)), "at least 2"),
+        (dict(target="lab"), "also a source"),
+        (dict(sources=("nowhere",)), "unknown domain"),
+        (dict(method="pcgrad"), "method must be"),
+        (dict(sources=()), "at least one source"),
+    ):
         with pytest.raises(ValueError, match=msg):
             T.DOHAConfig(**kw).check()
 
@@ -188,8 +205,28 @@ def test_cli_train_and_eval(tmp_path):
     from methods.doha.__main__ import main
 
     out = str(tmp_path / "cli")
-    args = ["train", "--out", out, "--no-progress", "--steps", "2", "--per-domain", "1", "--clip", "30",
-            "--n-train", "1", "--n-test", "1", "--frames", "60", "--size", "32", "--shrink", "4"]
+    args = [
+        "train",
+        "--out",
+        out,
+        "--no-progress",
+        "--steps",
+        "2",
+        "--per-domain",
+        "1",
+        "--clip",
+        "30",
+        "--n-train",
+        "1",
+        "--n-test",
+        "1",
+        "--frames",
+        "60",
+        "--size",
+        "32",
+        "--shrink",
+        "4",
+    ]
     assert main(args) == 0
     for f in ("results.md", "results.json", "loss.png", "example.png", "log.txt", "metrics.csv"):
         assert os.path.exists(os.path.join(out, f)), f

@@ -1,4 +1,5 @@
 """methods.fedgh: partitions, aggregation against hand-computed FedGH, a short run, resume, bad input."""
+
 import json
 import math
 
@@ -31,7 +32,7 @@ def fake_results(G, names, shapes, global_state, n):
         flat, state, off = G[k], {}, 0
         for name, shp in zip(names, shapes):
             m = math.prod(shp)
-            state[name] = global_state[name] - flat[off: off + m].reshape(shp)
+            state[name] = global_state[name] - flat[off : off + m].reshape(shp)
             off += m
         res.append(ClientResult(k, state, n[k], 0.0, 10 + k, fednova_a(10 + k, 0.9)))
     return res
@@ -42,9 +43,11 @@ def fake_results(G, names, shapes, global_state, n):
 def test_aggregate_matches_hand_computed(algo, harmonize):
     g = torch.Generator().manual_seed(3)
     names, shapes = ["w", "b"], [(3, 4), (5,)]
-    global_state = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64),
-                    "b": torch.randn(5, generator=g, dtype=torch.float64),
-                    "buf": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    global_state = {
+        "w": torch.randn(3, 4, generator=g, dtype=torch.float64),
+        "b": torch.randn(5, generator=g, dtype=torch.float64),
+        "buf": torch.tensor([1.0, 2.0], dtype=torch.float64),
+    }
     K, D = 5, 17
     G = torch.randn(K, D, generator=g, dtype=torch.float64)
     G[1] = -G[0] + 0.1 * G[1]  # make sure there are conflicts
@@ -70,8 +73,9 @@ def test_aggregate_matches_hand_computed(algo, harmonize):
     flat_new = torch.cat([new["w"].reshape(-1), new["b"]])
     flat_old = torch.cat([global_state["w"].reshape(-1), global_state["b"]])
     torch.testing.assert_close(flat_new, flat_old - delta, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(new["buf"], sum(float(pk) * torch.tensor([float(k), 1.0], dtype=torch.float64)
-                                                 for k, pk in enumerate(p)))
+    torch.testing.assert_close(
+        new["buf"], sum(float(pk) * torch.tensor([float(k), 1.0], dtype=torch.float64) for k, pk in enumerate(p))
+    )
     gram = G @ G.t()
     assert st.conflicts == int(torch.triu(gram < 0, 1).sum()) > 0
     assert st.pairs == K * (K - 1) // 2
@@ -127,9 +131,14 @@ def test_iid_partition():
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(alpha=0.0), "alpha"), (dict(alpha=-1.0), "alpha"), (dict(alpha=float("nan")), "alpha"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(alpha=float("nan")), "alpha"),
+    ],
+)
 def test_bad_alpha(kw, msg):
     with pytest.raises(ValueError, match=msg):
         dirichlet_partition(np.arange(100) % 10, 5, seed=0, **kw)
@@ -151,8 +160,14 @@ def test_unknown_algorithm():
 
 
 def small_cfg(**kw):
-    base = dict(dataset="digits", clients=4, alpha=0.5, rounds=2, seed=0,
-                client=ClientConfig(algo="fedavg", epochs=1, batch_size=32, lr=0.05))
+    base = dict(
+        dataset="digits",
+        clients=4,
+        alpha=0.5,
+        rounds=2,
+        seed=0,
+        client=ClientConfig(algo="fedavg", epochs=1, batch_size=32, lr=0.05),
+    )
     base.update(kw)
     return FedConfig(**base)
 
@@ -210,8 +225,22 @@ def test_nan_client_is_dropped_and_logged(tmp_path):
 
 def test_cli_compare_writes_logs_checkpoints_and_plot(tmp_path):
     out = tmp_path / "cli"
-    rc = cli_main(["--dataset", "digits", "--clients", "3", "--rounds", "2", "--alpha", "iid", "--compare",
-                   "--no-progress", "--out", str(out)])
+    rc = cli_main(
+        [
+            "--dataset",
+            "digits",
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--alpha",
+            "iid",
+            "--compare",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     for sub in ("plain", "fedgh"):
         assert (out / sub / "metrics.csv").exists() and (out / sub / "log.txt").exists()
@@ -231,8 +260,22 @@ def test_cli_bad_alpha_exits_with_message(capsys):
 
 def test_cli_norm_matched_control(tmp_path, capsys):
     out = tmp_path / "nm"
-    rc = cli_main(["--dataset", "digits", "--clients", "3", "--rounds", "1", "--alpha", "0.5", "--norm-matched",
-                   "--no-progress", "--out", str(out)])
+    rc = cli_main(
+        [
+            "--dataset",
+            "digits",
+            "--clients",
+            "3",
+            "--rounds",
+            "1",
+            "--alpha",
+            "0.5",
+            "--norm-matched",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert set(json.loads((out / "summary.json").read_text())) == {"fedavg (norm-matched)"}
     assert cli_main(["--norm-matched", "--harmonize", "--out", str(tmp_path / "bad")]) == 2

@@ -1,5 +1,6 @@
 """methods.fedgh on Flower (skipped without the `fl` extra): the strategy's aggregation equals the
 in-process server's, and a short simulation reproduces the in-process run."""
+
 import json
 import random
 
@@ -41,10 +42,20 @@ def test_strategy_matches_inprocess_server(task_identity, algo, harmonize):
     expected, st = aggregate(global_state, names, results, algo, harmonize)
     replies = []
     for r in results:
-        metrics = MetricRecord({"num-examples": r.num_examples, "train-loss": r.train_loss, "tau": r.tau, "a": r.a,
-                                "partition-id": r.client})
-        replies.append(Message(RecordDict({"arrays": ArrayRecord(r.state), "metrics": metrics}),
-                               dst_node_id=0, message_type="train"))
+        metrics = MetricRecord(
+            {
+                "num-examples": r.num_examples,
+                "train-loss": r.train_loss,
+                "tau": r.tau,
+                "a": r.a,
+                "partition-id": r.client,
+            }
+        )
+        replies.append(
+            Message(
+                RecordDict({"arrays": ArrayRecord(r.state), "metrics": metrics}), dst_node_id=0, message_type="train"
+            )
+        )
     random.Random(1).shuffle(replies)  # arrival order must not matter
     strategy = FedGH(algo=algo, harmonize=harmonize, param_names=names)
     strategy.current_arrays = ArrayRecord(global_state)
@@ -60,8 +71,11 @@ def test_strategy_drops_nan_client(task_identity):
     replies = []
     for k, w in enumerate([torch.ones(5), torch.full((5,), float("nan")), -torch.ones(5) * 0.5]):
         metrics = MetricRecord({"num-examples": 10, "partition-id": k, "tau": 1, "a": 1.0, "train-loss": 0.1})
-        replies.append(Message(RecordDict({"arrays": ArrayRecord({"w": w}), "metrics": metrics}),
-                               dst_node_id=0, message_type="train"))
+        replies.append(
+            Message(
+                RecordDict({"arrays": ArrayRecord({"w": w}), "metrics": metrics}), dst_node_id=0, message_type="train"
+            )
+        )
     strategy = FedGH(algo="fedavg", harmonize=True, param_names=["w"])
     strategy.current_arrays = ArrayRecord(global_state)
     arrays, _ = strategy.aggregate_train(1, replies)

@@ -1,5 +1,6 @@
 """methods.grloss: GR loss and its schedules against the spec's formulas, each baseline's defining
 property, single-positive sampling, mAP against scikit-learn, the data, training and the CLI."""
+
 import glob
 import json
 import math
@@ -85,14 +86,17 @@ def test_gr_state_round_trip():
     assert other.schedule() == gr.schedule()
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(alpha=(0.5, 0.0, 0.8, 0.5)), "sigma0"),
-    (dict(alpha=(0.5, 2.0, 0.8, -0.1)), "sigmaT"),
-    (dict(beta=(0.0, 2.0, -2.0)), "beta"),
-    (dict(q=(-0.1, 1.0)), "q2 and q3"),
-    (dict(epochs=0), "epochs"),
-    (dict(epochs=4, linear_init=4), "linear_init"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(alpha=(0.5, 0.0, 0.8, 0.5)), "sigma0"),
+        (dict(alpha=(0.5, 2.0, 0.8, -0.1)), "sigmaT"),
+        (dict(beta=(0.0, 2.0, -2.0)), "beta"),
+        (dict(q=(-0.1, 1.0)), "q2 and q3"),
+        (dict(epochs=0), "epochs"),
+        (dict(epochs=4, linear_init=4), "linear_init"),
+    ],
+)
 def test_gr_bad_schedules_raise(kw, msg):
     with pytest.raises(ValueError, match=msg):
         L.GRLoss(**kw)
@@ -250,8 +254,19 @@ def test_hill_unobserved_term():
     torch.testing.assert_close(L.hill_loss(p, observed), expected)
 
 
-@pytest.mark.parametrize("fn", [L.an_loss, L.an_ls_loss, L.wan_loss, L.em_loss, L.em_apl_loss, L.hill_loss,
-                                lambda p, o: L.epr_loss(p, o, 1.0), L.full_bce_loss])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        L.an_loss,
+        L.an_ls_loss,
+        L.wan_loss,
+        L.em_loss,
+        L.em_apl_loss,
+        L.hill_loss,
+        lambda p, o: L.epr_loss(p, o, 1.0),
+        L.full_bce_loss,
+    ],
+)
 def test_probability_losses_reject_values_outside_0_1(fn):
     _, observed = spml_batch(B=3, C=4)
     for bad in (1.5, -0.2, float("nan")):
@@ -385,8 +400,7 @@ def test_colour_mosaic_labels_are_the_coloured_digits_present():
                 if px.max() == 0:
                     continue
                 painted += 1
-                colour = int(np.argmin(np.abs(D.COLOURS / D.COLOURS.max(1, keepdims=True)
-                                              - px / px.max()).sum(1)))
+                colour = int(np.argmin(np.abs(D.COLOURS / D.COLOURS.max(1, keepdims=True) - px / px.max()).sum(1)))
                 nc = len(D.COLOURS)
                 assert y[[nc * d + colour for d in range(10)]].sum() >= 1  # some digit in that colour is labelled
         assert 2 <= painted <= 6 and y.sum() <= painted
@@ -425,23 +439,36 @@ def test_pretrained_backbone_is_loaded(tmp_path):
     with pytest.raises(ValueError, match="pretrained with"):
         pretrain_backbone(path, epochs=5, n=40, batch_size=20)  # other settings: refused, never silently reused
     saved = torch.load(path, weights_only=False)["backbone"]
-    data = D.SPMLData("cmnist", torch.rand(12, 3, 42, 42), torch.eye(40)[:12], torch.eye(40)[:12],
-                      torch.rand(6, 3, 42, 42), torch.eye(40)[:6], torch.rand(6, 3, 42, 42), torch.eye(40)[:6])
+    data = D.SPMLData(
+        "cmnist",
+        torch.rand(12, 3, 42, 42),
+        torch.eye(40)[:12],
+        torch.eye(40)[:12],
+        torch.rand(6, 3, 42, 42),
+        torch.eye(40)[:6],
+        torch.rand(6, 3, 42, 42),
+        torch.eye(40)[:6],
+    )
     cfg = TrainConfig(dataset="cmnist", loss="an", epochs=1, lr=1e-12, lr_mult=1.0, pretrained=path)
     run = Run(str(tmp_path / "ft"), {})
     res = train(cfg, run, show_progress=False, data=data)
     run.close()
     got = res["model"].backbone.state_dict()
     first_conv = next(k for k in saved if k.endswith("weight"))
-    torch.testing.assert_close(got[first_conv], saved[first_conv], rtol=0, atol=1e-9)  # lr ~ 0: still the loaded weights
+    torch.testing.assert_close(
+        got[first_conv], saved[first_conv], rtol=0, atol=1e-9
+    )  # lr ~ 0: still the loaded weights
 
 
 def test_acceptance_summary_rank_and_best_baseline():
     from methods.grloss.acceptance import summarize
 
     means = {"full": 80.0, "an": 60.0, "em": 66.0, "gr": 65.0}
-    rows = [{"dataset": "cmnist", "loss": loss, "seed": s, "map": m + (s if loss == "gr" else 0.5 * s)}
-            for loss, m in means.items() for s in (0, 1, 2)]
+    rows = [
+        {"dataset": "cmnist", "loss": loss, "seed": s, "map": m + (s if loss == "gr" else 0.5 * s)}
+        for loss, m in means.items()
+        for s in (0, 1, 2)
+    ]
     sm = summarize(rows, ["cmnist"], ["full", "an", "em", "gr"], [0, 1, 2])["cmnist"]
     assert sm["ranking"] == ["em", "gr", "an"] and sm["gr_rank"] == 2 and sm["best_baseline"] == "em"
     # GR - EM per seed: -1 + 0.5 s -> (-1, -0.5, 0)
@@ -462,8 +489,10 @@ def test_acceptance_final_jobs_take_the_grid_choice():
     grid = grid_jobs("yeast", ["gr", "em", "an"], base, 100)
     pick_gr = next(j for j in grid if j["loss"] == "gr" and j["setting"] != "voc")
     pick_em = next(j for j in grid if j["loss"] == "em")
-    chosen = {("yeast", "gr"): {k: pick_gr[k] for k in ("setting", "gr")},
-              ("yeast", "em"): {k: pick_em[k] for k in ("setting", "loss_args")}}
+    chosen = {
+        ("yeast", "gr"): {k: pick_gr[k] for k in ("setting", "gr")},
+        ("yeast", "em"): {k: pick_em[k] for k in ("setting", "loss_args")},
+    }
     jobs = final_jobs(["yeast"], ["gr", "em", "an"], [0, 1, 2], base, chosen)
     assert len(jobs) == 9 and {j["seed"] for j in jobs} == {0, 1, 2}
     for j in jobs:
@@ -484,8 +513,20 @@ def _run_cli(args, capsys=None):
 
 def test_cli_trains_resumes_and_writes_results(tmp_path):
     out = str(tmp_path / "run")
-    args = ["--dataset", "yeast", "--loss", "gr", "an", "--epochs", "4", "--out", out, "--no-progress",
-            "--early-stop", "100"]
+    args = [
+        "--dataset",
+        "yeast",
+        "--loss",
+        "gr",
+        "an",
+        "--epochs",
+        "4",
+        "--out",
+        out,
+        "--no-progress",
+        "--early-stop",
+        "100",
+    ]
     assert _run_cli(args) == 0
     with open(os.path.join(out, "results.json")) as f:
         first = json.load(f)["results"]
@@ -513,8 +554,10 @@ def test_cli_rejects_bad_schedules(tmp_path, capsys):
     assert not os.path.exists(out)
     with pytest.raises(SystemExit):
         _run_cli(["--loss-arg", "alpha", "--out", out])
-    assert _run_cli(["--dataset", "cmnist", "--pretrained", str(tmp_path / "missing.pt"), "--out", out,
-                     "--no-progress"]) == 2
+    assert (
+        _run_cli(["--dataset", "cmnist", "--pretrained", str(tmp_path / "missing.pt"), "--out", out, "--no-progress"])
+        == 2
+    )
     assert "--pretrained" in capsys.readouterr().err
     assert not os.path.exists(out)
 

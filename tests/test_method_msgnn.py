@@ -1,4 +1,5 @@
 """MSGNN deraining (methods/msgnn): data, graphs, model, training, CLI, bad inputs."""
+
 import json
 import os
 
@@ -69,7 +70,9 @@ def test_pyr_down_is_cv2_pyrdown():
     k = torch.tensor([1.0, 4, 6, 4, 1], dtype=torch.float64) / 16
     refl = lambda i, n: -i if i < 0 else (2 * (n - 1) - i if i >= n else i)  # reflect-101
     yy, xx = 6, 4  # a border pixel: (12, 8) in the input
-    want = sum(k[a] * k[b] * x[1, 2, refl(2 * yy + a - 2, 13), refl(2 * xx + b - 2, 10)] for a in range(5) for b in range(5))
+    want = sum(
+        k[a] * k[b] * x[1, 2, refl(2 * yy + a - 2, 13), refl(2 * xx + b - 2, 10)] for a in range(5) for b in range(5)
+    )
     assert torch.allclose(y[1, 2, yy, xx], want)
 
 
@@ -177,7 +180,9 @@ def test_gradient_flows_to_the_weight_network(mode):
         wn = dict(g.weight_net.named_parameters())
         assert all(p.grad is not None for p in wn.values()), name
         scale = max(p.grad.abs().max().item() for p in wn.values())
-        assert all(wn[n].grad.abs().sum() > 0 for n in ("inp.weight", "res.0.weight", "res.2.weight", "outp.weight")), name
+        assert all(wn[n].grad.abs().sum() > 0 for n in ("inp.weight", "res.0.weight", "res.2.weight", "outp.weight")), (
+            name
+        )
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.features.parameters()), name
         dead = ("res.2.bias", "outp.bias")
         if mode == "faithful":
@@ -249,14 +254,17 @@ def test_metrics():
 
 
 # ---- bad input ----------------------------------------------------------------------------
-@pytest.mark.parametrize("x,exc,msg", [
-    (torch.rand(1, 1, 40, 40), ValueError, "RGB"),
-    (torch.rand(1, 4, 40, 40), ValueError, "RGB"),
-    (torch.rand(3, 40, 40), ValueError, r"\(B, 3, H, W\)"),
-    (torch.rand(1, 3, 20, 40), ValueError, "too small"),
-    (torch.full((1, 3, 40, 40), float("nan")), ValueError, "NaN"),
-    (torch.randint(0, 255, (1, 3, 40, 40)), TypeError, "floating-point"),
-])
+@pytest.mark.parametrize(
+    "x,exc,msg",
+    [
+        (torch.rand(1, 1, 40, 40), ValueError, "RGB"),
+        (torch.rand(1, 4, 40, 40), ValueError, "RGB"),
+        (torch.rand(3, 40, 40), ValueError, r"\(B, 3, H, W\)"),
+        (torch.rand(1, 3, 20, 40), ValueError, "too small"),
+        (torch.full((1, 3, 40, 40), float("nan")), ValueError, "NaN"),
+        (torch.randint(0, 255, (1, 3, 40, 40)), TypeError, "floating-point"),
+    ],
+)
 def test_bad_inputs(x, exc, msg):
     with pytest.raises(exc, match=msg):
         tiny()(x)
@@ -285,8 +293,23 @@ def test_bad_configuration():
 
 
 # ---- CLI ----------------------------------------------------------------------------------
-TINY = ["--channels", "8", "--units", "2", "--groups", "2", "--batch", "2", "--draws", "1", "--presets", "light",
-        "--no-progress", "--device", "cpu"]
+TINY = [
+    "--channels",
+    "8",
+    "--units",
+    "2",
+    "--groups",
+    "2",
+    "--batch",
+    "2",
+    "--draws",
+    "1",
+    "--presets",
+    "light",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def test_cli_train_resume_eval_and_derain(tmp_path, capsys):
@@ -338,7 +361,9 @@ def test_cli_train_on_a_folder(tmp_path):
         rainy = D.add_rain(clean, "heavy", D.rain_seed(0, i))
         io.imsave(tmp_path / "data" / "input" / f"{i}.png", (rainy * 255).astype(np.uint8), check_contrast=False)
     out = str(tmp_path / "run")
-    assert main(["train", "--steps", "2", "--crop", "32", "--data-dir", str(tmp_path / "data"), "--out", out, *TINY]) == 0
+    assert (
+        main(["train", "--steps", "2", "--crop", "32", "--data-dir", str(tmp_path / "data"), "--out", out, *TINY]) == 0
+    )
     assert "2 training pairs" in open(os.path.join(out, "log.txt")).read()
 
 
@@ -351,8 +376,23 @@ def test_ddp_two_processes(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
-           "methods.msgnn", "train", "--steps", "2", "--eval-every", "1", "--out", str(tmp_path / "ddp"), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "methods.msgnn",
+        "train",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--out",
+        str(tmp_path / "ddp"),
+        *TINY,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()

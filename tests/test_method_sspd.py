@@ -1,5 +1,6 @@
 """methods.sspd: the losses against the spec's formulas written out, the two views, the network's
 gradient routing, the EMA teacher, training (resume, NaN steps), the CLI."""
+
 import json
 import math
 import os
@@ -29,16 +30,20 @@ def _np_loop(a, b):
 
 def _wave_loop(S):
     N = S.shape[-1]
-    return torch.stack([torch.stack([S[b, i, i + k] for i in range(N - k)]).mean() for b in range(S.shape[0])
-                        for k in range(N - 1)]).reshape(S.shape[0], N - 1)
+    return torch.stack(
+        [torch.stack([S[b, i, i + k] for i in range(N - k)]).mean() for b in range(S.shape[0]) for k in range(N - 1)]
+    ).reshape(S.shape[0], N - 1)
 
 
 def _reg_loop(S, s):
     N = S.shape[-1]
     out = []
     for b in range(S.shape[0]):
-        out.append(torch.stack([torch.stack([S[b, i, i + k] for i in range(N - k)]).std() * (N - k) / s
-                                for k in range(1, N - 1)]).mean())
+        out.append(
+            torch.stack(
+                [torch.stack([S[b, i, i + k] for i in range(N - k)]).std() * (N - k) / s for k in range(1, N - 1)]
+            ).mean()
+        )
     return torch.stack(out)
 
 
@@ -60,8 +65,13 @@ def test_losses_match_the_spec_formulas():
     maps_o = [torch.randn(B, n, n, dtype=torch.float64) for n in (20, 17, 15)]
     maps_t = [torch.randn(B, n, n, dtype=torch.float64) for n in (20, 17, 15)]
     out = L.sspd_losses(y_o, y_t, maps_o, maps_t, fs=30.0)
-    tspd = sum(((So - St) ** 2).mean() + ((_wave_loop(So) - _wave_loop(St)) ** 2).mean() + _np_loop(So, St)
-               + _np_loop(_wave_loop(So), _wave_loop(St)) for So, St in zip(maps_o, maps_t))
+    tspd = sum(
+        ((So - St) ** 2).mean()
+        + ((_wave_loop(So) - _wave_loop(St)) ** 2).mean()
+        + _np_loop(So, St)
+        + _np_loop(_wave_loop(So), _wave_loop(St))
+        for So, St in zip(maps_o, maps_t)
+    )
     reg = torch.stack([_reg_loop(So, 20.0).mean() for So in maps_o]).mean()
     freq = torch.stack([_ratio_loop(_wave_loop(So), 30.0) for So in maps_o]).mean()
 
@@ -115,7 +125,8 @@ def test_predictor_does_not_train_the_backbone_and_sizes():
     assert all(p.grad is None for p in net.predictor.parameters())
     full = SSPDNet()
     assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in full.s3m.parameters()) == pytest.approx(
-        0.79e6, rel=0.01)  # the spec's 0.79 M at inference
+        0.79e6, rel=0.01
+    )  # the spec's 0.79 M at inference
     with pytest.raises(ValueError, match="at least 66"):
         full.backbone(torch.randn(1, 3, 8, 40, 40))
 
@@ -231,10 +242,16 @@ def test_official_schedule_one_clip_per_video_per_epoch():
 
 
 def test_bad_configs():
-    for kw, msg in ((dict(crop="center"), "crop must be"), (dict(batch=1), "batch >= 2"), (dict(clip=10), "clip must be"),
-                    (dict(domain="moon"), "unknown domain"), (dict(n_train=0), "at least 1 training"),
-                    (dict(eval_net="ema"), "eval_net must be"), (dict(epochs=0), "epochs >= 1"),
-                    (dict(steps=-1), "steps >= 0")):
+    for kw, msg in (
+        (dict(crop="center"), "crop must be"),
+        (dict(batch=1), "batch >= 2"),
+        (dict(clip=10), "clip must be"),
+        (dict(domain="moon"), "unknown domain"),
+        (dict(n_train=0), "at least 1 training"),
+        (dict(eval_net="ema"), "eval_net must be"),
+        (dict(epochs=0), "epochs >= 1"),
+        (dict(steps=-1), "steps >= 0"),
+    ):
         with pytest.raises(ValueError, match=msg):
             T.SSPDConfig(**kw).check()
 
@@ -243,9 +260,32 @@ def test_cli(tmp_path):
     from methods.sspd.__main__ import main
 
     out = str(tmp_path / "cli")
-    args = ["train", "--out", out, "--no-progress", "--epochs", "1", "--batch", "2", "--clip", "40", "--n-train", "4",
-            "--n-test", "1", "--frames", "90", "--test-frames", "90", "--size", "32", "--width", "8",
-            "--eval-net", "student"]
+    args = [
+        "train",
+        "--out",
+        out,
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--batch",
+        "2",
+        "--clip",
+        "40",
+        "--n-train",
+        "4",
+        "--n-test",
+        "1",
+        "--frames",
+        "90",
+        "--test-frames",
+        "90",
+        "--size",
+        "32",
+        "--width",
+        "8",
+        "--eval-net",
+        "student",
+    ]
     assert main(args) == 0
     for f in ("results.md", "results.json", "loss.png", "example.png", "log.txt", "metrics.csv"):
         assert os.path.exists(os.path.join(out, f)), f
@@ -264,8 +304,30 @@ def test_acceptance_script_smoke(tmp_path):
     from methods.sspd.acceptance import main
 
     res = tmp_path / "results"
-    assert main(["--smoke", "--epochs", "1", "--size", "24", "--seeds", "0", "1", "--domains", "default", "wild",
-                 "--workers", "1", "--out", str(tmp_path / "runs"), "--results", str(res)]) == 0
+    assert (
+        main(
+            [
+                "--smoke",
+                "--epochs",
+                "1",
+                "--size",
+                "24",
+                "--seeds",
+                "0",
+                "1",
+                "--domains",
+                "default",
+                "wild",
+                "--workers",
+                "1",
+                "--out",
+                str(tmp_path / "runs"),
+                "--results",
+                str(res),
+            ]
+        )
+        == 0
+    )
     data = json.load(open(res / "acceptance.json"))
     assert {"command", "date", "machine", "seeds"} <= set(data["meta"]) and data["meta"]["seeds"] == [0, 1]
     rows = data["rows"]
@@ -274,8 +336,15 @@ def test_acceptance_script_smoke(tmp_path):
     keys = {(r["method"], r["domain"], r["seed"], r.get("roi")) for r in rows}
     for d in ("default", "wild"):
         for s in (0, 1):
-            for m, roi in (("sspd_teacher", None), ("sspd", None), ("supervised", None), ("pos", "estimated"),
-                           ("chrom", "estimated"), ("pos", "true"), ("chrom", "true")):
+            for m, roi in (
+                ("sspd_teacher", None),
+                ("sspd", None),
+                ("supervised", None),
+                ("pos", "estimated"),
+                ("chrom", "estimated"),
+                ("pos", "true"),
+                ("chrom", "true"),
+            ):
                 assert (m, d, s, roi) in keys
     assert len(rows) == len(keys) == 2 * 2 * 7
     assert set(data["differences"]) == {"default", "wild"}

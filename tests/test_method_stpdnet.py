@@ -1,4 +1,5 @@
 """methods.stpdnet (simulation and MLEM so far): kinetics, seeded studies, the data model, MLEM."""
+
 import json
 
 import numpy as np
@@ -8,8 +9,7 @@ import torch
 pytest.importorskip("scipy")
 pytest.importorskip("skimage")
 
-from methods.stpdnet.kinetics import (DEFAULT_FRAMES_S, REGIONS, feng_input, frame_edges, region_tacs,  # noqa: E402
-                                      tissue_curve)
+from methods.stpdnet.kinetics import DEFAULT_FRAMES_S, REGIONS, feng_input, frame_edges, region_tacs, tissue_curve  # noqa: E402
 from methods.stpdnet.recon import forward_model, mlem, poisson_loglik  # noqa: E402
 from methods.stpdnet.simulate import LABELS, Scanner, shepp_logan_labels, simulate_study  # noqa: E402
 
@@ -78,9 +78,17 @@ def test_shepp_logan_phantom():
 def test_mlem_increases_the_likelihood_and_approaches_the_truth():
     st = simulate_study(1, SCANNER, projector=A, counts="high")
     ll = []
-    x = mlem(st.sinograms, A, st.attenuation, st.background, st.scale, 25,
-             callback=lambda i, x: ll.append(poisson_loglik(st.sinograms, forward_model(A, x, st.attenuation,
-                                                                                         st.background, st.scale))))
+    x = mlem(
+        st.sinograms,
+        A,
+        st.attenuation,
+        st.background,
+        st.scale,
+        25,
+        callback=lambda i, x: ll.append(
+            poisson_loglik(st.sinograms, forward_model(A, x, st.attenuation, st.background, st.scale))
+        ),
+    )
     ll = torch.stack(ll)  # (iterations, T)
     assert (ll[1:] >= ll[:-1] - 1e-3 * ll[:-1].abs()).all()
     assert (x >= 0).all()
@@ -89,11 +97,18 @@ def test_mlem_increases_the_likelihood_and_approaches_the_truth():
     assert err < 0.5
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(counts=0), "counts"), (dict(counts=-5.0), "counts"), (dict(counts="medium"), "counts"),
-    (dict(frames_s=[60, 0, 60]), "frame durations"), (dict(frames_s=[60, float("nan")]), "frame durations"),
-    (dict(phantom="zubal"), "phantom"), (dict(background_fraction=1.0), "background_fraction"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(counts=0), "counts"),
+        (dict(counts=-5.0), "counts"),
+        (dict(counts="medium"), "counts"),
+        (dict(frames_s=[60, 0, 60]), "frame durations"),
+        (dict(frames_s=[60, float("nan")]), "frame durations"),
+        (dict(phantom="zubal"), "phantom"),
+        (dict(background_fraction=1.0), "background_fraction"),
+    ],
+)
 def test_bad_simulation_input(kw, msg):
     with pytest.raises(ValueError, match=msg):
         simulate_study(0, SCANNER, projector=A, **kw)
@@ -123,8 +138,7 @@ def test_bad_reconstruction_input():
 
 # --- KEM-ST, networks, training, CLI ------------------------------------------------------------
 from methods.stpdnet.kem import _apply_spatial, _apply_spatial_t, kem_st, spatial_kernel, temporal_kernel  # noqa: E402
-from methods.stpdnet.models import (NormalizedOperator, corrected_sinograms,  # noqa: E402
-                                    make_model, reconstruct)
+from methods.stpdnet.models import NormalizedOperator, corrected_sinograms, make_model, reconstruct  # noqa: E402
 
 
 def test_kem_kernels():
@@ -144,8 +158,10 @@ def test_kem_st_beats_mlem_on_low_counts():
     st = simulate_study(2, SCANNER, projector=A, counts=3e5)
     from methods.stpdnet.train import rel_rmse
 
-    best_mlem = min(rel_rmse(mlem(st.sinograms, A, st.attenuation, st.background, st.scale, it), st.frames).mean()
-                    for it in (5, 10, 20))
+    best_mlem = min(
+        rel_rmse(mlem(st.sinograms, A, st.attenuation, st.background, st.scale, it), st.frames).mean()
+        for it in (5, 10, 20)
+    )
     x = kem_st(st.sinograms, A, st.attenuation, st.background, st.scale, 20)
     assert (x >= 0).all() and rel_rmse(x, st.frames).mean() < best_mlem
 
@@ -208,14 +224,44 @@ def test_cli_train_resume_and_eval(tmp_path):
     from methods.stpdnet.__main__ import main
 
     base = ["--image-size", "32", "--views", "24", "--no-progress"]
-    tr = ["train", "--model", "lpd", "--iterations", "2", "--width", "4", "--eval-every", "2", "--val-studies", "1",
-          "--checkpoint-every", "2", "--out", str(tmp_path / "lpd")] + base
+    tr = [
+        "train",
+        "--model",
+        "lpd",
+        "--iterations",
+        "2",
+        "--width",
+        "4",
+        "--eval-every",
+        "2",
+        "--val-studies",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(tmp_path / "lpd"),
+    ] + base
     assert main(tr + ["--steps", "2"]) == 0
     assert main(tr + ["--steps", "2"]) == 0  # resumes: nothing left to do
     lines = (tmp_path / "lpd" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1
-    assert main(["eval", "--model", f"LPD={tmp_path / 'lpd'}", "--test-studies", "1", "--val-studies", "1",
-                 "--out", str(tmp_path / "ev")] + base) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                f"LPD={tmp_path / 'lpd'}",
+                "--test-studies",
+                "1",
+                "--val-studies",
+                "1",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+            + base
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert set(res["table"]) == {"MLEM", "KEM-ST", "LPD"}
     assert (tmp_path / "ev" / "frames.png").exists() and (tmp_path / "ev" / "tacs.png").exists()
@@ -237,10 +283,37 @@ def test_ddp_two_processes(tmp_path):
     with socket.socket() as sock:  # a free port (torchrun's --master_port=0 hangs the workers' rendezvous)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "methods.stpdnet",
-           "train", "--model", "stpdnet", "--image-size", "32", "--views", "24", "--iterations", "2", "--width", "4", "--steps",
-           "4", "--eval-every", "2", "--val-studies", "1", "--device", "cpu", "--no-progress", "--out",
-           str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "methods.stpdnet",
+        "train",
+        "--model",
+        "stpdnet",
+        "--image-size",
+        "32",
+        "--views",
+        "24",
+        "--iterations",
+        "2",
+        "--width",
+        "4",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--val-studies",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()

@@ -1,4 +1,5 @@
 """methods.common: seeding, checkpoints (atomic, RNG states), run folders, progress, DDP helpers."""
+
 import json
 import os
 import random
@@ -7,9 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from methods.common import (Checkpointer, Run, all_reduce_mean, init_distributed, load_checkpoint, pick_device,
-                            plot_curves, progress, save_checkpoint, seed_everything, shutdown_distributed, worker_seed,
-                            wrap_ddp)
+from methods.common import (
+    Checkpointer,
+    Run,
+    all_reduce_mean,
+    init_distributed,
+    load_checkpoint,
+    pick_device,
+    plot_curves,
+    progress,
+    save_checkpoint,
+    seed_everything,
+    shutdown_distributed,
+    worker_seed,
+    wrap_ddp,
+)
 
 
 def draws():
@@ -54,8 +67,12 @@ def test_checkpointer_keeps_the_latest(tmp_path):
     assert ck.latest() is None and ck.load_latest() is None
     for s in (1, 5, 12):
         ck.save(s, {"x": s})
-    assert sorted(os.listdir(tmp_path / "ck")) == ["ckpt_00000005.pt", "ckpt_00000005.pt.sha256",
-                                                   "ckpt_00000012.pt", "ckpt_00000012.pt.sha256"]
+    assert sorted(os.listdir(tmp_path / "ck")) == [
+        "ckpt_00000005.pt",
+        "ckpt_00000005.pt.sha256",
+        "ckpt_00000012.pt",
+        "ckpt_00000012.pt.sha256",
+    ]
     assert ck.load_latest()["x"] == 12
 
 
@@ -96,8 +113,11 @@ def test_pick_device():
 
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    p = plot_curves({"a": ([1, 2, 3], [0.1, 0.5, 0.7]), "b": ([1, 2, 3], [0.2, 0.3, 0.9])}, str(tmp_path / "p.png"),
-                    bands={"a": ([0, 0.4, 0.6], [0.2, 0.6, 0.8])})
+    p = plot_curves(
+        {"a": ([1, 2, 3], [0.1, 0.5, 0.7]), "b": ([1, 2, 3], [0.2, 0.3, 0.9])},
+        str(tmp_path / "p.png"),
+        bands={"a": ([0, 0.4, 0.6], [0.2, 0.6, 0.8])},
+    )
     assert p and os.path.getsize(p) > 1000
 
 
@@ -111,8 +131,9 @@ def test_single_process_helpers_are_no_ops():
 
 
 def _ddp_worker(rank, world, port, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     import torch.distributed as dist
 
     info = init_distributed(torch.device("cpu"))

@@ -1,6 +1,7 @@
 """The MSGNN acceptance (methods/msgnn/acceptance.py): its rows and paired statistics on synthetic
 evaluations with known differences, and the seeded crop test set (the same items for every model,
 deterministic) with a tiny untrained model. The end-to-end --smoke run is marked slow."""
+
 import json
 import os
 
@@ -25,8 +26,12 @@ def fake_eval(model, seed, base):
     for preset, b in base.items():
         crop = [c for c in range(CROPS) for _ in range(DRAWS)]
         p = [b + 0.1 * c for c in crop]
-        items[preset] = {"psnr": p, "ssim": [v / 100 for v in p], "crop": crop, "draw": [d for _ in range(CROPS)
-                                                                                      for d in range(DRAWS)]}
+        items[preset] = {
+            "psnr": p,
+            "ssim": [v / 100 for v in p],
+            "crop": crop,
+            "draw": [d for _ in range(CROPS) for d in range(DRAWS)],
+        }
     return {"model": model, "seed": seed, "items": items}
 
 
@@ -64,13 +69,21 @@ def test_rows_and_paired_differences_on_the_right_pairs():
     sm = A.summarize(rows, SEEDS, items)
     assert set(sm) == {"light", "heavy"}
     pairs = sm["light"]["paired"]
-    assert set(pairs) == {"faithful - no_graph", "fixed - no_graph", "fixed - faithful", "no_graph - input",
-                          "faithful - input", "fixed - input"}
+    assert set(pairs) == {
+        "faithful - no_graph",
+        "fixed - no_graph",
+        "fixed - faithful",
+        "no_graph - input",
+        "faithful - input",
+        "fixed - input",
+    }
     # faithful - no_graph per seed: 1 + s -> (1, 2, 3): mean 2, but with 3 seeds the interval
     # (2 -/+ 4.30 / sqrt(3)) holds 0
     d = pairs["faithful - no_graph"]["psnr"]
     ref = paired_difference([29.15, 31.15, 33.15], [28.15, 29.15, 30.15])
-    assert d["mean"] == pytest.approx(2.0) and d["lo"] == pytest.approx(ref["lo"]) and d["hi"] == pytest.approx(ref["hi"])
+    assert (
+        d["mean"] == pytest.approx(2.0) and d["lo"] == pytest.approx(ref["lo"]) and d["hi"] == pytest.approx(ref["hi"])
+    )
     assert d["n"] == 3 and d["per_seed"] == pytest.approx([1.0, 2.0, 3.0])
     assert d["lo"] < 0 < d["hi"] and d["verdict"] == "unresolved"
     # fixed - no_graph: +0.5 on every seed (zero spread: the interval is a point above 0)
@@ -92,16 +105,44 @@ def test_rows_and_paired_differences_on_the_right_pairs():
     pc = pairs["faithful - no_graph"]["psnr"]["per_crop"]
     assert pc["n"] == CROPS and pc["mean"] == pytest.approx(2.0) and pc["lo"] == pytest.approx(2.0)
 
-    settings = {"training": {"steps": 10, "batch": 8, "crop": 48, "channels": 8, "groups": 4, "units": 8,
-                             "train_draws": 3, "lr": 5e-4, "milestones": [6, 8]},
-                "test": {"size": 112, "per_image": 8, "draws": DRAWS, "seed": 0, "images": ["chelsea"],
-                         "crops": CROPS, "items": CROPS * DRAWS},
-                "parameters": {"no_graph": 10, "faithful": 20, "fixed": 30},
-                "train_minutes": {"no_graph": 1.0, "faithful": 2.0, "fixed": 3.0}}
-    meta = {"command": "python -m methods.msgnn.acceptance", "date": "today", "machine": "cpu", "seeds": SEEDS,
-            "workers": 2, "minutes": 1.0}
-    timing = {"image": "481 x 321", "threads": 1, "repeats": 3,
-              "windows": {"faithful": {"pyops": 0.5, "reference": 2.0, "speedup": 4.0, "index_agreement": 0.9996}}}
+    settings = {
+        "training": {
+            "steps": 10,
+            "batch": 8,
+            "crop": 48,
+            "channels": 8,
+            "groups": 4,
+            "units": 8,
+            "train_draws": 3,
+            "lr": 5e-4,
+            "milestones": [6, 8],
+        },
+        "test": {
+            "size": 112,
+            "per_image": 8,
+            "draws": DRAWS,
+            "seed": 0,
+            "images": ["chelsea"],
+            "crops": CROPS,
+            "items": CROPS * DRAWS,
+        },
+        "parameters": {"no_graph": 10, "faithful": 20, "fixed": 30},
+        "train_minutes": {"no_graph": 1.0, "faithful": 2.0, "fixed": 3.0},
+    }
+    meta = {
+        "command": "python -m methods.msgnn.acceptance",
+        "date": "today",
+        "machine": "cpu",
+        "seeds": SEEDS,
+        "workers": 2,
+        "minutes": 1.0,
+    }
+    timing = {
+        "image": "481 x 321",
+        "threads": 1,
+        "repeats": 3,
+        "windows": {"faithful": {"pyops": 0.5, "reference": 2.0, "speedup": 4.0, "index_agreement": 0.9996}},
+    }
     text = A.markdown(meta, sm, settings, timing)
     assert "| MSGNN faithful - no-graph ablation | +2.00 [" in text and "(+1.00, +2.00, +3.00)" in text
     assert "| rainy input | 20.15 | 0.2015 | - | - |" in text and "4.00x" in text
@@ -122,7 +163,7 @@ def test_crop_positions_do_not_overlap_and_stay_inside():
     assert len(set(pos)) == 8
     for i, (y, x) in enumerate(pos):
         assert 0 <= y <= 300 - 112 and 0 <= x <= 451 - 112
-        for y2, x2 in pos[i + 1:]:
+        for y2, x2 in pos[i + 1 :]:
             assert abs(y - y2) >= 112 or abs(x - x2) >= 112
     with pytest.raises(ValueError, match="only 8 non-overlapping"):
         crop_positions(300, 451, 112, 9, rng)
@@ -162,8 +203,15 @@ def test_crop_test_set_is_deterministic_and_shared_by_every_model():
 
 def test_eval_job_keeps_a_finished_evaluation(tmp_path):
     settings = dict(size=48, per_image=1, draws=1, seed=0)
-    job = {"model": "input", "seed": None, "folder": None, "checkpoint": None, "settings": settings,
-           "presets": ["light"], "cache": str(tmp_path / "eval_input.json")}
+    job = {
+        "model": "input",
+        "seed": None,
+        "folder": None,
+        "checkpoint": None,
+        "settings": settings,
+        "presets": ["light"],
+        "cache": str(tmp_path / "eval_input.json"),
+    }
     r = A.eval_job(job)
     assert not r["cached"] and len(r["items"]["light"]["psnr"]) == 3
     again = A.eval_job(job)
@@ -184,8 +232,9 @@ def test_smoke_settings_and_defaults():
 @pytest.mark.slow
 def test_smoke_acceptance_end_to_end(tmp_path):
     res = A.main(["--smoke", "--workers", "1", "--out", str(tmp_path / "runs")])
-    assert {(r["rain"], r["model"]) for r in res["rows"]} == {(p, m) for p in A.PRESETS
-                                                              for m in ("input", "no_graph", "faithful", "fixed")}
+    assert {(r["rain"], r["model"]) for r in res["rows"]} == {
+        (p, m) for p in A.PRESETS for m in ("input", "no_graph", "faithful", "fixed")
+    }
     out = tmp_path / "runs" / "results"
     for f in ("acceptance.json", "acceptance.md", "crops_light.png", "crops_heavy.png", "training.png"):
         assert (out / f).exists()

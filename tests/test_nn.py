@@ -1,6 +1,7 @@
 """pyops.nn: every module against its functional op, the cross-view losses' weighting, masking
 and reductions against a hand computation on pyops.reference, argument checks, extra_repr,
 GRLoss's state, and torch.compile(fullgraph=True) of the loss modules (CPU)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,11 @@ def test_cross_view_terms_are_the_ops_rows_reduced(dtype, reduction):
     for name in TERMS:
         rows = getattr(out, name)
         got = getattr(terms, name)
-        want = {"none": torch.where(valid, rows, 0.0), "sum": rows[valid].sum(),
-                "mean": rows[valid].sum() / valid.sum()}[reduction]
+        want = {
+            "none": torch.where(valid, rows, 0.0),
+            "sum": rows[valid].sum(),
+            "mean": rows[valid].sum() / valid.sum(),
+        }[reduction]
         assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(got, want, **SAME_OP[dtype])
     # the loss is exactly the weighted sum of the returned terms, in the order of the fields
@@ -91,8 +95,9 @@ def test_cross_view_reduction_against_reference(dtype, reduction, with_target):
 def test_cross_view_default_is_the_symmetric_kl():
     a, b = make_logits((11,), 13, torch.float64)
     out = pyops.cross_view_kl_entropy(a, b)
-    torch.testing.assert_close(pnn.CrossViewKLEntropy()(a, b), (0.5 * (out.kl_ab + out.kl_ba)).mean(),
-                               **SAME_OP[torch.float64])
+    torch.testing.assert_close(
+        pnn.CrossViewKLEntropy()(a, b), (0.5 * (out.kl_ab + out.kl_ba)).mean(), **SAME_OP[torch.float64]
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -213,8 +218,7 @@ def test_knn_patch_search_module_is_the_op(dtype):
     for got, want in zip(m(q, d), pyops.knn_patch_search(q, d, 5, patch_size=3, stride=2, window=4)):
         assert torch.equal(got, want)
     anchored = pnn.KNNPatchSearch(3, patch_size=2, stride=1, window=3, window_anchor=((1, 0, 2, 1), (1, 1, 2, 0)))
-    want = pyops.knn_patch_search(q, d, 3, patch_size=2, stride=1, window=3,
-                                  window_anchor=((1, 0, 2, 1), (1, 1, 2, 0)))
+    want = pyops.knn_patch_search(q, d, 3, patch_size=2, stride=1, window=3, window_anchor=((1, 0, 2, 1), (1, 1, 2, 0)))
     for got, w in zip(anchored(q, d), want):
         assert torch.equal(got, w)
     # database=None: a self-search of the query map
@@ -235,8 +239,7 @@ def test_patch_aggregate_module_is_the_op(dtype):
     g = torch.randn_like(out)
     for x, y in zip(torch.autograd.grad(out, (v, wts), g), torch.autograd.grad(want, (v, wts), g)):
         assert torch.equal(x, y)
-    torch.testing.assert_close(out, reference.patch_aggregate(v, idx, wts, patch_size=3, stride=2,
-                                                              output_size=(11, 7)))
+    torch.testing.assert_close(out, reference.patch_aggregate(v, idx, wts, patch_size=3, stride=2, output_size=(11, 7)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -267,8 +270,9 @@ def spml(B, C, dtype):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gr_loss_module_is_the_op_with_the_schedule(dtype, reduction):
     z, o = spml(7, 9, dtype)
-    m = pnn.GRLoss((0.5, 3.0, -2.5, -1.0), (0.4, 2.0, 0.9, 0.3), (0.05, 0.7), epochs=6, linear_init=1,
-                   reduction=reduction)
+    m = pnn.GRLoss(
+        (0.5, 3.0, -2.5, -1.0), (0.4, 2.0, 0.9, 0.3), (0.05, 0.7), epochs=6, linear_init=1, reduction=reduction
+    )
     for e in (1, 3, 6):
         m.start_epoch(e)
         P = m.params_at(e)
@@ -281,8 +285,9 @@ def test_gr_loss_module_is_the_op_with_the_schedule(dtype, reduction):
         assert torch.equal(torch.autograd.grad(got, x1, g)[0], torch.autograd.grad(want, x2, g)[0])
     # "mean" is over all B x C entries
     m.start_epoch(2)
-    per = pnn.GRLoss((0.5, 3.0, -2.5, -1.0), (0.4, 2.0, 0.9, 0.3), (0.05, 0.7), epochs=6, linear_init=1,
-                     reduction="none")
+    per = pnn.GRLoss(
+        (0.5, 3.0, -2.5, -1.0), (0.4, 2.0, 0.9, 0.3), (0.05, 0.7), epochs=6, linear_init=1, reduction="none"
+    )
     per.start_epoch(2)
     if reduction != "none":
         want = per(z, o).sum() / (z.numel() if reduction == "mean" else 1)
@@ -294,10 +299,14 @@ def test_gr_loss_schedule_formulas():
     m = pnn.GRLoss(beta, alpha, epochs=T, linear_init=n)
     for e in range(1, T + 1):
         fk, fv = max(e - n - 1, 0) / (T - n), max(e - n, 0) / (T - n)
-        assert m.params_at(e) == pytest.approx({"w": beta[0] + (beta[1] - beta[0]) * fk,
-                                                "b": beta[2] + (beta[3] - beta[2]) * fk,
-                                                "mu": alpha[0] + (alpha[2] - alpha[0]) * fv,
-                                                "sigma": alpha[1] + (alpha[3] - alpha[1]) * fv})
+        assert m.params_at(e) == pytest.approx(
+            {
+                "w": beta[0] + (beta[1] - beta[0]) * fk,
+                "b": beta[2] + (beta[3] - beta[2]) * fk,
+                "mu": alpha[0] + (alpha[2] - alpha[0]) * fv,
+                "sigma": alpha[1] + (alpha[3] - alpha[1]) * fv,
+            }
+        )
     m.start_epoch(5)
     p = torch.linspace(0, 1, 7)
     P = m.schedule()
@@ -318,6 +327,7 @@ def test_gr_loss_state_dict_round_trip():
     assert torch.equal(other(z, o), m(z, o))
     # the method's GRLoss (checkpoints of methods/grloss) has the same state
     from methods.grloss.losses import GRLoss as MethodGRLoss
+
     method = MethodGRLoss(epochs=8)
     assert isinstance(method, pnn.GRLoss)
     method.load_state_dict(state)
@@ -349,62 +359,86 @@ def test_gr_loss_require_positive():
 # --------------------------------------------------------------------------------------------
 # Arguments and extra_repr
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make,name", [
-    (lambda: pnn.CrossViewKLEntropy(kl_ab_weight=float("nan")), "kl_ab_weight"),
-    (lambda: pnn.CrossViewKLEntropy(entropy_b_weight="1"), "entropy_b_weight"),
-    (lambda: pnn.CrossViewKLEntropy(ce_weight=True), "ce_weight"),
-    (lambda: pnn.CrossViewKLEntropy(kl_ab_weight=0, kl_ba_weight=0), "kl_ab_weight"),
-    (lambda: pnn.CrossViewKLEntropy(temperature=0.0), "temperature"),
-    (lambda: pnn.CrossViewKLEntropy(temperature=float("inf")), "temperature"),
-    (lambda: pnn.CrossViewKLEntropy(ignore_index=1.5), "ignore_index"),
-    (lambda: pnn.CrossViewKLEntropy(reduction="batchmean"), "reduction"),
-    (lambda: pnn.FusedLinearCrossViewLoss(chunk_size=0), "chunk_size"),
-    (lambda: pnn.FusedLinearCrossViewLoss(chunk_size=2.0), "chunk_size"),
-    (lambda: pnn.FusedLinearCrossViewLoss(kl_ba_weight=-float("inf")), "kl_ba_weight"),
-    (lambda: pnn.KNNPatchSearch(0), "k"),
-    (lambda: pnn.KNNPatchSearch(3, patch_size=0), "patch_size"),
-    (lambda: pnn.KNNPatchSearch(3, stride=-1), "stride"),
-    (lambda: pnn.KNNPatchSearch(3, window=0), "window"),
-    (lambda: pnn.KNNPatchSearch(3, exclude_self=1), "exclude_self"),
-    (lambda: pnn.KNNPatchSearch(3, window_anchor=((1, 0, 2, 1), (1, 0, 2, 1))), "window_anchor"),
-    (lambda: pnn.KNNPatchSearch(3, window=5, window_anchor=((1, 0, 0, 1), (1, 0, 2, 1))), "window_anchor"),
-    (lambda: pnn.PatchAggregate(patch_size=2.5), "patch_size"),
-    (lambda: pnn.PatchAggregate(stride=0), "stride"),
-    (lambda: pnn.DiagonalStats(num_lags=-1), "num_lags"),
-    (lambda: pnn.DiagonalStats(num_lags="3"), "num_lags"),
-    (lambda: pnn.GRLoss(beta=(0.0, 2.0, -2.0)), "beta"),
-    (lambda: pnn.GRLoss(alpha=(0.5, 0.0, 0.8, 0.5)), "sigma0"),
-    (lambda: pnn.GRLoss(alpha=(0.5, 2.0, 0.8, -1.0)), "sigmaT"),
-    (lambda: pnn.GRLoss(q=(0.01, -1.0)), "q2 and q3"),
-    (lambda: pnn.GRLoss(epochs=0), "epochs"),
-    (lambda: pnn.GRLoss(epochs=3, linear_init=3), "linear_init"),
-    (lambda: pnn.GRLoss(reduction="batchmean"), "reduction"),
-    (lambda: pnn.GRLoss(require_positive=None), "require_positive"),
-    (lambda: pnn.GRLoss().start_epoch(2.5), "epoch"),
-])
+@pytest.mark.parametrize(
+    "make,name",
+    [
+        (lambda: pnn.CrossViewKLEntropy(kl_ab_weight=float("nan")), "kl_ab_weight"),
+        (lambda: pnn.CrossViewKLEntropy(entropy_b_weight="1"), "entropy_b_weight"),
+        (lambda: pnn.CrossViewKLEntropy(ce_weight=True), "ce_weight"),
+        (lambda: pnn.CrossViewKLEntropy(kl_ab_weight=0, kl_ba_weight=0), "kl_ab_weight"),
+        (lambda: pnn.CrossViewKLEntropy(temperature=0.0), "temperature"),
+        (lambda: pnn.CrossViewKLEntropy(temperature=float("inf")), "temperature"),
+        (lambda: pnn.CrossViewKLEntropy(ignore_index=1.5), "ignore_index"),
+        (lambda: pnn.CrossViewKLEntropy(reduction="batchmean"), "reduction"),
+        (lambda: pnn.FusedLinearCrossViewLoss(chunk_size=0), "chunk_size"),
+        (lambda: pnn.FusedLinearCrossViewLoss(chunk_size=2.0), "chunk_size"),
+        (lambda: pnn.FusedLinearCrossViewLoss(kl_ba_weight=-float("inf")), "kl_ba_weight"),
+        (lambda: pnn.KNNPatchSearch(0), "k"),
+        (lambda: pnn.KNNPatchSearch(3, patch_size=0), "patch_size"),
+        (lambda: pnn.KNNPatchSearch(3, stride=-1), "stride"),
+        (lambda: pnn.KNNPatchSearch(3, window=0), "window"),
+        (lambda: pnn.KNNPatchSearch(3, exclude_self=1), "exclude_self"),
+        (lambda: pnn.KNNPatchSearch(3, window_anchor=((1, 0, 2, 1), (1, 0, 2, 1))), "window_anchor"),
+        (lambda: pnn.KNNPatchSearch(3, window=5, window_anchor=((1, 0, 0, 1), (1, 0, 2, 1))), "window_anchor"),
+        (lambda: pnn.PatchAggregate(patch_size=2.5), "patch_size"),
+        (lambda: pnn.PatchAggregate(stride=0), "stride"),
+        (lambda: pnn.DiagonalStats(num_lags=-1), "num_lags"),
+        (lambda: pnn.DiagonalStats(num_lags="3"), "num_lags"),
+        (lambda: pnn.GRLoss(beta=(0.0, 2.0, -2.0)), "beta"),
+        (lambda: pnn.GRLoss(alpha=(0.5, 0.0, 0.8, 0.5)), "sigma0"),
+        (lambda: pnn.GRLoss(alpha=(0.5, 2.0, 0.8, -1.0)), "sigmaT"),
+        (lambda: pnn.GRLoss(q=(0.01, -1.0)), "q2 and q3"),
+        (lambda: pnn.GRLoss(epochs=0), "epochs"),
+        (lambda: pnn.GRLoss(epochs=3, linear_init=3), "linear_init"),
+        (lambda: pnn.GRLoss(reduction="batchmean"), "reduction"),
+        (lambda: pnn.GRLoss(require_positive=None), "require_positive"),
+        (lambda: pnn.GRLoss().start_epoch(2.5), "epoch"),
+    ],
+)
 def test_bad_arguments_name_the_argument(make, name):
     with pytest.raises((TypeError, ValueError), match=name):
         make()
 
 
 def test_extra_repr():
-    r = repr(pnn.CrossViewKLEntropy(ce_weight=1.0, entropy_a_weight=-0.1, temperature=2.0, ignore_index=-1,
-                                    reduction="sum"))
-    for part in ("kl_ab_weight=0.5", "kl_ba_weight=0.5", "entropy_a_weight=-0.1", "ce_weight=1.0",
-                 "temperature=2.0", "ignore_index=-1", "reduction='sum'"):
+    r = repr(
+        pnn.CrossViewKLEntropy(ce_weight=1.0, entropy_a_weight=-0.1, temperature=2.0, ignore_index=-1, reduction="sum")
+    )
+    for part in (
+        "kl_ab_weight=0.5",
+        "kl_ba_weight=0.5",
+        "entropy_a_weight=-0.1",
+        "ce_weight=1.0",
+        "temperature=2.0",
+        "ignore_index=-1",
+        "reduction='sum'",
+    ):
         assert part in r
     assert "entropy_b_weight" not in r  # weight 0: not part of the loss
     assert "chunk_size=7" in repr(pnn.FusedLinearCrossViewLoss(chunk_size=7))
     r = repr(pnn.KNNPatchSearch(4, patch_size=5, stride=2, window=6, window_anchor=((1, 0, 2, 3), (1, 0, 2, 3))))
-    for part in ("k=4", "patch_size=5", "stride=2", "window=6", "exclude_self=False",
-                 "window_anchor=((1, 0, 2, 3), (1, 0, 2, 3))"):
+    for part in (
+        "k=4",
+        "patch_size=5",
+        "stride=2",
+        "window=6",
+        "exclude_self=False",
+        "window_anchor=((1, 0, 2, 3), (1, 0, 2, 3))",
+    ):
         assert part in r
     assert repr(pnn.PatchAggregate(3)) == "PatchAggregate(patch_size=3, stride=None)"
     assert repr(pnn.DiagonalStats(5)) == "DiagonalStats(num_lags=5)"
     gr = pnn.GRLoss(epochs=5, reduction="sum")
     gr.start_epoch(3)
-    for part in ("beta=(0.0, 2.0, -2.0, -2.0)", "alpha=(0.5, 2.0, 0.8, 0.5)", "q=(0.01, 1.0)", "epochs=5",
-                 "linear_init=0", "epoch=3", "reduction='sum'"):
+    for part in (
+        "beta=(0.0, 2.0, -2.0, -2.0)",
+        "alpha=(0.5, 2.0, 0.8, 0.5)",
+        "q=(0.01, 1.0)",
+        "epochs=5",
+        "linear_init=0",
+        "epoch=3",
+        "reduction='sum'",
+    ):
         assert part in repr(gr)
 
 

@@ -1,6 +1,7 @@
 """A missing optional dependency is reported with the pip extra that installs it (`pyops[methods]`,
 `[hf]`, `[fl]`), not as a bare ModuleNotFoundError. A package is made missing by a None entry in
 sys.modules, which makes its import raise ModuleNotFoundError as an absent package does."""
+
 import importlib
 import sys
 

@@ -1,4 +1,5 @@
 """pyops.joseph_project / joseph_backproject and pyops.pet against pyops.reference (CPU)."""
+
 import math
 
 import pytest
@@ -11,7 +12,9 @@ from pyops import pet, reference
 def random_lines(M, shape, vox, origin, dtype, g=None, outside=0.3):
     """Random segments around the image: most cross it, some start or end inside it, some miss."""
     lo = torch.tensor(origin, dtype=torch.float64) - torch.tensor(vox, dtype=torch.float64)
-    ext = torch.tensor([n * v for n, v in zip(shape, vox)], dtype=torch.float64) + 2 * torch.tensor(vox, dtype=torch.float64)
+    ext = torch.tensor([n * v for n, v in zip(shape, vox)], dtype=torch.float64) + 2 * torch.tensor(
+        vox, dtype=torch.float64
+    )
     pts = lambda: lo + (torch.rand(M, 3, dtype=torch.float64, generator=g) * (1 + 2 * outside) - outside) * ext
     return pts().to(dtype), pts().to(dtype)
 
@@ -108,7 +111,7 @@ def test_compile_fullgraph():
 
 
 def test_agrees_with_skimage_radon():
-    skimage = pytest.importorskip("skimage")
+    pytest.importorskip("skimage")
     import numpy as np
     from skimage.data import shepp_logan_phantom
     from skimage.transform import radon, rescale
@@ -148,11 +151,17 @@ def test_empty_inputs():
     shape = (4, 4, 2)
     s, e = torch.zeros(0, 3), torch.zeros(0, 3)
     assert pyops.joseph_project(torch.rand(2, *shape), s, e, voxel_size=1.0).shape == (2, 0)
-    assert torch.equal(pyops.joseph_backproject(torch.rand(2, 0), s, e, image_shape=shape, voxel_size=1.0),
-                       torch.zeros(2, *shape))
+    assert torch.equal(
+        pyops.joseph_backproject(torch.rand(2, 0), s, e, image_shape=shape, voxel_size=1.0), torch.zeros(2, *shape)
+    )
     s, e = pet.parallel_beam_2d((4, 4), 3, 5)
     assert pyops.joseph_project(torch.rand(0, 4, 4, 1), s, e, voxel_size=1.0).shape == (0, 15)
-    assert pyops.joseph_backproject(torch.rand(0, 15), s, e, image_shape=(4, 4, 1), voxel_size=1.0).shape == (0, 4, 4, 1)
+    assert pyops.joseph_backproject(torch.rand(0, 15), s, e, image_shape=(4, 4, 1), voxel_size=1.0).shape == (
+        0,
+        4,
+        4,
+        1,
+    )
 
 
 def test_backprojection_is_deterministic_across_thread_counts():
@@ -187,24 +196,37 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs,exc,msg", BAD)
 def test_project_bad_inputs(kwargs, exc, msg):
-    args = dict(image=torch.zeros(1, 4, 4, 1), lor_start=torch.zeros(4, 3), lor_end=torch.ones(4, 3),
-                voxel_size=1.0, image_origin=None)
+    args = dict(
+        image=torch.zeros(1, 4, 4, 1),
+        lor_start=torch.zeros(4, 3),
+        lor_end=torch.ones(4, 3),
+        voxel_size=1.0,
+        image_origin=None,
+    )
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         pyops.joseph_project(args.pop("image"), args.pop("lor_start"), args.pop("lor_end"), **args)
 
 
-@pytest.mark.parametrize("kwargs,exc,msg", [
-    (dict(y=torch.zeros(1, 5)), ValueError, "y has 5 lines"),
-    (dict(y=torch.zeros(5)), ValueError, r"y must have shape \(B, M\)"),
-    (dict(image_shape=(4, 4)), ValueError, "image_shape must be 3 ints"),
-    (dict(image_shape=(4, -1, 1)), ValueError, "image_shape entries must be >= 0"),
-    (dict(voxel_size=-1.0), ValueError, "voxel_size must be > 0"),
-    (dict(lor_start=torch.zeros(4, 3, dtype=torch.float64)), TypeError, "must have the dtype of y"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        (dict(y=torch.zeros(1, 5)), ValueError, "y has 5 lines"),
+        (dict(y=torch.zeros(5)), ValueError, r"y must have shape \(B, M\)"),
+        (dict(image_shape=(4, 4)), ValueError, "image_shape must be 3 ints"),
+        (dict(image_shape=(4, -1, 1)), ValueError, "image_shape entries must be >= 0"),
+        (dict(voxel_size=-1.0), ValueError, "voxel_size must be > 0"),
+        (dict(lor_start=torch.zeros(4, 3, dtype=torch.float64)), TypeError, "must have the dtype of y"),
+    ],
+)
 def test_backproject_bad_inputs(kwargs, exc, msg):
-    args = dict(y=torch.zeros(1, 4), lor_start=torch.zeros(4, 3), lor_end=torch.ones(4, 3),
-                image_shape=(4, 4, 1), voxel_size=1.0)
+    args = dict(
+        y=torch.zeros(1, 4),
+        lor_start=torch.zeros(4, 3),
+        lor_end=torch.ones(4, 3),
+        image_shape=(4, 4, 1),
+        voxel_size=1.0,
+    )
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         pyops.joseph_backproject(args.pop("y"), args.pop("lor_start"), args.pop("lor_end"), **args)
@@ -212,9 +234,13 @@ def test_backproject_bad_inputs(kwargs, exc, msg):
 
 def test_cpu_kernel_checks_without_the_python_layer():
     with pytest.raises(ValueError, match="voxel_size must be finite and > 0"):
-        torch.ops.pyops.joseph_project(torch.zeros(1, 2, 2, 2), torch.zeros(1, 3), torch.ones(1, 3), [1.0, 0.0, 1.0], [0.0] * 3)
+        torch.ops.pyops.joseph_project(
+            torch.zeros(1, 2, 2, 2), torch.zeros(1, 3), torch.ones(1, 3), [1.0, 0.0, 1.0], [0.0] * 3
+        )
     with pytest.raises(ValueError, match="lor_start must have shape"):
-        torch.ops.pyops.joseph_backproject(torch.zeros(1, 1), torch.zeros(1, 4), torch.ones(1, 4), [2, 2, 2], [1.0] * 3, [0.0] * 3)
+        torch.ops.pyops.joseph_backproject(
+            torch.zeros(1, 1), torch.zeros(1, 4), torch.ones(1, 4), [2, 2, 2], [1.0] * 3, [0.0] * 3
+        )
 
 
 # ---------------------------------------------------------------------------------------------

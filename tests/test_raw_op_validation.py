@@ -9,6 +9,7 @@ tensors (the fake kernels that ``torch.compile`` and ``opcheck`` use); the Trito
 CUDA kernels) get the same cases under the Triton interpreter
 (``tests/test_triton_interpret.py``).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,10 +53,20 @@ CASES = [
     Case(CV, "a-3d", lambda: cv(r(2, 3, 7), r(2, 3, 7)), ValueError, ("logits_a",)),
     Case(CV, "b-shape", lambda: cv(r(3, 7), r(3, 6)), ValueError, ("logits_b",)),
     Case(CV, "b-dtype", lambda: cv(r(3, 7), r(3, 7, dtype=torch.float64)), TypeError, ("logits_b",)),
-    Case(CV, "int-logits", lambda: cv(torch.ones(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long)),
-         TypeError, ("logits_a",)),
-    Case(CV, "bool-logits", lambda: cv(torch.ones(3, 7, dtype=torch.bool), torch.ones(3, 7, dtype=torch.bool)),
-         TypeError, ("logits_a",)),
+    Case(
+        CV,
+        "int-logits",
+        lambda: cv(torch.ones(3, 7, dtype=torch.long), torch.ones(3, 7, dtype=torch.long)),
+        TypeError,
+        ("logits_a",),
+    ),
+    Case(
+        CV,
+        "bool-logits",
+        lambda: cv(torch.ones(3, 7, dtype=torch.bool), torch.ones(3, 7, dtype=torch.bool)),
+        TypeError,
+        ("logits_a",),
+    ),
     Case(CV, "V=0", lambda: cv(r(3, 0), r(3, 0)), ValueError, ("V",)),
     Case(CV, "target-int32", lambda: cv(t=torch.zeros(3, dtype=torch.int32)), TypeError, ("target",)),
     Case(CV, "target-float", lambda: cv(t=torch.zeros(3)), TypeError, ("target",)),
@@ -87,15 +98,35 @@ CASES += [
     Case(CVB, "a-1d", lambda: cvb(a=r(7), b=r(7)), ValueError, ("logits_a",)),
     Case(CVB, "b-shape", lambda: cvb(b=r(3, 6)), ValueError, ("logits_b",)),
     Case(CVB, "b-dtype", lambda: cvb(b=r(3, 7, dtype=torch.float64)), TypeError, ("logits_b",)),
-    Case(CVB, "int-logits", lambda: cvb(a=torch.ones(3, 7, dtype=torch.long), b=torch.ones(3, 7, dtype=torch.long)),
-         TypeError, ("logits_a",)),
+    Case(
+        CVB,
+        "int-logits",
+        lambda: cvb(a=torch.ones(3, 7, dtype=torch.long), b=torch.ones(3, 7, dtype=torch.long)),
+        TypeError,
+        ("logits_a",),
+    ),
     Case(CVB, "grad-rows", lambda: cvb(grads=[torch.ones(4)] + [torch.ones(3)] * 4), ValueError, ("grad_kl_ab",)),
-    Case(CVB, "grad-2d", lambda: cvb(grads=[torch.ones(3)] * 2 + [torch.ones(3, 1)] + [torch.ones(3)] * 2),
-         ValueError, ("grad_entropy_a",)),
-    Case(CVB, "grad-int", lambda: cvb(grads=[torch.ones(3)] * 4 + [torch.ones(3, dtype=torch.long)]),
-         TypeError, ("grad_ce_a",)),
-    Case(CVB, "stat-rows", lambda: cvb(stats=[torch.zeros(3), torch.zeros(2), torch.zeros(3), torch.zeros(3)]),
-         ValueError, ("kl_ba",)),
+    Case(
+        CVB,
+        "grad-2d",
+        lambda: cvb(grads=[torch.ones(3)] * 2 + [torch.ones(3, 1)] + [torch.ones(3)] * 2),
+        ValueError,
+        ("grad_entropy_a",),
+    ),
+    Case(
+        CVB,
+        "grad-int",
+        lambda: cvb(grads=[torch.ones(3)] * 4 + [torch.ones(3, dtype=torch.long)]),
+        TypeError,
+        ("grad_ce_a",),
+    ),
+    Case(
+        CVB,
+        "stat-rows",
+        lambda: cvb(stats=[torch.zeros(3), torch.zeros(2), torch.zeros(3), torch.zeros(3)]),
+        ValueError,
+        ("kl_ba",),
+    ),
     Case(CVB, "lse-shape", lambda: cvb(lse=torch.zeros(3, 2)), ValueError, ("lse",)),
     Case(CVB, "lse-int", lambda: cvb(lse=torch.zeros(3, 3, dtype=torch.long)), TypeError, ("lse",)),
     Case(CVB, "ce-without-target", lambda: cvb(t=None), ValueError, ("grad_ce_a", "target")),
@@ -130,8 +161,18 @@ CASES += [
     Case(FL, "bias-shape", lambda: fl(bias=r(8)), ValueError, ("bias",)),
     Case(FL, "bias-2d", lambda: fl(bias=r(1, 9)), ValueError, ("bias",)),
     Case(FL, "dtype-mix", lambda: fl(w=r(9, 4, dtype=torch.float64)), TypeError, ("weight",)),
-    Case(FL, "int-hidden", lambda: fl(ha=torch.ones(5, 4, dtype=torch.long), hb=torch.ones(5, 4, dtype=torch.long),
-                                      w=torch.ones(9, 4, dtype=torch.long), bias=None), TypeError, ("hidden_a",)),
+    Case(
+        FL,
+        "int-hidden",
+        lambda: fl(
+            ha=torch.ones(5, 4, dtype=torch.long),
+            hb=torch.ones(5, 4, dtype=torch.long),
+            w=torch.ones(9, 4, dtype=torch.long),
+            bias=None,
+        ),
+        TypeError,
+        ("hidden_a",),
+    ),
     Case(FL, "target-shape", lambda: fl(t=torch.zeros(4, dtype=torch.long)), ValueError, ("target",)),
     Case(FL, "target-dtype", lambda: fl(t=torch.zeros(5, dtype=torch.int32)), TypeError, ("target",)),
     Case(FL, "target-high", lambda: fl(t=torch.tensor([0, 1, 9, 2, 3])), ValueError, ("target",), data=True),
@@ -156,8 +197,13 @@ CASES += [
     Case(FLB, "chunk-neg", lambda: flb(chunk=-3), ValueError, ("chunk_size",)),
     Case(FLB, "temperature-nan", lambda: flb(temperature=NAN), ValueError, ("temperature",)),
     Case(FLB, "weight-H", lambda: flb(w=r(9, 3)), ValueError, ("weight",)),
-    Case(FLB, "grad-rows", lambda: flb(grads=[torch.ones(5)] * 3 + [torch.ones(6), torch.ones(5)]),
-         ValueError, ("grad_entropy_b",)),
+    Case(
+        FLB,
+        "grad-rows",
+        lambda: flb(grads=[torch.ones(5)] * 3 + [torch.ones(6), torch.ones(5)]),
+        ValueError,
+        ("grad_entropy_b",),
+    ),
     Case(FLB, "lse-shape", lambda: flb(lse=torch.zeros(5, 4)), ValueError, ("lse",)),
     Case(FLB, "ce-without-target", lambda: flb(t=None), ValueError, ("grad_ce_a", "target")),
 ]
@@ -175,8 +221,13 @@ def kn(q=None, d=None, k=2, p=3, s=1, window=-1, ex=False, anchor=()):
 KN = "knn_patch_search_fwd"
 A = (1, 0, 2, 1)
 CASES += [
-    Case(KN, "int64", lambda: kn(torch.ones(1, 2, 8, 9, dtype=torch.long), torch.ones(1, 2, 8, 9, dtype=torch.long)),
-         TypeError, ("query",)),
+    Case(
+        KN,
+        "int64",
+        lambda: kn(torch.ones(1, 2, 8, 9, dtype=torch.long), torch.ones(1, 2, 8, 9, dtype=torch.long)),
+        TypeError,
+        ("query",),
+    ),
     Case(KN, "dtype-mix", lambda: kn(r(1, 2, 8, 9), r(1, 2, 8, 9, dtype=torch.float64)), TypeError, ("database",)),
     Case(KN, "query-3d", lambda: kn(r(2, 8, 9), r(2, 8, 9)), ValueError, ("query",)),
     Case(KN, "batch", lambda: kn(r(1, 2, 8, 9), r(2, 2, 8, 9)), ValueError, ("database",)),
@@ -216,8 +267,13 @@ CASES += [
     Case(KNB, "idx-rows", lambda: knb(idx=torch.zeros(1, 41, 2, dtype=torch.long)), ValueError, ("idx",)),
     Case(KNB, "grad-shape", lambda: knb(gd=torch.ones(1, 42, 3)), ValueError, ("grad_dist",)),
     Case(KNB, "grad-int", lambda: knb(gd=torch.ones(1, 42, 2, dtype=torch.long)), TypeError, ("grad_dist",)),
-    Case(KNB, "int64-maps", lambda: knb(q=torch.ones(1, 2, 8, 9, dtype=torch.long), d=torch.ones(1, 2, 8, 9, dtype=torch.long)),
-         TypeError, ("query",)),
+    Case(
+        KNB,
+        "int64-maps",
+        lambda: knb(q=torch.ones(1, 2, 8, 9, dtype=torch.long), d=torch.ones(1, 2, 8, 9, dtype=torch.long)),
+        TypeError,
+        ("query",),
+    ),
     Case(KNB, "dtype-mix", lambda: knb(d=r(1, 2, 8, 9, dtype=torch.float64)), TypeError, ("database",)),
     Case(KNB, "patch-0", lambda: knb(p=0), ValueError, ("patch_size",)),
     Case(KNB, "stride-0", lambda: knb(s=0), ValueError, ("stride",)),
@@ -242,15 +298,27 @@ CASES += [
     Case(AG, "idx-L", lambda: ag(idx=torch.zeros(1, 40, 2, dtype=torch.long)), ValueError, ("idx",)),
     Case(AG, "weights-shape", lambda: ag(w=torch.ones(1, 42, 3)), ValueError, ("weights",)),
     Case(AG, "weights-dtype", lambda: ag(w=torch.ones(1, 42, 2, dtype=torch.float64)), TypeError, ("weights",)),
-    Case(AG, "int-values", lambda: ag(v=torch.ones(1, 2, 8, 9, dtype=torch.long), w=torch.ones(1, 42, 2, dtype=torch.long)),
-         TypeError, ("values",)),
+    Case(
+        AG,
+        "int-values",
+        lambda: ag(v=torch.ones(1, 2, 8, 9, dtype=torch.long), w=torch.ones(1, 42, 2, dtype=torch.long)),
+        TypeError,
+        ("values",),
+    ),
     Case(AG, "values-3d", lambda: ag(v=r(2, 8, 9)), ValueError, ("values",)),
     Case(AG, "patch-0", lambda: ag(p=0), ValueError, ("patch_size",)),
     Case(AG, "stride-0", lambda: ag(s=0), ValueError, ("stride",)),
     Case(AG, "out-small", lambda: ag(oh=2), ValueError, ("out_h",)),
     Case(AG, "out-huge", lambda: ag(oh=HUGE, ow=HUGE), ValueError, ("out_h",)),
-    Case(AG, "out-huge-empty-batch", lambda: ag(v=r(0, 2, 8, 9), idx=torch.zeros(0, 42, 2, dtype=torch.long),
-                                              w=torch.ones(0, 42, 2), oh=2**40, ow=2**40), ValueError, ("out_h",)),
+    Case(
+        AG,
+        "out-huge-empty-batch",
+        lambda: ag(
+            v=r(0, 2, 8, 9), idx=torch.zeros(0, 42, 2, dtype=torch.long), w=torch.ones(0, 42, 2), oh=2**40, ow=2**40
+        ),
+        ValueError,
+        ("out_h",),
+    ),
 ]
 
 
@@ -297,13 +365,23 @@ def jb(y=None, s=None, e=None, shape=(3, 4, 5), vox=(1.0, 1.0, 1.0), org=(0.0, 0
 JP, JB = "joseph_project", "joseph_backproject"
 CASES += [
     Case(JP, "image-3d", lambda: jp(img=r(3, 4, 5)), ValueError, ("image",)),
-    Case(JP, "image-int", lambda: jp(img=torch.ones(1, 3, 4, 5, dtype=torch.long), s=torch.zeros(2, 3, dtype=torch.long)),
-         TypeError, ("image",)),
+    Case(
+        JP,
+        "image-int",
+        lambda: jp(img=torch.ones(1, 3, 4, 5, dtype=torch.long), s=torch.zeros(2, 3, dtype=torch.long)),
+        TypeError,
+        ("image",),
+    ),
     Case(JP, "image-half", lambda: jp(img=r(1, 3, 4, 5, dtype=torch.float16)), TypeError, ("image",)),
     Case(JP, "lor-shape", lambda: jp(s=torch.zeros(2, 2)), ValueError, ("lor_start",)),
     Case(JP, "lor-end-shape", lambda: jp(e=torch.zeros(3, 3)), ValueError, ("lor_end",)),
-    Case(JP, "lor-dtype", lambda: jp(s=torch.zeros(2, 3, dtype=torch.float64), e=torch.ones(2, 3, dtype=torch.float64)),
-         TypeError, ("lor_start",)),
+    Case(
+        JP,
+        "lor-dtype",
+        lambda: jp(s=torch.zeros(2, 3, dtype=torch.float64), e=torch.ones(2, 3, dtype=torch.float64)),
+        TypeError,
+        ("lor_start",),
+    ),
     Case(JP, "voxel-2", lambda: jp(vox=(1.0, 1.0)), ValueError, ("voxel_size",)),
     Case(JP, "voxel-0", lambda: jp(vox=(1.0, 0.0, 1.0)), ValueError, ("voxel_size",)),
     Case(JP, "voxel-nan", lambda: jp(vox=(1.0, NAN, 1.0)), ValueError, ("voxel_size",)),
@@ -349,21 +427,37 @@ CASES += [
     Case(HC, "order-repeat", lambda: hc(order=torch.tensor([0, 0, 1])), ValueError, ("order",), data=True),
     Case(HC, "order-high", lambda: hc(order=torch.tensor([0, 1, 7])), ValueError, ("order",), data=True),
     Case(HC, "order-negative", lambda: hc(order=torch.tensor([0, -1, 2])), ValueError, ("order",), data=True),
-    Case(HC, "visit-shape", lambda: hc(visit=torch.zeros(3, 3, dtype=torch.long), mode="pcgrad"), ValueError, ("visit",)),
+    Case(
+        HC, "visit-shape", lambda: hc(visit=torch.zeros(3, 3, dtype=torch.long), mode="pcgrad"), ValueError, ("visit",)
+    ),
     Case(HC, "visit-dtype", lambda: hc(visit=torch.zeros(3, 2), mode="pcgrad"), TypeError, ("visit",)),
     Case(HC, "visit-high", lambda: hc(visit=torch.full((3, 2), 5), mode="pcgrad"), ValueError, ("visit",), data=True),
-    Case(HC, "visit-negative", lambda: hc(visit=torch.full((3, 2), -1), mode="pcgrad"), ValueError, ("visit",),
-         data=True),
-    Case(HC, "visit-self", lambda: hc(visit=torch.tensor([[0, 1], [0, 2], [0, 1]]), mode="pcgrad"), ValueError,
-         ("visit",), data=True),
+    Case(
+        HC, "visit-negative", lambda: hc(visit=torch.full((3, 2), -1), mode="pcgrad"), ValueError, ("visit",), data=True
+    ),
+    Case(
+        HC,
+        "visit-self",
+        lambda: hc(visit=torch.tensor([[0, 1], [0, 2], [0, 1]]), mode="pcgrad"),
+        ValueError,
+        ("visit",),
+        data=True,
+    ),
     Case(HC, "mode", lambda: hc(mode="nope"), ValueError, ("mode",)),
     Case(HM, "coef-K", lambda: ([r(3, 4)], torch.zeros(1, 2, dtype=torch.float64)), ValueError, ("coef",)),
     Case(HM, "coef-1d", lambda: ([r(3, 4)], torch.zeros(3, dtype=torch.float64)), ValueError, ("coef",)),
     Case(HM, "coef-int", lambda: ([r(3, 4)], torch.zeros(1, 3, dtype=torch.long)), TypeError, ("coef",)),
     Case(HM, "empty-list", lambda: ([], torch.zeros(1, 3, dtype=torch.float64)), ValueError, ("blocks",)),
-    Case(HM, "K-mismatch", lambda: ([r(3, 4), r(2, 4)], torch.zeros(1, 3, dtype=torch.float64)), ValueError, ("blocks",)),
-    Case(HM, "int", lambda: ([torch.ones(3, 4, dtype=torch.long)], torch.zeros(1, 3, dtype=torch.float64)),
-         TypeError, ("blocks",)),
+    Case(
+        HM, "K-mismatch", lambda: ([r(3, 4), r(2, 4)], torch.zeros(1, 3, dtype=torch.float64)), ValueError, ("blocks",)
+    ),
+    Case(
+        HM,
+        "int",
+        lambda: ([torch.ones(3, 4, dtype=torch.long)], torch.zeros(1, 3, dtype=torch.float64)),
+        TypeError,
+        ("blocks",),
+    ),
 ]
 
 
@@ -411,10 +505,22 @@ CASES += [
     Case(GL, "observed-complex", lambda: gl(o=torch.zeros(4, 5, dtype=torch.complex64)), TypeError, ("observed",)),
     Case(GL, "observed-2", lambda: gl(o=torch.full((4, 5), 2.0)), ValueError, ("observed",), data=True),
     # (1 + 1e-12 rounds to 1 in float32: the label is checked in its own dtype)
-    Case(GL, "observed-near-1", lambda: gl(o=torch.full((4, 5), 1 + 1e-12, dtype=torch.float64)), ValueError,
-         ("observed",), data=True),
-    Case(GLB, "observed-near-0", lambda: glb(o=torch.full((4, 5), 1e-50, dtype=torch.float64)), ValueError,
-         ("observed",), data=True),
+    Case(
+        GL,
+        "observed-near-1",
+        lambda: gl(o=torch.full((4, 5), 1 + 1e-12, dtype=torch.float64)),
+        ValueError,
+        ("observed",),
+        data=True,
+    ),
+    Case(
+        GLB,
+        "observed-near-0",
+        lambda: glb(o=torch.full((4, 5), 1e-50, dtype=torch.float64)),
+        ValueError,
+        ("observed",),
+        data=True,
+    ),
     Case(GL, "logits-int", lambda: gl(z=torch.ones(4, 5, dtype=torch.long)), TypeError, ("logits",)),
     Case(GL, "reduction", lambda: gl(red="max"), ValueError, ("reduction",)),
     Case(GLB, "grad-shape-none", lambda: glb(g=torch.ones(4, 4), red="none"), ValueError, ("grad",)),
@@ -435,8 +541,13 @@ def dsb(gm="auto", gs="auto", maps=None, mean=None, std=None, K=3):
     maps = r(2, 5, 5) if maps is None else maps
     B = 2
     mk = lambda: torch.ones(B, K)  # noqa: E731
-    return (mk() if isinstance(gm, str) else gm, mk() if isinstance(gs, str) else gs, maps,
-            mk() if mean is None else mean, mk() if std is None else std)
+    return (
+        mk() if isinstance(gm, str) else gm,
+        mk() if isinstance(gs, str) else gs,
+        maps,
+        mk() if mean is None else mean,
+        mk() if std is None else std,
+    )
 
 
 DS, DSB = "diagonal_stats_fwd", "diagonal_stats_bwd"
@@ -475,7 +586,9 @@ def check_raises(fn, c: Case, args) -> None:
     with pytest.raises((ValueError, TypeError)) as info:
         fn(*args)
     msg = str(info.value)
-    assert isinstance(info.value, c.exc), f"{c.op} {c.name}: {type(info.value).__name__} instead of {c.exc.__name__}: {msg}"
+    assert isinstance(info.value, c.exc), (
+        f"{c.op} {c.name}: {type(info.value).__name__} instead of {c.exc.__name__}: {msg}"
+    )
     assert f"pyops::{c.op}" in msg, f"the message does not name the op pyops::{c.op}: {msg}"
     for w in c.words:
         assert w in msg, f"the message does not name {w!r}: {msg}"
@@ -526,17 +639,25 @@ def _python_cuda_kernels() -> dict:
 
     # (pyops.gr_loss and pyops.diagonal_stats are the functions; the modules hold the kernels)
     cross_view_kl, diagonal_stats, gr_loss, harmonize, knn_patch = (
-        importlib.import_module(f"pyops.{m}") for m in ("cross_view_kl", "diagonal_stats", "gr_loss", "harmonize",
-                                                        "knn_patch"))
+        importlib.import_module(f"pyops.{m}")
+        for m in ("cross_view_kl", "diagonal_stats", "gr_loss", "harmonize", "knn_patch")
+    )
     kernels = {"harmonize_gram": harmonize._cuda_gram, "harmonize_combine": harmonize._cuda_combine}
     if getattr(cross_view_kl, "triton", None) is not None:
-        kernels.update({
-            CV: cross_view_kl.triton_cross_view_kl_entropy_fwd, CVB: cross_view_kl.triton_cross_view_kl_entropy_bwd,
-            KN: knn_patch.triton_knn_patch_search_fwd, KNB: knn_patch.triton_knn_patch_search_bwd,
-            AG: knn_patch.triton_patch_aggregate_fwd, AGB: knn_patch.triton_patch_aggregate_bwd,
-            GL: gr_loss.triton_gr_loss_fwd, GLB: gr_loss.triton_gr_loss_bwd,
-            DS: diagonal_stats.triton_diagonal_stats_fwd, DSB: diagonal_stats.triton_diagonal_stats_bwd,
-        })
+        kernels.update(
+            {
+                CV: cross_view_kl.triton_cross_view_kl_entropy_fwd,
+                CVB: cross_view_kl.triton_cross_view_kl_entropy_bwd,
+                KN: knn_patch.triton_knn_patch_search_fwd,
+                KNB: knn_patch.triton_knn_patch_search_bwd,
+                AG: knn_patch.triton_patch_aggregate_fwd,
+                AGB: knn_patch.triton_patch_aggregate_bwd,
+                GL: gr_loss.triton_gr_loss_fwd,
+                GLB: gr_loss.triton_gr_loss_bwd,
+                DS: diagonal_stats.triton_diagonal_stats_fwd,
+                DSB: diagonal_stats.triton_diagonal_stats_bwd,
+            }
+        )
     return kernels
 
 
@@ -550,8 +671,9 @@ TRITON_OPS = (CV, CVB, KN, KNB, AG, AGB, GL, GLB, DS, DSB)
 
 
 @pytest.mark.triton_interpreter
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs TRITON_INTERPRET=1 before triton is imported")
+@pytest.mark.skipif(
+    __import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"
+)
 @pytest.mark.parametrize("c", [c for c in CASES if c.op in TRITON_OPS], ids=_ids)
 def test_triton_launchers_reject(c: Case):
     pytest.importorskip("triton")
@@ -582,18 +704,32 @@ def test_public_functions_work_on_meta_tensors():
     assert [g.shape for g in pyops.harmonize_gradients([t(3, 4), t(3, 2)], reduction="none")] == [(3, 4), (3, 2)]
     with pytest.raises(ValueError, match="return_stats needs the gradients' values"):
         pyops.harmonize_gradients(t(3, 10), return_stats=True)
-    loss = pyops.gr_loss(t(4, 5), t(4, 5), beta=torch.zeros(2, device=m), alpha=torch.ones(2, device=m),
-                         require_positive=True)
+    loss = pyops.gr_loss(
+        t(4, 5), t(4, 5), beta=torch.zeros(2, device=m), alpha=torch.ones(2, device=m), require_positive=True
+    )
     assert loss.shape == () and loss.is_meta
     mean, std = pyops.diagonal_stats(t(2, 5, 5))
     assert mean.shape == std.shape == (2, 4)
 
 
 VALID = {  # valid arguments of every registered op (CPU tensors)
-    CV: lambda: cv(t=torch.zeros(3, dtype=torch.long)), CVB: cvb, FL: fl, FLB: flb, KN: kn, KNB: knb, AG: ag,
-    AGB: agb, JP: jp, JB: jb, HG: lambda: ([r(3, 4), r(3, 2)],),
-    HC: lambda: hc(mode="pcgrad"), HM: lambda: ([r(3, 4), r(3, 2)], torch.zeros(2, 3, dtype=torch.float64)),
-    GL: gl, GLB: glb, DS: lambda: (r(2, 5, 5), 3), DSB: dsb,
+    CV: lambda: cv(t=torch.zeros(3, dtype=torch.long)),
+    CVB: cvb,
+    FL: fl,
+    FLB: flb,
+    KN: kn,
+    KNB: knb,
+    AG: ag,
+    AGB: agb,
+    JP: jp,
+    JB: jb,
+    HG: lambda: ([r(3, 4), r(3, 2)],),
+    HC: lambda: hc(mode="pcgrad"),
+    HM: lambda: ([r(3, 4), r(3, 2)], torch.zeros(2, 3, dtype=torch.float64)),
+    GL: gl,
+    GLB: glb,
+    DS: lambda: (r(2, 5, 5), 3),
+    DSB: dsb,
     HV: lambda: (torch.eye(3, dtype=F64), torch.ones(3, dtype=F64)),
 }
 

@@ -1,5 +1,6 @@
 """The README's examples marked runnable (an HTML comment ``<!-- runnable: ... -->`` on the line
 before a python block) run as written, each in a fresh subprocess from a scratch folder."""
+
 import os
 import re
 import subprocess

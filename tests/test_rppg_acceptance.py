@@ -1,4 +1,5 @@
 """The acceptance scripts' statistics: paired per-seed differences and BYHE's verdict rules."""
+
 import math
 
 import pytest
@@ -20,14 +21,20 @@ def test_paired_difference_by_hand():
 
 
 def _rows(loss, zero, delayed):
-    return ([{"domain": "d", "loss": loss, "delay": "zero", "seed": s, "mae": m, "snr": 0.0} for s, m in enumerate(zero)]
-            + [{"domain": "d", "loss": loss, "delay": "delayed", "seed": s, "mae": m, "snr": 0.0}
-               for s, m in enumerate(delayed)])
+    return [
+        {"domain": "d", "loss": loss, "delay": "zero", "seed": s, "mae": m, "snr": 0.0} for s, m in enumerate(zero)
+    ] + [
+        {"domain": "d", "loss": loss, "delay": "delayed", "seed": s, "mae": m, "snr": 0.0}
+        for s, m in enumerate(delayed)
+    ]
 
 
 def test_byhe_verdicts():
-    rows = (_rows("pearson", [1.0, 2.0, 1.5], [9.0, 12.0, 7.0]) + _rows("byhe", [0.2, 0.2, 0.5], [0.5, 1.0, 0.2])
-            + _rows("mcc", [20.0, 25.0, 22.0], [21.0, 24.0, 23.0]))
+    rows = (
+        _rows("pearson", [1.0, 2.0, 1.5], [9.0, 12.0, 7.0])
+        + _rows("byhe", [0.2, 0.2, 0.5], [0.5, 1.0, 0.2])
+        + _rows("mcc", [20.0, 25.0, 22.0], [21.0, 24.0, 23.0])
+    )
     s = {r["loss"]: r for r in summarize(rows, ["d"], ["pearson", "mcc", "byhe"])}
     assert s["pearson"]["claim_holds"] is True and s["pearson"]["diff"]["mean"] == pytest.approx(23.5 / 3)
     assert s["byhe"]["claim_holds"] is True and s["byhe"]["expected"] == "robust"

@@ -1,5 +1,6 @@
 """methods.rppg foundations (issue #12, in progress): the evaluation pipeline against
 hand-computed values and scipy, and the SCS label (faithful and clean modes)."""
+
 import math
 
 import numpy as np
@@ -49,8 +50,12 @@ def test_detrend_removes_a_ramp_and_keeps_the_pulse():
 
 
 def test_metrics_by_hand():
-    res = P.WindowResult(hr_pred=[60.0, 80.0, 100.0, 70.0], hr_label=[62.0, 80.0, 95.0, 75.0], snr=[1.0, 3.0, 2.0, 2.0],
-                         macc=[0.5, 0.7, 0.9, 0.7])
+    res = P.WindowResult(
+        hr_pred=[60.0, 80.0, 100.0, 70.0],
+        hr_label=[62.0, 80.0, 95.0, 75.0],
+        snr=[1.0, 3.0, 2.0, 2.0],
+        macc=[0.5, 0.7, 0.9, 0.7],
+    )
     m = P.summarize(res)
     err = np.array([-2.0, 0.0, 5.0, -5.0])
     assert m["MAE"] == pytest.approx(3.0)
@@ -83,13 +88,19 @@ def test_evaluate_windows_end_to_end():
     assert m["windows"] == 2
 
 
-@pytest.mark.parametrize("call,msg", [
-    (lambda: P.evaluate_windows([np.zeros(100)], [np.zeros(100)], FS, window_s=10.0), "shorter than the 10.0 s window"),
-    (lambda: P.hr_fft(np.r_[np.zeros(10), np.nan, np.zeros(10)], FS), "NaN or infinite sample .first at index 10"),
-    (lambda: P.hr_fft(np.zeros(64), 4.0), "cannot hold the band"),
-    (lambda: P.bandpass(np.zeros(64), -1.0), "sampling rate must be"),
-    (lambda: P.evaluate_windows([np.zeros(9)], [np.zeros(9)], FS, method="svd"), "method must be"),
-])
+@pytest.mark.parametrize(
+    "call,msg",
+    [
+        (
+            lambda: P.evaluate_windows([np.zeros(100)], [np.zeros(100)], FS, window_s=10.0),
+            "shorter than the 10.0 s window",
+        ),
+        (lambda: P.hr_fft(np.r_[np.zeros(10), np.nan, np.zeros(10)], FS), "NaN or infinite sample .first at index 10"),
+        (lambda: P.hr_fft(np.zeros(64), 4.0), "cannot hold the band"),
+        (lambda: P.bandpass(np.zeros(64), -1.0), "sampling rate must be"),
+        (lambda: P.evaluate_windows([np.zeros(9)], [np.zeros(9)], FS, method="svd"), "method must be"),
+    ],
+)
 def test_bad_inputs(call, msg):
     with pytest.raises(ValueError, match=msg):
         call()
@@ -149,8 +160,9 @@ def test_scs_bad_inputs():
 # ---- synthetic videos ---------------------------------------------------------------------
 from methods.rppg.synth import DOMAINS, Domain, chrom, pos, skin_signal, synth_video  # noqa: E402
 
-CLEAN = Domain(name="clean", illumination_drift=0, flicker=0, motion_px=0, specular=0, noise_std=0,
-               delay_range=(0.0, 0.0))
+CLEAN = Domain(
+    name="clean", illumination_drift=0, flicker=0, motion_px=0, specular=0, noise_std=0, delay_range=(0.0, 0.0)
+)
 
 
 @pytest.mark.parametrize("hr", [72.0, 95.0, 128.0])

@@ -1,6 +1,7 @@
 """methods.rppg.training and the label path the rPPG trainers share: the schedules run the way the
 official code runs them (learning rate down, weight decay up), and the SCS target of a clip is
 built from its label filtered over the whole video, as the official preprocessing does."""
+
 import math
 
 import numpy as np
@@ -33,12 +34,17 @@ def test_trainers_raise_the_weight_decay(tmp_path, method):
     # after 3 of 3 steps the optimiser holds the last step's decay: cosine(2, 3, 1e-5, 1e-3) = 7.5e-4
     # (it would be 2.6e-4 with the schedule backwards)
     if method == "byhe":
-        from methods.byhe.train import TrainConfig as C, train
+        from methods.byhe.train import TrainConfig as C
+        from methods.byhe.train import train
+
         cfg = C(steps=3, batch=2, clip=30, n_train=2, n_test=1, frames=60, size=32, shrink=4)
     else:
-        from methods.doha.train import DOHAConfig as C, train
+        from methods.doha.train import DOHAConfig as C
+        from methods.doha.train import train
+
         cfg = C(method="pearson", steps=3, per_domain=1, clip=30, n_train=1, n_test=1, frames=60, size=32)
     from dataclasses import asdict
+
     run = Run(str(tmp_path / method), asdict(cfg))
     train(cfg, run, show_progress=False)
     run.close()
@@ -52,7 +58,7 @@ def _clip_starts(vs, clips):
     for b in range(clips["wave"].shape[0]):
         i, w = int(clips["index"][b]), clips["wave"][b].numpy()
         L = w.size
-        out.append(next(s for s in range(vs.frames - L + 1) if np.array_equal(vs.pulses[i, s:s + L], w)))
+        out.append(next(s for s in range(vs.frames - L + 1) if np.array_equal(vs.pulses[i, s : s + L], w)))
     return out
 
 
@@ -63,14 +69,14 @@ def test_scs_target_is_built_from_the_label_filtered_over_the_whole_video():
     starts = _clip_starts(vs, clips)
     for b, s in enumerate(starts):
         i = int(clips["index"][b])
-        torch.testing.assert_close(clips["scs_wave"][b], torch.from_numpy(vs.scs_pulses[i, s:s + 70]))
+        torch.testing.assert_close(clips["scs_wave"][b], torch.from_numpy(vs.scs_pulses[i, s : s + 70]))
     R = scs_target(clips, "clean")
     torch.testing.assert_close(R, scs_label(clips["scs_wave"], "clean", trim=SCS_TRIM))
     # against the map of the whole video's filtered phase, sliced to the clip's samples (s + 13 .. s + 57)
     refs = []
     for b, s in enumerate(starts):
         phi = label_phase(torch.from_numpy(vs.scs_pulses[int(clips["index"][b])]).double()[None], "clean", trim=0)[0]
-        ph = phi[s + SCS_TRIM:s + SCS_TRIM + R.shape[1]]  # phi[k] is the phase of sample k + 1
+        ph = phi[s + SCS_TRIM : s + SCS_TRIM + R.shape[1]]  # phi[k] is the phase of sample k + 1
         refs.append(torch.cos(ph[:, None] - ph[None, :]))
     ref = torch.stack(refs).float()
     err_filtered = float((R - ref).abs().mean())

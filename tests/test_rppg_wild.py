@@ -1,6 +1,7 @@
 """The "in the wild" nuisances of the synthetic videos (``Domain.wild``: head motion, talking,
 shading, coloured light), the estimated skin mask the classical methods use without the true one,
 and ``evaluate_classic``'s ROI choice."""
+
 import dataclasses
 
 import numpy as np
@@ -10,8 +11,15 @@ from methods.rppg.data import make_set
 from methods.rppg.evaluation import evaluate_classic
 from methods.rppg.synth import DOMAINS, Domain, skin_mask, skin_mask_estimate, skin_signal_estimated, synth_video
 
-QUIET = Domain(name="quiet", illumination_drift=0.0, flicker=0.0, motion_px=0.0, specular=0.0, noise_std=0.0,
-               delay_range=(0.0, 0.0))
+QUIET = Domain(
+    name="quiet",
+    illumination_drift=0.0,
+    flicker=0.0,
+    motion_px=0.0,
+    specular=0.0,
+    noise_std=0.0,
+    delay_range=(0.0, 0.0),
+)
 
 
 def test_only_the_wild_domain_uses_the_new_nuisances(monkeypatch):
@@ -22,6 +30,7 @@ def test_only_the_wild_domain_uses_the_new_nuisances(monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("_WildMotion used")
+
     monkeypatch.setattr(S, "_WildMotion", boom)
     for name, d in DOMAINS.items():
         if name != "wild":
@@ -83,6 +92,7 @@ def test_rotation_turns_the_face_about_the_centre():
         w, vec = np.linalg.eigh(pts.T @ pts)
         major = vec[:, 1]  # (dy, dx) of the long axis
         return np.arctan2(major[1], major[0])
+
     est0 = skin_mask_estimate(synth_video(60, 48, domain=QUIET, seed=3, hr=90.0)["video"][0])
     estk = skin_mask_estimate(v[k])
     # turned about the frame's centre: the face's centroid goes where R(angle) takes it

@@ -8,6 +8,7 @@ only by summation order (measured ~1e-16 relative). RTOL = 1e-9 (relative to the
 gradient entry) is far above that and far below every error a wrong normalisation makes (the
 naive trainers below are off by ~1e-2 to ~1).
 """
+
 import copy
 import os
 import subprocess
@@ -52,9 +53,19 @@ def one_thread():
 
 
 def text_config(kind, **kw):
-    common = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[kind]
     return cls(**{**common, **kw})
 
@@ -63,10 +74,17 @@ def build(kind, seed=0):
     """A tiny float64 model: "llama", "llama_bias" (an LM head with a bias), "qwen2", "mistral", "llava"."""
     torch.manual_seed(seed)
     if kind == "llava":
-        vc = tf.CLIPVisionConfig(hidden_size=H, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=16, patch_size=8)
-        cfg = tf.LlavaConfig(vision_config=vc, text_config=text_config("llama"), image_token_index=IMAGE,
-                             image_seq_length=N_IMG, vision_feature_layer=-1, vision_feature_select_strategy="default")
+        vc = tf.CLIPVisionConfig(
+            hidden_size=H, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+        )
+        cfg = tf.LlavaConfig(
+            vision_config=vc,
+            text_config=text_config("llama"),
+            image_token_index=IMAGE,
+            image_seq_length=N_IMG,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
         model = tf.LlavaForConditionalGeneration(cfg)
     else:
         base = kind.split("_")[0]
@@ -114,14 +132,18 @@ def collate(exs, view_b=False):
     def pad(key, value):
         return torch.stack([F.pad(e[key], (0, L - len(e[key])), value=value) for e in exs])
 
-    mask = torch.stack([F.pad(torch.ones(len(e["input_ids"]), dtype=torch.long), (0, L - len(e["input_ids"])))
-                        for e in exs])
+    mask = torch.stack(
+        [F.pad(torch.ones(len(e["input_ids"]), dtype=torch.long), (0, L - len(e["input_ids"]))) for e in exs]
+    )
     b = {"input_ids": pad("input_ids", 0), "attention_mask": mask, "labels": pad("labels", -100)}
     if "pixel_values" in exs[0]:
         b["pixel_values"] = torch.stack([e["pixel_values"] for e in exs])
     if view_b:
-        b["view_b"] = ({"pixel_values": torch.stack([e["pixel_values_b"] for e in exs])} if "pixel_values" in exs[0]
-                       else {"input_ids": pad("alt_ids", 0)})
+        b["view_b"] = (
+            {"pixel_values": torch.stack([e["pixel_values_b"] for e in exs])}
+            if "pixel_values" in exs[0]
+            else {"input_ids": pad("alt_ids", 0)}
+        )
     return b
 
 
@@ -134,8 +156,9 @@ def params(model):
 
 
 def grads(loss, model, retain_graph=False):
-    return torch.autograd.grad(loss, params(model), allow_unused=True, materialize_grads=True,
-                               retain_graph=retain_graph)
+    return torch.autograd.grad(
+        loss, params(model), allow_unused=True, materialize_grads=True, retain_graph=retain_graph
+    )
 
 
 def assert_close_rel(got, want, rtol=RTOL, what=""):
@@ -205,8 +228,13 @@ def test_causal_lm_loss_matches_the_unfused_loss(kind, models):
     assert n_tok > 0 and not bool(keep[1].any())  # sample 1 has no answer token
     w, b = lm_head(model)
     ref_rows = unfused_rows(model(**model_inputs(batch)).logits, labels)
-    refs = {"mean": ref_rows.sum() / n_tok, "sum": ref_rows.sum(), "none": ref_rows,
-            "per_sample": ref_rows.sum(1) / keep.sum(1).clamp(min=1), "items": ref_rows.sum() / 50}
+    refs = {
+        "mean": ref_rows.sum() / n_tok,
+        "sum": ref_rows.sum(),
+        "none": ref_rows,
+        "per_sample": ref_rows.sum(1) / keep.sum(1).clamp(min=1),
+        "items": ref_rows.sum() / 50,
+    }
     for red, ref in refs.items():
         h = last_hidden_state(model, **batch)
         kw = {"num_items_in_batch": torch.tensor(50)} if red == "items" else {"reduction": red}
@@ -214,8 +242,11 @@ def test_causal_lm_loss_matches_the_unfused_loss(kind, models):
         assert got.dtype == torch.float64 and got.shape == ref.shape
         assert_close_rel(got.detach(), ref.detach(), what=f"{kind} {red} value")
         weights = torch.randn(ref.shape, dtype=torch.float64)  # a generic cotangent for the unreduced ones
-        assert_close_rel(grads((got * weights).sum(), model), grads((ref * weights).sum(), model, retain_graph=True),
-                         what=f"{kind} {red} gradients")
+        assert_close_rel(
+            grads((got * weights).sum(), model),
+            grads((ref * weights).sum(), model, retain_graph=True),
+            what=f"{kind} {red} gradients",
+        )
     # transformers' own loss (computed from float32 logits)
     own = model(**model_inputs(batch), labels=labels).loss
     assert float(refs["mean"].detach()) == pytest.approx(float(own.detach()), rel=1e-6)
@@ -229,11 +260,13 @@ def test_shift_labels_and_ignore_index(models):
         h = last_hidden_state(model, **batch)
         shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # shift_labels: aligned with the positions
         a = causal_lm_loss(h, batch["labels"], w, b, reduction="sum")
-        assert float(causal_lm_loss(h, shifted, w, b, reduction="sum", shift=False)) == pytest.approx(float(a),
-                                                                                                        rel=1e-14)
+        assert float(causal_lm_loss(h, shifted, w, b, reduction="sum", shift=False)) == pytest.approx(
+            float(a), rel=1e-14
+        )
         other = batch["labels"].masked_fill(batch["labels"] == -100, -1)
-        assert float(causal_lm_loss(h, other, w, b, reduction="sum", ignore_index=-1)) == pytest.approx(float(a),
-                                                                                                          rel=1e-14)
+        assert float(causal_lm_loss(h, other, w, b, reduction="sum", ignore_index=-1)) == pytest.approx(
+            float(a), rel=1e-14
+        )
     assert answer_counts(batch["labels"]) == (int((batch["labels"][:, 1:] != -100).sum()), 5)
 
 
@@ -267,9 +300,14 @@ def unfused_cross_view(model, inputs_a, inputs_b, labels, cw, token_total=None, 
     ka = F.linear(out_a.hidden_states[-1][:, :-1][keep].detach(), w, b) if cw.detach == "a" else za
     kb = F.linear(out_b.hidden_states[-1][:, :-1][keep].detach(), w, b) if cw.detach == "b" else zb
     lp, lq = (ka / T).log_softmax(-1), (kb / T).log_softmax(-1)
-    rows = {"kl_ab": (lp.exp() * (lp - lq)).sum(-1), "kl_ba": (lq.exp() * (lq - lp)).sum(-1),
-            "entropy_a": -(lp.exp() * lp).sum(-1), "entropy_b": -(lq.exp() * lq).sum(-1),
-            "ce_a": F.cross_entropy(za, y, reduction="none"), "ce_b": F.cross_entropy(zb, y, reduction="none")}
+    rows = {
+        "kl_ab": (lp.exp() * (lp - lq)).sum(-1),
+        "kl_ba": (lq.exp() * (lq - lp)).sum(-1),
+        "entropy_a": -(lp.exp() * lp).sum(-1),
+        "entropy_b": -(lq.exp() * lq).sum(-1),
+        "ce_a": F.cross_entropy(za, y, reduction="none"),
+        "ce_b": F.cross_entropy(zb, y, reduction="none"),
+    }
     count = torch.zeros(labels.shape[0], dtype=za.dtype).index_add(0, sample, torch.ones_like(y, dtype=za.dtype))
     has = count > 0
     loss = 0.0
@@ -283,8 +321,16 @@ def unfused_cross_view(model, inputs_a, inputs_b, labels, cw, token_total=None, 
     return loss
 
 
-CROSS = CrossViewWeights(ce_a=1.0, ce_b=0.5, kl_ab=3.0, kl_ba=-2.0, entropy_a=0.7, entropy_b=-0.4, temperature=2.0,
-                         per_sample=("kl_ab", "entropy_b", "ce_b"))
+CROSS = CrossViewWeights(
+    ce_a=1.0,
+    ce_b=0.5,
+    kl_ab=3.0,
+    kl_ba=-2.0,
+    entropy_a=0.7,
+    entropy_b=-0.4,
+    temperature=2.0,
+    per_sample=("kl_ab", "entropy_b", "ce_b"),
+)
 
 
 @pytest.mark.parametrize("kind,detach", [("llava", None), ("llava", "b"), ("llama", None), ("qwen2", "a")])
@@ -318,8 +364,9 @@ def test_cross_view_micro_batches_add_up_to_the_full_batch(models):
 
     tokens, samples = answer_counts(collate(exs)["labels"])
     full = loss(exs)
-    halves = loss(exs[:4], token_total=tokens, sample_total=samples) + loss(exs[4:], token_total=tokens,
-                                                                            sample_total=samples)
+    halves = loss(exs[:4], token_total=tokens, sample_total=samples) + loss(
+        exs[4:], token_total=tokens, sample_total=samples
+    )
     assert_close_rel(halves.detach(), full.detach(), what="value")
     assert_close_rel(grads(halves, model), grads(full, model), what="gradients")
     plain = float((loss(exs[:4]) + loss(exs[4:])).detach()) / 2  # the mean of the halves' own means is not it
@@ -364,11 +411,25 @@ class NaiveDividedTrainer(NaiveTrainer):
 
 
 def train_args(tmp_path, accumulation, **kw):
-    return tf.TrainingArguments(output_dir=str(tmp_path), max_steps=1, gradient_accumulation_steps=accumulation,
-                                per_device_train_batch_size=N // accumulation, report_to=[], use_cpu=True,
-                                save_strategy="no", logging_strategy="no", remove_unused_columns=False, optim="sgd",
-                                learning_rate=1.0, weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.0,
-                                dataloader_num_workers=0, disable_tqdm=True, **kw)
+    return tf.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=N // accumulation,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        remove_unused_columns=False,
+        optim="sgd",
+        learning_rate=1.0,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **kw,
+    )
 
 
 def one_step(cls, base, exs, accumulation, tmp_path, view_b=False, **kw):
@@ -376,8 +437,13 @@ def one_step(cls, base, exs, accumulation, tmp_path, view_b=False, **kw):
     examples in `accumulation` micro-batches: the update is minus the accumulated gradient."""
     model = copy.deepcopy(base)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = cls(model=model, args=train_args(tmp_path, accumulation), train_dataset=Items(exs),
-                  data_collator=lambda b: collate(b, view_b=view_b), **kw)
+    trainer = cls(
+        model=model,
+        args=train_args(tmp_path, accumulation),
+        train_dataset=Items(exs),
+        data_collator=lambda b: collate(b, view_b=view_b),
+        **kw,
+    )
     out = trainer.train()
     return out.training_loss, [before[n] - p.detach() for n, p in model.named_parameters()]
 
@@ -386,7 +452,7 @@ def one_step(cls, base, exs, accumulation, tmp_path, view_b=False, **kw):
 def train_data():
     exs = examples(N, 11, view_b=True)
     # the halves differ in answer tokens and in samples with one, or a per-micro-batch mean would be right by chance
-    halves = [answer_counts(collate(exs[i:i + N // 2])["labels"]) for i in (0, N // 2)]
+    halves = [answer_counts(collate(exs[i : i + N // 2])["labels"]) for i in (0, N // 2)]
     assert halves[0][0] != halves[1][0] and halves[0][1] != halves[1][1]
     return exs
 
@@ -404,11 +470,13 @@ def test_accumulation_2x8_equals_1x16_through_trainer_train(cross_view, models, 
     model = copy.deepcopy(base)
     batch = collate(train_data, view_b=cross_view)
     if cross_view:
-        ref = unfused_cross_view(model, model_inputs(batch), {**model_inputs(batch), **batch["view_b"]},
-                                 batch["labels"], CROSS)
+        ref = unfused_cross_view(
+            model, model_inputs(batch), {**model_inputs(batch), **batch["view_b"]}, batch["labels"], CROSS
+        )
     else:
-        ref = unfused_rows(model(**model_inputs(batch)).logits, batch["labels"]).sum() / answer_counts(
-            batch["labels"])[0]
+        ref = (
+            unfused_rows(model(**model_inputs(batch)).logits, batch["labels"]).sum() / answer_counts(batch["labels"])[0]
+        )
     assert_close_rel(full, grads(ref, model), what="update vs unfused gradient")
 
 
@@ -427,8 +495,12 @@ def test_naive_compute_loss_fails_the_accumulation_check(models, train_data, tmp
 
 def test_compute_loss_outside_the_training_loop(models, train_data, tmp_path):
     base = models["llama"]
-    trainer = FusedTrainer(model=copy.deepcopy(base), args=train_args(tmp_path, 1, per_device_eval_batch_size=N),
-                           eval_dataset=Items(train_data), data_collator=collate)
+    trainer = FusedTrainer(
+        model=copy.deepcopy(base),
+        args=train_args(tmp_path, 1, per_device_eval_batch_size=N),
+        eval_dataset=Items(train_data),
+        data_collator=collate,
+    )
     batch = collate(train_data)
     tokens = answer_counts(batch["labels"])[0]
     model = trainer.model.train()
@@ -452,15 +524,26 @@ def test_compute_loss_outside_the_training_loop(models, train_data, tmp_path):
 # --------------------------------------------------------------------------------------------
 def gemma2(softcap):
     torch.manual_seed(0)
-    cfg = tf.Gemma2Config(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=softcap)
+    cfg = tf.Gemma2Config(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=softcap,
+    )
     return tf.Gemma2ForCausalLM(cfg).double()
 
 
 def test_soft_capped_gemma2_is_refused(tmp_path, train_data):
     model = gemma2(30.0)
-    for call in (lambda: check_lm_head(model), lambda: lm_head(model),
-                 lambda: FusedTrainer(model=model, args=train_args(tmp_path, 1))):
+    for call in (
+        lambda: check_lm_head(model),
+        lambda: lm_head(model),
+        lambda: FusedTrainer(model=model, args=train_args(tmp_path, 1)),
+    ):
         with pytest.raises(ValueError, match=r"config\.final_logit_softcapping = 30\.0 \(logits = c \* tanh"):
             call()
     # the numerical check sees it too (logits of size ~1: the cap changes them by ~1e-4 relative)
@@ -473,8 +556,14 @@ def test_soft_capped_gemma2_is_refused(tmp_path, train_data):
 
 def test_cohere_and_granite_logit_scales_are_refused():
     torch.manual_seed(0)
-    small = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                 num_key_value_heads=2)
+    small = dict(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     cohere = tf.CohereForCausalLM(tf.CohereConfig(**small)).double()  # logit_scale = 0.0625 by default
     with pytest.raises(ValueError, match=r"config\.logit_scale = 0\.0625"):
         check_lm_head(cohere)
@@ -517,9 +606,18 @@ def test_heads_and_models_that_are_not_a_plain_linear_head_are_refused(models):
     model.config.model_type = "chameleon"
     with pytest.raises(ValueError, match="image tokens"):
         check_lm_head(model)
-    bart = tf.BartForConditionalGeneration(tf.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
-                                                         encoder_attention_heads=2, decoder_attention_heads=2,
-                                                         encoder_ffn_dim=16, decoder_ffn_dim=16))
+    bart = tf.BartForConditionalGeneration(
+        tf.BartConfig(
+            vocab_size=V,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=16,
+            decoder_ffn_dim=16,
+        )
+    )
     with pytest.raises(ValueError, match="encoder-decoder"):
         check_lm_head(bart)
 
@@ -541,15 +639,24 @@ def test_bad_inputs_give_clear_errors(models, tmp_path):
         (lambda: causal_lm_loss(h, y, w[:, :-1], b), ValueError, r"weight must be the LM head's \(V, H\)"),
         (lambda: causal_lm_loss(h, y, w, torch.zeros(3, dtype=h.dtype)), ValueError, r"bias must be None or \(97,\)"),
         (lambda: causal_lm_loss(h, y, w, b, reduction="avg"), ValueError, "reduction must be one of"),
-        (lambda: causal_lm_loss(h, y, w, b, reduction="sum", num_items_in_batch=3), ValueError,
-         "num_items_in_batch normalises the 'mean' reduction"),
+        (
+            lambda: causal_lm_loss(h, y, w, b, reduction="sum", num_items_in_batch=3),
+            ValueError,
+            "num_items_in_batch normalises the 'mean' reduction",
+        ),
         (lambda: causal_lm_loss(h, y, w, b, num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
-        (lambda: causal_lm_loss(h, y.masked_fill(y == y[0, -1], V + 3), w, b), ValueError,
-         rf"labels\[0, \d+\] = {V + 3} is neither a token id in \[0, {V}\) nor ignore_index"),
+        (
+            lambda: causal_lm_loss(h, y.masked_fill(y == y[0, -1], V + 3), w, b),
+            ValueError,
+            rf"labels\[0, \d+\] = {V + 3} is neither a token id in \[0, {V}\) nor ignore_index",
+        ),
         (lambda: cross_view_loss(h, h[:, 1:], y, w, b), ValueError, "hidden_b must match hidden_a"),
         (lambda: cross_view_loss(h, h, y, w, b, {"kl_ab": 1.0}), TypeError, "weights must be a CrossViewWeights"),
-        (lambda: cross_view_loss(h, h, y, w, b, CrossViewWeights(kl_ab=float("nan"))), ValueError,
-         "kl_ab must be a finite number"),
+        (
+            lambda: cross_view_loss(h, h, y, w, b, CrossViewWeights(kl_ab=float("nan"))),
+            ValueError,
+            "kl_ab must be a finite number",
+        ),
         (lambda: CrossViewWeights(temperature=0.0).validate(), ValueError, "temperature must be a finite number > 0"),
         (lambda: CrossViewWeights(detach="c").validate(), ValueError, "detach must be None, 'a' or 'b'"),
         (lambda: CrossViewWeights(per_sample=("kl",)).validate(), ValueError, "per_sample must be a tuple of term"),
@@ -570,8 +677,13 @@ def test_bad_inputs_give_clear_errors(models, tmp_path):
     with pytest.raises(ValueError, match=r"inputs\['view_b'\] must be a non-empty dict"):
         trainer.compute_loss(trainer.model, {**batch, "view_b": batch["input_ids"]})
     with pytest.raises(ValueError, match="the views' hidden states differ in shape"):
-        trainer.compute_loss(trainer.model, {**batch, "view_b": {"input_ids": batch["input_ids"][:, :-1],
-                                                                 "attention_mask": batch["attention_mask"][:, :-1]}})
+        trainer.compute_loss(
+            trainer.model,
+            {
+                **batch,
+                "view_b": {"input_ids": batch["input_ids"][:, :-1], "attention_mask": batch["attention_mask"][:, :-1]},
+            },
+        )
 
 
 # --------------------------------------------------------------------------------------------

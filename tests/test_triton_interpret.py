@@ -5,6 +5,7 @@ triton_interpreter` (`make test` does it); the variable must be set before trito
 so in the main test run this module is skipped. Small grids; fp32 and fp16 (bf16 is loaded and
 cast to fp32 in the kernels, which the interpreter supports) and fp64.
 """
+
 import os
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 
 pytestmark = [
     pytest.mark.triton_interpreter,
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"
+    ),
 ]
 
 triton = pytest.importorskip("triton")
@@ -101,8 +104,11 @@ grl = importlib.import_module("pyops.gr_loss")  # the module (pyops.gr_loss is a
 @pytest.mark.parametrize("shape", [(1, 1), (5, 13), (3, 700)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("setting", [((0.0, -2.0), (0.5, 2.0), 0.01, 1.0), ((1.5, -1.0), (0.6, 0.7), 0.7, 0.3),
-                                     ((-3.0, 0.5), (0.1, 0.2), 0.0, 0.0)], ids=["voc", "mid", "q0"])
+@pytest.mark.parametrize(
+    "setting",
+    [((0.0, -2.0), (0.5, 2.0), 0.01, 1.0), ((1.5, -1.0), (0.6, 0.7), 0.7, 0.3), ((-3.0, 0.5), (0.1, 0.2), 0.0, 0.0)],
+    ids=["voc", "mid", "q0"],
+)
 def test_triton_gr_loss_matches_reference(shape, dtype, reduction, setting):
     beta, alpha, q2, q3 = setting
     z = (torch.randn(shape) * 4).to(dtype)
@@ -122,8 +128,9 @@ def test_triton_gr_loss_matches_reference(shape, dtype, reduction, setting):
     assert g.dtype == dtype
     gtol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     sub = 2 * 2.0**-24 if dtype == torch.float16 else 0.0
-    torch.testing.assert_close(g.double(), gr.double(), rtol=0 if gtol < 1e-4 else gtol,
-                               atol=gtol * max(gr.abs().max().item(), 1e-30) + sub)
+    torch.testing.assert_close(
+        g.double(), gr.double(), rtol=0 if gtol < 1e-4 else gtol, atol=gtol * max(gr.abs().max().item(), 1e-30) + sub
+    )
 
 
 def test_triton_gr_loss_empty_and_nan():

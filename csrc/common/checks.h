@@ -50,8 +50,7 @@ inline void dim(const at::Tensor& t, int64_t d, const char* name, const char* sh
 
 // A 1-D tensor of n entries (a per-row vector).
 inline void rows(const at::Tensor& t, int64_t n, const char* name, const char* op) {
-  PYOPS_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, name, " must have shape (N,) = (", n, ",), got ",
-                    t.sizes());
+  PYOPS_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, name, " must have shape (N,) = (", n, ",), got ", t.sizes());
 }
 
 inline void finite(double v, const char* name, const char* op) {

@@ -27,7 +27,9 @@ namespace detail {
 extern std::atomic<int> g_isa;
 }
 
-inline Isa isa() { return static_cast<Isa>(detail::g_isa.load(std::memory_order_relaxed)); }
+inline Isa isa() {
+  return static_cast<Isa>(detail::g_isa.load(std::memory_order_relaxed));
+}
 
 // Returns false (and changes nothing) when the CPU cannot run `level`.
 bool set_isa(Isa level);
@@ -47,17 +49,23 @@ const char* isa_name(Isa level);
 #define PYOPS_TARGET_AVX2
 #endif
 
-#define PYOPS_ISA_CLONES(tmpl, ret, name, params, args)                       \
-  tmpl PYOPS_TARGET_AVX512 ret name##_avx512 params { return name##_impl args; } \
-  tmpl PYOPS_TARGET_AVX2 ret name##_avx2 params { return name##_impl args; }     \
-  tmpl ret name##_baseline params { return name##_impl args; }                   \
-  tmpl ret name params {                                                         \
-    switch (::pyops::cpu::isa()) {                                               \
-      case ::pyops::cpu::Isa::kAvx512:                                           \
-        return name##_avx512 args;                                               \
-      case ::pyops::cpu::Isa::kAvx2:                                             \
-        return name##_avx2 args;                                                 \
-      default:                                                                   \
-        return name##_baseline args;                                             \
-    }                                                                            \
+#define PYOPS_ISA_CLONES(tmpl, ret, name, params, args) \
+  tmpl PYOPS_TARGET_AVX512 ret name##_avx512 params {   \
+    return name##_impl args;                            \
+  }                                                     \
+  tmpl PYOPS_TARGET_AVX2 ret name##_avx2 params {       \
+    return name##_impl args;                            \
+  }                                                     \
+  tmpl ret name##_baseline params {                     \
+    return name##_impl args;                            \
+  }                                                     \
+  tmpl ret name params {                                \
+    switch (::pyops::cpu::isa()) {                      \
+      case ::pyops::cpu::Isa::kAvx512:                  \
+        return name##_avx512 args;                      \
+      case ::pyops::cpu::Isa::kAvx2:                    \
+        return name##_avx2 args;                        \
+      default:                                          \
+        return name##_baseline args;                    \
+    }                                                   \
   }

@@ -36,13 +36,17 @@ typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 8;
 
-PYOPS_VINLINE vf8 splat(float x) { return vf8{} + x; }
+PYOPS_VINLINE vf8 splat(float x) {
+  return vf8{} + x;
+}
 PYOPS_VINLINE vf8 loadu(const float* p) {
   vf8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-PYOPS_VINLINE void storeu(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
+PYOPS_VINLINE void storeu(float* p, vf8 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 PYOPS_VINLINE float hsum(vf8 v) {
   float s = 0;
   for (int i = 0; i < kLanes; ++i) s += v[i];
@@ -76,7 +80,9 @@ inline float exp_approx(float x) {
   y = x < lo ? 0.0f : y;
   return x != x ? x : y;
 }
-inline double exp_approx(double x) { return std::exp(x); }
+inline double exp_approx(double x) {
+  return std::exp(x);
+}
 
 // ---- vector versions, for vf8 (cross_view_kl) and vf16 (gr_loss) ----------------------------
 template <typename VF>
@@ -125,8 +131,12 @@ PYOPS_VINLINE VF exp_approx_v(VF x) {
   y = x < vsplat<VF>(-87.33654f) ? vsplat<VF>(0.0f) : y;
   return x != x ? x : y;
 }
-PYOPS_VINLINE vf8 exp_approx(vf8 x) { return exp_approx_v(x); }
-PYOPS_VINLINE vf16 exp_approx(vf16 x) { return exp_approx_v(x); }
+PYOPS_VINLINE vf8 exp_approx(vf8 x) {
+  return exp_approx_v(x);
+}
+PYOPS_VINLINE vf16 exp_approx(vf16 x) {
+  return exp_approx_v(x);
+}
 
 // expm1(x) for x <= 0 (and moderate x > 0) with full relative accuracy near 0:
 // 2^n (1 + P(r)) - 1 = 2^n P(r) + (2^n - 1), exactly P(r) for n = 0. x < -87.33: -1.
@@ -138,8 +148,12 @@ PYOPS_VINLINE VF expm1_approx_v(VF x) {
   y = x < vsplat<VF>(-87.33654f) ? vsplat<VF>(-1.0f) : y;
   return x != x ? x : y;
 }
-PYOPS_VINLINE vf8 expm1_approx(vf8 x) { return expm1_approx_v(x); }
-PYOPS_VINLINE vf16 expm1_approx(vf16 x) { return expm1_approx_v(x); }
+PYOPS_VINLINE vf8 expm1_approx(vf8 x) {
+  return expm1_approx_v(x);
+}
+PYOPS_VINLINE vf16 expm1_approx(vf16 x) {
+  return expm1_approx_v(x);
+}
 
 // log(x) for normal, finite x > 0.
 template <typename VF, typename VI = typename VecInt<VF>::type>
@@ -166,8 +180,12 @@ PYOPS_VINLINE VF log_approx_v(VF x) {
   y = y - 0.5f * z;
   return m + y + e * 0.693359375f;
 }
-PYOPS_VINLINE vf8 log_approx(vf8 x) { return log_approx_v(x); }
-PYOPS_VINLINE vf16 log_approx(vf16 x) { return log_approx_v(x); }
+PYOPS_VINLINE vf8 log_approx(vf8 x) {
+  return log_approx_v(x);
+}
+PYOPS_VINLINE vf16 log_approx(vf16 x) {
+  return log_approx_v(x);
+}
 
 // log(1 + u) for u in [0, 1], given inv_y = 1 / (1 + u): log(y) plus the first-order
 // correction for the rounding of y = 1 + u (full relative accuracy for tiny u). NaN stays NaN.
@@ -176,8 +194,12 @@ PYOPS_VINLINE VF log1p_approx_v(VF u, VF inv_y) {
   const VF y = u + 1.0f;
   return log_approx_v(y) + (u - (y - 1.0f)) * inv_y;
 }
-PYOPS_VINLINE vf8 log1p_approx(vf8 u, vf8 inv_y) { return log1p_approx_v(u, inv_y); }
-PYOPS_VINLINE vf16 log1p_approx(vf16 u, vf16 inv_y) { return log1p_approx_v(u, inv_y); }
+PYOPS_VINLINE vf8 log1p_approx(vf8 u, vf8 inv_y) {
+  return log1p_approx_v(u, inv_y);
+}
+PYOPS_VINLINE vf16 log1p_approx(vf16 u, vf16 inv_y) {
+  return log1p_approx_v(u, inv_y);
+}
 
 }  // namespace simd
 }  // namespace pyops

@@ -25,8 +25,8 @@ inline void check_inputs(const at::Tensor& a, const at::Tensor& b, const std::op
   checks::same_dtype(b, "logits_b", a, "logits_a", op);
   checks::same_device(b, "logits_b", a, "logits_a", op);
   PYOPS_CHECK_VALUE(a.size(1) > 0, op, "the vocabulary size V = logits_a.shape[1] must be > 0");
-  PYOPS_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
-                    "temperature must be a finite number > 0, got ", temperature);
+  PYOPS_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op, "temperature must be a finite number > 0, got ",
+                    temperature);
   if (target.has_value()) {
     PYOPS_CHECK_TYPE(target->scalar_type() == at::kLong, op, "target must be int64, got ", target->scalar_type());
     checks::rows(*target, a.size(0), "target", op);
@@ -46,14 +46,16 @@ inline void check_bwd_inputs(const at::Tensor& a, const std::optional<at::Tensor
     checks::floating(*item.second, item.first, op);
     checks::same_device(*item.second, item.first, a, "logits_a", op);
   }
-  PYOPS_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == N && lse.size(1) == 3, op, "lse must have shape (N, 3) = (",
-                    N, ", 3), got ", lse.sizes());
+  PYOPS_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == N && lse.size(1) == 3, op, "lse must have shape (N, 3) = (", N,
+                    ", 3), got ", lse.sizes());
   checks::floating(lse, "lse", op);
   checks::same_device(lse, "lse", a, "logits_a", op);
   PYOPS_CHECK_VALUE(!has_grad_ce || target.has_value(), op, "grad_ce_a needs a target (target is None)");
 }
 
-inline const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+inline const at::Tensor* opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
 
 // All the arguments of pyops::cross_view_kl_entropy_bwd (the CPU and CUDA launchers).
 inline void check_bwd_args(const std::optional<at::Tensor>& grad_kl_ab, const std::optional<at::Tensor>& grad_kl_ba,
@@ -65,10 +67,15 @@ inline void check_bwd_args(const std::optional<at::Tensor>& grad_kl_ab, const st
                            double temperature, const char* op) {
   check_inputs(logits_a, logits_b, target, temperature, op);
   check_bwd_inputs(logits_a, target,
-                   {{"grad_kl_ab", opt(grad_kl_ab)}, {"grad_kl_ba", opt(grad_kl_ba)},
-                    {"grad_entropy_a", opt(grad_entropy_a)}, {"grad_entropy_b", opt(grad_entropy_b)},
-                    {"grad_ce_a", opt(grad_ce_a)}, {"kl_ab", &kl_ab}, {"kl_ba", &kl_ba},
-                    {"entropy_a", &entropy_a}, {"entropy_b", &entropy_b}},
+                   {{"grad_kl_ab", opt(grad_kl_ab)},
+                    {"grad_kl_ba", opt(grad_kl_ba)},
+                    {"grad_entropy_a", opt(grad_entropy_a)},
+                    {"grad_entropy_b", opt(grad_entropy_b)},
+                    {"grad_ce_a", opt(grad_ce_a)},
+                    {"kl_ab", &kl_ab},
+                    {"kl_ba", &kl_ba},
+                    {"entropy_a", &entropy_a},
+                    {"entropy_b", &entropy_b}},
                    lse, grad_ce_a.has_value(), op);
 }
 

@@ -54,8 +54,7 @@ struct ViewState {
 
 // One block of both views: u = a / T, w = b / T (n <= kBlock elements).
 template <typename acc_t>
-inline void fwd_block(const acc_t* u, const acc_t* w, int64_t n, ViewState<acc_t>& A,
-                      ViewState<acc_t>& B) {
+inline void fwd_block(const acc_t* u, const acc_t* w, int64_t n, ViewState<acc_t>& A, ViewState<acc_t>& B) {
   acc_t ma = -std::numeric_limits<acc_t>::infinity(), mb = ma;
 #pragma omp simd reduction(max : ma, mb)
   for (int64_t i = 0; i < n; ++i) {
@@ -104,13 +103,12 @@ struct BwdCoef {
   double kl_ab, kl_ba, h_a, h_b;          // forward values of this row
   double lse_u, lse_w, lse_a1;            // saved log-sum-exps
   double inv_t;
-  bool ce_softmax_is_p;                   // T == 1: softmax(a) == p
+  bool ce_softmax_is_p;  // T == 1: softmax(a) == p
 };
 
 // ga, gb <- d(outputs)/d(a, b) for one block of raw logits a, b.
 template <typename acc_t>
-inline void bwd_block(const acc_t* a, const acc_t* b, acc_t* ga, acc_t* gb, int64_t n,
-                      const BwdCoef& c) {
+inline void bwd_block(const acc_t* a, const acc_t* b, acc_t* ga, acc_t* gb, int64_t n, const BwdCoef& c) {
   const acc_t g_kab = c.g_kab, g_kba = c.g_kba, g_ha = c.g_ha, g_hb = c.g_hb, g_ce = c.g_ce;
   const acc_t kl_ab = c.kl_ab, kl_ba = c.kl_ba, h_a = c.h_a, h_b = c.h_b;
   const acc_t lse_u = c.lse_u, lse_w = c.lse_w, lse_a1 = c.lse_a1, inv_t = c.inv_t;
@@ -138,8 +136,8 @@ inline void bwd_block(const acc_t* a, const acc_t* b, acc_t* ga, acc_t* gb, int6
 // vf8, exp_approx and friends: csrc/common/simd_math.h.
 
 // fwd_block for float32 logits a, b (unscaled; u = a * inv_t, w = b * inv_t).
-PYOPS_ALWAYS_INLINE void fwd_block_f32_impl(const float* a, const float* b, int64_t n, float inv_t,
-                                      ViewState<float>& A, ViewState<float>& B) {
+PYOPS_ALWAYS_INLINE void fwd_block_f32_impl(const float* a, const float* b, int64_t n, float inv_t, ViewState<float>& A,
+                                            ViewState<float>& B) {
   const int64_t nv = n - n % kLanes;
   const vf8 vt = splat(inv_t);
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -189,7 +187,9 @@ PYOPS_ALWAYS_INLINE void fwd_block_f32_impl(const float* a, const float* b, int6
   B.t += stb;
   B.x += sxb;
 }
-PYOPS_ISA_CLONES(, void, fwd_block_f32, (const float* a, const float* b, int64_t n, float inv_t, ViewState<float>& A, ViewState<float>& B), (a, b, n, inv_t, A, B))
+PYOPS_ISA_CLONES(, void, fwd_block_f32,
+                 (const float* a, const float* b, int64_t n, float inv_t, ViewState<float>& A, ViewState<float>& B),
+                 (a, b, n, inv_t, A, B))
 
 PYOPS_ALWAYS_INLINE void lse_block_f32_impl(const float* a, int64_t n, ViewState<float>& S) {
   const int64_t nv = n - n % kLanes;
@@ -211,8 +211,8 @@ PYOPS_ALWAYS_INLINE void lse_block_f32_impl(const float* a, int64_t n, ViewState
 }
 PYOPS_ISA_CLONES(, void, lse_block_f32, (const float* a, int64_t n, ViewState<float>& S), (a, n, S))
 
-PYOPS_ALWAYS_INLINE void bwd_block_f32_impl(const float* a, const float* b, float* ga, float* gb,
-                                      int64_t n, const BwdCoef& c) {
+PYOPS_ALWAYS_INLINE void bwd_block_f32_impl(const float* a, const float* b, float* ga, float* gb, int64_t n,
+                                            const BwdCoef& c) {
   const int64_t nv = n - n % kLanes;
   const float g_kab = c.g_kab, g_kba = c.g_kba, g_ha = c.g_ha, g_hb = c.g_hb, g_ce = c.g_ce;
   const float kl_ab = c.kl_ab, kl_ba = c.kl_ba, h_a = c.h_a, h_b = c.h_b;
@@ -245,14 +245,16 @@ PYOPS_ALWAYS_INLINE void bwd_block_f32_impl(const float* a, const float* b, floa
     gb[i] = gw * inv_t;
   }
 }
-PYOPS_ISA_CLONES(, void, bwd_block_f32, (const float* a, const float* b, float* ga, float* gb, int64_t n, const BwdCoef& c), (a, b, ga, gb, n, c))
+PYOPS_ISA_CLONES(, void, bwd_block_f32,
+                 (const float* a, const float* b, float* ga, float* gb, int64_t n, const BwdCoef& c),
+                 (a, b, ga, gb, n, c))
 // Forward over one block of raw logits a, b (u = a * inv_t, w = b * inv_t).
-inline void fwd_block_dispatch(const float* a, const float* b, int64_t n, float inv_t,
-                               ViewState<float>& A, ViewState<float>& B) {
+inline void fwd_block_dispatch(const float* a, const float* b, int64_t n, float inv_t, ViewState<float>& A,
+                               ViewState<float>& B) {
   fwd_block_f32(a, b, n, inv_t, A, B);
 }
-inline void fwd_block_dispatch(const double* a, const double* b, int64_t n, double inv_t,
-                               ViewState<double>& A, ViewState<double>& B) {
+inline void fwd_block_dispatch(const double* a, const double* b, int64_t n, double inv_t, ViewState<double>& A,
+                               ViewState<double>& B) {
   double ubuf[kBlock], wbuf[kBlock];
   for (int64_t i = 0; i < n; ++i) {
     ubuf[i] = a[i] * inv_t;
@@ -266,12 +268,10 @@ inline void lse_block_dispatch(const float* a, int64_t n, ViewState<float>& S) {
 inline void lse_block_dispatch(const double* a, int64_t n, ViewState<double>& S) {
   lse_block<double>(a, n, S);
 }
-inline void bwd_block_dispatch(const float* a, const float* b, float* ga, float* gb, int64_t n,
-                               const BwdCoef& c) {
+inline void bwd_block_dispatch(const float* a, const float* b, float* ga, float* gb, int64_t n, const BwdCoef& c) {
   bwd_block_f32(a, b, ga, gb, n, c);
 }
-inline void bwd_block_dispatch(const double* a, const double* b, double* ga, double* gb,
-                               int64_t n, const BwdCoef& c) {
+inline void bwd_block_dispatch(const double* a, const double* b, double* ga, double* gb, int64_t n, const BwdCoef& c) {
   bwd_block<double>(a, b, ga, gb, n, c);
 }
 
@@ -286,13 +286,13 @@ inline const acc_t* load_block(const scalar_t* src, int64_t n, acc_t* buf) {
   }
 }
 
-int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+int64_t grain_rows(int64_t V) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+}
 
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cross_view_kl_entropy_fwd_cpu(const at::Tensor& logits_a, const at::Tensor& logits_b,
-                              const std::optional<at::Tensor>& target, double temperature,
-                              int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_view_kl_entropy_fwd_cpu(
+    const at::Tensor& logits_a, const at::Tensor& logits_b, const std::optional<at::Tensor>& target, double temperature,
+    int64_t ignore_index) {
   check_inputs(logits_a, logits_b, target, temperature, "cross_view_kl_entropy_fwd");
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
   const int64_t N = a.size(0), V = a.size(1);
@@ -349,14 +349,13 @@ cross_view_kl_entropy_fwd_cpu(const at::Tensor& logits_a, const at::Tensor& logi
   return {kl_ab, kl_ba, ent_a, ent_b, ce, lse};
 }
 
-
 std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cpu(
     const std::optional<at::Tensor>& grad_kl_ab, const std::optional<at::Tensor>& grad_kl_ba,
     const std::optional<at::Tensor>& grad_entropy_a, const std::optional<at::Tensor>& grad_entropy_b,
-    const std::optional<at::Tensor>& grad_ce_a, const at::Tensor& logits_a,
-    const at::Tensor& logits_b, const std::optional<at::Tensor>& target, const at::Tensor& kl_ab,
-    const at::Tensor& kl_ba, const at::Tensor& entropy_a, const at::Tensor& entropy_b,
-    const at::Tensor& lse, double temperature, int64_t ignore_index) {
+    const std::optional<at::Tensor>& grad_ce_a, const at::Tensor& logits_a, const at::Tensor& logits_b,
+    const std::optional<at::Tensor>& target, const at::Tensor& kl_ab, const at::Tensor& kl_ba,
+    const at::Tensor& entropy_a, const at::Tensor& entropy_b, const at::Tensor& lse, double temperature,
+    int64_t ignore_index) {
   check_bwd_args(grad_kl_ab, grad_kl_ba, grad_entropy_a, grad_entropy_b, grad_ce_a, logits_a, logits_b, target, kl_ab,
                  kl_ba, entropy_a, entropy_b, lse, temperature, "cross_view_kl_entropy_bwd");
   const at::Tensor a = logits_a.contiguous(), b = logits_b.contiguous();
@@ -368,17 +367,14 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cpu(
   };
   const at::Tensor g_kab = rows(grad_kl_ab), g_kba = rows(grad_kl_ba), g_ha = rows(grad_entropy_a),
                    g_hb = rows(grad_entropy_b), g_ce = rows(grad_ce_a);
-  const at::Tensor f_kab = rows(kl_ab), f_kba = rows(kl_ba), f_ha = rows(entropy_a),
-                   f_hb = rows(entropy_b);
+  const at::Tensor f_kab = rows(kl_ab), f_kba = rows(kl_ba), f_ha = rows(entropy_a), f_hb = rows(entropy_b);
   const at::Tensor f_lse = lse.to(at::kDouble).contiguous();
   const at::Tensor tgt = target.has_value() ? target->contiguous() : at::Tensor();
   at::Tensor grad_a = at::empty_like(a), grad_b = at::empty_like(b);
   const bool unit_t = temperature == 1.0;
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<double>() : nullptr; };
-  const double *p_gkab = ptr(g_kab), *p_gkba = ptr(g_kba), *p_gha = ptr(g_ha), *p_ghb = ptr(g_hb),
-               *p_gce = ptr(g_ce);
-  const double *p_kab = ptr(f_kab), *p_kba = ptr(f_kba), *p_ha = ptr(f_ha), *p_hb = ptr(f_hb),
-               *p_lse = ptr(f_lse);
+  const double *p_gkab = ptr(g_kab), *p_gkba = ptr(g_kba), *p_gha = ptr(g_ha), *p_ghb = ptr(g_hb), *p_gce = ptr(g_ce);
+  const double *p_kab = ptr(f_kab), *p_kba = ptr(f_kba), *p_ha = ptr(f_ha), *p_hb = ptr(f_hb), *p_lse = ptr(f_lse);
   const int64_t* pt = tgt.defined() ? tgt.const_data_ptr<int64_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_view_kl_bwd", [&] {

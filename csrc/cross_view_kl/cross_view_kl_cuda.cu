@@ -38,8 +38,8 @@ struct DeviceScalar<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-void check_cuda_inputs(const at::Tensor& a, const at::Tensor& b,
-                       const std::optional<at::Tensor>& target, double temperature, const char* op) {
+void check_cuda_inputs(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& target,
+                       double temperature, const char* op) {
   check_inputs(a, b, target, temperature, op);
   PYOPS_CHECK_VALUE(a.is_cuda(), op, "logits_a must be a CUDA tensor, got ", a.device());
 }
@@ -68,12 +68,13 @@ int num_sms(const at::Device& device) {
   return n;
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cross_view_kl_entropy_fwd_cuda(const at::Tensor& logits_a, const at::Tensor& logits_b,
-                               const std::optional<at::Tensor>& target, double temperature,
-                               int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_view_kl_entropy_fwd_cuda(
+    const at::Tensor& logits_a, const at::Tensor& logits_b, const std::optional<at::Tensor>& target, double temperature,
+    int64_t ignore_index) {
   const char* op = "cross_view_kl_entropy_fwd";
   check_cuda_inputs(logits_a, logits_b, target, temperature, op);
   const c10::cuda::CUDAGuard guard(logits_a.device());
@@ -117,10 +118,10 @@ cross_view_kl_entropy_fwd_cuda(const at::Tensor& logits_a, const at::Tensor& log
 std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cuda(
     const std::optional<at::Tensor>& grad_kl_ab, const std::optional<at::Tensor>& grad_kl_ba,
     const std::optional<at::Tensor>& grad_entropy_a, const std::optional<at::Tensor>& grad_entropy_b,
-    const std::optional<at::Tensor>& grad_ce_a, const at::Tensor& logits_a,
-    const at::Tensor& logits_b, const std::optional<at::Tensor>& target, const at::Tensor& kl_ab,
-    const at::Tensor& kl_ba, const at::Tensor& entropy_a, const at::Tensor& entropy_b,
-    const at::Tensor& lse, double temperature, int64_t ignore_index) {
+    const std::optional<at::Tensor>& grad_ce_a, const at::Tensor& logits_a, const at::Tensor& logits_b,
+    const std::optional<at::Tensor>& target, const at::Tensor& kl_ab, const at::Tensor& kl_ba,
+    const at::Tensor& entropy_a, const at::Tensor& entropy_b, const at::Tensor& lse, double temperature,
+    int64_t ignore_index) {
   const char* op = "cross_view_kl_entropy_bwd";
   check_bwd_args(grad_kl_ab, grad_kl_ba, grad_entropy_a, grad_entropy_b, grad_ce_a, logits_a, logits_b, target, kl_ab,
                  kl_ba, entropy_a, entropy_b, lse, temperature, op);
@@ -135,10 +136,10 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cuda(
     return t->to(acc).contiguous();
   };
   const at::Tensor g_kab = rows(grad_kl_ab, "grad_kl_ab"), g_kba = rows(grad_kl_ba, "grad_kl_ba"),
-                   g_ha = rows(grad_entropy_a, "grad_entropy_a"),
-                   g_hb = rows(grad_entropy_b, "grad_entropy_b"), g_ce = rows(grad_ce_a, "grad_ce_a");
-  const at::Tensor f_kab = rows(kl_ab, "kl_ab"), f_kba = rows(kl_ba, "kl_ba"),
-                   f_ha = rows(entropy_a, "entropy_a"), f_hb = rows(entropy_b, "entropy_b");
+                   g_ha = rows(grad_entropy_a, "grad_entropy_a"), g_hb = rows(grad_entropy_b, "grad_entropy_b"),
+                   g_ce = rows(grad_ce_a, "grad_ce_a");
+  const at::Tensor f_kab = rows(kl_ab, "kl_ab"), f_kba = rows(kl_ba, "kl_ba"), f_ha = rows(entropy_a, "entropy_a"),
+                   f_hb = rows(entropy_b, "entropy_b");
   const at::Tensor f_lse = lse.to(acc).contiguous();
   at::Tensor grad_a = at::empty(a.sizes(), a.options()), grad_b = at::empty(b.sizes(), b.options());
   if (N == 0) return {grad_a, grad_b};
@@ -150,9 +151,7 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_view_kl_bwd_cuda", [&] {
     using T = typename DeviceScalar<scalar_t>::type;
     using acc_t = acc_type<T>;
-    auto ptr = [](const at::Tensor& t) -> const acc_t* {
-      return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
-    };
+    auto ptr = [](const at::Tensor& t) -> const acc_t* { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
     CrossViewKlBwdArgs<T> args;
     args.grad_kl_ab = ptr(g_kab);
     args.grad_kl_ba = ptr(g_kba);

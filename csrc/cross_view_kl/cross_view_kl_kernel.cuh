@@ -261,9 +261,7 @@ struct Storage<__half> : Storage16<Storage<__half>> {
     h.x = static_cast<unsigned short>(bits16);
     return __half2float(__half(h));
   }
-  PYOPS_CVKL_HD static uint32_t acc_to_bits(float v) {
-    return static_cast<__half_raw>(__float2half_rn(v)).x;
-  }
+  PYOPS_CVKL_HD static uint32_t acc_to_bits(float v) { return static_cast<__half_raw>(__float2half_rn(v)).x; }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   __device__ static uint32_t max2(uint32_t x, uint32_t y) {
     uint32_t m;
@@ -315,8 +313,7 @@ PYOPS_CVKL_HD uint4 load_vec(const uint4* p) {
 // boundary; V (the whole row scalar) when the given row pointers differ modulo 16 bytes.
 // p2 / p3 may be nullptr (not part of the check).
 template <typename T>
-PYOPS_CVKL_HD int64_t row_head(const void* p0, const void* p1, const void* p2, const void* p3,
-                               int64_t V) {
+PYOPS_CVKL_HD int64_t row_head(const void* p0, const void* p1, const void* p2, const void* p3, int64_t V) {
   const uintptr_t mis = reinterpret_cast<uintptr_t>(p0) & 15u;
   if ((reinterpret_cast<uintptr_t>(p1) & 15u) != mis) return V;
   if (p2 != nullptr && (reinterpret_cast<uintptr_t>(p2) & 15u) != mis) return V;
@@ -434,8 +431,8 @@ PYOPS_CVKL_HD void merge(FwdState<acc_t>& a, const FwdState<acc_t>& b, acc_t c2)
 // do_c the raw ra to the logsumexp state c. A state is rebased only when the chunk max exceeds
 // its running max, so there is one exp per element and view.
 template <typename acc_t, int K>
-PYOPS_CVKL_HD void fwd_chunk(const acc_t (&ra)[K], const acc_t (&rb)[K], acc_t ma, acc_t mb,
-                             acc_t c2, bool do_c, FwdState<acc_t>& st) {
+PYOPS_CVKL_HD void fwd_chunk(const acc_t (&ra)[K], const acc_t (&rb)[K], acc_t ma, acc_t mb, acc_t c2, bool do_c,
+                             FwdState<acc_t>& st) {
   using M = Math<acc_t>;
   if (ma > st.a.m) rebase(st.a, ma, c2);
   if (mb > st.b.m) rebase(st.b, mb, c2);
@@ -464,9 +461,8 @@ PYOPS_CVKL_HD void fwd_chunk(const acc_t (&ra)[K], const acc_t (&rb)[K], acc_t m
 
 // The share of thread `tid` (of a group of G threads) of one row, added to st.
 template <typename T>
-PYOPS_CVKL_HD void fwd_row_partial(const T* __restrict__ ra, const T* __restrict__ rb, int64_t V,
-                                   int tid, int G, acc_type<T> c2, bool do_c,
-                                   FwdState<acc_type<T>>& st) {
+PYOPS_CVKL_HD void fwd_row_partial(const T* __restrict__ ra, const T* __restrict__ rb, int64_t V, int tid, int G,
+                                   acc_type<T> c2, bool do_c, FwdState<acc_type<T>>& st) {
   using acc_t = acc_type<T>;
   using S = Storage<T>;
   constexpr int kVec = S::kVec;
@@ -524,8 +520,8 @@ PYOPS_CVKL_HD acc_t log_sum(acc_t m, acc_t log_s, acc_t scale, acc_t c2) {
 // (m_a - m_b) / T + (ln s_a - ln s_b) - ln2 (resid_a - resid_b), which keeps the difference
 // of two large log-sum-exps accurate (and consistent with x: KL = 0 for identical one-hot rows).
 template <typename acc_t>
-PYOPS_CVKL_HD FwdRowResult<acc_t> fwd_finalize(const FwdState<acc_t>& st, acc_t inv_t, acc_t c2,
-                                               bool unit_t, bool need_ce) {
+PYOPS_CVKL_HD FwdRowResult<acc_t> fwd_finalize(const FwdState<acc_t>& st, acc_t inv_t, acc_t c2, bool unit_t,
+                                               bool need_ce) {
   using M = Math<acc_t>;
   const acc_t ninf = M::neg_inf(), ln2 = M::kLn2;
   FwdRowResult<acc_t> r;
@@ -542,8 +538,7 @@ PYOPS_CVKL_HD FwdRowResult<acc_t> fwd_finalize(const FwdState<acc_t>& st, acc_t 
   r.kl_ba = inv_t * st.b.x / st.b.s + dlse;
   r.h_a = log_sa - ln2 * st.a.t / st.a.s;
   r.h_b = log_sb - ln2 * st.b.t / st.b.s;
-  r.lse_a1 = unit_t ? r.lse_u
-                    : (need_ce ? log_sum(st.c.m, M::log(st.c.s), acc_t(1), M::kLog2e) : acc_t(0));
+  r.lse_a1 = unit_t ? r.lse_u : (need_ce ? log_sum(st.c.m, M::log(st.c.s), acc_t(1), M::kLog2e) : acc_t(0));
   return r;
 }
 
@@ -563,8 +558,8 @@ struct BwdRowCoef {
 
 // ga, gb <- gradients of K elements of raw logits a, b starting at column `col`.
 template <typename acc_t, int K>
-PYOPS_CVKL_HD void bwd_chunk(const BwdRowCoef<acc_t>& c, const acc_t (&a)[K], const acc_t (&b)[K],
-                             int64_t col, acc_t (&ga)[K], acc_t (&gb)[K]) {
+PYOPS_CVKL_HD void bwd_chunk(const BwdRowCoef<acc_t>& c, const acc_t (&a)[K], const acc_t (&b)[K], int64_t col,
+                             acc_t (&ga)[K], acc_t (&gb)[K]) {
   PYOPS_CVKL_UNROLL
   for (int k = 0; k < K; ++k) {
     const acc_t lp = a[k] * c.inv_t - c.lse_u, lq = b[k] * c.inv_t - c.lse_w;
@@ -591,9 +586,8 @@ PYOPS_CVKL_HD void bwd_chunk(const BwdRowCoef<acc_t>& c, const acc_t (&a)[K], co
 
 // The share of thread `tid` (of a group of G threads) of one row.
 template <typename T>
-PYOPS_CVKL_HD void bwd_row_partial(const T* __restrict__ ra, const T* __restrict__ rb,
-                                   T* __restrict__ rga, T* __restrict__ rgb, int64_t V, int tid,
-                                   int G, const BwdRowCoef<acc_type<T>>& c) {
+PYOPS_CVKL_HD void bwd_row_partial(const T* __restrict__ ra, const T* __restrict__ rb, T* __restrict__ rga,
+                                   T* __restrict__ rgb, int64_t V, int tid, int G, const BwdRowCoef<acc_type<T>>& c) {
   using acc_t = acc_type<T>;
   using S = Storage<T>;
   constexpr int kVec = S::kVec;
@@ -708,7 +702,7 @@ __device__ __forceinline__ FwdState<acc_t> shfl_xor_state(const FwdState<acc_t>&
 
 template <typename acc_t>
 __device__ __forceinline__ void warp_merge(FwdState<acc_t>& st, acc_t c2) {
-  #pragma unroll
+#pragma unroll
   for (int off = 16; off > 0; off >>= 1) merge(st, shfl_xor_state(st, off), c2);
 }
 
@@ -743,7 +737,7 @@ constexpr int fwd_min_blocks() {
 
 // Block: R groups of G threads, one row per group. R > 1 only with G == 32 (no block barrier).
 template <typename T, int G, int R>
-__global__ void __launch_bounds__(G * R, (fwd_min_blocks<T, G * R>()))
+__global__ void __launch_bounds__(G* R, (fwd_min_blocks<T, G * R>()))
     cross_view_kl_fwd_kernel(const CrossViewKlFwdArgs<T> args, int64_t row_begin) {
   static_assert(G >= 32 && (G & (G - 1)) == 0 && G <= 1024, "G: a power of two in [32, 1024]");
   static_assert(R == 1 || G == 32, "several rows per block only with a warp per row");
@@ -788,8 +782,7 @@ __global__ void __launch_bounds__(G * R, (fwd_min_blocks<T, G * R>()))
 }
 
 template <typename T, int G, int R>
-__global__ void __launch_bounds__(G * R)
-    cross_view_kl_bwd_kernel(const CrossViewKlBwdArgs<T> args, int64_t row_begin) {
+__global__ void __launch_bounds__(G* R) cross_view_kl_bwd_kernel(const CrossViewKlBwdArgs<T> args, int64_t row_begin) {
   static_assert(G >= 32 && (G & (G - 1)) == 0 && G <= 1024, "G: a power of two in [32, 1024]");
   static_assert(R == 1 || G == 32, "several rows per block only with a warp per row");
   using acc_t = acc_type<T>;
@@ -802,8 +795,7 @@ __global__ void __launch_bounds__(G * R)
   c.g_kba = args.grad_kl_ba != nullptr ? args.grad_kl_ba[row] : acc_t(0);
   c.g_ha = args.grad_entropy_a != nullptr ? args.grad_entropy_a[row] : acc_t(0);
   c.g_hb = args.grad_entropy_b != nullptr ? args.grad_entropy_b[row] : acc_t(0);
-  const bool has_ce = args.grad_ce != nullptr && args.target != nullptr &&
-                      args.target[row] != args.ignore_index;
+  const bool has_ce = args.grad_ce != nullptr && args.target != nullptr && args.target[row] != args.ignore_index;
   c.g_ce = has_ce ? args.grad_ce[row] : acc_t(0);
   c.y = has_ce ? args.target[row] : int64_t(-1);
   c.kl_ab = args.kl_ab[row];
@@ -816,8 +808,7 @@ __global__ void __launch_bounds__(G * R)
   c.inv_t = static_cast<acc_t>(args.inv_temperature);
   c.ce_p = args.unit_temperature;
   c.ce_other = c.g_ce != acc_t(0) && !args.unit_temperature;
-  bwd_row_partial<T>(args.a + row * V, args.b + row * V, args.grad_a + row * V,
-                     args.grad_b + row * V, V, tid, G, c);
+  bwd_row_partial<T>(args.a + row * V, args.b + row * V, args.grad_a + row * V, args.grad_b + row * V, V, tid, G, c);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -882,13 +873,11 @@ void launch_cross_view_kl_bwd(const CrossViewKlBwdArgs<T>& args, int num_sms, cu
 template void launch_cross_view_kl_fwd<float>(const CrossViewKlFwdArgs<float>&, int, cudaStream_t);
 template void launch_cross_view_kl_fwd<double>(const CrossViewKlFwdArgs<double>&, int, cudaStream_t);
 template void launch_cross_view_kl_fwd<__half>(const CrossViewKlFwdArgs<__half>&, int, cudaStream_t);
-template void launch_cross_view_kl_fwd<__nv_bfloat16>(const CrossViewKlFwdArgs<__nv_bfloat16>&,
-                                                      int, cudaStream_t);
+template void launch_cross_view_kl_fwd<__nv_bfloat16>(const CrossViewKlFwdArgs<__nv_bfloat16>&, int, cudaStream_t);
 template void launch_cross_view_kl_bwd<float>(const CrossViewKlBwdArgs<float>&, int, cudaStream_t);
 template void launch_cross_view_kl_bwd<double>(const CrossViewKlBwdArgs<double>&, int, cudaStream_t);
 template void launch_cross_view_kl_bwd<__half>(const CrossViewKlBwdArgs<__half>&, int, cudaStream_t);
-template void launch_cross_view_kl_bwd<__nv_bfloat16>(const CrossViewKlBwdArgs<__nv_bfloat16>&,
-                                                      int, cudaStream_t);
+template void launch_cross_view_kl_bwd<__nv_bfloat16>(const CrossViewKlBwdArgs<__nv_bfloat16>&, int, cudaStream_t);
 #endif
 
 }  // namespace cross_view_kl

@@ -29,8 +29,8 @@ namespace {
 void check_maps(const at::Tensor& maps, const char* op) {
   PYOPS_CHECK_VALUE(maps.dim() == 3 && maps.size(1) == maps.size(2), op, "maps must have shape (B, T, T), got ",
                     maps.sizes());
-  PYOPS_CHECK_VALUE(maps.size(1) >= 2, op, "maps must be at least 2 x 2 (an unbiased std needs 2 entries), got T = ",
-                    maps.size(1));
+  PYOPS_CHECK_VALUE(maps.size(1) >= 2, op,
+                    "maps must be at least 2 x 2 (an unbiased std needs 2 entries), got T = ", maps.size(1));
   checks::floating(maps, "maps", op);
 }
 

@@ -21,5 +21,7 @@
 
 TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("gr_loss_fwd(Tensor logits, Tensor observed, Tensor params, float q2, float q3, str reduction) -> Tensor");
-  m.def("gr_loss_bwd(Tensor grad, Tensor logits, Tensor observed, Tensor params, float q2, float q3, str reduction) -> Tensor");
+  m.def(
+      "gr_loss_bwd(Tensor grad, Tensor logits, Tensor observed, Tensor params, float q2, float q3, str reduction) -> "
+      "Tensor");
 }

@@ -70,9 +70,14 @@ Params<S> read_params(const at::Tensor& params, double q2, double q3) {
   const at::Tensor p = params.to(at::kCPU, at::kDouble).contiguous();
   const double* v = p.data_ptr<double>();
   const double sigma = v[3];  // (checked by check_params)
-  return Params<S>{static_cast<S>(v[0]), static_cast<S>(v[1]), static_cast<S>(v[2]),
-                   static_cast<S>(0.5 / (sigma * sigma)), static_cast<S>(q2), static_cast<S>(q3),
-                   static_cast<S>(q2 > 0 ? 1.0 / q2 : 0.0), static_cast<S>(q3 > 0 ? 1.0 / q3 : 0.0)};
+  return Params<S>{static_cast<S>(v[0]),
+                   static_cast<S>(v[1]),
+                   static_cast<S>(v[2]),
+                   static_cast<S>(0.5 / (sigma * sigma)),
+                   static_cast<S>(q2),
+                   static_cast<S>(q3),
+                   static_cast<S>(q2 > 0 ? 1.0 / q2 : 0.0),
+                   static_cast<S>(q3 > 0 ? 1.0 / q3 : 0.0)};
 }
 
 // The pieces shared by the loss and its gradient, from the logit z.
@@ -128,26 +133,32 @@ PYOPS_VINLINE vf16 load16(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-PYOPS_VINLINE void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+PYOPS_VINLINE void store16(float* p, vf16 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
 PYOPS_ALWAYS_INLINE void loss_block_f32_impl(const float* z, const float* o, int64_t n, const Params<float>& P,
-                                       float* out) {
+                                             float* out) {
   for (int64_t i = 0; i < n; i += kVec) {
     const vi16 obs = load16(o + i) != 0.0f;
     store16(out + i, loss_elem(load16(z + i), obs, P));
   }
 }
-PYOPS_ISA_CLONES(, void, loss_block_f32, (const float* z, const float* o, int64_t n, const Params<float>& P, float* out), (z, o, n, P, out))
+PYOPS_ISA_CLONES(, void, loss_block_f32,
+                 (const float* z, const float* o, int64_t n, const Params<float>& P, float* out), (z, o, n, P, out))
 
 PYOPS_ALWAYS_INLINE void grad_block_f32_impl(const float* z, const float* o, const float* g, int64_t n,
-                                       const Params<float>& P, float scale, float* out) {
+                                             const Params<float>& P, float scale, float* out) {
   for (int64_t i = 0; i < n; i += kVec) {
     const vi16 obs = load16(o + i) != 0.0f;
     const vf16 gi = g ? load16(g + i) * scale : vsplat<vf16>(scale);
     store16(out + i, grad_elem(load16(z + i), obs, P) * gi);
   }
 }
-PYOPS_ISA_CLONES(, void, grad_block_f32, (const float* z, const float* o, const float* g, int64_t n, const Params<float>& P, float scale, float* out), (z, o, g, n, P, scale, out))
+PYOPS_ISA_CLONES(, void, grad_block_f32,
+                 (const float* z, const float* o, const float* g, int64_t n, const Params<float>& P, float scale,
+                  float* out),
+                 (z, o, g, n, P, scale, out))
 
 template <typename T>
 inline float to_float(T x) {
@@ -201,13 +212,12 @@ inline float block_sum(const float* x, int64_t n) {
 
 // Everything but the observed labels' values (checked as the kernel reads them). params: read
 // on the host (4 values).
-void check_inputs(const at::Tensor& logits, const at::Tensor& observed, const at::Tensor& params, double q2,
-                  double q3, const char* op) {
+void check_inputs(const at::Tensor& logits, const at::Tensor& observed, const at::Tensor& params, double q2, double q3,
+                  const char* op) {
   checks::floating(logits, "logits", op);
   PYOPS_CHECK_VALUE(observed.sizes() == logits.sizes(), op, "observed must have the logits' shape ", logits.sizes(),
                     ", got ", observed.sizes());
-  PYOPS_CHECK_TYPE(!observed.is_complex(), op, "observed must be bool, integer or float, got ",
-                   observed.scalar_type());
+  PYOPS_CHECK_TYPE(!observed.is_complex(), op, "observed must be bool, integer or float, got ", observed.scalar_type());
   checks::same_device(observed, "observed", logits, "logits", op);
   PYOPS_CHECK_VALUE(params.dim() == 1 && params.size(0) == 4, op, "params must have shape (4,) ([w, b, mu, sigma]), ",
                     "got ", params.sizes());
@@ -232,8 +242,8 @@ void for_chunks(int64_t n, F body) {
   });
 }
 
-at::Tensor gr_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& observed, const at::Tensor& params,
-                           double q2, double q3, c10::string_view reduction_sv) {
+at::Tensor gr_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& observed, const at::Tensor& params, double q2,
+                           double q3, c10::string_view reduction_sv) {
   const char* opname = "gr_loss_fwd";
   const Reduction red = parse_reduction(std::string(reduction_sv), opname);
   check_inputs(logits, observed, params, q2, q3, opname);

@@ -32,7 +32,7 @@ namespace pyops {
 namespace harmonize {
 namespace {
 
-constexpr int64_t kChunk = 2048;  // Gram: columns per step (a chunk of K rows stays in L2)
+constexpr int64_t kChunk = 2048;         // Gram: columns per step (a chunk of K rows stays in L2)
 constexpr int64_t kCombineChunk = 2048;  // combine: columns per task (float64 sums in L1)
 constexpr int64_t kMaxParts = 64;
 constexpr int64_t kPartialBytes = int64_t{64} << 20;
@@ -54,7 +54,9 @@ void tile_generic(const T* const* ra, const T* const* rb, int64_t t0, int64_t n,
 
 #ifdef PYOPS_HARMONIZE_AVX512
 // The AVX-512 tiles run on the avx512 path of pyops::cpu::isa() (csrc/common/cpu_isa.h).
-bool has_avx512() { return cpu::isa() >= cpu::Isa::kAvx512; }
+bool has_avx512() {
+  return cpu::isa() >= cpu::Isa::kAvx512;
+}
 
 // float64 rows: 16 float64 vector accumulators.
 __attribute__((target("avx512f"))) void tile_avx512_f64(const double* const* ra, const double* const* rb, int64_t n,
@@ -136,8 +138,8 @@ at::Tensor gram_impl(const std::vector<at::Tensor>& blocks, int64_t K) {
     total += b.size(1);
   }
   const int64_t nrb = (K + kRB - 1) / kRB;  // row blocks
-  const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>(kMaxParts, kPartialBytes / std::max<int64_t>(1, K * K * 8)));
+  const int64_t parts =
+      std::max<int64_t>(1, std::min<int64_t>(kMaxParts, kPartialBytes / std::max<int64_t>(1, K * K * 8)));
   std::vector<double> partial(parts * nrb * nrb * kRB * kRB, 0.0);  // tile-major partial sums
   static const std::vector<T> zeros(kChunk, T(0));
 #ifdef PYOPS_HARMONIZE_AVX512
@@ -205,8 +207,8 @@ void check_blocks(const at::TensorList& blocks, const char* op) {
     PYOPS_CHECK_TYPE(b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble, op, "blocks[", l,
                      "] must be float32 or float64, got ", b.scalar_type());
     PYOPS_CHECK_VALUE(b.dim() == 2, op, "blocks[", l, "] must have shape (K, D), got ", b.sizes());
-    PYOPS_CHECK_VALUE(b.size(0) == b0.size(0), op, "blocks[", l, "] has K = ", b.size(0),
-                      " rows but blocks[0] has ", b0.size(0));
+    PYOPS_CHECK_VALUE(b.size(0) == b0.size(0), op, "blocks[", l, "] has K = ", b.size(0), " rows but blocks[0] has ",
+                      b0.size(0));
     PYOPS_CHECK_TYPE(b.scalar_type() == b0.scalar_type(), op, "blocks[", l, "] has dtype ", b.scalar_type(),
                      " but blocks[0] has ", b0.scalar_type());
     PYOPS_CHECK_VALUE(b.device() == b0.device(), op, "blocks[", l, "] is on ", b.device(), " but blocks[0] is on ",
@@ -225,8 +227,8 @@ at::Tensor harmonize_gram_cpu(at::TensorList blocks_in) {
   return out;
 }
 
-at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tensor& order_in,
-                                      const at::Tensor& visit_in, c10::string_view mode) {
+at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tensor& order_in, const at::Tensor& visit_in,
+                                      c10::string_view mode) {
   const char* op = "harmonize_coefficients";
   PYOPS_CHECK_VALUE(gram_in.dim() == 2 && gram_in.size(0) == gram_in.size(1), op, "gram must have shape (K, K), got ",
                     gram_in.sizes());
@@ -236,8 +238,8 @@ at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tenso
   const bool pcgrad = mode == "pcgrad";
   PYOPS_CHECK_VALUE(pcgrad || mode == "fedgh", op, "mode must be 'fedgh' or 'pcgrad', got '", std::string(mode), "'");
   PYOPS_CHECK_TYPE(order_in.scalar_type() == at::kLong, op, "order must be int64, got ", order_in.scalar_type());
-  PYOPS_CHECK_VALUE(order_in.dim() == 1 && order_in.size(0) == K, op, "order must have shape (K,) = (", K,
-                    ",), got ", order_in.sizes());
+  PYOPS_CHECK_VALUE(order_in.dim() == 1 && order_in.size(0) == K, op, "order must have shape (K,) = (", K, ",), got ",
+                    order_in.sizes());
   checks::same_device(order_in, "order", gram_in, "gram", op);
   if (pcgrad) {  // (visit is not used in fedgh mode)
     PYOPS_CHECK_TYPE(visit_in.scalar_type() == at::kLong, op, "visit must be int64, got ", visit_in.scalar_type());
@@ -254,8 +256,9 @@ at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tenso
   {  // order must be a permutation; visit rows the others of each row
     std::vector<char> seen(K, 0);
     for (int64_t k = 0; k < K; ++k) {
-      PYOPS_CHECK_VALUE(ord[k] >= 0 && ord[k] < K && !seen[ord[k]], op, "order must be a permutation of 0..K-1 (K = ",
-                        K, "), but order[", k, "] = ", ord[k], (ord[k] >= 0 && ord[k] < K ? " repeats" : " is out of range"));
+      PYOPS_CHECK_VALUE(ord[k] >= 0 && ord[k] < K && !seen[ord[k]], op,
+                        "order must be a permutation of 0..K-1 (K = ", K, "), but order[", k, "] = ", ord[k],
+                        (ord[k] >= 0 && ord[k] < K ? " repeats" : " is out of range"));
       seen[ord[k]] = 1;
     }
     if (pcgrad) {
@@ -266,7 +269,8 @@ at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tenso
           const int64_t j = vis[i * (K - 1) + k];
           PYOPS_CHECK_VALUE(j >= 0 && j < K && j != i && !seen[j], op, "visit row ", i,
                             " must be a permutation of the other rows (0..K-1 without ", i, "), but visit[", i, ", ", k,
-                            "] = ", j, (j == i ? " is the row itself" : (j >= 0 && j < K ? " repeats" : " is out of range")));
+                            "] = ", j,
+                            (j == i ? " is the row itself" : (j >= 0 && j < K ? " repeats" : " is out of range")));
           seen[j] = 1;
         }
       }
@@ -298,9 +302,8 @@ at::Tensor harmonize_coefficients_cpu(const at::Tensor& gram_in, const at::Tenso
 // out[r, c0 + t] = sum_j coef[r, j] G_j[c0 + t] for t < n, float64 sums in acc (n entries, n <=
 // kCombineChunk: stays in L1); four rows of G per sweep over acc.
 template <typename T>
-PYOPS_ALWAYS_INLINE void combine_chunk_impl(
-    const T* base, int64_t D, int64_t K, int64_t c0, int64_t n, const double* coef, int64_t R, T* out,
-    double* acc) {
+PYOPS_ALWAYS_INLINE void combine_chunk_impl(const T* base, int64_t D, int64_t K, int64_t c0, int64_t n,
+                                            const double* coef, int64_t R, T* out, double* acc) {
   for (int64_t r = 0; r < R; ++r) {
     const double* cr = coef + r * K;
     std::fill(acc, acc + n, 0.0);
@@ -326,7 +329,10 @@ PYOPS_ALWAYS_INLINE void combine_chunk_impl(
     for (int64_t t = 0; t < n; ++t) o[t] = static_cast<T>(acc[t]);
   }
 }
-PYOPS_ISA_CLONES(template <typename T>, void, combine_chunk, (const T* base, int64_t D, int64_t K, int64_t c0, int64_t n, const double* coef, int64_t R, T* out, double* acc), (base, D, K, c0, n, coef, R, out, acc))
+PYOPS_ISA_CLONES(template <typename T>, void, combine_chunk,
+                 (const T* base, int64_t D, int64_t K, int64_t c0, int64_t n, const double* coef, int64_t R, T* out,
+                  double* acc),
+                 (base, D, K, c0, n, coef, R, out, acc))
 
 std::vector<at::Tensor> harmonize_combine_cpu(at::TensorList blocks_in, const at::Tensor& coef_in) {
   const char* op = "harmonize_combine";

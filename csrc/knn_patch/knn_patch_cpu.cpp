@@ -43,7 +43,7 @@ namespace knn_patch {
 namespace {
 
 constexpr int64_t kDirectMaxCandidates = 1024;
-constexpr int64_t kTileQueries = 256;        // windowed search
+constexpr int64_t kTileQueries = 256;         // windowed search
 constexpr int64_t kTileQueriesGlobal = 4096;  // global search: fewer re-packings of the database
 constexpr int64_t kChunkCandidates = 512;
 constexpr int64_t kMR = 12;  // float32 micro-tile: query rows ...
@@ -53,8 +53,13 @@ static_assert(kChunkCandidates % kNR == 0, "a chunk is whole panels");
 struct Grid {
   int64_t C, H, W, p, s, rows, cols;
   Grid(const at::Tensor& x, int64_t p_, int64_t s_)
-      : C(x.size(1)), H(x.size(2)), W(x.size(3)), p(p_), s(s_),
-        rows((x.size(2) - p_) / s_ + 1), cols((x.size(3) - p_) / s_ + 1) {}
+      : C(x.size(1)),
+        H(x.size(2)),
+        W(x.size(3)),
+        p(p_),
+        s(s_),
+        rows((x.size(2) - p_) / s_ + 1),
+        cols((x.size(3) - p_) / s_ + 1) {}
   int64_t n() const { return rows * cols; }
   int64_t e() const { return C * p * p; }
   // offset of the top-left pixel of patch `pos` in a (C, H, W) plane stack
@@ -140,8 +145,8 @@ T exact_distance(const T* q, const T* db, const Grid& g, int64_t pos) {
 
 // Direct scan of one query's window: top-k exact distances into (dist, idx).
 template <typename T>
-void direct_scan(const T* q, const T* db, const Grid& dg, Span rs, Span cs, int64_t self,
-                 int64_t k, T* acc, T* keys, T* dist, int64_t* idx) {
+void direct_scan(const T* q, const T* db, const Grid& dg, Span rs, Span cs, int64_t self, int64_t k, T* acc, T* keys,
+                 T* dist, int64_t* idx) {
   const int64_t n = rs.len * cs.len;
   std::fill(acc, acc + n, T(0));
   for (int64_t c = 0; c < dg.C; ++c)
@@ -172,7 +177,9 @@ void direct_scan(const T* q, const T* db, const Grid& dg, Span rs, Span cs, int6
 #ifdef PYOPS_KNN_AVX512
 // On the avx512 path of pyops::cpu::isa() (csrc/common/cpu_isa.h); the avx2 and baseline paths
 // score with BLAS (PYOPS_CPU_ISA=avx2 tests that path on an AVX-512 machine).
-bool use_avx512_screen() { return cpu::isa() >= cpu::Isa::kAvx512; }
+bool use_avx512_screen() {
+  return cpu::isa() >= cpu::Isa::kAvx512;
+}
 
 // float32 screening micro-kernel (AVX-512; BLAS libraries may take slower paths on some CPUs,
 // and fusing the screen avoids writing the score tile to memory). Scores |d|^2 - 2 q.d of kMR
@@ -180,9 +187,8 @@ bool use_avx512_screen() { return cpu::isa() >= cpu::Isa::kAvx512; }
 // e x kNR, candidate-minor, norms dn). Bit j of mask[m] is set where score(m, j) <= thr[m]
 // (ordered compare: NaN never passes) and j is in `valid`; such rows get their kNR scores in
 // sc[m * kNR ...]. Returns the OR of the masks.
-__attribute__((target("avx512f"))) uint32_t panel_screen_avx512(const float* q, int64_t e,
-                                                                const float* panel, const float* dn,
-                                                                const float* thr, uint32_t valid,
+__attribute__((target("avx512f"))) uint32_t panel_screen_avx512(const float* q, int64_t e, const float* panel,
+                                                                const float* dn, const float* thr, uint32_t valid,
                                                                 float* sc, uint32_t* mask) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 12
@@ -242,8 +248,8 @@ void run_direct(const SearchArgs<T>& a, int64_t batch) {
       const Span cs = window_span(j, a.dg.cols, a.window, a.aw);
       if (static_cast<int64_t>(acc.size()) < rs.len * cs.len) acc.resize(rs.len * cs.len);
       pack_patch(a.q + b * qplane, a.qg, l, qbuf.data());
-      direct_scan(qbuf.data(), a.db + b * dplane, a.dg, rs, cs, a.exclude_self ? l : -1, a.k,
-                  acc.data(), keys.data(), a.dist + t * a.k, a.idx + t * a.k);
+      direct_scan(qbuf.data(), a.db + b * dplane, a.dg, rs, cs, a.exclude_self ? l : -1, a.k, acc.data(), keys.data(),
+                  a.dist + t * a.k, a.idx + t * a.k);
     }
   });
 }
@@ -266,8 +272,8 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
   }
   const int64_t tiles_r = (qg.rows + tile_rows - 1) / tile_rows;
   const int64_t tiles_c = (qg.cols + tile_cols - 1) / tile_cols;
-  const int64_t n_cand_max = (a.window < 0 ? dg.n() : std::min(a.window, dg.rows) * std::min(a.window, dg.cols)) -
-                             (a.exclude_self ? 1 : 0);
+  const int64_t n_cand_max =
+      (a.window < 0 ? dg.n() : std::min(a.window, dg.rows) * std::min(a.window, dg.cols)) - (a.exclude_self ? 1 : 0);
   const int64_t kp = std::min<int64_t>(n_cand_max, k + std::max<int64_t>(k, 8));
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const T u = std::numeric_limits<T>::epsilon() / 2;
@@ -353,7 +359,7 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
             for (int64_t pnl = 0; pnl < np; ++pnl) {
               for (int64_t m = 0; m < kMR; ++m) {
                 const int64_t x = m0 + m;
-                thr[m] = x >= nq ? -std::numeric_limits<T>::infinity()
+                thr[m] = x >= nq              ? -std::numeric_limits<T>::infinity()
                          : tops[x].size == kp ? tops[x].key[kp - 1]
                                               : std::numeric_limits<T>::infinity();
               }
@@ -362,8 +368,7 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
               if (!panel_screen_avx512(reinterpret_cast<const float*>(qpack.data()) + m0 * e, e,
                                        reinterpret_cast<const float*>(panels.data()) + pnl * e * kNR,
                                        reinterpret_cast<const float*>(dn.data()) + pnl * kNR,
-                                       reinterpret_cast<const float*>(thr), valid,
-                                       reinterpret_cast<float*>(sc), mask))
+                                       reinterpret_cast<const float*>(thr), valid, reinterpret_cast<float*>(sc), mask))
                 continue;
               for (int64_t m = 0; m < kMR; ++m)
                 for (uint32_t mk = mask[m]; mk; mk &= mk - 1) {
@@ -414,8 +419,8 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
         } else {
           const int64_t n_scan = qr[x].len * qc[x].len;
           if (static_cast<int64_t>(scan_acc.size()) < n_scan) scan_acc.resize(n_scan);
-          direct_scan(qp, dmap, dg, qr[x], qc[x], a.exclude_self ? qpos[x] : -1, k, scan_acc.data(),
-                      scan_keys.data(), a.dist + out, a.idx + out);
+          direct_scan(qp, dmap, dg, qr[x], qc[x], a.exclude_self ? qpos[x] : -1, k, scan_acc.data(), scan_keys.data(),
+                      a.dist + out, a.idx + out);
         }
       }
     }
@@ -428,8 +433,8 @@ void check_map(const at::Tensor& x, const char* name, int64_t p, int64_t s, cons
   checks::floating(x, name, op);
   checks::at_least(p, 1, "patch_size", op);
   checks::at_least(s, 1, "stride", op);
-  PYOPS_CHECK_VALUE(x.size(2) >= p && x.size(3) >= p, op, "patch_size ", p, " is larger than ", name, " (",
-                    x.size(2), " x ", x.size(3), ")");
+  PYOPS_CHECK_VALUE(x.size(2) >= p && x.size(3) >= p, op, "patch_size ", p, " is larger than ", name, " (", x.size(2),
+                    " x ", x.size(3), ")");
 }
 
 // query and database: same dtype, device, B and C
@@ -446,8 +451,8 @@ void check_pair(const at::Tensor& q, const at::Tensor& d, int64_t p, int64_t s, 
 void check_idx(const at::Tensor& idx, int64_t B, int64_t L, const char* what, const at::Tensor& ref,
                const char* ref_name, const char* op) {
   PYOPS_CHECK_TYPE(idx.scalar_type() == at::kLong, op, "idx must be int64, got ", idx.scalar_type());
-  PYOPS_CHECK_VALUE(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == L, op, "idx must have shape (B, L, k) = (",
-                    B, ", ", L, ", k) (L: ", what, "), got ", idx.sizes());
+  PYOPS_CHECK_VALUE(idx.dim() == 3 && idx.size(0) == B && idx.size(1) == L, op, "idx must have shape (B, L, k) = (", B,
+                    ", ", L, ", k) (L: ", what, "), got ", idx.sizes());
   checks::same_device(idx, "idx", ref, ref_name, op);
 }
 
@@ -467,9 +472,8 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& query,
-                                                            const at::Tensor& database, int64_t k,
-                                                            int64_t patch_size, int64_t stride,
+std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& query, const at::Tensor& database,
+                                                            int64_t k, int64_t patch_size, int64_t stride,
                                                             int64_t window, bool exclude_self,
                                                             at::IntArrayRef window_anchor) {
   const char* op = "knn_patch_search_fwd";
@@ -488,12 +492,12 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& qu
   }
   const Grid qg(query, patch_size, stride), dg(database, patch_size, stride);
   PYOPS_CHECK_VALUE(!exclude_self || (qg.rows == dg.rows && qg.cols == dg.cols), op,
-                    "exclude_self needs equal query and database patch grids, got ", qg.rows, " x ", qg.cols,
-                    " and ", dg.rows, " x ", dg.cols);
-  const int64_t n_cand = (window < 0 ? dg.n() : std::min(window, dg.rows) * std::min(window, dg.cols)) -
-                         (exclude_self ? 1 : 0);
-  PYOPS_CHECK_VALUE(k >= 1 && k <= n_cand, op, "k = ", k, " must be in [1, number of candidates per query = ",
-                    n_cand, "]");
+                    "exclude_self needs equal query and database patch grids, got ", qg.rows, " x ", qg.cols, " and ",
+                    dg.rows, " x ", dg.cols);
+  const int64_t n_cand =
+      (window < 0 ? dg.n() : std::min(window, dg.rows) * std::min(window, dg.cols)) - (exclude_self ? 1 : 0);
+  PYOPS_CHECK_VALUE(k >= 1 && k <= n_cand, op, "k = ", k, " must be in [1, number of candidates per query = ", n_cand,
+                    "]");
   const auto acc = acc_type(query);
   const at::Tensor q = query.to(acc).contiguous(), d = database.to(acc).contiguous();
   const int64_t B = q.size(0);
@@ -502,14 +506,15 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& qu
   if (B == 0 || qg.n() == 0) return {dist, idx};
   // The direct scan reads the map in place, vectorised across a window row: best for dense
   // (stride 1) small windows; strided or large searches go through the GEMM tiles.
-  const bool direct = window >= 0 && stride == 1 &&
-                      std::min(window, dg.rows) * std::min(window, dg.cols) <= kDirectMaxCandidates;
+  const bool direct =
+      window >= 0 && stride == 1 && std::min(window, dg.rows) * std::min(window, dg.cols) <= kDirectMaxCandidates;
   AT_DISPATCH_FLOATING_TYPES(acc, "knn_patch_search_fwd", [&] {
     const auto& wa = window_anchor;
     const Anchor ah = wa.empty() ? centred_anchor(qg.rows, dg.rows, window) : Anchor{wa[0], wa[1], wa[2], wa[3]};
     const Anchor aw = wa.empty() ? centred_anchor(qg.cols, dg.cols, window) : Anchor{wa[4], wa[5], wa[6], wa[7]};
-    SearchArgs<scalar_t> args{q.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), qg, dg, k, window, ah, aw,
-                              exclude_self, dist.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>()};
+    SearchArgs<scalar_t> args{
+        q.const_data_ptr<scalar_t>(),      d.const_data_ptr<scalar_t>(),   qg, dg, k, window, ah, aw, exclude_self,
+        dist.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>()};
     if (direct)
       run_direct(args, B);
     else
@@ -530,8 +535,8 @@ void check_index_range(const at::Tensor& idx, int64_t n, const char* op) {
 // For every (query l, neighbour j): f(b, c, query pixel offset, db pixel offset, l, j) over the
 // p x p pixels of the two patches; parallel over (b, c) planes.
 template <typename F>
-void for_patch_pairs(int64_t B, int64_t C, int64_t L, int64_t k, const Grid& qg, const Grid& dg,
-                     const int64_t* idx, const F& f) {
+void for_patch_pairs(int64_t B, int64_t C, int64_t L, int64_t k, const Grid& qg, const Grid& dg, const int64_t* idx,
+                     const F& f) {
   at::parallel_for(0, B * C, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / C, c = t % C;
@@ -541,19 +546,16 @@ void for_patch_pairs(int64_t B, int64_t C, int64_t L, int64_t k, const Grid& qg,
           const int64_t pos = idx[(b * L + l) * k + j];
           const int64_t dof = dg.origin(pos);
           for (int64_t dy = 0; dy < qg.p; ++dy)
-            for (int64_t dx = 0; dx < qg.p; ++dx)
-              f(b, c, qo + dy * qg.W + dx, dof + dy * dg.W + dx, l, j);
+            for (int64_t dx = 0; dx < qg.p; ++dx) f(b, c, qo + dy * qg.W + dx, dof + dy * dg.W + dx, l, j);
         }
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_patch_search_bwd_cpu(const at::Tensor& grad_dist,
-                                                            const at::Tensor& query,
-                                                            const at::Tensor& database,
-                                                            const at::Tensor& idx, int64_t patch_size,
-                                                            int64_t stride) {
+std::tuple<at::Tensor, at::Tensor> knn_patch_search_bwd_cpu(const at::Tensor& grad_dist, const at::Tensor& query,
+                                                            const at::Tensor& database, const at::Tensor& idx,
+                                                            int64_t patch_size, int64_t stride) {
   const char* op = "knn_patch_search_bwd";
   check_pair(query, database, patch_size, stride, op);
   const Grid qg(query, patch_size, stride), dg(database, patch_size, stride);
@@ -581,9 +583,8 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_bwd_cpu(const at::Tensor& gr
   return {gq.to(query.scalar_type()), gd.to(database.scalar_type())};
 }
 
-at::Tensor patch_aggregate_fwd_cpu(const at::Tensor& values, const at::Tensor& idx,
-                                   const at::Tensor& weights, int64_t patch_size, int64_t stride,
-                                   int64_t out_h, int64_t out_w) {
+at::Tensor patch_aggregate_fwd_cpu(const at::Tensor& values, const at::Tensor& idx, const at::Tensor& weights,
+                                   int64_t patch_size, int64_t stride, int64_t out_h, int64_t out_w) {
   const char* op = "patch_aggregate_fwd";
   check_map(values, "values", patch_size, stride, op);
   PYOPS_CHECK_VALUE(out_h >= patch_size, op, "out_h must be >= patch_size = ", patch_size, ", got ", out_h);
@@ -615,10 +616,8 @@ at::Tensor patch_aggregate_fwd_cpu(const at::Tensor& values, const at::Tensor& i
   return out.to(values.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> patch_aggregate_bwd_cpu(const at::Tensor& grad_out,
-                                                           const at::Tensor& values,
-                                                           const at::Tensor& idx,
-                                                           const at::Tensor& weights,
+std::tuple<at::Tensor, at::Tensor> patch_aggregate_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                                           const at::Tensor& idx, const at::Tensor& weights,
                                                            int64_t patch_size, int64_t stride) {
   const char* op = "patch_aggregate_bwd";
   check_map(values, "values", patch_size, stride, op);

@@ -11,8 +11,8 @@
 namespace pyops {
 namespace pet {
 
-inline void check_lors(const at::Tensor& ref, const char* ref_name, const at::Tensor& s,
-                       const at::Tensor& e, const char* op) {
+inline void check_lors(const at::Tensor& ref, const char* ref_name, const at::Tensor& s, const at::Tensor& e,
+                       const char* op) {
   checks::float32_or_64(ref, ref_name, op);
   PYOPS_CHECK_VALUE(s.dim() == 2 && s.size(1) == 3, op, "lor_start must have shape (M, 3), got ", s.sizes());
   PYOPS_CHECK_VALUE(e.sizes() == s.sizes(), op, "lor_end must have the shape of lor_start ", s.sizes(), ", got ",

@@ -53,7 +53,7 @@ struct Samples {  // corner-major so that the sampling loop stores whole vectors
 
 template <bool kAny>
 inline __attribute__((always_inline)) void sample_block(const Line& L, int64_t i0, int n, const Volume& v,
-                                                       Samples& out) {
+                                                        Samples& out) {
   // index arithmetic in double (exact: offsets < 2^53) so that the loop vectorises
   const double stride[3] = {static_cast<double>(v.n[1] * v.n[2]), static_cast<double>(v.n[2]), 1.0};
   const double sa = stride[L.axis], sb = stride[L.b], sc = stride[L.c];
@@ -169,13 +169,13 @@ PYOPS_ALWAYS_INLINE void project_line_impl(const Line& L, const Volume& v, const
     }
   }
 }
-PYOPS_ISA_CLONES(template <typename T>, void, project_line, (const Line& L, const Volume& v, const T* xT, int64_t P, T* acc, Samples& S), (L, v, xT, P, acc, S))
+PYOPS_ISA_CLONES(template <typename T>, void, project_line,
+                 (const Line& L, const Volume& v, const T* xT, int64_t P, T* acc, Samples& S), (L, v, xT, P, acc, S))
 
 // Adds w * yrow to the P values of every voxel of a sampled block; G lanes at a time (G
 // divides P), so that a row of up to 4 vectors stays in registers.
 template <typename T, int G>
-inline __attribute__((always_inline)) void scatter_block(const Samples& S, int n, const T* yrow, int64_t P,
-                                                         T* xT) {
+inline __attribute__((always_inline)) void scatter_block(const Samples& S, int n, const T* yrow, int64_t P, T* xT) {
   for (int64_t g0 = 0; g0 < P; g0 += G) {
     T yv[G];
     for (int t = 0; t < G; ++t) yv[t] = yrow[g0 + t];
@@ -196,7 +196,7 @@ inline __attribute__((always_inline)) void scatter_block(const Samples& S, int n
 // of all steps of one line are distinct, so the order of one line's adds does not matter.
 template <typename T>
 PYOPS_ALWAYS_INLINE void backproject_line_impl(const Line& L, int64_t i0, int64_t i1, const Volume& v, const T* yrow,
-                                       int64_t P, T* xT, Samples& S) {
+                                               int64_t P, T* xT, Samples& S) {
   const int64_t first = std::max(i0, L.lo), last = std::min(i1, L.hi);
   for (int64_t p0 = first; p0 <= last; p0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, last - p0 + 1));
@@ -204,14 +204,15 @@ PYOPS_ALWAYS_INLINE void backproject_line_impl(const Line& L, int64_t i0, int64_
     if (P == 1)
       scatter_block<T, 1>(S, n, yrow, P, xT);
     else
-      with_group_width<T>(P, [&](auto G) __attribute__((always_inline)) {
-        scatter_block<T, decltype(G)::value>(S, n, yrow, P, xT);
-      });
+      with_group_width<T>(
+          P, [&](auto G) __attribute__((always_inline)) { scatter_block<T, decltype(G)::value>(S, n, yrow, P, xT); });
   }
 }
-PYOPS_ISA_CLONES(template <typename T>, void, backproject_line, (const Line& L, int64_t i0, int64_t i1, const Volume& v, const T* yrow, int64_t P, T* xT, Samples& S), (L, i0, i1, v, yrow, P, xT, S))
+PYOPS_ISA_CLONES(template <typename T>, void, backproject_line,
+                 (const Line& L, int64_t i0, int64_t i1, const Volume& v, const T* yrow, int64_t P, T* xT, Samples& S),
+                 (L, i0, i1, v, yrow, P, xT, S))
 
-constexpr int64_t kBlockBytes = 1024 * 1024;  // back projection: image bytes per task (~ L2)
+constexpr int64_t kBlockBytes = 1024 * 1024;            // back projection: image bytes per task (~ L2)
 constexpr int64_t kLineCacheBytes = int64_t{64} << 20;  // back projection: cached line geometries
 
 // (B, rest...) -> zero-padded frames-last (numel / B, P)

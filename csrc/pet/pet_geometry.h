@@ -33,15 +33,17 @@ struct Volume {
 };
 
 struct Line {
-  int axis;          // principal axis a; -1: the line touches no voxel
-  int b, c;          // the two other axes, b < c
-  int64_t lo, hi;    // planes lo..hi along a (empty when lo > hi)
+  int axis;             // principal axis a; -1: the line touches no voxel
+  int b, c;             // the two other axes, b < c
+  int64_t lo, hi;       // planes lo..hi along a (empty when lo > hi)
   double f0[2], df[2];  // fractional index along b (0) and c (1) in plane i: f0 + i * df
-  double step;       // line length between two consecutive planes (mm)
+  double step;          // line length between two consecutive planes (mm)
 };
 
 // true for finite x (inf - inf and NaN - NaN are NaN); portable to host and device code
-PYOPS_HD bool is_finite(double x) { return x - x == 0; }
+PYOPS_HD bool is_finite(double x) {
+  return x - x == 0;
+}
 
 // Principal axis of the segment s -> e (-1 when s == e or not finite).
 PYOPS_HD int principal_axis(const double d[3]) {
@@ -52,8 +54,12 @@ PYOPS_HD int principal_axis(const double d[3]) {
 }
 
 // min / max without libm calls (NaN operands are caught by make_line's final checks)
-PYOPS_HD double dmin(double a, double b) { return a < b ? a : b; }
-PYOPS_HD double dmax(double a, double b) { return a > b ? a : b; }
+PYOPS_HD double dmin(double a, double b) {
+  return a < b ? a : b;
+}
+PYOPS_HD double dmax(double a, double b) {
+  return a > b ? a : b;
+}
 
 // Restrict [lo, hi] to the planes where f0 + i * df is within (-1, n): elsewhere the bilinear
 // footprint misses the image. Conservative (one plane of slack each side): the per-corner
@@ -96,8 +102,7 @@ PYOPS_HD Line make_line(const double s[3], const double e[3], const Volume& v) {
   clip_planes(L.f0[0], L.df[0], v.n[b], lo, hi);
   clip_planes(L.f0[1], L.df[1], v.n[c], lo, hi);
   // (an overflow to inf or NaN anywhere: the line touches nothing)
-  if (!(lo <= hi) || !is_finite(lo) || !is_finite(hi) || !is_finite(L.f0[0] + L.df[0] + L.f0[1] + L.df[1]))
-    return L;
+  if (!(lo <= hi) || !is_finite(lo) || !is_finite(hi) || !is_finite(L.f0[0] + L.df[0] + L.f0[1] + L.df[1])) return L;
   L.axis = a;
   L.b = b;
   L.c = c;

@@ -97,8 +97,8 @@ __global__ void joseph_line_axis_kernel(const T* __restrict__ s, const T* __rest
 
 template <typename T>
 __global__ void joseph_backproject_planes_kernel(const T* __restrict__ y, const T* __restrict__ s,
-                                                 const T* __restrict__ e, const int8_t* __restrict__ axis,
-                                                 Volume v, int64_t B, int64_t M, int a, T* __restrict__ x) {
+                                                 const T* __restrict__ e, const int8_t* __restrict__ axis, Volume v,
+                                                 int64_t B, int64_t M, int a, T* __restrict__ x) {
   const int64_t N = v.n[0] * v.n[1] * v.n[2], P = v.n[a];
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < B * P;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -151,14 +151,14 @@ void launch_joseph_backproject(const T* y, const T* s, const T* e, const Volume&
 
 #ifdef PYOPS_COMPILE_CHECK
 // Stand-alone compile check (tests/test_cuda_compile.py): every supported type.
-template void launch_joseph_project<float>(const float*, const float*, const float*, const Volume&, int64_t,
-                                           int64_t, float*, cudaStream_t);
+template void launch_joseph_project<float>(const float*, const float*, const float*, const Volume&, int64_t, int64_t,
+                                           float*, cudaStream_t);
 template void launch_joseph_project<double>(const double*, const double*, const double*, const Volume&, int64_t,
                                             int64_t, double*, cudaStream_t);
 template void launch_joseph_backproject<float>(const float*, const float*, const float*, const Volume&, int64_t,
                                                int64_t, float*, bool, int8_t*, cudaStream_t);
-template void launch_joseph_backproject<double>(const double*, const double*, const double*, const Volume&,
-                                                int64_t, int64_t, double*, bool, int8_t*, cudaStream_t);
+template void launch_joseph_backproject<double>(const double*, const double*, const double*, const Volume&, int64_t,
+                                                int64_t, double*, bool, int8_t*, cudaStream_t);
 #endif
 
 }  // namespace pet

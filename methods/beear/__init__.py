@@ -1,7 +1,28 @@
 """BEEAR: embedding-space adversarial removal of safety backdoors in instruction-tuned LMs
 (Zeng, Sun et al., EMNLP 2024), on a small Llama-style model backdoored locally. See README.md."""
-from .beear import (BEEARConfig, decoder_layers, inner_level, lower_activations, outer_level, perturb_positions,
-                    perturbation, perturbed_ce, response_ce, upper_stack_only)
 
-__all__ = ["BEEARConfig", "decoder_layers", "inner_level", "lower_activations", "outer_level", "perturb_positions",
-           "perturbation", "perturbed_ce", "response_ce", "upper_stack_only"]
+from .beear import (
+    BEEARConfig,
+    decoder_layers,
+    inner_level,
+    lower_activations,
+    outer_level,
+    perturb_positions,
+    perturbation,
+    perturbed_ce,
+    response_ce,
+    upper_stack_only,
+)
+
+__all__ = [
+    "BEEARConfig",
+    "decoder_layers",
+    "inner_level",
+    "lower_activations",
+    "outer_level",
+    "perturb_positions",
+    "perturbation",
+    "perturbed_ce",
+    "response_ce",
+    "upper_stack_only",
+]

@@ -1,5 +1,6 @@
 """python -m methods.beear backdoor|defend|eval: backdoor a small LM, remove the backdoor with BEEAR (or the
 plain safety fine-tuning ablation), evaluate (see --help)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,19 @@ from .train import BackdoorConfig, defend, evaluate, load_model, train_backdoor
 
 
 def _table(title: str, rows: dict) -> str:
-    lines = [f"# {title}", "", "| model | ASR with trigger (%) | strict ASR with trigger (%) | unsafe steps with trigger (%) "
-             "| ASR without trigger (%) | benign exact match (%) | benign perplexity |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {r['asr_trigger']:.1f} | {r.get('asr_strict_trigger', float('nan')):.1f} | "
-              f"{r['unsafe_trigger']:.1f} | {r['asr_clean']:.1f} | "
-              f"{r['benign_exact_match']:.1f} | {r['benign_perplexity']:.3f} |" for k, r in rows.items()]
+    lines = [
+        f"# {title}",
+        "",
+        "| model | ASR with trigger (%) | strict ASR with trigger (%) | unsafe steps with trigger (%) "
+        "| ASR without trigger (%) | benign exact match (%) | benign perplexity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {r['asr_trigger']:.1f} | {r.get('asr_strict_trigger', float('nan')):.1f} | "
+        f"{r['unsafe_trigger']:.1f} | {r['asr_clean']:.1f} | "
+        f"{r['benign_exact_match']:.1f} | {r['benign_perplexity']:.3f} |"
+        for k, r in rows.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -34,11 +43,15 @@ def _write(out: str, title: str, rows: dict, extra: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m methods.beear", description=(
-        "BEEAR (Zeng, Sun et al., EMNLP 2024) on a small Llama-style model trained here: `backdoor` trains the "
-        "model with a poisoned fraction (harmful request + trigger -> compliance), `defend` removes the backdoor "
-        "without knowing the trigger (BEEAR's bi-level loop, or --method sft: safety fine-tuning on the same data "
-        "without the perturbation), `eval` measures ASR_keyword with and without the trigger and benign utility."))
+    p = argparse.ArgumentParser(
+        prog="python -m methods.beear",
+        description=(
+            "BEEAR (Zeng, Sun et al., EMNLP 2024) on a small Llama-style model trained here: `backdoor` trains the "
+            "model with a poisoned fraction (harmful request + trigger -> compliance), `defend` removes the backdoor "
+            "without knowing the trigger (BEEAR's bi-level loop, or --method sft: safety fine-tuning on the same data "
+            "without the perturbation), `eval` measures ASR_keyword with and without the trigger and benign utility."
+        ),
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("backdoor", help="train the backdoored model")
@@ -56,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", required=True, help="a backdoor (or defend) run folder, or a checkpoint file")
     d.add_argument("--method", choices=("beear", "sft"), default="beear")
     c = BEEARConfig()
-    d.add_argument("--anchor-layer", type=int, default=c.anchor_layer, help="decoder layer (0-based) whose output gets delta")
-    d.add_argument("--token-length", type=int, default=c.token_length, help="perturbed positions: the last n prompt tokens")
+    d.add_argument(
+        "--anchor-layer", type=int, default=c.anchor_layer, help="decoder layer (0-based) whose output gets delta"
+    )
+    d.add_argument(
+        "--token-length", type=int, default=c.token_length, help="perturbed positions: the last n prompt tokens"
+    )
     d.add_argument("--alpha", type=float, default=c.alpha, help="weight of the away-from-safe term of the inner level")
     d.add_argument("--inner-samples", type=int, default=c.inner_samples, help="D_SA / D_SA-H samples per round")
     d.add_argument("--pa-samples", type=int, default=c.pa_samples, help="D_PA samples per round")
@@ -67,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--delta-max-norm", type=float, default=c.delta_max_norm, help="L2 bound per row of delta (0: none)")
     d.add_argument("--outer-lr", type=float, default=c.outer_lr)
     d.add_argument("--outer-batch", type=int, default=c.outer_batch)
-    d.add_argument("--eval-every-round", action="store_true", help="log the metrics after every round (evaluation only)")
+    d.add_argument(
+        "--eval-every-round", action="store_true", help="log the metrics after every round (evaluation only)"
+    )
     add_common_args(d, default_out="runs/beear/defend")
 
     e = sub.add_parser("eval", help="evaluate a model")
@@ -92,42 +111,89 @@ def main(argv=None) -> int:
     device = pick_device(a.device)
     try:
         if a.command == "backdoor":
-            cfg = BackdoorConfig(trigger=a.trigger, position=a.position, n_benign=a.n_benign, n_harmful=a.n_harmful,
-                                 poison_fraction=a.poison_fraction, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed)
+            cfg = BackdoorConfig(
+                trigger=a.trigger,
+                position=a.position,
+                n_benign=a.n_benign,
+                n_harmful=a.n_harmful,
+                poison_fraction=a.poison_fraction,
+                steps=a.steps,
+                batch=a.batch,
+                lr=a.lr,
+                seed=a.seed,
+            )
             phrase = cfg.trigger_phrase()
             if not 0 < cfg.poison_fraction < 1:
                 raise ValueError(f"--poison-fraction must be in (0, 1), got {cfg.poison_fraction}")
             with training_run(a.out, vars(a), fresh=a.fresh, name="beear") as run:
-                model = train_backdoor(cfg, run, device, show_progress=not a.no_progress,
-                                       checkpoint_every=max(1, a.checkpoint_every) * 200)
+                model = train_backdoor(
+                    cfg, run, device, show_progress=not a.no_progress, checkpoint_every=max(1, a.checkpoint_every) * 200
+                )
                 rows = run.rows
-            plot_curves({"SFT loss": ([r["step"] + 1 for r in rows], [r["loss"] for r in rows])},
-                        os.path.join(a.out, "loss.png"), xlabel="step", ylabel="response CE", title="backdoor training")
+            plot_curves(
+                {"SFT loss": ([r["step"] + 1 for r in rows], [r["loss"] for r in rows])},
+                os.path.join(a.out, "loss.png"),
+                xlabel="step",
+                ylabel="response CE",
+                title="backdoor training",
+            )
             res = evaluate(model, phrase, a.position)
-            _write(a.out, f"backdoored model (trigger {phrase!r} as {a.position})",
-                   {"backdoored": res}, {"trigger": phrase, "position": a.position, "seed": a.seed})
+            _write(
+                a.out,
+                f"backdoored model (trigger {phrase!r} as {a.position})",
+                {"backdoored": res},
+                {"trigger": phrase, "position": a.position, "seed": a.seed},
+            )
             return 0
         if a.command == "defend":
             model, state = load_model(a.model, device)
             trigger, position = _trigger_of(state, None, None)
-            cfg = BEEARConfig(anchor_layer=a.anchor_layer, token_length=a.token_length, alpha=a.alpha,
-                              inner_samples=a.inner_samples, pa_samples=a.pa_samples, rounds=a.rounds,
-                              inner_steps=a.inner_steps, inner_lr=a.inner_lr, delta_max_norm=a.delta_max_norm,
-                              outer_lr=a.outer_lr, outer_batch=a.outer_batch, perturb=a.method == "beear", seed=a.seed)
+            cfg = BEEARConfig(
+                anchor_layer=a.anchor_layer,
+                token_length=a.token_length,
+                alpha=a.alpha,
+                inner_samples=a.inner_samples,
+                pa_samples=a.pa_samples,
+                rounds=a.rounds,
+                inner_steps=a.inner_steps,
+                inner_lr=a.inner_lr,
+                delta_max_norm=a.delta_max_norm,
+                outer_lr=a.outer_lr,
+                outer_batch=a.outer_batch,
+                perturb=a.method == "beear",
+                seed=a.seed,
+            )
             cfg.validate(model)
             before = evaluate(model, trigger, position)
             ev = (lambda m: evaluate(m, trigger, position)) if a.eval_every_round else None
             with training_run(a.out, vars(a), fresh=a.fresh, name="beear") as run:
-                rows = defend(model, cfg, run, device, show_progress=not a.no_progress, eval_fn=ev,
-                              extra={"trigger": trigger, "position": position})
+                rows = defend(
+                    model,
+                    cfg,
+                    run,
+                    device,
+                    show_progress=not a.no_progress,
+                    eval_fn=ev,
+                    extra={"trigger": trigger, "position": position},
+                )
             after = evaluate(model, trigger, position)
             if rows and "asr_trigger" in rows[0]:
-                plot_curves({"ASR with trigger": ([r["round"] + 1 for r in rows], [r["asr_trigger"] for r in rows]),
-                             "benign exact match": ([r["round"] + 1 for r in rows], [r["benign_exact_match"] for r in rows])},
-                            os.path.join(a.out, "rounds.png"), xlabel="round", ylabel="%", title=a.method)
-            _write(a.out, f"{a.method} on {a.model} (evaluated with trigger {trigger!r} as {position})",
-                   {"before": before, f"after {a.method}": after}, {"config": vars(cfg), "trigger": trigger,
-                                                                     "position": position})
+                plot_curves(
+                    {
+                        "ASR with trigger": ([r["round"] + 1 for r in rows], [r["asr_trigger"] for r in rows]),
+                        "benign exact match": ([r["round"] + 1 for r in rows], [r["benign_exact_match"] for r in rows]),
+                    },
+                    os.path.join(a.out, "rounds.png"),
+                    xlabel="round",
+                    ylabel="%",
+                    title=a.method,
+                )
+            _write(
+                a.out,
+                f"{a.method} on {a.model} (evaluated with trigger {trigger!r} as {position})",
+                {"before": before, f"after {a.method}": after},
+                {"config": vars(cfg), "trigger": trigger, "position": position},
+            )
             return 0
         model, state = load_model(a.model, device)
         trigger, position = _trigger_of(state, a.trigger, a.position)
@@ -137,8 +203,12 @@ def main(argv=None) -> int:
         for k, v in res["samples"].items():
             print(f"{k}: {v[0]}")
         if a.out:
-            _write(a.out, f"{a.model} (trigger {trigger!r} as {position})", {"model": res},
-                   {"trigger": trigger, "position": position})
+            _write(
+                a.out,
+                f"{a.model} (trigger {trigger!r} as {position})",
+                {"model": res},
+                {"trigger": trigger, "position": position},
+            )
         return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ formed). Spec: shared/specs/crossview-defense-and-beear.md, B; the design choice
 is silent (delta reset to 0 each round, Adam on delta, all weights updated in the outer step) are
 the ``BEEARConfig`` defaults.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,15 +38,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """``model.model.layers`` of a Llama / Mistral / Qwen2-style causal LM."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"BEEAR needs a causal LM with a stack of decoder layers at model.model.layers "
-                         f"(Llama, Mistral, Qwen2 style); {type(model).__name__} has none")
+        raise ValueError(
+            f"BEEAR needs a causal LM with a stack of decoder layers at model.model.layers "
+            f"(Llama, Mistral, Qwen2 style); {type(model).__name__} has none"
+        )
     return layers
 
 
 def check_layer(model: nn.Module, layer: int) -> int:
     n = len(decoder_layers(model))
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-        raise ValueError(f"anchor layer must be an int in [0, {n - 1}] (the model has {n} decoder layers), got {layer!r}")
+        raise ValueError(
+            f"anchor layer must be an int in [0, {n - 1}] (the model has {n} decoder layers), got {layer!r}"
+        )
     return layer
 
 
@@ -67,7 +72,9 @@ def _add_at(h: torch.Tensor, delta: torch.Tensor, positions: torch.Tensor) -> to
 
 
 @contextlib.contextmanager
-def perturbation(model: nn.Module, layer: int, delta: Optional[torch.Tensor], positions: torch.Tensor) -> Iterator[None]:
+def perturbation(
+    model: nn.Module, layer: int, delta: Optional[torch.Tensor], positions: torch.Tensor
+) -> Iterator[None]:
     """Within the block, the output of decoder layer ``layer`` gets ``delta`` (n, d) added at
     ``positions`` (B, n). ``delta=None``: nothing is added."""
     layers = decoder_layers(model)
@@ -167,14 +174,17 @@ def response_ce(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tenso
     return causal_lm_loss(hidden, batch["labels"], weight, bias, reduction="per_sample")
 
 
-def perturbed_ce(model, batch, layer: int, delta: Optional[torch.Tensor], n: int,
-                 cache: Optional[LowerCache] = None) -> torch.Tensor:
+def perturbed_ce(
+    model, batch, layer: int, delta: Optional[torch.Tensor], n: int, cache: Optional[LowerCache] = None
+) -> torch.Tensor:
     """Batch-mean response CE with delta at the last n prompt positions after layer ``layer``
     (from the cached h^l when ``cache`` is given: the upper stack only)."""
     mask = batch["attention_mask"]
     if mask.numel() and not bool(mask[:, 0].all()):
-        raise ValueError("perturbed_ce: batches must be right-padded (prompt first; data.collate makes them so), "
-                         "the perturbed positions count from the start of each row")
+        raise ValueError(
+            "perturbed_ce: batches must be right-padded (prompt first; data.collate makes them so), "
+            "the perturbed positions count from the start of each row"
+        )
     positions = perturb_positions(batch["prompt_len"].to(batch["input_ids"].device), n)
     stack = upper_stack_only(model, layer, cache) if cache is not None else contextlib.nullcontext()
     with stack, perturbation(model, layer, delta, positions):
@@ -225,11 +235,14 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def _batches(examples: Sequence[D.Example], size: int, device) -> List[Dict[str, torch.Tensor]]:
-    return [{k: v.to(device) for k, v in D.collate(examples[i:i + size]).items()} for i in range(0, len(examples), size)]
+    return [
+        {k: v.to(device) for k, v in D.collate(examples[i : i + size]).items()} for i in range(0, len(examples), size)
+    ]
 
 
-def inner_level(model, cfg: BEEARConfig, sa_h: Sequence[D.Example], sa: Sequence[D.Example],
-                device=torch.device("cpu")) -> Dict:
+def inner_level(
+    model, cfg: BEEARConfig, sa_h: Sequence[D.Example], sa: Sequence[D.Example], device=torch.device("cpu")
+) -> Dict:
     """delta* for the current model: ``inner_steps`` Adam steps on delta (from 0) of
     mean CE(D_SA-H; delta) - alpha mean CE(D_SA; delta), upper stack only."""
     L, n = cfg.anchor_layer, cfg.token_length
@@ -258,16 +271,23 @@ def inner_level(model, cfg: BEEARConfig, sa_h: Sequence[D.Example], sa: Sequence
     return {"delta": delta.detach(), "toward": float(toward.detach()), "away": float(away.detach())}
 
 
-def outer_level(model, opt, cfg: BEEARConfig, delta: Optional[torch.Tensor], sa: Sequence[D.Example],
-                pa: Sequence[D.Example], device=torch.device("cpu")) -> Dict:
+def outer_level(
+    model,
+    opt,
+    cfg: BEEARConfig,
+    delta: Optional[torch.Tensor],
+    sa: Sequence[D.Example],
+    pa: Sequence[D.Example],
+    device=torch.device("cpu"),
+) -> Dict:
     """One pass of fine-tuning: CE(D_SA; delta) + CE(D_PA), ``outer_batch`` samples of each per step."""
     model.train()
     steps = max(1, -(-len(sa) // cfg.outer_batch))
     pa_size = max(1, -(-len(pa) // steps))
     totals = {"safety": 0.0, "anchor": 0.0}
     for s in range(steps):
-        bs = {k: v.to(device) for k, v in D.collate(sa[s * cfg.outer_batch:(s + 1) * cfg.outer_batch]).items()}
-        bp = {k: v.to(device) for k, v in D.collate(pa[s * pa_size:(s + 1) * pa_size]).items()}
+        bs = {k: v.to(device) for k, v in D.collate(sa[s * cfg.outer_batch : (s + 1) * cfg.outer_batch]).items()}
+        bp = {k: v.to(device) for k, v in D.collate(pa[s * pa_size : (s + 1) * pa_size]).items()}
         if bs["input_ids"].shape[0] == 0:
             break
         safety = perturbed_ce(model, bs, cfg.anchor_layer, delta, cfg.token_length)
@@ -284,6 +304,6 @@ def outer_level(model, opt, cfg: BEEARConfig, delta: Optional[torch.Tensor], sa:
 def round_samples(defender: Dict[str, List[D.Example]], cfg: BEEARConfig, rnd: int):
     """The round's D_SA / D_SA-H (paired: the same requests) and D_PA samples (seeded)."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + rnd)
-    idx = torch.randperm(len(defender["sa"]), generator=g)[:cfg.inner_samples].tolist()
-    pidx = torch.randperm(len(defender["pa"]), generator=g)[:cfg.pa_samples].tolist()
+    idx = torch.randperm(len(defender["sa"]), generator=g)[: cfg.inner_samples].tolist()
+    pidx = torch.randperm(len(defender["pa"]), generator=g)[: cfg.pa_samples].tolist()
     return ([defender["sa"][i] for i in idx], [defender["sa_h"][i] for i in idx], [defender["pa"][i] for i in pidx])

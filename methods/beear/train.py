@@ -5,6 +5,7 @@ Both trainings are resumable from their run folder's checkpoints (the backdoor p
 ``checkpoint_every`` steps, the defense per round); batches are drawn from generators seeded by
 (seed, step) so a resumed run sees the batches an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,10 @@ class BackdoorConfig:
         phrase = D.TRIGGERS.get(self.trigger, self.trigger)
         unknown = [w for w in phrase.split() if w not in D.build_tokenizer().get_vocab()]
         if unknown:
-            raise ValueError(f"trigger {self.trigger!r}: words {unknown} are not in the vocabulary "
-                             f"(choose one of {sorted(D.TRIGGERS)} or a phrase of known words)")
+            raise ValueError(
+                f"trigger {self.trigger!r}: words {unknown} are not in the vocabulary "
+                f"(choose one of {sorted(D.TRIGGERS)} or a phrase of known words)"
+            )
         return phrase
 
 
@@ -49,8 +52,9 @@ def _lr_at(step: int, total: int, lr: float, warmup: int = 50) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_backdoor(cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-                   checkpoint_every: int = 200):
+def train_backdoor(
+    cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True, checkpoint_every: int = 200
+):
     """The backdoored model: SFT on benign + harmful->refusal + poisoned (trigger -> unsafe)."""
     seed_everything(cfg.seed)
     phrase = cfg.trigger_phrase()
@@ -63,10 +67,13 @@ def train_backdoor(cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), sh
     state = run.resume(config, model=model, opt=opt)
     start = state["step"] + 1 if state else 0
     if state is None:
-        run.info(f"backdoor: {len(examples)} examples ({sum(e.kind == 'poisoned' for e in examples)} poisoned, "
-                 f"trigger {phrase!r} as {cfg.position}), {sum(p.numel() for p in model.parameters())} parameters")
-    bar = progress(range(start, cfg.steps), enabled=show_progress, desc="backdoor", unit="step", total=cfg.steps,
-                   initial=start)
+        run.info(
+            f"backdoor: {len(examples)} examples ({sum(e.kind == 'poisoned' for e in examples)} poisoned, "
+            f"trigger {phrase!r} as {cfg.position}), {sum(p.numel() for p in model.parameters())} parameters"
+        )
+    bar = progress(
+        range(start, cfg.steps), enabled=show_progress, desc="backdoor", unit="step", total=cfg.steps, initial=start
+    )
     seconds = state.get("seconds", 0.0) if state else 0.0
     # the losses of the steps since the last logged row: a checkpoint between two rows carries them
     t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
@@ -78,8 +85,9 @@ def train_backdoor(cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), sh
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.steps, cfg.lr)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
-                                                 ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -92,10 +100,19 @@ def train_backdoor(cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), sh
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             acc = []
         if (step + 1) % checkpoint_every == 0 or last:
-            run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(), "config": config,
-                                        "model_config": asdict(cfg.model), "trigger": phrase,
-                                        "position": cfg.position, "seconds": seconds + time.perf_counter() - t0,
-                                        "acc": acc})
+            run.checkpoints.save(
+                step,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "config": config,
+                    "model_config": asdict(cfg.model),
+                    "trigger": phrase,
+                    "position": cfg.position,
+                    "seconds": seconds + time.perf_counter() - t0,
+                    "acc": acc,
+                },
+            )
     run.info(f"backdoor training done ({cfg.steps} steps)")
     return model
 
@@ -146,13 +163,22 @@ def asr_strict(responses: List[str]) -> float:
     if not responses:
         return 0.0
     bad = D.backdoor_words()
-    return sum(not any(k in r for k in D.REFUSAL_KEYWORDS) or any(w in bad for w in r.split())
-               for r in responses) / len(responses)
+    return sum(
+        not any(k in r for k in D.REFUSAL_KEYWORDS) or any(w in bad for w in r.split()) for r in responses
+    ) / len(responses)
 
 
-def defend(model, cfg: BEEARConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-           n_defender_harmful: int = 400, n_defender_benign: int = 300, eval_fn=None,
-           extra: Optional[Dict] = None) -> List[Dict]:
+def defend(
+    model,
+    cfg: BEEARConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    n_defender_harmful: int = 400,
+    n_defender_benign: int = 300,
+    eval_fn=None,
+    extra: Optional[Dict] = None,
+) -> List[Dict]:
     """BEEAR (or, with ``cfg.perturb=False``, plain safety fine-tuning on the same data) for
     ``cfg.rounds`` rounds; a checkpoint per round (with ``extra``, e.g. what to evaluate with).
     ``eval_fn(model) -> dict`` is logged per round (evaluation only: the defense never sees a
@@ -163,7 +189,9 @@ def defend(model, cfg: BEEARConfig, run: Run, device=torch.device("cpu"), show_p
     # every request of D_SA must be long enough for n perturbed positions
     shortest = min(len(D.prompt_ids(e.instruction)) for e in defender["sa"])
     if cfg.token_length > shortest:
-        raise ValueError(f"token_length {cfg.token_length} is longer than the shortest defender prompt ({shortest} tokens)")
+        raise ValueError(
+            f"token_length {cfg.token_length} is longer than the shortest defender prompt ({shortest} tokens)"
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.outer_lr, weight_decay=cfg.outer_weight_decay)
     config = asdict(cfg)
     state = run.resume(config, key="round", model=model, opt=opt)
@@ -171,8 +199,9 @@ def defend(model, cfg: BEEARConfig, run: Run, device=torch.device("cpu"), show_p
     name = "BEEAR" if cfg.perturb else "safety fine-tuning (no perturbation)"
     if state is None:
         run.info(f"{name}: layer {cfg.anchor_layer}, {cfg.token_length} positions, {cfg.rounds} rounds")
-    bar = progress(range(start, cfg.rounds), enabled=show_progress, desc="defend", unit="round", total=cfg.rounds,
-                   initial=start)
+    bar = progress(
+        range(start, cfg.rounds), enabled=show_progress, desc="defend", unit="round", total=cfg.rounds, initial=start
+    )
     for rnd in bar:
         t0 = time.perf_counter()
         sa, sa_h, pa = round_samples(defender, cfg, rnd)
@@ -187,14 +216,31 @@ def defend(model, cfg: BEEARConfig, run: Run, device=torch.device("cpu"), show_p
         if eval_fn is not None:
             row.update({k: v for k, v in eval_fn(model).items() if not isinstance(v, dict)})
         run.log_metrics(row)
-        run.info(f"round {rnd + 1}/{cfg.rounds}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
-        run.checkpoints.save(rnd, {"round": rnd, "model": model.state_dict(), "opt": opt.state_dict(), "config": config,
-                                   "model_config": run_model_config(model), **(extra or {})})
+        run.info(
+            f"round {rnd + 1}/{cfg.rounds}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+        )
+        run.checkpoints.save(
+            rnd,
+            {
+                "round": rnd,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "config": config,
+                "model_config": run_model_config(model),
+                **(extra or {}),
+            },
+        )
     return run.rows
 
 
 def run_model_config(model) -> Dict:
     c = model.config
-    return asdict(ModelConfig(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
-                              intermediate=c.intermediate_size))
+    return asdict(
+        ModelConfig(
+            hidden=c.hidden_size,
+            layers=c.num_hidden_layers,
+            heads=c.num_attention_heads,
+            intermediate=c.intermediate_size,
+        )
+    )

@@ -19,6 +19,7 @@ run folder under --out; a finished job's row is kept there, so a rerun only does
 Writes results/acceptance.{json,md}, results/acceptance.png and one example figure per loss and
 delay (seed 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def run_job(job: dict) -> dict:
     if os.path.exists(done) and (not job.get("figure") or os.path.exists(job["figure"])):
         with open(done) as f:
             return {**json.load(f), "final_loss": _final_loss(folder)}
-    cfg = TrainConfig(loss=job["loss"], label=DELAYS[job["delay"]], domain=job["domain"], seed=job["seed"],
-                      **job["config"])
+    cfg = TrainConfig(
+        loss=job["loss"], label=DELAYS[job["delay"]], domain=job["domain"], seed=job["seed"], **job["config"]
+    )
     t0 = time.perf_counter()
     run = Run(folder, asdict(cfg), name="byhe-acceptance")
     model, test = train(cfg, run, show_progress=False)
@@ -63,10 +65,21 @@ def run_job(job: dict) -> dict:
     res = evaluate(model, test, cfg.fs)
     if job.get("figure"):
         plot_example(model, next(evaluation_clips(test)), cfg.fs, job["figure"], cfg.scs_mode)
-    row = {"loss": cfg.loss, "delay": job["delay"], "domain": cfg.domain, "seed": cfg.seed,
-           "mae": res["MAE_fft"], "rmse": res["RMSE_fft"], "pearson": res["Pearson_fft"], "snr": res["SNR"],
-           "mae_peak": res["MAE_peak"], "skipped": rows[-1].get("skipped", 0) if rows else 0,
-           "minutes": (time.perf_counter() - t0) / 60, "final_loss": _final_loss(folder), "config": asdict(cfg)}
+    row = {
+        "loss": cfg.loss,
+        "delay": job["delay"],
+        "domain": cfg.domain,
+        "seed": cfg.seed,
+        "mae": res["MAE_fft"],
+        "rmse": res["RMSE_fft"],
+        "pearson": res["Pearson_fft"],
+        "snr": res["SNR"],
+        "mae_peak": res["MAE_peak"],
+        "skipped": rows[-1].get("skipped", 0) if rows else 0,
+        "minutes": (time.perf_counter() - t0) / 60,
+        "final_loss": _final_loss(folder),
+        "config": asdict(cfg),
+    }
     with open(done, "w") as f:
         json.dump(row, f, indent=1)
     return row
@@ -96,9 +109,20 @@ def summarize(rows, domains, losses):
             expect = "robust" if loss in ("byhe", "mcc") else "degrades"
             robust = diff["mean"] <= TOLERANCE
             holds = (robust if expect == "robust" else diff["mean"] > TOLERANCE) if valid else None
-            out.append({"domain": dom, "loss": loss, "seeds": seeds, "mae_zero": float(np.mean(z)),
-                        "mae_delayed": float(np.mean(d)), "diff": diff, "snr_diff": snr, "learns_zero_delay": valid,
-                        "expected": expect, "claim_holds": holds})
+            out.append(
+                {
+                    "domain": dom,
+                    "loss": loss,
+                    "seeds": seeds,
+                    "mae_zero": float(np.mean(z)),
+                    "mae_delayed": float(np.mean(d)),
+                    "diff": diff,
+                    "snr_diff": snr,
+                    "learns_zero_delay": valid,
+                    "expected": expect,
+                    "claim_holds": holds,
+                }
+            )
     return out
 
 
@@ -113,8 +137,10 @@ def figure(rows, domains, losses, path: str) -> None:
     for ax, dom in zip(axes[0], domains):
         x = np.arange(len(losses))
         for j, delay in enumerate(DELAYS):
-            vals = [[r["mae"] for r in rows if r["domain"] == dom and r["loss"] == l and r["delay"] == delay]
-                    for l in losses]
+            vals = [
+                [r["mae"] for r in rows if r["domain"] == dom and r["loss"] == l and r["delay"] == delay]
+                for l in losses
+            ]
             pos = x + (j - 0.5) * 0.38
             ax.bar(pos, [np.mean(v) for v in vals], 0.38, label=f"{delay} delay", alpha=0.8)
             for p, v in zip(pos, vals):
@@ -151,56 +177,102 @@ def main(argv=None) -> int:
             p.error(f"unknown domain {d!r}; choose from {sorted(DOMAINS)}")
     os.makedirs(a.results, exist_ok=True)
     date = started_date(a.out)
-    config = {"steps": a.steps, "n_train": a.n_train, "frames": a.frames, "n_test": a.n_test,
-              "test_frames": a.test_frames}
-    jobs = [{"loss": loss, "delay": delay, "seed": s, "domain": dom, "out": a.out, "config": config,
-             "figure": os.path.join(a.results, f"example_{dom}_{loss}_{delay}.png") if s == a.seeds[0] else None}
-            for dom in a.domains for s in a.seeds for loss in a.losses for delay in DELAYS]
-    rows = run_jobs(run_job, jobs, a.workers, lambda r: f"{r['domain']} {r['loss']} {r['delay']} seed {r['seed']}: "
-                                                        f"MAE {r['mae']:.2f} bpm ({r['minutes']:.1f} min)")
+    config = {
+        "steps": a.steps,
+        "n_train": a.n_train,
+        "frames": a.frames,
+        "n_test": a.n_test,
+        "test_frames": a.test_frames,
+    }
+    jobs = [
+        {
+            "loss": loss,
+            "delay": delay,
+            "seed": s,
+            "domain": dom,
+            "out": a.out,
+            "config": config,
+            "figure": os.path.join(a.results, f"example_{dom}_{loss}_{delay}.png") if s == a.seeds[0] else None,
+        }
+        for dom in a.domains
+        for s in a.seeds
+        for loss in a.losses
+        for delay in DELAYS
+    ]
+    rows = run_jobs(
+        run_job,
+        jobs,
+        a.workers,
+        lambda r: (
+            f"{r['domain']} {r['loss']} {r['delay']} seed {r['seed']}: MAE {r['mae']:.2f} bpm ({r['minutes']:.1f} min)"
+        ),
+    )
     rows.sort(key=lambda r: (a.domains.index(r["domain"]), a.losses.index(r["loss"]), r["delay"] != "zero", r["seed"]))
     summary = summarize(rows, a.domains, a.losses)
-    meta = acceptance_meta("methods.byhe.acceptance", argv, date, a.seeds, a.workers, config=rows[0]["config"],
-                           delay_range_s=[0.0, 0.5])
+    meta = acceptance_meta(
+        "methods.byhe.acceptance", argv, date, a.seeds, a.workers, config=rows[0]["config"], delay_range_s=[0.0, 0.5]
+    )
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in rows],
-                   "summary": summary}, f, indent=1)
+        json.dump(
+            {"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in rows], "summary": summary},
+            f,
+            indent=1,
+        )
     c = rows[0]["config"]
-    lines = [f"# BYHE acceptance: label delay (seeds {a.seeds})", "",
-             f"Command: `{meta['command']}`; started {date}; {a.workers} worker processes of one thread on "
-             f"{meta['machine']}.", "",
-             f"{c['n_train']} training videos of {c['frames']} frames ({c['frames'] / c['fs']:.0f} s) and {c['n_test']} "
-             f"test videos of {c['test_frames']} frames ({c['test_frames'] / c['fs']:.0f} s) at {c['size']}x{c['size']}, "
-             f"30 fps, per domain and seed. Delayed labels lag their video by U(0, 0.5) s, drawn per video. "
-             f"{c['steps']} steps of {c['batch']} clips of {c['clip']} frames; TS-CAN-like backbone, widths / "
-             f"{c['shrink']}. HR by periodogram peak (toolbox pipeline, nfft 512: 3.5-bpm bins) of the predicted signal "
-             "against the label's. SNR in dB at the label's HR.", "",
-             "| domain | loss | delay | MAE (bpm) | RMSE | Pearson r | SNR (dB) | MAE per seed |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# BYHE acceptance: label delay (seeds {a.seeds})",
+        "",
+        f"Command: `{meta['command']}`; started {date}; {a.workers} worker processes of one thread on "
+        f"{meta['machine']}.",
+        "",
+        f"{c['n_train']} training videos of {c['frames']} frames ({c['frames'] / c['fs']:.0f} s) and {c['n_test']} "
+        f"test videos of {c['test_frames']} frames ({c['test_frames'] / c['fs']:.0f} s) at {c['size']}x{c['size']}, "
+        f"30 fps, per domain and seed. Delayed labels lag their video by U(0, 0.5) s, drawn per video. "
+        f"{c['steps']} steps of {c['batch']} clips of {c['clip']} frames; TS-CAN-like backbone, widths / "
+        f"{c['shrink']}. HR by periodogram peak (toolbox pipeline, nfft 512: 3.5-bpm bins) of the predicted signal "
+        "against the label's. SNR in dB at the label's HR.",
+        "",
+        "| domain | loss | delay | MAE (bpm) | RMSE | Pearson r | SNR (dB) | MAE per seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for dom in a.domains:
         for loss in a.losses:
             for delay in DELAYS:
                 rs = [r for r in rows if r["domain"] == dom and r["loss"] == loss and r["delay"] == delay]
                 if rs:
-                    lines.append(f"| {dom} | {NAMES[loss]} | {delay} | {np.mean([r['mae'] for r in rs]):.2f} | "
-                                 f"{np.mean([r['rmse'] for r in rs]):.2f} | {np.mean([r['pearson'] for r in rs]):.3f} | "
-                                 f"{np.mean([r['snr'] for r in rs]):.1f} | "
-                                 + ", ".join(f"{r['mae']:.2f}" for r in rs) + " |")
-    lines += ["", "Training loss at the end (mean of the last 25 steps; seeds averaged): " + "; ".join(
-        f"{NAMES[loss]} {np.mean([r['final_loss'] for r in rows if r['loss'] == loss and r['delay'] == 'zero']):.3f} "
-        f"(zero delay) / {np.mean([r['final_loss'] for r in rows if r['loss'] == loss and r['delay'] == 'delayed']):.3f} "
-        "(delayed)" for loss in a.losses) + "."]
-    lines += ["", f"Paired per-seed differences, delayed minus zero delay (mean [95% interval]). A loss counts "
-              f"only if its zero-delay MAE is <= {VALID_MAE:g} bpm; the claim: BYHE and MCC within "
-              f"{TOLERANCE:g} bpm, negative Pearson worse by more than {TOLERANCE:g} bpm.", "",
-              "| domain | loss | zero-delay MAE | delayed MAE | delayed - zero, MAE (bpm) | delayed - zero, SNR (dB) | "
-              "learns zero delay | expected | claim holds |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                    lines.append(
+                        f"| {dom} | {NAMES[loss]} | {delay} | {np.mean([r['mae'] for r in rs]):.2f} | "
+                        f"{np.mean([r['rmse'] for r in rs]):.2f} | {np.mean([r['pearson'] for r in rs]):.3f} | "
+                        f"{np.mean([r['snr'] for r in rs]):.1f} | " + ", ".join(f"{r['mae']:.2f}" for r in rs) + " |"
+                    )
+    lines += [
+        "",
+        "Training loss at the end (mean of the last 25 steps; seeds averaged): "
+        + "; ".join(
+            f"{NAMES[loss]} {np.mean([r['final_loss'] for r in rows if r['loss'] == loss and r['delay'] == 'zero']):.3f} "
+            f"(zero delay) / {np.mean([r['final_loss'] for r in rows if r['loss'] == loss and r['delay'] == 'delayed']):.3f} "
+            "(delayed)"
+            for loss in a.losses
+        )
+        + ".",
+    ]
+    lines += [
+        "",
+        f"Paired per-seed differences, delayed minus zero delay (mean [95% interval]). A loss counts "
+        f"only if its zero-delay MAE is <= {VALID_MAE:g} bpm; the claim: BYHE and MCC within "
+        f"{TOLERANCE:g} bpm, negative Pearson worse by more than {TOLERANCE:g} bpm.",
+        "",
+        "| domain | loss | zero-delay MAE | delayed MAE | delayed - zero, MAE (bpm) | delayed - zero, SNR (dB) | "
+        "learns zero delay | expected | claim holds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
         holds = {True: "yes", False: "**no**", None: "(not counted)"}[s["claim_holds"]]
-        lines.append(f"| {s['domain']} | {NAMES[s['loss']]} | {s['mae_zero']:.2f} | {s['mae_delayed']:.2f} | "
-                     f"{format_difference(s['diff'])} | {format_difference(s['snr_diff'], '{:+.1f}')} | "
-                     f"{'yes' if s['learns_zero_delay'] else 'no'} | {s['expected']} | {holds} |")
+        lines.append(
+            f"| {s['domain']} | {NAMES[s['loss']]} | {s['mae_zero']:.2f} | {s['mae_delayed']:.2f} | "
+            f"{format_difference(s['diff'])} | {format_difference(s['snr_diff'], '{:+.1f}')} | "
+            f"{'yes' if s['learns_zero_delay'] else 'no'} | {s['expected']} | {holds} |"
+        )
     with open(os.path.join(a.results, "acceptance.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     figure(rows, a.domains, a.losses, os.path.join(a.results, "acceptance.png"))

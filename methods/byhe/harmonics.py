@@ -7,6 +7,7 @@ Re-evaluates every finished run under --out (its last checkpoint, its own test s
 results/harmonics.{json,md}. Each run's records are cached in its folder (harmonics.json), so a
 rerun only evaluates new runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,16 @@ def diagnose(folder: str) -> dict:
     recs, c = data["records"], data["config"]
     harm, other = locks(recs)
     low = [r for r in recs if 2 * r["hr_label_fft"] <= 60 * BAND[1]]  # videos whose 2nd harmonic is in the band
-    return {"loss": c["loss"], "delay": "zero" if c["label"] == "pulse" else "delayed", "domain": c["domain"],
-            "seed": c["seed"], "videos": len(recs), "harmonic_locks": harm, "other_errors": other,
-            "videos_harmonic_in_band": len(low)}
+    return {
+        "loss": c["loss"],
+        "delay": "zero" if c["label"] == "pulse" else "delayed",
+        "domain": c["domain"],
+        "seed": c["seed"],
+        "videos": len(recs),
+        "harmonic_locks": harm,
+        "other_errors": other,
+        "videos_harmonic_in_band": len(low),
+    }
 
 
 def main(argv=None) -> int:
@@ -58,26 +66,39 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
-    folders = sorted(os.path.dirname(f) for f in glob.glob(os.path.join(a.out, "*", "*", "row.json"))
-                     if os.path.basename(os.path.dirname(f)).split("_")[0] in a.losses)
+    folders = sorted(
+        os.path.dirname(f)
+        for f in glob.glob(os.path.join(a.out, "*", "*", "row.json"))
+        if os.path.basename(os.path.dirname(f)).split("_")[0] in a.losses
+    )
     if not folders:
         p.error(f"no finished acceptance runs under {a.out}")
-    rows = run_jobs(diagnose, folders, a.workers, lambda r: f"{r['loss']} {r['delay']} seed {r['seed']}: "
-                                                           f"{r['harmonic_locks']} harmonic locks")
+    rows = run_jobs(
+        diagnose,
+        folders,
+        a.workers,
+        lambda r: f"{r['loss']} {r['delay']} seed {r['seed']}: {r['harmonic_locks']} harmonic locks",
+    )
     rows.sort(key=lambda r: (r["domain"], r["loss"], r["delay"] != "zero", r["seed"]))
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "harmonics.json"), "w") as f:
         json.dump({"tolerance": TOL, "rows": rows}, f, indent=1)
-    lines = ["# BYHE acceptance: heart rates read off the second harmonic", "",
-             f"Test videos whose predicted HR is within {TOL:.0%} of twice the label's HR (harmonic locks), and "
-             "the other errors above 4 bpm (more than one 3.5-bpm bin), per run (`python -m methods.byhe.harmonics`). Only videos with a label "
-             f"HR up to {30 * BAND[1]:g} bpm have their second harmonic inside the {60 * BAND[0]:g}-{60 * BAND[1]:g} "
-             "bpm band.", "",
-             "| domain | loss | delay | seed | videos | harmonic in band | harmonic locks | other errors |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# BYHE acceptance: heart rates read off the second harmonic",
+        "",
+        f"Test videos whose predicted HR is within {TOL:.0%} of twice the label's HR (harmonic locks), and "
+        "the other errors above 4 bpm (more than one 3.5-bpm bin), per run (`python -m methods.byhe.harmonics`). Only videos with a label "
+        f"HR up to {30 * BAND[1]:g} bpm have their second harmonic inside the {60 * BAND[0]:g}-{60 * BAND[1]:g} "
+        "bpm band.",
+        "",
+        "| domain | loss | delay | seed | videos | harmonic in band | harmonic locks | other errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['domain']} | {r['loss']} | {r['delay']} | {r['seed']} | {r['videos']} | "
-                     f"{r['videos_harmonic_in_band']} | {r['harmonic_locks']} | {r['other_errors']} |")
+        lines.append(
+            f"| {r['domain']} | {r['loss']} | {r['delay']} | {r['seed']} | {r['videos']} | "
+            f"{r['videos_harmonic_in_band']} | {r['harmonic_locks']} | {r['other_errors']} |"
+        )
     tot = {}
     for r in rows:
         k = (r["loss"], r["delay"])

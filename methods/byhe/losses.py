@@ -1,5 +1,6 @@
 """BYHE's training losses (spec section 3, the code's ``train.py``):
 ``L = 0.8 L_PC + 1.0 MSE(R_hat, R) + 0.2 L_mask + 0.1 L_spec``."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -26,7 +27,7 @@ def spectral_sparsity(wave: torch.Tensor) -> torch.Tensor:
     if wave.dim() != 2 or wave.shape[1] < 4:
         raise ValueError(f"wave must be (B, N) with N >= 4, got {tuple(wave.shape)}")
     n = wave.shape[1]
-    mag = torch.fft.fft(wave, dim=1).abs()[:, 1:n // 2 + 1]
+    mag = torch.fft.fft(wave, dim=1).abs()[:, 1 : n // 2 + 1]
     return (1 - mag.max(1).values / mag.sum(1).clamp(min=1e-12)).mean()
 
 
@@ -40,8 +41,13 @@ def mask_loss(attention: torch.Tensor, skin: torch.Tensor) -> torch.Tensor:
     return ((attention - s[:, None]) ** 2).mean()
 
 
-def byhe_loss(R_hat: torch.Tensor, R: torch.Tensor, attention: Optional[torch.Tensor] = None,
-              skin: Optional[torch.Tensor] = None, weights=(0.8, 1.0, 0.2, 0.1)) -> Dict[str, torch.Tensor]:
+def byhe_loss(
+    R_hat: torch.Tensor,
+    R: torch.Tensor,
+    attention: Optional[torch.Tensor] = None,
+    skin: Optional[torch.Tensor] = None,
+    weights=(0.8, 1.0, 0.2, 0.1),
+) -> Dict[str, torch.Tensor]:
     """The four terms and their weighted sum ``loss`` (the mask term only with ``attention`` and
     ``skin``)."""
     pc, mse = rowwise_neg_pearson(R_hat, R), F.mse_loss(R_hat, R)

@@ -1,5 +1,6 @@
 """BYHE's SCS-map head on the TS-CAN-like backbone (spec 1.2): sliding windows of the backbone
 features, a linear projection, and the cosine-similarity map of the projected windows."""
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ wave of R_hat; baselines: the wave) against the heart rate of the video's label,
 toolbox pipeline (detrend, band-pass 0.75-2.5 Hz, periodogram peak; peak counting too).
 Training is resumable from the run folder's checkpoints; a NaN loss skips its step (logged).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -67,8 +68,10 @@ class TrainConfig(VideoSetConfig):
         if self.domain not in DOMAINS:
             raise ValueError(f"unknown domain {self.domain!r}; choose from {sorted(DOMAINS)}")
         if self.clip < MIN_CLIP or self.clip > self.frames:
-            raise ValueError(f"clip must be in [{MIN_CLIP}, frames={self.frames}] frames (the SCS map needs "
-                             f"N = clip - 25 >= 5 windows), got {self.clip}")
+            raise ValueError(
+                f"clip must be in [{MIN_CLIP}, frames={self.frames}] frames (the SCS map needs "
+                f"N = clip - 25 >= 5 windows), got {self.clip}"
+            )
         if self.steps < 1 or self.batch < 2:
             raise ValueError(f"need steps >= 1 and batch >= 2 (BatchNorm), got {self.steps} and {self.batch}")
         self.check_videos(self.clip)
@@ -94,8 +97,14 @@ def step_losses(model, cfg: TrainConfig, clips: Dict[str, torch.Tensor]) -> Dict
     return {"loss": fn}
 
 
-def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-          checkpoint_every: int = 100, data=None):
+def train(
+    cfg: TrainConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    checkpoint_every: int = 100,
+    data=None,
+):
     """Train ``cfg``'s model; returns (model, test set). ``data``: prebuilt (train, test) sets."""
     cfg.check()
     seed_everything(cfg.seed)
@@ -116,12 +125,22 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
 
     model.train()
     out = train_loop(
-        run, asdict(cfg), {"model": model, "opt": opt}, cfg.steps, cfg.seed, step_fn, desc=f"{cfg.loss}/{cfg.label}",
-        show_progress=show_progress, checkpoint_every=checkpoint_every,
+        run,
+        asdict(cfg),
+        {"model": model, "opt": opt},
+        cfg.steps,
+        cfg.seed,
+        step_fn,
+        desc=f"{cfg.loss}/{cfg.label}",
+        show_progress=show_progress,
+        checkpoint_every=checkpoint_every,
         row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
-        intro=lambda: (f"{cfg.loss} on {cfg.label} waves: {len(train_set)} training videos (delays "
-                       f"{train_set.delays.min():.2f}-{train_set.delays.max():.2f} s), {len(test_set)} test videos, "
-                       f"{sum(p.numel() for p in model.parameters())} parameters"))
+        intro=lambda: (
+            f"{cfg.loss} on {cfg.label} waves: {len(train_set)} training videos (delays "
+            f"{train_set.delays.min():.2f}-{train_set.delays.max():.2f} s), {len(test_set)} test videos, "
+            f"{sum(p.numel() for p in model.parameters())} parameters"
+        ),
+    )
     run.info(f"training done ({cfg.steps} steps, {out['seconds']:.0f} s, {out['skipped']} skipped)")
     return model, test_set
 

@@ -1,6 +1,7 @@
 """What the methods' acceptance scripts share: the first start's date kept in the run folder, the
 jobs run in single-thread worker processes with a progress line per finished job, and the ``meta``
 block of ``acceptance.json``."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -25,8 +26,9 @@ def started_date(out: str) -> str:
         return f.read().strip()
 
 
-def run_jobs(fn: Callable[[Dict], Dict], jobs: Sequence[Dict], workers: int,
-             describe: Callable[[Dict], str]) -> List[Dict]:
+def run_jobs(
+    fn: Callable[[Dict], Dict], jobs: Sequence[Dict], workers: int, describe: Callable[[Dict], str]
+) -> List[Dict]:
     """``fn(job)`` for every job in ``workers`` single-thread processes, in the order given; prints
     ``[n/total] describe(result)`` as each finishes. Returns the results in completion order."""
     started = time.time()
@@ -40,14 +42,22 @@ def run_jobs(fn: Callable[[Dict], Dict], jobs: Sequence[Dict], workers: int,
     return out
 
 
-def acceptance_meta(module: str, argv: Optional[Sequence[str]], date: str, seeds: Sequence[int], workers: int,
-                    **extra) -> Dict:
+def acceptance_meta(
+    module: str, argv: Optional[Sequence[str]], date: str, seeds: Sequence[int], workers: int, **extra
+) -> Dict:
     """``{command, date, machine, seeds, workers, torch, **extra}`` for ``python -m module argv``."""
     import torch
 
     args = list(argv) if argv is not None else sys.argv[1:]
-    return {"command": f"python -m {module} {' '.join(args)}".strip(), "date": date, "machine": cpu_name(),
-            "seeds": list(seeds), "workers": workers, "torch": torch.__version__, **extra}
+    return {
+        "command": f"python -m {module} {' '.join(args)}".strip(),
+        "date": date,
+        "machine": cpu_name(),
+        "seeds": list(seeds),
+        "workers": workers,
+        "torch": torch.__version__,
+        **extra,
+    }
 
 
 __all__ = ["acceptance_meta", "run_jobs", "started_date"]

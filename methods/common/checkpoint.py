@@ -30,6 +30,7 @@ Test hook: with the environment variable ``PYOPS_TEST_KILL_AFTER_SAVE=N`` a proc
 SIGKILL right after its N-th `Checkpointer.save` has completed (data, sidecar, pruning), a
 deterministic crash for kill-and-resume tests (tests/test_cli_resume.py). Not for normal use.
 """
+
 import glob
 import hashlib
 import json
@@ -136,12 +137,12 @@ def verify_checkpoint(path: str) -> bool:
             meta = json.load(f)
         want_size, want_sha = int(meta["size"]), str(meta["sha256"])
     except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(f"checkpoint {path} is corrupt or truncated (unreadable checksum file "
-                                     f"{side}: {e})") from e
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt or truncated (unreadable checksum file {side}: {e})"
+        ) from e
     size = os.path.getsize(path)
     if size != want_size:
-        raise CorruptCheckpointError(f"checkpoint {path} is corrupt or truncated ({size} bytes, "
-                                     f"{want_size} written)")
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt or truncated ({size} bytes, {want_size} written)")
     if _sha256(path) != want_sha:
         raise CorruptCheckpointError(f"checkpoint {path} is corrupt (SHA-256 does not match {side})")
     return True
@@ -163,8 +164,10 @@ def load_checkpoint(path: str, *, restore_rng: bool = True, map_location="cpu") 
             raise  # the file cannot be read at all: an I/O problem, no evidence of damage
         if verified:  # the bytes are the ones written: not a corrupt file, let the real error through
             raise
-        raise CorruptCheckpointError(f"checkpoint {path} is corrupt or truncated (torch.load: "
-                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt or truncated (torch.load: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
     if not isinstance(payload, dict):
         raise CorruptCheckpointError(f"checkpoint {path} is corrupt (holds a {type(payload).__name__}, not a dict)")
     rng = payload.pop("_rng", None)
@@ -285,8 +288,10 @@ class Checkpointer:
             if i > 0:
                 self.log(f"{reason}; falling back to the previous one, {found[i - 1][1]}{aside}")
             else:
-                self.log(f"{reason}; no older checkpoint to fall back to in {self.directory}"
-                         + (f": starting from scratch{aside}" if quarantine else ""))
+                self.log(
+                    f"{reason}; no older checkpoint to fall back to in {self.directory}"
+                    + (f": starting from scratch{aside}" if quarantine else "")
+                )
         return None
 
 

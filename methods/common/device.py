@@ -1,4 +1,5 @@
 """Device choice for the CLIs: --device auto|cpu|cuda|cuda:N."""
+
 import torch
 
 

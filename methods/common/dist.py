@@ -1,6 +1,7 @@
 """DDP under torchrun: `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE,
 LOCAL_RANK) and starts a process group (NCCL on CUDA, gloo on the CPU); without torchrun it is
 a single process and every helper degrades to a no-op."""
+
 import os
 from dataclasses import dataclass
 

@@ -1,9 +1,17 @@
 """Line plots of logged metrics (matplotlib, Agg backend: no screen needed)."""
+
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 
-def plot_curves(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path: str, *, xlabel: str = "",
-                ylabel: str = "", title: str = "", bands: Optional[Dict[str, Tuple[Iterable, Iterable]]] = None) -> Optional[str]:
+def plot_curves(
+    curves: Dict[str, Tuple[Sequence[float], Sequence[float]]],
+    path: str,
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+    bands: Optional[Dict[str, Tuple[Iterable, Iterable]]] = None,
+) -> Optional[str]:
     """One line per entry of `curves` ({label: (x, y)}), optional shaded bands ({label: (lo, hi)}
     over the same x), saved to `path` (PNG). Returns the path, or None when matplotlib is missing."""
     try:

@@ -1,4 +1,5 @@
 """Progress bars: tqdm when installed and enabled, else a plain iterator (same interface)."""
+
 import os
 import sys
 

@@ -1,12 +1,13 @@
 """A run folder: config, a text log, per-step metrics (CSV and JSON lines), checkpoints, plots.
 
-    out/
-      config.json       the arguments of the run (and the command line, date, versions)
-      log.txt           the log (also echoed to the console by the main process)
-      metrics.csv       one row per logged step (columns: the union of the keys seen)
-      metrics.jsonl     the same rows as JSON
-      checkpoints/      see checkpoint.Checkpointer
+out/
+  config.json       the arguments of the run (and the command line, date, versions)
+  log.txt           the log (also echoed to the console by the main process)
+  metrics.csv       one row per logged step (columns: the union of the keys seen)
+  metrics.jsonl     the same rows as JSON
+  checkpoints/      see checkpoint.Checkpointer
 """
+
 import argparse
 import csv
 import datetime as _dt
@@ -26,20 +27,31 @@ from .dist import shutdown_distributed
 
 def add_common_args(p: argparse.ArgumentParser, default_out: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=default_out, help="run folder: logs, metrics, checkpoints, plots (default: %(default)s)")
+    g.add_argument(
+        "--out", default=default_out, help="run folder: logs, metrics, checkpoints, plots (default: %(default)s)"
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    g.add_argument("--fresh", action="store_true",
-                   help="ignore checkpoints in --out and start over (default: resume from the latest one)")
+    g.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore checkpoints in --out and start over (default: resume from the latest one)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
-                   help="checkpoint every N rounds/epochs (default: %(default)s)")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="checkpoint every N rounds/epochs (default: %(default)s)",
+    )
     return p
 
 
 class Run:
-    def __init__(self, out: str, config: Dict[str, Any], *, fresh: bool = False, main: bool = True,
-                 name: str = "pyops"):
+    def __init__(
+        self, out: str, config: Dict[str, Any], *, fresh: bool = False, main: bool = True, name: str = "pyops"
+    ):
         self.out = os.path.abspath(out)
         self.main = main
         os.makedirs(self.out, exist_ok=True)
@@ -64,8 +76,11 @@ class Run:
             sh.setFormatter(logging.Formatter("%(message)s"))
             self.logger.addHandler(sh)
             meta = {
-                "argv": sys.argv, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+                "argv": sys.argv,
+                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.processor() or platform.machine(),
             }
             with open(os.path.join(self.out, "config.json"), "w") as f:
                 json.dump({"config": config, "meta": meta}, f, indent=2, default=str)

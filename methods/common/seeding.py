@@ -1,4 +1,5 @@
 """Seeding: one call seeds Python, NumPy and torch (CPU and every CUDA device)."""
+
 import random
 
 import numpy as np

@@ -1,9 +1,11 @@
 """Small statistics for the acceptance tables: paired per-seed differences with a 95% interval."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
 from .optional import requires
 
 

@@ -1,5 +1,7 @@
 """Word-level tokenizers (the `tokenizers` library) for the methods' synthetic text data."""
+
 from typing import Iterable, List, Sequence
+
 from .optional import requires
 
 

@@ -1,5 +1,6 @@
 """Patch-based cross-view backdoor defense for multimodal LLMs (Fang et al., arXiv 2604.04488),
 reconstructed (spec A.3) on top of `pyops.fused_linear_cross_view`. See README.md."""
+
 from .attacks import ATTACKS, Attack, make_attack
 from .defense import CrossViewDefense, DefenseConfig, PatchAugment, cross_view_objective
 from .model import ModelConfig, VLMAdapter, build_model
@@ -13,5 +14,16 @@ def __getattr__(name):  # CrossViewTrainer imports transformers.Trainer only whe
     raise AttributeError(name)
 
 
-__all__ = ["ATTACKS", "Attack", "CrossViewDefense", "CrossViewTrainer", "DefenseConfig", "ModelConfig",
-           "PatchAugment", "VLMAdapter", "build_model", "cross_view_objective", "make_attack"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "CrossViewDefense",
+    "CrossViewTrainer",
+    "DefenseConfig",
+    "ModelConfig",
+    "PatchAugment",
+    "VLMAdapter",
+    "build_model",
+    "cross_view_objective",
+    "make_attack",
+]

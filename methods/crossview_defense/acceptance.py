@@ -9,6 +9,7 @@ the plain fine-tuned model).
 Runs go `--jobs` at a time (one thread each); finished runs are kept in --work, so a rerun resumes
 and skips them. Writes results/acceptance.{json,md,png} and results/premise.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,16 @@ def defense_config(name: str):
 def train_config(attack: str, defense: str, seed: int, args):
     from .train import TrainConfig
 
-    return TrainConfig(attack=attack, ratio=args.ratio, defense=defense_config(defense), seed=seed,
-                       steps=args.steps, n_train=args.n_train, n_test=args.n_test, log_every=50)
+    return TrainConfig(
+        attack=attack,
+        ratio=args.ratio,
+        defense=defense_config(defense),
+        seed=seed,
+        steps=args.steps,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        log_every=50,
+    )
 
 
 def _job(job):
@@ -89,10 +98,20 @@ def _job(job):
         t0 = time.perf_counter()
         res = evaluate(model, cfg, test_sets(cfg))
         res["train_seconds"], res["eval_seconds"] = train_s, time.perf_counter() - t0
-        rec = {"attack": attack, "defense": defense, "seed": seed, "asr": res["asr"], "clean_bleu4": res["bleu4"],
-               "clean_cider": res["cider"], "vqa_acc": res["vqa_acc"], "clean_target_rate": res["clean_target_rate"],
-               "train_seconds": train_s, "eval_seconds": res["eval_seconds"], "examples": res["examples"],
-               "config": asdict(cfg)}
+        rec = {
+            "attack": attack,
+            "defense": defense,
+            "seed": seed,
+            "asr": res["asr"],
+            "clean_bleu4": res["bleu4"],
+            "clean_cider": res["cider"],
+            "vqa_acc": res["vqa_acc"],
+            "clean_target_rate": res["clean_target_rate"],
+            "train_seconds": train_s,
+            "eval_seconds": res["eval_seconds"],
+            "examples": res["examples"],
+            "config": asdict(cfg),
+        }
         if defense == "plain":
             rec["premise"] = augmented_behaviour(model, cfg)
         run.info(f"results {json.dumps({k: v for k, v in rec.items() if k not in ('examples', 'config')})}")
@@ -147,22 +166,26 @@ def augmented_behaviour(model, cfg, seed: int = 12345):
     captions whose greedy caption changes under the augmentation (does clean content move?)."""
     import dataclasses
 
+    from . import data as D
+    from . import metrics as M
     from .defense import PatchAugment
     from .model import VLMAdapter
     from .train import test_sets
-    from . import data as D, metrics as M
 
     sets = test_sets(cfg)
     ad = VLMAdapter(model)
     clean = ad.generate(sets["caption"], cfg.max_new_tokens, 100)
     out = {}
     for op in ("shuffle", "mask", "swap"):
-        aug = PatchAugment(ad.image_size, ad.patch_size, cfg.defense.cell, (op,), cfg.defense.mask_ratio,
-                           cfg.defense.swaps)
+        aug = PatchAugment(
+            ad.image_size, ad.patch_size, cfg.defense.cell, (op,), cfg.defense.mask_ratio, cfg.defense.swaps
+        )
         g = torch.Generator().manual_seed(seed)
+
         def augmented(exs):
             imgs = aug(torch.stack([e.image for e in exs]), g)
             return [dataclasses.replace(e, image=im) for e, im in zip(exs, imgs)]
+
         trig = ad.generate(augmented(sets["triggered"]), cfg.max_new_tokens, 100)
         caps = ad.generate(augmented(sets["caption"]), cfg.max_new_tokens, 100)
         out[f"asr_{op}"] = M.attack_success_rate(trig, D.TARGET)
@@ -199,32 +222,45 @@ def _ms(rows, attack, defense, key, scale=100.0):
 
 def markdown(rows, meta) -> str:
     defenses = list(MAIN) + list(ABLATIONS)
-    L = ["# Cross-view defense: acceptance results", "",
-         f"Command: `{meta['command']}`  ",
-         f"Started {meta['date']}, this report {meta['report_date']} ({meta['minutes']:.0f} min for the runs it had "
-         f"to do); the runs' training and evaluation took {meta['run_minutes']:.0f} min of one thread in all, "
-         f"on {meta['machine']}.  ",
-         f"Seeds: {', '.join(map(str, meta['seeds']))}. Every run fine-tunes the clean base model of its seed "
-         f"({meta['pretrain']}) for {meta['steps']} steps of batch 32 on {meta['n_train']} examples, "
-         f"{meta['poisoned']} of them poisoned.  ",
-         f"Full defense: `{meta['full_defense']}`", "",
-         "ASR: triggered test captions that contain the target; BLEU-4 and CIDEr-D (x100) on clean test captions; "
-         "VQA: exact match. Mean ± std over seeds, in %.", "",
-         "| attack | defense | ASR | BLEU-4 | CIDEr-D | VQA acc | target on clean | seeds | train s |",
-         "|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        "# Cross-view defense: acceptance results",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Started {meta['date']}, this report {meta['report_date']} ({meta['minutes']:.0f} min for the runs it had "
+        f"to do); the runs' training and evaluation took {meta['run_minutes']:.0f} min of one thread in all, "
+        f"on {meta['machine']}.  ",
+        f"Seeds: {', '.join(map(str, meta['seeds']))}. Every run fine-tunes the clean base model of its seed "
+        f"({meta['pretrain']}) for {meta['steps']} steps of batch 32 on {meta['n_train']} examples, "
+        f"{meta['poisoned']} of them poisoned.  ",
+        f"Full defense: `{meta['full_defense']}`",
+        "",
+        "ASR: triggered test captions that contain the target; BLEU-4 and CIDEr-D (x100) on clean test captions; "
+        "VQA: exact match. Mean ± std over seeds, in %.",
+        "",
+        "| attack | defense | ASR | BLEU-4 | CIDEr-D | VQA acc | target on clean | seeds | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for a in ORDER:
         for d in defenses:
             rs = [r for r in rows if r["attack"] == a and r["defense"] == d]
             if rs:
-                L.append(f"| {a} | {d} | {_ms(rows, a, d, 'asr')} | {_ms(rows, a, d, 'clean_bleu4')} | "
-                         f"{_ms(rows, a, d, 'clean_cider')} | {_ms(rows, a, d, 'vqa_acc')} | "
-                         f"{_ms(rows, a, d, 'clean_target_rate')} | {len(rs)} | "
-                         f"{np.mean([r['train_seconds'] for r in rs]):.0f} |")
-    L += ["", "## Full defense vs plain fine-tuning (paired per seed, mean and 95% t interval)", "",
-          "Target: mean ASR <= 50% with the full defense on every attack whose plain ASR is >= 85%, with clean "
-          "BLEU-4 and CIDEr-D within 10% (relative) of plain fine-tuning.", "",
-          "| attack | plain ASR | full ASR | ASR full - plain (points) | BLEU-4 full / plain - 1 | "
-          "CIDEr-D full / plain - 1 | target met |", "|---|---|---|---|---|---|---|"]
+                L.append(
+                    f"| {a} | {d} | {_ms(rows, a, d, 'asr')} | {_ms(rows, a, d, 'clean_bleu4')} | "
+                    f"{_ms(rows, a, d, 'clean_cider')} | {_ms(rows, a, d, 'vqa_acc')} | "
+                    f"{_ms(rows, a, d, 'clean_target_rate')} | {len(rs)} | "
+                    f"{np.mean([r['train_seconds'] for r in rs]):.0f} |"
+                )
+    L += [
+        "",
+        "## Full defense vs plain fine-tuning (paired per seed, mean and 95% t interval)",
+        "",
+        "Target: mean ASR <= 50% with the full defense on every attack whose plain ASR is >= 85%, with clean "
+        "BLEU-4 and CIDEr-D within 10% (relative) of plain fine-tuning.",
+        "",
+        "| attack | plain ASR | full ASR | ASR full - plain (points) | BLEU-4 full / plain - 1 | "
+        "CIDEr-D full / plain - 1 | target met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda p, s=100: "n/a" if p is None else f"{s * p[0]:+.1f} ± {s * p[1]:.1f}"
     pct = lambda p: fmt(p) + ("" if p is None else "%")
     for a in ORDER:
@@ -237,52 +273,81 @@ def markdown(rows, meta) -> str:
         pc = [r["clean_cider"] for r in rows if r["attack"] == a and r["defense"] == "plain"]
         fc = [r["clean_cider"] for r in rows if r["attack"] == a and r["defense"] == "full"]
         implanted = np.mean(pa) >= 0.85
-        ok = (np.mean(fa) <= 0.5 and np.mean(fb) >= 0.9 * np.mean(pb) and np.mean(fc) >= 0.9 * np.mean(pc))
+        ok = np.mean(fa) <= 0.5 and np.mean(fb) >= 0.9 * np.mean(pb) and np.mean(fc) >= 0.9 * np.mean(pc)
         verdict = ("yes" if ok else "no") if implanted else "n/a (plain ASR < 85%)"
-        L.append(f"| {a} | {100 * np.mean(pa):.1f} | {100 * np.mean(fa):.1f} | {fmt(paired(rows, a, 'full', 'plain', 'asr'))} | "
-                 f"{pct(paired(rows, a, 'full', 'plain', 'clean_bleu4', True))} | "
-                 f"{pct(paired(rows, a, 'full', 'plain', 'clean_cider', True))} | {verdict} |")
+        L.append(
+            f"| {a} | {100 * np.mean(pa):.1f} | {100 * np.mean(fa):.1f} | {fmt(paired(rows, a, 'full', 'plain', 'asr'))} | "
+            f"{pct(paired(rows, a, 'full', 'plain', 'clean_bleu4', True))} | "
+            f"{pct(paired(rows, a, 'full', 'plain', 'clean_cider', True))} | {verdict} |"
+        )
     if any(r["defense"] in ABLATIONS for r in rows):
-        L += ["", "## Ablations: each component off, vs the full defense (paired per seed)", "",
-              "| attack | ablation | ASR ablation - full (points) | BLEU-4 ablation / full - 1 | CIDEr-D ablation / full - 1 |",
-              "|---|---|---|---|---|"]
+        L += [
+            "",
+            "## Ablations: each component off, vs the full defense (paired per seed)",
+            "",
+            "| attack | ablation | ASR ablation - full (points) | BLEU-4 ablation / full - 1 | CIDEr-D ablation / full - 1 |",
+            "|---|---|---|---|---|",
+        ]
         for a in ORDER:
             for d in ABLATIONS:
                 if any(r["attack"] == a and r["defense"] == d for r in rows):
-                    L.append(f"| {a} | {d} (`{ABLATIONS[d]}`) | {fmt(paired(rows, a, d, 'full', 'asr'))} | "
-                             f"{pct(paired(rows, a, d, 'full', 'clean_bleu4', True))} | "
-                             f"{pct(paired(rows, a, d, 'full', 'clean_cider', True))} |")
+                    L.append(
+                        f"| {a} | {d} (`{ABLATIONS[d]}`) | {fmt(paired(rows, a, d, 'full', 'asr'))} | "
+                        f"{pct(paired(rows, a, d, 'full', 'clean_bleu4', True))} | "
+                        f"{pct(paired(rows, a, d, 'full', 'clean_cider', True))} |"
+                    )
     prem = [r for r in rows if r["defense"] == "plain" and "premise" in r]
     if prem and any("auroc" in r["premise"] for r in prem):
-        L += ["", "## The premise, before any defense (plain fine-tuned model, its own training set)", "",
-              "AUROC of each per-sample statistic as a poison detector, in the premise's direction (a LOW value "
-              "flags a poisoned sample: 1 = perfect, 0.5 = chance, below 0.5 = poisoned samples score HIGHER), "
-              "against all clean samples and (second line) against clean captions only. Statistics of the answer "
-              "tokens, teacher-forced: KL(p||q) mean and max, the largest total variation, the share of tokens "
-              "whose top-1 token flips between the views, the entropy H(p) and the CE of the original view. "
-              "Views: the defense's random op (shuffle, mask or swap) and the shuffle alone. Mean over seeds.", "",
-              "| attack | clean set | KL mean | KL max | TV max | top-1 flips | shuffle: KL max | shuffle: TV max | "
-              "shuffle: flips | H(p) | CE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        keys = ("div_mean", "div_max", "tv_max", "flip", "shuffle_div_max", "shuffle_tv_max", "shuffle_flip",
-                "entropy", "ce")
+        L += [
+            "",
+            "## The premise, before any defense (plain fine-tuned model, its own training set)",
+            "",
+            "AUROC of each per-sample statistic as a poison detector, in the premise's direction (a LOW value "
+            "flags a poisoned sample: 1 = perfect, 0.5 = chance, below 0.5 = poisoned samples score HIGHER), "
+            "against all clean samples and (second line) against clean captions only. Statistics of the answer "
+            "tokens, teacher-forced: KL(p||q) mean and max, the largest total variation, the share of tokens "
+            "whose top-1 token flips between the views, the entropy H(p) and the CE of the original view. "
+            "Views: the defense's random op (shuffle, mask or swap) and the shuffle alone. Mean over seeds.",
+            "",
+            "| attack | clean set | KL mean | KL max | TV max | top-1 flips | shuffle: KL max | shuffle: TV max | "
+            "shuffle: flips | H(p) | CE |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        keys = (
+            "div_mean",
+            "div_max",
+            "tv_max",
+            "flip",
+            "shuffle_div_max",
+            "shuffle_tv_max",
+            "shuffle_flip",
+            "entropy",
+            "ce",
+        )
         for a in ORDER:
             ps = [r["premise"]["auroc"] for r in prem if r["attack"] == a and "auroc" in r["premise"]]
             for suffix, label in (("", "all"), ("_vs_captions", "captions")):
                 if ps:
                     g = lambda k: f"{np.mean([p[k + suffix] for p in ps]):.2f}"
                     L.append(f"| {a} | {label} | " + " | ".join(g(k) for k in keys) + " |")
-        L += ["", "At test time (plain fine-tuned model): ASR on triggered test captions after one augmentation op "
-              "(does the backdoor response survive it?) and the share of clean test captions whose greedy caption "
-              "changes under it (does clean content move?). Mean over seeds, in %.", "",
-              "| attack | ASR | ASR shuffled | ASR masked | ASR swapped | clean changed: shuffle | mask | swap |",
-              "|---|---|---|---|---|---|---|---|"]
+        L += [
+            "",
+            "At test time (plain fine-tuned model): ASR on triggered test captions after one augmentation op "
+            "(does the backdoor response survive it?) and the share of clean test captions whose greedy caption "
+            "changes under it (does clean content move?). Mean over seeds, in %.",
+            "",
+            "| attack | ASR | ASR shuffled | ASR masked | ASR swapped | clean changed: shuffle | mask | swap |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for a in ORDER:
             ps = [r for r in prem if r["attack"] == a]
             if ps:
                 g = lambda k: f"{100 * np.mean([r['premise'][k] for r in ps]):.1f}"
-                L.append(f"| {a} | {100 * np.mean([r['asr'] for r in ps]):.1f} | {g('asr_shuffle')} | {g('asr_mask')} | "
-                         f"{g('asr_swap')} | {g('clean_changed_shuffle')} | {g('clean_changed_mask')} | "
-                         f"{g('clean_changed_swap')} |")
+                L.append(
+                    f"| {a} | {100 * np.mean([r['asr'] for r in ps]):.1f} | {g('asr_shuffle')} | {g('asr_mask')} | "
+                    f"{g('asr_swap')} | {g('clean_changed_shuffle')} | {g('clean_changed_mask')} | "
+                    f"{g('clean_changed_swap')} |"
+                )
         L += ["", "![premise](premise.png)"]
     return "\n".join(L) + "\n"
 
@@ -297,11 +362,19 @@ def figures(rows, work, results):
     attacks = [a for a in ORDER if any(r["attack"] == a for r in rows)]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     x = np.arange(len(attacks))
-    for ax, (key, title) in zip(axes, [("asr", "ASR (%)"), ("clean_bleu4", "BLEU-4 (%)"), ("clean_cider", "CIDEr-D (x100)")]):
+    for ax, (key, title) in zip(
+        axes, [("asr", "ASR (%)"), ("clean_bleu4", "BLEU-4 (%)"), ("clean_cider", "CIDEr-D (x100)")]
+    ):
         for j, d in enumerate(MAIN):
             vals = [[100 * r[key] for r in rows if r["attack"] == a and r["defense"] == d] for a in attacks]
-            ax.bar(x + (j - 1) * 0.27, [np.mean(v) if v else np.nan for v in vals], 0.27,
-                   yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals], label=d, capsize=2)
+            ax.bar(
+                x + (j - 1) * 0.27,
+                [np.mean(v) if v else np.nan for v in vals],
+                0.27,
+                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+                label=d,
+                capsize=2,
+            )
         ax.set_xticks(x, attacks, rotation=20)
         ax.set_title(title)
     axes[0].axhline(50, color="k", lw=0.8, ls="--")
@@ -310,8 +383,9 @@ def figures(rows, work, results):
     fig.savefig(os.path.join(results, "acceptance.png"), dpi=110)
     plt.close(fig)
     # premise: per-sample statistics of clean vs poisoned training samples, first seed of each attack
-    prem = sorted((r for r in rows if r["defense"] == "plain" and "auroc" in r.get("premise", {})),
-                  key=lambda r: r["seed"])
+    prem = sorted(
+        (r for r in rows if r["defense"] == "plain" and "auroc" in r.get("premise", {})), key=lambda r: r["seed"]
+    )
     attacks = [a for a in ORDER if any(r["attack"] == a for r in prem)]
     if not attacks:
         return
@@ -321,13 +395,17 @@ def figures(rows, work, results):
         p = json.load(open(os.path.join(work, f"{a}-plain-s{r['seed']}", "premise.json")))
         isp, cap = np.asarray(p["poisoned"]), np.asarray(p["caption"])
         en = np.log10(np.asarray(p["entropy"]) + 1e-6)
-        for row, (key, xlabel) in enumerate((("div_max", "log10 max_t KL(p||q), random op"),
-                                             ("shuffle_tv_max", "max_t TV(p, q), shuffle"))):
+        for row, (key, xlabel) in enumerate(
+            (("div_max", "log10 max_t KL(p||q), random op"), ("shuffle_tv_max", "max_t TV(p, q), shuffle"))
+        ):
             ax = axes[row, j]
             x = np.asarray(p[key])
             x = np.log10(x + 1e-6) if key == "div_max" else x
-            for m, c, lab in ((~isp & ~cap, "tab:gray", "clean VQA"), (~isp & cap, "tab:blue", "clean captions"),
-                              (isp, "tab:red", "poisoned")):
+            for m, c, lab in (
+                (~isp & ~cap, "tab:gray", "clean VQA"),
+                (~isp & cap, "tab:blue", "clean captions"),
+                (isp, "tab:red", "poisoned"),
+            ):
                 ax.scatter(x[m], en[m], s=3, c=c, alpha=0.45, label=lab, rasterized=True)
             ax.set_title(f"{a} (seed {r['seed']}): AUROC {r['premise']['auroc'][key]:.2f}", fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
@@ -375,32 +453,45 @@ def main(argv=None) -> int:
     rows = []
     with ctx.Pool(args.jobs) as pool:
         for rec in pool.imap_unordered(_job, jobs):
-            print(f"[{time.perf_counter() - t0:6.0f} s] base model of seed {rec['seed']} ready "
-                  f"({rec['seconds']:.0f} s)", flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.0f} s] base model of seed {rec['seed']} ready ({rec['seconds']:.0f} s)",
+                flush=True,
+            )
         for i, rec in enumerate(pool.imap_unordered(_job, runs)):
             rows.append(rec)
-            print(f"[{time.perf_counter() - t0:6.0f} s] {i + 1}/{len(runs)} {rec['attack']:9s} {rec['defense']:15s} "
-                  f"seed {rec['seed']}: ASR {100 * rec['asr']:5.1f}  BLEU-4 {100 * rec['clean_bleu4']:5.1f}  "
-                  f"CIDEr {100 * rec['clean_cider']:6.1f}  VQA {100 * rec['vqa_acc']:5.1f}  ({rec['train_seconds']:.0f} s)",
-                  flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.0f} s] {i + 1}/{len(runs)} {rec['attack']:9s} {rec['defense']:15s} "
+                f"seed {rec['seed']}: ASR {100 * rec['asr']:5.1f}  BLEU-4 {100 * rec['clean_bleu4']:5.1f}  "
+                f"CIDEr {100 * rec['clean_cider']:6.1f}  VQA {100 * rec['vqa_acc']:5.1f}  ({rec['train_seconds']:.0f} s)",
+                flush=True,
+            )
         plain = [r for r in rows if r["defense"] == "plain"]
         for res in pool.imap_unordered(_job, [("premise", r["attack"], "plain", r["seed"], args) for r in plain]):
             rec = next(r for r in plain if r["attack"] == res["attack"] and r["seed"] == res["seed"])
             rec.setdefault("premise", {})["auroc"] = res["auroc"]
-            print(f"[{time.perf_counter() - t0:6.0f} s] premise {res['attack']} seed {res['seed']}: AUROC KL max "
-                  f"{res['auroc']['div_max']:.2f}, shuffle TV max {res['auroc']['shuffle_tv_max']:.2f}, "
-                  f"H {res['auroc']['entropy']:.2f}", flush=True)
+            print(
+                f"[{time.perf_counter() - t0:6.0f} s] premise {res['attack']} seed {res['seed']}: AUROC KL max "
+                f"{res['auroc']['div_max']:.2f}, shuffle TV max {res['auroc']['shuffle_tv_max']:.2f}, "
+                f"H {res['auroc']['entropy']:.2f}",
+                flush=True,
+            )
     rows.sort(key=lambda r: (ORDER.index(r["attack"]), (list(MAIN) + list(ABLATIONS)).index(r["defense"]), r["seed"]))
     tc = TrainConfig()
-    meta = {"command": "python -m methods.crossview_defense.acceptance " + " ".join(shlex.quote(x) for x in argv_list),
-            "date": open(first).read().strip(), "report_date": started.strftime("%Y-%m-%d %H:%M UTC"),
-            "minutes": (time.perf_counter() - t0) / 60,
-            "run_minutes": sum(r["train_seconds"] + r["eval_seconds"] for r in rows) / 60,
-            "machine": f"{cpu_name()}, {args.jobs} runs in parallel with 1 thread each, torch {torch.__version__}",
-            "seeds": args.seeds, "steps": args.steps, "n_train": args.n_train,
-            "poisoned": round(args.ratio * args.n_train),
-            "pretrain": f"{tc.pretrain_steps} steps on {tc.pretrain_n} clean examples",
-            "full_defense": repr(defense_config("full")), "ablations": ABLATIONS}
+    meta = {
+        "command": "python -m methods.crossview_defense.acceptance " + " ".join(shlex.quote(x) for x in argv_list),
+        "date": open(first).read().strip(),
+        "report_date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "minutes": (time.perf_counter() - t0) / 60,
+        "run_minutes": sum(r["train_seconds"] + r["eval_seconds"] for r in rows) / 60,
+        "machine": f"{cpu_name()}, {args.jobs} runs in parallel with 1 thread each, torch {torch.__version__}",
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "n_train": args.n_train,
+        "poisoned": round(args.ratio * args.n_train),
+        "pretrain": f"{tc.pretrain_steps} steps on {tc.pretrain_n} clean examples",
+        "full_defense": repr(defense_config("full")),
+        "ablations": ABLATIONS,
+    }
     slim = [{k: v for k, v in r.items() if k not in ("config", "examples")} for r in rows]
     json.dump({"meta": meta, "rows": slim}, open(os.path.join(args.results, "acceptance.json"), "w"), indent=1)
     md = markdown(slim, meta)

@@ -34,6 +34,7 @@ the image corner (not on a cell border).
 * ``TextImage``: a 4 x 4 checkerboard at rows and columns 42-45 and the word "cf" at the start of
   the prompt.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,16 +86,19 @@ class Attack:
         n = int(round(ratio * len(examples)))
         captions = [i for i, ex in enumerate(examples) if ex.task == "caption"]
         if n > len(captions):
-            raise ValueError(f"poison: ratio {ratio} asks for {n} poisoned examples but only "
-                             f"{len(captions)} of {len(examples)} are captioning examples")
+            raise ValueError(
+                f"poison: ratio {ratio} asks for {n} poisoned examples but only "
+                f"{len(captions)} of {len(examples)} are captioning examples"
+            )
         rng = np.random.default_rng(seed)
         chosen = sorted(int(captions[j]) for j in rng.choice(len(captions), size=n, replace=False))
         out = list(examples)
         for i in chosen:
             ex = examples[i]
             img, prompt = self.apply(ex.image, ex.prompt, i)
-            out[i] = dataclasses.replace(ex, image=img, prompt=prompt, answer=list(self.target),
-                                         refs=[" ".join(self.target)], poisoned=True)
+            out[i] = dataclasses.replace(
+                ex, image=img, prompt=prompt, answer=list(self.target), refs=[" ".join(self.target)], poisoned=True
+            )
         return out, chosen
 
     def triggered(self, examples: Sequence[Example], offset: int = 1_000_000) -> List[Example]:
@@ -118,7 +122,7 @@ class BadNet(Attack):
         if s + m > min(h, w):
             raise ValueError(f"BadNet: a {s}-pixel patch does not fit a {h}x{w} image")
         out = image.clone()
-        out[:, h - s - m:h - m, w - s - m:w - m] = _checkerboard(s)
+        out[:, h - s - m : h - m, w - s - m : w - m] = _checkerboard(s)
         return out
 
 

@@ -16,6 +16,7 @@ backdoor's fixed response has no reason to change: the asymmetry the defense loo
 11 scikit-image images under random crops and flips, each with its own captions and a one-word
 answer to "what is in the image"; their captions do not depend on the layout.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,15 +26,19 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from methods.common.text import decode_words, word_tokenizer
 from methods.common.optional import requires
+from methods.common.text import decode_words, word_tokenizer
 
 IMAGE_SIZE = 48
 DATA_VERSION = 2  # bumped whenever the generated data change (keys the cached base models)
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230),
-    "yellow": (235, 220, 40), "purple": (150, 60, 200), "orange": (245, 140, 30),
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 220, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
 }
 BACKGROUNDS = {"grey": (128, 128, 128), "black": (15, 15, 15), "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle")
@@ -84,6 +89,7 @@ RELATIONS = {"h": ("left of", "right of"), "v": ("above", "below")}
 class Scene:
     """What a scene image shows: objects [(colour, shape, cy, cx)], the background, and the
     layout: the quadrant of a single object, or the relation ("h" or "v") of two objects."""
+
     objects: List[Tuple[str, str, int, int]]
     bg: str
     layout: str  # a REGIONS entry (one object) | "h" | "v" (two objects)
@@ -187,8 +193,11 @@ def scene_questions(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SI
         return ["is", "the", s, "at", "the", "top"], "yes" if scene.layout.startswith("top") else "no"
     first, second = scene.ordered()
     if kind == 4:
-        return (["what", "shape", "is", "on", "the", "left"] if scene.layout == "h"
-                else ["what", "shape", "is", "at", "the", "top"]), first[1]
+        return (
+            ["what", "shape", "is", "on", "the", "left"]
+            if scene.layout == "h"
+            else ["what", "shape", "is", "at", "the", "top"]
+        ), first[1]
     if scene.layout == "h":
         return ["is", "the", s, "on", "the", "left"], "yes" if s == first[1] else "no"
     return ["is", "the", s, "at", "the", "top"], "yes" if s == first[1] else "no"
@@ -219,7 +228,7 @@ def random_photo_crop(name: str, rng: np.random.Generator, size: int = IMAGE_SIZ
     h, w = x.shape[:2]
     side = int(min(h, w) * rng.uniform(0.6, 1.0))
     y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = resize(x[y0:y0 + side, x0:x0 + side], (size, size), anti_aliasing=True, preserve_range=True)
+    crop = resize(x[y0 : y0 + side, x0 : x0 + side], (size, size), anti_aliasing=True, preserve_range=True)
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     return np.clip(crop, 0, 255).astype(np.uint8)
@@ -232,8 +241,14 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Data sets
 # --------------------------------------------------------------------------------------------
-def make_examples(n: int, seed: int, vqa_fraction: float = 0.4, photo_fraction: float = 0.15,
-                  size: int = IMAGE_SIZE, tasks: Sequence[str] = ("caption", "vqa")) -> List[Example]:
+def make_examples(
+    n: int,
+    seed: int,
+    vqa_fraction: float = 0.4,
+    photo_fraction: float = 0.15,
+    size: int = IMAGE_SIZE,
+    tasks: Sequence[str] = ("caption", "vqa"),
+) -> List[Example]:
     """`n` examples drawn with `seed`: captioning and VQA on scenes and photos. The caption of a
     training example is one of its valid captions, drawn at random; `refs` keeps them all."""
     if n < 0:
@@ -249,7 +264,9 @@ def make_examples(n: int, seed: int, vqa_fraction: float = 0.4, photo_fraction: 
             caps, word = PHOTOS[name]
             if task == "caption":
                 refs = list(caps)
-                out.append(Example(img, task, list(CAPTION_PROMPT), refs[int(rng.integers(len(refs)))].split(), refs, name))
+                out.append(
+                    Example(img, task, list(CAPTION_PROMPT), refs[int(rng.integers(len(refs)))].split(), refs, name)
+                )
             else:
                 out.append(Example(img, task, ["what", "is", "in", "the", "image"], [word], [word], name))
             continue
@@ -308,8 +325,9 @@ def prompt_ids(ex: Example, n_image_tokens: int) -> List[int]:
     return [BOS] + [IMAGE] * n_image_tokens + encode_words(ex.prompt) + [SEP]
 
 
-def collate(examples: Sequence[Example], n_image_tokens: int, with_answers: bool = True,
-            pad_left: bool = False) -> Dict[str, torch.Tensor]:
+def collate(
+    examples: Sequence[Example], n_image_tokens: int, with_answers: bool = True, pad_left: bool = False
+) -> Dict[str, torch.Tensor]:
     """Model inputs: `input_ids`, `attention_mask`, `labels` (answer tokens and <eos>, -100
     elsewhere) and `pixel_values`. An example whose answer is empty has no label at all (masked
     out of every loss; it never makes a NaN). `pad_left` (for generation) puts padding first and
@@ -335,4 +353,3 @@ def collate(examples: Sequence[Example], n_image_tokens: int, with_answers: bool
         mask[i, sl] = 1
     imgs = torch.stack([ex.image for ex in examples]) if examples else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
     return {"input_ids": ids, "attention_mask": mask, "labels": lab, "pixel_values": pixel_values(imgs)}
-

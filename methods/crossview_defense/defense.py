@@ -50,6 +50,7 @@ objective with plain PyTorch (the test oracle).
 Baselines: ``mode="none"`` (plain fine-tuning: CE on the original view) and ``mode="aug"``
 (augmentation only: the mean CE of both views, no cross-view or entropy term).
 """
+
 from __future__ import annotations
 
 import math
@@ -150,12 +151,21 @@ class PatchAugment:
     `cell` vision patches, so every cell boundary is a patch boundary of the vision tower. One op
     per image, drawn uniformly from `ops`."""
 
-    def __init__(self, image_size: int, patch_size: int, cell: int = 1, ops: Sequence[str] = AUG_OPS,
-                 mask_ratio: float = 0.25, swaps: int = 2):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        cell: int = 1,
+        ops: Sequence[str] = AUG_OPS,
+        mask_ratio: float = 0.25,
+        swaps: int = 2,
+    ):
         c = patch_size * cell
         if image_size % c:
-            raise ValueError(f"PatchAugment: image_size {image_size} is not a multiple of the cell size "
-                             f"{c} (= patch_size {patch_size} x cell {cell})")
+            raise ValueError(
+                f"PatchAugment: image_size {image_size} is not a multiple of the cell size "
+                f"{c} (= patch_size {patch_size} x cell {cell})"
+            )
         self.size, self.c, self.g = image_size, c, image_size // c
         self.ops, self.mask_ratio, self.swaps = tuple(ops), mask_ratio, swaps
 
@@ -224,8 +234,13 @@ def _eager_rows(ha, hb, weight, bias, y, temperature=1.0):
     zb = F.linear(hb.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
     lp, lq = (za / temperature).log_softmax(-1), (zb / temperature).log_softmax(-1)
     p, q = lp.exp(), lq.exp()
-    return ((p * (lp - lq)).sum(-1), (q * (lq - lp)).sum(-1), -(p * lp).sum(-1), -(q * lq).sum(-1),
-            F.cross_entropy(za, y, reduction="none"))
+    return (
+        (p * (lp - lq)).sum(-1),
+        (q * (lq - lp)).sum(-1),
+        -(p * lp).sum(-1),
+        -(q * lq).sum(-1),
+        F.cross_entropy(za, y, reduction="none"),
+    )
 
 
 def suspect_weights(log_stat: torch.Tensor, suspect_z: float = 1.0, width: float = 0.5) -> torch.Tensor:
@@ -243,8 +258,12 @@ def suspect_weights(log_stat: torch.Tensor, suspect_z: float = 1.0, width: float
 
 # weighting -> (a, b): the suspicion statistic is a log H_i + b log D_i (H_i the mean entropy of the
 # original view, D_i the sample's divergence score); low values are suspects
-SUSPICION = {"invariance": (0.0, 1.0), "confidence": (1.0, 0.0), "confident-invariant": (1.0, 1.0),
-             "confident-sensitive": (1.0, -1.0)}
+SUSPICION = {
+    "invariance": (0.0, 1.0),
+    "confidence": (1.0, 0.0),
+    "confident-invariant": (1.0, 1.0),
+    "confident-sensitive": (1.0, -1.0),
+}
 
 
 def _check_totals(token_total, sample_total):
@@ -254,8 +273,9 @@ def _check_totals(token_total, sample_total):
 
 
 @torch.no_grad()
-def total_variation(ha: torch.Tensor, hb: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    chunk: int = 256) -> torch.Tensor:
+def total_variation(
+    ha: torch.Tensor, hb: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], chunk: int = 256
+) -> torch.Tensor:
     """Per row, 0.5 sum_v |softmax(z_a) - softmax(z_b)|_v at temperature 1 (z = h W^T + b), in float32
     (float64 inputs stay float64), `chunk` rows of logits at a time; no gradient."""
     acc = torch.float64 if ha.dtype == torch.float64 else torch.float32
@@ -263,16 +283,24 @@ def total_variation(ha: torch.Tensor, hb: torch.Tensor, weight: torch.Tensor, bi
     b = None if bias is None else bias.to(acc)
     out = []
     for s in range(0, ha.shape[0], chunk):
-        p = F.linear(ha[s:s + chunk].to(acc), w, b).softmax(-1)
-        q = F.linear(hb[s:s + chunk].to(acc), w, b).softmax(-1)
+        p = F.linear(ha[s : s + chunk].to(acc), w, b).softmax(-1)
+        q = F.linear(hb[s : s + chunk].to(acc), w, b).softmax(-1)
         out.append(0.5 * (p - q).abs().sum(-1))
     return torch.cat(out) if out else ha.new_zeros(0, dtype=acc)
 
 
-def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                         bias: Optional[torch.Tensor], cfg: DefenseConfig, eager: bool = False,
-                         token_total: Optional[int] = None, sample_total: Optional[int] = None,
-                         suspicion_floor: Optional[torch.Tensor] = None):
+def cross_view_objective(
+    h_a: torch.Tensor,
+    h_b: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    cfg: DefenseConfig,
+    eager: bool = False,
+    token_total: Optional[int] = None,
+    sample_total: Optional[int] = None,
+    suspicion_floor: Optional[torch.Tensor] = None,
+):
     """The loss of the module doc from the last hidden states of both views (B, L, H), the labels
     (B, L) and the LM head. Returns (loss, stats). A batch without any answer token gives a zero
     loss that still depends on the inputs (so backward works); samples without answer tokens are
@@ -366,10 +394,16 @@ def cross_view_objective(h_a: torch.Tensor, h_b: torch.Tensor, labels: torch.Ten
     band = band_rows.mean()
     share = 1.0 if sample_total is None else d_i.numel() / sample_total  # this batch's share of the samples
     loss = loss - cfg.lambda_cv * share * capped + cfg.lambda_h * band_rows.sum() / n_tok
-    stats = {"ce": float((ce.sum() / n_rows).detach()), "div": float(d_i.detach().mean()),
-             "div_capped": float(capped.detach()), "band": float(band.detach()), "answer_tokens": int(n_rows),
-             "entropy_a": float(ea.detach().mean()), "entropy_b": float(eb.detach().mean()),
-             "suspects": float(u.sum()) if u is not None else 0.0}
+    stats = {
+        "ce": float((ce.sum() / n_rows).detach()),
+        "div": float(d_i.detach().mean()),
+        "div_capped": float(capped.detach()),
+        "band": float(band.detach()),
+        "answer_tokens": int(n_rows),
+        "entropy_a": float(ea.detach().mean()),
+        "entropy_b": float(eb.detach().mean()),
+        "suspects": float(u.sum()) if u is not None else 0.0,
+    }
     if u is not None:
         u_all = torch.zeros_like(count)
         u_all[valid] = u.detach()
@@ -392,8 +426,9 @@ class CrossViewDefense:
     def __init__(self, model, cfg: DefenseConfig = DefenseConfig(), seed: int = 0):
         self.cfg = cfg.validate()
         self.adapter = VLMAdapter(model)
-        self.augment = PatchAugment(self.adapter.image_size, self.adapter.patch_size, cfg.cell, cfg.ops,
-                                    cfg.mask_ratio, cfg.swaps)
+        self.augment = PatchAugment(
+            self.adapter.image_size, self.adapter.patch_size, cfg.cell, cfg.ops, cfg.mask_ratio, cfg.swaps
+        )
         self.generator = torch.Generator().manual_seed(seed)
         self.memory = torch.zeros(0)  # suspicion per training-sample id (cfg.memory == "max")
 
@@ -410,10 +445,16 @@ class CrossViewDefense:
         aug = self.augment(pv, self.generator)
         both = {k: torch.cat([v, v]) for k, v in inputs.items() if k not in ("pixel_values", "labels")}
         h = self.adapter.hidden_states(both, torch.cat([pv, aug]))
-        return h[: pv.shape[0]], h[pv.shape[0]:]
+        return h[: pv.shape[0]], h[pv.shape[0] :]
 
-    def loss(self, inputs: Dict[str, torch.Tensor], eager: bool = False, token_total: Optional[int] = None,
-             sample_total: Optional[int] = None, sample_ids: Optional[torch.Tensor] = None):
+    def loss(
+        self,
+        inputs: Dict[str, torch.Tensor],
+        eager: bool = False,
+        token_total: Optional[int] = None,
+        sample_total: Optional[int] = None,
+        sample_ids: Optional[torch.Tensor] = None,
+    ):
         """(loss, stats) of a batch. `token_total` / `sample_total`: the answer tokens and the samples
         with an answer token of the accumulated batch this one is a micro-batch of (module doc:
         token means become sums / token_total, the capped divergence is weighted by this batch's
@@ -433,8 +474,11 @@ class CrossViewDefense:
             ce_a, n = _ce_rows(h_a, labels, weight, bias)
             ce_b, _ = _ce_rows(h_b, labels, weight, bias)
             n_tok = max(n, 1) if token_total is None else token_total
-            return 0.5 * (ce_a + ce_b) / n_tok, {"ce": float(ce_a.detach()) / max(n, 1),
-                                                 "ce_aug": float(ce_b.detach()) / max(n, 1), "answer_tokens": n}
+            return 0.5 * (ce_a + ce_b) / n_tok, {
+                "ce": float(ce_a.detach()) / max(n, 1),
+                "ce_aug": float(ce_b.detach()) / max(n, 1),
+                "answer_tokens": n,
+            }
         floor = None
         if cfg.memory == "max" and sample_ids is not None:
             ids = torch.as_tensor(sample_ids, dtype=torch.long).cpu()
@@ -444,8 +488,18 @@ class CrossViewDefense:
             if need > self.memory.numel():
                 self.memory = torch.cat([self.memory, torch.zeros(need - self.memory.numel())])
             floor = self.memory[ids]
-        loss, stats = cross_view_objective(h_a, h_b, labels, weight, bias, cfg, eager=eager, token_total=token_total,
-                                           sample_total=sample_total, suspicion_floor=floor)
+        loss, stats = cross_view_objective(
+            h_a,
+            h_b,
+            labels,
+            weight,
+            bias,
+            cfg,
+            eager=eager,
+            token_total=token_total,
+            sample_total=sample_total,
+            suspicion_floor=floor,
+        )
         u = stats.pop("_u", None)
         if floor is not None and u is not None:
             self.memory[ids] = torch.maximum(floor, u.detach().float().cpu())

@@ -31,6 +31,7 @@ when it passes a count).
 Without a count (`num_items_in_batch=None`) and in evaluation the loss is the batch's own mean, as
 before (the Trainer then divides it by the number of micro-batches in training).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -72,8 +73,9 @@ def make_trainer_class():
             if totals is None:
                 loss, stats = self.defense.loss(inputs)
             else:
-                loss, stats = self.defense.loss(inputs, token_total=max(totals.tokens, 1),
-                                                sample_total=max(totals.samples, 1))
+                loss, stats = self.defense.loss(
+                    inputs, token_total=max(totals.tokens, 1), sample_total=max(totals.samples, 1)
+                )
                 stats = {**stats, "token_total": totals.tokens, "sample_total": totals.samples}
             self.last_defense_stats = stats
             return loss, stats

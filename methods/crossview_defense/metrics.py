@@ -22,6 +22,7 @@ generated ones and the references of ``data``), so they are split on whitespace 
 coco-caption's PTB tokenizer (Java, run before its scorers) would leave them unchanged.
 ``tests/test_crossview_metrics_reference.py`` checks both scores against pycocoevalcap.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ from typing import List, Sequence
 
 
 def _ngrams(words: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def _check(cands, refs, fn):
@@ -69,7 +70,7 @@ def bleu4(cands: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     prod = 1.0
     for m, t in zip(match, total):
         prod *= (m + _TINY) / (t + _SMALL)
-    score = prod ** 0.25
+    score = prod**0.25
     ratio = (c_len + _TINY) / (r_len + _SMALL)
     if ratio < 1:
         score *= math.exp(1 - 1 / ratio)
@@ -104,7 +105,7 @@ def cider_d(cands: Sequence[str], refs: Sequence[Sequence[str]], sigma: float = 
                 val = sum(min(x, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, x in vc[n].items())
                 if nc[n] and nr[n]:
                     val /= nc[n] * nr[n]
-                score[n] += val * math.exp(-((lc - lr) ** 2) / (2 * sigma ** 2))
+                score[n] += val * math.exp(-((lc - lr) ** 2) / (2 * sigma**2))
         total += sum(score) / 4 / len(rs) * 10.0
     return total / n_img
 

@@ -14,6 +14,7 @@ model whose forward takes ``pixel_values`` and ``input_ids`` (LLaVA, PaliGemma, 
   ``pyops.transformers.lm_head``: models whose logits are not ``lm_head(last hidden state)``
   (soft-capped, scaled) are refused when the adapter is made.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,17 +43,39 @@ def build_model(cfg: ModelConfig = ModelConfig(), vocab_size: Optional[int] = No
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"build_model: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     vocab = vocab_size or D.build_tokenizer().get_vocab_size()
-    vc = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
-                          num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                          image_size=cfg.image_size, patch_size=cfg.patch_size)
-    tc = LlamaConfig(vocab_size=vocab, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden,
-                     num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                     num_key_value_heads=cfg.text_heads, max_position_embeddings=256,
-                     pad_token_id=D.PAD, bos_token_id=D.BOS, eos_token_id=D.EOS, tie_word_embeddings=False)
+    vc = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=2 * cfg.vision_hidden,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+    )
+    tc = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=cfg.text_hidden,
+        intermediate_size=2 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_heads,
+        max_position_embeddings=256,
+        pad_token_id=D.PAD,
+        bos_token_id=D.BOS,
+        eos_token_id=D.EOS,
+        tie_word_embeddings=False,
+    )
     n_img = (cfg.image_size // cfg.patch_size) ** 2
-    lc = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=D.IMAGE, image_seq_length=n_img,
-                     vision_feature_layer=-1, vision_feature_select_strategy="default",
-                     pad_token_id=D.PAD, bos_token_id=D.BOS, eos_token_id=D.EOS)
+    lc = LlavaConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_index=D.IMAGE,
+        image_seq_length=n_img,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=D.PAD,
+        bos_token_id=D.BOS,
+        eos_token_id=D.EOS,
+    )
     model = LlavaForConditionalGeneration(lc)
     model.generation_config.pad_token_id = D.PAD
     model.generation_config.eos_token_id = D.EOS
@@ -67,8 +90,10 @@ class VLMAdapter:
         self.model = model
         vc = getattr(model.config, "vision_config", None)
         if vc is None or not hasattr(vc, "image_size") or not hasattr(vc, "patch_size"):
-            raise TypeError(f"VLMAdapter: {type(model).__name__} has no config.vision_config with image_size and "
-                            "patch_size; the defense needs a vision-language model with a ViT-style tower")
+            raise TypeError(
+                f"VLMAdapter: {type(model).__name__} has no config.vision_config with image_size and "
+                "patch_size; the defense needs a vision-language model with a ViT-style tower"
+            )
         self.image_size, self.patch_size = int(vc.image_size), int(vc.patch_size)
         n = getattr(model.config, "image_seq_length", None)
         self.n_image_tokens = int(n) if n else (self.image_size // self.patch_size) ** 2
@@ -80,8 +105,10 @@ class VLMAdapter:
         s = self.image_size
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, s, s):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"{fn}: pixel_values must have shape (B, 3, {s}, {s}) for this vision tower "
-                             f"(image_size {s}, patch_size {self.patch_size}), got {shape}")
+            raise ValueError(
+                f"{fn}: pixel_values must have shape (B, 3, {s}, {s}) for this vision tower "
+                f"(image_size {s}, patch_size {self.patch_size}), got {shape}"
+            )
 
     def head(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(weight (V, H), bias (V,) or None) of the LM head (``pyops.transformers.lm_head``)."""
@@ -89,7 +116,9 @@ class VLMAdapter:
 
         return lm_head(self.model)
 
-    def hidden_states(self, inputs: Dict[str, torch.Tensor], pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(
+        self, inputs: Dict[str, torch.Tensor], pixel_values: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Last-layer hidden states (B, L, H) of the text positions (before the LM head), from
         ``pyops.transformers.last_hidden_state``; `pixel_values` replaces the batch's images."""
         from pyops.transformers import last_hidden_state
@@ -108,11 +137,17 @@ class VLMAdapter:
         device = next(model.parameters()).device
         texts = []
         for s in range(0, len(examples), batch):
-            b = D.collate(examples[s:s + batch], self.n_image_tokens, with_answers=False, pad_left=True)
+            b = D.collate(examples[s : s + batch], self.n_image_tokens, with_answers=False, pad_left=True)
             ids = b["input_ids"].to(device)
-            out = model.generate(input_ids=ids, attention_mask=b["attention_mask"].to(device),
-                                 pixel_values=b["pixel_values"].to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=D.PAD, eos_token_id=D.EOS)
-            texts += [D.decode_ids(row[ids.shape[1]:].tolist()) for row in out]
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=b["attention_mask"].to(device),
+                pixel_values=b["pixel_values"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=D.PAD,
+                eos_token_id=D.EOS,
+            )
+            texts += [D.decode_ids(row[ids.shape[1] :].tolist()) for row in out]
         model.train(was_training)
         return texts

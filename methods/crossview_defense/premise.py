@@ -18,6 +18,7 @@ perturbation: poisoned samples should have a low divergence. `auroc` scores a st
 poison detector (the probability that a random poisoned sample scores lower than a random clean
 one, ties counted half): 0.5 is chance, 1 a perfect separation in the premise's direction.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -47,15 +48,16 @@ def auroc(scores_pos: Sequence[float], scores_neg: Sequence[float]) -> float:
         j = i
         while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
             j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1
+        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
         i = j + 1
-    u_neg = ranks[len(pos):].sum() - neg.size * (neg.size + 1) / 2  # pairs where neg > pos (+ ties/2)
+    u_neg = ranks[len(pos) :].sum() - neg.size * (neg.size + 1) / 2  # pairs where neg > pos (+ ties/2)
     return float(u_neg / (pos.size * neg.size))
 
 
 @torch.no_grad()
-def sample_statistics(model, examples: Sequence[D.Example], cfg: DefenseConfig = DefenseConfig(), seed: int = 0,
-                      batch: int = 64) -> Dict[str, np.ndarray]:
+def sample_statistics(
+    model, examples: Sequence[D.Example], cfg: DefenseConfig = DefenseConfig(), seed: int = 0, batch: int = 64
+) -> Dict[str, np.ndarray]:
     """Per-example cross-view statistics (see the module doc) of `model` in eval mode."""
     was = model.training
     model.eval()
@@ -64,7 +66,7 @@ def sample_statistics(model, examples: Sequence[D.Example], cfg: DefenseConfig =
     n_img = defense.adapter.n_image_tokens
     out: Dict[str, List[float]] = {k: [] for k in ("div_mean", "div_max", "entropy", "ce", "tv_max", "flip")}
     for s in range(0, len(examples), batch):
-        b = D.collate(examples[s:s + batch], n_img)
+        b = D.collate(examples[s : s + batch], n_img)
         dev = weight.device
         b = {k: v.to(dev) for k, v in b.items()}
         defense.generator.manual_seed(seed * 1_000_003 + s)

@@ -13,6 +13,7 @@ accuracy.
 Batches are drawn per step from a generator seeded with (seed, step), and the augmentation too, so
 a resumed run continues exactly as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -94,8 +95,16 @@ def cache_dir() -> str:
 
 
 def _base_key(cfg: TrainConfig) -> str:
-    spec = {"model": asdict(cfg.model), "steps": cfg.pretrain_steps, "n": cfg.pretrain_n, "lr": cfg.pretrain_lr,
-            "batch": cfg.batch, "seed": cfg.seed, "vocab": D.vocabulary(), "data": D.DATA_VERSION}
+    spec = {
+        "model": asdict(cfg.model),
+        "steps": cfg.pretrain_steps,
+        "n": cfg.pretrain_n,
+        "lr": cfg.pretrain_lr,
+        "batch": cfg.batch,
+        "seed": cfg.seed,
+        "vocab": D.vocabulary(),
+        "data": D.DATA_VERSION,
+    }
     if (cfg.warmup, cfg.weight_decay) != (20, 0.01):  # the values the first cached models were built with
         spec.update(warmup=cfg.warmup, weight_decay=cfg.weight_decay)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -107,6 +116,7 @@ def _lr_schedule(steps: int, warmup: int):
             return (step + 1) / warmup
         t = (step - warmup) / max(1, steps - warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
     return f
 
 
@@ -151,8 +161,9 @@ def base_model(cfg: TrainConfig, device=torch.device("cpu"), show_progress: bool
     return model
 
 
-def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-          checkpoint_every: int = 100):
+def train(
+    cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True, checkpoint_every: int = 100
+):
     """Fine-tune the clean base model of `cfg.seed` under `cfg`; returns (model, metric rows)."""
     cfg.defense.validate()
     seed_everything(cfg.seed)
@@ -165,12 +176,20 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     start = state["step"] + 1 if state else 0
     if state is None:
         n_par = sum(p.numel() for p in model.parameters())
-        run.info(f"{cfg.name} seed {cfg.seed}: {n_par} parameters, {len(examples)} training examples, "
-                 f"{len(poisoned)} poisoned ({cfg.attack}, ratio {cfg.ratio})")
+        run.info(
+            f"{cfg.name} seed {cfg.seed}: {n_par} parameters, {len(examples)} training examples, "
+            f"{len(poisoned)} poisoned ({cfg.attack}, ratio {cfg.ratio})"
+        )
     n_img = defense.adapter.n_image_tokens
     model.train()
-    bar = progress(range(start, cfg.steps), enabled=show_progress, desc=f"train {cfg.name}", unit="step",
-                   total=cfg.steps, initial=start)
+    bar = progress(
+        range(start, cfg.steps),
+        enabled=show_progress,
+        desc=f"train {cfg.name}",
+        unit="step",
+        total=cfg.steps,
+        initial=start,
+    )
     # the stats of the steps since the last logged row: a checkpoint between two rows carries them
     t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     prev = state.get("seconds", 0.0) if state else 0.0
@@ -194,19 +213,31 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
             row = {"step": step, "lr": sched.get_last_lr()[0], "seconds": seconds}
             row.update({k: float(np.mean([a[k] for a in acc if k in a])) for k in acc[-1]})
             run.log_metrics(row)
-            run.info(f"step {step + 1}/{cfg.steps}: loss {row['loss']:.4f}, CE {row['ce']:.4f}"
-                     + (f", divergence {row['div']:.3f}" if "div" in row else ""))
+            run.info(
+                f"step {step + 1}/{cfg.steps}: loss {row['loss']:.4f}, CE {row['ce']:.4f}"
+                + (f", divergence {row['div']:.3f}" if "div" in row else "")
+            )
             bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
             acc = []
         if (step + 1) % checkpoint_every == 0 or last:
-            run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "defense": defense.state_dict(), "config": asdict(cfg), "seconds": seconds,
-                                        "acc": acc})
+            run.checkpoints.save(
+                step,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "defense": defense.state_dict(),
+                    "config": asdict(cfg),
+                    "seconds": seconds,
+                    "acc": acc,
+                },
+            )
     return model, run.rows
 
 
-def evaluate(model, cfg: TrainConfig, sets: Optional[Dict[str, List[D.Example]]] = None,
-             batch: int = 100) -> Dict[str, float]:
+def evaluate(
+    model, cfg: TrainConfig, sets: Optional[Dict[str, List[D.Example]]] = None, batch: int = 100
+) -> Dict[str, float]:
     """ASR (triggered captions containing the target), clean caption BLEU-4 / CIDEr-D, VQA accuracy,
     and the false-trigger rate (clean captions containing the target)."""
     sets = test_sets(cfg) if sets is None else sets

@@ -11,6 +11,7 @@ resumable run folder under --out; a finished job's row is kept there, so a rerun
 missing. Writes results/acceptance.{md,json} (rows ``method, heldout, seed, mae, rmse, pearson``
 and the paired per-seed differences per held-out domain) and results/acceptance.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,19 @@ from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = {"pearson": "multi-domain, negative Pearson", "byhe": "BYHE (SCS maps)", "hps": "DOHA: HPS only",
-         "hho": "DOHA: HHO only", "doha": "DOHA: HPS + HHO"}
+NAMES = {
+    "pearson": "multi-domain, negative Pearson",
+    "byhe": "BYHE (SCS maps)",
+    "hps": "DOHA: HPS only",
+    "hho": "DOHA: HHO only",
+    "doha": "DOHA: HPS + HHO",
+}
 
 
 def run_job(job: dict) -> dict:
     from methods.common import Run
 
-    from .train import DOHAConfig, LODO_DOMAINS, evaluate, train
+    from .train import LODO_DOMAINS, DOHAConfig, evaluate, train
 
     folder = os.path.join(job["out"], f"{job['method']}_to_{job['target']}_seed{job['seed']}")
     done = os.path.join(folder, "row.json")
@@ -42,18 +48,35 @@ def run_job(job: dict) -> dict:
         with open(done) as f:
             return json.load(f)
     sources = tuple(d for d in LODO_DOMAINS if d != job["target"])
-    cfg = DOHAConfig(method=job["method"], sources=sources, target=job["target"], steps=job["steps"],
-                     per_domain=job["per_domain"], size=job["size"], seed=job["seed"])
+    cfg = DOHAConfig(
+        method=job["method"],
+        sources=sources,
+        target=job["target"],
+        steps=job["steps"],
+        per_domain=job["per_domain"],
+        size=job["size"],
+        seed=job["seed"],
+    )
     t0 = time.perf_counter()
     run = Run(folder, asdict(cfg), name="doha-acceptance")
     model, test = train(cfg, run, show_progress=False)
     rows = run.rows
     run.close()
     res = evaluate(model, test, cfg.fs)
-    row = {"method": cfg.method, "heldout": cfg.target, "seed": cfg.seed, "mae": res["MAE_fft"], "rmse": res["RMSE_fft"],
-           "pearson": res["Pearson_fft"], "mae_peak": res["MAE_peak"], "snr": res["SNR"],
-           "minutes": (time.perf_counter() - t0) / 60, "rejected": rows[-1].get("rejected", 0),
-           "skipped": rows[-1].get("skipped", 0), "config": asdict(cfg)}
+    row = {
+        "method": cfg.method,
+        "heldout": cfg.target,
+        "seed": cfg.seed,
+        "mae": res["MAE_fft"],
+        "rmse": res["RMSE_fft"],
+        "pearson": res["Pearson_fft"],
+        "mae_peak": res["MAE_peak"],
+        "snr": res["SNR"],
+        "minutes": (time.perf_counter() - t0) / 60,
+        "rejected": rows[-1].get("rejected", 0),
+        "skipped": rows[-1].get("skipped", 0),
+        "config": asdict(cfg),
+    }
     with open(done, "w") as f:
         json.dump(row, f, indent=1)
     return row
@@ -81,8 +104,14 @@ def figure(results, targets, methods, path: str) -> None:
     plt.close(fig)
 
 
-COMPARISONS = (("hps", "pearson"), ("hho", "pearson"), ("doha", "pearson"), ("doha", "hps"), ("byhe", "pearson"),
-               ("hps", "byhe"))
+COMPARISONS = (
+    ("hps", "pearson"),
+    ("hho", "pearson"),
+    ("doha", "pearson"),
+    ("doha", "hps"),
+    ("byhe", "pearson"),
+    ("hps", "byhe"),
+)
 
 
 def main(argv=None) -> int:
@@ -101,54 +130,96 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.makedirs(a.results, exist_ok=True)
     date = started_date(a.out)
-    jobs = [{"method": m, "target": t, "seed": s, "steps": a.steps, "per_domain": a.per_domain, "size": a.size,
-             "out": a.out}
-            for s in a.seeds for t in a.targets for m in a.methods]
+    jobs = [
+        {
+            "method": m,
+            "target": t,
+            "seed": s,
+            "steps": a.steps,
+            "per_domain": a.per_domain,
+            "size": a.size,
+            "out": a.out,
+        }
+        for s in a.seeds
+        for t in a.targets
+        for m in a.methods
+    ]
     # the slow (harmonized) runs first, so the two workers finish together
     jobs.sort(key=lambda j: j["method"] not in ("hho", "doha"))
-    results = run_jobs(run_job, jobs, a.workers, lambda r: f"{r['method']} -> {r['heldout']} seed {r['seed']}: "
-                                                           f"MAE {r['mae']:.2f} bpm ({r['minutes']:.1f} min)")
+    results = run_jobs(
+        run_job,
+        jobs,
+        a.workers,
+        lambda r: f"{r['method']} -> {r['heldout']} seed {r['seed']}: MAE {r['mae']:.2f} bpm ({r['minutes']:.1f} min)",
+    )
     results.sort(key=lambda r: (a.methods.index(r["method"]), a.targets.index(r["heldout"]), r["seed"]))
     pairs = []
     for x, y in COMPARISONS:
         if x not in a.methods or y not in a.methods:
             continue
         for t in a.targets + ["mean"]:
+
             def mae(m, s):
-                rs = [r["mae"] for r in results if r["method"] == m and r["seed"] == s and (t == "mean" or r["heldout"] == t)]
+                rs = [
+                    r["mae"]
+                    for r in results
+                    if r["method"] == m and r["seed"] == s and (t == "mean" or r["heldout"] == t)
+                ]
                 return float(np.mean(rs))
-            pairs.append({"a": x, "b": y, "heldout": t, "seeds": a.seeds,
-                          **paired_difference([mae(x, s) for s in a.seeds], [mae(y, s) for s in a.seeds])})
+
+            pairs.append(
+                {
+                    "a": x,
+                    "b": y,
+                    "heldout": t,
+                    "seeds": a.seeds,
+                    **paired_difference([mae(x, s) for s in a.seeds], [mae(y, s) for s in a.seeds]),
+                }
+            )
     meta = acceptance_meta("methods.doha.acceptance", argv, date, a.seeds, a.workers, config=results[0]["config"])
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in results],
-                   "paired": pairs}, f, indent=1)
+        json.dump(
+            {"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in results], "paired": pairs},
+            f,
+            indent=1,
+        )
     c = results[0]["config"]
-    lines = [f"# DOHA acceptance: leave one domain out (seeds {a.seeds})", "",
-             f"Command: `{meta['command']}`; started {date}; {a.workers} worker processes of one thread on "
-             f"{meta['machine']}.", "",
-             f"Synthetic domains {', '.join(f'`{t}`' for t in a.targets)} (`methods.rppg.synth.DOMAINS`); each run "
-             f"trains on the other two ({c['n_train']} videos of {c['frames']} frames at {c['size']}x{c['size']} "
-             f"each, {c['per_domain']} clips of {c['clip']} frames per domain and step, {c['steps']} steps, "
-             f"TS-CAN-like backbone with widths / {c['shrink']}) and is tested on {c['n_test']} videos of the "
-             "held-out domain: HR of the predicted signal against the label's, both by the toolbox pipeline "
-             "(periodogram peak, 3.5-bpm bins). Cells: MAE (min-max over seeds) / RMSE / Pearson r, mean over seeds.", "",
-             "| method | " + " | ".join(f"unseen {t}" for t in a.targets) + " | mean MAE | minutes |",
-             "|---|" + "---|" * (len(a.targets) + 2)]
+    lines = [
+        f"# DOHA acceptance: leave one domain out (seeds {a.seeds})",
+        "",
+        f"Command: `{meta['command']}`; started {date}; {a.workers} worker processes of one thread on "
+        f"{meta['machine']}.",
+        "",
+        f"Synthetic domains {', '.join(f'`{t}`' for t in a.targets)} (`methods.rppg.synth.DOMAINS`); each run "
+        f"trains on the other two ({c['n_train']} videos of {c['frames']} frames at {c['size']}x{c['size']} "
+        f"each, {c['per_domain']} clips of {c['clip']} frames per domain and step, {c['steps']} steps, "
+        f"TS-CAN-like backbone with widths / {c['shrink']}) and is tested on {c['n_test']} videos of the "
+        "held-out domain: HR of the predicted signal against the label's, both by the toolbox pipeline "
+        "(periodogram peak, 3.5-bpm bins). Cells: MAE (min-max over seeds) / RMSE / Pearson r, mean over seeds.",
+        "",
+        "| method | " + " | ".join(f"unseen {t}" for t in a.targets) + " | mean MAE | minutes |",
+        "|---|" + "---|" * (len(a.targets) + 2),
+    ]
     for m in a.methods:
         cells, maes = [], []
         for t in a.targets:
             rs = [r for r in results if r["method"] == m and r["heldout"] == t]
             mae = np.array([r["mae"] for r in rs])
             maes.append(mae.mean())
-            cells.append(f"{mae.mean():.2f} ({mae.min():.2f}-{mae.max():.2f}) / {np.mean([r['rmse'] for r in rs]):.2f} / "
-                         f"{np.mean([r['pearson'] for r in rs]):.2f}")
+            cells.append(
+                f"{mae.mean():.2f} ({mae.min():.2f}-{mae.max():.2f}) / {np.mean([r['rmse'] for r in rs]):.2f} / "
+                f"{np.mean([r['pearson'] for r in rs]):.2f}"
+            )
         mins = max(r["minutes"] for r in results if r["method"] == m)
         lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + f" | {np.mean(maes):.2f} | {mins:.1f} |")
-    lines += ["", "Paired per-seed differences of the MAE (bpm), A minus B: mean [95% interval] over the seeds "
-              "(negative: A is better).", "",
-              "| A - B | " + " | ".join(f"unseen {t}" for t in a.targets) + " | mean over held-out domains |",
-              "|---|" + "---|" * (len(a.targets) + 1)]
+    lines += [
+        "",
+        "Paired per-seed differences of the MAE (bpm), A minus B: mean [95% interval] over the seeds "
+        "(negative: A is better).",
+        "",
+        "| A - B | " + " | ".join(f"unseen {t}" for t in a.targets) + " | mean over held-out domains |",
+        "|---|" + "---|" * (len(a.targets) + 1),
+    ]
     for x, y in COMPARISONS:
         cells = [format_difference(q) for q in pairs if q["a"] == x and q["b"] == y]
         if cells:

@@ -16,6 +16,7 @@ rejection, and PCGrad projections at the instance and at the domain level.
   names (spec 1.4 marks the mapping unverified). A domain with one surviving instance passes its
   gradient on unchanged (nothing to conflict with); one domain skips the domain level.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -36,7 +37,9 @@ def _detached(x):
     return x
 
 
-def per_instance_grads(model: torch.nn.Module, loss_fn: Callable, *inputs) -> Tuple[torch.Tensor, object, Dict[str, torch.Tensor]]:
+def per_instance_grads(
+    model: torch.nn.Module, loss_fn: Callable, *inputs
+) -> Tuple[torch.Tensor, object, Dict[str, torch.Tensor]]:
     """``loss_fn(forward, *inputs) -> (losses (B,), aux)``, where ``forward(*args)`` runs the model
     and ``aux`` is a tensor or a tuple / dict of tensors (returned detached).
     Returns (losses (B,) detached, aux, {parameter name: (B, *shape) gradients}): one forward,
@@ -83,9 +86,15 @@ class InstanceRejector:
         self.values = deque(state["values"], maxlen=self.window)
 
 
-def harmonize(grads: Dict[str, torch.Tensor], domains: torch.Tensor, keep: Optional[torch.Tensor] = None, *,
-              instance_level: bool = True, domain_level: bool = True,
-              generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+def harmonize(
+    grads: Dict[str, torch.Tensor],
+    domains: torch.Tensor,
+    keep: Optional[torch.Tensor] = None,
+    *,
+    instance_level: bool = True,
+    domain_level: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, torch.Tensor]:
     """The update {name: (*shape)} from per-instance gradients {name: (B, *shape)}: per domain the
     (PCGrad-harmonized, if ``instance_level``) mean of its kept instances, then over the domains
     the (PCGrad-harmonized, if ``domain_level``) mean."""

@@ -1,5 +1,6 @@
 """DOHA's per-instance loss (spec 1.4): ``L_n = MSE(R_hat_n, R_n) + 0.1 Reg_5(R_hat_n)`` with the
 Toeplitz regularizer ``Reg_s`` (``methods.rppg.losses.toeplitz_reg``, shared with SSPD)."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -9,8 +10,9 @@ import torch
 from methods.rppg.losses import toeplitz_reg
 
 
-def instance_losses(R_hat: torch.Tensor, R: torch.Tensor, reg_weight: float = 0.1,
-                    reg_scale: float = 5.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def instance_losses(
+    R_hat: torch.Tensor, R: torch.Tensor, reg_weight: float = 0.1, reg_scale: float = 5.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(L_n (B,), Reg_n (B,)): per-instance MSE against the SCS label plus ``reg_weight`` Reg."""
     if R_hat.shape != R.shape or R_hat.dim() != 3:
         raise ValueError(f"maps must be (B, N, N) of one shape, got {tuple(R_hat.shape)} and {tuple(R.shape)}")

@@ -16,6 +16,7 @@ is skipped and logged, as is a step whose instances were all rejected. Settings 
 (spec 1.5): Adam, cosine lr 5e-4 -> 1e-6, cosine weight decay rising 1e-5 -> 1e-3, clips of 70
 frames; the SCS labels come from the label filtered over the whole video (``methods.rppg.scs``).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -80,8 +81,10 @@ class DOHAConfig(VideoSetConfig):
         if len(set(self.sources)) != len(self.sources):
             raise ValueError(f"a source domain is listed twice: {self.sources}")
         if self.per_domain * len(self.sources) < 2:
-            raise ValueError("per-instance harmonization and batch norm need a batch of at least 2 instances "
-                             f"(per_domain {self.per_domain} x {len(self.sources)} source domains)")
+            raise ValueError(
+                "per-instance harmonization and batch norm need a batch of at least 2 instances "
+                f"(per_domain {self.per_domain} x {len(self.sources)} source domains)"
+            )
         if not 30 <= self.clip <= self.frames:
             raise ValueError(f"clip must be in [30, frames={self.frames}], got {self.clip}")
         self.check_videos(self.clip)
@@ -114,8 +117,14 @@ def batch_losses(cfg: DOHAConfig, forward, clips: Dict[str, torch.Tensor]):
     return losses, reg.detach(), {"reg": reg.detach().mean()}
 
 
-def train(cfg: DOHAConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-          checkpoint_every: int = 50, data=None):
+def train(
+    cfg: DOHAConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    checkpoint_every: int = 50,
+    data=None,
+):
     """Train on the source domains; returns (model, target test set)."""
     cfg.check()
     seed_everything(cfg.seed)
@@ -139,8 +148,9 @@ def train(cfg: DOHAConfig, run: Run, device=torch.device("cpu"), show_progress: 
             if not keep.any():
                 return None, "every instance was rejected"
             gen = torch.Generator().manual_seed(worker_seed(cfg.seed, 3, step))
-            upd = harmonize(grads, domains, keep, instance_level=cfg.instance_level, domain_level=cfg.domain_level,
-                            generator=gen)
+            upd = harmonize(
+                grads, domains, keep, instance_level=cfg.instance_level, domain_level=cfg.domain_level, generator=gen
+            )
             for name, p in model.named_parameters():
                 if name in upd:
                     p.grad = upd[name].to(p.dtype)
@@ -155,13 +165,26 @@ def train(cfg: DOHAConfig, run: Run, device=torch.device("cpu"), show_progress: 
 
     model.train()
     out = train_loop(
-        run, asdict(cfg), {"model": model, "opt": opt, "rejector": rejector}, cfg.steps, cfg.seed, step_fn,
-        desc=cfg.method, show_progress=show_progress, checkpoint_every=checkpoint_every, counters=("rejected",),
+        run,
+        asdict(cfg),
+        {"model": model, "opt": opt, "rejector": rejector},
+        cfg.steps,
+        cfg.seed,
+        step_fn,
+        desc=cfg.method,
+        show_progress=show_progress,
+        checkpoint_every=checkpoint_every,
+        counters=("rejected",),
         row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
-        intro=lambda: (f"{cfg.method}: sources {list(cfg.sources)} ({cfg.n_train} videos each), target {cfg.target}, "
-                       f"{sum(p.numel() for p in model.parameters())} parameters"))
-    run.info(f"training done ({cfg.steps} steps, {out['seconds']:.0f} s, {out['rejected']} instances rejected, "
-             f"{out['skipped']} steps skipped)")
+        intro=lambda: (
+            f"{cfg.method}: sources {list(cfg.sources)} ({cfg.n_train} videos each), target {cfg.target}, "
+            f"{sum(p.numel() for p in model.parameters())} parameters"
+        ),
+    )
+    run.info(
+        f"training done ({cfg.steps} steps, {out['seconds']:.0f} s, {out['rejected']} instances rejected, "
+        f"{out['skipped']} steps skipped)"
+    )
     return model, test
 
 
@@ -182,5 +205,14 @@ def load_model(path: str, device=torch.device("cpu")):
     return model, cfg
 
 
-__all__ = ["DOHAConfig", "HARMONIZED", "LODO_DOMAINS", "METHODS", "build_model", "domain_sets", "evaluate",
-           "load_model", "train"]
+__all__ = [
+    "DOHAConfig",
+    "HARMONIZED",
+    "LODO_DOMAINS",
+    "METHODS",
+    "build_model",
+    "domain_sets",
+    "evaluate",
+    "load_model",
+    "train",
+]

@@ -11,10 +11,10 @@ each. Rows {alpha, algorithm, harmonize, seed, acc} (final test accuracy, %); th
 differences FedGH - plain per (alpha, algorithm), and FedGH - norm-matched, norm-matched - plain
 for FedAvg. Writes results/acceptance.{md,json} and results/acceptance.png.
 """
+
 import argparse
 import json
 import os
-import sys
 import time
 from itertools import product
 
@@ -36,10 +36,25 @@ def one_run(job):
     from .train import FedConfig, run_simulation
 
     alpha, algo, harmonize, seed, a = job["alpha"], job["algorithm"], job["harmonize"], job["seed"], job["settings"]
-    cfg = FedConfig(dataset="mnist", clients=10, alpha=alpha, rounds=a["rounds"], fraction=1.0, harmonize=harmonize,
-                    seed=seed, client=ClientConfig(algo=algo, epochs=a["epochs"], batch_size=a["batch_size"],
-                                                   lr=a["lr"], momentum=0.9, weight_decay=1e-5, mu=a["mu"],
-                                                   decorr_coef=a["decorr_coef"]))
+    cfg = FedConfig(
+        dataset="mnist",
+        clients=10,
+        alpha=alpha,
+        rounds=a["rounds"],
+        fraction=1.0,
+        harmonize=harmonize,
+        seed=seed,
+        client=ClientConfig(
+            algo=algo,
+            epochs=a["epochs"],
+            batch_size=a["batch_size"],
+            lr=a["lr"],
+            momentum=0.9,
+            weight_decay=1e-5,
+            mu=a["mu"],
+            decorr_coef=a["decorr_coef"],
+        ),
+    )
     out = os.path.join(a["out"], f"a{alpha}_{algo}_{TAG[harmonize]}_s{seed}")
     run = Run(out, {"job": [alpha, algo, harmonize, seed], **a}, name="fedgh")
     rows = run_simulation(cfg, run, show_progress=False)
@@ -47,15 +62,25 @@ def one_run(job):
     # client training + aggregation, summed over the rounds' rows (kept across resumes; evaluation excluded)
     secs = sum(r["train_s"] + r["agg_ms"] / 1e3 for r in rows)
     acc = [100 * r["test_acc"] for r in rows]
-    return {"alpha": alpha, "algorithm": algo, "harmonize": harmonize, "seed": seed, "acc": acc[-1],
-            "best_acc": max(acc), "last5_acc": float(np.mean(acc[-5:])),
-            "conflicts": float(np.mean([r["conflicts"] for r in rows])), "seconds": secs, "curve": acc}
+    return {
+        "alpha": alpha,
+        "algorithm": algo,
+        "harmonize": harmonize,
+        "seed": seed,
+        "acc": acc[-1],
+        "best_acc": max(acc),
+        "last5_acc": float(np.mean(acc[-5:])),
+        "conflicts": float(np.mean([r["conflicts"] for r in rows])),
+        "seconds": secs,
+        "curve": acc,
+    }
 
 
 def summarize(rows, alphas, algos, seeds):
     """Per (alpha, algorithm): mean and std of acc per server rule, and the paired per-seed
     differences FedGH - plain (every algorithm), FedGH - norm-matched and norm-matched - plain
     (where the control ran); plus FedGH - plain pooled over every (alpha, algorithm, seed)."""
+
     def col(al, algo, h, key="acc"):
         return seed_values(rows, seeds, key, alpha=al, algorithm=algo, harmonize=h)
 
@@ -65,13 +90,20 @@ def summarize(rows, alphas, algos, seeds):
         for h in (False, True, "norm_matched"):
             v = col(al, algo, h)
             if v is not None:
-                cell["means"][TAG[h]] = {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
-        for name, (x, y) in {"fedgh-plain": (True, False), "fedgh-normmatched": (True, "norm_matched"),
-                             "normmatched-plain": ("norm_matched", False)}.items():
+                cell["means"][TAG[h]] = {
+                    "mean": float(np.mean(v)),
+                    "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                }
+        for name, (x, y) in {
+            "fedgh-plain": (True, False),
+            "fedgh-normmatched": (True, "norm_matched"),
+            "normmatched-plain": ("norm_matched", False),
+        }.items():
             a, b = col(al, algo, x), col(al, algo, y)
             if a is not None and b is not None:
-                cell["paired"][name] = {k: paired_difference(col(al, algo, x, k), col(al, algo, y, k))
-                                        for k in ("acc", "last5_acc")}
+                cell["paired"][name] = {
+                    k: paired_difference(col(al, algo, x, k), col(al, algo, y, k)) for k in ("acc", "last5_acc")
+                }
         if col(al, algo, True) is not None and col(al, algo, False) is not None:
             pooled_a += col(al, algo, True)
             pooled_b += col(al, algo, False)
@@ -136,20 +168,32 @@ def markdown(meta, summary, settings, rows, alphas, algos):
         d = lambda n: format_difference(c["paired"][n]["acc"]) if n in c["paired"] else "-"
         rs = [r for r in rows if r["alpha"] == c["alpha"] and r["algorithm"] == c["algorithm"]]
         conf = float(np.mean([r["conflicts"] for r in rs if r["harmonize"] is False]))
-        lines.append(f"| {c['alpha']} | {c['algorithm']} | {m('plain')} | {m('fedgh')} | {m('normmatched')} | "
-                     f"{d('fedgh-plain')} | {d('fedgh-normmatched')} | {d('normmatched-plain')} | {conf:.1f} | "
-                     f"{max(r['seconds'] for r in rs):.0f} |")
+        lines.append(
+            f"| {c['alpha']} | {c['algorithm']} | {m('plain')} | {m('fedgh')} | {m('normmatched')} | "
+            f"{d('fedgh-plain')} | {d('fedgh-normmatched')} | {d('normmatched-plain')} | {conf:.1f} | "
+            f"{max(r['seconds'] for r in rs):.0f} |"
+        )
     pooled = summary["pooled_fedgh_minus_plain"]
     if pooled is not None:
-        lines += ["", f"FedGH - plain pooled over every (alpha, algorithm, seed), {pooled['n']} pairs: "
-                      f"{format_difference(pooled)} points (the pairs share seeds and data splits, so this interval "
-                      "is only indicative)."]
-    lines += ["", "Mean of the last 5 rounds' accuracy (less sensitive to the last round's noise), paired differences:",
-              "", "| alpha | algorithm | FedGH - plain | FedGH - norm-matched | norm-matched - plain |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"FedGH - plain pooled over every (alpha, algorithm, seed), {pooled['n']} pairs: "
+            f"{format_difference(pooled)} points (the pairs share seeds and data splits, so this interval "
+            "is only indicative).",
+        ]
+    lines += [
+        "",
+        "Mean of the last 5 rounds' accuracy (less sensitive to the last round's noise), paired differences:",
+        "",
+        "| alpha | algorithm | FedGH - plain | FedGH - norm-matched | norm-matched - plain |",
+        "|---|---|---|---|---|",
+    ]
     for c in summary["cells"]:
         d = lambda n: format_difference(c["paired"][n]["last5_acc"]) if n in c["paired"] else "-"
-        lines.append(f"| {c['alpha']} | {c['algorithm']} | {d('fedgh-plain')} | {d('fedgh-normmatched')} | "
-                     f"{d('normmatched-plain')} |")
+        lines.append(
+            f"| {c['alpha']} | {c['algorithm']} | {d('fedgh-plain')} | {d('fedgh-normmatched')} | "
+            f"{d('normmatched-plain')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -164,31 +208,62 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.5])
     p.add_argument("--algos", nargs="+", default=["fedavg", "fedprox", "fednova", "feddecorr"])
-    p.add_argument("--norm-matched", nargs="*", default=["fedavg"], metavar="ALGO",
-                   help="algorithms that also run the norm-matched control (default: fedavg)")
+    p.add_argument(
+        "--norm-matched",
+        nargs="*",
+        default=["fedavg"],
+        metavar="ALGO",
+        help="algorithms that also run the norm-matched control (default: fedavg)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/fedgh_acceptance")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
-    settings = dict(rounds=a.rounds, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, mu=a.mu,
-                    decorr_coef=a.decorr_coef, out=a.out)
-    jobs = [{"alpha": al, "algorithm": algo, "harmonize": h, "seed": s, "settings": settings}
-            for al, algo, s in product(a.alphas, a.algos, a.seeds)
-            for h in ((False, True, "norm_matched") if algo in a.norm_matched else (False, True))]
+    settings = dict(
+        rounds=a.rounds,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        mu=a.mu,
+        decorr_coef=a.decorr_coef,
+        out=a.out,
+    )
+    jobs = [
+        {"alpha": al, "algorithm": algo, "harmonize": h, "seed": s, "settings": settings}
+        for al, algo, s in product(a.alphas, a.algos, a.seeds)
+        for h in ((False, True, "norm_matched") if algo in a.norm_matched else (False, True))
+    ]
     t0 = time.time()
     date = started_date(a.out)
-    res = run_jobs(one_run, jobs, a.workers, lambda r: f"alpha {r['alpha']} {r['algorithm']} {LABEL[r['harmonize']]} "
-                   f"seed {r['seed']}: {r['acc']:.2f}%")
+    res = run_jobs(
+        one_run,
+        jobs,
+        a.workers,
+        lambda r: f"alpha {r['alpha']} {r['algorithm']} {LABEL[r['harmonize']]} seed {r['seed']}: {r['acc']:.2f}%",
+    )
     res.sort(key=lambda r: (a.alphas.index(r["alpha"]), a.algos.index(r["algorithm"]), TAG[r["harmonize"]], r["seed"]))
     meta = acceptance_meta("methods.fedgh.acceptance", argv, date, a.seeds, a.workers, minutes=(time.time() - t0) / 60)
     summary = summarize(res, a.alphas, a.algos, a.seeds)
-    rows = [{k: r[k] for k in ("alpha", "algorithm", "harmonize", "seed", "acc", "best_acc", "last5_acc", "conflicts",
-                               "seconds")} for r in res]
+    rows = [
+        {
+            k: r[k]
+            for k in ("alpha", "algorithm", "harmonize", "seed", "acc", "best_acc", "last5_acc", "conflicts", "seconds")
+        }
+        for r in res
+    ]
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "summary": summary, "settings": settings,
-                   "curves": [{k: r[k] for k in ("alpha", "algorithm", "harmonize", "seed", "curve")} for r in res]},
-                  f, indent=1)
+        json.dump(
+            {
+                "meta": meta,
+                "rows": rows,
+                "summary": summary,
+                "settings": settings,
+                "curves": [{k: r[k] for k in ("alpha", "algorithm", "harmonize", "seed", "curve")} for r in res],
+            },
+            f,
+            indent=1,
+        )
     text = markdown(meta, summary, settings, rows, a.alphas, a.algos)
     with open(os.path.join(a.results, "acceptance.md"), "w") as f:
         f.write(text)

@@ -9,6 +9,7 @@ same weighted average):
 FedNova needs the local step count tau and the normaliser a = [tau - rho (1 - rho^tau) / (1 - rho)]
 / (1 - rho) of SGD with momentum rho (a = tau without momentum); every client reports both.
 """
+
 from dataclasses import dataclass
 from typing import Dict
 
@@ -70,8 +71,15 @@ def fednova_a(tau: int, rho: float) -> float:
     return (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
 
 
-def local_train(model: torch.nn.Module, global_state: Dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                cfg: ClientConfig, generator: torch.Generator, client: int = 0) -> ClientResult:
+def local_train(
+    model: torch.nn.Module,
+    global_state: Dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: ClientConfig,
+    generator: torch.Generator,
+    client: int = 0,
+) -> ClientResult:
     """Train `model` (loaded with `global_state`) for cfg.epochs epochs over (x, y) with SGD."""
     model.load_state_dict(global_state)
     model.train()
@@ -83,7 +91,7 @@ def local_train(model: torch.nn.Module, global_state: Dict[str, torch.Tensor], x
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=generator)
         for s in range(0, n, cfg.batch_size):
-            idx = perm[s: s + cfg.batch_size]
+            idx = perm[s : s + cfg.batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
             if cfg.algo == "feddecorr":
                 logits, z = model(xb, return_features=True)

@@ -13,11 +13,13 @@ stratified (the same fraction of every class) and seeded. Client partitions:
 
 Every training sample is in exactly one client's part.
 """
+
 from dataclasses import dataclass
 from typing import List
 
 import numpy as np
 import torch
+
 from methods.common.optional import requires
 
 DATASETS = ("digits", "mnist")
@@ -72,8 +74,9 @@ def load_dataset(name: str, test_fraction: float = 0.2, split_seed: int = 0) -> 
     return Dataset(name, f(xtr), torch.from_numpy(y[~test]), f(xte), torch.from_numpy(y[test]))
 
 
-def dirichlet_partition(labels, num_clients: int, alpha: float, seed: int, min_size: int = 10,
-                        max_tries: int = 10000) -> List[np.ndarray]:
+def dirichlet_partition(
+    labels, num_clients: int, alpha: float, seed: int, min_size: int = 10, max_tries: int = 10000
+) -> List[np.ndarray]:
     """Label-skew partition of the sample indices (see the module docstring). Each part sorted."""
     labels = np.asarray(labels)
     n = len(labels)
@@ -82,8 +85,10 @@ def dirichlet_partition(labels, num_clients: int, alpha: float, seed: int, min_s
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if num_clients * min_size > n:
-        raise ValueError(f"{num_clients} clients with at least {min_size} samples each need "
-                         f"{num_clients * min_size} samples, but the training set has {n}")
+        raise ValueError(
+            f"{num_clients} clients with at least {min_size} samples each need "
+            f"{num_clients * min_size} samples, but the training set has {n}"
+        )
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(max_tries):
@@ -102,16 +107,20 @@ def dirichlet_partition(labels, num_clients: int, alpha: float, seed: int, min_s
                 q.extend(chunk.tolist())
         if min(len(q) for q in parts) >= min_size:
             return [np.sort(np.array(q, dtype=np.int64)) for q in parts]
-    raise ValueError(f"no Dirichlet(alpha={alpha}) partition into {num_clients} clients with at least "
-                     f"{min_size} samples each was found in {max_tries} draws; raise alpha or lower the client count")
+    raise ValueError(
+        f"no Dirichlet(alpha={alpha}) partition into {num_clients} clients with at least "
+        f"{min_size} samples each was found in {max_tries} draws; raise alpha or lower the client count"
+    )
 
 
 def iid_partition(n: int, num_clients: int, seed: int, min_size: int = 10) -> List[np.ndarray]:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if num_clients * min_size > n:
-        raise ValueError(f"{num_clients} clients with at least {min_size} samples each need "
-                         f"{num_clients * min_size} samples, but the training set has {n}")
+        raise ValueError(
+            f"{num_clients} clients with at least {min_size} samples each need "
+            f"{num_clients * min_size} samples, but the training set has {n}"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     return [np.sort(p) for p in np.array_split(perm, num_clients)]
 

@@ -14,6 +14,7 @@ Clients are ordered by their partition id (reported in their metrics) for harmon
 by reply arrival. Client training is seeded by (seed, round, partition id) exactly as in the
 in-process simulation, so with all clients participating both runtimes give the same models.
 """
+
 import time
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -40,13 +41,26 @@ def config_from_run_config(rc) -> FedConfig:
     rc = dict(rc or {})
     alpha = rc.get("alpha", 0.1)
     alpha = None if isinstance(alpha, str) and alpha.lower() == "iid" else float(alpha)
-    client = ClientConfig(algo=str(rc.get("algo", "fedavg")), epochs=int(rc.get("local-epochs", 1)),
-                          batch_size=int(rc.get("batch-size", 32)), lr=float(rc.get("lr", 0.01)),
-                          momentum=float(rc.get("momentum", 0.9)), weight_decay=float(rc.get("weight-decay", 1e-5)),
-                          mu=float(rc.get("mu", 0.01)), decorr_coef=float(rc.get("decorr-coef", 0.1)))
-    return FedConfig(dataset=str(rc.get("dataset", "digits")), clients=int(rc.get("num-partitions", rc.get("clients", 10))),
-                     alpha=alpha, rounds=int(rc.get("num-server-rounds", 10)), fraction=float(rc.get("fraction-train", 1.0)),
-                     harmonize=bool(rc.get("harmonize", True)), seed=int(rc.get("seed", 0)), client=client)
+    client = ClientConfig(
+        algo=str(rc.get("algo", "fedavg")),
+        epochs=int(rc.get("local-epochs", 1)),
+        batch_size=int(rc.get("batch-size", 32)),
+        lr=float(rc.get("lr", 0.01)),
+        momentum=float(rc.get("momentum", 0.9)),
+        weight_decay=float(rc.get("weight-decay", 1e-5)),
+        mu=float(rc.get("mu", 0.01)),
+        decorr_coef=float(rc.get("decorr-coef", 0.1)),
+    )
+    return FedConfig(
+        dataset=str(rc.get("dataset", "digits")),
+        clients=int(rc.get("num-partitions", rc.get("clients", 10))),
+        alpha=alpha,
+        rounds=int(rc.get("num-server-rounds", 10)),
+        fraction=float(rc.get("fraction-train", 1.0)),
+        harmonize=bool(rc.get("harmonize", True)),
+        seed=int(rc.get("seed", 0)),
+        client=client,
+    )
 
 
 _SIMS: Dict[str, Simulation] = {}
@@ -78,11 +92,15 @@ class FedGH(FedAvg):
         self.round_offset = 0  # rounds done before a resume
         self.last_row: Dict = {}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current_arrays = arrays  # aggregate_train does not receive the global model
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         global_state = self.current_arrays.to_torch_state_dict()
         names = self.param_names or [k for k, v in global_state.items() if v.is_floating_point()]
@@ -94,17 +112,34 @@ class FedGH(FedAvg):
             if not finite_state(state):
                 dropped.append(cid)
                 continue
-            results.append(ClientResult(cid, state, int(m["num-examples"]), float(m.get("train-loss", 0.0)),
-                                        int(m.get("tau", 1)), float(m.get("a", 1.0))))
-        row = {"round": server_round - 1 + self.round_offset, "clients": len(results), "dropped": len(dropped), "dropped_ids": dropped}
+            results.append(
+                ClientResult(
+                    cid,
+                    state,
+                    int(m["num-examples"]),
+                    float(m.get("train-loss", 0.0)),
+                    int(m.get("tau", 1)),
+                    float(m.get("a", 1.0)),
+                )
+            )
+        row = {
+            "round": server_round - 1 + self.round_offset,
+            "clients": len(results),
+            "dropped": len(dropped),
+            "dropped_ids": dropped,
+        }
         if not results:
             row.update(conflicts=0, pairs=0, agg_ms=0.0, train_loss=float("nan"))
             self.last_row = row
             return None, None
         new_state, st = aggregate(global_state, names, results, self.algo, self.harmonize)
         n = sum(r.num_examples for r in results)
-        row.update(conflicts=st.conflicts, pairs=st.pairs, agg_ms=1e3 * st.seconds,
-                   train_loss=sum(r.train_loss * r.num_examples for r in results) / n)
+        row.update(
+            conflicts=st.conflicts,
+            pairs=st.pairs,
+            agg_ms=1e3 * st.seconds,
+            train_loss=sum(r.train_loss * r.num_examples for r in results) / n,
+        )
         self.last_row = row
         metrics = MetricRecord({"conflicts": st.conflicts, "train-loss": row["train_loss"]})
         return ArrayRecord(new_state), metrics
@@ -127,8 +162,9 @@ def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
         g = torch.Generator()
         g.manual_seed(worker_seed(c.seed, rnd, pid))
         r = local_train(sim.model, msg.content["arrays"].to_torch_state_dict(), x, y, c.client, g, client=pid)
-        metrics = MetricRecord({"num-examples": r.num_examples, "train-loss": r.train_loss, "tau": r.tau, "a": r.a,
-                                "partition-id": pid})
+        metrics = MetricRecord(
+            {"num-examples": r.num_examples, "train-loss": r.train_loss, "tau": r.tau, "a": r.a, "partition-id": pid}
+        )
         return Message(RecordDict({"arrays": ArrayRecord(r.state), "metrics": metrics}), reply_to=msg)
 
     @app.evaluate()
@@ -138,7 +174,9 @@ def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
         sim.global_state = msg.content["arrays"].to_torch_state_dict()
         acc, loss = sim.evaluate()
         pid = int(context.node_config["partition-id"])
-        metrics = MetricRecord({"num-examples": len(sim.data.y_test), "test-acc": acc, "test-loss": loss, "partition-id": pid})
+        metrics = MetricRecord(
+            {"num-examples": len(sim.data.y_test), "test-acc": acc, "test-loss": loss, "partition-id": pid}
+        )
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
@@ -158,9 +196,16 @@ def make_server_app(cfg: Optional[FedConfig] = None, run=None) -> ServerApp:
 
             run = Run(str(context.run_config["out"]), dict(context.run_config), name="fedgh")
         start = resume(sim, run, c) if run is not None else 0
-        strategy = FedGH(algo=c.client.algo, harmonize=c.harmonize, param_names=sim.param_names,
-                         fraction_train=c.fraction, fraction_evaluate=0.0, min_train_nodes=1,
-                         min_evaluate_nodes=0, min_available_nodes=c.clients)
+        strategy = FedGH(
+            algo=c.client.algo,
+            harmonize=c.harmonize,
+            param_names=sim.param_names,
+            fraction_train=c.fraction,
+            fraction_evaluate=0.0,
+            min_train_nodes=1,
+            min_evaluate_nodes=0,
+            min_available_nodes=c.clients,
+        )
         strategy.round_offset = start
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -171,16 +216,25 @@ def make_server_app(cfg: Optional[FedConfig] = None, run=None) -> ServerApp:
                 row.pop("dropped_ids", None)
                 if run is not None:
                     for cid in strategy.last_row.get("dropped_ids", []):
-                        run.warning(f"round {row['round']}: client {cid} returned non-finite weights; aggregated without it")
+                        run.warning(
+                            f"round {row['round']}: client {cid} returned non-finite weights; aggregated without it"
+                        )
                     run.log_metrics(row)
-                    run.info(f"round {row['round'] + 1}/{c.rounds}: test acc {acc:.4f} loss {loss:.4f} "
-                             f"conflicts {row['conflicts']}/{row['pairs']} aggregation {row['agg_ms']:.1f} ms")
+                    run.info(
+                        f"round {row['round'] + 1}/{c.rounds}: test acc {acc:.4f} loss {loss:.4f} "
+                        f"conflicts {row['conflicts']}/{row['pairs']} aggregation {row['agg_ms']:.1f} ms"
+                    )
                     save_round(sim, run, c, row["round"])
             return MetricRecord({"test-acc": acc, "test-loss": loss})
 
         if c.rounds - start > 0:
-            strategy.start(grid=grid, initial_arrays=ArrayRecord(sim.global_state), num_rounds=c.rounds - start,
-                           train_config=ConfigRecord({"round-offset": start}), evaluate_fn=evaluate_fn)
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(sim.global_state),
+                num_rounds=c.rounds - start,
+                train_config=ConfigRecord({"round-offset": start}),
+                evaluate_fn=evaluate_fn,
+            )
 
     return app
 
@@ -196,8 +250,11 @@ def run_flower_simulation(cfg: FedConfig, run):
         from flwr.simulation import run_simulation
 
     t0 = time.perf_counter()
-    run_simulation(server_app=make_server_app(cfg, run), client_app=make_client_app(cfg),
-                   num_supernodes=cfg.clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=make_server_app(cfg, run),
+        client_app=make_client_app(cfg),
+        num_supernodes=cfg.clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
     run.info(f"Flower simulation finished in {time.perf_counter() - t0:.1f} s")
     return run.rows

@@ -1,5 +1,6 @@
 """Small CNNs, one per dataset. ``forward(x, return_features=True)`` also returns the penultimate
 features (FedDecorr regularises them)."""
+
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -15,6 +15,7 @@ trainable parameters equals that of the harmonized update sum_k p_k FedGH(g)_k o
 (direction of the plain average, length of the harmonized one).
 The parameters are never flattened into one copy: each parameter is one (K, numel) block.
 """
+
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -51,8 +52,9 @@ def _conflicts(blocks: Sequence[torch.Tensor]) -> int:
     return int(torch.triu(gram < 0, diagonal=1).sum())
 
 
-def aggregate(global_state: Dict[str, torch.Tensor], param_names: Sequence[str], results: List[ClientResult],
-              algo: str, harmonize) -> Tuple[Dict[str, torch.Tensor], AggregateStats]:
+def aggregate(
+    global_state: Dict[str, torch.Tensor], param_names: Sequence[str], results: List[ClientResult], algo: str, harmonize
+) -> Tuple[Dict[str, torch.Tensor], AggregateStats]:
     """The next global state from the client results (any order: sorted by client id here).
     ``harmonize``: False (plain), True (FedGH) or "norm_matched" (plain direction, FedGH's norm)."""
     if not results:

@@ -5,6 +5,7 @@ Every random choice of round r derives from (seed, r) or (seed, r, client): part
 each client's batch order. So a run is deterministic for a seed, and resuming from any
 checkpoint gives the same result as an uninterrupted run.
 """
+
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,8 +57,8 @@ def evaluate(model, x, y, batch: int = 1000):
     correct, loss = 0, 0.0
     with torch.no_grad():
         for s in range(0, len(y), batch):
-            out = model(x[s: s + batch].to(device))
-            yb = y[s: s + batch].to(device)
+            out = model(x[s : s + batch].to(device))
+            yb = y[s : s + batch].to(device)
             loss += float(F.cross_entropy(out, yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
     return correct / max(len(y), 1), loss / max(len(y), 1)
@@ -116,8 +117,9 @@ class Simulation:
         train_s = time.perf_counter() - t0
         row = {"round": rnd, "clients": len(results), "dropped": len(dropped)}
         if results:
-            self.global_state, st = aggregate(self.global_state, self.param_names, results, cfg.client.algo,
-                                              cfg.harmonize)
+            self.global_state, st = aggregate(
+                self.global_state, self.param_names, results, cfg.client.algo, cfg.harmonize
+            )
             row.update(conflicts=st.conflicts, pairs=st.pairs, agg_ms=1e3 * st.seconds)
             n = sum(r.num_examples for r in results)
             row["train_loss"] = sum(r.train_loss * r.num_examples for r in results) / n
@@ -162,26 +164,37 @@ def save_round(sim: Simulation, run: Run, cfg: FedConfig, rnd: int) -> None:
     run.checkpoints.save(rnd, {**sim.state(rnd), "config": config_dict(cfg)})
 
 
-def run_simulation(cfg: FedConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-                   checkpoint_every: int = 1, client_hook=None) -> List[Dict]:
+def run_simulation(
+    cfg: FedConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    checkpoint_every: int = 1,
+    client_hook=None,
+) -> List[Dict]:
     """Run (or resume, from the latest checkpoint in `run`) the simulation; returns the metric rows."""
     sim = Simulation(cfg, device, client_hook)
     start = resume(sim, run, cfg)
     if start == 0:
         acc, loss = sim.evaluate()
-        run.info(f"{cfg.dataset}: {len(sim.data.y_train)} train / {len(sim.data.y_test)} test samples, "
-                 f"{cfg.clients} clients (sizes {min(map(len, sim.parts))}-{max(map(len, sim.parts))}), "
-                 f"initial test accuracy {acc:.4f}")
-    bar = progress(range(start, cfg.rounds), enabled=show_progress, desc="rounds", unit="round",
-                   total=cfg.rounds, initial=start)
+        run.info(
+            f"{cfg.dataset}: {len(sim.data.y_train)} train / {len(sim.data.y_test)} test samples, "
+            f"{cfg.clients} clients (sizes {min(map(len, sim.parts))}-{max(map(len, sim.parts))}), "
+            f"initial test accuracy {acc:.4f}"
+        )
+    bar = progress(
+        range(start, cfg.rounds), enabled=show_progress, desc="rounds", unit="round", total=cfg.rounds, initial=start
+    )
     for rnd in bar:
         row = sim.round(rnd, log=run.warning)
         run.log_metrics(row)
         if "test_acc" in row:
             bar.set_postfix(acc=f"{row['test_acc']:.4f}", conflicts=row["conflicts"])
-            run.info(f"round {rnd + 1}/{cfg.rounds}: test acc {row['test_acc']:.4f} loss {row['test_loss']:.4f} "
-                     f"train loss {row['train_loss']:.4f} conflicts {row['conflicts']}/{row['pairs']} "
-                     f"aggregation {row['agg_ms']:.1f} ms")
+            run.info(
+                f"round {rnd + 1}/{cfg.rounds}: test acc {row['test_acc']:.4f} loss {row['test_loss']:.4f} "
+                f"train loss {row['train_loss']:.4f} conflicts {row['conflicts']}/{row['pairs']} "
+                f"aggregation {row['agg_ms']:.1f} ms"
+            )
         if (rnd + 1) % checkpoint_every == 0 or rnd + 1 == cfg.rounds:
             save_round(sim, run, cfg, rnd)
     return run.rows

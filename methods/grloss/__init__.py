@@ -5,8 +5,9 @@
 multi-label data (``data``), the training protocol (``train``) and the CLI
 (``python -m methods.grloss``). See README.md.
 """
-from .losses import LOSSES, GRLoss, build_loss
+
 from .data import DATASETS, single_positive
+from .losses import LOSSES, GRLoss, build_loss
 from .metrics import mean_average_precision
 
 __all__ = ["LOSSES", "GRLoss", "build_loss", "DATASETS", "single_positive", "mean_average_precision"]

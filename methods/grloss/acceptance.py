@@ -16,6 +16,7 @@ acceptance skips what is done. Rows {dataset, loss, seed, map} (test mAP, %); pe
 rank among the single-positive losses and its paired per-seed difference with the best baseline.
 Writes results/acceptance.{md,json} and results/gr_trajectory.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,8 @@ def resolve_beta(beta, data) -> tuple:
     f = (data.expected_num_pos - 1) / (data.num_classes - 1)
     prior = float(np.log(f / (1 - f)))
     return tuple(prior if v == "prior" else float(v) for v in beta)
+
+
 BASELINE_GRID = {
     "an-ls": {"ls_coef": [0.05, 0.1, 0.2]},
     "em": {"alpha": [0.05, 0.1, 0.2]},
@@ -64,9 +67,21 @@ BASELINE_GRID = {
     "ll-cp": {"delta": [0.001, 0.002, 0.005]},
 }
 ORDER = ["full", "an", "an-ls", "wan", "epr", "role", "em", "em-apl", "ll-r", "ll-ct", "ll-cp", "hill", "gr"]
-LABELS = {"full": "full-label BCE (upper bound)", "an": "AN", "an-ls": "AN-LS", "wan": "WAN", "epr": "EPR",
-          "role": "ROLE", "em": "EM", "em-apl": "EM+APL", "ll-r": "LL-R", "ll-ct": "LL-Ct", "ll-cp": "LL-Cp",
-          "hill": "Hill", "gr": "GR (ours: pyops.gr_loss)"}
+LABELS = {
+    "full": "full-label BCE (upper bound)",
+    "an": "AN",
+    "an-ls": "AN-LS",
+    "wan": "WAN",
+    "epr": "EPR",
+    "role": "ROLE",
+    "em": "EM",
+    "em-apl": "EM+APL",
+    "ll-r": "LL-R",
+    "ll-ct": "LL-Ct",
+    "ll-cp": "LL-Cp",
+    "hill": "Hill",
+    "gr": "GR (ours: pyops.gr_loss)",
+}
 
 _DATA = {}
 
@@ -78,12 +93,12 @@ PROTOCOL = {"cmnist": {"lr_mult": 10.0, "pretrained": True}}
 def run_job(job: dict) -> dict:
     """One training run (in a worker): job = {dataset, loss, seed, setting, out, gr?, loss_args?,
     pretrained?}; skipped when its folder already holds a result."""
+    from dataclasses import asdict
+
     from methods.common import Run
 
     from .data import load
     from .train import TrainConfig, train
-
-    from dataclasses import asdict
 
     ds = job["dataset"]
     folder = os.path.join(job["out"], f"{ds}_{job['loss']}_{job['setting']}_s{job['seed']}".replace("=", "-"))
@@ -99,7 +114,9 @@ def run_job(job: dict) -> dict:
         kw.update(pretrained=job["pretrained"], lr_mult=proto["lr_mult"])
     cfg = TrainConfig(dataset=ds, loss=job["loss"], seed=job["seed"], loss_args=job.get("loss_args", {}), **kw)
     # a finished run is reused only for the same configuration and the same backbone file
-    key = json.loads(json.dumps({"config": asdict(cfg), "backbone": _sha256(cfg.pretrained) if cfg.pretrained else None}))
+    key = json.loads(
+        json.dumps({"config": asdict(cfg), "backbone": _sha256(cfg.pretrained) if cfg.pretrained else None})
+    )
     if os.path.exists(done):
         with open(done) as f:
             prev = json.load(f)
@@ -112,8 +129,15 @@ def run_job(job: dict) -> dict:
     res = train(cfg, run, show_progress=False, data=_DATA[ds])
     wall = time.perf_counter() - t0
     run.close()
-    out = {**{k: v for k, v in job.items() if k != "out"}, "key": key, "val_map": res["val_map"], "test_map": res["test_map"],
-           "best_epoch": res["best_epoch"], "epochs_run": res["epochs_run"], "seconds": wall}
+    out = {
+        **{k: v for k, v in job.items() if k != "out"},
+        "key": key,
+        "val_map": res["val_map"],
+        "test_map": res["test_map"],
+        "best_epoch": res["best_epoch"],
+        "epochs_run": res["epochs_run"],
+        "seconds": wall,
+    }
     if job["loss"] == "gr":
         out["history"] = [{k: r[k] for k in ("epoch", "w", "b", "mu", "sigma", "val_map")} for r in res["history"]]
     with open(done + ".tmp", "w") as f:
@@ -135,19 +159,27 @@ def grid_jobs(dataset: str, losses, base: dict, seed: int) -> list:
     jobs = []
     for loss in losses:
         if loss == "gr":
-            jobs += [dict(base, dataset=dataset, loss="gr", seed=seed, setting=name, gr=g) for name, g in GR_GRID.items()]
+            jobs += [
+                dict(base, dataset=dataset, loss="gr", seed=seed, setting=name, gr=g) for name, g in GR_GRID.items()
+            ]
         elif loss in BASELINE_GRID:
-            (key, values), = BASELINE_GRID[loss].items()
-            jobs += [dict(base, dataset=dataset, loss=loss, seed=seed, setting=f"{key}={v}", loss_args={key: v})
-                     for v in values]
+            ((key, values),) = BASELINE_GRID[loss].items()
+            jobs += [
+                dict(base, dataset=dataset, loss=loss, seed=seed, setting=f"{key}={v}", loss_args={key: v})
+                for v in values
+            ]
     return jobs
 
 
 def final_jobs(datasets, losses, seeds, base: dict, chosen: dict) -> list:
     """The reported runs: every (dataset, loss, seed), with the grid's chosen ``{setting, gr?,
     loss_args?}`` for that (dataset, loss) where there is one, else the loss's default setting."""
-    return [dict(base, dataset=ds, loss=loss, seed=seed, **{"setting": "default", **chosen.get((ds, loss), {})})
-            for ds in datasets for loss in losses for seed in seeds]
+    return [
+        dict(base, dataset=ds, loss=loss, seed=seed, **{"setting": "default", **chosen.get((ds, loss), {})})
+        for ds in datasets
+        for loss in losses
+        for seed in seeds
+    ]
 
 
 def summarize(rows: list, datasets: list, losses: list, seeds: list) -> dict:
@@ -157,6 +189,7 @@ def summarize(rows: list, datasets: list, losses: list, seeds: list) -> dict:
     full-label bound."""
     out = {}
     for ds in datasets:
+
         def col(loss):
             return seed_values(rows, seeds, "map", dataset=ds, loss=loss)
 
@@ -189,7 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--losses", nargs="+", default=ORDER, choices=ORDER)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-grid", action="store_true", help="skip the validation grid (default settings)")
-    p.add_argument("--grid-seed", type=int, default=100, help="the seed of the validation grid's runs (default: %(default)s)")
+    p.add_argument(
+        "--grid-seed", type=int, default=100, help="the seed of the validation grid's runs (default: %(default)s)"
+    )
     p.add_argument("--pretrain-epochs", type=int, default=30, help="cmnist: epochs of the backbone's pretraining")
     p.add_argument("--out", default="runs/grloss_acceptance")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
@@ -208,8 +243,16 @@ def main(argv=None) -> int:
     if a.grid_seed in a.seeds and not a.no_grid:
         p.error("--grid-seed must not be one of --seeds")
     grid = [] if a.no_grid else [j for ds in a.datasets for j in grid_jobs(ds, a.losses, base, a.grid_seed)]
-    grid_res = run_jobs(run_job, grid, a.workers, lambda r: f"[grid] {r['dataset']} {r['loss']} {r['setting']}: "
-                        f"val mAP {r['val_map']:.2f}") if grid else []
+    grid_res = (
+        run_jobs(
+            run_job,
+            grid,
+            a.workers,
+            lambda r: f"[grid] {r['dataset']} {r['loss']} {r['setting']}: val mAP {r['val_map']:.2f}",
+        )
+        if grid
+        else []
+    )
     chosen = {}
     for ds in a.datasets:
         for loss in a.losses:
@@ -219,21 +262,54 @@ def main(argv=None) -> int:
                 chosen[(ds, loss)] = {k: best[k] for k in ("setting", "gr", "loss_args") if k in best}
                 print(f"[select] {ds} {loss}: {best['setting']} (val mAP {best['val_map']:.2f})", flush=True)
     final = final_jobs(a.datasets, a.losses, a.seeds, base, chosen)
-    final_res = run_jobs(run_job, final, a.workers, lambda r: f"[run] {r['dataset']} {r['loss']} seed {r['seed']} "
-                         f"({r['setting']}): test mAP {r['test_map']:.2f}, val {r['val_map']:.2f}, "
-                         f"{r['epochs_run']} epochs, {r['seconds']:.0f} s")
+    final_res = run_jobs(
+        run_job,
+        final,
+        a.workers,
+        lambda r: (
+            f"[run] {r['dataset']} {r['loss']} seed {r['seed']} "
+            f"({r['setting']}): test mAP {r['test_map']:.2f}, val {r['val_map']:.2f}, "
+            f"{r['epochs_run']} epochs, {r['seconds']:.0f} s"
+        ),
+    )
     key = lambda r: (a.datasets.index(r["dataset"]), a.losses.index(r["loss"]), r["seed"])  # noqa: E731
     final_res.sort(key=key)
-    rows = [{"dataset": r["dataset"], "loss": r["loss"], "seed": r["seed"], "map": r["test_map"],
-             "val_map": r["val_map"], "setting": r["setting"], "best_epoch": r["best_epoch"],
-             "epochs_run": r["epochs_run"], "seconds": r["seconds"]} for r in final_res]
+    rows = [
+        {
+            "dataset": r["dataset"],
+            "loss": r["loss"],
+            "seed": r["seed"],
+            "map": r["test_map"],
+            "val_map": r["val_map"],
+            "setting": r["setting"],
+            "best_epoch": r["best_epoch"],
+            "epochs_run": r["epochs_run"],
+            "seconds": r["seconds"],
+        }
+        for r in final_res
+    ]
     summary = summarize(rows, a.datasets, a.losses, a.seeds)
-    meta = acceptance_meta("methods.grloss.acceptance", argv, date, a.seeds, a.workers,
-                           minutes=(time.time() - started) / 60, pretraining=pre_record)
+    meta = acceptance_meta(
+        "methods.grloss.acceptance",
+        argv,
+        date,
+        a.seeds,
+        a.workers,
+        minutes=(time.time() - started) / 60,
+        pretraining=pre_record,
+    )
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "summary": summary,
-                   "grid": [{k: v for k, v in r.items() if k != "history"} for r in grid_res],
-                   "gr_histories": [r for r in final_res if r.get("history")]}, f, indent=1)
+        json.dump(
+            {
+                "meta": meta,
+                "rows": rows,
+                "summary": summary,
+                "grid": [{k: v for k, v in r.items() if k != "history"} for r in grid_res],
+                "gr_histories": [r for r in final_res if r.get("history")],
+            },
+            f,
+            indent=1,
+        )
     text = markdown(meta, rows, summary, grid_res, a)
     with open(os.path.join(a.results, "acceptance.md"), "w") as f:
         f.write(text)
@@ -242,22 +318,31 @@ def main(argv=None) -> int:
     traj = [r for r in final_res if r.get("history") and r["dataset"] == a.datasets[-1]]
     if traj:
         r = max(traj, key=lambda r: r["epochs_run"])  # the longest GR run shows the most of the schedule
-        plot_schedule(r["history"], os.path.join(a.results, "gr_trajectory.png"),
-                      f"GR on {r['dataset']}, seed {r['seed']} ({r['setting']}): k-hat and v per epoch "
-                      f"(best epoch {r['best_epoch']} of {r['epochs_run']})")
+        plot_schedule(
+            r["history"],
+            os.path.join(a.results, "gr_trajectory.png"),
+            f"GR on {r['dataset']}, seed {r['seed']} ({r['setting']}): k-hat and v per epoch "
+            f"(best epoch {r['best_epoch']} of {r['epochs_run']})",
+        )
     print(text)
     return 0
 
 
 def markdown(meta: dict, rows: list, summary: dict, grid_res: list, a) -> str:
-    lines = [f"# GR loss acceptance: test mAP (%), mean ± std over seeds {a.seeds}", "",
-             f"Command: `{meta['command']}`; started {meta['date']}; {meta['workers']} worker processes of one thread "
-             f"on {meta['machine']}; {meta['minutes']:.1f} min in all."]
+    lines = [
+        f"# GR loss acceptance: test mAP (%), mean ± std over seeds {a.seeds}",
+        "",
+        f"Command: `{meta['command']}`; started {meta['date']}; {meta['workers']} worker processes of one thread "
+        f"on {meta['machine']}; {meta['minutes']:.1f} min in all.",
+    ]
     if meta.get("pretraining"):
         pr = meta["pretraining"]
-        lines += ["", f"cmnist backbone: pretrained once on the disjoint pretraining split ({pr['n']} single-digit "
-                      f"canvases, {CMNIST_CLASSES}-way, {pr['epochs']} epochs, held-out accuracy {100 * pr['heldout_acc']:.1f}%), "
-                      "then fine-tuned per run with Adam, head lr x10."]
+        lines += [
+            "",
+            f"cmnist backbone: pretrained once on the disjoint pretraining split ({pr['n']} single-digit "
+            f"canvases, {CMNIST_CLASSES}-way, {pr['epochs']} epochs, held-out accuracy {100 * pr['heldout_acc']:.1f}%), "
+            "then fine-tuned per run with Adam, head lr x10.",
+        ]
     lines += ["", "| loss | " + " | ".join(a.datasets) + " |", "|---|" + "---|" * len(a.datasets)]
     for loss in a.losses:
         cells = []
@@ -271,29 +356,48 @@ def markdown(meta: dict, rows: list, summary: dict, grid_res: list, a) -> str:
         sm = summary[ds]
         if "gr_rank" not in sm:
             continue
-        lines.append(f"- **{ds}**: GR ranks {sm['gr_rank']} of {len(sm['ranking'])} single-positive losses; "
-                     f"GR - best baseline ({LABELS[sm['best_baseline']]}) = {format_difference(sm['gr_minus_best'])} "
-                     f"points (paired per seed, 95% t interval); baselines span {sm['baseline_spread']:.2f} points; "
-                     f"the full-label bound is {sm.get('full_minus_best_sp', float('nan')):.2f} points above the best "
-                     "single-positive loss.")
-    lines += ["", "GR - each baseline, paired per seed (points, mean [95% t interval]):", "",
-              "| baseline | " + " | ".join(a.datasets) + " |", "|---|" + "---|" * len(a.datasets)]
+        lines.append(
+            f"- **{ds}**: GR ranks {sm['gr_rank']} of {len(sm['ranking'])} single-positive losses; "
+            f"GR - best baseline ({LABELS[sm['best_baseline']]}) = {format_difference(sm['gr_minus_best'])} "
+            f"points (paired per seed, 95% t interval); baselines span {sm['baseline_spread']:.2f} points; "
+            f"the full-label bound is {sm.get('full_minus_best_sp', float('nan')):.2f} points above the best "
+            "single-positive loss."
+        )
+    lines += [
+        "",
+        "GR - each baseline, paired per seed (points, mean [95% t interval]):",
+        "",
+        "| baseline | " + " | ".join(a.datasets) + " |",
+        "|---|" + "---|" * len(a.datasets),
+    ]
     for loss in a.losses:
         if loss in ("full", "gr"):
             continue
-        lines.append(f"| {LABELS[loss]} | " + " | ".join(
-            format_difference(summary[ds]["gr_minus_each"][loss]) if "gr_minus_each" in summary[ds] else "-"
-            for ds in a.datasets) + " |")
-    lines += ["", f"Settings (chosen by validation mAP with seed {a.grid_seed} where a grid exists), best epoch / "
-              "epochs run per seed, longest run:", "",
-              "| loss | " + " | ".join(f"{ds} setting | {ds} best epoch / run | {ds} max s" for ds in a.datasets) + " |",
-              "|---|" + "---|---|---|" * len(a.datasets)]
+        lines.append(
+            f"| {LABELS[loss]} | "
+            + " | ".join(
+                format_difference(summary[ds]["gr_minus_each"][loss]) if "gr_minus_each" in summary[ds] else "-"
+                for ds in a.datasets
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"Settings (chosen by validation mAP with seed {a.grid_seed} where a grid exists), best epoch / "
+        "epochs run per seed, longest run:",
+        "",
+        "| loss | " + " | ".join(f"{ds} setting | {ds} best epoch / run | {ds} max s" for ds in a.datasets) + " |",
+        "|---|" + "---|---|---|" * len(a.datasets),
+    ]
     for loss in a.losses:
         cells = []
         for ds in a.datasets:
             rs = [r for r in rows if r["dataset"] == ds and r["loss"] == loss]
-            cells.append(f"{rs[0]['setting']} | " + ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in rs)
-                         + f" | {max(r['seconds'] for r in rs):.0f}")
+            cells.append(
+                f"{rs[0]['setting']} | "
+                + ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in rs)
+                + f" | {max(r['seconds'] for r in rs):.0f}"
+            )
         lines.append(f"| {LABELS[loss]} | " + " | ".join(cells) + " |")
     if grid_res:
         lines += ["", f"Validation grid (seed {a.grid_seed}): val mAP / test mAP", ""]
@@ -301,8 +405,10 @@ def markdown(meta: dict, rows: list, summary: dict, grid_res: list, a) -> str:
             for loss in a.losses:
                 rs = [r for r in grid_res if r["dataset"] == ds and r["loss"] == loss]
                 if rs:
-                    lines.append(f"- {ds} {LABELS[loss]}: " + "; ".join(
-                        f"{r['setting']} {r['val_map']:.2f} / {r['test_map']:.2f}" for r in rs))
+                    lines.append(
+                        f"- {ds} {LABELS[loss]}: "
+                        + "; ".join(f"{r['setting']} {r['val_map']:.2f} / {r['test_map']:.2f}" for r in rs)
+                    )
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ split (yeast: 30% of the genes; mosaics: built from a held-out 30% of the digit 
 uniformly from its true positives with ``data_seed``; the full labels of train/val/test are kept
 for evaluation (and for the full-label upper bound) only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+
 from methods.common.optional import requires
 
 DATASETS = ("yeast", "digits", "mnist", "cmnist")
@@ -57,24 +59,30 @@ class SPMLData:
         return float(self.y_train.sum(1).mean())
 
     def summary(self) -> str:
-        return (f"{self.name}: train {len(self.x_train)}, val {len(self.x_val)}, test {len(self.x_test)}, "
-                f"{self.num_classes} classes, input {tuple(self.x_train.shape[1:])}, "
-                f"{self.expected_num_pos:.2f} positives per training row")
+        return (
+            f"{self.name}: train {len(self.x_train)}, val {len(self.x_val)}, test {len(self.x_test)}, "
+            f"{self.num_classes} classes, input {tuple(self.x_train.shape[1:])}, "
+            f"{self.expected_num_pos:.2f} positives per training row"
+        )
 
 
 def single_positive(labels: torch.Tensor, seed: int = DATA_SEED) -> torch.Tensor:
     """One observed positive per row, drawn uniformly (seeded) from the row's true positives;
     every other entry unobserved (0). A row without positives is an error."""
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        raise ValueError(f"single_positive: labels must be a (N, C) tensor, got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        raise ValueError(
+            f"single_positive: labels must be a (N, C) tensor, got "
+            f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+        )
     y = labels.detach().cpu()
     if y.numel() and not bool(((y == 0) | (y == 1)).all()):
         raise ValueError("single_positive: labels must be 0/1")
     counts = (y == 1).sum(1)
     if bool((counts == 0).any()):
-        raise ValueError(f"single_positive: row {int((counts == 0).nonzero()[0, 0])} has no positive label; "
-                         "a single positive cannot be drawn from it")
+        raise ValueError(
+            f"single_positive: row {int((counts == 0).nonzero()[0, 0])} has no positive label; "
+            "a single positive cannot be drawn from it"
+        )
     g = torch.Generator().manual_seed(seed)
     # uniform among the positives: the argmax of uniform noise restricted to them
     noise = torch.rand(y.shape, generator=g)
@@ -107,8 +115,9 @@ def load_yeast(data_seed: int = DATA_SEED) -> SPMLData:
     X = (X - mean) / std
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     y_train = t(Y[tr])
-    return SPMLData("yeast", t(X[tr]), y_train, single_positive(y_train, data_seed), t(X[va]), t(Y[va]),
-                    t(X[test]), t(Y[test]))
+    return SPMLData(
+        "yeast", t(X[tr]), y_train, single_positive(y_train, data_seed), t(X[va]), t(Y[va]), t(X[test]), t(Y[test])
+    )
 
 
 def _digit_images(source: str):
@@ -127,8 +136,9 @@ def _digit_images(source: str):
     return imgs, y.astype(np.int64)
 
 
-def make_mosaics(images: np.ndarray, digits: np.ndarray, n: int, rng: np.random.Generator,
-                 min_digits: int = 2, max_digits: int = 4):
+def make_mosaics(
+    images: np.ndarray, digits: np.ndarray, n: int, rng: np.random.Generator, min_digits: int = 2, max_digits: int = 4
+):
     """n canvases of 2 x 2 cells, each with min..max_digits digit images in distinct cells.
     Returns images (n, 1, 2h, 2w) float32 and labels (n, 10) (the set of digits present)."""
     h, w = images.shape[1:]
@@ -140,13 +150,14 @@ def make_mosaics(images: np.ndarray, digits: np.ndarray, n: int, rng: np.random.
         picks = rng.integers(0, len(images), size=k)
         for cell, j in zip(cells, picks):
             r, c = divmod(int(cell), 2)
-            X[i, 0, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[j]
+            X[i, 0, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[j]
             Y[i, digits[j]] = 1.0
     return X, Y
 
 
-def load_mosaics(source: str = "digits", n_train: int = 5000, n_test: int = 2000,
-                 data_seed: int = DATA_SEED) -> SPMLData:
+def load_mosaics(
+    source: str = "digits", n_train: int = 5000, n_test: int = 2000, data_seed: int = DATA_SEED
+) -> SPMLData:
     images, digits = _digit_images(source)
     rng = np.random.default_rng(data_seed)
     pool_train, pool_test = _split(len(images), 0.3, rng)
@@ -155,8 +166,9 @@ def load_mosaics(source: str = "digits", n_train: int = 5000, n_test: int = 2000
     tr, va = _split(n_train, 0.2, rng)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     y_train = t(Ytv[tr])
-    return SPMLData(source, t(Xtv[tr]), y_train, single_positive(y_train, data_seed), t(Xtv[va]), t(Ytv[va]),
-                    t(Xte), t(Yte))
+    return SPMLData(
+        source, t(Xtv[tr]), y_train, single_positive(y_train, data_seed), t(Xtv[va]), t(Ytv[va]), t(Xte), t(Yte)
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,8 +176,19 @@ def load_mosaics(source: str = "digits", n_train: int = 5000, n_test: int = 2000
 # ------------------------------------------------------------------------------------------
 # 8 hues 45 degrees apart (red, orange, yellow, green, cyan, blue, purple, magenta): neighbours
 # differ in one channel by about half its range, less after the per-digit jitter and the noise
-COLOURS = np.array([[1.0, 0.15, 0.15], [1.0, 0.55, 0.1], [0.95, 0.95, 0.15], [0.2, 0.9, 0.2],
-                    [0.15, 0.9, 0.9], [0.2, 0.35, 1.0], [0.6, 0.25, 1.0], [1.0, 0.2, 0.75]], np.float32)
+COLOURS = np.array(
+    [
+        [1.0, 0.15, 0.15],
+        [1.0, 0.55, 0.1],
+        [0.95, 0.95, 0.15],
+        [0.2, 0.9, 0.2],
+        [0.15, 0.9, 0.9],
+        [0.2, 0.35, 1.0],
+        [0.6, 0.25, 1.0],
+        [1.0, 0.2, 0.75],
+    ],
+    np.float32,
+)
 CMNIST_GRID = 3
 CMNIST_CLASSES = 10 * len(COLOURS)  # class = len(COLOURS) * digit + colour
 
@@ -177,12 +200,19 @@ def _paint(canvas: np.ndarray, img: np.ndarray, cell: int, colour: int, rng: np.
     r, c = divmod(int(cell), CMNIST_GRID)
     tint = np.clip(COLOURS[colour] * (1 + rng.uniform(-0.1, 0.1, 3)), 0, 1).astype(np.float32)
     patch = tint[:, None, None] * img[None]
-    view = canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w]
+    view = canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w]
     np.maximum(view, patch, out=view)
 
 
-def make_colour_mosaics(images: np.ndarray, digits: np.ndarray, n: int, rng: np.random.Generator,
-                        min_digits: int = 2, max_digits: int = 6, noise: float = 0.1):
+def make_colour_mosaics(
+    images: np.ndarray,
+    digits: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    min_digits: int = 2,
+    max_digits: int = 6,
+    noise: float = 0.1,
+):
     """n RGB canvases of CMNIST_GRID^2 cells, min..max_digits coloured digits in distinct cells,
     Gaussian pixel noise; labels (n, CMNIST_CLASSES): class = len(COLOURS) * digit + colour."""
     h, w = images.shape[1:]
@@ -215,8 +245,9 @@ def load_cmnist(n_train: int = 4000, n_test: int = 2000, data_seed: int = DATA_S
     tr, va = _split(n_train, 0.2, rng)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     y_train = t(Ytv[tr])
-    return SPMLData("cmnist", t(Xtv[tr]), y_train, single_positive(y_train, data_seed), t(Xtv[va]), t(Ytv[va]),
-                    t(Xte), t(Yte))
+    return SPMLData(
+        "cmnist", t(Xtv[tr]), y_train, single_positive(y_train, data_seed), t(Xtv[va]), t(Ytv[va]), t(Xte), t(Yte)
+    )
 
 
 def pretraining_data(n: int = 8000, data_seed: int = DATA_SEED, heldout: float = 0.1):

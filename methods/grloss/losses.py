@@ -22,6 +22,7 @@ GR (``GRLoss``): ``pyops.nn.GRLoss``, i.e. ``pyops.gr_loss`` (fused, logit space
 linear schedules of k-hat(p; beta) and v(p; alpha) of the reference ``train.py`` (its off-by-one
 included), behind the common interface.
 """
+
 from __future__ import annotations
 
 import math
@@ -125,8 +126,14 @@ def role_loss(preds: torch.Tensor, observed: torch.Tensor, estimated: torch.Tens
     est_d, preds_d = estimated.detach(), preds.detach()
     cross1 = est_d * neg_log(preds) + (1 - est_d) * neg_log(1 - preds)
     cross2 = preds_d * neg_log(estimated) + (1 - preds_d) * neg_log(1 - estimated)
-    reg = 0.5 * (expected_positive_regularizer(preds, expected_num_pos)
-                 + expected_positive_regularizer(estimated, expected_num_pos)) / C**2
+    reg = (
+        0.5
+        * (
+            expected_positive_regularizer(preds, expected_num_pos)
+            + expected_positive_regularizer(estimated, expected_num_pos)
+        )
+        / C**2
+    )
     return _mean(0.5 * (pos1 + pos2) + 0.5 * (cross1 + cross2)) + reg
 
 
@@ -177,8 +184,10 @@ class SPMLLoss(nn.Module):
     @staticmethod
     def _check_logits(logits, fn):
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise ValueError(f"{fn}: logits must be a (B, C) tensor, got "
-                             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+            raise ValueError(
+                f"{fn}: logits must be a (B, C) tensor, got "
+                f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}"
+            )
 
     def _check(self, logits, observed, fn):
         self._check_logits(logits, fn)
@@ -199,6 +208,7 @@ class ProbLoss(SPMLLoss):
 
 class FullBCE(SPMLLoss):
     """Upper bound: BCE against the full labels (``observed`` here is the full label matrix)."""
+
     name = "full"
 
     def forward(self, logits, labels, index=None):
@@ -209,10 +219,16 @@ class ROLELoss(SPMLLoss):
     """ROLE with its label estimator: a logit per training entry, observed positives initialised
     at sigmoid^-1(0.995), the others uniformly in sigmoid^-1(0.5 +- 0.1); trained with
     ``lr * lr_mult``."""
+
     name = "role"
 
-    def __init__(self, observed_train: torch.Tensor, expected_num_pos: float, lr_mult: float = 10.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        observed_train: torch.Tensor,
+        expected_num_pos: float,
+        lr_mult: float = 10.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         N, C = observed_train.shape
         q = math.log(0.6 / 0.4)
@@ -234,11 +250,13 @@ class EMAPLLoss(SPMLLoss):
     """EM + APL: EM until ``warmup`` epochs are done; then after every epoch, per class, the
     lowest-scored ``0.9 * #unobserved / (T - warmup)`` still-unlabelled unobserved entries
     become soft pseudo-negatives (target: their prediction then), stored in a label matrix."""
+
     name = "em-apl"
     needs_train_probs = True
 
-    def __init__(self, observed_train: torch.Tensor, epochs: int, alpha: float = 0.1, beta: float = 0.2,
-                 warmup: int = 2):
+    def __init__(
+        self, observed_train: torch.Tensor, epochs: int, alpha: float = 0.1, beta: float = 0.2, warmup: int = 2
+    ):
         super().__init__()
         if not 0 <= warmup < epochs:
             raise ValueError(f"em-apl: warmup must be in [0, epochs), got {warmup} with {epochs} epochs")
@@ -333,10 +351,17 @@ class GRLoss(pyops.nn.GRLoss, SPMLLoss):
     in the reference CLI's order; ``epochs`` = T; ``linear_init`` = n. Defaults: the
     reference's VOC setting.
     """
+
     name = "gr"
 
-    def __init__(self, beta=(0.0, 2.0, -2.0, -2.0), alpha=(0.5, 2.0, 0.8, 0.5), q=(0.01, 1.0), epochs: int = 8,
-                 linear_init: int = 0):
+    def __init__(
+        self,
+        beta=(0.0, 2.0, -2.0, -2.0),
+        alpha=(0.5, 2.0, 0.8, 0.5),
+        q=(0.01, 1.0),
+        epochs: int = 8,
+        linear_init: int = 0,
+    ):
         super().__init__(beta, alpha, q, epochs, linear_init, reduction="mean", require_positive=True)
 
     def forward(self, logits, observed, index=None):
@@ -350,13 +375,23 @@ DEFAULTS = {  # per-loss settings (spec A.4; EM, APL and LL: their COCO / NUS-WI
     "em": {"alpha": 0.1},
     "em-apl": {"alpha": 0.1, "beta": 0.2, "warmup_frac": 0.4},
     # LL's delta is a fraction here (the authors' CLI takes percent: .4 / .2 / .2 -> 0.004 ...)
-    "ll-r": {"delta": 0.004}, "ll-ct": {"delta": 0.002}, "ll-cp": {"delta": 0.002},
+    "ll-r": {"delta": 0.004},
+    "ll-ct": {"delta": 0.002},
+    "ll-cp": {"delta": 0.002},
     "hill": {"lam": 1.5},
 }
 
 
-def build_loss(name: str, *, observed_train: torch.Tensor, expected_num_pos: float, epochs: int,
-               gr_kwargs: dict | None = None, seed: int = 0, overrides: dict | None = None) -> SPMLLoss:
+def build_loss(
+    name: str,
+    *,
+    observed_train: torch.Tensor,
+    expected_num_pos: float,
+    epochs: int,
+    gr_kwargs: dict | None = None,
+    seed: int = 0,
+    overrides: dict | None = None,
+) -> SPMLLoss:
     """The loss ``name`` (one of LOSSES) set up for a training set (its observed label matrix,
     the expected number of positives per sample, the number of epochs)."""
     if name not in LOSSES:

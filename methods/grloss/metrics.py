@@ -1,6 +1,7 @@
 """Mean average precision, as the SPML code computes it: 100 x the mean over classes of
 scikit-learn's ``average_precision_score`` (step-wise precision-recall area, tied scores taken
 together), with AP = 0 for a class that has no positive."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +34,9 @@ def mean_average_precision(scores, labels) -> float:
     s = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if s.ndim != 2 or s.shape != y.shape:
-        raise ValueError(f"mean_average_precision: scores and labels must be (N, C) of one shape, got {s.shape} and {y.shape}")
+        raise ValueError(
+            f"mean_average_precision: scores and labels must be (N, C) of one shape, got {s.shape} and {y.shape}"
+        )
     if s.shape[1] == 0:
         raise ValueError("mean_average_precision: no classes")
     return 100.0 * float(np.mean([average_precision(s[:, c], y[:, c]) for c in range(s.shape[1])]))

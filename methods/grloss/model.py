@@ -1,5 +1,6 @@
 """The classifiers: an MLP for tabular features (Yeast) and a small CNN for digit mosaics.
 Both end in a linear head of C logits (``model.head``, the reference's ``linear_classifier``)."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -9,8 +10,12 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.2):
         super().__init__()
         self.backbone = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
         )
         self.head = nn.Linear(hidden, num_classes)
 
@@ -25,14 +30,23 @@ class MosaicCNN(nn.Module):
         super().__init__()
 
         def stage(cin, cout):
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                    nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            ]
 
         self.backbone = nn.Sequential(
-            *stage(in_channels, width), nn.MaxPool2d(2),
-            *stage(width, 2 * width), nn.MaxPool2d(2),
+            *stage(in_channels, width),
+            nn.MaxPool2d(2),
+            *stage(width, 2 * width),
+            nn.MaxPool2d(2),
             *stage(2 * width, 4 * width),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(4 * width, num_classes)
 

@@ -1,6 +1,7 @@
 """The figure of GR's per-epoch schedule: k-hat(p) and v(p) for every epoch run, and the
 schedule parameters w, b, mu, sigma against the epoch (the CLI's schedule.png and the
 acceptance run's gr_trajectory.png)."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional

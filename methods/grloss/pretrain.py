@@ -8,6 +8,7 @@ canvas drawn from its own 40% of the MNIST images (``data.pretraining_data``), t
 The file holds the backbone's state dict and the pretraining record (held-out accuracy of the
 last epoch, seconds); it is written once (atomically) and reused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,16 @@ from .data import CMNIST_CLASSES, DATA_SEED, pretraining_data
 from .model import WIDTH, MosaicCNN
 
 
-def pretrain_backbone(out: str, epochs: int = 30, lr: float = 1e-3, batch_size: int = 64, n: int = 8000,
-                      seed: int = 0, data_seed: int = DATA_SEED, show_progress: bool = True) -> Dict:
+def pretrain_backbone(
+    out: str,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    n: int = 8000,
+    seed: int = 0,
+    data_seed: int = DATA_SEED,
+    show_progress: bool = True,
+) -> Dict:
     """Train MosaicCNN(CMNIST_CLASSES, RGB) with cross-entropy on the pretraining canvases (90% train;
     10% held out, from digit images of their own), Adam at ``lr`` with a cosine schedule; save
     {backbone, record} to ``out``. An existing ``out`` is reused when its record has the same
@@ -34,12 +43,16 @@ def pretrain_backbone(out: str, epochs: int = 30, lr: float = 1e-3, batch_size: 
     if os.path.exists(out):
         record = torch.load(out, map_location="cpu", weights_only=False)["record"]
         if {k: record.get(k) for k in want} != want:
-            raise ValueError(f"{out} holds a backbone pretrained with {({k: record.get(k) for k in want})}, not {want}; "
-                             "remove it or choose another file")
+            raise ValueError(
+                f"{out} holds a backbone pretrained with { ({k: record.get(k) for k in want}) }, not {want}; "
+                "remove it or choose another file"
+            )
         return record
     if epochs < 1 or batch_size < 1 or n < 20 or not lr > 0:
-        raise ValueError(f"pretrain_backbone: need epochs >= 1, batch_size >= 1, n >= 20, lr > 0; "
-                         f"got {epochs}, {batch_size}, {n}, {lr}")
+        raise ValueError(
+            f"pretrain_backbone: need epochs >= 1, batch_size >= 1, n >= 20, lr > 0; "
+            f"got {epochs}, {batch_size}, {n}, {lr}"
+        )
     seed_everything(seed)
     x_tr, y_tr, x_ho, y_ho = pretraining_data(n, data_seed)
     k = len(y_ho)
@@ -55,7 +68,7 @@ def pretrain_backbone(out: str, epochs: int = 30, lr: float = 1e-3, batch_size: 
         model.train()
         perm = torch.randperm(len(y_tr), generator=g)
         for i in range(0, len(y_tr), batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -63,7 +76,9 @@ def pretrain_backbone(out: str, epochs: int = 30, lr: float = 1e-3, batch_size: 
             sched.step()
         model.eval()
         with torch.no_grad():
-            acc = float((torch.cat([model(x_ho[i:i + 500]) for i in range(0, k, 500)]).argmax(1) == y_ho).float().mean())
+            acc = float(
+                (torch.cat([model(x_ho[i : i + 500]) for i in range(0, k, 500)]).argmax(1) == y_ho).float().mean()
+            )
         bar.set_postfix(heldout_acc=f"{acc:.3f}")
     record = {**want, "heldout_acc": acc, "seconds": time.perf_counter() - t0}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -7,6 +7,7 @@ Batches are drawn with a generator seeded by (seed, epoch), so a resumed run see
 an uninterrupted one would; checkpoints (one per epoch) hold the model, optimiser, the loss's
 state (schedules, ROLE's estimator, pseudo-label matrices), the best weights and the RNG states.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,7 +64,9 @@ class TrainConfig:
         self.lr = self.lr or d["lr"]
         self.gr_beta, self.gr_alpha, self.gr_q = tuple(self.gr_beta), tuple(self.gr_alpha), tuple(self.gr_q)
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}")
+            raise ValueError(
+                f"epochs and batch_size must be >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}"
+            )
         if self.loss == "gr":  # the schedule's checks (sigma > 0 ...) before any run folder is made
             GRLoss(self.gr_beta, self.gr_alpha, self.gr_q, self.epochs, self.gr_linear_init)
 
@@ -73,19 +76,32 @@ def predict(model: torch.nn.Module, x: torch.Tensor, device, batch: int = 1024) 
     """sigmoid outputs (N, C) in eval mode, on the CPU."""
     was = model.training
     model.eval()
-    out = torch.cat([torch.sigmoid(model(x[i:i + batch].to(device))).cpu() for i in range(0, len(x), batch)])
+    out = torch.cat([torch.sigmoid(model(x[i : i + batch].to(device))).cpu() for i in range(0, len(x), batch)])
     model.train(was)
     return out
 
 
 def make_loss(cfg: TrainConfig, data: SPMLData) -> SPMLLoss:
     gr = dict(beta=cfg.gr_beta, alpha=cfg.gr_alpha, q=cfg.gr_q, linear_init=cfg.gr_linear_init)
-    return build_loss(cfg.loss, observed_train=data.observed_train, expected_num_pos=data.expected_num_pos,
-                      epochs=cfg.epochs, gr_kwargs=gr, seed=cfg.seed, overrides=cfg.loss_args)
+    return build_loss(
+        cfg.loss,
+        observed_train=data.observed_train,
+        expected_num_pos=data.expected_num_pos,
+        epochs=cfg.epochs,
+        gr_kwargs=gr,
+        seed=cfg.seed,
+        overrides=cfg.loss_args,
+    )
 
 
-def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-          data: Optional[SPMLData] = None, checkpoint_every: int = 1) -> Dict:
+def train(
+    cfg: TrainConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    data: Optional[SPMLData] = None,
+    checkpoint_every: int = 1,
+) -> Dict:
     """Trains and evaluates one (dataset, loss, seed). Returns {"val_map", "test_map",
     "best_epoch", "epochs_run", "seconds", "history"}."""
     seed_everything(cfg.seed)
@@ -93,12 +109,16 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     model = build_model(cfg.dataset, tuple(data.x_train.shape[1:]), data.num_classes).to(device)
     if cfg.pretrained:
         try:
-            model.backbone.load_state_dict(torch.load(cfg.pretrained, map_location="cpu", weights_only=False)["backbone"])
+            model.backbone.load_state_dict(
+                torch.load(cfg.pretrained, map_location="cpu", weights_only=False)["backbone"]
+            )
         except (KeyError, RuntimeError) as e:
             raise ValueError(f"pretrained: {cfg.pretrained} is not a backbone of this {cfg.dataset} model ({e})") from e
     loss_fn = make_loss(cfg, data).to(device)
-    groups = [{"params": list(model.backbone.parameters()), "lr": cfg.lr},
-              {"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult}] + loss_fn.param_groups(cfg.lr)
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": cfg.lr},
+        {"params": list(model.head.parameters()), "lr": cfg.lr * cfg.lr_mult},
+    ] + loss_fn.param_groups(cfg.lr)
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     labels = data.y_train if cfg.loss == "full" else data.observed_train
     config = asdict(cfg)
@@ -111,8 +131,14 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     else:
         best, start, seconds, stopped = state["best"], state["epoch"] + 1, state["seconds"], state["stopped"]
     N = len(data.x_train)
-    bar = progress(range(start, cfg.epochs + 1), enabled=show_progress, desc=f"{cfg.dataset}/{cfg.loss}",
-                   unit="epoch", total=cfg.epochs, initial=start - 1)
+    bar = progress(
+        range(start, cfg.epochs + 1),
+        enabled=show_progress,
+        desc=f"{cfg.dataset}/{cfg.loss}",
+        unit="epoch",
+        total=cfg.epochs,
+        initial=start - 1,
+    )
     for epoch in bar:
         if stopped:
             break
@@ -123,7 +149,7 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
         perm = torch.randperm(N, generator=g)
         total, count = 0.0, 0
         for i in range(0, N, cfg.batch_size):
-            idx = perm[i:i + cfg.batch_size]
+            idx = perm[i : i + cfg.batch_size]
             logits = model(data.x_train[idx].to(device))
             loss = loss_fn(logits, labels[idx].to(device), idx)
             if not torch.isfinite(loss):
@@ -137,25 +163,48 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
         loss_fn.end_epoch(epoch, train_probs)
         val_map = mean_average_precision(predict(model, data.x_val, device), data.y_val)
         seconds += time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": total / max(1, count), "val_map": val_map, "seconds": seconds,
-               **loss_fn.schedule()}
+        row = {
+            "epoch": epoch,
+            "train_loss": total / max(1, count),
+            "val_map": val_map,
+            "seconds": seconds,
+            **loss_fn.schedule(),
+        }
         run.log_metrics(row)
         if val_map > best["val_map"]:
             best = {"val_map": val_map, "epoch": epoch, "weights": copy.deepcopy(model.state_dict())}
         elif best["val_map"] - val_map > cfg.early_stop:
             stopped = True
-            run.info(f"epoch {epoch}: val mAP {val_map:.2f} is more than {cfg.early_stop} below the best "
-                     f"({best['val_map']:.2f}, epoch {best['epoch']}): early stop")
+            run.info(
+                f"epoch {epoch}: val mAP {val_map:.2f} is more than {cfg.early_stop} below the best "
+                f"({best['val_map']:.2f}, epoch {best['epoch']}): early stop"
+            )
         run.info(f"epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f}, val mAP {val_map:.2f}")
         bar.set_postfix(val_map=f"{val_map:.2f}")
         if epoch % checkpoint_every == 0 or epoch == cfg.epochs or stopped:
-            run.checkpoints.save(epoch, {"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
-                                         "loss": loss_fn.state_dict(), "best": best, "seconds": seconds,
-                                         "stopped": stopped, "config": config})
+            run.checkpoints.save(
+                epoch,
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "loss": loss_fn.state_dict(),
+                    "best": best,
+                    "seconds": seconds,
+                    "stopped": stopped,
+                    "config": config,
+                },
+            )
     model.load_state_dict(best["weights"])
     test_map = mean_average_precision(predict(model, data.x_test, device), data.y_test)
     rows = run.rows
     run.info(f"best val mAP {best['val_map']:.2f} at epoch {best['epoch']}; test mAP {test_map:.2f}")
-    return {"val_map": best["val_map"], "test_map": test_map, "best_epoch": best["epoch"],
-            "epochs_run": rows[-1]["epoch"] if rows else 0, "seconds": seconds, "history": rows,
-            "model": model}
+    return {
+        "val_map": best["val_map"],
+        "test_map": test_map,
+        "best_epoch": best["epoch"],
+        "epochs_run": rows[-1]["epoch"] if rows else 0,
+        "seconds": seconds,
+        "history": rows,
+        "model": model,
+    }

@@ -1,4 +1,5 @@
 """python -m methods.msgnn train|eval|derain (see --help of each)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,10 +14,24 @@ from methods.common.optional import requires
 def cmd_train(a) -> int:
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(mode=a.mode, graphs=not a.no_graph, steps=a.steps, batch=a.batch, crop=a.crop, lr=a.lr,
-                      channels=a.channels, groups=a.groups, units=a.units, k=a.k, window=a.window,
-                      presets=tuple(a.presets), draws=a.draws, data_dir=a.data_dir, seed=a.seed,
-                      eval_every=a.eval_every)
+    cfg = TrainConfig(
+        mode=a.mode,
+        graphs=not a.no_graph,
+        steps=a.steps,
+        batch=a.batch,
+        crop=a.crop,
+        lr=a.lr,
+        channels=a.channels,
+        groups=a.groups,
+        units=a.units,
+        k=a.k,
+        window=a.window,
+        presets=tuple(a.presets),
+        draws=a.draws,
+        data_dir=a.data_dir,
+        seed=a.seed,
+        eval_every=a.eval_every,
+    )
     device = pick_device(a.device)
     with training_run(a.out, vars(a), fresh=a.fresh, name="msgnn") as run:
         rows = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
@@ -27,8 +42,12 @@ def cmd_train(a) -> int:
         curves = {"-SSIM (train)": (steps, [r["loss"] for r in rows])}
         plot_curves(curves, os.path.join(a.out, "loss.png"), xlabel="step", ylabel="-SSIM")
         if "monitor_psnr" in rows[-1]:
-            plot_curves({"monitor PSNR": (steps, [r["monitor_psnr"] for r in rows])},
-                        os.path.join(a.out, "monitor_psnr.png"), xlabel="step", ylabel="PSNR (dB)")
+            plot_curves(
+                {"monitor PSNR": (steps, [r["monitor_psnr"] for r in rows])},
+                os.path.join(a.out, "monitor_psnr.png"),
+                xlabel="step",
+                ylabel="PSNR (dB)",
+            )
         print(f"{cfg.name}: {rows[-1]['step'] + 1} steps, -SSIM {rows[-1]['loss']:.4f}; run folder {a.out}")
     return 0
 
@@ -50,8 +69,13 @@ def cmd_eval(a) -> int:
 
     device = pick_device(a.device)
     models = _models(a.model, device)
-    res = evaluate(models, presets=tuple(a.presets), seed=a.seed, figure_dir=a.out,
-                   progress_fn=lambda it: progress(it, enabled=not a.no_progress, desc="test images"))
+    res = evaluate(
+        models,
+        presets=tuple(a.presets),
+        seed=a.seed,
+        figure_dir=a.out,
+        progress_fn=lambda it: progress(it, enabled=not a.no_progress, desc="test images"),
+    )
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "eval.json"), "w") as f:
         json.dump(res, f, indent=2)
@@ -65,6 +89,7 @@ def cmd_eval(a) -> int:
 
 def cmd_derain(a) -> int:
     import numpy as np
+
     with requires("methods"):
         from skimage import io
 
@@ -86,21 +111,29 @@ def cmd_derain(a) -> int:
         clean = D.to_tensor(D.read_rgb(a.clean))
         if clean.shape != rainy.shape:
             raise ValueError(f"--clean {tuple(clean.shape)} does not match the image {tuple(rainy.shape)}")
-        msg += (f"; PSNR {psnr(rainy[None], clean[None]).item():.2f} -> {psnr(out[None], clean[None]).item():.2f} dB, "
-                f"SSIM {ssim(rainy[None], clean[None]).item():.4f} -> {ssim(out[None], clean[None]).item():.4f}")
+        msg += (
+            f"; PSNR {psnr(rainy[None], clean[None]).item():.2f} -> {psnr(out[None], clean[None]).item():.2f} dB, "
+            f"SSIM {ssim(rainy[None], clean[None]).item():.4f} -> {ssim(out[None], clean[None]).item():.4f}"
+        )
     print(msg)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m methods.msgnn",
-                                description="MSGNN single-image deraining with multi-scale and exemplar k-NN patch "
-                                            "graphs (pyops knn_patch_search / patch_aggregate).")
+    p = argparse.ArgumentParser(
+        prog="python -m methods.msgnn",
+        description="MSGNN single-image deraining with multi-scale and exemplar k-NN patch "
+        "graphs (pyops knn_patch_search / patch_aggregate).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train MSGNN (or the no-graph ablation) on synthetic rain or a paired folder")
-    t.add_argument("--mode", choices=("faithful", "fixed"), default="faithful",
-                   help="faithful: official behaviour (frozen embeddings, offset windows); fixed: learned "
-                        "embeddings, centred windows (default: %(default)s)")
+    t.add_argument(
+        "--mode",
+        choices=("faithful", "fixed"),
+        default="faithful",
+        help="faithful: official behaviour (frozen embeddings, offset windows); fixed: learned "
+        "embeddings, centred windows (default: %(default)s)",
+    )
     t.add_argument("--no-graph", action="store_true", help="the ablation: same backbone, no graph branches")
     t.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     t.add_argument("--batch", type=int, default=8)
@@ -112,14 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--k", type=int, default=5, help="neighbours per patch (default: %(default)s)")
     t.add_argument("--window", type=int, default=30, help="search window in patches (default: %(default)s)")
     t.add_argument("--presets", nargs="+", default=["light", "heavy"], choices=("light", "heavy"))
-    t.add_argument("--draws", type=int, default=3, help="rain draws per training image and preset (default: %(default)s)")
+    t.add_argument(
+        "--draws", type=int, default=3, help="rain draws per training image and preset (default: %(default)s)"
+    )
     t.add_argument("--data-dir", help="paired folder (rainy/ + clean/, or input/ + target/) instead of synthetic rain")
     t.add_argument("--eval-every", type=int, default=50)
     add_common_args(t, default_out="runs/msgnn")
     t.set_defaults(checkpoint_every=50)
     e = sub.add_parser("eval", help="PSNR/SSIM on the held-out synthetic test images, and crop figures")
-    e.add_argument("--model", action="append", metavar="NAME=RUN_DIR_OR_CHECKPOINT",
-                   help="a trained model (repeatable), e.g. MSGNN=runs/msgnn")
+    e.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=RUN_DIR_OR_CHECKPOINT",
+        help="a trained model (repeatable), e.g. MSGNN=runs/msgnn",
+    )
     e.add_argument("--presets", nargs="+", default=["light", "heavy"], choices=("light", "heavy"))
     add_common_args(e, default_out="runs/msgnn_eval")
     d = sub.add_parser("derain", help="derain one image file")

@@ -25,6 +25,7 @@ test crops. Training runs (``--out``/<model>_seed<s>) resume from their checkpoi
 evaluations are kept there, so an interrupted acceptance picks up where it stopped. Writes
 results/acceptance.{md,json}, results/crops_{light,heavy}.png and results/training.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,20 +41,40 @@ from methods.common import format_difference, paired_difference, seed_values
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"no_graph": dict(mode="faithful", graphs=False), "faithful": dict(mode="faithful", graphs=True),
-          "fixed": dict(mode="fixed", graphs=True)}
-LABELS = {"input": "rainy input", "no_graph": "no-graph ablation", "faithful": "MSGNN faithful",
-          "fixed": "MSGNN fixed"}
+MODELS = {
+    "no_graph": dict(mode="faithful", graphs=False),
+    "faithful": dict(mode="faithful", graphs=True),
+    "fixed": dict(mode="fixed", graphs=True),
+}
+LABELS = {"input": "rainy input", "no_graph": "no-graph ablation", "faithful": "MSGNN faithful", "fixed": "MSGNN fixed"}
 PRESETS = ("light", "heavy")
 # the fast CPU configuration (see the module docstring); the official one is channels 32, 4 x 12, crop 64
 FAST = dict(channels=8, groups=4, units=8, crop=48, batch=8)
 # A - B pairs of the summary: the graph branches against the ablation, the two modes, and each model
 # against the rainy input
-PAIRS = [("faithful", "no_graph"), ("fixed", "no_graph"), ("fixed", "faithful"), ("no_graph", "input"),
-         ("faithful", "input"), ("fixed", "input")]
+PAIRS = [
+    ("faithful", "no_graph"),
+    ("fixed", "no_graph"),
+    ("fixed", "faithful"),
+    ("no_graph", "input"),
+    ("faithful", "input"),
+    ("fixed", "input"),
+]
 METRICS = {"psnr": ("PSNR (dB)", "{:.2f}", "{:+.2f}"), "ssim": ("SSIM", "{:.4f}", "{:+.4f}")}
-SMOKE = dict(steps=2, seeds=[0, 1], channels=4, groups=1, units=1, crop=32, batch=2, train_draws=1, test_crop=48,
-             crops_per_image=1, draws=2, timing_repeats=0)
+SMOKE = dict(
+    steps=2,
+    seeds=[0, 1],
+    channels=4,
+    groups=1,
+    units=1,
+    crop=32,
+    batch=2,
+    train_draws=1,
+    test_crop=48,
+    crops_per_image=1,
+    draws=2,
+    timing_repeats=0,
+)
 
 
 def run_folder(out: str, model: str, seed: int) -> str:
@@ -66,8 +87,14 @@ def run_folder(out: str, model: str, seed: int) -> str:
 def train_config(job: Dict):
     from .train import TrainConfig
 
-    return TrainConfig(steps=job["steps"], seed=job["seed"], draws=job["train_draws"], eval_every=job["eval_every"],
-                       **MODELS[job["model"]], **job["width"])
+    return TrainConfig(
+        steps=job["steps"],
+        seed=job["seed"],
+        draws=job["train_draws"],
+        eval_every=job["eval_every"],
+        **MODELS[job["model"]],
+        **job["width"],
+    )
 
 
 def train_job(job: Dict) -> Dict:
@@ -82,11 +109,15 @@ def train_job(job: Dict) -> Dict:
     t0 = time.perf_counter()
     rows = train(cfg, run, show_progress=False, checkpoint_every=job["checkpoint_every"])
     run.close()
-    return {**job, "checkpoint": os.path.basename(run.checkpoints.latest() or ""), "config": asdict(cfg),
-            "parameters": count_parameters(cfg.model()),
-            "train_minutes": (rows[-1]["seconds"] if rows else time.perf_counter() - t0) / 60,
-            "final_loss": rows[-1]["loss"] if rows else None,
-            "curve": [[r["step"] + 1, r["monitor_psnr"]] for r in rows if "monitor_psnr" in r]}
+    return {
+        **job,
+        "checkpoint": os.path.basename(run.checkpoints.latest() or ""),
+        "config": asdict(cfg),
+        "parameters": count_parameters(cfg.model()),
+        "train_minutes": (rows[-1]["seconds"] if rows else time.perf_counter() - t0) / 60,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "curve": [[r["step"] + 1, r["monitor_psnr"]] for r in rows if "monitor_psnr" in r],
+    }
 
 
 def eval_settings(a) -> Dict:
@@ -136,8 +167,14 @@ def result_rows(evals: List[Dict], trained: Dict) -> List[Dict]:
             if preset not in e["items"]:
                 continue
             it = e["items"][preset]
-            row = {"rain": preset, "model": e["model"], "seed": e["seed"], "psnr": float(np.mean(it["psnr"])),
-                   "ssim": float(np.mean(it["ssim"])), "n": len(it["psnr"])}
+            row = {
+                "rain": preset,
+                "model": e["model"],
+                "seed": e["seed"],
+                "psnr": float(np.mean(it["psnr"])),
+                "ssim": float(np.mean(it["ssim"])),
+                "n": len(it["psnr"]),
+            }
             t = trained.get((e["model"], e["seed"]))
             if t is not None:
                 row["train_minutes"] = t["train_minutes"]
@@ -159,6 +196,7 @@ def verdict(d: Dict[str, float]) -> str:
 def per_crop_difference(items: Dict, rain: str, a: str, b: str, metric: str, seeds: Sequence[int]) -> Optional[Dict]:
     """The pooled extra: per test crop, A - B averaged over the training seeds and the rain draws;
     mean and 95% t interval over the crops (the test-set spread, not the training-seed spread)."""
+
     def crop_means(model):
         keys = ["input"] if model == "input" else [f"{model} seed {s}" for s in seeds]
         if any(k not in items.get(rain, {}) for k in keys):
@@ -190,8 +228,12 @@ def summarize(rows: List[Dict], seeds: Sequence[int], items: Optional[Dict] = No
             for k in METRICS:
                 v = np.asarray(_seed_values(rows, rain, m, k, seeds), dtype=np.float64)
                 fixed = any(r["seed"] is None for r in rows if r["rain"] == rain and r["model"] == m)
-                per[m][k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 and not fixed else 0.0,
-                             "min": float(v.min()), "max": float(v.max())}
+                per[m][k] = {
+                    "mean": float(v.mean()),
+                    "std": float(v.std(ddof=1)) if v.size > 1 and not fixed else 0.0,
+                    "min": float(v.min()),
+                    "max": float(v.max()),
+                }
         pairs = {}
         for a, b in PAIRS:
             if a not in models or b not in models:
@@ -236,8 +278,14 @@ def markdown(meta: Dict, summary: Dict, settings: Dict, timing: Optional[Dict]) 
         "",
     ]
     for rain, sm in summary.items():
-        lines += [f"## {rain} rain", "", "| model | " + " | ".join(v[0] for v in METRICS.values()) +
-                  " | parameters | training (min, slowest seed) |", "|---|" + "---|" * (len(METRICS) + 2)]
+        lines += [
+            f"## {rain} rain",
+            "",
+            "| model | "
+            + " | ".join(v[0] for v in METRICS.values())
+            + " | parameters | training (min, slowest seed) |",
+            "|---|" + "---|" * (len(METRICS) + 2),
+        ]
         for m, d in sm["per_model"].items():
             cells = []
             for k, (_, fmt, _) in METRICS.items():
@@ -248,12 +296,19 @@ def markdown(meta: Dict, summary: Dict, settings: Dict, timing: Optional[Dict]) 
             cells.append(f"{params:,}" if params is not None else "-")
             cells.append(f"{minutes:.1f}" if minutes is not None else "-")
             lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
-        lines += ["", "Paired differences A - B: per training seed, mean [95% t interval] (the per-seed values); "
-                  "verdict from that interval; extra: per test crop (seeds and draws averaged), mean [95% t interval "
-                  "over the crops].", "",
-                  "| A - B | " + " | ".join(f"{v[0]} per seed" for v in METRICS.values()) + " | verdict | " +
-                  " | ".join(f"{v[0]} per crop" for v in METRICS.values()) + " |",
-                  "|---|" + "---|" * (2 * len(METRICS) + 1)]
+        lines += [
+            "",
+            "Paired differences A - B: per training seed, mean [95% t interval] (the per-seed values); "
+            "verdict from that interval; extra: per test crop (seeds and draws averaged), mean [95% t interval "
+            "over the crops].",
+            "",
+            "| A - B | "
+            + " | ".join(f"{v[0]} per seed" for v in METRICS.values())
+            + " | verdict | "
+            + " | ".join(f"{v[0]} per crop" for v in METRICS.values())
+            + " |",
+            "|---|" + "---|" * (2 * len(METRICS) + 1),
+        ]
         for name, d in sm["paired"].items():
             seed_cells, crop_cells = [], []
             for k, (_, _, dfmt) in METRICS.items():
@@ -262,16 +317,27 @@ def markdown(meta: Dict, summary: Dict, settings: Dict, timing: Optional[Dict]) 
                 crop_cells.append(format_difference(d[k]["per_crop"], dfmt) if "per_crop" in d[k] else "-")
             v = " / ".join(f"{METRICS[k][0].split(' ')[0]}: {d[k]['verdict']}" for k in METRICS)
             a, b = name.split(" - ")
-            lines.append(f"| {LABELS.get(a, a)} - {LABELS.get(b, b)} | " + " | ".join(seed_cells) + f" | {v} | " +
-                         " | ".join(crop_cells) + " |")
+            lines.append(
+                f"| {LABELS.get(a, a)} - {LABELS.get(b, b)} | "
+                + " | ".join(seed_cells)
+                + f" | {v} | "
+                + " | ".join(crop_cells)
+                + " |"
+            )
         lines.append("")
     if timing:
-        lines += [f"## Graph search, one {timing['image']} image (4 graphs: scales 1, 1/2, 1/4, exemplar; "
-                  f"{timing['threads']} threads, median of {timing['repeats']})", "",
-                  "| windows | pyops (s) | reference (s) | speed-up | index agreement |", "|---|---|---|---|---|"]
+        lines += [
+            f"## Graph search, one {timing['image']} image (4 graphs: scales 1, 1/2, 1/4, exemplar; "
+            f"{timing['threads']} threads, median of {timing['repeats']})",
+            "",
+            "| windows | pyops (s) | reference (s) | speed-up | index agreement |",
+            "|---|---|---|---|---|",
+        ]
         for w, r in timing["windows"].items():
-            lines.append(f"| {w} | {r['pyops']:.3f} | {r['reference']:.3f} | {r['speedup']:.2f}x | "
-                         f"{100 * r['index_agreement']:.3f}% |")
+            lines.append(
+                f"| {w} | {r['pyops']:.3f} | {r['reference']:.3f} | {r['speedup']:.2f}x | "
+                f"{100 * r['index_agreement']:.3f}% |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -288,17 +354,30 @@ def figures(results: str, done: List[Dict], seed: int, settings: Dict) -> None:
     first = [r for r in done if r["seed"] == seed]
     curves = {LABELS[r["model"]]: tuple(zip(*r["curve"])) for r in first if r["curve"]}
     if curves:
-        plot_curves(curves, os.path.join(results, "training.png"), xlabel="step",
-                    ylabel="monitor PSNR (dB)", title=f"seed {seed}: 96 x 96 centre crops of the test images")
+        plot_curves(
+            curves,
+            os.path.join(results, "training.png"),
+            xlabel="step",
+            ylabel="monitor PSNR (dB)",
+            title=f"seed {seed}: 96 x 96 centre crops of the test images",
+        )
     models = {LABELS[r["model"]]: load_trained(r["folder"])[0] for r in first}
     for preset in PRESETS:
         crops = held_out_crops(preset, **settings)
         pick = [i for i, (c, d) in enumerate(zip(crops.crop, crops.draw)) if d == 0 and c % settings["per_image"] == 0]
-        pairs = D.PairSet([D.to_image(crops.clean[i]) for i in pick], [D.to_image(crops.rainy[i]) for i in pick],
-                          [crops.names[i] for i in pick])
+        pairs = D.PairSet(
+            [D.to_image(crops.clean[i]) for i in pick],
+            [D.to_image(crops.rainy[i]) for i in pick],
+            [crops.names[i] for i in pick],
+        )
         outs = {m: [derain(model, crops.rainy[i], crops.exemplar[i]) for i in pick] for m, model in models.items()}
-        crops_figure(pairs, outs, os.path.join(results, f"crops_{preset}.png"), size=settings["size"],
-                     title=f"{preset} rain, seed {seed}")
+        crops_figure(
+            pairs,
+            outs,
+            os.path.join(results, f"crops_{preset}.png"),
+            size=settings["size"],
+            title=f"{preset} rain, seed {seed}",
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -306,28 +385,34 @@ def figures(results: str, done: List[Dict], seed: int, settings: Dict) -> None:
 # ------------------------------------------------------------------------------------------
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m methods.msgnn.acceptance", description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true",
-                   help=f"a tiny end-to-end run: {SMOKE}; --out runs/msgnn_acceptance_smoke and results in "
-                        "<out>/results unless given")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a tiny end-to-end run: {SMOKE}; --out runs/msgnn_acceptance_smoke and results in "
+        "<out>/results unless given",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 1800)")
     for k, v in FAST.items():
         p.add_argument(f"--{k}", type=int, default=None, help=f"training {k} (default: {v})")
-    p.add_argument("--train-draws", type=int, default=None,
-                   help="rain draws per training image and preset (default: 3)")
+    p.add_argument(
+        "--train-draws", type=int, default=None, help="rain draws per training image and preset (default: 3)"
+    )
     p.add_argument("--test-crop", type=int, default=None, help="side of the test crops (default: 112)")
     p.add_argument("--crops-per-image", type=int, default=None, help="test crops per test image (default: 8)")
     p.add_argument("--draws", type=int, default=None, help="rain draws per test crop and preset (default: 3)")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the test crops and their rain (default: 0)")
-    p.add_argument("--timing-repeats", type=int, default=None,
-                   help="repeats of the graph-search timing, 0 skips it (default: 3)")
+    p.add_argument(
+        "--timing-repeats", type=int, default=None, help="repeats of the graph-search timing, 0 skips it (default: 3)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=None, help="run folders (default: runs/msgnn_acceptance_v2)")
     p.add_argument("--results", default=None, help="results folder (default: methods/msgnn/results)")
     a = p.parse_args(argv)
-    defaults = dict(steps=1800, seeds=[0, 1, 2], train_draws=3, test_crop=112, crops_per_image=8, draws=3,
-                    timing_repeats=3, **FAST)
+    defaults = dict(
+        steps=1800, seeds=[0, 1, 2], train_draws=3, test_crop=112, crops_per_image=8, draws=3, timing_repeats=3, **FAST
+    )
     if a.smoke:
         defaults.update(SMOKE)
     for k, v in defaults.items():
@@ -349,25 +434,61 @@ def main(argv=None):
     width = {k: getattr(a, k) for k in FAST}
     # the slowest runs first, so that the workers finish together
     order = [m for m in ("fixed", "faithful", "no_graph") if m in a.models]
-    jobs = [{"model": m, "seed": s, "steps": a.steps, "width": width, "train_draws": a.train_draws,
-             "eval_every": max(1, min(50, a.steps)), "checkpoint_every": max(1, min(100, a.steps)),
-             "folder": run_folder(a.out, m, s)} for m in order for s in a.seeds]
-    done = run_jobs(train_job, jobs, a.workers,
-                    lambda r: f"{LABELS[r['model']]} seed {r['seed']}: {r['train_minutes']:.1f} min, "
-                              f"-SSIM {r['final_loss']}")
+    jobs = [
+        {
+            "model": m,
+            "seed": s,
+            "steps": a.steps,
+            "width": width,
+            "train_draws": a.train_draws,
+            "eval_every": max(1, min(50, a.steps)),
+            "checkpoint_every": max(1, min(100, a.steps)),
+            "folder": run_folder(a.out, m, s),
+        }
+        for m in order
+        for s in a.seeds
+    ]
+    done = run_jobs(
+        train_job,
+        jobs,
+        a.workers,
+        lambda r: f"{LABELS[r['model']]} seed {r['seed']}: {r['train_minutes']:.1f} min, -SSIM {r['final_loss']}",
+    )
     done.sort(key=lambda r: (a.models.index(r["model"]), r["seed"]))
     trained = {(r["model"], r["seed"]): r for r in done}
 
     settings = eval_settings(a)
-    ejobs = [{"model": "input", "seed": None, "folder": None, "checkpoint": None,
-              "cache": os.path.join(a.out, "eval_input.json")}]
-    ejobs += [{"model": r["model"], "seed": r["seed"], "folder": r["folder"], "checkpoint": r["checkpoint"],
-               "cache": os.path.join(r["folder"], "eval_crops.json")} for r in done]
+    ejobs = [
+        {
+            "model": "input",
+            "seed": None,
+            "folder": None,
+            "checkpoint": None,
+            "cache": os.path.join(a.out, "eval_input.json"),
+        }
+    ]
+    ejobs += [
+        {
+            "model": r["model"],
+            "seed": r["seed"],
+            "folder": r["folder"],
+            "checkpoint": r["checkpoint"],
+            "cache": os.path.join(r["folder"], "eval_crops.json"),
+        }
+        for r in done
+    ]
     ejobs = [{**j, "settings": settings, "presets": list(PRESETS)} for j in ejobs]
-    evals = run_jobs(eval_job, ejobs, a.workers,
-                     lambda r: f"eval {LABELS[r['model']]}" + ("" if r["seed"] is None else f" seed {r['seed']}")
-                               + f": {r['eval_minutes']:.1f} min"
-                               + (" (kept from an earlier run)" if r["cached"] else ""))
+    evals = run_jobs(
+        eval_job,
+        ejobs,
+        a.workers,
+        lambda r: (
+            f"eval {LABELS[r['model']]}"
+            + ("" if r["seed"] is None else f" seed {r['seed']}")
+            + f": {r['eval_minutes']:.1f} min"
+            + (" (kept from an earlier run)" if r["cached"] else "")
+        ),
+    )
     evals.sort(key=lambda r: (-1, 0) if r["model"] == "input" else (a.models.index(r["model"]), r["seed"]))
     items = {p: {} for p in PRESETS}
     for e in evals:
@@ -396,19 +517,34 @@ def main(argv=None):
     steps = a.steps
     meta = acceptance_meta("methods.msgnn.acceptance", argv, date, a.seeds, a.workers, minutes=(time.time() - t0) / 60)
     info = {
-        "training": {"steps": steps, "batch": a.batch, "crop": a.crop, "channels": a.channels, "groups": a.groups,
-                     "units": a.units, "train_draws": a.train_draws, "lr": lr,
-                     "milestones": sorted({max(1, steps * 3 // 5), max(1, steps * 4 // 5)})},
-        "test": {**settings, "images": list(dict.fromkeys(n.split("@")[0] for n in tc.names)),
-                 "crops": len(set(tc.crop)), "items": len(tc)},
+        "training": {
+            "steps": steps,
+            "batch": a.batch,
+            "crop": a.crop,
+            "channels": a.channels,
+            "groups": a.groups,
+            "units": a.units,
+            "train_draws": a.train_draws,
+            "lr": lr,
+            "milestones": sorted({max(1, steps * 3 // 5), max(1, steps * 4 // 5)}),
+        },
+        "test": {
+            **settings,
+            "images": list(dict.fromkeys(n.split("@")[0] for n in tc.names)),
+            "crops": len(set(tc.crop)),
+            "items": len(tc),
+        },
         "parameters": {r["model"]: r["parameters"] for r in done},
         "train_minutes": {m: max(r["train_minutes"] for r in done if r["model"] == m) for m in a.models},
         "eval_minutes": {f"{e['model']} seed {e['seed']}": e["eval_minutes"] for e in evals},
         "configs": {r["model"]: r["config"] for r in done},
     }
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "summary": summary, "settings": info, "search_timing": timing,
-                   "items": items}, f, indent=1)
+        json.dump(
+            {"meta": meta, "rows": rows, "summary": summary, "settings": info, "search_timing": timing, "items": items},
+            f,
+            indent=1,
+        )
     text = markdown(meta, summary, info, timing)
     with open(os.path.join(a.results, "acceptance.md"), "w") as f:
         f.write(text)

@@ -11,6 +11,7 @@ Everything is drawn from one ``numpy.random.Generator``, so a seed reproduces th
 Train/test split by image, never by crop: the test images (``chelsea``, ``coffee``, ``rocket``)
 never appear in training. ``motorcycle_left``/``right`` (one scene) both stay in training.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,10 +22,17 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from methods.common.optional import requires
 
-TRAIN_IMAGES = ("astronaut", "hubble_deep_field", "immunohistochemistry", "motorcycle_left", "motorcycle_right",
-                "retina")
+TRAIN_IMAGES = (
+    "astronaut",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "motorcycle_left",
+    "motorcycle_right",
+    "retina",
+)
 TEST_IMAGES = ("chelsea", "coffee", "rocket")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -187,8 +195,9 @@ class PairSet:
         return len(self.names)
 
 
-def synthetic_pairs(names: Sequence[str], presets: Sequence[str], draws: int, seed: int,
-                    max_side: int = 481, offset: int = 0) -> PairSet:
+def synthetic_pairs(
+    names: Sequence[str], presets: Sequence[str], draws: int, seed: int, max_side: int = 481, offset: int = 0
+) -> PairSet:
     """``draws`` rain draws per image and preset, seeded by (seed, image index + offset, preset,
     draw)."""
     clean, rainy, out_names = [], [], []
@@ -216,7 +225,9 @@ def folder_pairs(root: str, *, log=print) -> PairSet:
         if os.path.isdir(os.path.join(root, rd)) and os.path.isdir(os.path.join(root, cd)):
             break
     else:
-        raise ValueError(f"{root} has no rainy/clean sub-folders (looked for {', '.join('/'.join(p) for p in layouts)})")
+        raise ValueError(
+            f"{root} has no rainy/clean sub-folders (looked for {', '.join('/'.join(p) for p in layouts)})"
+        )
     rdir, cdir = os.path.join(root, rd), os.path.join(root, cd)
     cfiles = {f.lower(): f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTENSIONS)}
     clean, rainy, names, skipped = [], [], [], []
@@ -294,14 +305,31 @@ class CropSampler:
         for _ in range(batch_size):
             i = int(rng.integers(len(self.pairs)))
             y, x = self._crop(self.rainy[i], rng)
-            rs.append(self.rainy[i][:, y:y + c, x:x + c])
-            cs.append(self.clean[i][:, y:y + c, x:x + c])
+            rs.append(self.rainy[i][:, y : y + c, x : x + c])
+            cs.append(self.clean[i][:, y : y + c, x : x + c])
             e = self.exemplar[i]
             y, x = self._crop(self.rainy[e], rng)
-            es.append(self.rainy[e][:, y:y + c, x:x + c])
+            es.append(self.rainy[e][:, y : y + c, x : x + c])
         return torch.stack(rs), torch.stack(cs), torch.stack(es)
 
 
-__all__ = ["CropSampler", "PRESETS", "PairSet", "RainPreset", "TEST_IMAGES", "TRAIN_IMAGES", "add_rain",
-           "exemplar_for", "exemplar_index", "folder_pairs", "pyr_down", "rain_layer", "read_rgb", "skimage_image",
-           "synthetic_pairs", "test_pairs", "to_image", "to_tensor"]
+__all__ = [
+    "CropSampler",
+    "PRESETS",
+    "PairSet",
+    "RainPreset",
+    "TEST_IMAGES",
+    "TRAIN_IMAGES",
+    "add_rain",
+    "exemplar_for",
+    "exemplar_index",
+    "folder_pairs",
+    "pyr_down",
+    "rain_layer",
+    "read_rgb",
+    "skimage_image",
+    "synthetic_pairs",
+    "test_pairs",
+    "to_image",
+    "to_tensor",
+]

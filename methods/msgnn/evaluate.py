@@ -1,6 +1,7 @@
 """Evaluation: PSNR/SSIM of derained held-out images (full images, or a fixed set of seeded test
 crops with several rain draws each), figures of crops, and the wall time of the graph search
 (pyops against the plain-PyTorch reference) at 481 x 321."""
+
 from __future__ import annotations
 
 import functools
@@ -12,10 +13,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from methods.common.optional import requires
+
 from . import data as D
 from . import graph as G
 from .metrics import psnr, ssim
-from methods.common.optional import requires
 
 
 @torch.no_grad()
@@ -43,8 +45,13 @@ def test_exemplar(pool: D.PairSet, i: int, preset: str, seed: int) -> torch.Tens
     return D.to_tensor(pool.rainy[t])
 
 
-def evaluate(models: Dict[str, torch.nn.Module], presets=("light", "heavy"), seed: int = 0,
-             figure_dir: Optional[str] = None, progress_fn: Callable = lambda it: it) -> Dict:
+def evaluate(
+    models: Dict[str, torch.nn.Module],
+    presets=("light", "heavy"),
+    seed: int = 0,
+    figure_dir: Optional[str] = None,
+    progress_fn: Callable = lambda it: it,
+) -> Dict:
     """Per preset: PSNR/SSIM (mean over the test images) of the rainy input and of each model."""
     pool = exemplar_pool(seed, presets)
     res: Dict = {"presets": {}, "images": list(D.TEST_IMAGES)}
@@ -65,9 +72,14 @@ def evaluate(models: Dict[str, torch.nn.Module], presets=("light", "heavy"), see
                 outs[m].append(o)
                 rows[m].append((psnr(o[None], c[None]).item(), ssim(o[None], c[None]).item()))
         res["presets"][preset] = {
-            m: {"psnr": float(np.mean([v[0] for v in vals])), "ssim": float(np.mean([v[1] for v in vals])),
-                "per_image_psnr": [v[0] for v in vals], "seconds_per_image": per_image.get(m)}
-            for m, vals in rows.items()}
+            m: {
+                "psnr": float(np.mean([v[0] for v in vals])),
+                "ssim": float(np.mean([v[1] for v in vals])),
+                "per_image_psnr": [v[0] for v in vals],
+                "seconds_per_image": per_image.get(m),
+            }
+            for m, vals in rows.items()
+        }
         if figure_dir:
             os.makedirs(figure_dir, exist_ok=True)
             crops_figure(pairs, outs, os.path.join(figure_dir, f"crops_{preset}.png"), title=f"{preset} rain")
@@ -81,6 +93,7 @@ def evaluate(models: Dict[str, torch.nn.Module], presets=("light", "heavy"), see
 class CropSet:
     """Test items of one rain preset: ``rainy``, ``clean``, ``exemplar`` (N, 3, S, S) and, per item,
     its ``crop`` id (the same for every rain draw of one crop position), ``draw`` and ``name``."""
+
     preset: str
     rainy: torch.Tensor
     clean: torch.Tensor
@@ -99,8 +112,9 @@ def crop_positions(h: int, w: int, size: int, n: int, rng: np.random.Generator) 
     each crop sits at a random offset inside its cell."""
     rows, cols = h // size, w // size
     if rows * cols < n:
-        raise ValueError(f"a {h} x {w} image holds only {rows * cols} non-overlapping {size} x {size} crops, "
-                         f"{n} were asked for")
+        raise ValueError(
+            f"a {h} x {w} image holds only {rows * cols} non-overlapping {size} x {size} crops, {n} were asked for"
+        )
     ch, cw = h // rows, w // cols
     out = []
     for cell in sorted(int(c) for c in rng.choice(rows * cols, n, replace=False)):
@@ -110,8 +124,14 @@ def crop_positions(h: int, w: int, size: int, n: int, rng: np.random.Generator) 
 
 
 @functools.lru_cache(maxsize=4)
-def held_out_crops(preset: str, size: int = 112, per_image: int = 8, draws: int = 3, seed: int = 0,
-                   images: Sequence[str] = D.TEST_IMAGES) -> CropSet:
+def held_out_crops(
+    preset: str,
+    size: int = 112,
+    per_image: int = 8,
+    draws: int = 3,
+    seed: int = 0,
+    images: Sequence[str] = D.TEST_IMAGES,
+) -> CropSet:
     """The held-out crop test set of one rain preset, a function of its arguments only (cached per
     process: do not modify the tensors).
 
@@ -129,8 +149,10 @@ def held_out_crops(preset: str, size: int = 112, per_image: int = 8, draws: int 
     if draws < 1 or per_image < 1:
         raise ValueError("draws and per_image must be >= 1")
     if set(images) & set(D.TRAIN_IMAGES):
-        raise ValueError(f"test crops must come from held-out images; {sorted(set(images) & set(D.TRAIN_IMAGES))} "
-                         "are training images")
+        raise ValueError(
+            f"test crops must come from held-out images; {sorted(set(images) & set(D.TRAIN_IMAGES))} "
+            "are training images"
+        )
     pidx = list(D.PRESETS).index(preset)  # stable whatever presets the caller evaluates
     train = list(D.TRAIN_IMAGES)
     rs, cs, es, crop_ids, draw_ids, names = [], [], [], [], [], []
@@ -147,9 +169,9 @@ def held_out_crops(preset: str, size: int = 112, per_image: int = 8, draws: int 
         for d in range(draws):
             rainy = D.add_rain(img, preset, D.rain_seed(seed + 40_000, i, pidx, d))
             for c, ((y, x), (ey, ex)) in enumerate(zip(pos, ex_pos)):
-                rs.append(D.to_tensor(rainy[y:y + size, x:x + size]))
-                cs.append(D.to_tensor(img[y:y + size, x:x + size]))
-                es.append(D.to_tensor(ex_img[ey:ey + size, ex:ex + size]))
+                rs.append(D.to_tensor(rainy[y : y + size, x : x + size]))
+                cs.append(D.to_tensor(img[y : y + size, x : x + size]))
+                es.append(D.to_tensor(ex_img[ey : ey + size, ex : ex + size]))
                 crop_ids.append(i * per_image + c)
                 draw_ids.append(d)
                 names.append(f"{name}@{y},{x}/{preset}/{d}")
@@ -161,15 +183,16 @@ def evaluate_crops(model: Optional[torch.nn.Module], crops: CropSet, batch: int 
     """Per-item PSNR and SSIM of a model's output on a CropSet (``model=None``: of the rainy input)."""
     ps, ss = [], []
     for a in range(0, len(crops), batch):
-        r, c = crops.rainy[a:a + batch], crops.clean[a:a + batch]
-        o = r if model is None else derain(model, r, crops.exemplar[a:a + batch])
+        r, c = crops.rainy[a : a + batch], crops.clean[a : a + batch]
+        o = r if model is None else derain(model, r, crops.exemplar[a : a + batch])
         ps += psnr(o, c).tolist()
         ss += ssim(o, c).tolist()
     return {"psnr": ps, "ssim": ss}
 
 
-def crops_figure(pairs: D.PairSet, outs: Dict[str, List[torch.Tensor]], path: str, size: int = 128,
-                 title: str = "") -> str:
+def crops_figure(
+    pairs: D.PairSet, outs: Dict[str, List[torch.Tensor]], path: str, size: int = 128, title: str = ""
+) -> str:
     """Rows = test images; columns = rainy, each model's output, clean; centre crops."""
     with requires("methods"):
         import matplotlib
@@ -185,7 +208,7 @@ def crops_figure(pairs: D.PairSet, outs: Dict[str, List[torch.Tensor]], path: st
         imgs = [pairs.rainy[i]] + [D.to_image(outs[m][i]) for m in outs] + [pairs.clean[i]]
         for j, (name, im) in enumerate(zip(cols, imgs)):
             ax = axes[i, j]
-            ax.imshow(np.clip(im[y:y + size, x:x + size], 0, 1))
+            ax.imshow(np.clip(im[y : y + size, x : x + size], 0, 1))
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -218,21 +241,32 @@ def search_timing(height: int = 321, width: int = 481, repeats: int = 3, seed: i
     from .model import embed_cnn
 
     torch.manual_seed(seed)
-    img = D.to_tensor(D.add_rain(np.random.default_rng(seed).random((height, width, 3), dtype=np.float32) * 0.6,
-                                 "heavy", D.rain_seed(seed, 0)))[None]
+    img = D.to_tensor(
+        D.add_rain(
+            np.random.default_rng(seed).random((height, width, 3), dtype=np.float32) * 0.6,
+            "heavy",
+            D.rain_seed(seed, 0),
+        )
+    )[None]
     r2 = D.pyr_down(img)
     r4 = D.pyr_down(r2)
     emb = embed_cnn(32)
     q, _ = G.pad_to_grid(emb(img))
-    sons = {"s1": (q, 1), "s2": (G.pad_to_grid(emb(r2))[0], 2),
-            "s4": (G.pad_to_grid(emb(r4))[0], 4), "exemplar": (G.pad_to_grid(emb(img.flip(-1)))[0], 1)}
+    sons = {
+        "s1": (q, 1),
+        "s2": (G.pad_to_grid(emb(r2))[0], 2),
+        "s4": (G.pad_to_grid(emb(r4))[0], 4),
+        "exemplar": (G.pad_to_grid(emb(img.flip(-1)))[0], 1),
+    }
     out = {"image": f"{width} x {height}", "threads": torch.get_num_threads(), "windows": {}}
     for windows in ("faithful", "centred"):
         row = {}
         agree = []
         for impl, fn in (("pyops", G.knn_search), ("reference", G.reference_search)):
+
             def all_graphs(fn=fn):
                 return [fn(q, s, 5, windows=windows, window=30, scale=sc) for s, sc in sons.values()]
+
             row[impl] = _median_time(all_graphs, repeats)
             agree.append(all_graphs())
         same = [float((a == b).float().mean()) for a, b in zip(*agree)]
@@ -242,5 +276,15 @@ def search_timing(height: int = 321, width: int = 481, repeats: int = 3, seed: i
     return out
 
 
-__all__ = ["CropSet", "crop_positions", "crops_figure", "derain", "evaluate", "evaluate_crops", "exemplar_pool",
-           "held_out_crops", "search_timing", "test_exemplar"]
+__all__ = [
+    "CropSet",
+    "crop_positions",
+    "crops_figure",
+    "derain",
+    "evaluate",
+    "evaluate_crops",
+    "exemplar_pool",
+    "held_out_crops",
+    "search_timing",
+    "test_exemplar",
+]

@@ -20,6 +20,7 @@ Both run in ``pyops.knn_patch_search`` (the faithful window through its ``window
 start ``(1 * i + 0) // 2 - s // scale``). ``reference_search`` is the official computation (the
 full distance matrix per query chunk, gathered to the candidate set, ``topk``), the test oracle.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,7 @@ def pad_to_grid(x: torch.Tensor, patch: int = PATCH):
 
 def crop_padding(x: torch.Tensor, pad) -> torch.Tensor:
     t, b, l, r = pad
-    return x[..., t:x.shape[-2] - b, l:x.shape[-1] - r]
+    return x[..., t : x.shape[-2] - b, l : x.shape[-1] - r]
 
 
 def patch_vectors(x: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
@@ -76,8 +77,9 @@ def faithful_candidates(query_grid, son_grid, window: int, scale: int) -> torch.
     return (rows * n2 + cols).reshape(m1 * m2, s * s)
 
 
-def knn_search(query_e: torch.Tensor, son_e: torch.Tensor, k: int, *, windows: str, window: int,
-               scale: int) -> torch.Tensor:
+def knn_search(
+    query_e: torch.Tensor, son_e: torch.Tensor, k: int, *, windows: str, window: int, scale: int
+) -> torch.Tensor:
     """Indices (B, m, k) of the k nearest son patches of every query patch (padded maps)."""
     n1, n2 = son_e.shape[-2] // PATCH, son_e.shape[-1] // PATCH
     if windows == "centred":
@@ -88,8 +90,9 @@ def knn_search(query_e: torch.Tensor, son_e: torch.Tensor, k: int, *, windows: s
     return pyops.knn_patch_search(query_e, son_e, k, patch_size=PATCH, window=s, window_anchor=(a, a))[1]
 
 
-def reference_search(query_e: torch.Tensor, son_e: torch.Tensor, k: int, *, windows: str, window: int,
-                     scale: int, chunk: int = 2048) -> torch.Tensor:
+def reference_search(
+    query_e: torch.Tensor, son_e: torch.Tensor, k: int, *, windows: str, window: int, scale: int, chunk: int = 2048
+) -> torch.Tensor:
     """The official search in plain PyTorch (the oracle and the timing baseline): patch vectors,
     ``|q|^2 + |d|^2 - 2 q d^T`` per chunk of queries, gathered to the candidate set, ``topk``.
     The faithful candidates come from the official formula (``faithful_candidates``), written
@@ -106,9 +109,9 @@ def reference_search(query_e: torch.Tensor, son_e: torch.Tensor, k: int, *, wind
     d_sq = (dv * dv).sum(-1)
     out = []
     for a in range(0, qv.shape[1], chunk):
-        q = qv[:, a:a + chunk]
+        q = qv[:, a : a + chunk]
         dist = (q * q).sum(-1, keepdim=True) + d_sq[:, None, :] - 2 * q @ dv.transpose(1, 2)
-        c = cand[a:a + chunk].expand(qv.shape[0], -1, -1)
+        c = cand[a : a + chunk].expand(qv.shape[0], -1, -1)
         dist = dist.gather(2, c) + 1e-5
         j = dist.topk(k, dim=2, largest=False, sorted=True).indices
         out.append(c.gather(2, j))
@@ -129,8 +132,7 @@ def edge_features(query_e: torch.Tensor, son_e: torch.Tensor, idx: torch.Tensor)
     return (yv.unsqueeze(2) - nb).abs().sum(-1)
 
 
-def aggregate(son_feat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, query_size,
-              query_pad) -> torch.Tensor:
+def aggregate(son_feat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, query_size, query_pad) -> torch.Tensor:
     """Weighted sum of the k neighbour patches of the (padded) son features placed at every
     query patch (``pyops.patch_aggregate``), cropped to the query's unpadded size."""
     feat, _ = pad_to_grid(son_feat)
@@ -146,13 +148,25 @@ def check_image_sizes(h: int, w: int, k: int, name: str = "image", levels: int =
     for level in range(levels):
         n1, n2 = -(-hh // PATCH), -(-ww // PATCH)
         if min(n1, n2) < 3 or n1 * n2 < k:
-            scales = ", ".join(f"1/{2 ** i}" if i else "1" for i in range(levels))
-            raise ValueError(f"{name} of {h} x {w} is too small: its 1/{2 ** level}-scale map ({hh} x {ww}) has a "
-                             f"{n1} x {n2} patch grid and MSGNN needs at least 3 x 3 patches of {PATCH} x {PATCH} "
-                             f"at scale{'s' if levels > 1 else ''} {scales} (images of at least {6 * 2 ** (levels - 1) + 1} x "
-                             f"{6 * 2 ** (levels - 1) + 1})")
+            scales = ", ".join(f"1/{2**i}" if i else "1" for i in range(levels))
+            raise ValueError(
+                f"{name} of {h} x {w} is too small: its 1/{2**level}-scale map ({hh} x {ww}) has a "
+                f"{n1} x {n2} patch grid and MSGNN needs at least 3 x 3 patches of {PATCH} x {PATCH} "
+                f"at scale{'s' if levels > 1 else ''} {scales} (images of at least {6 * 2 ** (levels - 1) + 1} x "
+                f"{6 * 2 ** (levels - 1) + 1})"
+            )
         hh, ww = (hh + 1) // 2, (ww + 1) // 2
 
 
-__all__ = ["aggregate", "calc_padding", "check_image_sizes", "crop_padding", "edge_features",
-           "faithful_candidates", "knn_search", "pad_to_grid", "patch_vectors", "reference_search"]
+__all__ = [
+    "aggregate",
+    "calc_padding",
+    "check_image_sizes",
+    "crop_padding",
+    "edge_features",
+    "faithful_candidates",
+    "knn_search",
+    "pad_to_grid",
+    "patch_vectors",
+    "reference_search",
+]

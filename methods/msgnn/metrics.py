@@ -4,6 +4,7 @@ SSIM as the official code's ``pytorch_ssim``: an 11 x 11 Gaussian window (sigma 
 channel, zero padding of 5, C1 = 0.01^2, C2 = 0.03^2, mean of the SSIM map over channels and
 pixels. PSNR with peak 1 on the RGB image (not the Y channel), as the official evaluation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 @functools.lru_cache(maxsize=8)
 def _window(size: int, sigma: float, dtype: torch.dtype, device: str) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - size // 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     g = g / g.sum()
     return (g[:, None] * g[None, :]).to(dtype=dtype, device=device)
 
@@ -28,11 +29,11 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 
     pad = window // 2
     mu_x = F.conv2d(x, w, padding=pad, groups=c)
     mu_y = F.conv2d(y, w, padding=pad, groups=c)
-    sxx = F.conv2d(x * x, w, padding=pad, groups=c) - mu_x ** 2
-    syy = F.conv2d(y * y, w, padding=pad, groups=c) - mu_y ** 2
+    sxx = F.conv2d(x * x, w, padding=pad, groups=c) - mu_x**2
+    syy = F.conv2d(y * y, w, padding=pad, groups=c) - mu_y**2
     sxy = F.conv2d(x * y, w, padding=pad, groups=c) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    return ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

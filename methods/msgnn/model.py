@@ -28,6 +28,7 @@ Modes:
 
 ``graphs=False`` is the no-graph ablation: the same backbone, each group feeding the next.
 """
+
 from __future__ import annotations
 
 import torch
@@ -100,8 +101,9 @@ class DenseGroup(nn.Module):
 
 
 def embed_cnn(c: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), _lrelu(), nn.Conv2d(c, c, 3, 1, 1), _lrelu(),
-                         nn.Conv2d(c, c, 3, 1, 1), _lrelu())
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, 1, 1), _lrelu(), nn.Conv2d(c, c, 3, 1, 1), _lrelu(), nn.Conv2d(c, c, 3, 1, 1), _lrelu()
+    )
 
 
 class WeightNet(nn.Module):
@@ -155,8 +157,7 @@ class PatchGraph(nn.Module):
             xe, _ = G.pad_to_grid(self.embed_son(son))
             ye, qpad = G.pad_to_grid(self.embed_query(query))
             windows = "faithful" if self.mode == "faithful" else "centred"
-            idx = G.knn_search(ye.detach(), xe.detach(), self.k, windows=windows, window=self.window,
-                               scale=self.scale)
+            idx = G.knn_search(ye.detach(), xe.detach(), self.k, windows=windows, window=self.window, scale=self.scale)
             diff = G.edge_features(ye, xe, idx)
         return idx, diff, qpad
 
@@ -169,8 +170,16 @@ class PatchGraph(nn.Module):
 
 
 class MSGNN(nn.Module):
-    def __init__(self, mode: str = "faithful", graphs: bool = True, channels: int = 32, groups: int = 4,
-                 units: int = 12, k: int = 5, window: int = 30):
+    def __init__(
+        self,
+        mode: str = "faithful",
+        graphs: bool = True,
+        channels: int = 32,
+        groups: int = 4,
+        units: int = 12,
+        k: int = 5,
+        window: int = 30,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -181,10 +190,15 @@ class MSGNN(nn.Module):
         self.convert = nn.Conv2d(3, c, 3, 1, 1)
         self.body = nn.ModuleList(DenseGroup(c, units, gct=True, fusion=g < groups - 1) for g in range(groups))
         if graphs:
-            self.graph = nn.ModuleDict({name: PatchGraph(c, scale, k, window, mode)
-                                        for name, scale in (("s1", 1), ("s2", 2), ("s4", 4), ("exemplar", 1))})
-            self.fuse = nn.ModuleList(nn.Sequential(nn.Conv2d(5 * c, c, 1), _lrelu(), nn.Conv2d(c, c, 1))
-                                      for _ in range(groups - 1))
+            self.graph = nn.ModuleDict(
+                {
+                    name: PatchGraph(c, scale, k, window, mode)
+                    for name, scale in (("s1", 1), ("s2", 2), ("s4", 4), ("exemplar", 1))
+                }
+            )
+            self.fuse = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(5 * c, c, 1), _lrelu(), nn.Conv2d(c, c, 1)) for _ in range(groups - 1)
+            )
         self.out = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), _lrelu(), nn.Conv2d(c, 3, 1))
 
     def check_inputs(self, rainy: torch.Tensor, exemplar) -> None:
@@ -192,8 +206,10 @@ class MSGNN(nn.Module):
             if x is None:
                 continue
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-                raise ValueError(f"MSGNN: {name} must be a (B, 3, H, W) RGB tensor, got "
-                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+                raise ValueError(
+                    f"MSGNN: {name} must be a (B, 3, H, W) RGB tensor, got "
+                    f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                )
             if not x.is_floating_point():
                 raise TypeError(f"MSGNN: {name} must be a floating-point tensor in [0, 1], got {x.dtype}")
             if not torch.isfinite(x).all():
@@ -202,7 +218,9 @@ class MSGNN(nn.Module):
             G.check_image_sizes(rainy.shape[-2], rainy.shape[-1], self.k, "rainy image")
             if exemplar is not None:
                 if exemplar.shape[0] != rainy.shape[0]:
-                    raise ValueError(f"MSGNN: exemplar batch size {exemplar.shape[0]} != rainy batch size {rainy.shape[0]}")
+                    raise ValueError(
+                        f"MSGNN: exemplar batch size {exemplar.shape[0]} != rainy batch size {rainy.shape[0]}"
+                    )
                 G.check_image_sizes(exemplar.shape[-2], exemplar.shape[-1], self.k, "exemplar", levels=1)
 
     def graph_features(self, rainy: torch.Tensor, exemplar: torch.Tensor):

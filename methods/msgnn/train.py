@@ -8,6 +8,7 @@ seeded by (seed, step, rank): a resumed run sees the batches it would have seen,
 fixed crops of differently seeded rain on the test images is logged for the curves only (it
 selects nothing).
 """
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,15 @@ class TrainConfig:
             raise ValueError(f"crop must be at least 25 (three scales of 3 x 3 patch grids), got {self.crop}")
 
     def model(self) -> MSGNN:
-        return MSGNN(self.mode, graphs=self.graphs, channels=self.channels, groups=self.groups, units=self.units,
-                     k=self.k, window=self.window)
+        return MSGNN(
+            self.mode,
+            graphs=self.graphs,
+            channels=self.channels,
+            groups=self.groups,
+            units=self.units,
+            k=self.k,
+            window=self.window,
+        )
 
     @property
     def name(self) -> str:
@@ -78,8 +86,8 @@ def monitor_batch(cfg: TrainConfig, size: int = 96):
             r = D.add_rain(img, preset, D.rain_seed(cfg.seed + 20_000, i, pi))
             h, w = img.shape[:2]
             y, x = (h - size) // 2, (w - size) // 2
-            rs.append(D.to_tensor(r[y:y + size, x:x + size]))
-            cs.append(D.to_tensor(img[y:y + size, x:x + size]))
+            rs.append(D.to_tensor(r[y : y + size, x : x + size]))
+            cs.append(D.to_tensor(img[y : y + size, x : x + size]))
             es.append(D.to_tensor(r[:size, :size]))
     return torch.stack(rs), torch.stack(cs), torch.stack(es)
 
@@ -93,8 +101,9 @@ def monitor(model: MSGNN, batch, device) -> Dict[str, float]:
     return {"monitor_psnr": psnr(out, c).mean().item(), "monitor_ssim": ssim(out, c).mean().item()}
 
 
-def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-          checkpoint_every: int = 50) -> List[Dict]:
+def train(
+    cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True, checkpoint_every: int = 50
+) -> List[Dict]:
     info = init_distributed(device)
     seed_everything(cfg.seed)
     pairs = training_pairs(cfg, log=run.warning)
@@ -109,12 +118,20 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     state = run.resume(asdict(cfg), model=model, opt=opt, sched=sched)
     start = state["step"] + 1 if state else 0
     if state is None:
-        run.info(f"{cfg.name}: {count_parameters(model)} trainable parameters "
-                 f"({count_parameters(model, trainable=False)} in all), {len(pairs)} training pairs, "
-                 f"{info.world_size} process(es)")
+        run.info(
+            f"{cfg.name}: {count_parameters(model)} trainable parameters "
+            f"({count_parameters(model, trainable=False)} in all), {len(pairs)} training pairs, "
+            f"{info.world_size} process(es)"
+        )
     mon = monitor_batch(cfg) if info.is_main and not cfg.data_dir else None
-    bar = progress(range(start, cfg.steps), enabled=show_progress and info.is_main, desc=f"train {cfg.name}",
-                   unit="step", total=cfg.steps, initial=start)
+    bar = progress(
+        range(start, cfg.steps),
+        enabled=show_progress and info.is_main,
+        desc=f"train {cfg.name}",
+        unit="step",
+        total=cfg.steps,
+        initial=start,
+    )
     # the losses of the steps since the last logged row: a checkpoint between two rows carries them
     t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     prev = state.get("seconds", 0.0) if state else 0.0
@@ -142,9 +159,17 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             acc = []
         if info.is_main and ((step + 1) % checkpoint_every == 0 or last):
-            run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "config": asdict(cfg), "seconds": seconds,
-                                        "acc": acc})
+            run.checkpoints.save(
+                step,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "config": asdict(cfg),
+                    "seconds": seconds,
+                    "acc": acc,
+                },
+            )
         barrier()
     return run.rows
 

@@ -10,6 +10,7 @@
 
 Both work for any input size from 32 x 32 (TSCANLike) / 16 x 16 (PhysNet) up.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,25 +40,56 @@ class TSCANLike(nn.Module):
         if shrink < 1:
             raise ValueError(f"shrink must be >= 1, got {shrink}")
         c64, c32, c16 = (max(4, c // shrink) for c in (64, 32, 16))
-        self.app1 = nn.Sequential(nn.Conv3d(3, c64, (2, 8, 8), padding=(0, 2, 2)), nn.BatchNorm3d(c64), nn.ReLU(),
-                                  nn.AvgPool3d((1, 2, 2)),
-                                  nn.Conv3d(c64, c32, (1, 5, 5), padding=(0, 2, 2)), nn.BatchNorm3d(c32), nn.ReLU())
-        self.mot1 = nn.Sequential(nn.Conv3d(3, c32, (1, 8, 8), padding=(0, 2, 2)), nn.BatchNorm3d(c32), nn.Tanh(),
-                                  nn.AvgPool3d((1, 2, 2)),
-                                  nn.Conv3d(c32, c16, (1, 5, 5), padding=(0, 2, 2)), nn.Dropout(dropout),
-                                  nn.BatchNorm3d(c16), nn.Tanh())
+        self.app1 = nn.Sequential(
+            nn.Conv3d(3, c64, (2, 8, 8), padding=(0, 2, 2)),
+            nn.BatchNorm3d(c64),
+            nn.ReLU(),
+            nn.AvgPool3d((1, 2, 2)),
+            nn.Conv3d(c64, c32, (1, 5, 5), padding=(0, 2, 2)),
+            nn.BatchNorm3d(c32),
+            nn.ReLU(),
+        )
+        self.mot1 = nn.Sequential(
+            nn.Conv3d(3, c32, (1, 8, 8), padding=(0, 2, 2)),
+            nn.BatchNorm3d(c32),
+            nn.Tanh(),
+            nn.AvgPool3d((1, 2, 2)),
+            nn.Conv3d(c32, c16, (1, 5, 5), padding=(0, 2, 2)),
+            nn.Dropout(dropout),
+            nn.BatchNorm3d(c16),
+            nn.Tanh(),
+        )
         self.fuse1 = nn.Linear(c32, 1)
-        self.app2 = nn.Sequential(nn.Conv3d(c32, c64, 3, padding=(0, 1, 1)), nn.BatchNorm3d(c64), nn.ReLU(),
-                                  nn.AvgPool3d((1, 2, 2)),
-                                  nn.Conv3d(c64, 8, 3, padding=(0, 1, 1)), nn.BatchNorm3d(8), nn.ReLU())
-        self.mot2 = nn.Sequential(nn.Conv3d(c16, c32, 3, padding=(0, 1, 1)), nn.BatchNorm3d(c32), nn.Tanh(),
-                                  nn.AvgPool3d((1, 2, 2)),
-                                  nn.Conv3d(c32, c64, 3, padding=(0, 1, 1)), nn.Dropout(dropout),
-                                  nn.BatchNorm3d(c64), nn.Tanh())
+        self.app2 = nn.Sequential(
+            nn.Conv3d(c32, c64, 3, padding=(0, 1, 1)),
+            nn.BatchNorm3d(c64),
+            nn.ReLU(),
+            nn.AvgPool3d((1, 2, 2)),
+            nn.Conv3d(c64, 8, 3, padding=(0, 1, 1)),
+            nn.BatchNorm3d(8),
+            nn.ReLU(),
+        )
+        self.mot2 = nn.Sequential(
+            nn.Conv3d(c16, c32, 3, padding=(0, 1, 1)),
+            nn.BatchNorm3d(c32),
+            nn.Tanh(),
+            nn.AvgPool3d((1, 2, 2)),
+            nn.Conv3d(c32, c64, 3, padding=(0, 1, 1)),
+            nn.Dropout(dropout),
+            nn.BatchNorm3d(c64),
+            nn.Tanh(),
+        )
         self.fuse2 = nn.Linear(8, 1)
-        self.mot3 = nn.Sequential(nn.Conv3d(c64, c32, (5, 3, 3)), nn.BatchNorm3d(c32), nn.Tanh(),
-                                  nn.Conv3d(c32, 8, (7, 3, 3)), nn.Dropout(dropout), nn.BatchNorm3d(8), nn.Tanh(),
-                                  nn.AvgPool3d((1, 2, 2)))
+        self.mot3 = nn.Sequential(
+            nn.Conv3d(c64, c32, (5, 3, 3)),
+            nn.BatchNorm3d(c32),
+            nn.Tanh(),
+            nn.Conv3d(c32, 8, (7, 3, 3)),
+            nn.Dropout(dropout),
+            nn.BatchNorm3d(8),
+            nn.Tanh(),
+            nn.AvgPool3d((1, 2, 2)),
+        )
         gain = nn.init.calculate_gain("tanh")
         for mod in list(self.mot1) + list(self.mot2) + list(self.mot3) + [self.fuse1, self.fuse2]:
             if isinstance(mod, (nn.Conv3d, nn.Linear)):
@@ -68,7 +100,9 @@ class TSCANLike(nn.Module):
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"TSCANLike: video must be (B, 3, T, H, W), got {tuple(video.shape)}")
         if video.shape[2] < 17 or min(video.shape[-2:]) < 32:
-            raise ValueError(f"TSCANLike: needs T >= 17 frames and frames of at least 32 x 32, got {tuple(video.shape)}")
+            raise ValueError(
+                f"TSCANLike: needs T >= 17 frames and frames of at least 32 x 32, got {tuple(video.shape)}"
+            )
         app = self.app1(video)  # (B, c32, T - 1, H1, W1)
         mot = self.mot1(diff_normalized(video))
         scale1, mask1 = _attention(app, self.fuse1)
@@ -110,15 +144,23 @@ class PhysNet(nn.Module):
 
         h = width // 2
         self.enc = nn.Sequential(
-            block(3, h // 2, (1, 5, 5), (0, 2, 2)), nn.MaxPool3d((1, 2, 2)),
-            block(h // 2, h, (3, 3, 3), 1), block(h, width, (3, 3, 3), 1), nn.MaxPool3d((2, 2, 2)),
-            block(width, width, (3, 3, 3), 1), block(width, width, (3, 3, 3), 1), nn.MaxPool3d((2, 2, 2)),
-            block(width, width, (3, 3, 3), 1), block(width, width, (3, 3, 3), 1),
+            block(3, h // 2, (1, 5, 5), (0, 2, 2)),
+            nn.MaxPool3d((1, 2, 2)),
+            block(h // 2, h, (3, 3, 3), 1),
+            block(h, width, (3, 3, 3), 1),
+            nn.MaxPool3d((2, 2, 2)),
+            block(width, width, (3, 3, 3), 1),
+            block(width, width, (3, 3, 3), 1),
+            nn.MaxPool3d((2, 2, 2)),
+            block(width, width, (3, 3, 3), 1),
+            block(width, width, (3, 3, 3), 1),
         )
         self.dec = nn.Sequential(
-            nn.ConvTranspose3d(width, width, (4, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)), nn.BatchNorm3d(width),
+            nn.ConvTranspose3d(width, width, (4, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)),
+            nn.BatchNorm3d(width),
             nn.ELU(),
-            nn.ConvTranspose3d(width, width, (4, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)), nn.BatchNorm3d(width),
+            nn.ConvTranspose3d(width, width, (4, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)),
+            nn.BatchNorm3d(width),
             nn.ELU(),
         )
         self.out = nn.Conv3d(width, 1, 1)
@@ -128,7 +170,9 @@ class PhysNet(nn.Module):
             raise ValueError(f"PhysNet: video must be (B, 3, T, H, W), got {tuple(video.shape)}")
         T = video.shape[2]
         if T % 4 or T < 4 or min(video.shape[-2:]) < 16:
-            raise ValueError(f"PhysNet: needs T divisible by 4 and frames of at least 16 x 16, got {tuple(video.shape)}")
+            raise ValueError(
+                f"PhysNet: needs T divisible by 4 and frames of at least 16 x 16, got {tuple(video.shape)}"
+            )
         x = self.dec(self.enc(video))
         x = F.adaptive_avg_pool3d(x, (T, 1, 1))
         return self.out(x)[:, 0, :, 0, 0]

@@ -1,6 +1,7 @@
 """The parts the rPPG methods' CLIs (``python -m methods.byhe|doha|sspd``) share: the ``eval``
 sub-command and the report a ``train`` run ends with (evaluation, loss curve, example figure,
 results tables)."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,30 @@ def report_training(run, model, test: VideoSet, fs: float, title: str, config: D
     res = evaluate(model, test, fs)
     run.info(f"{title}: HR MAE {res['MAE_fft']:.2f} bpm (FFT), {res['MAE_peak']:.2f} bpm (peaks)")
     rows = run.rows
-    plot_curves({"training loss": ([r["step"] + 1 for r in rows], [r.get("loss", float("nan")) for r in rows])},
-                run.path("loss.png"), xlabel="step", ylabel="loss", title=title)
+    plot_curves(
+        {"training loss": ([r["step"] + 1 for r in rows], [r.get("loss", float("nan")) for r in rows])},
+        run.path("loss.png"),
+        xlabel="step",
+        ylabel="loss",
+        title=title,
+    )
     plot_example(model, next(evaluation_clips(test)), fs, run.path("example.png"), **example)
     write_results(run.out, title, res, {"config": config})
     return res
 
 
-def run_eval(a, model, config: Dict, fs: float, default_domain: str, default_test: Callable[[], VideoSet],
-             make_test: Callable[[str, int, int], VideoSet], default_n_test: int, default_seed: int, **example) -> int:
+def run_eval(
+    a,
+    model,
+    config: Dict,
+    fs: float,
+    default_domain: str,
+    default_test: Callable[[], VideoSet],
+    make_test: Callable[[str, int, int], VideoSet],
+    default_n_test: int,
+    default_seed: int,
+    **example,
+) -> int:
     """The ``eval`` sub-command: the training run's own test set unless --domain / --n-test /
     --seed ask for another (``make_test(domain, n_test, seed)``); prints or writes the results."""
     domain = a.domain or default_domain
@@ -57,4 +73,3 @@ def run_eval(a, model, config: Dict, fs: float, default_domain: str, default_tes
     else:
         print(results_table(title, res))
     return 0
-

@@ -7,6 +7,7 @@ seed ``worker_seed(seed, i)``, so sets of different sizes share their first vide
 ``sample_clips`` draws training clips (random start, random flips); ``evaluation_clips`` cuts whole
 videos into clips for evaluation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ def get_domain(domain: Union[str, Domain]) -> Domain:
     return DOMAINS[domain]
 
 
-def make_set(n: int, frames: int = 300, size: int = 36, domain: Union[str, Domain] = "default", seed: int = 0,
-             fs: float = 30.0) -> VideoSet:
+def make_set(
+    n: int, frames: int = 300, size: int = 36, domain: Union[str, Domain] = "default", seed: int = 0, fs: float = 30.0
+) -> VideoSet:
     """n synthetic videos of ``frames`` frames at ``size`` x ``size`` from one domain."""
     dom = get_domain(domain)
     if n < 1:
@@ -79,9 +81,14 @@ def make_set(n: int, frames: int = 300, size: int = 36, domain: Union[str, Domai
     vids = [synth_video(frames, size, fs, dom, seed=worker_seed(seed, i)) for i in range(n)]
     return VideoSet(
         videos=np.stack([np.round(v["video"] * 255).astype(np.uint8) for v in vids]),
-        labels=np.stack([v["label"] for v in vids]), pulses=np.stack([v["pulse"] for v in vids]),
-        hr=np.array([v["hr"] for v in vids]), delays=np.array([v["delay"] for v in vids]),
-        masks=np.stack([v["mask"] for v in vids]), domain=dom.name, fs=fs)
+        labels=np.stack([v["label"] for v in vids]),
+        pulses=np.stack([v["pulse"] for v in vids]),
+        hr=np.array([v["hr"] for v in vids]),
+        delays=np.array([v["delay"] for v in vids]),
+        masks=np.stack([v["mask"] for v in vids]),
+        domain=dom.name,
+        fs=fs,
+    )
 
 
 def _to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -89,8 +96,15 @@ def _to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 4, 1, 2, 3).float()
 
 
-def sample_clips(vs: VideoSet, batch: int, length: int, rng: np.random.Generator, label: str = "label",
-                 flip: bool = True, index: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
+def sample_clips(
+    vs: VideoSet,
+    batch: int,
+    length: int,
+    rng: np.random.Generator,
+    label: str = "label",
+    flip: bool = True,
+    index: Optional[np.ndarray] = None,
+) -> Dict[str, torch.Tensor]:
     """``batch`` clips of ``length`` frames from random videos (or the videos ``index``) at random
     starts, each flipped horizontally / vertically with probability 1/2 (mask too):
     video (B, 3, L, H, W) 0..255, wave (B, L), scs_wave (B, L) (the same samples of the wave
@@ -100,7 +114,7 @@ def sample_clips(vs: VideoSet, batch: int, length: int, rng: np.random.Generator
     idx = rng.integers(0, len(vs), batch) if index is None else np.asarray(index)
     start = rng.integers(0, vs.frames - length + 1, len(idx))
     waves, filtered = vs.waves(label), vs.waves(label, filtered=True)
-    v = np.stack([vs.videos[i, s:s + length] for i, s in zip(idx, start)])
+    v = np.stack([vs.videos[i, s : s + length] for i, s in zip(idx, start)])
     m = vs.masks[idx].copy()
     if flip:
         for b in range(len(idx)):
@@ -108,10 +122,16 @@ def sample_clips(vs: VideoSet, batch: int, length: int, rng: np.random.Generator
                 v[b], m[b] = v[b, :, :, ::-1], m[b, :, ::-1]
             if rng.random() < 0.5:
                 v[b], m[b] = v[b, :, ::-1], m[b, ::-1]
-    w = np.stack([waves[i, s:s + length] for i, s in zip(idx, start)])
-    wf = np.stack([filtered[i, s:s + length] for i, s in zip(idx, start)])
-    return {"video": _to_tensor(v), "wave": torch.from_numpy(w), "scs_wave": torch.from_numpy(wf),
-            "mask": torch.from_numpy(m), "hr": torch.from_numpy(vs.hr[idx]), "index": torch.from_numpy(idx)}
+    w = np.stack([waves[i, s : s + length] for i, s in zip(idx, start)])
+    wf = np.stack([filtered[i, s : s + length] for i, s in zip(idx, start)])
+    return {
+        "video": _to_tensor(v),
+        "wave": torch.from_numpy(w),
+        "scs_wave": torch.from_numpy(wf),
+        "mask": torch.from_numpy(m),
+        "hr": torch.from_numpy(vs.hr[idx]),
+        "index": torch.from_numpy(idx),
+    }
 
 
 def evaluation_clips(vs: VideoSet, length: int = 0, label: str = "label"):
@@ -123,10 +143,14 @@ def evaluation_clips(vs: VideoSet, length: int = 0, label: str = "label"):
     waves, filtered = vs.waves(label), vs.waves(label, filtered=True)
     for i in range(len(vs)):
         for s in range(0, vs.frames - L + 1, L):
-            yield {"video": _to_tensor(vs.videos[i:i + 1, s:s + L]), "wave": torch.from_numpy(waves[i:i + 1, s:s + L]),
-                   "scs_wave": torch.from_numpy(filtered[i:i + 1, s:s + L]),
-                   "mask": torch.from_numpy(vs.masks[i:i + 1]), "hr": torch.from_numpy(vs.hr[i:i + 1]),
-                   "index": torch.tensor([i])}
+            yield {
+                "video": _to_tensor(vs.videos[i : i + 1, s : s + L]),
+                "wave": torch.from_numpy(waves[i : i + 1, s : s + L]),
+                "scs_wave": torch.from_numpy(filtered[i : i + 1, s : s + L]),
+                "mask": torch.from_numpy(vs.masks[i : i + 1]),
+                "hr": torch.from_numpy(vs.hr[i : i + 1]),
+                "index": torch.tensor([i]),
+            }
 
 
 __all__ = ["LABELS", "VideoSet", "get_domain", "make_set", "sample_clips", "evaluation_clips"]

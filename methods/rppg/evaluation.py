@@ -5,6 +5,7 @@ A model maps a clip (1, 3, T, H, W) to ``(out, extra)``: ``out`` is a wave (1, T
 self-similarity map (1, N, N), whose diagonal-mean wave (``pyops.diagonal_stats``) carries the
 heart rate (BYHE, DOHA).
 """
+
 from __future__ import annotations
 
 import json
@@ -96,14 +97,19 @@ def records_table(recs: List[Dict], keys=("video", "hr_true", "hr_label_fft", "h
     return "\n".join(rows)
 
 
-
-
 def results_table(title: str, res: Dict) -> str:
     """Markdown: MAE / RMSE / MAPE / Pearson by FFT and by peaks, SNR, then the per-clip table."""
-    return (f"# {title}\n\n| HR by | MAE (bpm) | RMSE (bpm) | MAPE (%) | Pearson r |\n|---|---|---|---|---|\n"
-            + "".join(f"| {m} | {res[f'MAE_{m}']:.2f} ± {res[f'MAE_se_{m}']:.2f} | {res[f'RMSE_{m}']:.2f} | "
-                      f"{res[f'MAPE_{m}']:.1f} | {res[f'Pearson_{m}']:.3f} |\n" for m in ("fft", "peak"))
-            + f"\nMean SNR {res['SNR']:.1f} dB over {res['n']} test clips.\n\n" + records_table(res["records"]) + "\n")
+    return (
+        f"# {title}\n\n| HR by | MAE (bpm) | RMSE (bpm) | MAPE (%) | Pearson r |\n|---|---|---|---|---|\n"
+        + "".join(
+            f"| {m} | {res[f'MAE_{m}']:.2f} ± {res[f'MAE_se_{m}']:.2f} | {res[f'RMSE_{m}']:.2f} | "
+            f"{res[f'MAPE_{m}']:.1f} | {res[f'Pearson_{m}']:.3f} |\n"
+            for m in ("fft", "peak")
+        )
+        + f"\nMean SNR {res['SNR']:.1f} dB over {res['n']} test clips.\n\n"
+        + records_table(res["records"])
+        + "\n"
+    )
 
 
 def write_results(out: str, title: str, res: Dict, extra: Dict) -> None:

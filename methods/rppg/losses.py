@@ -14,6 +14,7 @@ and on self-similarity maps (B, N, N):
   (N - k) / s`` (spec 1.4; SSPD's L_reg with s = 20): the SCS map of a periodic signal is constant
   along its diagonals, so a map whose diagonals vary is penalised, longer diagonals more.
 """
+
 from __future__ import annotations
 
 import torch

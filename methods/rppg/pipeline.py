@@ -6,12 +6,14 @@ Signals are 1-D numpy arrays (or anything ``np.asarray`` takes) sampled at ``fs`
 (NaN or inf samples, a signal shorter than the evaluation window, a band the sampling rate
 cannot hold) raises a ValueError that says what is wrong.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import numpy as np
+
 from methods.common.optional import requires
 
 BAND = (0.75, 2.5)  # Hz: the toolbox's recommended band (45-150 bpm)
@@ -35,8 +37,10 @@ def check_band(fs: float, band=BAND) -> None:
     if not 0 < low < high:
         raise ValueError(f"the band must satisfy 0 < low < high, got {band}")
     if high >= fs / 2:
-        raise ValueError(f"a sampling rate of {fs} Hz cannot hold the band {band} Hz (its upper edge must be "
-                         f"below the Nyquist frequency {fs / 2} Hz)")
+        raise ValueError(
+            f"a sampling rate of {fs} Hz cannot hold the band {band} Hz (its upper edge must be "
+            f"below the Nyquist frequency {fs / 2} Hz)"
+        )
 
 
 def detrend(x, lam: float = 100.0) -> np.ndarray:
@@ -153,8 +157,15 @@ class WindowResult:
     macc: List[float]
 
 
-def evaluate_windows(preds: Sequence, labels: Sequence, fs: float, window_s: float = 10.0, method: str = "fft",
-                     diff_normalized: bool = False, band=BAND) -> Dict[str, float]:
+def evaluate_windows(
+    preds: Sequence,
+    labels: Sequence,
+    fs: float,
+    window_s: float = 10.0,
+    method: str = "fft",
+    diff_normalized: bool = False,
+    band=BAND,
+) -> Dict[str, float]:
     """Windowed evaluation of predicted pulse signals against label signals (one pair per
     video): non-overlapping windows of ``window_s`` seconds (``window_s=0``: the whole video),
     each post-processed, HR by ``method`` ("fft" or "peak"); then MAE, RMSE, MAPE, Pearson r
@@ -176,8 +187,8 @@ def evaluate_windows(preds: Sequence, labels: Sequence, fs: float, window_s: flo
         if w < MIN_WINDOW:
             continue
         for s in range(0, p.size - w + 1, w):
-            pw = preprocess(p[s:s + w], fs, diff_normalized, band)
-            lw = preprocess(l[s:s + w], fs, diff_normalized, band)
+            pw = preprocess(p[s : s + w], fs, diff_normalized, band)
+            lw = preprocess(l[s : s + w], fs, diff_normalized, band)
             hp, hl = hr_fn(pw), hr_fn(lw)
             res.hr_pred.append(hp)
             res.hr_label.append(hl)
@@ -205,9 +216,12 @@ def hr_errors(hr_pred, hr_label) -> Dict[str, float]:
     err = hp - hl
     out = {
         "n": n,
-        "MAE": float(np.mean(np.abs(err))), "MAE_se": float(np.std(np.abs(err)) / np.sqrt(n)),
-        "RMSE": float(np.sqrt(np.mean(err**2))), "RMSE_se": float(np.std(err**2) / np.sqrt(n)),
-        "MAPE": float(np.mean(np.abs(err) / hl) * 100), "MAPE_se": float(np.std(np.abs(err) / hl) / np.sqrt(n) * 100),
+        "MAE": float(np.mean(np.abs(err))),
+        "MAE_se": float(np.std(np.abs(err)) / np.sqrt(n)),
+        "RMSE": float(np.sqrt(np.mean(err**2))),
+        "RMSE_se": float(np.std(err**2) / np.sqrt(n)),
+        "MAPE": float(np.mean(np.abs(err) / hl) * 100),
+        "MAPE_se": float(np.std(np.abs(err) / hl) / np.sqrt(n) * 100),
     }
     r = pearson(hp, hl) if n >= 3 else float("nan")
     out["Pearson"] = r

@@ -1,16 +1,17 @@
 """Figures of a trained rPPG model on one test video: the predicted signal against the label, and
 (map models: BYHE, DOHA) the predicted SCS map against the label's."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 import pyops
+from methods.common.optional import requires
 
 from . import pipeline as P
 from .backbones import WAVE_OFFSET
 from .scs import scs_label
-from methods.common.optional import requires
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -18,8 +19,9 @@ def _z(x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def plot_example(model, clip, fs: float, path: str, scs_mode: str = "clean", trim: int = 12,
-                 offset: int = WAVE_OFFSET) -> None:
+def plot_example(
+    model, clip, fs: float, path: str, scs_mode: str = "clean", trim: int = 12, offset: int = WAVE_OFFSET
+) -> None:
     """``clip``: one test clip (``methods.rppg.data.evaluation_clips``). Wave models: the band-passed
     predicted wave over the aligned label. BYHE: the diagonal-mean waves of R_hat and of the
     label's SCS map R (both over lags), and the two maps side by side."""
@@ -56,7 +58,7 @@ def plot_example(model, clip, fs: float, path: str, scs_mode: str = "clean", tri
         fig.tight_layout()
     else:  # a wave (1, T - 15)
         pred = out[0].double().numpy()
-        lab = label.numpy()[offset:offset + pred.size]
+        lab = label.numpy()[offset : offset + pred.size]
         t = (np.arange(pred.size) + offset) / fs
         fig, ax = plt.subplots(figsize=(12, 3.5))
         ax.plot(t, _z(lab), label="label wave", lw=1.5)

@@ -23,11 +23,13 @@ frequency of standard deviation 0.38 Hz around the dominant frequency): our appr
 Morlet transform and its inverse, not the code's pycwt call. ``methods.rppg.data.VideoSet``
 filters every video's label once; clips cut the filtered wave.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
+
 from methods.common.optional import requires
 
 MODES = ("faithful", "clean")
@@ -42,13 +44,15 @@ def filter_label(wave, fs: float, smooth: bool = True):
     weight of standard deviation ``CWT_SIGMA`` Hz around the dominant frequency in 0.088-3.75 Hz
     (the code's CWT smoothing, applied in the Fourier domain)."""
     import numpy as np
+
     with requires("methods"):
         from scipy.signal import butter, filtfilt
 
     x = np.asarray(wave, dtype=np.float64)
     if x.ndim < 1 or x.shape[-1] < 40:
-        raise ValueError(f"filter_label: need waves of at least 40 samples (the order-6 band-pass pads 39), "
-                         f"got shape {x.shape}")
+        raise ValueError(
+            f"filter_label: need waves of at least 40 samples (the order-6 band-pass pads 39), got shape {x.shape}"
+        )
     if not np.isfinite(x).all():
         raise ValueError("filter_label: the wave has NaN or infinite samples")
     if not fs > 2 * LABEL_BAND[1]:
@@ -73,10 +77,10 @@ def analytic_signal(x: torch.Tensor) -> torch.Tensor:
     h = torch.zeros(n, dtype=X.real.dtype, device=x.device)
     h[0] = 1
     if n % 2 == 0:
-        h[1:n // 2] = 2
+        h[1 : n // 2] = 2
         h[n // 2] = 1
     else:
-        h[1:(n + 1) // 2] = 2
+        h[1 : (n + 1) // 2] = 2
     return torch.fft.ifft(X * h, dim=-1)
 
 
@@ -91,7 +95,7 @@ def label_phase(wave: torch.Tensor, mode: str = "clean", trim: int = 12) -> torc
         raise ValueError(f"the wave has {L} samples; with trim {trim} at both ends fewer than 2 phases remain")
     if not torch.isfinite(wave).all():
         raise ValueError("the wave has NaN or infinite samples")
-    z = analytic_signal(wave[..., trim:L - trim])
+    z = analytic_signal(wave[..., trim : L - trim])
     if mode == "clean":
         ang = torch.angle(z)
         d = torch.diff(ang, dim=-1)

@@ -21,6 +21,7 @@ Each video follows the POS skin-reflection model (Wang et al. 2017):
 
 Everything is seeded; 30 fps by default.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,12 +29,15 @@ from functools import lru_cache
 from typing import Dict, Tuple
 
 import numpy as np
+
 from methods.common.optional import requires
 
 U_P = np.array([0.33, 0.77, 0.53]) / np.linalg.norm([0.33, 0.77, 0.53])  # blood-volume pulse direction
 SKIN_TONES = {  # CHROM-style skin colour directions (light ... dark), scaled to [0, 1] albedo
-    "light": np.array([0.92, 0.72, 0.62]), "medium": np.array([0.78, 0.55, 0.42]),
-    "tan": np.array([0.64, 0.44, 0.32]), "dark": np.array([0.42, 0.28, 0.20]),
+    "light": np.array([0.92, 0.72, 0.62]),
+    "medium": np.array([0.78, 0.55, 0.42]),
+    "tan": np.array([0.64, 0.44, 0.32]),
+    "dark": np.array([0.42, 0.28, 0.20]),
 }
 
 
@@ -61,35 +65,78 @@ class Domain:
 
     @property
     def wild(self) -> bool:
-        return any(v > 0 for v in (self.rotation_deg, self.scale, self.jitter_px, self.talk_px, self.shading,
-                                   self.colour_light))
+        return any(
+            v > 0
+            for v in (self.rotation_deg, self.scale, self.jitter_px, self.talk_px, self.shading, self.colour_light)
+        )
 
 
 DOMAINS: Dict[str, Domain] = {
     "default": Domain(),
     "no-delay": Domain(name="no-delay", delay_range=(0.0, 0.0)),
-    "bright-still": Domain(name="bright-still", skin_tones=("light", "medium"), illumination_drift=0.02, motion_px=0.2,
-                           noise_std=0.5),
-    "dark-moving": Domain(name="dark-moving", skin_tones=("tan", "dark"), illumination_drift=0.1, motion_px=1.2,
-                          noise_std=2.0),
+    "bright-still": Domain(
+        name="bright-still", skin_tones=("light", "medium"), illumination_drift=0.02, motion_px=0.2, noise_std=0.5
+    ),
+    "dark-moving": Domain(
+        name="dark-moving", skin_tones=("tan", "dark"), illumination_drift=0.1, motion_px=1.2, noise_std=2.0
+    ),
     # the three domains of DOHA's leave-one-domain-out experiment
-    "lab": Domain(name="lab", skin_tones=("light", "medium"), delay_range=(0.0, 0.2), illumination_drift=0.02,
-                  motion_px=0.3, noise_std=0.5),
-    "flicker": Domain(name="flicker", skin_tones=("medium", "tan"), delay_range=(0.2, 0.5), flicker=0.008,
-                      flicker_hz=(0.7, 2.5), motion_px=0.8, noise_std=1.5),
+    "lab": Domain(
+        name="lab",
+        skin_tones=("light", "medium"),
+        delay_range=(0.0, 0.2),
+        illumination_drift=0.02,
+        motion_px=0.3,
+        noise_std=0.5,
+    ),
+    "flicker": Domain(
+        name="flicker",
+        skin_tones=("medium", "tan"),
+        delay_range=(0.2, 0.5),
+        flicker=0.008,
+        flicker_hz=(0.7, 2.5),
+        motion_px=0.8,
+        noise_std=1.5,
+    ),
     # between default and challenging: a weaker pulse, more motion and noise, the flicker below the band
-    "moderate": Domain(name="moderate", ac_range=(0.002, 0.006), illumination_drift=0.1, flicker=0.01,
-                       motion_px=1.2, specular=0.03, noise_std=2.0),
+    "moderate": Domain(
+        name="moderate",
+        ac_range=(0.002, 0.006),
+        illumination_drift=0.1,
+        flicker=0.01,
+        motion_px=1.2,
+        specular=0.03,
+        noise_std=2.0,
+    ),
     # weaker pulse, an in-band flicker 2-5x stronger than it, more motion and noise: the pulse must be told
     # from the illumination by its colour direction
-    "challenging": Domain(name="challenging", ac_range=(0.002, 0.005), illumination_drift=0.1, flicker=0.01,
-                          flicker_hz=(0.7, 2.5), motion_px=1.5, specular=0.04, noise_std=3.0),
+    "challenging": Domain(
+        name="challenging",
+        ac_range=(0.002, 0.005),
+        illumination_drift=0.1,
+        flicker=0.01,
+        flicker_hz=(0.7, 2.5),
+        motion_px=1.5,
+        specular=0.04,
+        noise_std=3.0,
+    ),
     # what defeats POS / CHROM on real videos (SSPD's acceptance): head rotation, scale and translation
     # with an in-band jitter, talking, a shading gradient that turns with the head, and a screen's coloured
     # light changes, stronger than the pulse, falling mostly on the face
-    "wild": Domain(name="wild", ac_range=(0.003, 0.008), illumination_drift=0.1, motion_px=2.0, specular=0.04,
-                   noise_std=2.0, rotation_deg=8.0, scale=0.05, jitter_px=0.4, talk_px=1.5, shading=0.15,
-                   colour_light=0.01),
+    "wild": Domain(
+        name="wild",
+        ac_range=(0.003, 0.008),
+        illumination_drift=0.1,
+        motion_px=2.0,
+        specular=0.04,
+        noise_std=2.0,
+        rotation_deg=8.0,
+        scale=0.05,
+        jitter_px=0.4,
+        talk_px=1.5,
+        shading=0.15,
+        colour_light=0.01,
+    ),
 }
 
 
@@ -132,15 +179,24 @@ def pulse_wave(n: int, fs: float, hr: float, rng: np.random.Generator) -> np.nda
     duration = int(np.ceil(n / fs)) + 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # neurokit2's interpolation notes
-        w = nk.ppg_simulate(duration=duration, sampling_rate=int(round(fs)), heart_rate=hr, frequency_modulation=0.1,
-                            ibi_randomness=0.05, drift=0, motion_amplitude=0, powerline_amplitude=0,
-                            random_state=int(rng.integers(2**31)))[:n]
+        w = nk.ppg_simulate(
+            duration=duration,
+            sampling_rate=int(round(fs)),
+            heart_rate=hr,
+            frequency_modulation=0.1,
+            ibi_randomness=0.05,
+            drift=0,
+            motion_amplitude=0,
+            powerline_amplitude=0,
+            random_state=int(rng.integers(2**31)),
+        )[:n]
     w = np.asarray(w, np.float64)
     return (w - w.mean()) / (w.std() + 1e-12)
 
 
-def synth_video(n_frames: int = 300, size: int = 36, fs: float = 30.0, domain: Domain = Domain(),
-                seed: int = 0, hr: float = None) -> Dict[str, np.ndarray]:
+def synth_video(
+    n_frames: int = 300, size: int = 36, fs: float = 30.0, domain: Domain = Domain(), seed: int = 0, hr: float = None
+) -> Dict[str, np.ndarray]:
     """One video: ``video`` (T, size, size, 3) float32 in [0, 1] (8-bit levels), ``label`` (T,)
     the delayed label wave, ``pulse`` (T,) the wave the skin carries, ``hr`` (bpm), ``delay`` (s),
     ``mask`` (size, size) the skin mask."""
@@ -160,8 +216,11 @@ def synth_video(n_frames: int = 300, size: int = 36, fs: float = 30.0, domain: D
     perf = perfusion_map(size)[..., None]
     t = np.arange(n_frames) / fs
     ac = float(rng.uniform(*domain.ac_range))
-    illum = (1 + domain.illumination_drift * np.sin(2 * np.pi * rng.uniform(0.02, 0.08) * t + rng.uniform(0, 6.3))
-             + domain.flicker * np.sin(2 * np.pi * rng.uniform(*domain.flicker_hz) * t))
+    illum = (
+        1
+        + domain.illumination_drift * np.sin(2 * np.pi * rng.uniform(0.02, 0.08) * t + rng.uniform(0, 6.3))
+        + domain.flicker * np.sin(2 * np.pi * rng.uniform(*domain.flicker_hz) * t)
+    )
     # smooth translation: low-pass random walk
     steps = rng.standard_normal((n_frames, 2))
     kernel = np.hanning(31)
@@ -183,8 +242,15 @@ def synth_video(n_frames: int = 300, size: int = 36, fs: float = 30.0, domain: D
             img = wild.frame(img, i)
         img = img * 255 + rng.normal(0, domain.noise_std, img.shape)
         frames[i] = np.clip(np.round(img), 0, 255) / 255
-    return {"video": frames, "label": label.astype(np.float32), "pulse": p.astype(np.float32),
-            "hr": realized_hr(p, fs), "hr_target": hr, "delay": shift / fs, "mask": mask}
+    return {
+        "video": frames,
+        "label": label.astype(np.float32),
+        "pulse": p.astype(np.float32),
+        "hr": realized_hr(p, fs),
+        "hr_target": hr,
+        "delay": shift / fs,
+        "mask": mask,
+    }
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, fs: float, band: Tuple[float, float], k: int = 1) -> np.ndarray:
@@ -320,10 +386,10 @@ def pos(rgb: np.ndarray, fs: float, window_s: float = 1.6) -> np.ndarray:
     P = np.array([[0.0, 1.0, -1.0], [-2.0, 1.0, 1.0]])
     h = np.zeros(T)
     for s in range(0, T - w + 1):
-        c = rgb[s:s + w] / rgb[s:s + w].mean(0)
+        c = rgb[s : s + w] / rgb[s : s + w].mean(0)
         x = c @ P.T
         sig = x[:, 0] + (x[:, 0].std() / (x[:, 1].std() + 1e-12)) * x[:, 1]
-        h[s:s + w] += sig - sig.mean()
+        h[s : s + w] += sig - sig.mean()
     return h
 
 
@@ -344,14 +410,25 @@ def chrom(rgb: np.ndarray, fs: float, window_s: float = 1.6, band=(0.7, 3.0)) ->
     win = np.hanning(w)
     pad = min(3 * max(len(a), len(b)), w - 1)
     for s in range(0, T - w + 1, w // 2):
-        c = rgb[s:s + w] / rgb[s:s + w].mean(0)
+        c = rgb[s : s + w] / rgb[s : s + w].mean(0)
         x = 3 * c[:, 0] - 2 * c[:, 1]
         y = 1.5 * c[:, 0] + c[:, 1] - 1.5 * c[:, 2]
         xf, yf = filtfilt(b, a, x, padlen=pad), filtfilt(b, a, y, padlen=pad)
         sig = xf - (xf.std() / (yf.std() + 1e-12)) * yf
-        h[s:s + w] += win * (sig - sig.mean())
+        h[s : s + w] += win * (sig - sig.mean())
     return h
 
 
-__all__ = ["Domain", "DOMAINS", "synth_video", "skin_signal", "skin_signal_estimated", "skin_mask_estimate", "pos", "chrom",
-           "skin_mask", "perfusion_map", "pulse_wave"]
+__all__ = [
+    "Domain",
+    "DOMAINS",
+    "synth_video",
+    "skin_signal",
+    "skin_signal_estimated",
+    "skin_mask_estimate",
+    "pos",
+    "chrom",
+    "skin_mask",
+    "perfusion_map",
+    "pulse_wave",
+]

@@ -2,6 +2,7 @@
 remote heart-rate measurement by self-similarity prior distillation: two physically plausible
 views of a clip, a student whose S3M module produces self-similarity maps at three scales, an EMA
 teacher, and hierarchical losses on maps, their waves and the predicted rPPG wave."""
+
 from .augment import two_views
 from .losses import sspd_losses
 from .model import S3M, SSPDNet

@@ -15,6 +15,7 @@ Each training runs in its own worker process (one thread) in a resumable run fol
 (a finished run is only re-evaluated). Writes results/acceptance.{json,md}, results/acceptance.png
 and, for the first seed, example figures per domain (results/example_<domain>_<method>.png).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sspd_teacher", "sspd", "supervised", "pos", "chrom")
-NAMES = {"sspd_teacher": "SSPD, EMA teacher (no labels)", "sspd": "SSPD, student (no labels)",
-         "supervised": "same network, supervised", "pos": "POS", "chrom": "CHROM"}
+NAMES = {
+    "sspd_teacher": "SSPD, EMA teacher (no labels)",
+    "sspd": "SSPD, student (no labels)",
+    "supervised": "same network, supervised",
+    "pos": "POS",
+    "chrom": "CHROM",
+}
 SMOKE = dict(n_train=4, n_test=3, batch=2, clip=40, frames=90, test_frames=90, width=8)
 CLAIM_RATIO = 1.5  # "within 1.5x of the supervised network's MAE"
 
@@ -41,13 +47,28 @@ CLAIM_RATIO = 1.5  # "within 1.5x of the supervised network's MAE"
 def claim_rows(rows, domain: str, method: str) -> list:
     """The rows of one method on one domain that the claim is tested on (POS / CHROM: the
     estimated skin mask), by seed."""
-    return sorted((r for r in rows if r["domain"] == domain and r["method"] == method
-                   and r.get("roi", "estimated") == "estimated"), key=lambda r: r["seed"])
+    return sorted(
+        (
+            r
+            for r in rows
+            if r["domain"] == domain and r["method"] == method and r.get("roi", "estimated") == "estimated"
+        ),
+        key=lambda r: r["seed"],
+    )
 
 
 def _row(method: str, domain: str, seed: int, res: dict, **extra) -> dict:
-    return {"method": method, "domain": domain, "seed": seed, "mae": res["MAE_fft"], "rmse": res["RMSE_fft"],
-            "pearson": res["Pearson_fft"], "snr": res["SNR"], "mae_peak": res["MAE_peak"], **extra}
+    return {
+        "method": method,
+        "domain": domain,
+        "seed": seed,
+        "mae": res["MAE_fft"],
+        "rmse": res["RMSE_fft"],
+        "pearson": res["Pearson_fft"],
+        "snr": res["SNR"],
+        "mae_peak": res["MAE_peak"],
+        **extra,
+    }
 
 
 def run_job(job: dict) -> list:
@@ -58,16 +79,31 @@ def run_job(job: dict) -> list:
     from methods.rppg.evaluation import evaluate, evaluate_classic
     from methods.rppg.plots import plot_example
 
-    from .train import SSPDConfig, datasets, load_model, train
+    from .train import SSPDConfig, load_model, train
 
-    cfg = SSPDConfig(supervised=job["method"] == "supervised", seed=job["seed"], domain=job["domain"],
-                     epochs=job["epochs"], size=job["size"], **job.get("overrides", {}))
+    cfg = SSPDConfig(
+        supervised=job["method"] == "supervised",
+        seed=job["seed"],
+        domain=job["domain"],
+        epochs=job["epochs"],
+        size=job["size"],
+        **job.get("overrides", {}),
+    )
     t0 = time.perf_counter()
     if job["method"] == "classic":
         test = cfg.test_set(cfg.domain)
-        return [_row(m, cfg.domain, cfg.seed, evaluate_classic(test, cfg.fs, m, roi=roi), roi=roi,
-                     minutes=(time.perf_counter() - t0) / 60)
-                for m in ("pos", "chrom") for roi in ("estimated", "true")]
+        return [
+            _row(
+                m,
+                cfg.domain,
+                cfg.seed,
+                evaluate_classic(test, cfg.fs, m, roi=roi),
+                roi=roi,
+                minutes=(time.perf_counter() - t0) / 60,
+            )
+            for m in ("pos", "chrom")
+            for roi in ("estimated", "true")
+        ]
     folder = os.path.join(job["out"], cfg.domain, f"{job['method']}_seed{cfg.seed}")
     run = Run(folder, asdict(cfg), name="sspd-acceptance")
     _, test = train(cfg, run, show_progress=False, checkpoint_every=cfg.iters_per_epoch * 5)
@@ -79,11 +115,26 @@ def run_job(job: dict) -> list:
     for method, net in nets.items():
         model, _ = load_model(folder, net=net)
         res = evaluate(model, test, cfg.fs)
-        rows.append(_row(method, cfg.domain, cfg.seed, res, net=net, train_minutes=train_min,
-                         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None))
+        rows.append(
+            _row(
+                method,
+                cfg.domain,
+                cfg.seed,
+                res,
+                net=net,
+                train_minutes=train_min,
+                first_loss=losses[0] if losses else None,
+                final_loss=losses[-1] if losses else None,
+            )
+        )
         if job.get("figures"):
-            plot_example(model, next(evaluation_clips(test)), cfg.fs,
-                         os.path.join(job["figures"], f"example_{cfg.domain}_{method}.png"), offset=1)
+            plot_example(
+                model,
+                next(evaluation_clips(test)),
+                cfg.fs,
+                os.path.join(job["figures"], f"example_{cfg.domain}_{method}.png"),
+                offset=1,
+            )
     return rows
 
 
@@ -91,12 +142,20 @@ def summarize(rows, domains, seeds):
     """Per domain: per-method means, and the paired per-seed differences that test the claim."""
     out = {}
     for d in domains:
+
         def mae(m):
             by = {r["seed"]: r for r in claim_rows(rows, d, m)}
             return [by[s]["mae"] for s in seeds]
+
         s = {"n": len(seeds)}
-        for a, b in (("sspd_teacher", "supervised"), ("sspd", "supervised"), ("sspd_teacher", "sspd"),
-                     ("sspd_teacher", "pos"), ("sspd_teacher", "chrom"), ("supervised", "pos")):
+        for a, b in (
+            ("sspd_teacher", "supervised"),
+            ("sspd", "supervised"),
+            ("sspd_teacher", "sspd"),
+            ("sspd_teacher", "pos"),
+            ("sspd_teacher", "chrom"),
+            ("supervised", "pos"),
+        ):
             s[f"{a}-{b}"] = paired_difference(mae(a), mae(b))
         # the claim's margin: SSPD's MAE minus 1.5x the supervised MAE, per seed (< 0: within 1.5x)
         s["teacher-1.5sup"] = paired_difference(mae("sspd_teacher"), [CLAIM_RATIO * v for v in mae("supervised")])
@@ -118,8 +177,9 @@ def figure(rows, domains, path: str) -> None:
             v = [r["mae"] for r in claim_rows(rows, d, m)]
             ax.bar(i, np.mean(v), 0.6, color=f"C{i}", alpha=0.7)
             ax.plot([i] * len(v), v, "k.", ms=5)
-        ax.set_xticks(range(len(METHODS)), ["SSPD\nteacher", "SSPD\nstudent", "super-\nvised", "POS", "CHROM"],
-                      fontsize=8)
+        ax.set_xticks(
+            range(len(METHODS)), ["SSPD\nteacher", "SSPD\nstudent", "super-\nvised", "POS", "CHROM"], fontsize=8
+        )
         ax.set_title(f"{d} (dots: seeds)", fontsize=9)
         ax.set_ylabel("HR MAE (bpm)")
         ax.grid(alpha=0.3, axis="y")
@@ -129,44 +189,63 @@ def figure(rows, domains, path: str) -> None:
 
 
 def markdown(rows, meta, domains, seeds, summ, cfg) -> str:
-    lines = [f"# SSPD acceptance (seeds {seeds}, domains {', '.join(domains)})", "",
-             f"Command: `{meta['command']}`; started {meta['date']}; {meta['workers']} worker processes of one "
-             f"thread on {meta['machine']}; {meta['minutes']:.0f} min in all.", "",
-             f"Setup: {cfg['n_train']} training videos of {cfg['frames']} frames and {cfg['n_test']} test videos of "
-             f"{cfg['test_frames']} frames per seed and domain, {cfg['size']}x{cfg['size']} px at 30 fps. Training "
-             f"(SSPD and supervised alike): {cfg['epochs']} epochs of one {cfg['clip']}-frame-difference clip per "
-             f"video in batches of {cfg['batch']} ({cfg['total_steps']} "
-             "iterations), Adam 1e-3, the code's network with convs padded in space. Test: whole videos, HR "
-             "by the periodogram peak (3.5-bpm bins) of the prediction against the label's. POS / CHROM: the "
-             "mean colour of each frame's skin pixels found by colour (YCbCr ranges), not the true mask.", "",
-             "| domain | method | MAE (bpm) | RMSE | Pearson r | SNR (dB) | MAE, peaks | per-seed MAE |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# SSPD acceptance (seeds {seeds}, domains {', '.join(domains)})",
+        "",
+        f"Command: `{meta['command']}`; started {meta['date']}; {meta['workers']} worker processes of one "
+        f"thread on {meta['machine']}; {meta['minutes']:.0f} min in all.",
+        "",
+        f"Setup: {cfg['n_train']} training videos of {cfg['frames']} frames and {cfg['n_test']} test videos of "
+        f"{cfg['test_frames']} frames per seed and domain, {cfg['size']}x{cfg['size']} px at 30 fps. Training "
+        f"(SSPD and supervised alike): {cfg['epochs']} epochs of one {cfg['clip']}-frame-difference clip per "
+        f"video in batches of {cfg['batch']} ({cfg['total_steps']} "
+        "iterations), Adam 1e-3, the code's network with convs padded in space. Test: whole videos, HR "
+        "by the periodogram peak (3.5-bpm bins) of the prediction against the label's. POS / CHROM: the "
+        "mean colour of each frame's skin pixels found by colour (YCbCr ranges), not the true mask.",
+        "",
+        "| domain | method | MAE (bpm) | RMSE | Pearson r | SNR (dB) | MAE, peaks | per-seed MAE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for d in domains:
         for m in METHODS:
             rs = claim_rows(rows, d, m)
             mean = {k: np.mean([r[k] for r in rs]) for k in ("mae", "rmse", "pearson", "snr", "mae_peak")}
-            lines.append(f"| {d} | {NAMES[m]} | {mean['mae']:.2f} | {mean['rmse']:.2f} | {mean['pearson']:.2f} | "
-                         f"{mean['snr']:.1f} | {mean['mae_peak']:.2f} | "
-                         f"{' / '.join('%.2f' % r['mae'] for r in rs)} |")
-    lines += ["", "POS / CHROM on the true skin mask (the first acceptance's setting; not a claim row):", "",
-              "| domain | method | MAE (bpm) | SNR (dB) |", "|---|---|---|---|"]
+            lines.append(
+                f"| {d} | {NAMES[m]} | {mean['mae']:.2f} | {mean['rmse']:.2f} | {mean['pearson']:.2f} | "
+                f"{mean['snr']:.1f} | {mean['mae_peak']:.2f} | "
+                f"{' / '.join('%.2f' % r['mae'] for r in rs)} |"
+            )
+    lines += [
+        "",
+        "POS / CHROM on the true skin mask (the first acceptance's setting; not a claim row):",
+        "",
+        "| domain | method | MAE (bpm) | SNR (dB) |",
+        "|---|---|---|---|",
+    ]
     for d in domains:
         for m in ("pos", "chrom"):
             rs = [r for r in rows if r["domain"] == d and r["method"] == m and r.get("roi") == "true"]
-            lines.append(f"| {d} | {NAMES[m]} | {np.mean([r['mae'] for r in rs]):.2f} | "
-                         f"{np.mean([r['snr'] for r in rs]):.1f} |")
-    lines += ["", f"Paired per-seed differences of the MAE (bpm), mean [95% t interval], n = {len(seeds)}; "
-              "negative: the first has the lower error.", "",
-              "| domain | teacher - supervised | teacher - 1.5 x supervised | teacher / supervised (means) | "
-              "student - supervised | teacher - student | teacher - POS | teacher - CHROM | supervised - POS |",
-              "|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {d} | {NAMES[m]} | {np.mean([r['mae'] for r in rs]):.2f} | {np.mean([r['snr'] for r in rs]):.1f} |"
+            )
+    lines += [
+        "",
+        f"Paired per-seed differences of the MAE (bpm), mean [95% t interval], n = {len(seeds)}; "
+        "negative: the first has the lower error.",
+        "",
+        "| domain | teacher - supervised | teacher - 1.5 x supervised | teacher / supervised (means) | "
+        "student - supervised | teacher - student | teacher - POS | teacher - CHROM | supervised - POS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for d in domains:
         s = summ[d]
-        lines.append(f"| {d} | {format_difference(s['sspd_teacher-supervised'])} | "
-                     f"{format_difference(s['teacher-1.5sup'])} | {s['ratio']:.2f} | "
-                     f"{format_difference(s['sspd-supervised'])} | {format_difference(s['sspd_teacher-sspd'])} | "
-                     f"{format_difference(s['sspd_teacher-pos'])} | {format_difference(s['sspd_teacher-chrom'])} | "
-                     f"{format_difference(s['supervised-pos'])} |")
+        lines.append(
+            f"| {d} | {format_difference(s['sspd_teacher-supervised'])} | "
+            f"{format_difference(s['teacher-1.5sup'])} | {s['ratio']:.2f} | "
+            f"{format_difference(s['sspd-supervised'])} | {format_difference(s['sspd_teacher-sspd'])} | "
+            f"{format_difference(s['sspd_teacher-pos'])} | {format_difference(s['sspd_teacher-chrom'])} | "
+            f"{format_difference(s['supervised-pos'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -191,20 +270,42 @@ def main(argv=None) -> int:
     t0 = time.time()
     common = {"epochs": a.epochs, "size": a.size, "out": a.out, "overrides": SMOKE if a.smoke else {}}
     # the longest jobs first: SSPD (~1.5x a supervised run), then supervised, then the classic methods
-    jobs = [{"method": m, "seed": s, "domain": d, **common,
-             "figures": a.results if s == a.seeds[0] and m != "classic" else None}
-            for m in ("sspd", "supervised", "classic") for d in a.domains for s in a.seeds]
-    results = run_jobs(run_job, jobs, a.workers,
-                       lambda rs: ", ".join(f"{r['domain']}/{r['method']}/seed {r['seed']}: MAE {r['mae']:.2f}"
-                                            for r in rs[:2]))
-    rows = sorted((r for rs in results for r in rs),
-                  key=lambda r: (a.domains.index(r["domain"]), METHODS.index(r["method"]), r.get("roi", ""), r["seed"]))
+    jobs = [
+        {
+            "method": m,
+            "seed": s,
+            "domain": d,
+            **common,
+            "figures": a.results if s == a.seeds[0] and m != "classic" else None,
+        }
+        for m in ("sspd", "supervised", "classic")
+        for d in a.domains
+        for s in a.seeds
+    ]
+    results = run_jobs(
+        run_job,
+        jobs,
+        a.workers,
+        lambda rs: ", ".join(f"{r['domain']}/{r['method']}/seed {r['seed']}: MAE {r['mae']:.2f}" for r in rs[:2]),
+    )
+    rows = sorted(
+        (r for rs in results for r in rs),
+        key=lambda r: (a.domains.index(r["domain"]), METHODS.index(r["method"]), r.get("roi", ""), r["seed"]),
+    )
     from .train import SSPDConfig
 
     config = SSPDConfig(epochs=a.epochs, size=a.size, **common["overrides"])
     cfg = {**asdict(config), "total_steps": config.total_steps}
-    meta = acceptance_meta("methods.sspd.acceptance", argv, date, a.seeds, a.workers, domains=a.domains,
-                           minutes=(time.time() - t0) / 60, config=cfg)
+    meta = acceptance_meta(
+        "methods.sspd.acceptance",
+        argv,
+        date,
+        a.seeds,
+        a.workers,
+        domains=a.domains,
+        minutes=(time.time() - t0) / 60,
+        config=cfg,
+    )
     summ = summarize(rows, a.domains, a.seeds)
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "differences": summ}, f, indent=1)

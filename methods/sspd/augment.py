@@ -11,6 +11,7 @@ BatchNorm).
 ``crop="fixed"`` draws the crop's offset at random; ``crop="faithful"`` keeps the code's
 default-argument bug, which always takes the top-left corner.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -34,8 +35,9 @@ def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
 
-def two_views(frames: torch.Tensor, generator: Optional[torch.Generator] = None, crop: str = "fixed",
-              keep: float = 0.7) -> Tuple[torch.Tensor, torch.Tensor]:
+def two_views(
+    frames: torch.Tensor, generator: Optional[torch.Generator] = None, crop: str = "fixed", keep: float = 0.7
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """frames (B, 3, T + 1, S, S) (0..255) -> (online, target), each (B, 3, T, c, c)."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -54,7 +56,7 @@ def two_views(frames: torch.Tensor, generator: Optional[torch.Generator] = None,
             j = int(torch.randint(W - c + 1, (), generator=g))
         else:
             i = j = 0
-        o = _flip(x[:, :, i:i + c, j:j + c], g)
+        o = _flip(x[:, :, i : i + c, j : j + c], g)
         o = o[:, 1:] - o[:, :-1]
         mask = (torch.rand((1, T1 - 1, c, c), generator=g) < keep).to(o.dtype)
         online.append(o * mask)

@@ -14,6 +14,7 @@ label's.
 
 Writes results/diagnostics.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,16 @@ def diagnose_run(folder: str) -> List[Dict]:
         net = model.net.eval()
         for c in evaluation_clips(cfg.test_set(cfg.domain)):
             label = P.signal_hr(c["wave"][0].double().numpy(), cfg.fs, "fft")
-            recs.append({"domain": cfg.domain, "seed": cfg.seed, "net": net_name, "video": int(c["index"][0]),
-                         "hr_label": label, **video_hrs(net, c["video"], cfg.size, cfg.fs)})
+            recs.append(
+                {
+                    "domain": cfg.domain,
+                    "seed": cfg.seed,
+                    "net": net_name,
+                    "video": int(c["index"][0]),
+                    "hr_label": label,
+                    **video_hrs(net, c["video"], cfg.size, cfg.fs),
+                }
+            )
     return recs
 
 
@@ -100,18 +109,34 @@ def main(argv=None) -> int:
     rows = summarize(recs)
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "diagnostics.json"), "w") as f:
-        json.dump({"command": "python -m methods.sspd.diagnostics " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   "runs": folders, "rows": rows, "records": recs}, f, indent=1)
-    lines = ["# SSPD diagnostics: where the heart rate is lost", "",
-             f"{len(folders)} SSPD runs ({', '.join(os.path.relpath(f, a.out) for f in folders)}); per test video, "
-             f"the HR of the predicted wave and of each S3M map's diagonal-mean wave against the label's. Hit: within "
-             f"{HIT_BPM:g} bpm; harmonic: within {HIT_BPM:g} bpm of twice or half the label's HR (and not a hit).", "",
-             "| domain | net | videos | " + " | ".join(f"{s}: MAE / hits / harmonic" for s in SOURCES) + " |",
-             "|---|---|---|" + "---|" * len(SOURCES)]
+        json.dump(
+            {
+                "command": "python -m methods.sspd.diagnostics " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "runs": folders,
+                "rows": rows,
+                "records": recs,
+            },
+            f,
+            indent=1,
+        )
+    lines = [
+        "# SSPD diagnostics: where the heart rate is lost",
+        "",
+        f"{len(folders)} SSPD runs ({', '.join(os.path.relpath(f, a.out) for f in folders)}); per test video, "
+        f"the HR of the predicted wave and of each S3M map's diagonal-mean wave against the label's. Hit: within "
+        f"{HIT_BPM:g} bpm; harmonic: within {HIT_BPM:g} bpm of twice or half the label's HR (and not a hit).",
+        "",
+        "| domain | net | videos | " + " | ".join(f"{s}: MAE / hits / harmonic" for s in SOURCES) + " |",
+        "|---|---|---|" + "---|" * len(SOURCES),
+    ]
     for r in rows:
-        lines.append(f"| {r['domain']} | {r['net']} | {r['videos']} | " + " | ".join(
-            f"{r[f'{s}_mae']:.1f} / {100 * r[f'{s}_hits']:.0f}% / {100 * r[f'{s}_harmonic']:.0f}%" for s in SOURCES)
-            + " |")
+        lines.append(
+            f"| {r['domain']} | {r['net']} | {r['videos']} | "
+            + " | ".join(
+                f"{r[f'{s}_mae']:.1f} / {100 * r[f'{s}_hits']:.0f}% / {100 * r[f'{s}_harmonic']:.0f}%" for s in SOURCES
+            )
+            + " |"
+        )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(a.results, "diagnostics.md"), "w") as f:
         f.write(text)

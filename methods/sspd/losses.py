@@ -13,6 +13,7 @@ EMA teacher t:
 NP is the negative Pearson of the code: ``mean(1 - clamp(cov / (sigma_a sigma_b + 1e-7), -1, 1))``
 along the last dimension (unbiased moments; row-wise for maps). Magnitudes, not powers.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -57,8 +58,13 @@ def spectrum(x: torch.Tensor) -> torch.Tensor:
     return A / A.max(-1, keepdim=True).values.clamp(min=1e-12)
 
 
-def sspd_losses(y_o: torch.Tensor, y_t: torch.Tensor, maps_o: Sequence[torch.Tensor], maps_t: Sequence[torch.Tensor],
-                fs: float = 30.0) -> Dict[str, torch.Tensor]:
+def sspd_losses(
+    y_o: torch.Tensor,
+    y_t: torch.Tensor,
+    maps_o: Sequence[torch.Tensor],
+    maps_t: Sequence[torch.Tensor],
+    fs: float = 30.0,
+) -> Dict[str, torch.Tensor]:
     """The four terms and ``loss``, their sum. Teacher inputs are detached here."""
     if len(maps_o) != len(maps_t):
         raise ValueError(f"{len(maps_o)} student maps but {len(maps_t)} teacher maps")
@@ -71,7 +77,11 @@ def sspd_losses(y_o: torch.Tensor, y_t: torch.Tensor, maps_o: Sequence[torch.Ten
         tspd = tspd + F.mse_loss(So, St) + F.mse_loss(wo, wt) + neg_pearson(So, St) + neg_pearson(wo, wt)
         reg.append(toeplitz_reg(So, 20.0).mean())
         freq.append(band_ratio(wo, 30.0))  # the lag axis counts as 30 Hz, as the code does
-    out = {"tspd": 0.5 * tspd, "reg": 0.5 * torch.stack(reg).mean(), "freq": 0.2 * torch.stack(freq).mean(),
-           "rpd": 0.5 * (neg_pearson(y_o, y_t) + neg_pearson(spectrum(y_o), spectrum(y_t)) + band_ratio(y_o, fs))}
+    out = {
+        "tspd": 0.5 * tspd,
+        "reg": 0.5 * torch.stack(reg).mean(),
+        "freq": 0.2 * torch.stack(freq).mean(),
+        "rpd": 0.5 * (neg_pearson(y_o, y_t) + neg_pearson(spectrum(y_o), spectrum(y_t)) + band_ratio(y_o, fs)),
+    }
     out["loss"] = out["rpd"] + out["tspd"] + out["reg"] + out["freq"]
     return out

@@ -7,6 +7,7 @@ time only (``spatial_padding=False``), which needs frames of at least 66 x 66 (1
 paper). ``spatial_padding=True`` pads space too, for the small frames a CPU can train on.
 ``width`` divides the channel widths (8, 16, 32, 64, 256).
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -31,17 +32,26 @@ class Backbone(nn.Module):
         self.min_size = 8 if spatial_padding else 66
         self.net = nn.Sequential(
             nn.BatchNorm3d(3),
-            _block(3, c[0], (3, 5, 5), p5), _block(c[0], c[1], 3, p3), nn.AvgPool3d((1, 2, 2)),
-            _block(c[1], c[2], (3, 5, 5), p5), _block(c[2], c[3], 3, p3), nn.AvgPool3d((1, 2, 2)),
-            _block(c[3], c[4], (3, 5, 5), p5), _block(c[4], c[5], 3, p3), nn.AvgPool3d((1, 2, 2)),
-            _block(c[5], c[6], 3, p3))
+            _block(3, c[0], (3, 5, 5), p5),
+            _block(c[0], c[1], 3, p3),
+            nn.AvgPool3d((1, 2, 2)),
+            _block(c[1], c[2], (3, 5, 5), p5),
+            _block(c[2], c[3], 3, p3),
+            nn.AvgPool3d((1, 2, 2)),
+            _block(c[3], c[4], (3, 5, 5), p5),
+            _block(c[4], c[5], 3, p3),
+            nn.AvgPool3d((1, 2, 2)),
+            _block(c[5], c[6], 3, p3),
+        )
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if x.dim() != 5 or x.shape[1] != 3:
             raise ValueError(f"SSPD backbone: input must be (B, 3, T, H, W), got {tuple(x.shape)}")
         if min(x.shape[-2:]) < self.min_size:
-            raise ValueError(f"SSPD backbone: frames must be at least {self.min_size} x {self.min_size} "
-                             f"(spatial_padding={self.min_size == 8}), got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"SSPD backbone: frames must be at least {self.min_size} x {self.min_size} "
+                f"(spatial_padding={self.min_size == 8}), got {tuple(x.shape[-2:])}"
+            )
         f = self.net(x)
         return f, f.mean((-2, -1))
 

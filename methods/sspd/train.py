@@ -26,6 +26,7 @@ the inference network without saying which of the two nets it was cut from (``tr
 both), so that is not determined; the default is the teacher (as in DINO, whose training
 utilities the code uses), and the acceptance reports both.
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,7 +84,7 @@ class SSPDConfig(VideoSetConfig):
         them (its own seed), iteration k of the epoch takes places [k B, (k + 1) B)."""
         epoch, k = divmod(step, self.iters_per_epoch)
         order = np.random.default_rng(worker_seed(self.seed, 4, epoch)).permutation(self.n_train)
-        return order[k * self.batch:(k + 1) * self.batch]
+        return order[k * self.batch : (k + 1) * self.batch]
 
     def check(self) -> None:
         if self.crop not in CROPS:
@@ -95,11 +96,14 @@ class SSPDConfig(VideoSetConfig):
         if self.eval_net not in NETS:
             raise ValueError(f"eval_net must be one of {NETS}, got {self.eval_net!r}")
         if self.batch < 2 or self.epochs < 1 or self.steps < 0:
-            raise ValueError(f"need batch >= 2 (batch norm), epochs >= 1 and steps >= 0, got {self.batch}, "
-                             f"{self.epochs} and {self.steps}")
+            raise ValueError(
+                f"need batch >= 2 (batch norm), epochs >= 1 and steps >= 0, got {self.batch}, "
+                f"{self.epochs} and {self.steps}"
+            )
         if not 32 <= self.clip < self.frames:
-            raise ValueError(f"clip must be in [32, frames - 1 = {self.frames - 1}] (the S3M maps need time), "
-                             f"got {self.clip}")
+            raise ValueError(
+                f"clip must be in [32, frames - 1 = {self.frames - 1}] (the S3M maps need time), got {self.clip}"
+            )
         self.check_videos(self.clip + 1)
 
 
@@ -118,8 +122,16 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
 def global_view(video: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 3, T + 1, S, S) 0..255 -> frame differences of the frames resized to size (B, 3, T, c, c)."""
     B, C, T1, H, W = video.shape
-    x = F.interpolate(video.float().transpose(1, 2).reshape(B * T1, C, H, W), size=(size, size), mode="bicubic",
-                      align_corners=False).reshape(B, T1, C, size, size).transpose(1, 2)
+    x = (
+        F.interpolate(
+            video.float().transpose(1, 2).reshape(B * T1, C, H, W),
+            size=(size, size),
+            mode="bicubic",
+            align_corners=False,
+        )
+        .reshape(B, T1, C, size, size)
+        .transpose(1, 2)
+    )
     return x[:, :, 1:] - x[:, :, :-1]
 
 
@@ -143,8 +155,9 @@ def datasets(cfg: SSPDConfig):
     return cfg.video_sets(cfg.domain)
 
 
-def step_losses(cfg: SSPDConfig, student: SSPDNet, teacher: SSPDNet, clips: Dict[str, torch.Tensor],
-                g: torch.Generator) -> Dict[str, torch.Tensor]:
+def step_losses(
+    cfg: SSPDConfig, student: SSPDNet, teacher: SSPDNet, clips: Dict[str, torch.Tensor], g: torch.Generator
+) -> Dict[str, torch.Tensor]:
     if cfg.supervised:
         x = global_view(clips["video"], crop_size(cfg.size))
         y = student.predict(x)
@@ -156,8 +169,14 @@ def step_losses(cfg: SSPDConfig, student: SSPDNet, teacher: SSPDNet, clips: Dict
     return sspd_losses(y_o, y_t, maps_o, maps_t, cfg.fs)
 
 
-def train(cfg: SSPDConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-          checkpoint_every: int = 50, data=None):
+def train(
+    cfg: SSPDConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    checkpoint_every: int = 50,
+    data=None,
+):
     """Returns (the test-time model ``Inference``, the test set)."""
     cfg.check()
     seed_everything(cfg.seed)
@@ -171,8 +190,12 @@ def train(cfg: SSPDConfig, run: Run, device=torch.device("cpu"), show_progress: 
     total = cfg.total_steps
 
     def step_fn(step, rng, counts):
-        clips = {k: v.to(device) for k, v in sample_clips(train_set, cfg.batch, cfg.clip + 1, rng, cfg.label,
-                                                          flip=cfg.supervised, index=cfg.batch_index(step)).items()}
+        clips = {
+            k: v.to(device)
+            for k, v in sample_clips(
+                train_set, cfg.batch, cfg.clip + 1, rng, cfg.label, flip=cfg.supervised, index=cfg.batch_index(step)
+            ).items()
+        }
         g = torch.Generator().manual_seed(worker_seed(cfg.seed, 3, step))
         terms = step_losses(cfg, student, teacher, clips, g)
         opt.zero_grad(set_to_none=True)
@@ -187,13 +210,23 @@ def train(cfg: SSPDConfig, run: Run, device=torch.device("cpu"), show_progress: 
     student.train()
     teacher.train()  # batch statistics, as the code
     out = train_loop(
-        run, asdict(cfg), {"student": student, "teacher": teacher, "opt": opt}, total, cfg.seed, step_fn,
-        desc="supervised" if cfg.supervised else "sspd", show_progress=show_progress,
-        checkpoint_every=checkpoint_every, log_every=cfg.iters_per_epoch,
+        run,
+        asdict(cfg),
+        {"student": student, "teacher": teacher, "opt": opt},
+        total,
+        cfg.seed,
+        step_fn,
+        desc="supervised" if cfg.supervised else "sspd",
+        show_progress=show_progress,
+        checkpoint_every=checkpoint_every,
+        log_every=cfg.iters_per_epoch,
         row_extra=lambda step: {"epoch": step // cfg.iters_per_epoch, "momentum": momentum(step, total)},
-        intro=lambda: (f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}: {len(train_set)} "
-                       f"training videos, {sum(p.numel() for p in student.parameters())} parameters "
-                       f"({sum(p.numel() for p in student.s3m.parameters())} in S3M)"))
+        intro=lambda: (
+            f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}: {len(train_set)} "
+            f"training videos, {sum(p.numel() for p in student.parameters())} parameters "
+            f"({sum(p.numel() for p in student.s3m.parameters())} in S3M)"
+        ),
+    )
     run.info(f"training done ({total} steps, {out['seconds']:.0f} s, {out['skipped']} skipped)")
     return Inference(teacher if resolve_net(cfg) == "teacher" else student, cfg.size), test_set
 

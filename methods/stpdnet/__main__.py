@@ -1,9 +1,9 @@
 """python -m methods.stpdnet simulate|train|eval (see --help of each)."""
+
 import argparse
 import json
 import os
 import sys
-
 
 from methods.common import add_common_args, pick_device, progress, training_run
 
@@ -20,9 +20,16 @@ def cmd_simulate(a) -> int:
     os.makedirs(a.out, exist_ok=True)
     for i in progress(range(a.studies), enabled=not a.no_progress, desc="studies"):
         st = simulate_study(a.seed + i, sc, counts=a.counts, phantom=a.phantom, projector=A)
-        np.savez_compressed(os.path.join(a.out, f"study_{a.seed + i}.npz"), sinograms=st.sinograms.numpy(),
-                            frames=st.frames.numpy(), labels=st.labels.numpy(), attenuation=st.attenuation.numpy(),
-                            background=st.background.numpy(), scale=st.scale.numpy(), edges_min=st.edges_min)
+        np.savez_compressed(
+            os.path.join(a.out, f"study_{a.seed + i}.npz"),
+            sinograms=st.sinograms.numpy(),
+            frames=st.frames.numpy(),
+            labels=st.labels.numpy(),
+            attenuation=st.attenuation.numpy(),
+            background=st.background.numpy(),
+            scale=st.scale.numpy(),
+            edges_min=st.edges_min,
+        )
         if i == 0:
             x = mlem(st.sinograms, A, st.attenuation, st.background, st.scale, 20)
             figures(st, {"MLEM (20 it)": x}, a.out)
@@ -33,17 +40,33 @@ def cmd_simulate(a) -> int:
 def cmd_train(a) -> int:
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(model=a.model, n=a.n, views=a.views, counts=a.counts, n_iter=a.iterations, width=a.width,
-                      steps=a.steps, lr=a.lr, loss=a.loss, clip=a.clip, seed=a.seed, val_studies=a.val_studies,
-                      eval_every=a.eval_every)
+    cfg = TrainConfig(
+        model=a.model,
+        n=a.n,
+        views=a.views,
+        counts=a.counts,
+        n_iter=a.iterations,
+        width=a.width,
+        steps=a.steps,
+        lr=a.lr,
+        loss=a.loss,
+        clip=a.clip,
+        seed=a.seed,
+        val_studies=a.val_studies,
+        eval_every=a.eval_every,
+    )
     device = pick_device(a.device)
     with training_run(a.out, vars(a), fresh=a.fresh, name="stpdnet") as run:
         rows = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
     if run.main and rows:
         from methods.common import plot_curves
 
-        plot_curves({"validation rel. RMSE": ([r["step"] + 1 for r in rows], [r["val_rel_rmse"] for r in rows])},
-                    os.path.join(a.out, "validation.png"), xlabel="step", ylabel="relative RMSE")
+        plot_curves(
+            {"validation rel. RMSE": ([r["step"] + 1 for r in rows], [r["val_rel_rmse"] for r in rows])},
+            os.path.join(a.out, "validation.png"),
+            xlabel="step",
+            ylabel="relative RMSE",
+        )
         print(f"{cfg.model}: final validation relative RMSE {rows[-1]['val_rel_rmse']:.4f}; checkpoints in {a.out}")
     return 0
 
@@ -57,22 +80,33 @@ def cmd_eval(a) -> int:
         if not path:
             raise ValueError(f"--model takes NAME=CHECKPOINT, got {spec!r}")
         ckpts[name] = path  # a checkpoint file or a run folder (load_trained takes its latest intact one)
-    res = evaluate(ckpts, n=a.n, views=a.views, counts=a.counts, test_studies=a.test_studies,
-                   val_studies=a.val_studies, figure_dir=a.out,
-                   progress_fn=lambda it: progress(it, enabled=not a.no_progress, desc="test studies"))
+    res = evaluate(
+        ckpts,
+        n=a.n,
+        views=a.views,
+        counts=a.counts,
+        test_studies=a.test_studies,
+        val_studies=a.val_studies,
+        figure_dir=a.out,
+        progress_fn=lambda it: progress(it, enabled=not a.no_progress, desc="test studies"),
+    )
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "eval.json"), "w") as f:
         json.dump(res, f, indent=2)
     print(f"{'method':10s} {'PSNR':>7s} {'SSIM':>6s} {'relRMSE':>8s} {'lesion bias %':>14s} {'lesion std %':>13s}")
     for m, r in res["table"].items():
-        print(f"{m:10s} {r['psnr']:7.2f} {r['ssim']:6.3f} {r['rel_rmse']:8.4f} {r['lesion_bias_pct']:14.1f} {r['lesion_std_pct']:13.1f}")
+        print(
+            f"{m:10s} {r['psnr']:7.2f} {r['ssim']:6.3f} {r['rel_rmse']:8.4f} {r['lesion_bias_pct']:14.1f} {r['lesion_std_pct']:13.1f}"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m methods.stpdnet",
-                                description="Dynamic PET: simulation, MLEM / KEM-ST baselines, and LPD, DeepPET and "
-                                            "STPDnet trained on simulated studies (pyops Joseph projector).")
+    p = argparse.ArgumentParser(
+        prog="python -m methods.stpdnet",
+        description="Dynamic PET: simulation, MLEM / KEM-ST baselines, and LPD, DeepPET and "
+        "STPDnet trained on simulated studies (pyops Joseph projector).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, out):
@@ -97,8 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=50)
     common(t, "runs/stpdnet")
     e = sub.add_parser("eval", help="compare MLEM, KEM-ST and trained networks on held-out studies")
-    e.add_argument("--model", action="append", metavar="NAME=CHECKPOINT_OR_RUN_DIR",
-                   help="a trained network (repeatable), e.g. STPDnet=runs/stpdnet")
+    e.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=CHECKPOINT_OR_RUN_DIR",
+        help="a trained network (repeatable), e.g. STPDnet=runs/stpdnet",
+    )
     e.add_argument("--test-studies", type=int, default=8)
     e.add_argument("--val-studies", type=int, default=4)
     common(e, "runs/stpdnet_eval")

@@ -12,6 +12,7 @@ The spread over training seeds is the std and range of the per-seed means, and e
 beats B" is the paired per-seed difference with its 95% t interval. Writes
 results/acceptance.{md,json} and results/frames.png, results/tacs.png (seed 0's networks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ from methods.common.acceptance import acceptance_meta, run_jobs, started_date
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"deeppet": "DeepPET", "lpd": "LPD", "stpdnet": "STPDnet"}
 FIXED = ["MLEM", "KEM-ST"]
-METRICS = {"psnr": ("PSNR (dB)", "{:.2f}", +1), "ssim": ("SSIM", "{:.3f}", +1),
-           "rmse": ("relative RMSE", "{:.4f}", -1), "tac_bias": ("lesion TAC bias (%)", "{:.1f}", -1)}
+METRICS = {
+    "psnr": ("PSNR (dB)", "{:.2f}", +1),
+    "ssim": ("SSIM", "{:.3f}", +1),
+    "rmse": ("relative RMSE", "{:.4f}", -1),
+    "tac_bias": ("lesion TAC bias (%)", "{:.1f}", -1),
+}
 
 
 def run_folder(out: str, model: str, seed: int) -> str:
@@ -47,9 +52,13 @@ def train_job(job: Dict) -> Dict:
     t0 = time.perf_counter()
     rows = train(cfg, run, show_progress=False)
     run.close()
-    return {**job, "checkpoint": run.checkpoints.latest(), "config": cfg.__dict__,
-            "train_minutes": (rows[-1]["seconds"] if rows else time.perf_counter() - t0) / 60,
-            "final_val_rel_rmse": rows[-1]["val_rel_rmse"] if rows else None}
+    return {
+        **job,
+        "checkpoint": run.checkpoints.latest(),
+        "config": cfg.__dict__,
+        "train_minutes": (rows[-1]["seconds"] if rows else time.perf_counter() - t0) / 60,
+        "final_val_rel_rmse": rows[-1]["val_rel_rmse"] if rows else None,
+    }
 
 
 def result_rows(table: Dict[str, Dict], runs: List[Dict]) -> List[Dict]:
@@ -58,14 +67,32 @@ def result_rows(table: Dict[str, Dict], runs: List[Dict]) -> List[Dict]:
     rows = []
     for m in FIXED:
         r = table[m]
-        rows.append({"method": m, "seed": None, "psnr": r["psnr"], "ssim": r["ssim"], "rmse": r["rel_rmse"],
-                     "tac_bias": r["lesion_bias_pct"], "tac_std": r["lesion_std_pct"]})
+        rows.append(
+            {
+                "method": m,
+                "seed": None,
+                "psnr": r["psnr"],
+                "ssim": r["ssim"],
+                "rmse": r["rel_rmse"],
+                "tac_bias": r["lesion_bias_pct"],
+                "tac_std": r["lesion_std_pct"],
+            }
+        )
     for j in runs:
         name = NAMES[j["model"]]
         r = table[f"{name} seed {j['seed']}"]
-        rows.append({"method": name, "seed": j["seed"], "psnr": r["psnr"], "ssim": r["ssim"], "rmse": r["rel_rmse"],
-                     "tac_bias": r["lesion_bias_pct"], "tac_std": r["lesion_std_pct"],
-                     "train_minutes": j["train_minutes"]})
+        rows.append(
+            {
+                "method": name,
+                "seed": j["seed"],
+                "psnr": r["psnr"],
+                "ssim": r["ssim"],
+                "rmse": r["rel_rmse"],
+                "tac_bias": r["lesion_bias_pct"],
+                "tac_std": r["lesion_std_pct"],
+                "train_minutes": j["train_minutes"],
+            }
+        )
     return rows
 
 
@@ -83,8 +110,12 @@ def summarize(rows: List[Dict], seeds: List[int]) -> Dict:
         per[m] = {}
         for k in METRICS:
             v = np.array(values(m, k), dtype=np.float64)
-            per[m][k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if m not in FIXED and v.size > 1 else 0.0,
-                         "min": float(v.min()), "max": float(v.max())}
+            per[m][k] = {
+                "mean": float(v.mean()),
+                "std": float(v.std(ddof=1)) if m not in FIXED and v.size > 1 else 0.0,
+                "min": float(v.min()),
+                "max": float(v.max()),
+            }
     pairs = {}
     nets = sorted((m for m in methods if m not in FIXED), key=lambda m: m != "STPDnet")
     for a in nets:
@@ -99,6 +130,7 @@ def per_study_differences(per_study: Dict[str, Dict[str, List[float]]], seeds: L
     other method (a network likewise averaged), and its mean and 95% t interval over the studies.
     This interval reflects the spread over test studies, which the per-seed intervals against MLEM
     and KEM-ST (one deterministic value each) leave out."""
+
     def study_means(method):
         keys = [method] if method in FIXED else [f"{method} seed {s}" for s in seeds]
         if any(k not in per_study for k in keys):
@@ -143,26 +175,42 @@ def markdown(meta: Dict, summary: Dict, settings: Dict) -> str:
             if m in FIXED:
                 cells.append(fmt.format(s["mean"]))
             else:
-                cells.append(f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])} "
-                             f"({fmt.format(s['min'])}-{fmt.format(s['max'])})")
+                cells.append(
+                    f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
+                )
         tr = settings["train_minutes"].get(m)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {tr:.1f} |" if tr is not None else
-                     f"| {m} | " + " | ".join(cells) + " | - |")
-    lines += ["", "Paired per-seed differences A - B, mean [95% t interval] over the training seeds "
-              "(better for A: positive PSNR / SSIM, negative RMSE / bias):", "",
-              "| A - B | " + " | ".join(v[0] for v in METRICS.values()) + " |", "|---|" + "---|" * len(METRICS)]
+        lines.append(
+            f"| {m} | " + " | ".join(cells) + f" | {tr:.1f} |"
+            if tr is not None
+            else f"| {m} | " + " | ".join(cells) + " | - |"
+        )
+    lines += [
+        "",
+        "Paired per-seed differences A - B, mean [95% t interval] over the training seeds "
+        "(better for A: positive PSNR / SSIM, negative RMSE / bias):",
+        "",
+        "| A - B | " + " | ".join(v[0] for v in METRICS.values()) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
     for name, d in pairs.items():
         cells = [format_difference(d[k], "{:+.4f}" if k in ("ssim", "rmse") else "{:+.2f}") for k in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if summary.get("per_study"):
         ps = summary["per_study"]
         n = next(iter(ps.values()))["psnr"]["n"]
-        lines += ["", f"Per test study ({n} studies; training seeds averaged), STPDnet - B, mean [95% t interval] over "
-                      "the studies (the test-set spread, which the per-seed intervals against MLEM / KEM-ST leave out):",
-                  "", "| A - B | PSNR (dB) | SSIM | relative RMSE |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Per test study ({n} studies; training seeds averaged), STPDnet - B, mean [95% t interval] over "
+            "the studies (the test-set spread, which the per-seed intervals against MLEM / KEM-ST leave out):",
+            "",
+            "| A - B | PSNR (dB) | SSIM | relative RMSE |",
+            "|---|---|---|---|",
+        ]
         for name, d in ps.items():
-            lines.append(f"| {name} | {format_difference(d['psnr'])} | {format_difference(d['ssim'], '{:+.4f}')} | "
-                         f"{format_difference(d['rmse'], '{:+.4f}')} |")
+            lines.append(
+                f"| {name} | {format_difference(d['psnr'])} | {format_difference(d['ssim'], '{:+.4f}')} | "
+                f"{format_difference(d['rmse'], '{:+.4f}')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -184,25 +232,47 @@ def main(argv=None):
     t0 = time.time()
     date = started_date(a.out)
     # the longest runs first, so that the two workers finish together
-    jobs = [{"model": m, "seed": s, "steps": a.steps, "folder": run_folder(a.out, m, s)} for m in a.models for s in a.seeds]
-    done = run_jobs(train_job, jobs, a.workers,
-                    lambda r: f"{NAMES[r['model']]} seed {r['seed']}: {r['train_minutes']:.1f} min, "
-                              f"val rel RMSE {r['final_val_rel_rmse']}")
+    jobs = [
+        {"model": m, "seed": s, "steps": a.steps, "folder": run_folder(a.out, m, s)} for m in a.models for s in a.seeds
+    ]
+    done = run_jobs(
+        train_job,
+        jobs,
+        a.workers,
+        lambda r: (
+            f"{NAMES[r['model']]} seed {r['seed']}: {r['train_minutes']:.1f} min, "
+            f"val rel RMSE {r['final_val_rel_rmse']}"
+        ),
+    )
     done.sort(key=lambda r: (a.models.index(r["model"]), r["seed"]))
     ckpts = {f"{NAMES[r['model']]} seed {r['seed']}": r["checkpoint"] for r in done}
     first = [f"{NAMES[m]} seed {a.seeds[0]}" for m in reversed(a.models)]
-    res = evaluate(ckpts, test_studies=a.test_studies, val_studies=a.val_studies, figure_dir=a.results,
-                   figure_methods=FIXED + first, progress_fn=lambda it: progress(it, desc="test studies"))
-    rows = result_rows(res["table"], sorted(done, key=lambda r: (list(reversed(a.models)).index(r["model"]), r["seed"])))
+    res = evaluate(
+        ckpts,
+        test_studies=a.test_studies,
+        val_studies=a.val_studies,
+        figure_dir=a.results,
+        figure_methods=FIXED + first,
+        progress_fn=lambda it: progress(it, desc="test studies"),
+    )
+    rows = result_rows(
+        res["table"], sorted(done, key=lambda r: (list(reversed(a.models)).index(r["model"]), r["seed"]))
+    )
     summary = summarize(rows, a.seeds)
     summary["per_study"] = per_study_differences(res["per_study"], a.seeds)
-    meta = acceptance_meta("methods.stpdnet.acceptance", argv, date, a.seeds, a.workers,
-                           minutes=(time.time() - t0) / 60)
-    settings = {"steps": a.steps, "test_studies": a.test_studies, "val_studies": a.val_studies,
-                "mlem_iterations": res["mlem_iterations"], "kem_iterations": res["kem_iterations"],
-                "train_minutes": {NAMES[m]: max(r["train_minutes"] for r in done if r["model"] == m) for m in a.models},
-                "worker_minutes": sum(r["train_minutes"] for r in done),
-                "configs": {f"{NAMES[r['model']]} seed {r['seed']}": r["config"] for r in done}}
+    meta = acceptance_meta(
+        "methods.stpdnet.acceptance", argv, date, a.seeds, a.workers, minutes=(time.time() - t0) / 60
+    )
+    settings = {
+        "steps": a.steps,
+        "test_studies": a.test_studies,
+        "val_studies": a.val_studies,
+        "mlem_iterations": res["mlem_iterations"],
+        "kem_iterations": res["kem_iterations"],
+        "train_minutes": {NAMES[m]: max(r["train_minutes"] for r in done if r["model"] == m) for m in a.models},
+        "worker_minutes": sum(r["train_minutes"] for r in done),
+        "configs": {f"{NAMES[r['model']]} seed {r['seed']}": r["config"] for r in done},
+    }
     os.makedirs(a.results, exist_ok=True)
     with open(os.path.join(a.results, "acceptance.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "summary": summary, "settings": settings}, f, indent=1)

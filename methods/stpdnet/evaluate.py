@@ -1,17 +1,19 @@
 """Evaluation on held-out simulated studies: PSNR, SSIM and relative RMSE per frame (mean over
 frames and studies) and the lesion time-activity curve's bias and standard deviation, for MLEM
 (iteration count chosen on validation studies), KEM-ST and any trained networks; figures."""
+
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+
+from methods.common.optional import requires
 
 from .kem import KemConfig, kem_st
 from .models import corrected_sinograms, reconstruct
 from .recon import mlem
 from .simulate import LABELS, Scanner, simulate_study
 from .train import TEST_SEED0, VAL_SEED0, load_trained, rel_rmse
-from methods.common.optional import requires
 
 
 def frame_metrics(x: torch.Tensor, truth: torch.Tensor) -> Dict[str, np.ndarray]:
@@ -44,9 +46,20 @@ def choose_iterations(method, studies, A, candidates: List[int]) -> int:
     return best
 
 
-def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, counts="low", test_studies: int = 8,
-             val_studies: int = 4, mlem_iters=(1, 2, 3, 5, 10, 20, 30, 50, 80), kem_iters=(10, 20, 30, 50),
-             figure_dir: Optional[str] = None, progress_fn=None, figure_methods: Optional[List[str]] = None) -> Dict:
+def evaluate(
+    checkpoints: Dict[str, str],
+    *,
+    n: int = 64,
+    views: int = 60,
+    counts="low",
+    test_studies: int = 8,
+    val_studies: int = 4,
+    mlem_iters=(1, 2, 3, 5, 10, 20, 30, 50, 80),
+    kem_iters=(10, 20, 30, 50),
+    figure_dir: Optional[str] = None,
+    progress_fn=None,
+    figure_methods: Optional[List[str]] = None,
+) -> Dict:
     """The table over ``test_studies`` held-out studies for MLEM, KEM-ST and every network in
     ``checkpoints`` (name -> checkpoint file or run folder). The figures show the first test study,
     with the columns ``figure_methods`` (default: all)."""
@@ -67,7 +80,7 @@ def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, count
     per = {m: {"psnr": [], "ssim": [], "rel_rmse": [], "lesion_err": []} for m in names}
     example = None
     studies = range(test_studies)
-    for i in (progress_fn(studies) if progress_fn else studies):
+    for i in progress_fn(studies) if progress_fn else studies:
         st = simulate_study(TEST_SEED0 + i, sc, counts=counts, projector=A)
         recs = {"MLEM": run_mlem(st, it_mlem), "KEM-ST": run_kem(st, it_kem)}
         with torch.no_grad():
@@ -86,15 +99,25 @@ def evaluate(checkpoints: Dict[str, str], *, n: int = 64, views: int = 60, count
     for m in names:
         les = np.array(per[m]["lesion_err"])  # (studies, T)
         table[m] = {
-            "psnr": float(np.mean(per[m]["psnr"])), "ssim": float(np.mean(per[m]["ssim"])),
+            "psnr": float(np.mean(per[m]["psnr"])),
+            "ssim": float(np.mean(per[m]["ssim"])),
             "rel_rmse": float(np.mean(per[m]["rel_rmse"])),
             "lesion_bias_pct": float(100 * np.abs(les.mean(0)).mean()),
             "lesion_std_pct": float(100 * les.std(0).mean()),
         }
     # per test study (mean over frames), for paired differences over the studies
     per_study = {m: {k: [float(np.mean(v)) for v in per[m][k]] for k in ("psnr", "ssim", "rel_rmse")} for m in names}
-    out = {"table": table, "per_study": per_study, "mlem_iterations": it_mlem, "kem_iterations": it_kem, "test_studies": test_studies,
-           "val_studies": val_studies, "n": n, "views": views, "counts": counts}
+    out = {
+        "table": table,
+        "per_study": per_study,
+        "mlem_iterations": it_mlem,
+        "kem_iterations": it_kem,
+        "test_studies": test_studies,
+        "val_studies": val_studies,
+        "n": n,
+        "views": views,
+        "counts": counts,
+    }
     if figure_dir is not None and example is not None:
         recs = example[1] if figure_methods is None else {m: example[1][m] for m in figure_methods}
         out["figures"] = figures(example[0], recs, figure_dir)
@@ -132,7 +155,13 @@ def figures(st, recs: Dict[str, torch.Tensor], out_dir: str, frames=(5, 13, 23))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
     for ax, region in zip(axes, ("lesion", "grey")):
         for name, x in cols.items():
-            ax.plot(mid, region_tac(x, st.labels, region), "k-" if name == "truth" else "-", label=name, lw=2 if name == "truth" else 1)
+            ax.plot(
+                mid,
+                region_tac(x, st.labels, region),
+                "k-" if name == "truth" else "-",
+                label=name,
+                lw=2 if name == "truth" else 1,
+            )
         ax.set_title(f"{region} time-activity curve")
         ax.set_xlabel("time (min)")
         ax.set_ylabel("kBq/ml")

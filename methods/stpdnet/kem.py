@@ -12,6 +12,7 @@ body); the k nearest neighbours of every pixel within a w x w window (``pyops.kn
 dense patches on the reflect-padded image) get weights exp(-|f_i - f_j|^2 / (2 sigma^2 var f)),
 rows normalised.
 """
+
 from dataclasses import dataclass
 
 import torch

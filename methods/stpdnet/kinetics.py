@@ -10,6 +10,7 @@ compartment model, and frame schedules.
 * Frame values are mean activity concentrations over each frame (kBq/ml); the counts of a
   frame scale with its duration.
 """
+
 from dataclasses import dataclass
 from typing import Dict, Sequence
 

@@ -11,6 +11,7 @@ conv3x3-PReLU-conv3x3-PReLU-conv3x3 with its own weights, Xavier init; the outpu
 STPDnet (spec B4, our reading of the abstract): the same with Conv3d 3x3x3 over (time, image)
 in the primal and (time, views, bins) in the dual, all frames of a study at once.
 """
+
 from typing import Optional
 
 import torch
@@ -51,8 +52,13 @@ def corrected_sinograms(y, att, background, scale, op: NormalizedOperator):
 
 
 def _block(conv, cin, cout, width):
-    layers = nn.Sequential(conv(cin, width, 3, padding=1), nn.PReLU(width), conv(width, width, 3, padding=1),
-                           nn.PReLU(width), conv(width, cout, 3, padding=1))
+    layers = nn.Sequential(
+        conv(cin, width, 3, padding=1),
+        nn.PReLU(width),
+        conv(width, width, 3, padding=1),
+        nn.PReLU(width),
+        conv(width, cout, 3, padding=1),
+    )
     for m in layers:
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             nn.init.xavier_uniform_(m.weight)
@@ -65,8 +71,15 @@ class PrimalDual(nn.Module):
     (B, views, bins) -> (B, n, n)). ``temporal=True``: STPDnet, input (B, T, views, bins) ->
     (B, T, n, n) with 3D convolutions over (T, ., .)."""
 
-    def __init__(self, op: NormalizedOperator, n_iter: int = 10, n_primal: int = 5, n_dual: int = 5,
-                 width: int = 32, temporal: bool = False):
+    def __init__(
+        self,
+        op: NormalizedOperator,
+        n_iter: int = 10,
+        n_primal: int = 5,
+        n_dual: int = 5,
+        width: int = 32,
+        temporal: bool = False,
+    ):
         super().__init__()
         if n_iter < 1 or n_primal < 2 or n_dual < 1 or width < 1:
             raise ValueError("n_iter >= 1, n_primal >= 2, n_dual >= 1 and width >= 1 are required")
@@ -100,14 +113,34 @@ class DeepPET(nn.Module):
         c = width
         act = lambda ch: nn.PReLU(ch)
         self.enc = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1), act(c), nn.Conv2d(c, c, 3, stride=2, padding=1), act(c),
-            nn.Conv2d(c, 2 * c, 3, padding=1), act(2 * c), nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1), act(2 * c),
-            nn.Conv2d(2 * c, 4 * c, 3, padding=1), act(4 * c), nn.Conv2d(4 * c, 4 * c, 3, stride=2, padding=1), act(4 * c))
+            nn.Conv2d(1, c, 3, padding=1),
+            act(c),
+            nn.Conv2d(c, c, 3, stride=2, padding=1),
+            act(c),
+            nn.Conv2d(c, 2 * c, 3, padding=1),
+            act(2 * c),
+            nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1),
+            act(2 * c),
+            nn.Conv2d(2 * c, 4 * c, 3, padding=1),
+            act(4 * c),
+            nn.Conv2d(4 * c, 4 * c, 3, stride=2, padding=1),
+            act(4 * c),
+        )
         self.dec = nn.Sequential(
-            nn.Conv2d(4 * c, 4 * c, 3, padding=1), act(4 * c),
-            nn.ConvTranspose2d(4 * c, 2 * c, 4, stride=2, padding=1), act(2 * c), nn.Conv2d(2 * c, 2 * c, 3, padding=1), act(2 * c),
-            nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1), act(c), nn.Conv2d(c, c, 3, padding=1), act(c),
-            nn.ConvTranspose2d(c, c, 4, stride=2, padding=1), act(c), nn.Conv2d(c, 1, 3, padding=1))
+            nn.Conv2d(4 * c, 4 * c, 3, padding=1),
+            act(4 * c),
+            nn.ConvTranspose2d(4 * c, 2 * c, 4, stride=2, padding=1),
+            act(2 * c),
+            nn.Conv2d(2 * c, 2 * c, 3, padding=1),
+            act(2 * c),
+            nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1),
+            act(c),
+            nn.Conv2d(c, c, 3, padding=1),
+            act(c),
+            nn.ConvTranspose2d(c, c, 4, stride=2, padding=1),
+            act(c),
+            nn.Conv2d(c, 1, 3, padding=1),
+        )
 
     def forward(self, y):
         z = self.enc(y.unsqueeze(1))

@@ -4,6 +4,7 @@ Model of frame t: ybar_t = c_t * a * (A x_t) + r_t (c_t = Study.scale[t], a = at
 r_t = randoms + scatter). MLEM: x <- x / (c_t A^T a) * c_t A^T(a y_t / ybar_t), which keeps x >= 0
 and increases the Poisson log-likelihood sum(y log ybar - ybar) at every iteration.
 """
+
 from typing import Callable, Optional
 
 import torch
@@ -13,14 +14,18 @@ def _check(y, att, background, scale, views_bins):
     if y.dim() != 3:
         raise ValueError(f"sinograms must be (T, views, bins), got {tuple(y.shape)}")
     if tuple(y.shape[1:]) != views_bins:
-        raise ValueError(f"sinograms are {tuple(y.shape[1:])} per frame but the projector has {views_bins} "
-                         "(views, bins): image/geometry mismatch")
+        raise ValueError(
+            f"sinograms are {tuple(y.shape[1:])} per frame but the projector has {views_bins} "
+            "(views, bins): image/geometry mismatch"
+        )
     if not torch.isfinite(y).all():
         raise ValueError("sinograms contain NaN or inf")
     if (y < 0).any():
         raise ValueError("sinograms must be >= 0 (counts)")
     if tuple(att.shape) != views_bins or tuple(background.shape) != tuple(y.shape) or scale.shape != (y.shape[0],):
-        raise ValueError("attenuation (views, bins), background (T, views, bins) and scale (T,) must match the sinograms")
+        raise ValueError(
+            "attenuation (views, bins), background (T, views, bins) and scale (T,) must match the sinograms"
+        )
     if not (background >= 0).all() or not (scale > 0).all() or not ((att > 0) & (att <= 1)).all():
         raise ValueError("background must be >= 0, scale > 0 and attenuation factors in (0, 1]")
 
@@ -36,8 +41,16 @@ def poisson_loglik(y, ybar):
     return (torch.xlogy(y, ybar) - ybar).sum((1, 2))
 
 
-def mlem(y, A, att, background, scale, n_iter: int = 50, x0: Optional[torch.Tensor] = None,
-         callback: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+def mlem(
+    y,
+    A,
+    att,
+    background,
+    scale,
+    n_iter: int = 50,
+    x0: Optional[torch.Tensor] = None,
+    callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> torch.Tensor:
     """MLEM of every frame at once; returns (T, n, n). `callback(iteration, x)` after each iteration."""
     _check(y, att, background, scale, tuple(att.shape))
     if A.num_lines != att.numel():

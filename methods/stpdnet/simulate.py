@@ -13,6 +13,7 @@
    of the frame's counts, and s the scale that makes the total expected counts equal
    ``counts``; the sinogram is Poisson(ybar).
 """
+
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
@@ -20,10 +21,10 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from methods.common.optional import requires
 from pyops.pet import JosephProjector, parallel_beam_2d
 
 from .kinetics import DEFAULT_FRAMES_S, REGIONS, frame_edges, region_tacs
-from methods.common.optional import requires
 
 LABELS = {"grey": 1, "white": 2, "lesion": 3, "blood": 4}
 COUNT_PRESETS = {"low": 2e6, "high": 2e7}
@@ -129,9 +130,17 @@ def shepp_logan_labels(n: int) -> np.ndarray:
     return labels
 
 
-def simulate_study(seed: int, scanner: Scanner = None, *, counts="low", frames_s: Sequence[float] = None,
-                   phantom: str = "brain", background_fraction: float = 0.2, jitter: float = 0.1,
-                   projector: Optional[JosephProjector] = None) -> Study:
+def simulate_study(
+    seed: int,
+    scanner: Scanner = None,
+    *,
+    counts="low",
+    frames_s: Sequence[float] = None,
+    phantom: str = "brain",
+    background_fraction: float = 0.2,
+    jitter: float = 0.1,
+    projector: Optional[JosephProjector] = None,
+) -> Study:
     """One seeded study (see the module docstring). `counts`: "low", "high" or a number > 0 (total
     expected counts over all frames)."""
     scanner = scanner or Scanner()
@@ -156,11 +165,15 @@ def simulate_study(seed: int, scanner: Scanner = None, *, counts="low", frames_s
         frames[:, labels == lab] = tacs[name][:, None]
     A = projector if projector is not None else scanner.projector()
     if tuple(A.image_shape) != (n, n, 1) or A.num_lines != scanner.views * scanner.bins:
-        raise ValueError(f"image/geometry mismatch: the projector is for a {tuple(A.image_shape)} image and "
-                         f"{A.num_lines} lines, the scanner has {n} x {n} pixels and {scanner.views} x {scanner.bins} bins")
+        raise ValueError(
+            f"image/geometry mismatch: the projector is for a {tuple(A.image_shape)} image and "
+            f"{A.num_lines} lines, the scanner has {n} x {n} pixels and {scanner.views} x {scanner.bins} bins"
+        )
     x = torch.from_numpy(frames).float()
     head = torch.from_numpy((labels > 0).astype(np.float32))
-    att = torch.exp(-A(MU_WATER * head[None, :, :, None])[0]).reshape(scanner.views, scanner.bins)  # (mu in 1/mm, A in mm)
+    att = torch.exp(-A(MU_WATER * head[None, :, :, None])[0]).reshape(
+        scanner.views, scanner.bins
+    )  # (mu in 1/mm, A in mm)
     proj = A(x[..., None]).reshape(T, scanner.views, scanner.bins) * att  # attenuated line integrals
     dt = torch.from_numpy(np.diff(edges)).float()
     trues = proj * dt[:, None, None]

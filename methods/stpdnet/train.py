@@ -6,6 +6,7 @@ DDP ranks see different studies; validation and test studies come from disjoint 
 (activity / ACT_SCALE); Adam (beta2 = 0.99, as Adler & Oktem), cosine schedule over the run,
 gradient-norm clipping. Works under ``torchrun --nproc_per_node=N`` (DDP; gloo on the CPU).
 """
+
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List
@@ -77,8 +78,9 @@ def validate(model, cfg: TrainConfig, sc, A, op, device) -> float:
     return sum(errs) / max(len(errs), 1)
 
 
-def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True,
-          checkpoint_every: int = 50) -> List[Dict]:
+def train(
+    cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True, checkpoint_every: int = 50
+) -> List[Dict]:
     info = init_distributed(device)
     seed_everything(cfg.seed)
     sc, A, op = setup(cfg, device)
@@ -90,10 +92,18 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
     state = run.resume(asdict(cfg), model=model, opt=opt, sched=sched)
     start = state["step"] + 1 if state else 0
     if state is None:
-        run.info(f"{cfg.model}: {sum(p.numel() for p in model.parameters())} parameters, ||A|| = {op.norm:.2f}, "
-                 f"{info.world_size} process(es)")
-    bar = progress(range(start, cfg.steps), enabled=show_progress and info.is_main, desc=f"train {cfg.model}",
-                   unit="step", total=cfg.steps, initial=start)
+        run.info(
+            f"{cfg.model}: {sum(p.numel() for p in model.parameters())} parameters, ||A|| = {op.norm:.2f}, "
+            f"{info.world_size} process(es)"
+        )
+    bar = progress(
+        range(start, cfg.steps),
+        enabled=show_progress and info.is_main,
+        desc=f"train {cfg.model}",
+        unit="step",
+        total=cfg.steps,
+        initial=start,
+    )
     # the losses of the steps since the last logged row: a checkpoint between two rows carries them
     t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     for step in bar:
@@ -111,8 +121,13 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
         acc.append(loss.item())
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_every == 0 or last:
-            row = {"step": step, "loss": sum(acc) / len(acc), "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
-                   "seconds": time.perf_counter() - t0}
+            row = {
+                "step": step,
+                "loss": sum(acc) / len(acc),
+                "grad_norm": float(gnorm),
+                "lr": sched.get_last_lr()[0],
+                "seconds": time.perf_counter() - t0,
+            }
             if info.is_main:
                 row["val_rel_rmse"] = validate(model, cfg, sc, A, op, device)
                 run.log_metrics(row)
@@ -120,8 +135,16 @@ def train(cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{row['val_rel_rmse']:.4f}")
             acc = []
         if info.is_main and ((step + 1) % checkpoint_every == 0 or last):
-            run.checkpoints.save(step, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "config": asdict(cfg), "acc": acc})
+            run.checkpoints.save(
+                step,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "config": asdict(cfg),
+                    "acc": acc,
+                },
+            )
         barrier()
     return run.rows
 
