@@ -9,7 +9,8 @@ Where each piece lives:
 * fake kernels, autograd, input validation, the public function: this module
 * pure-PyTorch reference: ``pyops/reference.py`` (``gr_loss``)
 
-The per-epoch schedules of k-hat and v and the training method live in ``methods/grloss``.
+The module with the per-epoch schedules of k-hat and v: ``pyops.nn.GRLoss``; the training method:
+``methods/grloss`` (a checkout).
 """
 
 from __future__ import annotations

@@ -326,7 +326,8 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, *, exclude_self: bool = False)
     n_b, n_q = xb.shape[0], xb.shape[1]
     if n_q == 0:  # no query points: the op needs a non-empty query grid
         shape = (n_b, 0, k)
-        dists, idx = xb.new_zeros(shape, dtype=acc_dtype(xb)), xb.new_zeros(shape, dtype=torch.int64)
+        link = (xb.sum() + yb.sum()).to(acc_dtype(xb)) * 0  # keeps the (empty) result in the autograd graph
+        dists, idx = xb.new_zeros(shape, dtype=acc_dtype(xb)) + link, xb.new_zeros(shape, dtype=torch.int64)
     else:
         dists, idx = _ops.knn_patch_search_fwd(_as_maps(xb), _as_maps(yb), k, 1, 1, -1, exclude_self, [])
     return KNNResult(dists, idx) if batched else KNNResult(dists[0], idx[0])

@@ -463,10 +463,12 @@ class GRLoss(torch.nn.Module):
         """Switch to the schedule of ``epoch`` (1-based)."""
         if isinstance(epoch, bool):
             raise TypeError("GRLoss: epoch must be an int, got bool")
+        if isinstance(epoch, float) and epoch.is_integer():
+            epoch = int(epoch)  # as the method's trainer and old checkpoints may hand it
         try:
             self.epoch = operator.index(epoch)
         except TypeError:
-            raise TypeError(f"GRLoss: epoch must be an int, got {type(epoch).__name__}") from None
+            raise TypeError(f"GRLoss: epoch must be an int, got {epoch!r}") from None
         self._p = self.params_at(self.epoch)
         with torch.no_grad():
             self._schedule.copy_(torch.tensor(list(self._p.values()), dtype=torch.float64))
@@ -484,12 +486,17 @@ class GRLoss(torch.nn.Module):
         return torch.exp(-((p - self._p["mu"]) ** 2) / (2 * self._p["sigma"] ** 2))
 
     def forward(self, logits: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        s = self._schedule
+        if torch.compiler.is_compiling():
+            s = self._schedule  # a tensor: a new epoch's values do not recompile
+            kb, mv = s[:2], s[2:]
+        else:  # Python floats: no device copy or host sync per call
+            p = self._p
+            kb, mv = (p["w"], p["b"]), (p["mu"], p["sigma"])
         return gr_loss(
             logits,
             observed,
-            s[:2],
-            s[2:],
+            kb,
+            mv,
             self.q[0],
             self.q[1],
             reduction=self.reduction,

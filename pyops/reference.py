@@ -236,7 +236,8 @@ def knn(x: torch.Tensor, y: torch.Tensor, k: int, *, exclude_self: bool = False)
     if dists:
         dist, idx = torch.cat(dists, 1), torch.cat(idxs, 1)
     else:
-        dist, idx = xb.new_zeros((n_b, 0, k)), torch.zeros((n_b, 0, k), dtype=torch.int64, device=x.device)
+        link = (xb.sum() + yb.sum()) * 0  # keeps the (empty) result in the autograd graph
+        dist, idx = xb.new_zeros((n_b, 0, k)) + link, torch.zeros((n_b, 0, k), dtype=torch.int64, device=x.device)
     return KNNResult(dist[0], idx[0]) if single else KNNResult(dist, idx)
 
 

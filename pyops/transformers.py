@@ -44,13 +44,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-try:
+from ._optional import requires
+
+with requires("hf", "pyops.transformers (the Hugging Face integration)"):
     import transformers as _hf
-except ImportError as err:  # pragma: no cover - exercised with transformers hidden from the import system
-    raise ImportError(
-        "pyops.transformers needs the Hugging Face `transformers` package, an optional dependency of pyops: "
-        "pip install pyops[hf]"
-    ) from err
 
 from .cross_view_kl import fused_linear_cross_view
 
@@ -333,6 +330,12 @@ def last_hidden_state(model: nn.Module, /, **inputs: Any) -> Tensor:
     separate base model runs with ``output_hidden_states=True`` instead (``hidden_states[-1]``).
     A forward that takes neither keyword computes the full logits (a warning says so)."""
     kw = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+    if isinstance(model, nn.DataParallel) and len(model.device_ids or ()) > 1:
+        # its replicas share the base model's hooks: the hook would catch one replica's slice of the batch
+        raise ValueError(
+            "last_hidden_state: torch.nn.DataParallel over several GPUs is not supported; use "
+            "DistributedDataParallel (torchrun) instead"
+        )
     core = unwrap_model(model)
     names, var_kw = _forward_params(core)
     if "use_cache" in names or var_kw:
@@ -755,7 +758,10 @@ class FusedLMLossMixin:
     accumulation: ``loss_is_scaled_for_ga`` (read by ``training_step`` on transformers >= 5) is
     True, and on older versions the Trainer skips its division because it passed a count. With
     no count, in evaluation, or without gradients the loss is the batch's own mean (the Trainer
-    then divides it by the number of micro-batches when training).
+    then divides it by the number of micro-batches when training). The Trainer counts only
+    batches that carry ``labels``: with ``shift_labels`` alone every micro-batch gets its own
+    mean, exact only when the micro-batches hold equal numbers of answer tokens. Tested with
+    transformers 5.25 (``tests/test_transformers_integration.py``).
 
     Subclasses can replace the loss by overriding ``compute_fused_loss(model, inputs, totals)``,
     which returns ``(loss, stats)`` and receives ``BatchTotals`` or None (the batch's own means).
@@ -783,14 +789,16 @@ class FusedLMLossMixin:
     def loss_is_scaled_for_ga(self) -> bool:
         return self._loss_scaled
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+    def get_batch_samples(self, epoch_iterator, num_batches, device=None):
+        # transformers before 4.50 calls it without the device
+        args = (epoch_iterator, num_batches) if device is None else (epoch_iterator, num_batches, device)
+        batch_samples, num_items_in_batch = super().get_batch_samples(*args)
         self._window = None
         if num_items_in_batch is not None:
             counts = [_batch_counts(b) for b in batch_samples]
             tokens, samples = sum(c[0] for c in counts), sum(c[1] for c in counts)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                t = torch.tensor([tokens, samples], device=device)
+                t = torch.tensor([tokens, samples], device=self.args.device if device is None else device)
                 tokens, samples = (int(v) for v in self.accelerator.gather(t[None]).sum(0))
             self._window = (num_items_in_batch, BatchTotals(tokens, samples))
         return batch_samples, num_items_in_batch

@@ -74,6 +74,9 @@ def fresh_venv(path: str) -> tuple[str, dict]:
     shutil.rmtree(path, ignore_errors=True)
     venv.create(path, with_pip=True)
     py = os.path.join(path, "bin", "python")
+    # ensurepip's setuptools (65 on Python 3.11) would come before this environment's and cannot
+    # read the SPDX license field (setuptools >= 77): the build uses this environment's instead
+    subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=False, capture_output=True)
     site = subprocess.run(
         [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True,

@@ -112,6 +112,11 @@ def test_empty_sizes():
     for x, y in [(torch.randn(0, 3), torch.randn(4, 3)), (torch.randn(3, 0), torch.randn(4, 0))]:
         ref, res = reference.knn(x, y, 2), pyops.knn(x, y, 2)
         assert torch.equal(ref.idx, res.idx) and torch.equal(ref.dists, res.dists)
+    # no query points: the (empty) distances still backpropagate, zero gradients
+    for fn in (pyops.knn, reference.knn):
+        x, y = torch.randn(0, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+        fn(x, y, 2).dists.sum().backward()
+        assert torch.equal(y.grad, torch.zeros(4, 3)) and x.grad.shape == (0, 3)
 
 
 def test_gradcheck_float64():

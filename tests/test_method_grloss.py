@@ -567,3 +567,21 @@ def test_cli_help(capsys):
         _run_cli(["--help"])
     assert e.value.code == 0
     assert "single-positive" in capsys.readouterr().out.lower()
+
+
+def test_method_gr_loss_is_the_package_module_with_the_same_state():
+    """methods.grloss's GRLoss is pyops.nn.GRLoss behind the method's interface: a state of the
+    package module (the epoch, as old checkpoints of the method hold it) loads into it and gives
+    the same loss."""
+    import pyops.nn
+    from methods.grloss.losses import GRLoss as MethodGRLoss
+
+    z = torch.randn(5, 6, dtype=torch.float64)
+    o = torch.zeros(5, 6, dtype=torch.float64)
+    o[torch.arange(5), torch.randint(0, 6, (5,))] = 1
+    m = pyops.nn.GRLoss(epochs=8)
+    m.start_epoch(6)
+    method = MethodGRLoss(epochs=8)
+    assert isinstance(method, pyops.nn.GRLoss)
+    method.load_state_dict({"_extra_state": {"epoch": 6}})
+    assert method.epoch == 6 and torch.equal(method(z, o), m(z, o))

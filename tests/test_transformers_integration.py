@@ -702,7 +702,7 @@ def test_import_is_lazy_and_a_missing_transformers_says_how_to_install():
         "try:\n"
         "    pyops.transformers\n"
         "except ImportError as e:\n"
-        "    assert 'pip install pyops[hf]' in str(e), e\n"
+        "    assert \"pip install 'pyops[hf]'\" in str(e), e\n"
         "else:\n"
         "    raise AssertionError('no ImportError')\n"
     )

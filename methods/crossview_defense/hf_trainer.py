@@ -39,6 +39,8 @@ from typing import Tuple
 
 import torch
 
+from methods.common.optional import requires
+
 from .defense import CrossViewDefense, DefenseConfig
 
 
@@ -52,7 +54,8 @@ def answer_counts(labels: torch.Tensor) -> Tuple[int, int]:
 
 @lru_cache(maxsize=None)
 def make_trainer_class():
-    from transformers import Trainer
+    with requires("hf"):
+        from transformers import Trainer
 
     from pyops.transformers import FusedLMLossMixin
 

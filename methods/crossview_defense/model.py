@@ -22,6 +22,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from methods.common.optional import requires
+
 from . import data as D
 
 
@@ -38,7 +40,8 @@ class ModelConfig:
 
 
 def build_model(cfg: ModelConfig = ModelConfig(), vocab_size: Optional[int] = None):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    with requires("hf"):
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"build_model: image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
