@@ -131,7 +131,7 @@ def _check_values_args(gram, weights, fn: str) -> None:
     check_same_device(fn, gram=gram, weights=weights)
 
 
-@torch.library.custom_op("pyops::harmonize_check_values", mutates_args=())
+@torch.library.impl("pyops::harmonize_check_values", "CPU")
 def _check_values_op(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``_value_errors`` as an op, so that torch.compile'd code runs it on the values: raises the
     same ValueError, else returns a copy of gram (the caller goes on with the copy, so the check
@@ -141,7 +141,7 @@ def _check_values_op(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return gram.clone()
 
 
-@_check_values_op.register_fake
+@torch.library.register_fake("pyops::harmonize_check_values")
 def _check_values_fake(gram, weights):
     _check_values_args(gram, weights, "pyops::harmonize_check_values")
     return torch.empty_like(gram)
@@ -151,7 +151,7 @@ def _check_values(gram: torch.Tensor, weights: torch.Tensor, fn: str) -> torch.T
     """gram, after the value checks (eagerly on the host; as the op pyops::harmonize_check_values
     while torch.compile traces)."""
     if torch.compiler.is_compiling():
-        return _check_values_op(gram, weights)
+        return torch.ops.pyops.harmonize_check_values(gram, weights)
     _value_errors(gram, weights, fn)
     return gram
 

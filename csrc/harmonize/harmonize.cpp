@@ -13,6 +13,10 @@
 //     Zero rows (Gamma[j, j] = 0) are never projected onto.
 //   harmonize_combine(blocks, coef (R, K) float64) -> per block (R, D_l): coef @ G_l, one pass
 //     over the data, sums in float64, rounded to the blocks' dtype.
+//   harmonize_check_values(gram (K, K), weights (K,)) -> a copy of gram, both float64 (CPU):
+//     raises a ValueError naming the first bad row when gram is not finite, or when a weight is
+//     not; what harmonize_gradients checks on the host, as an op so that torch.compile'd code
+//     keeps the check (kernel: pyops/harmonize.py).
 // Kernels: harmonize_cpu.cpp (CPU; CUDA: the Gram and the combination run as float64 matmuls
 // registered from pyops/harmonize.py). Validation and the public function: pyops/harmonize.py.
 // Reference: pyops/reference.py (harmonize_gradients, the pair-by-pair loop).
@@ -22,4 +26,5 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
   m.def("harmonize_gram(Tensor[] blocks) -> Tensor");
   m.def("harmonize_coefficients(Tensor gram, Tensor order, Tensor visit, str mode) -> Tensor");
   m.def("harmonize_combine(Tensor[] blocks, Tensor coef) -> Tensor[]");
+  m.def("harmonize_check_values(Tensor gram, Tensor weights) -> Tensor");
 }
