@@ -91,7 +91,7 @@ test-avx2: $(BUILD_STAMP)
 
 # The sdist and the wheel (`python -m build`) installed into fresh venvs (with this environment's
 # torch, `--no-build-isolation`), and the op tests run from each installed copy: tests/dist_check.py.
-# About 20 minutes on 2 cores (the C++ extension is compiled twice); not part of `make test`.
+# 13 minutes on 2 idle cores (the C++ extension is compiled twice); not part of `make test`.
 test-dist: $(ENV_STAMP)
 	$(PY) tests/dist_check.py
 
