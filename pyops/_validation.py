@@ -33,6 +33,12 @@ def check_int(value, name: str, fn: str, minimum: int) -> int:
     return value
 
 
+def check_bool(value, name: str, fn: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_same_device(fn: str, **tensors: Optional[torch.Tensor]) -> None:
     """All the given tensors (None ones skipped) on the device of the first."""
     items = [(k, v) for k, v in tensors.items() if v is not None]

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _backend
-from ._validation import acc_dtype, check_float, check_int, check_same_device, check_tensor
+from ._validation import acc_dtype, check_bool, check_float, check_int, check_same_device, check_tensor
 
 __all__ = ["knn_patch_search", "patch_aggregate", "patch_grid", "knn", "KNNResult"]
 
@@ -109,8 +109,7 @@ def _search_args(query, database, k, patch_size, stride, window, exclude_self, f
     _check_patch(query, "query", patch_size, fn)
     _check_patch(database, "database", patch_size, fn)
     window = -1 if window is None else check_int(window, "window", fn, 1)
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"{fn}: exclude_self must be a bool, got {type(exclude_self).__name__}")
+    check_bool(exclude_self, "exclude_self", fn)
     qgrid = patch_grid(query.shape[-2], query.shape[-1], patch_size, stride)
     dgrid = patch_grid(database.shape[-2], database.shape[-1], patch_size, stride)
     if exclude_self and qgrid != dgrid:
@@ -269,8 +268,7 @@ def _check_points(x, y, k, exclude_self, fn: str) -> tuple[bool, int]:
     if x.dtype != y.dtype:
         raise TypeError(f"{fn}: x and y must have the same dtype, got {x.dtype} and {y.dtype}")
     check_same_device(fn, x=x, y=y)
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"{fn}: exclude_self must be a bool, got {type(exclude_self).__name__}")
+    check_bool(exclude_self, "exclude_self", fn)
     k = check_int(k, "k", fn, 1)
     n_db = y.shape[-2]
     if exclude_self and x.shape[-2] != n_db:

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._validation import check_int
-from .cross_view_kl import cross_view_kl_entropy, fused_linear_cross_view
+from ._validation import check_bool, check_int
+from .cross_view_kl import _check_chunk_size, _check_scalars, cross_view_kl_entropy, fused_linear_cross_view
 from .diagonal_stats import diagonal_stats
 from .gr_loss import gr_loss
 from .knn_patch import _check_anchor, knn_patch_search, patch_aggregate
@@ -66,12 +66,6 @@ def _check_optional_int(value, name: str, cls: str, minimum: int) -> int | None:
     return None if value is None else check_int(value, name, cls, minimum)
 
 
-def _check_bool(value, name: str, cls: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{cls}: {name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 # --------------------------------------------------------------------------------------------
 # Cross-view losses
 # --------------------------------------------------------------------------------------------
@@ -88,12 +82,8 @@ class _CrossViewLoss(torch.nn.Module):
         if not any(ws):
             raise ValueError(f"{cls}: every term weight ({', '.join(_WEIGHT_ARGS)}) is 0; the loss would be 0")
         (self.kl_ab_weight, self.kl_ba_weight, self.entropy_a_weight, self.entropy_b_weight, self.ce_weight) = ws
-        self.temperature = _check_real(temperature, "temperature", cls)
-        if not self.temperature > 0:
-            raise ValueError(f"{cls}: temperature must be > 0, got {temperature}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"{cls}: ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
+        _check_scalars(temperature, ignore_index, cls)  # the op's own checks
+        self.temperature, self.ignore_index = float(temperature), ignore_index
         self.reduction = _check_reduction(reduction, cls)
         self._cls = cls
 
@@ -247,7 +237,9 @@ class FusedLinearCrossViewLoss(_CrossViewLoss):
             ignore_index,
             reduction,
         )
-        self.chunk_size = _check_optional_int(chunk_size, "chunk_size", cls, 1)
+        if chunk_size is not None:
+            _check_chunk_size(chunk_size, cls)
+        self.chunk_size = chunk_size
 
     def forward(
         self,
@@ -304,7 +296,7 @@ class KNNPatchSearch(torch.nn.Module):
         self.patch_size = check_int(patch_size, "patch_size", cls, 1)
         self.stride = _check_optional_int(stride, "stride", cls, 1)
         self.window = _check_optional_int(window, "window", cls, 1)
-        self.exclude_self = _check_bool(exclude_self, "exclude_self", cls)
+        self.exclude_self = check_bool(exclude_self, "exclude_self", cls)
         flat = _check_anchor(window_anchor, self.window, cls)
         self.window_anchor = (tuple(flat[:4]), tuple(flat[4:])) if flat else None
 
@@ -438,7 +430,7 @@ class GRLoss(torch.nn.Module):
             raise ValueError(f"{cls}: q2 and q3 (q) must be >= 0, got {self.q}")
         self.epochs, self.linear_init = epochs, linear_init
         self.reduction = _check_reduction(reduction, cls)
-        self.require_positive = _check_bool(require_positive, "require_positive", cls)
+        self.require_positive = check_bool(require_positive, "require_positive", cls)
         # [w, b, mu, sigma] of the current epoch as a float64 tensor that forward passes to the op:
         # under torch.compile a new epoch's values then do not recompile (Python floats would be
         # guarded on). Not persistent: the checkpointed state is the epoch alone.

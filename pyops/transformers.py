@@ -49,6 +49,7 @@ from ._optional import requires
 with requires("hf", "pyops.transformers (the Hugging Face integration)"):
     import transformers as _hf
 
+from ._validation import acc_dtype
 from .cross_view_kl import fused_linear_cross_view
 
 __all__ = [
@@ -215,6 +216,11 @@ def check_lm_head(model: nn.Module) -> None:
     config field (of ``LOGIT_TRANSFORMS``, on the config, ``text_config`` or the text / decoder
     config) or the reason that rules the model out. Reads the config only; ``verify_lm_head``
     checks numerically."""
+    _checked_head(model)
+
+
+def _checked_head(model: nn.Module) -> nn.Linear:
+    """The LM head module of ``model`` after the checks of ``check_lm_head``."""
     fn = "check_lm_head"
     core = unwrap_model(model)
     name = type(core).__name__
@@ -247,13 +253,13 @@ def check_lm_head(model: nn.Module) -> None:
                 f"({t.effect}; models: {t.models}). The fused loss computes softmax(hidden @ W.T + b) "
                 f"and would not be this model's loss; pyops.transformers refuses such models"
             )
+    return head
 
 
 def lm_head(model: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
     """``(weight (V, H), bias (V,) or None)`` of ``model.get_output_embeddings()``, after
     ``check_lm_head(model)``. The tensors are the parameters themselves (gradients reach them)."""
-    check_lm_head(model)
-    head = _head_module(model, "lm_head")
+    head = _checked_head(model)
     return head.weight, head.bias
 
 
@@ -274,13 +280,12 @@ def verify_lm_head(
     as sensitive as the logits' size allows: a soft cap c * tanh(z / c) changes logits z << c by
     about z^3 / (3 c^2), so small random models may pass in low precision."""
     core = unwrap_model(model)
-    if inputs is None:
-        if getattr(core.config, "vision_config", None) is not None:
-            raise ValueError("verify_lm_head: a vision-language model needs its `inputs` (pixel_values etc.)")
-        vocab = _head_module(core, "verify_lm_head").weight.shape[0]
-        device = next(core.parameters()).device
-        inputs = {"input_ids": torch.randint(0, vocab, (1, 8), device=device)}
+    if inputs is None and getattr(core.config, "vision_config", None) is not None:
+        raise ValueError("verify_lm_head: a vision-language model needs its `inputs` (pixel_values etc.)")
     head = _head_module(core, "verify_lm_head")
+    if inputs is None:
+        device = next(core.parameters()).device
+        inputs = {"input_ids": torch.randint(0, head.weight.shape[0], (1, 8), device=device)}
     kw = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
     was_training = model.training
     model.eval()
@@ -461,10 +466,6 @@ def _zero_like_graph(hidden: Tensor, weight: Tensor, dtype: torch.dtype) -> Tens
     return (hidden.sum() * 0.0 + weight.sum() * 0.0).to(dtype)
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _ce_rows(rows: Tensor, targets: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size) -> Tensor:
     """Per-row CE through the fused op (the same rows as both views, the second detached)."""
     return fused_linear_cross_view(rows, rows.detach(), weight, bias, targets, chunk_size=chunk_size).ce_a
@@ -510,7 +511,7 @@ def causal_lm_loss(
         raise ValueError(f"{fn}: num_items_in_batch normalises the 'mean' reduction; got reduction={reduction!r}")
     denom = _count(num_items_in_batch, "num_items_in_batch", fn)
     r = _answer_rows(hidden, labels, weight.shape[0], shift, ignore_index, fn)
-    acc = _acc_dtype(hidden)
+    acc = acc_dtype(hidden)
     n = r.rows.shape[0]
     if n == 0:  # zeros that backward accepts
         zero = _zero_like_graph(hidden, weight, acc)
@@ -632,7 +633,7 @@ def cross_view_loss(
     rb = (hidden_b[:, :-1] if shift else hidden_b)[r.keep]
     n, n_batch = ra.shape[0], hidden_a.shape[0]
     w = weights.weights()
-    acc = _acc_dtype(hidden_a)
+    acc = acc_dtype(hidden_a)
     if n == 0:
         zero = _zero_like_graph(hidden_a, weight, acc) + hidden_b.sum().to(acc) * 0.0
         return CrossViewLoss(zero, {}, 0, 0)

@@ -30,3 +30,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def sgd_step_args(output_dir, accumulation: int, batch: int, **kw):
+    """``transformers.TrainingArguments`` of one plain SGD step at learning rate 1 (no momentum,
+    weight decay, schedule or clipping) over ``batch`` examples in ``accumulation`` micro-batches,
+    on the CPU, saving and logging nothing: the step moves the parameters by minus the accumulated
+    gradient (the Trainer accumulation tests). ``kw`` adds or overrides arguments."""
+    import transformers
+
+    args = dict(
+        output_dir=str(output_dir),
+        max_steps=1,
+        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=batch // accumulation,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        remove_unused_columns=False,
+        optim="sgd",
+        learning_rate=1.0,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return transformers.TrainingArguments(**{**args, **kw})

@@ -27,6 +27,7 @@ import hashlib
 
 import pytest
 import torch
+from conftest import sgd_step_args
 
 tf = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -248,24 +249,7 @@ def test_one_step_of_trainer_train(mode, setup, configs, tmp_path):
     def step(accumulation):
         model = copy.deepcopy(base)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        args = tf.TrainingArguments(
-            output_dir=str(tmp_path),
-            max_steps=1,
-            gradient_accumulation_steps=accumulation,
-            per_device_train_batch_size=N // accumulation,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            logging_strategy="no",
-            remove_unused_columns=False,
-            optim="sgd",
-            learning_rate=1.0,
-            weight_decay=0.0,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
+        args = sgd_step_args(tmp_path, accumulation, N)
         trainer = make_trainer_class()(
             model=model,
             args=args,

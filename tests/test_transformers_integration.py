@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import sgd_step_args
 
 tf = pytest.importorskip("transformers")
 
@@ -411,25 +412,7 @@ class NaiveDividedTrainer(NaiveTrainer):
 
 
 def train_args(tmp_path, accumulation, **kw):
-    return tf.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=1,
-        gradient_accumulation_steps=accumulation,
-        per_device_train_batch_size=N // accumulation,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        remove_unused_columns=False,
-        optim="sgd",
-        learning_rate=1.0,
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **kw,
-    )
+    return sgd_step_args(tmp_path, accumulation, N, **kw)
 
 
 def one_step(cls, base, exs, accumulation, tmp_path, view_b=False, **kw):
