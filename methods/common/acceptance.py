@@ -1,15 +1,17 @@
-"""What the methods' acceptance scripts share: the first start's date kept in the run folder, the
-jobs run in single-thread worker processes with a progress line per finished job, and the ``meta``
-block of ``acceptance.json``."""
+"""What the methods' acceptance scripts share: the first start's date kept in the run folder, a
+job's result cached in its folder (a rerun skips finished jobs), the jobs run in single-thread worker
+processes with a progress line per finished job, the ``meta`` block of ``acceptance.json``, and the
+writer of ``acceptance.json`` / ``acceptance.md``."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .device import cpu_name, single_thread_worker
 
@@ -60,4 +62,47 @@ def acceptance_meta(
     }
 
 
-__all__ = ["acceptance_meta", "run_jobs", "started_date"]
+def cached_result(path: str, compute: Callable[[], Dict], *, key: Optional[Dict] = None) -> Dict:
+    """The JSON result stored at ``path`` when there is one (and, with ``key``, when its ``"key"``
+    entry equals ``key``: a job whose settings changed runs again), else ``compute()``, stored there
+    atomically (a kill never leaves half a file)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                done = json.load(f)
+            except ValueError:
+                done = None
+        if isinstance(done, dict) and (key is None or done.get("key") == json.loads(json.dumps(key, default=str))):
+            return done["result"] if key is not None else done
+    result = compute()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, "result": result} if key is not None else result, f, indent=1, default=str)
+    os.replace(tmp, path)
+    return result
+
+
+def write_acceptance(
+    results: str, meta: Dict, rows: Sequence[Dict], markdown: str, *, indent: int = 1, **extra: Any
+) -> str:
+    """``<results>/acceptance.json`` = ``{"meta": meta, "rows": rows, **extra}`` and
+    ``<results>/acceptance.md`` = ``markdown``. Returns the JSON file's path."""
+    os.makedirs(results, exist_ok=True)
+    path = os.path.join(results, "acceptance.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": list(rows), **extra}, f, indent=indent, default=str)
+        f.write("\n")
+    with open(os.path.join(results, "acceptance.md"), "w") as f:
+        f.write(markdown if markdown.endswith("\n") else markdown + "\n")
+    return path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table (cells as given; format numbers before)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["acceptance_meta", "cached_result", "markdown_table", "run_jobs", "started_date", "write_acceptance"]
