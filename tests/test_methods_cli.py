@@ -368,3 +368,11 @@ def test_global_batchnorm_two_processes_equal_one(tmp_path):
     for i in range(2):
         torch.testing.assert_close(r[i]["running"][0], model[1].running_mean, **tol)
         torch.testing.assert_close(r[i]["running"][1], model[1].running_var, **tol)
+
+
+def test_config_json_masks_secret_options(tmp_path, monkeypatch):
+    # a Flower ServerApp's command line carries its run's --token: never written to the run folder
+    monkeypatch.setattr(sys, "argv", ["flwr-serverapp", "--token", "s3cret", "--token=s3cret", "--insecure"])
+    Run(str(tmp_path / "r"), {}).close()
+    meta = json.loads((tmp_path / "r" / "config.json").read_text())["meta"]
+    assert meta["argv"] == ["flwr-serverapp", "--token", "***", "--token=***", "--insecure"]

@@ -26,6 +26,7 @@ from .checkpoint import Checkpointer
 from .dist import shutdown_distributed
 
 STEP_KEYS = ("step", "epoch", "round")
+SECRET_OPTIONS = ("--token",)
 
 
 UNITS = ("steps", "epochs", "rounds")
@@ -84,6 +85,23 @@ def _positive_int(s: str) -> int:
     return n
 
 
+def _redacted(argv: Sequence[str]) -> List[str]:
+    """The command line with the values of secret options (Flower's per-run ``--token``) masked."""
+    out, hide = [], False
+    for tok in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif tok in SECRET_OPTIONS:
+            out.append(tok)
+            hide = True
+        elif tok.split("=", 1)[0] in SECRET_OPTIONS and "=" in tok:
+            out.append(tok.split("=", 1)[0] + "=***")
+        else:
+            out.append(tok)
+    return out
+
+
 class Run:
     def __init__(
         self,
@@ -130,7 +148,7 @@ class Run:
             sh.setFormatter(logging.Formatter("%(message)s"))
             self.logger.addHandler(sh)
             meta = {
-                "argv": sys.argv,
+                "argv": _redacted(sys.argv),
                 "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
