@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -290,6 +291,9 @@ def test_bad_configuration():
         TrainConfig(presets=("drizzle",))
     with pytest.raises(ValueError, match="crop must be at least 25"):
         TrainConfig(crop=16)
+    with pytest.raises(ValueError, match="leaves the graph branches unused"):
+        TrainConfig(groups=1)
+    assert TrainConfig(groups=1, graphs=False).groups == 1
 
 
 # ---- CLI ----------------------------------------------------------------------------------
@@ -367,32 +371,143 @@ def test_cli_train_on_a_folder(tmp_path):
     assert "2 training pairs" in open(os.path.join(out, "log.txt")).read()
 
 
+# ---- CLI: options, config files, continuing, errors, optional plots ------------------------
+# A tiny model trained on a tiny paired folder (no synthetic rain to draw, no monitor crops): a step
+# costs a fraction of a second.
+SMALL = ["--channels", "4", "--groups", "2", "--units", "1", "--crop", "32", "--batch", "2", "--no-progress"]
+
+
+def _folder(root):
+    """A paired folder of two 40 x 40 images (random clean images, synthetic heavy rain)."""
+    from skimage import io
+
+    for sub in ("rainy", "clean"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        clean = rng.random((40, 40, 3), dtype=np.float32) * 0.7
+        rainy = D.add_rain(clean, "heavy", D.rain_seed(0, i))
+        io.imsave(root / "clean" / f"{i}.png", (clean * 255).astype(np.uint8), check_contrast=False)
+        io.imsave(root / "rainy" / f"{i}.png", (rainy * 255).astype(np.uint8), check_contrast=False)
+    return str(root)
+
+
+def test_cli_help_and_required_options(capsys):
+    from methods.msgnn.__main__ import main
+
+    for cmd in ("train", "eval", "derain"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "write a checkpoint every N steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # eval needs at least one model
+        main(["eval", "--out", "/tmp/unused_msgnn_eval"])
+    assert e.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_cli_config_file_flags_override_and_unknown_keys(tmp_path, capsys):
+    from methods.common import from_args, parse_args
+    from methods.msgnn.__main__ import build_parser, main
+    from methods.msgnn.train import TrainConfig
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("steps: 7\nlr: 0.001\npresets: [heavy]\ngraphs: false\ncheckpoint-every: 3\n")
+    a = parse_args(build_parser(), ["train", "--config", str(cfg), "--lr", "0.002"])
+    c = from_args(TrainConfig, a)
+    assert (c.steps, c.lr, c.presets, c.graphs, a.checkpoint_every) == (7, 0.002, ("heavy",), False, 3)
+    assert c.batch == TrainConfig.batch  # untouched: the field's default
+    cfg.write_text("steps: 7\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(cfg)])
+    assert e.value.code == 2 and "learning-rate" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_cuda_is_a_one_line_error(tmp_path, capsys):
+    from methods.msgnn.__main__ import main
+
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_continue_config_folder_and_no_matplotlib(tmp_path, capsys, monkeypatch):
+    """Train 2 steps; --config <run folder> repeats its options; continue to 4 steps without
+    matplotlib (results written, plots skipped with a warning): the milestones move to those of 4
+    steps (2 and 3) and the learning rate follows them; another change is refused, naming the field;
+    eval (on small test images) writes eval.json without matplotlib and warns."""
+    from methods.common import load_run_checkpoint, parse_args, run_options
+    from methods.msgnn.__main__ import build_parser, main
+    from methods.msgnn.train import milestones
+
+    out = str(tmp_path / "run")
+    train = ["train", "--data-dir", _folder(tmp_path / "data"), "--eval-every", "1", "--out", out, *SMALL]
+    assert main([*train, "--steps", "2", "--device", "cpu"]) == 0
+    saved = json.load(open(os.path.join(out, "config.json")))["config"]
+    again = parse_args(build_parser(), ["train", "--config", out])
+    assert json.loads(json.dumps(run_options(again))) == saved and saved["steps"] == 2
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    capsys.readouterr()
+    assert main([*train, "--steps", "4", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "with a larger budget (steps 2 -> 4)" in err and "warning: plots skipped" in err
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert milestones(4) == [2, 3]  # a run started with 4 steps decays at steps 2 and 3
+    for r in rows[2:]:  # the lr after step r["step"]: 5e-4 x 0.1 per milestone passed
+        assert r["lr"] == pytest.approx(5e-4 * 0.1 ** sum(m <= r["step"] + 1 for m in milestones(4)))
+    state = load_run_checkpoint(out)
+    assert state["config"]["steps"] == 4 and sorted(state["sched"]["milestones"]) == [2, 3]
+
+    assert main([*train, "--steps", "5", "--lr", "0.001", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "lr: 0.0005 in the checkpoint, 0.001 now" in err
+    assert main([*train, "--steps", "3", "--device", "cpu"]) == 2  # a smaller budget
+    assert "larger budget" in capsys.readouterr().err
+
+    small = D.skimage_image
+    monkeypatch.setattr(D, "skimage_image", lambda name, max_side=481: small(name, 48))
+    ev = tmp_path / "eval"
+    assert main(["eval", "--model", f"tiny={out}", "--presets", "light", "--out", str(ev), "--no-progress"]) == 0
+    assert set(json.load(open(ev / "eval.json"))["presets"]["light"]) == {"rainy input", "tiny"}
+    assert "warning: plots skipped" in capsys.readouterr().err and not (ev / "crops_light.png").exists()
+    assert main(["eval", "--model", f"x={tmp_path / 'nothing'}", "--out", str(ev)]) == 2
+    assert capsys.readouterr().err.startswith("error: --model")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # torchrun's --master_port=0 hangs the workers' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
-    import socket
+    """Two processes under torchrun (each draws its own --batch crops: the global batch is 2 x
+    --batch), then the same command with a larger --steps: every rank resumes from rank 0's
+    checkpoint and the run continues. Only rank 0 writes: one log line per event, checkpoints
+    only where rank 0 saves them."""
     import subprocess
-    import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        "-m",
-        "methods.msgnn",
-        "train",
-        "--steps",
-        "2",
-        "--eval-every",
-        "1",
-        "--out",
-        str(tmp_path / "ddp"),
-        *TINY,
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()
+    out = tmp_path / "ddp"
+    data = _folder(tmp_path / "data")
+
+    def torchrun(steps):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+        cmd += ["-m", "methods.msgnn", "train", "--steps", str(steps), "--eval-every", "1", "--data-dir", data]
+        cmd += ["--out", str(out), "--device", "cpu", *SMALL]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    torchrun(2)
+    torchrun(3)
+    log = (out / "log.txt").read_text()
+    assert log.count("2 process(es)") == 1 and log.count("with a larger budget (steps 2 -> 3)") == 1
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2]
+    assert sorted(os.listdir(out / "checkpoints")) == [
+        f"ckpt_{s:08d}.pt{x}" for s in (1, 2) for x in ("", ".sha256")
+    ]  # the default --checkpoint-every (50) saves only at the last step of each command

@@ -270,51 +270,127 @@ def test_cli_train_resume_and_eval(tmp_path):
 def test_cli_bad_counts(capsys):
     from methods.stpdnet.__main__ import main
 
-    assert main(["simulate", "--counts", "0", "--no-progress", "--out", "/tmp/unused_stpdnet"]) == 2
-    assert "counts" in capsys.readouterr().err
+    for bad in ("0", "medium", "nan"):
+        with pytest.raises(SystemExit) as e:  # an argparse error: usage and one line naming the flag
+            main(["simulate", "--counts", bad, "--no-progress", "--out", "/tmp/unused_stpdnet"])
+        assert e.value.code == 2 and "argument --counts" in capsys.readouterr().err
+
+
+# ---- CLI: options, config files, continuing, errors, optional plots ---------------------------
+TINY = ["--model", "lpd", "--iterations", "2", "--width", "4", "--image-size", "32", "--views", "24"]
+TINY += ["--val-studies", "1", "--no-progress"]
+
+
+def test_cli_help(capsys):
+    from methods.stpdnet.__main__ import main
+
+    for cmd in ("simulate", "train", "eval"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "write a checkpoint every N steps" in capsys.readouterr().out
+
+
+def test_cli_config_file_flags_override_and_unknown_keys(tmp_path, capsys):
+    from methods.common import from_args, parse_args
+    from methods.stpdnet.__main__ import build_parser, main
+    from methods.stpdnet.train import EvalConfig, TrainConfig
+
+    cfg = tmp_path / "run.yaml"
+    # keys: the flags' names (image-size) or the fields' (n_iter: --iterations), as in a run's config.json
+    cfg.write_text("model: lpd\nimage-size: 32\nn_iter: 3\ncounts: 5.0e5\nsteps: 9\nlr: 0.01\n")
+    a = parse_args(build_parser(), ["train", "--config", str(cfg), "--lr", "0.002", "--counts", "high"])
+    c = from_args(TrainConfig, a)
+    assert (c.model, c.n, c.n_iter, c.steps, c.lr, c.counts) == ("lpd", 32, 3, 9, 0.002, "high")
+    assert c.width == TrainConfig.width and a.checkpoint_every == 50
+    e = from_args(EvalConfig, parse_args(build_parser(), ["eval", "--test-studies", "2"]))
+    assert (e.test_studies, e.val_studies) == (2, TrainConfig.val_studies)
+    cfg.write_text("steps: 9\nimage-width: 32\n")
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--config", str(cfg)])
+    assert err.value.code == 2 and "unknown option(s) image-width" in capsys.readouterr().err
+    cfg.write_text("counts: -3\n")
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--config", str(cfg)])
+    assert err.value.code == 2 and "counts" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_cuda_is_a_one_line_error(tmp_path, capsys):
+    from methods.stpdnet.__main__ import main
+
+    for cmd in (["train", *TINY], ["eval"]):
+        assert main([*cmd, "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device cuda") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_continue_config_folder_and_no_matplotlib(tmp_path, capsys, monkeypatch):
+    """Train 2 steps; --config <run folder> repeats its options; continue to 4 steps without
+    matplotlib (metrics written, the plot skipped with a warning): the learning rate follows the
+    cosine over 4 steps from the resume step; another change is refused, naming the field."""
+    import math
+    import sys
+
+    from methods.common import load_run_checkpoint, parse_args, run_options
+    from methods.stpdnet.__main__ import build_parser, main
+
+    out = str(tmp_path / "run")
+    train = ["train", *TINY, "--eval-every", "1", "--out", out, "--device", "cpu"]
+    assert main([*train, "--steps", "2"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    again = parse_args(build_parser(), ["train", "--config", out])
+    assert json.loads(json.dumps(run_options(again))) == saved and saved["steps"] == 2
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    capsys.readouterr()
+    assert main([*train, "--steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "with a larger budget (steps 2 -> 4)" in err and "warning: plots skipped" in err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows[2:]:  # the lr after step r["step"] of a cosine over 4 steps (lr 1e-3)
+        assert r["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi * (r["step"] + 1) / 4)) / 2, abs=1e-12)
+    state = load_run_checkpoint(out)
+    assert state["config"]["steps"] == 4 and state["sched"]["T_max"] == 4
+    assert main([*train, "--steps", "5", "--width", "8"]) == 2
+    assert "width: 4 in the checkpoint, 8 now" in capsys.readouterr().err
+
+    ev = tmp_path / "ev"
+    studies = ["--image-size", "32", "--views", "24", "--test-studies", "1", "--val-studies", "1"]
+    assert main(["eval", "--model", f"LPD={out}", *studies, "--out", str(ev), "--no-progress"]) == 0
+    assert set(json.loads((ev / "eval.json").read_text())["table"]) == {"MLEM", "KEM-ST", "LPD"}
+    assert "warning: plots skipped" in capsys.readouterr().err and not (ev / "frames.png").exists()
+    assert main(["eval", "--model", "LPD", *studies, "--out", str(ev)]) == 2
+    assert "NAME=CHECKPOINT" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path):
+    """Two processes under torchrun (each draws its own study per step: 2 studies per step), then
+    the same command with a larger --steps: every rank resumes from rank 0's checkpoint and the run
+    continues. Only rank 0 writes: one log line per event, checkpoints only where rank 0 saves."""
+    import os
     import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:  # a free port (torchrun's --master_port=0 hangs the workers' rendezvous)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        "-m",
-        "methods.stpdnet",
-        "train",
-        "--model",
-        "stpdnet",
-        "--image-size",
-        "32",
-        "--views",
-        "24",
-        "--iterations",
-        "2",
-        "--width",
-        "4",
-        "--steps",
-        "4",
-        "--eval-every",
-        "2",
-        "--val-studies",
-        "1",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--out",
-        str(tmp_path / "ddp"),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+    out = tmp_path / "ddp"
+
+    def torchrun(steps):
+        with socket.socket() as sock:  # a free port (torchrun's --master_port=0 hangs the workers' rendezvous)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+        cmd += ["-m", "methods.stpdnet", "train", *TINY, "--model", "stpdnet", "--steps", str(steps)]
+        cmd += ["--eval-every", "2", "--checkpoint-every", "2", "--device", "cpu", "--out", str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    torchrun(4)
+    torchrun(6)
+    log = (out / "log.txt").read_text()
+    assert log.count("2 process(es)") == 1 and log.count("with a larger budget (steps 4 -> 6)") == 1
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 3, 5]
+    assert sorted(os.listdir(out / "checkpoints")) == [f"ckpt_{s:08d}.pt{x}" for s in (3, 5) for x in ("", ".sha256")]

@@ -72,7 +72,10 @@ def cached_result(path: str, compute: Callable[[], Dict], *, key: Optional[Dict]
                 done = json.load(f)
             except ValueError:
                 done = None
-        if isinstance(done, dict) and (key is None or done.get("key") == json.loads(json.dumps(key, default=str))):
+        # with a key, a file without "result" (a cache of another format, same key) is recomputed
+        if isinstance(done, dict) and (
+            key is None or ("result" in done and done.get("key") == json.loads(json.dumps(key, default=str)))
+        ):
             return done["result"] if key is not None else done
     result = compute()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -362,6 +362,14 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str, argv: Sequence
         data.pop(sub_dest)
     for key in ("config", "fresh"):  # run control, never carried by a file
         data.pop(key, None)
+    # a key may also be the flag's name where it differs from the field's (--image-size for the field n)
+    flags = {
+        o[2:].replace("-", "_"): a.dest
+        for a in actions.values()
+        for o in a.option_strings
+        if o.startswith("--") and not (isinstance(a, argparse.BooleanOptionalAction) and o.startswith("--no-"))
+    }
+    data = {k if k in actions else flags.get(k, k): v for k, v in data.items()}
     unknown = sorted(k.replace("_", "-") for k in data if k not in actions)
     if unknown:
         known = ", ".join(sorted(k.replace("_", "-") for k in actions if k not in ("config", "fresh")))

@@ -149,9 +149,10 @@ def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` with every BatchNorm1d/2d/3d replaced by a `GlobalBatchNorm` that holds the same
     parameters and buffers (so state dicts stay interchangeable)."""
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        ref = [t for t in module.state_dict().values() if t.is_floating_point()]  # the device and dtype to keep
         new = GlobalBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        ).to(next(iter(module.state_dict().values())).device if module.state_dict() else "cpu")
+        ).to(*((ref[0].device, ref[0].dtype) if ref else ("cpu",)))
         new.load_state_dict(module.state_dict())
         if module.affine:
             new.weight, new.bias = module.weight, module.bias

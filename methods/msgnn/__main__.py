@@ -1,4 +1,9 @@
-"""python -m methods.msgnn train|eval|derain (see --help of each)."""
+"""python -m methods.msgnn train|eval|derain (see --help of each).
+
+The training options are the fields of `train.TrainConfig` (one declaration each: default and
+help); the run options (--out, --seed, --device, --fresh, --checkpoint-every in steps, ...) come
+from `methods.common.add_common_args`; ``--config FILE`` reads any of them from a YAML / JSON
+file or a run folder. Errors a user can cause end as ``error: <message>`` with exit status 2."""
 
 from __future__ import annotations
 
@@ -7,48 +12,48 @@ import json
 import os
 import sys
 
-from methods.common import add_common_args, pick_device, progress, training_run
+from methods.common import (
+    add_common_args,
+    add_dataclass_args,
+    cli_main,
+    from_args,
+    optional_plots,
+    parse_args,
+    pick_device,
+    progress,
+    run_options,
+    training_run,
+)
 from methods.common.optional import requires
+
+from . import data as D
+from .train import CHECKPOINT_EVERY, TrainConfig
 
 
 def cmd_train(a) -> int:
-    from .train import TrainConfig, train
+    from .train import train
 
-    cfg = TrainConfig(
-        mode=a.mode,
-        graphs=not a.no_graph,
-        steps=a.steps,
-        batch=a.batch,
-        crop=a.crop,
-        lr=a.lr,
-        channels=a.channels,
-        groups=a.groups,
-        units=a.units,
-        k=a.k,
-        window=a.window,
-        presets=tuple(a.presets),
-        draws=a.draws,
-        data_dir=a.data_dir,
-        seed=a.seed,
-        eval_every=a.eval_every,
-    )
+    cfg = from_args(TrainConfig, a)
     device = pick_device(a.device)
-    with training_run(a.out, vars(a), fresh=a.fresh, name="msgnn") as run:
+    with training_run(a.out, run_options(a), fresh=a.fresh, name="msgnn", tensorboard=a.tensorboard) as run:
         rows = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
     if run.main and rows:
-        from methods.common import plot_curves
-
-        steps = [r["step"] + 1 for r in rows]
-        curves = {"-SSIM (train)": (steps, [r["loss"] for r in rows])}
-        plot_curves(curves, os.path.join(a.out, "loss.png"), xlabel="step", ylabel="-SSIM")
-        if "monitor_psnr" in rows[-1]:
-            plot_curves(
-                {"monitor PSNR": (steps, [r["monitor_psnr"] for r in rows])},
-                os.path.join(a.out, "monitor_psnr.png"),
-                xlabel="step",
-                ylabel="PSNR (dB)",
-            )
         print(f"{cfg.name}: {rows[-1]['step'] + 1} steps, -SSIM {rows[-1]['loss']:.4f}; run folder {a.out}")
+        with optional_plots():
+            import matplotlib  # noqa: F401  (plot_curves skips silently without it: say so here)
+
+            from methods.common import plot_curves
+
+            steps = [r["step"] + 1 for r in rows]
+            curves = {"-SSIM (train)": (steps, [r["loss"] for r in rows])}
+            plot_curves(curves, os.path.join(a.out, "loss.png"), xlabel="step", ylabel="-SSIM")
+            if "monitor_psnr" in rows[-1]:
+                plot_curves(
+                    {"monitor PSNR": (steps, [r.get("monitor_psnr") for r in rows])},
+                    os.path.join(a.out, "monitor_psnr.png"),
+                    xlabel="step",
+                    ylabel="PSNR (dB)",
+                )
     return 0
 
 
@@ -60,21 +65,24 @@ def _models(specs, device):
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = os.path.basename(os.path.normpath(spec)), spec
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--model {spec}: no run folder or checkpoint {path!r}")
         models[name] = load_trained(path, device)[0]
     return models
 
 
 def cmd_eval(a) -> int:
-    from .evaluate import evaluate
+    from .evaluate import crops_figure, evaluate
 
     device = pick_device(a.device)
     models = _models(a.model, device)
+    outputs = {}
     res = evaluate(
         models,
         presets=tuple(a.presets),
         seed=a.seed,
-        figure_dir=a.out,
         progress_fn=lambda it: progress(it, enabled=not a.no_progress, desc="test images"),
+        outputs=outputs,
     )
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "eval.json"), "w") as f:
@@ -83,7 +91,11 @@ def cmd_eval(a) -> int:
         print(f"{preset} rain ({len(res['images'])} test images)")
         for m, r in rows.items():
             print(f"  {m:20s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}")
-    print(f"figures and eval.json in {a.out}")
+    print(f"eval.json in {a.out}")
+    with optional_plots():
+        for preset, (pairs, outs) in outputs.items():
+            crops_figure(pairs, outs, os.path.join(a.out, f"crops_{preset}.png"), title=f"{preset} rain")
+        print(f"crop figures in {a.out}")
     return 0
 
 
@@ -93,7 +105,6 @@ def cmd_derain(a) -> int:
     with requires("methods"):
         from skimage import io
 
-    from . import data as D
     from .evaluate import derain
 
     device = pick_device(a.device)
@@ -126,58 +137,54 @@ def build_parser() -> argparse.ArgumentParser:
         "graphs (pyops knn_patch_search / patch_aggregate).",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train MSGNN (or the no-graph ablation) on synthetic rain or a paired folder")
-    t.add_argument(
-        "--mode",
-        choices=("faithful", "fixed"),
-        default="faithful",
-        help="faithful: official behaviour (frozen embeddings, offset windows); fixed: learned "
-        "embeddings, centred windows (default: %(default)s)",
+    t = sub.add_parser(
+        "train",
+        help="train MSGNN (or the no-graph ablation) on synthetic rain or a paired folder",
+        description="Train MSGNN, resumable: run it again to resume, or with a larger --steps to continue a "
+        "finished run (the learning-rate milestones move to 3/5 and 4/5 of the new --steps). Under "
+        "torchrun --nproc_per_node N every process draws its own --batch crops (global batch N x --batch).",
     )
-    t.add_argument("--no-graph", action="store_true", help="the ablation: same backbone, no graph branches")
-    t.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--crop", type=int, default=64, help="training crop size (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--channels", type=int, default=32)
-    t.add_argument("--groups", type=int, default=4)
-    t.add_argument("--units", type=int, default=12, help="residual blocks per group (default: %(default)s)")
-    t.add_argument("--k", type=int, default=5, help="neighbours per patch (default: %(default)s)")
-    t.add_argument("--window", type=int, default=30, help="search window in patches (default: %(default)s)")
-    t.add_argument("--presets", nargs="+", default=["light", "heavy"], choices=("light", "heavy"))
-    t.add_argument(
-        "--draws", type=int, default=3, help="rain draws per training image and preset (default: %(default)s)"
-    )
-    t.add_argument("--data-dir", help="paired folder (rainy/ + clean/, or input/ + target/) instead of synthetic rain")
-    t.add_argument("--eval-every", type=int, default=50)
-    add_common_args(t, default_out="runs/msgnn")
-    t.set_defaults(checkpoint_every=50)
+    add_dataclass_args(t, TrainConfig, title="training")
+    add_common_args(t, default_out="runs/msgnn", unit="steps", checkpoint_every=CHECKPOINT_EVERY)
+
     e = sub.add_parser("eval", help="PSNR/SSIM on the held-out synthetic test images, and crop figures")
     e.add_argument(
         "--model",
         action="append",
+        required=True,
         metavar="NAME=RUN_DIR_OR_CHECKPOINT",
-        help="a trained model (repeatable), e.g. MSGNN=runs/msgnn",
+        help="a trained model (repeatable; at least one), e.g. MSGNN=runs/msgnn",
     )
-    e.add_argument("--presets", nargs="+", default=["light", "heavy"], choices=("light", "heavy"))
-    add_common_args(e, default_out="runs/msgnn_eval")
+    e.add_argument(
+        "--presets",
+        nargs="+",
+        default=list(D.PRESETS),
+        choices=tuple(D.PRESETS),
+        help="rain presets of the test images (default: %(default)s)",
+    )
+    g = e.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE", help="read these options from a YAML or JSON file")
+    g.add_argument("--out", default="runs/msgnn_eval", help="eval.json and figures (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the test rain and exemplars (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     d = sub.add_parser("derain", help="derain one image file")
     d.add_argument("image", help="rainy RGB image file")
     d.add_argument("--model", required=True, metavar="RUN_DIR_OR_CHECKPOINT")
     d.add_argument("--exemplar", help="exemplar rainy image (default: the image itself)")
     d.add_argument("--output", help="output file (default: IMAGE_derained.png)")
     d.add_argument("--clean", help="clean reference image: print PSNR/SSIM before and after")
-    d.add_argument("--device", default="auto")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     return p
 
 
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        return {"train": cmd_train, "eval": cmd_eval, "derain": cmd_derain}[a.cmd](a)
-    except (ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _main(argv=None) -> int:
+    a = parse_args(build_parser(), argv)
+    return {"train": cmd_train, "eval": cmd_eval, "derain": cmd_derain}[a.cmd](a)
+
+
+main = cli_main(_main)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ results/acceptance.{md,json}, results/crops_{light,heavy}.png and results/traini
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import asdict
@@ -37,8 +36,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference, seed_values
-from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common import format_difference, optional_plots, paired_difference, seed_values
+from methods.common.acceptance import acceptance_meta, cached_result, run_jobs, started_date, write_acceptance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {
@@ -65,7 +64,7 @@ SMOKE = dict(
     steps=2,
     seeds=[0, 1],
     channels=4,
-    groups=1,
+    groups=2,  # the graph branches are fused between groups: one group would leave them unused
     units=1,
     crop=32,
     batch=2,
@@ -131,27 +130,24 @@ def eval_job(job: Dict) -> Dict:
     from .evaluate import evaluate_crops, held_out_crops
 
     key = {"settings": job["settings"], "checkpoint": job.get("checkpoint"), "presets": list(job["presets"])}
-    if os.path.exists(job["cache"]):
-        with open(job["cache"]) as f:
-            cached = json.load(f)
-        if cached.get("key") == key:
-            return {**job, "items": cached["items"], "eval_minutes": cached["eval_minutes"], "cached": True}
-    model = None
-    if job["folder"] is not None:
-        from .train import load_trained
+    computed = []
 
-        model = load_trained(job["folder"])[0]
-    t0 = time.perf_counter()
-    items = {}
-    for preset in job["presets"]:
-        crops = held_out_crops(preset, **job["settings"])
-        items[preset] = {**evaluate_crops(model, crops), "crop": crops.crop, "draw": crops.draw}
-    minutes = (time.perf_counter() - t0) / 60
-    tmp = job["cache"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"key": key, "items": items, "eval_minutes": minutes}, f)
-    os.replace(tmp, job["cache"])
-    return {**job, "items": items, "eval_minutes": minutes, "cached": False}
+    def compute() -> Dict:
+        model = None
+        if job["folder"] is not None:
+            from .train import load_trained
+
+            model = load_trained(job["folder"])[0]
+        t0 = time.perf_counter()
+        items = {}
+        for preset in job["presets"]:
+            crops = held_out_crops(preset, **job["settings"])
+            items[preset] = {**evaluate_crops(model, crops), "crop": crops.crop, "draw": crops.draw}
+        computed.append(True)
+        return {"items": items, "eval_minutes": (time.perf_counter() - t0) / 60}
+
+    done = cached_result(job["cache"], compute, key=key)
+    return {**job, "items": done["items"], "eval_minutes": done["eval_minutes"], "cached": not computed}
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,13 +498,12 @@ def main(argv=None):
     rows = result_rows(evals, trained)
     summary = summarize(rows, a.seeds, items)
 
-    os.makedirs(a.results, exist_ok=True)
-    figures(a.results, done, a.seeds[0], settings)
     timing = None
     if a.timing_repeats > 0:
         timing = {**search_timing(repeats=a.timing_repeats), "repeats": a.timing_repeats}
 
     from .evaluate import held_out_crops
+    from .train import milestones
 
     tc = held_out_crops(PRESETS[0], **settings)
     for p in PRESETS:
@@ -526,7 +521,7 @@ def main(argv=None):
             "units": a.units,
             "train_draws": a.train_draws,
             "lr": lr,
-            "milestones": sorted({max(1, steps * 3 // 5), max(1, steps * 4 // 5)}),
+            "milestones": milestones(steps),
         },
         "test": {
             **settings,
@@ -539,16 +534,11 @@ def main(argv=None):
         "eval_minutes": {f"{e['model']} seed {e['seed']}": e["eval_minutes"] for e in evals},
         "configs": {r["model"]: r["config"] for r in done},
     }
-    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump(
-            {"meta": meta, "rows": rows, "summary": summary, "settings": info, "search_timing": timing, "items": items},
-            f,
-            indent=1,
-        )
     text = markdown(meta, summary, info, timing)
-    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
-        f.write(text)
+    write_acceptance(a.results, meta, rows, text, summary=summary, settings=info, search_timing=timing, items=items)
     print(text)
+    with optional_plots():  # results/crops_{light,heavy}.png and results/training.png, after the results
+        figures(a.results, done, a.seeds[0], settings)
     return {"meta": meta, "rows": rows, "summary": summary}
 
 

@@ -5,7 +5,6 @@ crops with several rain draws each), figures of crops, and the wall time of the 
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -47,12 +46,14 @@ def test_exemplar(pool: D.PairSet, i: int, preset: str, seed: int) -> torch.Tens
 
 def evaluate(
     models: Dict[str, torch.nn.Module],
-    presets=("light", "heavy"),
+    presets=tuple(D.PRESETS),
     seed: int = 0,
-    figure_dir: Optional[str] = None,
     progress_fn: Callable = lambda it: it,
+    outputs: Optional[Dict] = None,
 ) -> Dict:
-    """Per preset: PSNR/SSIM (mean over the test images) of the rainy input and of each model."""
+    """Per preset: PSNR/SSIM (mean over the test images) of the rainy input and of each model.
+    ``outputs`` (a dict), when given, receives per preset ``(pairs, {model: derained images})``,
+    what `crops_figure` draws (the CLI draws them after writing the results)."""
     pool = exemplar_pool(seed, presets)
     res: Dict = {"presets": {}, "images": list(D.TEST_IMAGES)}
     for preset in presets:
@@ -80,9 +81,8 @@ def evaluate(
             }
             for m, vals in rows.items()
         }
-        if figure_dir:
-            os.makedirs(figure_dir, exist_ok=True)
-            crops_figure(pairs, outs, os.path.join(figure_dir, f"crops_{preset}.png"), title=f"{preset} rain")
+        if outputs is not None:
+            outputs[preset] = (pairs, outs)
     return res
 
 

@@ -4,44 +4,73 @@
 Default data: synthetic light and heavy rain (``draws`` rain draws per preset) on the scikit-image
 training images; ``data_dir`` = a paired folder (``rainy/`` + ``clean/``) instead. Batches are
 seeded by (seed, step, rank): a resumed run sees the batches it would have seen, and DDP ranks
-(``torchrun --nproc_per_node=N``; gloo on the CPU) see different crops. A monitor PSNR/SSIM on
-fixed crops of differently seeded rain on the test images is logged for the curves only (it
-selects nothing).
+(``torchrun --nproc_per_node=N``; gloo on the CPU) see different crops, so the global batch is
+``batch`` x N. A monitor PSNR/SSIM on fixed crops of differently seeded rain on the test images is
+logged for the curves only (it selects nothing).
+
+A finished run continued with a larger ``steps`` (see `Run.resume`) moves the two milestones to 3/5
+and 4/5 of the new budget and continues from the learning rate that schedule gives at the resume
+step (`_follow_new_budget`).
 """
 
 from __future__ import annotations
 
+import bisect
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from methods.common import Run, barrier, init_distributed, progress, seed_everything, wrap_ddp
+from methods.common import (
+    Run,
+    all_reduce_mean,
+    arg,
+    barrier,
+    budget_fields,
+    init_distributed,
+    progress,
+    seed_everything,
+    wrap_ddp,
+)
 
 from . import data as D
 from .metrics import psnr, ssim, ssim_loss
 from .model import MODES, MSGNN, count_parameters
 
+CHECKPOINT_EVERY = 50  # steps: the CLI's --checkpoint-every default (6 checkpoints in a default run)
+SCHEDULES = "the learning rate's x0.1 milestones (3/5 and 4/5 of --steps)"
+
 
 @dataclass
 class TrainConfig:
-    mode: str = "faithful"
-    graphs: bool = True
-    steps: int = 300
-    batch: int = 8
-    crop: int = 64
-    lr: float = 5e-4
-    channels: int = 32
-    groups: int = 4
-    units: int = 12
-    k: int = 5
-    window: int = 30
-    presets: tuple = ("light", "heavy")
-    draws: int = 3
-    data_dir: Optional[str] = None
-    seed: int = 0
-    eval_every: int = 50
+    mode: str = arg(
+        "faithful",
+        "faithful: official behaviour (frozen embeddings, offset windows); fixed: learned embeddings, centred windows",
+        choices=MODES,
+    )
+    graphs: bool = arg(
+        True, "the graph branches (--no-graph: the ablation, the same backbone without them)", flag="--graph"
+    )
+    steps: int = arg(300, "training steps", budget=True)
+    batch: int = arg(8, "crops per step and process (under torchrun the global batch is --batch x processes)")
+    crop: int = arg(64, "training crop size")
+    lr: float = arg(5e-4, "Adam learning rate (x0.1 at 3/5 and 4/5 of --steps)")
+    channels: int = arg(32, "feature channels")
+    groups: int = arg(4, "groups of residual blocks")
+    units: int = arg(12, "residual blocks per group")
+    k: int = arg(5, "neighbours per patch")
+    window: int = arg(30, "search window in patches")
+    presets: Tuple[str, ...] = arg(
+        tuple(D.PRESETS), "rain presets of the synthetic training data", choices=tuple(D.PRESETS)
+    )
+    draws: int = arg(3, "rain draws per training image and preset")
+    data_dir: Optional[str] = arg(
+        None, "paired folder (rainy/ + clean/, or input/ + target/) instead of synthetic rain", metavar="DIR"
+    )
+    seed: int = arg(0, "seed of the weights, batches and training rain (the --seed of the run options)", cli=False)
+    eval_every: int = arg(50, "steps between logged rows (mean loss, monitor PSNR/SSIM)")
 
     def __post_init__(self):
         self.presets = tuple(self.presets)
@@ -50,10 +79,23 @@ class TrainConfig:
         bad = [p for p in self.presets if p not in D.PRESETS]
         if bad or not self.presets:
             raise ValueError(f"presets must be a non-empty subset of {tuple(D.PRESETS)}, got {self.presets}")
-        if self.steps < 0 or self.batch < 1 or self.lr <= 0 or self.eval_every < 1 or self.draws < 1:
-            raise ValueError("steps >= 0, batch >= 1, lr > 0, draws >= 1 and eval_every >= 1 are required")
+        if self.steps < 0:
+            raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if self.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {self.batch}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.draws < 1:
+            raise ValueError(f"--draws must be >= 1, got {self.draws}")
+        if self.eval_every < 1:
+            raise ValueError(f"--eval-every must be >= 1, got {self.eval_every}")
+        if self.graphs and self.groups < 2:
+            raise ValueError(
+                f"--groups {self.groups} leaves the graph branches unused (they are fused between groups): "
+                "use --groups 2 or more, or --no-graph"
+            )
         if self.crop < 25:
-            raise ValueError(f"crop must be at least 25 (three scales of 3 x 3 patch grids), got {self.crop}")
+            raise ValueError(f"--crop must be at least 25 (three scales of 3 x 3 patch grids), got {self.crop}")
 
     def model(self) -> MSGNN:
         return MSGNN(
@@ -101,9 +143,42 @@ def monitor(model: MSGNN, batch, device) -> Dict[str, float]:
     return {"monitor_psnr": psnr(out, c).mean().item(), "monitor_ssim": ssim(out, c).mean().item()}
 
 
+def milestones(steps: int) -> List[int]:
+    """The steps at which the learning rate drops x0.1: 3/5 and 4/5 of the budget."""
+    return sorted({max(1, steps * 3 // 5), max(1, steps * 4 // 5)})
+
+
+def _follow_new_budget(opt: torch.optim.Optimizer, sched, steps: int) -> bool:
+    """After a resume with a larger budget: the checkpoint's scheduler holds the old milestones
+    (and the optimiser the learning rate they gave); move them to those of ``steps`` and set the
+    learning rate to what the new schedule gives at the resume step (``sched.last_epoch``),
+    multiplied out as MultiStepLR would have (so the following steps stay consistent). Returns
+    whether the milestones moved."""
+    new = milestones(steps)
+    if sorted(sched.milestones.elements()) == new:
+        return False
+    sched.milestones = Counter(new)
+    passed = bisect.bisect_right(new, sched.last_epoch)
+    lrs = []
+    for group, base in zip(opt.param_groups, sched.base_lrs):
+        lr = base
+        for _ in range(passed):
+            lr = lr * sched.gamma
+        group["lr"] = lr
+        lrs.append(lr)
+    sched._last_lr = lrs
+    return True
+
+
 def train(
-    cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True, checkpoint_every: int = 50
+    cfg: TrainConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    checkpoint_every: int = CHECKPOINT_EVERY,
 ) -> List[Dict]:
+    """Train (or resume, or continue to a larger ``cfg.steps``) in ``run``; a checkpoint every
+    ``checkpoint_every`` steps and at the last. Returns the metric rows (rank 0's)."""
     info = init_distributed(device)
     seed_everything(cfg.seed)
     pairs = training_pairs(cfg, log=run.warning)
@@ -113,15 +188,22 @@ def train(
     net = wrap_ddp(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    milestones = sorted({max(1, cfg.steps * 3 // 5), max(1, cfg.steps * 4 // 5)})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    state = run.resume(asdict(cfg), model=model, opt=opt, sched=sched)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones(cfg.steps), gamma=0.1)
+    barrier()  # rank 0 cleared the folder (--fresh) before any rank looks for checkpoints
+    state = run.resume(
+        asdict(cfg), "step", budget=budget_fields(TrainConfig), schedules=SCHEDULES, model=model, opt=opt, sched=sched
+    )
     start = state["step"] + 1 if state else 0
     if state is None:
         run.info(
             f"{cfg.name}: {count_parameters(model)} trainable parameters "
             f"({count_parameters(model, trainable=False)} in all), {len(pairs)} training pairs, "
-            f"{info.world_size} process(es)"
+            f"{info.world_size} process(es), global batch {cfg.batch * info.world_size}"
+        )
+    elif _follow_new_budget(opt, sched, cfg.steps):
+        run.info(
+            f"learning-rate milestones now at steps {milestones(cfg.steps)}: learning rate "
+            f"{opt.param_groups[0]['lr']:g} from step {start + 1}"
         )
     mon = monitor_batch(cfg) if info.is_main and not cfg.data_dir else None
     bar = progress(
@@ -145,7 +227,7 @@ def train(
         loss.backward()
         opt.step()
         sched.step()
-        acc.append(loss.item())
+        acc.append(all_reduce_mean(loss.detach()).item())  # the mean over the processes' crops
         last = step + 1 == cfg.steps
         seconds = prev + time.perf_counter() - t0
         if (step + 1) % cfg.eval_every == 0 or last:
@@ -165,7 +247,7 @@ def train(
                     "model": model.state_dict(),
                     "opt": opt.state_dict(),
                     "sched": sched.state_dict(),
-                    "config": asdict(cfg),
+                    "config": asdict(cfg),  # the current one: a later continuation compares with it
                     "seconds": seconds,
                     "acc": acc,
                 },
@@ -183,11 +265,14 @@ def load_trained(path: str, device=torch.device("cpu")):
     if os.path.isdir(path) and Checkpointer(os.path.join(path, "checkpoints")).latest() is None:
         raise ValueError(f"{path} holds no checkpoints")
     state = load_run_checkpoint(path)  # a run folder: its latest intact checkpoint
-    cfg = TrainConfig(**state["config"])
+    try:
+        cfg = TrainConfig(**state["config"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not an MSGNN checkpoint (its config: {err})") from err
     model = cfg.model().to(device)
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg
 
 
-__all__ = ["TrainConfig", "load_trained", "monitor_batch", "train", "training_pairs"]
+__all__ = ["CHECKPOINT_EVERY", "TrainConfig", "load_trained", "milestones", "monitor_batch", "train", "training_pairs"]

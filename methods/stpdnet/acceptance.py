@@ -16,15 +16,14 @@ results/acceptance.{md,json} and results/frames.png, results/tacs.png (seed 0's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Dict, List
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference, seed_values
-from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common import format_difference, optional_plots, paired_difference, seed_values
+from methods.common.acceptance import acceptance_meta, run_jobs, started_date, write_acceptance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"deeppet": "DeepPET", "lpd": "LPD", "stpdnet": "STPDnet"}
@@ -227,7 +226,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     from methods.common import progress
 
-    from .evaluate import evaluate
+    from .evaluate import evaluate, figures
 
     t0 = time.time()
     date = started_date(a.out)
@@ -247,11 +246,12 @@ def main(argv=None):
     done.sort(key=lambda r: (a.models.index(r["model"]), r["seed"]))
     ckpts = {f"{NAMES[r['model']]} seed {r['seed']}": r["checkpoint"] for r in done}
     first = [f"{NAMES[m]} seed {a.seeds[0]}" for m in reversed(a.models)]
+    example = {}
     res = evaluate(
         ckpts,
         test_studies=a.test_studies,
         val_studies=a.val_studies,
-        figure_dir=a.results,
+        example=example,
         figure_methods=FIXED + first,
         progress_fn=lambda it: progress(it, desc="test studies"),
     )
@@ -273,13 +273,11 @@ def main(argv=None):
         "worker_minutes": sum(r["train_minutes"] for r in done),
         "configs": {f"{NAMES[r['model']]} seed {r['seed']}": r["config"] for r in done},
     }
-    os.makedirs(a.results, exist_ok=True)
-    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "summary": summary, "settings": settings}, f, indent=1)
     text = markdown(meta, summary, settings)
-    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
-        f.write(text)
+    write_acceptance(a.results, meta, rows, text, summary=summary, settings=settings)
     print(text)
+    with optional_plots():  # results/frames.png and results/tacs.png, after the results
+        figures(example["study"], example["recs"], a.results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from .kem import KemConfig, kem_st
 from .models import corrected_sinograms, reconstruct
 from .recon import mlem
 from .simulate import LABELS, Scanner, simulate_study
-from .train import TEST_SEED0, VAL_SEED0, load_trained, rel_rmse
+from .train import TEST_SEED0, VAL_SEED0, EvalConfig, load_trained, rel_rmse
 
 
 def frame_metrics(x: torch.Tensor, truth: torch.Tensor) -> Dict[str, np.ndarray]:
@@ -49,20 +49,25 @@ def choose_iterations(method, studies, A, candidates: List[int]) -> int:
 def evaluate(
     checkpoints: Dict[str, str],
     *,
-    n: int = 64,
-    views: int = 60,
-    counts="low",
-    test_studies: int = 8,
-    val_studies: int = 4,
+    n: int = EvalConfig.n,
+    views: int = EvalConfig.views,
+    counts=EvalConfig.counts,
+    test_studies: int = EvalConfig.test_studies,
+    val_studies: int = EvalConfig.val_studies,
     mlem_iters=(1, 2, 3, 5, 10, 20, 30, 50, 80),
     kem_iters=(10, 20, 30, 50),
     figure_dir: Optional[str] = None,
     progress_fn=None,
     figure_methods: Optional[List[str]] = None,
+    device=None,
+    example: Optional[Dict] = None,
 ) -> Dict:
     """The table over ``test_studies`` held-out studies for MLEM, KEM-ST and every network in
-    ``checkpoints`` (name -> checkpoint file or run folder). The figures show the first test study,
-    with the columns ``figure_methods`` (default: all)."""
+    ``checkpoints`` (name -> checkpoint file or run folder; the networks run on ``device``, MLEM
+    and KEM-ST on the CPU). The figures show the first test study, with the columns
+    ``figure_methods`` (default: all): drawn into ``figure_dir`` when given, or, with ``example``
+    (a dict), left there as ``{"study", "recs"}`` for `figures` (the CLI draws them after writing
+    the results)."""
     sc = Scanner(n=n, views=views)
     A = sc.projector()
     val = [simulate_study(VAL_SEED0 + i, sc, counts=counts, projector=A) for i in range(val_studies)]
@@ -72,29 +77,31 @@ def evaluate(
     it_kem = choose_iterations(run_kem, val, A, list(kem_iters))
     nets = {}
     for name, path in checkpoints.items():
-        model, cfg, op = load_trained(path)
+        model, cfg, op = load_trained(path, device if device is not None else torch.device("cpu"))
         if (cfg.n, cfg.views) != (n, views):
             raise ValueError(f"{path}: trained on n={cfg.n}, views={cfg.views}, evaluating n={n}, views={views}")
         nets[name] = (model, op)
     names = ["MLEM", "KEM-ST", *nets]
     per = {m: {"psnr": [], "ssim": [], "rel_rmse": [], "lesion_err": []} for m in names}
-    example = None
+    first = None
     studies = range(test_studies)
     for i in progress_fn(studies) if progress_fn else studies:
         st = simulate_study(TEST_SEED0 + i, sc, counts=counts, projector=A)
         recs = {"MLEM": run_mlem(st, it_mlem), "KEM-ST": run_kem(st, it_kem)}
         with torch.no_grad():
             for name, (model, op) in nets.items():
-                yc = corrected_sinograms(st.sinograms, st.attenuation, st.background, st.scale, op)
-                recs[name] = reconstruct(model, yc).clamp_min(0)
+                dev = next(model.parameters()).device
+                data = (t.to(dev) for t in (st.sinograms, st.attenuation, st.background, st.scale))
+                yc = corrected_sinograms(*data, op)
+                recs[name] = reconstruct(model, yc).clamp_min(0).cpu()
         true_les = region_tac(st.frames, st.labels, "lesion")
         for m, x in recs.items():
             fm = frame_metrics(x, st.frames)
             for k, v in fm.items():
                 per[m][k].append(v)
             per[m]["lesion_err"].append((region_tac(x, st.labels, "lesion") - true_les) / true_les)
-        if example is None:
-            example = (st, recs)
+        if first is None:
+            first = (st, recs)
     table = {}
     for m in names:
         les = np.array(per[m]["lesion_err"])  # (studies, T)
@@ -118,9 +125,12 @@ def evaluate(
         "views": views,
         "counts": counts,
     }
-    if figure_dir is not None and example is not None:
-        recs = example[1] if figure_methods is None else {m: example[1][m] for m in figure_methods}
-        out["figures"] = figures(example[0], recs, figure_dir)
+    if first is not None:
+        recs = first[1] if figure_methods is None else {m: first[1][m] for m in figure_methods}
+        if example is not None:
+            example.update(study=first[0], recs=recs)
+        if figure_dir is not None:
+            out["figures"] = figures(first[0], recs, figure_dir)
     return out
 
 
