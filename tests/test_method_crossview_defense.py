@@ -2,7 +2,9 @@
 placement against the augmentation cells, WaNet's displacement, ISSBA's bound), patch augmentation,
 the objective (fused and eager against a loop-by-loop float64 reference of the module doc's
 formula), the suspicion weights and their memory, the model adapter on two architectures, the
-Trainer subclass, the cached base model, the premise statistics, metrics and the CLI.
+Trainer subclass, the cached base model, the premise statistics, metrics, the CLI (flags from the
+configs, config files, continuing with a larger budget, one-line errors) and DDP under torchrun
+(the defense's global-batch statistics, train and the CLI against one process).
 
 Random inputs come from the per-test torch seed of conftest.py (its header prints the run's seed;
 PYOPS_TEST_SEED replays it); numpy generators drawn from it print their seed."""
@@ -1612,3 +1614,469 @@ def test_cli_train_resume_and_eval(tmp_path):
         cache=cache,
     )
     assert r.returncode != 0 and "ratio" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: options from the configs, config files, resume with a larger budget, friendly failures
+# --------------------------------------------------------------------------------------------
+TINY = [  # a seconds-long run: a 2-step base model (cached in the test's own PYOPS_CACHE), 4 test examples
+    "--n-train",
+    "40",
+    "--n-test",
+    "2",
+    "--batch",
+    "4",
+    "--log-every",
+    "1",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--pretrain-steps",
+    "2",
+    "--pretrain-n",
+    "8",
+]
+
+
+def _main(argv):
+    from methods.crossview_defense.__main__ import main
+
+    return main(argv)
+
+
+def _rows(out):
+    return [json.loads(line) for line in _text(os.path.join(out, "metrics.jsonl")).splitlines()]
+
+
+def test_cli_help_of_every_command():
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            _main(argv)
+        assert e.value.code == 0, argv
+
+
+def test_cli_flags_are_the_config_fields_with_their_defaults():
+    """Every field of TrainConfig (but the nested configs and --seed, a run option) and of
+    DefenseConfig is a flag whose default is the field's; --defense / --attack keep their spellings."""
+    from methods.crossview_defense.__main__ import build_parser, config_of
+
+    a = build_parser().parse_args(["train"])
+    assert config_of(a) == TR.TrainConfig()
+    for flags, want in (
+        (["--defense", "plain"], dict(mode="none")),
+        (["--defense", "aug"], dict(mode="aug")),
+        (["--defense", "crossview", "--tau-hi", "2.5"], dict(mode="crossview", tau_hi=2.5)),
+        (["--ops", "mask", "swap", "--lambda-cv", "0.5"], dict(ops=("mask", "swap"), lambda_cv=0.5)),
+    ):
+        assert config_of(build_parser().parse_args(["train", *flags])).defense == DF.DefenseConfig(**want), flags
+    cfg = config_of(build_parser().parse_args(["train", "--attack", "none", "--steps", "7", "--seed", "3"]))
+    assert (cfg.attack, cfg.steps, cfg.seed) == (None, 7, 3)
+    for bad in (["--defense", "none2"], ["--attack", "trojan"], ["--cap", "x"], ["--steps", "1.5"]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["train", *bad])
+        assert e.value.code == 2, bad
+
+
+def test_cli_config_file_and_its_errors(tmp_path, capsys):
+    from methods.common import parse_args
+    from methods.crossview_defense.__main__ import build_parser, config_of
+
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"steps": 7, "mode": "plain", "attack": "none", "lambda-cv": 0.5, "ops": ["mask"]}))
+    cfg = config_of(parse_args(build_parser(), ["train", "--config", str(path)]))
+    assert (cfg.steps, cfg.defense.mode, cfg.attack, cfg.defense.lambda_cv, cfg.defense.ops) == (
+        7,
+        "none",
+        None,
+        0.5,
+        ("mask",),
+    )
+    cfg = config_of(parse_args(build_parser(), ["train", "--config", str(path), "--steps", "9", "--defense", "aug"]))
+    assert (cfg.steps, cfg.defense.mode, cfg.defense.lambda_cv) == (9, "aug", 0.5)  # the command line wins
+    path.write_text(yaml.safe_dump({"steps": 7, "lambda_cvv": 0.5}))
+    with pytest.raises(SystemExit) as e:
+        _main(["train", "--config", str(path)])
+    assert e.value.code == 2 and "lambda-cvv" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({"mode": "shield"}))
+    with pytest.raises(SystemExit) as e:
+        _main(["train", "--config", str(path)])
+    assert e.value.code == 2 and "mode" in capsys.readouterr().err
+
+
+def test_cli_friendly_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYOPS_CACHE", str(tmp_path / "cache"))
+    if not torch.cuda.is_available():
+        assert _main(["train", "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device cuda") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for argv, word in (
+        (["train", "--steps", "0"], "--steps"),
+        (["train", "--ratio", "1.5"], "--ratio"),
+        (["train", "--kappa", "-1"], "kappa"),
+        (["eval", "--out", str(tmp_path / "nothing")], "does not exist"),
+    ):
+        assert _main([*argv] + (["--out", str(tmp_path / "r")] if argv[0] == "train" else [])) == 2, argv
+        err = capsys.readouterr().err
+        assert word in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    with pytest.raises(SystemExit) as e:
+        _main(["eval"])  # the run folder is required
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def _lr_schedule_of(steps, warmup, lr):
+    f = TR._lr_schedule(steps, warmup)
+    return lambda step: lr * f(step)
+
+
+def test_cli_continues_a_finished_run_with_a_larger_budget(tmp_path, capsys, monkeypatch):
+    """train --steps 3, then the same with --steps 5: it resumes after step 2, logs the larger
+    budget, continues the metric rows, and the learning rate of every continued step (the one the
+    optimiser used) follows the cosine of the new budget. Training writes its results without
+    matplotlib (a warning); another change is refused naming the field; --config <run folder>
+    reproduces the run's options; eval re-evaluates it."""
+    from methods.common import parse_args, run_options
+    from methods.crossview_defense.__main__ import build_parser, config_of
+
+    monkeypatch.setenv("PYOPS_CACHE", str(tmp_path / "cache"))
+    out = str(tmp_path / "run")
+    lrs = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    args = ["train", "--out", out, *TINY, "--warmup", "1", "--lr", "0.01", "--defense", "aug"]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+        assert _main([*args, "--steps", "3"]) == 0
+    assert os.path.exists(os.path.join(out, "results.json")) and not os.path.exists(os.path.join(out, "loss.png"))
+    assert "warning: plots skipped" in _text(os.path.join(out, "log.txt"))
+    pre = len(lrs) - 3  # (the base model's steps come first)
+    f3 = _lr_schedule_of(3, 1, 0.01)
+    assert lrs[pre:] == pytest.approx([f3(s) for s in range(3)], rel=1e-12)
+    lrs.clear()
+
+    assert _main([*args, "--steps", "5"]) == 0
+    log = _text(os.path.join(out, "log.txt"))
+    assert "resumed at step 3 with a larger budget (steps 3 -> 5)" in log and "the learning rate" in log
+    assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3, 4]
+    f5 = _lr_schedule_of(5, 1, 0.01)
+    assert lrs == pytest.approx([f5(3), f5(4)], rel=1e-12)  # not f3's: the new budget's cosine
+    assert f5(3) != pytest.approx(f3(3))
+    assert [r["lr"] for r in _rows(out)][3:] == pytest.approx([f5(4), f5(5)], rel=1e-12)
+    ckpt = torch.load(sorted(glob.glob(os.path.join(out, "checkpoints", "ckpt_*.pt")))[-1], weights_only=False)
+    assert ckpt["config"]["steps"] == 5  # the current config: a second continuation compares against 5
+    assert os.path.exists(os.path.join(out, "loss.png"))
+
+    # --config <run folder>: the run's options again
+    a = parse_args(build_parser(), ["train", "--config", out])
+    saved = json.loads(_text(os.path.join(out, "config.json")))["config"]
+    assert run_options(a) == saved and saved["steps"] == 5
+    assert config_of(a) == TR.config_from_checkpoint(ckpt["config"])
+
+    # any other change is refused, naming the field; so is a smaller budget
+    capsys.readouterr()
+    assert _main([*args, "--steps", "5", "--lambda-h", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "lambda_h" in err and len(err.strip().splitlines()) == 1
+    assert _main([*args, "--steps", "4"]) == 2
+    assert "larger budget" in capsys.readouterr().err
+
+    assert _main(["eval", "--out", out, "--device", "cpu", "--n-test", "2"]) == 0
+    assert {"asr", "bleu4", "vqa_acc"} <= set(json.loads(_text(os.path.join(out, "results.json")))["results"])
+
+
+def test_eval_reads_the_nested_config_of_older_checkpoints():
+    cfg = TR.TrainConfig(attack=None, steps=9, defense=DF.DefenseConfig(mode="aug", ops=("mask",)), model=SMALL)
+    nested = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    flat = json.loads(json.dumps(TR.resume_config(cfg)))
+    assert TR.config_from_checkpoint(nested) == cfg == TR.config_from_checkpoint(flat)
+    assert "lambda_cv" in flat and "defense" not in flat  # a refused resume names the flag's field
+
+
+# --------------------------------------------------------------------------------------------
+# DDP (torchrun): the defense's global-batch statistics, and the train command
+# --------------------------------------------------------------------------------------------
+DDP_OBJECTIVE_SCRIPT = r"""
+import copy, json, sys
+import torch, torch.distributed as dist
+from methods.crossview_defense import data as D, defense as DF
+from methods.crossview_defense.model import ModelConfig, build_model
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+inputs = torch.load(sys.argv[1])
+cases = json.loads(open(sys.argv[2]).read())
+group = DF.BatchGroup()
+out = {}
+
+def rel(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) if b.numel() else 0.0
+
+def summed(t):
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+def compare_stats(st, st_r):
+    assert set(st) == set(st_r), (sorted(st), sorted(st_r))
+    return max([rel(st[k], st_r[k]) for k in st if k != "_u"] + [0.0])
+
+# the objective: every process holds its shard of the batch, the reference is the whole batch
+n = inputs["ha"].shape[0] // world
+mine = slice(rank * n, (rank + 1) * n)
+for name, case in cases.items():
+    cfg = DF.DefenseConfig(**{**case["cfg"], "ops": tuple(case["cfg"].get("ops", DF.AUG_OPS))})
+    labels = inputs["labels_" + case.get("labels", "mixed")]
+    floor = inputs["floor"] if case.get("floor") else None
+    full = [inputs[k].clone().requires_grad_() for k in ("ha", "hb", "w", "bias")]
+    ref, st_r = DF.cross_view_objective(full[0], full[1], labels, full[2], full[3], cfg, suspicion_floor=floor)
+    g_ref = torch.autograd.grad(ref, full, allow_unused=True)
+    part = [inputs["ha"][mine].clone().requires_grad_(), inputs["hb"][mine].clone().requires_grad_()]
+    part += [inputs["w"].clone().requires_grad_(), inputs["bias"].clone().requires_grad_()]
+    loss, st = DF.cross_view_objective(
+        part[0], part[1], labels[mine], part[2], part[3], cfg, suspicion_floor=floor, group=group
+    )
+    g = [torch.zeros_like(p) if x is None else x for x, p in zip(torch.autograd.grad(loss, part, allow_unused=True), part)]
+    g_ref = [torch.zeros_like(p) if x is None else x for x, p in zip(g_ref, full)]
+    err = {
+        "loss": rel(summed(loss), ref),
+        "d_ha": rel(group.gather(g[0]), g_ref[0]),
+        "d_hb": rel(group.gather(g[1]), g_ref[1]),
+        "d_w": rel(summed(g[2]), g_ref[2]),
+        "d_bias": rel(summed(g[3]), g_ref[3]),
+        "stats": compare_stats(st, st_r),
+    }
+    if "_u" in st_r:
+        err["u"] = rel(st["_u"], st_r["_u"])
+    out[name] = err
+
+# CrossViewDefense.loss on a model (float64): modes, the augmentation drawn for the whole batch, the memory
+torch.manual_seed(0)
+model = build_model(ModelConfig(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)).double()
+exs = D.make_examples(8, seed=5)
+exs[5].answer = []  # a sample without answer tokens
+batch = D.collate(exs, 36)
+batch["pixel_values"] = batch["pixel_values"].double()
+ids = torch.tensor([3, 9, 1, 12, 7, 0, 5, 2])
+for mode, memory in (("none", "none"), ("aug", "none"), ("crossview", "max")):
+    cfg = DF.DefenseConfig(mode=mode, memory=memory)
+    m_ref, m = copy.deepcopy(model), copy.deepcopy(model)
+    d_ref, d = DF.CrossViewDefense(m_ref, cfg, 0), DF.CrossViewDefense(m, cfg, 0)
+    err = {}
+    for step in range(2):  # twice: the second step reads the memory of the first
+        aug = d_ref.augment(batch["pixel_values"], torch.Generator().manual_seed(step))
+        ref, st_r = d_ref.loss(batch, sample_ids=ids, augmented=aug)
+        g_ref = torch.autograd.grad(ref, list(m_ref.parameters()), allow_unused=True)
+        mine_b = {k: v[mine] for k, v in batch.items()}
+        loss, st = d.loss(mine_b, sample_ids=ids[mine], augmented=aug[mine], group=group)
+        g = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+        # relative to the largest gradient entry of the model (some entries are rounding noise: a key bias's is 0)
+        scale = max(float(b.abs().max()) for b in g_ref if b is not None)
+        e_g = max(float((summed(a) - b).abs().max()) for a, b in zip(g, g_ref) if b is not None) / scale
+        assert all((a is None) == (b is None) for a, b in zip(g, g_ref))
+        err[f"step{step}"] = {"loss": rel(summed(loss), ref), "grads": e_g, "stats": compare_stats(st, st_r)}
+        err[f"step{step}"]["memory"] = rel(d.memory, d_ref.memory) if d_ref.memory.numel() else 0.0
+    out["model-" + mode] = err
+if rank == 0:
+    json.dump(out, open(sys.argv[3], "w"), indent=1)
+
+# train(): a short run of the config in argv[4] into the run folder argv[5] (rank 0 writes)
+from methods.common import Run
+from methods.crossview_defense import train as TR
+
+run = Run(sys.argv[5], {}, main=rank == 0, name="ddp-test")
+TR.train(TR.config_from_checkpoint(json.loads(open(sys.argv[4]).read())), run, show_progress=False)
+run.close()
+dist.destroy_process_group()
+"""
+
+
+def _torchrun(*args, timeout=600, env=None):
+    import socket
+
+    with socket.socket() as sock:  # a free port (torchrun's --master_port=0 hangs the workers' rendezvous)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={port}", *args],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_ddp_defense_statistics_are_the_global_batch(tmp_path):
+    """Under torchrun with 2 processes, each holding half of a batch of 8 (both halves with a sample
+    without answer tokens), the shards' losses add up to the whole batch's loss and their gradients
+    (of both views' hidden states, the LM head and its bias) to its gradient, the stats and the
+    suspicion weights are the whole batch's: for every weighting and score, memory floors, ascent
+    (ce_suppress > 1), gamma, every detach mode, temperatures, cap="batch" with the clamp active and
+    not, a shard without any answer token, a batch without any. Then `CrossViewDefense.loss` on a
+    small model: modes none, aug and crossview with the suspicion memory (two steps), every
+    parameter's gradient. float64: only the order of the sums differs, so 1e-9 relative. Last,
+    `train` itself (2 steps of a small model, the entropy weights with cap="batch" and gamma) under
+    torchrun against one process, to the tolerances of test_ddp_matches_single_process."""
+    torch.manual_seed(0)
+    ha, hb, w, labels, bias = _objective_inputs(b=8, seed=1, bias=True)
+    inputs = {"ha": ha.detach(), "hb": hb.detach(), "w": w.detach(), "bias": bias.detach(), "labels_mixed": labels}
+    empty_shard = labels.clone()
+    empty_shard[4:] = -100  # the second process's shard has no answer token
+    inputs["labels_empty_shard"] = empty_shard
+    inputs["labels_empty"] = torch.full_like(labels, -100)
+    inputs["floor"] = torch.tensor([0.0, 0.9, 0.0, 0.3, 0.0, 0.0, 0.95, 0.0])
+    cases = {name: {"cfg": dict(case["cfg"]), "floor": case.get("floor", False)} for name, case in CASES.items()}
+    for name, case in cases.items():  # the "mid" values: between the middle values of the reference's
+        cfg = DF.DefenseConfig(**{k: (1e9 if v == "mid" else v) for k, v in case["cfg"].items()})
+        _, info = _reference_objective(ha, hb, labels, w, bias, cfg, floor=inputs["floor"] if case["floor"] else None)
+        if case["cfg"].get("kappa") == "mid":
+            case["cfg"]["kappa"] = _mid(info["d"])
+        if case["cfg"].get("ascent_ceiling") == "mid":
+            case["cfg"]["ascent_ceiling"] = _mid(info["neg_ce"])
+    whole = float(
+        DF.cross_view_objective(ha, hb, labels, w, bias, DF.DefenseConfig(cap="batch", kappa=1e9))[1]["div_capped"]
+    )
+    for share in (0.5, 2.0):  # the global weighted mean clamped, and not
+        cases[f"cap-batch-{share}"] = {"cfg": dict(cap="batch", kappa=share * whole), "floor": True}
+    cases["entropy-cap-batch"] = {"cfg": dict(weighting="entropy", cap="batch", kappa=0.5 * whole)}
+    cases["tv-confident-sensitive"] = {"cfg": dict(weighting="confident-sensitive", score="tv", ce_suppress=1.5)}
+    cases["empty-shard"] = {"cfg": {}, "labels": "empty_shard", "floor": True}
+    cases["empty-shard-uniform"] = {"cfg": dict(weighting="uniform", cap="batch"), "labels": "empty_shard"}
+    cases["empty-batch"] = {"cfg": {}, "labels": "empty"}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "script.py").write_text(DDP_OBJECTIVE_SCRIPT)
+    result = tmp_path / "errors.json"
+    train_cfg = TR.TrainConfig(**DDP_TRAIN)
+    (tmp_path / "train.json").write_text(json.dumps(TR.resume_config(train_cfg)))
+    r = _torchrun(
+        str(tmp_path / "script.py"),
+        *(str(tmp_path / f) for f in ("inputs.pt", "cases.json", "errors.json", "train.json", "ddp")),
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    errors = json.loads(result.read_text())
+    assert set(errors) == set(cases) | {"model-none", "model-aug", "model-crossview"}
+
+    def worst(e):
+        return max(worst(v) if isinstance(v, dict) else v for v in e.values())
+
+    print("largest relative difference:", max(worst(e) for e in errors.values()))
+    bad = {name: e for name, e in errors.items() if worst(e) > 1e-9}
+    assert not bad, json.dumps(bad, indent=1)
+
+    # train() under DDP against one process: see test_ddp_matches_single_process for the tolerances
+    from methods.common import Run
+
+    run = Run(str(tmp_path / "one"), {}, name="ddp-test-one")
+    try:
+        TR.train(train_cfg, run, show_progress=False)
+    finally:
+        run.close()
+    _same_runs(str(tmp_path / "ddp"), str(tmp_path / "one"), train_cfg.steps - 1)
+    assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints")) == ["ckpt_00000001.pt", "ckpt_00000001.pt.sha256"]
+    assert "DDP over 2 processes, global batch 4" in _text(tmp_path / "ddp" / "log.txt")
+
+
+# a short fine-tuning run of a small model with the batch-coupled parts of the defense (below)
+DDP_TRAIN = dict(
+    attack="badnet",
+    ratio=0.1,
+    defense=DF.DefenseConfig(weighting="entropy", cap="batch", kappa=5e-4, gamma=0.5),
+    model=SMALL,
+    n_train=20,
+    steps=2,
+    batch=4,
+    n_test=2,
+    log_every=1,
+    pretrain_steps=0,
+)
+
+
+def _same_runs(a, b, step):
+    """The parameters at `step` and the metric rows of the run folders a and b agree to the
+    tolerances of test_ddp_matches_single_process's docstring."""
+
+    def params(run):
+        return torch.load(os.path.join(run, "checkpoints", f"ckpt_{step:08d}.pt"), weights_only=False)["model"]
+
+    pa, pb = params(a), params(b)
+    diff = max(float((pa[k].double() - pb[k].double()).abs().max()) for k in pa)
+    print(f"largest parameter difference: {diff:.3g}")
+    assert diff < 2e-6
+    ra, rb = _rows(a), [r for r in _rows(b) if r["step"] <= step]
+    assert [r["step"] for r in ra if r["step"] <= step] == [r["step"] for r in rb]
+    loss_diff = max(abs(x["loss"] / y["loss"] - 1) for x, y in zip(ra, rb))
+    print(f"largest relative difference of the logged losses: {loss_diff:.3g}")
+    for x, y in zip(ra, rb):
+        for k in set(x) - {"seconds"}:
+            # the divergences (~1e-3 nats here) are differences of nearly equal float32 log-probabilities
+            # (~4.6 nats, resolution ~5e-7): absolute 1e-6 for them
+            tol = dict(rel=0, abs=1e-6) if k.startswith("div") else dict(rel=1e-5, abs=1e-9)
+            assert x[k] == pytest.approx(y[k], **tol), (x["step"], k)
+
+
+@pytest.mark.slow  # three torchrun launches of the CLI: about 50 s of CPU (90 s on a busy 2-core machine)
+def test_ddp_matches_single_process(tmp_path, monkeypatch):
+    """(slow: PYOPS_SLOW_TESTS=1; test_ddp_defense_statistics_are_the_global_batch runs a short
+    `train` under torchrun in the default suite.) `torchrun --nproc_per_node 2 -m methods.crossview_defense train` with --batch 4 (the global
+    batch: 2 per process) against one process (in this process): the same metric rows and the
+    same parameters after 2 steps, then, resumed under torchrun with --steps 4, the same rows and
+    parameters as the single run of 4 steps. The steps lie in the learning-rate warm-up (20 steps),
+    whose lr does not depend on --steps, so the 2-step run is the 4-step run's first half. Only
+    rank 0 writes: one checkpoint per save, each row and log line once. A --batch the processes
+    cannot share equally is a one-line error.
+
+    The defense here weights by entropy with cap="batch" and gamma > 0 (gathered softmax, the
+    global clamp, the augmented view's CE); the model has no dropout (attention dropout 0, no
+    other), so nothing per-process is random. The default invariance weights are exact too (the
+    float64 test above), but in float32 they turn the rounding of near-zero divergences of this
+    barely trained model into different suspicion weights. Tolerance: float32, where only the
+    order of the sums differs (per-process matmuls over 2 instead of 4 samples, the gradients'
+    all-reduce); AdamW's first steps move each weight by about lr whatever the gradient's size, so
+    the parameters are compared to atol 2e-6 (1% of one step of lr 2e-4 at warm-up; measured:
+    about 3e-7), the logged losses and other means to rtol 1e-5 (measured: about 1e-7), the logged
+    divergences to atol 1e-6 (they are differences of float32 log-probabilities of about 4.6 nats)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PYOPS_CACHE", str(cache))
+    defense = ["--weighting", "entropy", "--cap", "batch", "--kappa", "0.0005", "--gamma", "0.5", "--attack", "badnet"]
+    common = ["train", *TINY, "--log-every", "2", "--checkpoint-every", "2", *defense]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert _main([*common, "--out", one, "--steps", "4"]) == 0  # also caches the base model for the others
+    r = _torchrun(
+        "-m", "methods.crossview_defense", *common, "--out", two, "--steps", "2", env={"PYOPS_CACHE": str(cache)}
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    _same_runs(two, one, 1)
+    assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["ckpt_00000001.pt", "ckpt_00000001.pt.sha256"]
+    log = _text(os.path.join(two, "log.txt"))
+    assert "DDP over 2 processes, global batch 4" in log and log.count("step 2/2:") == 1
+
+    # continued under torchrun: a larger budget, ends as the single run of 4 steps
+    r = _torchrun(
+        "-m", "methods.crossview_defense", *common, "--out", two, "--steps", "4", env={"PYOPS_CACHE": str(cache)}
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = _text(os.path.join(two, "log.txt"))
+    assert "resumed at step 2 with a larger budget (steps 2 -> 4)" in log and log.count("step 4/4:") == 1
+    _same_runs(two, one, 3)
+    assert sorted(f for f in os.listdir(os.path.join(two, "checkpoints")) if f.endswith(".pt")) == [
+        "ckpt_00000001.pt",
+        "ckpt_00000003.pt",
+    ]
+    assert json.loads(_text(os.path.join(two, "results.json")))["results"].keys() >= {"asr", "bleu4"}
+
+    r = _torchrun("-m", "methods.crossview_defense", *common, "--out", str(tmp_path / "odd"), "--batch", "3")
+    assert r.returncode != 0
+    # each process says it in one line, before any traceback (torchrun then reports the failed processes)
+    lines = r.stderr.splitlines()
+    assert lines.count("error: --batch 3 must be divisible by the 2 processes of torchrun") == 2, r.stderr[-3000:]
+    assert "Traceback" not in "\n".join(
+        lines[: lines.index("error: --batch 3 must be divisible by the 2 processes of torchrun")]
+    )

@@ -2,7 +2,7 @@
 reconstructed (spec A.3) on top of `pyops.fused_linear_cross_view`. See README.md."""
 
 from .attacks import ATTACKS, Attack, make_attack
-from .defense import CrossViewDefense, DefenseConfig, PatchAugment, cross_view_objective
+from .defense import BatchGroup, CrossViewDefense, DefenseConfig, PatchAugment, cross_view_objective
 from .model import ModelConfig, VLMAdapter, build_model
 
 
@@ -17,6 +17,7 @@ def __getattr__(name):  # CrossViewTrainer imports transformers.Trainer only whe
 __all__ = [
     "ATTACKS",
     "Attack",
+    "BatchGroup",
     "CrossViewDefense",
     "CrossViewTrainer",
     "DefenseConfig",

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from methods.common import cpu_name
+from methods.common.acceptance import cached_result, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,9 +75,7 @@ def _job(job):
     premise on the training set. Returns the record (also saved as results.json in its folder)."""
     kind, attack, defense, seed, args = job
     torch.set_num_threads(1)
-    from methods.common import Run
-
-    from .train import base_model, evaluate, test_sets, train
+    from .train import base_model
 
     if kind == "premise":
         return premise_job(attack, seed, args)
@@ -86,9 +85,16 @@ def _job(job):
         base_model(cfg, show_progress=False, log=lambda m: None)
         return {"kind": "base", "seed": seed, "seconds": time.perf_counter() - t0}
     out = os.path.join(args.work, f"{attack}-{defense}-s{seed}")
-    done = os.path.join(out, "results.json")
-    if os.path.exists(done):
-        return json.load(open(done))
+    # the run folder's results.json: a rerun of the acceptance skips finished runs
+    return cached_result(os.path.join(out, "results.json"), lambda: run_job(attack, defense, seed, args, out))
+
+
+def run_job(attack, defense, seed, args, out):
+    """Fine-tune and evaluate one run in `out` (and, for plain runs, the test-time premise)."""
+    from methods.common import Run
+
+    from .train import evaluate, test_sets, train
+
     cfg = train_config(attack, defense, seed, args)
     run = Run(out, {"attack": attack, "defense": defense, "seed": seed}, fresh=True, name=f"cvd-{attack}-{defense}")
     try:
@@ -117,7 +123,6 @@ def _job(job):
         run.info(f"results {json.dumps({k: v for k, v in rec.items() if k not in ('examples', 'config')})}")
     finally:
         run.close()
-    json.dump(rec, open(done, "w"), indent=1)
     return rec
 
 
@@ -128,19 +133,23 @@ def premise_job(attack, seed, args):
     """The premise on the training set of the plain fine-tuned model of (attack, seed): per-sample
     statistics (premise.sample_statistics) with the defense's random ops and with the shuffle alone,
     their AUROCs as poison detectors (all clean samples / clean captions only); arrays saved in
-    premise.json of the run folder (for the figure). Returns {"attack", "seed", "auroc": {...}}."""
+    premise.json of the run folder (for the figure; a rerun reads it). Returns {"attack", "seed", "auroc": {...}}."""
+    out = os.path.join(args.work, f"{attack}-plain-s{seed}")
+    path = os.path.join(out, "premise.json")
+    if os.path.exists(path) and "auroc" not in json.load(open(path)):  # written before the AUROCs: measure again
+        os.remove(path)
+    prem = cached_result(path, lambda: premise_statistics(attack, seed, args, out))
+    return {"attack": attack, "seed": seed, "auroc": prem["auroc"]}
+
+
+def premise_statistics(attack, seed, args, out):
+    """The per-sample arrays and AUROCs of `premise_job` (saved as premise.json in the run folder)."""
     from methods.common.checkpoint import load_run_checkpoint
 
     from .model import build_model
     from .premise import auroc, sample_statistics
     from .train import training_set
 
-    out = os.path.join(args.work, f"{attack}-plain-s{seed}")
-    path = os.path.join(out, "premise.json")
-    if os.path.exists(path):
-        prem = json.load(open(path))
-        if "auroc" in prem:
-            return {"attack": attack, "seed": seed, "auroc": prem["auroc"]}
     cfg = train_config(attack, "plain", seed, args)  # (the calling _job set one thread)
     model = build_model(cfg.model)
     model.load_state_dict(load_run_checkpoint(out)["model"])
@@ -156,8 +165,7 @@ def premise_job(attack, seed, args):
             prem[prefix + k] = [round(float(x), 7) for x in v]
             prem["auroc"][f"{prefix}{k}"] = auroc(v[is_p], v[~is_p])
             prem["auroc"][f"{prefix}{k}_vs_captions"] = auroc(v[is_p], v[~is_p & is_cap])
-    json.dump(prem, open(path, "w"))
-    return {"attack": attack, "seed": seed, "auroc": prem["auroc"]}
+    return prem
 
 
 def augmented_behaviour(model, cfg, seed: int = 12345):
@@ -221,6 +229,8 @@ def _ms(rows, attack, defense, key, scale=100.0):
 
 
 def markdown(rows, meta) -> str:
+    from .train import TrainConfig
+
     defenses = list(MAIN) + list(ABLATIONS)
     L = [
         "# Cross-view defense: acceptance results",
@@ -230,7 +240,7 @@ def markdown(rows, meta) -> str:
         f"to do); the runs' training and evaluation took {meta['run_minutes']:.0f} min of one thread in all, "
         f"on {meta['machine']}.  ",
         f"Seeds: {', '.join(map(str, meta['seeds']))}. Every run fine-tunes the clean base model of its seed "
-        f"({meta['pretrain']}) for {meta['steps']} steps of batch 32 on {meta['n_train']} examples, "
+        f"({meta['pretrain']}) for {meta['steps']} steps of batch {TrainConfig.batch} on {meta['n_train']} examples, "
         f"{meta['poisoned']} of them poisoned.  ",
         f"Full defense: `{meta['full_defense']}`",
         "",
@@ -418,68 +428,62 @@ def figures(rows, work, results):
     plt.close(fig)
 
 
+def _describe_run(rec) -> str:
+    return (
+        f"{rec['attack']:9s} {rec['defense']:15s} seed {rec['seed']}: ASR {100 * rec['asr']:5.1f}  "
+        f"BLEU-4 {100 * rec['clean_bleu4']:5.1f}  CIDEr {100 * rec['clean_cider']:6.1f}  VQA {100 * rec['vqa_acc']:5.1f}  "
+        f"({rec['train_seconds']:.0f} s)"
+    )
+
+
+def _describe_premise(res) -> str:
+    return (
+        f"premise {res['attack']} seed {res['seed']}: AUROC KL max {res['auroc']['div_max']:.2f}, shuffle TV max "
+        f"{res['auroc']['shuffle_tv_max']:.2f}, H {res['auroc']['entropy']:.2f}"
+    )
+
+
 def main(argv=None) -> int:
+    from methods.common import optional_plots
+
+    from .train import TrainConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--attacks", nargs="+", default=list(ORDER), choices=ORDER)
     p.add_argument("--defenses", nargs="+", default=list(MAIN), choices=list(MAIN))
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
     p.add_argument("--ablation-attacks", nargs="*", default=list(ABLATION_ATTACKS), choices=ORDER)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--ratio", type=float, default=0.05)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=200)
+    # the fine-tuning settings: TrainConfig's defaults
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--ratio", type=float, default=TrainConfig.ratio)
+    p.add_argument("--n-train", type=int, default=TrainConfig.n_train)
+    p.add_argument("--n-test", type=int, default=TrainConfig.n_test)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--work", default="runs/cvd_acceptance")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.results, exist_ok=True)
-    from .train import TrainConfig
-
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
-    first = os.path.join(args.work, "started.txt")  # a resumed acceptance keeps the date of its first start
-    if not os.path.exists(first):
-        open(first, "w").write(started.strftime("%Y-%m-%d %H:%M UTC"))
+    date = started_date(args.work)  # a resumed acceptance keeps the date of its first start
     runs = [("run", a, d, s, args) for s in args.seeds for a in args.attacks for d in args.defenses]
     runs += [("run", a, d, s, args) for s in args.seeds for a in args.ablation_attacks for d in args.ablations]
     todo = {j[3] for j in runs if not os.path.exists(os.path.join(args.work, f"{j[1]}-{j[2]}-s{j[3]}", "results.json"))}
     jobs: List[tuple] = [("base", None, None, s, args) for s in args.seeds if s in todo]  # base models first
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    rows = []
-    with ctx.Pool(args.jobs) as pool:
-        for rec in pool.imap_unordered(_job, jobs):
-            print(
-                f"[{time.perf_counter() - t0:6.0f} s] base model of seed {rec['seed']} ready ({rec['seconds']:.0f} s)",
-                flush=True,
-            )
-        for i, rec in enumerate(pool.imap_unordered(_job, runs)):
-            rows.append(rec)
-            print(
-                f"[{time.perf_counter() - t0:6.0f} s] {i + 1}/{len(runs)} {rec['attack']:9s} {rec['defense']:15s} "
-                f"seed {rec['seed']}: ASR {100 * rec['asr']:5.1f}  BLEU-4 {100 * rec['clean_bleu4']:5.1f}  "
-                f"CIDEr {100 * rec['clean_cider']:6.1f}  VQA {100 * rec['vqa_acc']:5.1f}  ({rec['train_seconds']:.0f} s)",
-                flush=True,
-            )
-        plain = [r for r in rows if r["defense"] == "plain"]
-        for res in pool.imap_unordered(_job, [("premise", r["attack"], "plain", r["seed"], args) for r in plain]):
-            rec = next(r for r in plain if r["attack"] == res["attack"] and r["seed"] == res["seed"])
-            rec.setdefault("premise", {})["auroc"] = res["auroc"]
-            print(
-                f"[{time.perf_counter() - t0:6.0f} s] premise {res['attack']} seed {res['seed']}: AUROC KL max "
-                f"{res['auroc']['div_max']:.2f}, shuffle TV max {res['auroc']['shuffle_tv_max']:.2f}, "
-                f"H {res['auroc']['entropy']:.2f}",
-                flush=True,
-            )
+    run_jobs(_job, jobs, args.jobs, lambda rec: f"base model of seed {rec['seed']} ready ({rec['seconds']:.0f} s)")
+    rows = run_jobs(_job, runs, args.jobs, _describe_run)
+    plain = [r for r in rows if r["defense"] == "plain"]
+    premise = [("premise", r["attack"], "plain", r["seed"], args) for r in plain]
+    for res in run_jobs(_job, premise, args.jobs, _describe_premise):
+        rec = next(r for r in plain if r["attack"] == res["attack"] and r["seed"] == res["seed"])
+        rec.setdefault("premise", {})["auroc"] = res["auroc"]
     rows.sort(key=lambda r: (ORDER.index(r["attack"]), (list(MAIN) + list(ABLATIONS)).index(r["defense"]), r["seed"]))
     tc = TrainConfig()
     meta = {
         "command": "python -m methods.crossview_defense.acceptance " + " ".join(shlex.quote(x) for x in argv_list),
-        "date": open(first).read().strip(),
+        "date": date,
         "report_date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "minutes": (time.perf_counter() - t0) / 60,
         "run_minutes": sum(r["train_seconds"] + r["eval_seconds"] for r in rows) / 60,
@@ -493,10 +497,10 @@ def main(argv=None) -> int:
         "ablations": ABLATIONS,
     }
     slim = [{k: v for k, v in r.items() if k not in ("config", "examples")} for r in rows]
-    json.dump({"meta": meta, "rows": slim}, open(os.path.join(args.results, "acceptance.json"), "w"), indent=1)
     md = markdown(slim, meta)
-    open(os.path.join(args.results, "acceptance.md"), "w").write(md)
-    figures(slim, args.work, args.results)
+    write_acceptance(args.results, meta, slim, md)
+    with optional_plots():
+        figures(slim, args.work, args.results)
     print(md)
     return 0
 

@@ -42,6 +42,18 @@ and cap="batch" (a clamp of the batch's weighted mean) couple the samples of a b
 be split: there each micro-batch uses its own weights, and its capped term is weighted by its
 share of the samples (an approximation).
 
+DDP (torchrun; `BatchGroup`): every process holds an equal shard of the global batch, and here
+the coupling is exact. The weights need only detached per-sample values (the suspicion statistic,
+the entropies, the answer-token counts; no gradient flows through u_i or the entropy weights), so
+each process all-gathers them and computes the weights of the whole global batch (median and MAD,
+softmax, the number of samples), the memory's floor and update for every sample of the global
+batch, and the token count of the global batch; cap="batch" sums the weighted divergence over the
+shards and passes this shard's gradient where the global mean is below kappa (the clamp's
+gradient). Each process's loss is then its share of the global batch's loss (the shares add up to
+it); the training loop multiplies it by the number of processes, since DDP averages the
+gradients. The augmented images are drawn for the global batch (`two_views(augmented=...)`), so
+every sample gets the op it gets in one process.
+
 All per-token quantities (both KLs, both entropies, the CE) come from one call of the fused
 `pyops.fused_linear_cross_view` on the answer rows' last hidden states and the LM head: the
 vocabulary logits of the two views are never materialised. `eager=True` computes the same
@@ -53,6 +65,8 @@ Baselines: ``mode="none"`` (plain fine-tuning: CE on the original view) and ``mo
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
@@ -61,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 import pyops
+from methods.common.config import arg
 
 from .model import VLMAdapter
 
@@ -72,37 +87,89 @@ SCORES = ("max", "mean", "tv")
 WEIGHTINGS = ("invariance", "confidence", "confident-invariant", "confident-sensitive", "entropy", "uniform")
 
 
+# the CLI's --defense names (plain fine-tuning, augmentation only, the full defense) -> DefenseConfig.mode
+DEFENSE_NAMES = {"plain": "none", "aug": "aug", "crossview": "crossview"}
+
+
+def _mode(s: str) -> str:
+    """--defense plain|aug|crossview (or a mode none|aug|crossview, as a run's config.json holds it) -> mode."""
+    mode = DEFENSE_NAMES.get(s, s)
+    if mode not in MODES:
+        raise argparse.ArgumentTypeError(f"expected plain, aug or crossview, got {s!r}")
+    return mode
+
+
 @dataclass
 class DefenseConfig:
-    mode: str = "crossview"  # none | aug | crossview
-    divergence: str = "forward"  # forward KL(p||q) | reverse KL(q||p) | symmetric (mean of both)
-    lambda_cv: float = 1.0  # weight of the push (the capped divergence of the weighted samples)
-    kappa: float = 1.0  # cap, nats per token
-    cap: str = "sample"  # sample | batch
-    lambda_h: float = 0.1
-    tau_lo: float = 0.05  # nats, at temperature 1
-    tau_hi: Optional[float] = None  # nats at temperature 1; None = 0.9 log V
-    weighting: str = "invariance"  # invariance | entropy | uniform: which samples the push acts on
-    weight_temperature: float = 0.1  # T_w of the "entropy" weights softmax(-H / T_w)
-    score: str = "max"  # a sample's invariance score: "max" / "mean" of its per-token divergence, or "tv": the
-    # largest per-token total variation 0.5 |p - q|_1 at T = 1 (computed without gradient, in row chunks)
-    suspect_z: float = 1.0  # invariance weights: robust z-score (log score vs the batch) where u_i = 1/2
-    suspect_width: float = 0.5  # invariance weights: width of the sigmoid in z units
-    ce_suppress: float = 1.0  # beta in [0, 2]: the CE of sample i is weighted 1 - beta u_i (suspicion weightings)
-    memory: str = "none"  # none | max: a training sample keeps the largest suspicion it has had (needs sample ids)
-    ascent_ceiling: float = 2.0  # nats: a negative CE weight (beta > 1) stops pushing once a token's CE reaches it
-    softmax_temperature: float = 1.0  # T_s: p = softmax(z / T_s) in the divergence (CE and band at 1)
-    gamma: float = 0.0  # CE weight of the augmented view
-    detach: str = "augmented"  # none | original | augmented: stop-gradient on that view in the divergence and band
+    """The defense's switches (module doc). Every field is a flag of the CLI's train command
+    (``--lambda-cv`` for ``lambda_cv``), except ``mode``, whose flag is ``--defense`` with the
+    names of `DEFENSE_NAMES` (plain -> none); a config file may give it as ``mode: plain`` or
+    ``mode: none``."""
+
+    mode: str = arg(
+        "crossview",
+        "plain fine-tuning (CE on the original view; mode none), augmentation only (the mean CE of both "
+        "views) or the full cross-view defense",
+        flag="--defense",
+        choices=MODES,
+        metavar="{plain,aug,crossview}",
+        type=_mode,
+    )
+    divergence: str = arg(
+        "forward", "forward KL(p||q), reverse KL(q||p) or symmetric (their mean)", choices=DIVERGENCES
+    )
+    lambda_cv: float = arg(1.0, "weight of the push (the capped divergence of the weighted samples)")
+    kappa: float = arg(1.0, "cap of the divergence, nats per token")
+    cap: str = arg("sample", "cap each sample's divergence, or the batch's weighted mean", choices=("sample", "batch"))
+    lambda_h: float = arg(0.1, "weight of the entropy band")
+    tau_lo: float = arg(0.05, "lower entropy bound of the original view, nats at temperature 1")
+    tau_hi: Optional[float] = arg(
+        None, "upper entropy bound of the augmented view, nats at temperature 1 (none: 0.9 log V)", metavar="NATS"
+    )
+    weighting: str = arg(
+        "invariance",
+        "which samples are suspects (pushed, CE suppressed), relative to the batch: abnormally invariant "
+        "(invariance), confident (confidence), both, confident but sensitive; or the first reconstruction's "
+        "softmax(-H / T_w) (entropy), or all alike (uniform)",
+        choices=WEIGHTINGS,
+    )
+    weight_temperature: float = arg(0.1, "T_w of the entropy weighting softmax(-H / T_w)")
+    score: str = arg(
+        "max",
+        "a sample's invariance score: max or mean of its per-token divergence, or its largest per-token total "
+        "variation 0.5 |p - q|_1 at T = 1 (tv; computed without gradient, in row chunks)",
+        choices=SCORES,
+    )
+    suspect_z: float = arg(1.0, "robust z-score below the batch median where a sample's invariance weight is 1/2")
+    suspect_width: float = arg(0.5, "width of the invariance weight's sigmoid, in z units")
+    ce_suppress: float = arg(
+        1.0, "beta in [0, 2]: a sample's CE is weighted 1 - beta * (its suspicion weight)", metavar="BETA"
+    )
+    memory: str = arg(
+        "none",
+        "max: a training sample keeps the largest suspicion it has had (needs sample ids)",
+        choices=("none", "max"),
+    )
+    ascent_ceiling: float = arg(2.0, "nats: gradient ascent on a suspect's CE (--ce-suppress > 1) stops there")
+    softmax_temperature: float = arg(
+        1.0, "T_s: temperature of p and q in the divergence (the CE and the entropy band stay at 1)"
+    )
+    gamma: float = arg(0.0, "CE weight of the augmented view")
+    detach: str = arg(
+        "augmented", "stop-gradient on that view inside the divergence and the entropy band", choices=DETACH
+    )
     # patch augmentation
-    ops: Tuple[str, ...] = AUG_OPS
-    cell: int = 1  # cell side in vision patches
-    mask_ratio: float = 0.25
-    swaps: int = 2
+    ops: Tuple[str, ...] = arg(AUG_OPS, "the augmentation ops (one drawn per image)", choices=AUG_OPS)
+    cell: int = arg(1, "augmentation cell side, in vision patches")
+    mask_ratio: float = arg(0.25, "share of the cells the mask op fills with the image mean")
+    swaps: int = arg(2, "neighbouring-cell swaps of the swap op")
 
     def validate(self) -> "DefenseConfig":
-        def bad(msg):
-            raise ValueError(f"DefenseConfig: {msg}")
+        def bad(msg):  # the message starts with the field's name; the CLI's flag follows it
+            name, rest = msg.split(" ", 1)
+            f = next((f for f in dataclasses.fields(self) if f.name == name), None)
+            flag = f.metadata.get("flag") or "--" + name.replace("_", "-") if f is not None else None
+            raise ValueError(f"DefenseConfig: {name} ({flag}) {rest}" if flag else f"DefenseConfig: {msg}")
 
         if self.mode not in MODES:
             bad(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -289,6 +356,49 @@ def total_variation(
     return torch.cat(out) if out else ha.new_zeros(0, dtype=acc)
 
 
+class BatchGroup:
+    """The processes of DDP (torchrun) that share one global batch, each holding an equal shard of
+    it in rank order (`methods.common.shard`). The defense's batch-relative statistics gather the
+    shards' per-sample values and its counts are summed over the shards, so that the shards' losses
+    add up to the loss of the global batch on one process (module doc, "DDP")."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError("BatchGroup: no process group is initialised (launch with torchrun)")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, ...) values of this shard -> (world * n, ...) of the global batch, in rank order. Detached:
+        the values gathered (scores, entropies, counts, ids) never carry a gradient."""
+        import torch.distributed as dist
+
+        x = x.detach().contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the shards (a detached copy)."""
+        import torch.distributed as dist
+
+        out = x.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    def total(self, n: int, device=None) -> int:
+        """An integer count summed over the shards."""
+        return int(self.sum(torch.tensor([int(n)], dtype=torch.long, device=device))[0])
+
+
+def _unused_head(weight, bias):
+    """0 that depends on the LM head: a shard without answer rows still gives the head a (zero) gradient,
+    as DDP needs every trained parameter in every process's backward."""
+    z = weight.sum() * 0.0
+    return z if bias is None else z + bias.sum() * 0.0
+
+
 def cross_view_objective(
     h_a: torch.Tensor,
     h_b: torch.Tensor,
@@ -300,6 +410,7 @@ def cross_view_objective(
     token_total: Optional[int] = None,
     sample_total: Optional[int] = None,
     suspicion_floor: Optional[torch.Tensor] = None,
+    group: Optional[BatchGroup] = None,
 ):
     """The loss of the module doc from the last hidden states of both views (B, L, H), the labels
     (B, L) and the LM head. Returns (loss, stats). A batch without any answer token gives a zero
@@ -309,13 +420,26 @@ def cross_view_objective(
     `token_total` / `sample_total` (gradient accumulation, module doc): the token means (CE of both
     views, band) become sums over this batch's answer tokens / token_total, and the capped
     divergence is multiplied by (this batch's samples with an answer token) / sample_total. None:
-    this batch's own count (the plain means). The stats stay this batch's own means."""
+    this batch's own count (the plain means). The stats stay this batch's own means.
+
+    `group` (DDP, module doc): this batch is one process's shard of the global batch; the weights,
+    the counts and cap="batch" are those of the global batch, the loss is this shard's share of the
+    global batch's loss (the shares add up to it), `suspicion_floor` and the returned per-sample
+    suspicion ``stats["_u"]`` are over the global batch (rank order), and the stats are the global
+    batch's."""
     _check_totals(token_total, sample_total)
+    if group is not None and (token_total is not None or sample_total is not None):
+        raise ValueError(
+            "cross_view_objective: token_total / sample_total (accumulation) and group (DDP) exclude each other"
+        )
     ra, y, sid, keep = answer_rows(h_a, labels)
     rb = h_b[:, :-1][keep]
     n_rows, n_b = ra.shape[0], h_a.shape[0]
-    if n_rows == 0:
+    n_all = n_rows if group is None else group.total(n_rows, ra.device)  # answer tokens of the global batch
+    if n_all == 0:
         zero = (h_a.sum() + h_b.sum()) * 0.0
+        if group is not None:
+            zero = zero + _unused_head(weight, bias)
         return zero, {"ce": 0.0, "div": 0.0, "div_capped": 0.0, "band": 0.0, "answer_tokens": 0, "suspects": 0.0}
     vocab = weight.shape[0]
     pa = ra.detach() if cfg.detach == "original" else ra
@@ -347,37 +471,50 @@ def cross_view_objective(
     def sample_mean(rows):  # per-row values -> mean over each sample's answer rows (samples with rows only)
         return torch.zeros_like(count).index_add_(0, sid, rows)[valid] / count[valid]
 
+    def per_sample(rows):  # detached per-row values -> per-sample means (0 for samples without rows)
+        return torch.zeros_like(count).index_add_(0, sid, rows.detach()) / count.clamp(min=1)
+
+    # the weights are relative to the whole (global) batch: its per-sample statistics, all detached
+    batch_wide = (lambda x: x) if group is None else group.gather
+    valid_all = batch_wide(count) > 0
+    mine = slice(0, n_b) if group is None else slice(group.rank * n_b, (group.rank + 1) * n_b)
+
+    def spread(values_all):  # values of the global batch's samples with rows -> (all samples, this shard's)
+        full = torch.zeros(valid_all.shape[0], device=values_all.device, dtype=values_all.dtype)
+        full[valid_all] = values_all
+        return full, full[mine]
+
     d_i = sample_mean(div)
+    u_all = None
     if cfg.weighting in SUSPICION:  # suspects: abnormal statistics relative to the batch
         ca, cb = SUSPICION[cfg.weighting]
         if cfg.score in ("max", "tv"):
             tok = div.detach() if cfg.score == "max" else total_variation(ra, rb, weight, bias).to(div.dtype)
-            sc = torch.zeros_like(count).scatter_reduce_(0, sid, tok, "amax", include_self=False)[valid]
+            sc = torch.zeros_like(count).scatter_reduce_(0, sid, tok, "amax", include_self=False)
         else:
-            sc = d_i.detach()
-        h_i = sample_mean(ea.detach())
+            sc = per_sample(div)
         # KL and entropy are >= 0; their float32 values can be a few ulp below 0 (log of a negative: NaN)
-        h_i, sc = h_i.clamp(min=0), sc.clamp(min=0)
-        u = suspect_weights(ca * torch.log(h_i + 1e-6) + cb * torch.log(sc + 1e-6), cfg.suspect_z, cfg.suspect_width)
+        h_i, sc = per_sample(ea).clamp(min=0), sc.clamp(min=0)
+        stat = batch_wide(ca * torch.log(h_i + 1e-6) + cb * torch.log(sc + 1e-6))[valid_all]
+        u = suspect_weights(stat, cfg.suspect_z, cfg.suspect_width)
         if suspicion_floor is not None:  # memory: a sample stays as suspect as it has ever been
-            u = torch.maximum(u, suspicion_floor.to(u)[valid])
-        w = u / u.numel()
+            u = torch.maximum(u, suspicion_floor.to(u)[valid_all])
+        w = spread(u / u.numel())[1][valid]
+        u_all, u_mine = spread(u)
     elif cfg.weighting == "entropy":
-        h_i = sample_mean(ea.detach())
-        w, u = torch.softmax(-h_i / cfg.weight_temperature, 0), None
+        h_i = batch_wide(per_sample(ea))[valid_all]
+        w = spread(torch.softmax(-h_i / cfg.weight_temperature, 0))[1][valid]
     else:
-        w, u = torch.full_like(d_i, 1.0 / d_i.numel()), None
+        w = torch.full_like(d_i, 1.0 / int(valid_all.sum()))
     # per-row CE weights: 1 - beta u of the row's sample (suspicion weightings), else 1
-    if cfg.weighting in SUSPICION and cfg.ce_suppress > 0:
-        u_full = torch.zeros_like(count)
-        u_full[valid] = u
-        ce_w = (1.0 - cfg.ce_suppress * u_full)[sid].to(ce.dtype)
+    if u_all is not None and cfg.ce_suppress > 0:
+        ce_w = (1.0 - cfg.ce_suppress * u_mine)[sid].to(ce.dtype)
         # a negative weight (beta > 1) is gradient ascent on a suspect's CE, up to ascent_ceiling nats per token
         ce_used = torch.where(ce_w < 0, ce.clamp(max=cfg.ascent_ceiling), ce)
         ce_sum = (ce_w * ce_used).sum()
     else:
         ce_sum = ce.sum()
-    n_tok = n_rows if token_total is None else token_total
+    n_tok = n_all if token_total is None else token_total
     loss = ce_sum / n_tok
     if cfg.gamma > 0:
         if eager:
@@ -387,27 +524,45 @@ def cross_view_objective(
         loss = loss + cfg.gamma * ce_b.sum() / n_tok
     if cfg.cap == "sample":
         capped = (w * d_i.clamp(max=cfg.kappa)).sum()
-    else:
+    elif group is None:
         capped = (w * d_i).sum().clamp(max=cfg.kappa)
+    else:  # the clamp of the global weighted mean: its gradient is this shard's part where the mean is below kappa
+        part = (w * d_i).sum()
+        whole = float(group.sum(part))
+        capped = part if whole <= cfg.kappa else part * 0.0 + cfg.kappa / group.world
     tau_hi = 0.9 * math.log(vocab) if cfg.tau_hi is None else cfg.tau_hi
     band_rows = F.relu(eb - tau_hi) + F.relu(cfg.tau_lo - ea)
-    band = band_rows.mean()
     share = 1.0 if sample_total is None else d_i.numel() / sample_total  # this batch's share of the samples
     loss = loss - cfg.lambda_cv * share * capped + cfg.lambda_h * band_rows.sum() / n_tok
-    stats = {
-        "ce": float((ce.sum() / n_rows).detach()),
-        "div": float(d_i.detach().mean()),
-        "div_capped": float(capped.detach()),
-        "band": float(band.detach()),
-        "answer_tokens": int(n_rows),
-        "entropy_a": float(ea.detach().mean()),
-        "entropy_b": float(eb.detach().mean()),
-        "suspects": float(u.sum()) if u is not None else 0.0,
-    }
-    if u is not None:
-        u_all = torch.zeros_like(count)
-        u_all[valid] = u.detach()
-        stats["_u"] = u_all  # per sample (0 for samples without answer tokens); popped by CrossViewDefense
+    if group is None:
+        stats = {
+            "ce": float((ce.sum() / n_rows).detach()),
+            "div": float(d_i.detach().mean()),
+            "div_capped": float(capped.detach()),
+            "band": float(band_rows.mean().detach()),
+            "answer_tokens": int(n_rows),
+            "entropy_a": float(ea.detach().mean()),
+            "entropy_b": float(eb.detach().mean()),
+        }
+    else:  # the global batch's: sums over the shards
+        if n_rows == 0:
+            loss = loss + _unused_head(weight, bias)
+        parts = [ce.sum(), d_i.sum(), capped, band_rows.sum(), ea.sum(), eb.sum()]
+        sums = group.sum(torch.stack([p.detach().double() for p in parts])).tolist()
+        ce_s, d_s, capped_s, band_s, ea_s, eb_s = sums
+        stats = {
+            "ce": ce_s / n_all,
+            "div": d_s / int(valid_all.sum()),
+            "div_capped": capped_s,
+            "band": band_s / n_all,
+            "answer_tokens": n_all,
+            "entropy_a": ea_s / n_all,
+            "entropy_b": eb_s / n_all,
+        }
+    stats["suspects"] = float(u.sum()) if u_all is not None else 0.0
+    if u_all is not None:
+        # per sample of the (global) batch, 0 for samples without answer tokens; popped by CrossViewDefense
+        stats["_u"] = u_all.detach()
     return loss, stats
 
 
@@ -438,13 +593,21 @@ class CrossViewDefense:
     def load_state_dict(self, state):
         self.memory = state["memory"].clone()
 
-    def two_views(self, inputs: Dict[str, torch.Tensor]):
-        """Last hidden states of the original and the augmented view, in one forward pass."""
+    def two_views(self, inputs: Dict[str, torch.Tensor], augmented: Optional[torch.Tensor] = None):
+        """Last hidden states of the original and the augmented view, in one forward pass. `augmented`:
+        the augmented images (default: drawn here with `generator`; the training loop draws them for
+        the global batch, of which a DDP process keeps its shard)."""
         pv = inputs["pixel_values"]
         self.adapter.check_pixel_values(pv, "CrossViewDefense")
-        aug = self.augment(pv, self.generator)
+        if augmented is None:
+            augmented = self.augment(pv, self.generator)
+        elif augmented.shape != pv.shape:
+            raise ValueError(
+                f"CrossViewDefense: augmented images must have the shape of pixel_values {tuple(pv.shape)}, "
+                f"got {tuple(augmented.shape)}"
+            )
         both = {k: torch.cat([v, v]) for k, v in inputs.items() if k not in ("pixel_values", "labels")}
-        h = self.adapter.hidden_states(both, torch.cat([pv, aug]))
+        h = self.adapter.hidden_states(both, torch.cat([pv, augmented.to(pv)]))
         return h[: pv.shape[0]], h[pv.shape[0] :]
 
     def loss(
@@ -454,36 +617,54 @@ class CrossViewDefense:
         token_total: Optional[int] = None,
         sample_total: Optional[int] = None,
         sample_ids: Optional[torch.Tensor] = None,
+        augmented: Optional[torch.Tensor] = None,
+        group: Optional[BatchGroup] = None,
     ):
         """(loss, stats) of a batch. `token_total` / `sample_total`: the answer tokens and the samples
         with an answer token of the accumulated batch this one is a micro-batch of (module doc:
         token means become sums / token_total, the capped divergence is weighted by this batch's
-        share of sample_total); None: this batch's own (plain means). Stats are this batch's means."""
+        share of sample_total); None: this batch's own (plain means). Stats are this batch's means.
+        `augmented`: the augmented view's images (see `two_views`). `group` (DDP): this batch is this
+        process's shard of the global batch (module doc); the loss is its share of the global batch's
+        loss, the stats are the global batch's, and the suspicion memory is kept for every sample of
+        the global batch (`sample_ids` are this shard's; they are gathered)."""
         _check_totals(token_total, sample_total)
+        if group is not None and (token_total is not None or sample_total is not None):
+            raise ValueError("CrossViewDefense.loss: token_total / sample_total and group (DDP) exclude each other")
         cfg = self.cfg
         labels = inputs["labels"]
         weight, bias = self.adapter.head()
-        if cfg.mode == "none":
-            self.adapter.check_pixel_values(inputs["pixel_values"], "CrossViewDefense")
-            h = self.adapter.hidden_states(inputs)
-            ce, n = _ce_rows(h, labels, weight, bias)
-            n_tok = max(n, 1) if token_total is None else token_total
-            return ce / n_tok, {"ce": float(ce.detach()) / max(n, 1), "answer_tokens": n}
-        h_a, h_b = self.two_views(inputs)
-        if cfg.mode == "aug":
-            ce_a, n = _ce_rows(h_a, labels, weight, bias)
-            ce_b, _ = _ce_rows(h_b, labels, weight, bias)
-            n_tok = max(n, 1) if token_total is None else token_total
-            return 0.5 * (ce_a + ce_b) / n_tok, {
-                "ce": float(ce_a.detach()) / max(n, 1),
-                "ce_aug": float(ce_b.detach()) / max(n, 1),
-                "answer_tokens": n,
-            }
+        if cfg.mode in ("none", "aug"):
+            if cfg.mode == "none":
+                self.adapter.check_pixel_values(inputs["pixel_values"], "CrossViewDefense")
+                ce, n = _ce_rows(self.adapter.hidden_states(inputs), labels, weight, bias)
+                ce_b = None
+            else:
+                h_a, h_b = self.two_views(inputs, augmented)
+                ce, n = _ce_rows(h_a, labels, weight, bias)
+                ce_b, _ = _ce_rows(h_b, labels, weight, bias)
+            if group is None:
+                n_all, sums = n, [float(ce.detach())] + ([] if ce_b is None else [float(ce_b.detach())])
+            else:  # the global batch's counts and sums
+                n_all = group.total(n, labels.device)
+                sums = group.sum(torch.stack([c.detach().double() for c in (ce, ce_b) if c is not None])).tolist()
+                if n == 0:
+                    ce = ce + _unused_head(weight, bias)
+            n_tok = max(n_all, 1) if token_total is None else token_total
+            loss = ce / n_tok if ce_b is None else 0.5 * (ce + ce_b) / n_tok
+            stats = {"ce": sums[0] / max(n_all, 1)}
+            if ce_b is not None:
+                stats["ce_aug"] = sums[1] / max(n_all, 1)
+            stats["answer_tokens"] = n_all
+            return loss, stats
+        h_a, h_b = self.two_views(inputs, augmented)
         floor = None
         if cfg.memory == "max" and sample_ids is not None:
             ids = torch.as_tensor(sample_ids, dtype=torch.long).cpu()
             if ids.shape != (labels.shape[0],) or (ids < 0).any():
                 raise ValueError(f"sample_ids must be {labels.shape[0]} non-negative ints, got {tuple(ids.shape)}")
+            if group is not None:  # the suspicion memory of every sample of the global batch
+                ids = group.gather(ids.to(labels.device)).cpu()
             need = int(ids.max()) + 1 if ids.numel() else 0
             if need > self.memory.numel():
                 self.memory = torch.cat([self.memory, torch.zeros(need - self.memory.numel())])
@@ -499,6 +680,7 @@ class CrossViewDefense:
             token_total=token_total,
             sample_total=sample_total,
             suspicion_floor=floor,
+            group=group,
         )
         u = stats.pop("_u", None)
         if floor is not None and u is not None:

@@ -21,18 +21,30 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from methods.common import Run, progress, seed_everything
+from methods.common import (
+    Run,
+    all_reduce_sum,
+    arg,
+    barrier,
+    budget_fields,
+    init_distributed,
+    prepare_ddp,
+    progress,
+    seed_everything,
+    shard,
+    shard_bounds,
+)
 
 from . import data as D
 from . import metrics as M
-from .attacks import make_attack
-from .defense import CrossViewDefense, DefenseConfig
+from .attacks import ATTACKS, make_attack
+from .defense import BatchGroup, CrossViewDefense, DefenseConfig
 from .model import ModelConfig, VLMAdapter, build_model
 
 TEST_SEED = 987_654  # the test sets are the same for every run
@@ -40,28 +52,66 @@ TEST_SEED = 987_654  # the test sets are the same for every run
 
 @dataclass
 class TrainConfig:
-    attack: Optional[str] = "badnet"  # None: clean data
-    ratio: float = 0.05
-    defense: DefenseConfig = field(default_factory=DefenseConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    n_train: int = 2000
-    steps: int = 200
-    batch: int = 32
-    lr: float = 1e-3
-    warmup: int = 20
-    weight_decay: float = 0.01
-    seed: int = 0
-    n_test: int = 200
-    max_new_tokens: int = 14
-    log_every: int = 25
+    """A fine-tuning run. Every field but ``defense`` and ``model`` (nested configs) is a flag of the
+    CLI's train command (``--n-train`` for ``n_train``; ``--seed`` is the run options' own)."""
+
+    attack: Optional[str] = arg(
+        "badnet",
+        "the attack that poisons the fine-tuning set (none: clean data)",
+        choices=(*sorted(ATTACKS), None),
+        metavar="{" + ",".join(sorted(ATTACKS)) + ",none}",
+    )
+    ratio: float = arg(0.05, "poisoning ratio in [0, 1]")
+    defense: DefenseConfig = arg(default_factory=DefenseConfig, cli=False)
+    model: ModelConfig = arg(default_factory=ModelConfig, cli=False)
+    n_train: int = arg(2000, "fine-tuning examples")
+    steps: int = arg(200, "fine-tuning steps", budget=True)
+    batch: int = arg(32, "global batch (under torchrun: split over the processes)")
+    lr: float = arg(1e-3, "fine-tuning learning rate (peak of the warm-up + cosine schedule over --steps)")
+    warmup: int = arg(20, "linear warm-up steps of the learning rate")
+    weight_decay: float = arg(0.01, "AdamW weight decay (fine-tuning and the base model)")
+    seed: int = arg(0, "seed of the data, the base model and the run", cli=False)
+    n_test: int = arg(200, "test examples per set (captions, VQA, triggered captions)")
+    max_new_tokens: int = arg(14, "greedy caption length at evaluation")
+    log_every: int = arg(25, "log a metrics row every N steps (the mean of those steps)")
     # the clean base model (pretraining == 0: fine-tune from random initialisation)
-    pretrain_steps: int = 1500
-    pretrain_n: int = 6000
-    pretrain_lr: float = 2e-3
+    pretrain_steps: int = arg(1500, "steps of the clean base model (cached per seed; 0: fine-tune from scratch)")
+    pretrain_n: int = arg(6000, "clean pretraining examples")
+    pretrain_lr: float = arg(2e-3, "learning rate of the base model's pretraining")
 
     @property
     def name(self) -> str:
         return f"{self.attack or 'clean'}-{self.defense.mode}"
+
+    def validate(self) -> "TrainConfig":
+        """Values out of range are a ValueError naming the flag."""
+        for name, low in (
+            ("n_train", 1),
+            ("steps", 1),
+            ("batch", 1),
+            ("n_test", 1),
+            ("max_new_tokens", 1),
+            ("log_every", 1),
+            ("warmup", 0),
+            ("pretrain_steps", 0),
+            ("pretrain_n", 1),
+            ("seed", 0),
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+        for name in ("lr", "pretrain_lr"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if self.attack is not None and self.attack not in ATTACKS:
+            raise ValueError(f"--attack must be one of {sorted(ATTACKS)} or none, got {self.attack!r}")
+        if not (0 <= self.ratio <= 1):
+            raise ValueError(f"--ratio must be in [0, 1], got {self.ratio!r}")
+        self.defense.validate()
+        return self
 
 
 def training_set(cfg: TrainConfig):
@@ -86,6 +136,9 @@ def lr_lambda(cfg: TrainConfig):
     return _lr_schedule(cfg.steps, cfg.warmup)
 
 
+# (warmup, weight_decay) of the first cached base models, whose keys leave them out: a key names them only
+# when they differ from these (a historical constant, not the defaults)
+FIRST_CACHED_SCHEDULE = (20, 0.01)
 PRETRAIN_SEED = 50_000  # the base model's clean data: seed PRETRAIN_SEED + seed (never the fine-tuning set)
 
 
@@ -105,7 +158,7 @@ def _base_key(cfg: TrainConfig) -> str:
         "vocab": D.vocabulary(),
         "data": D.DATA_VERSION,
     }
-    if (cfg.warmup, cfg.weight_decay) != (20, 0.01):  # the values the first cached models were built with
+    if (cfg.warmup, cfg.weight_decay) != FIRST_CACHED_SCHEDULE:
         spec.update(warmup=cfg.warmup, weight_decay=cfg.weight_decay)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -161,30 +214,117 @@ def base_model(cfg: TrainConfig, device=torch.device("cpu"), show_progress: bool
     return model
 
 
+# what a resumed run with a larger --steps does to the schedules (Run.resume logs it)
+SCHEDULES = (
+    "the learning rate (warm-up + cosine over --steps: from the resume step it follows the cosine of the "
+    "new budget, which a run started with that budget would have followed from step 0)"
+)
+
+
+def resume_config(cfg: TrainConfig) -> Dict[str, Any]:
+    """The config a checkpoint holds and a resume compares: the training fields and the defense's
+    fields side by side (the CLI's options, so a refused resume names the flag), the model's nested."""
+    out = asdict(cfg)
+    out.update(out.pop("defense"))
+    return out
+
+
+def config_from_checkpoint(c: Dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of a checkpoint's config (`resume_config`'s, or the nested one of older runs)."""
+    c = dict(c)
+    names = {f.name for f in fields(DefenseConfig)}
+    d = c.pop("defense") if isinstance(c.get("defense"), dict) else {k: c.pop(k) for k in names if k in c}
+    d["ops"] = tuple(d.get("ops", DefenseConfig().ops))
+    return TrainConfig(**{**c, "defense": DefenseConfig(**d), "model": ModelConfig(**c.get("model", {}))})
+
+
+def _freeze_unreached(model, defense: CrossViewDefense, examples, n_img: int, device) -> List[str]:
+    """Under DDP: parameters the loss never reaches (the vision tower's post-layernorm, whose pooled
+    output LLaVA does not read) found with one probe backward on one example, then frozen: DDP
+    needs every trained parameter in each backward, and one process leaves them without a gradient
+    too (AdamW skips them), so freezing them changes nothing."""
+    batch = {k: v.to(device) for k, v in D.collate(examples[:1], n_img).items()}
+    probe = CrossViewDefense(model, DefenseConfig(**{**asdict(defense.cfg), "memory": "none"}), 0)
+    loss, _ = probe.loss(batch)
+    loss.backward()
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        p.grad = None
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 def train(
-    cfg: TrainConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True, checkpoint_every: int = 100
+    cfg: TrainConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    checkpoint_every: Optional[int] = None,
 ):
-    """Fine-tune the clean base model of `cfg.seed` under `cfg`; returns (model, metric rows)."""
-    cfg.defense.validate()
+    """Fine-tune the clean base model of `cfg.seed` under `cfg`; returns (model, metric rows).
+    A checkpoint every `checkpoint_every` steps (None: only at the end) and after the last step.
+
+    Under torchrun (DDP, `methods.common.dist`): `cfg.batch` is the global batch; every process
+    draws it (and its augmentation) like one process would and keeps its shard; the defense's batch
+    statistics are those of the global batch (defense.py, "DDP"); the loss is each shard's share
+    of the global batch's, times the number of processes (DDP averages the gradients). Rank 0 alone
+    pretrains (or loads) the base model while the others wait, then load it from the cache; rank 0
+    alone writes metrics and checkpoints; every process resumes from the checkpoint."""
+    cfg.validate()
+    info = init_distributed(device)
+    n_batch = min(cfg.batch, cfg.n_train)  # a batch draws distinct examples
+    shard_bounds(n_batch, info, "--batch" if n_batch == cfg.batch else f"--n-train (the batch, < --batch {cfg.batch})")
     seed_everything(cfg.seed)
     examples, poisoned = training_set(cfg)
-    model = base_model(cfg, device, show_progress, log=run.info)
+    # the base model: rank 0 pretrains and caches it (or loads it), the others wait and load the cache
+    if info.enabled and not info.is_main:
+        barrier()
+        model = base_model(cfg, device, False, log=run.info)
+    else:
+        model = base_model(cfg, device, show_progress, log=run.info)
+        barrier()
     defense = CrossViewDefense(model, cfg.defense, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    state = run.resume(asdict(cfg), model=model, opt=opt, sched=sched, defense=defense)
+    if info.enabled and not info.is_main:
+        barrier()  # rank 0 resumes first: it sets a corrupt checkpoint aside, the others then read the same one
+    state = run.resume(
+        resume_config(cfg),
+        "step",
+        budget=budget_fields(TrainConfig),
+        schedules=SCHEDULES,
+        model=model,
+        opt=opt,
+        sched=sched,
+        defense=defense,
+    )
+    if info.enabled and info.is_main:
+        barrier()
     start = state["step"] + 1 if state else 0
-    if state is None:
+    if state is not None:
+        # the schedule's lambda is this budget's (LambdaLR saves no function); the optimiser holds the lr the
+        # checkpointed budget set for this step: set this budget's (the same value when the budget is unchanged)
+        f = lr_lambda(cfg)
+        for g, base in zip(opt.param_groups, sched.base_lrs):
+            g["lr"] = base * f(sched.last_epoch)
+    else:
         n_par = sum(p.numel() for p in model.parameters())
         run.info(
             f"{cfg.name} seed {cfg.seed}: {n_par} parameters, {len(examples)} training examples, "
             f"{len(poisoned)} poisoned ({cfg.attack}, ratio {cfg.ratio})"
+            + (f"; DDP over {info.world_size} processes, global batch {n_batch}" if info.enabled else "")
         )
     n_img = defense.adapter.n_image_tokens
     model.train()
+    group = None
+    if info.enabled:
+        _freeze_unreached(model, defense, examples, n_img, device)
+        defense.adapter.model = prepare_ddp(model, device)  # the forward goes through DDP
+        group = BatchGroup()
     bar = progress(
         range(start, cfg.steps),
-        enabled=show_progress,
+        enabled=show_progress and info.is_main,
         desc=f"train {cfg.name}",
         unit="step",
         total=cfg.steps,
@@ -194,19 +334,26 @@ def train(
     t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     prev = state.get("seconds", 0.0) if state else 0.0
     for step in bar:
+        # the global batch and its augmentation, drawn alike by every process (which keeps its shard)
         rng = np.random.default_rng([cfg.seed, step])
-        idx = rng.choice(len(examples), size=min(cfg.batch, len(examples)), replace=False)
-        batch = {k: v.to(device) for k, v in D.collate([examples[i] for i in idx], n_img).items()}
+        idx = rng.choice(len(examples), size=n_batch, replace=False)
+        batch = D.collate([examples[i] for i in idx], n_img)
         defense.generator.manual_seed(cfg.seed * 1_000_003 + step)
-        loss, stats = defense.loss(batch, sample_ids=torch.as_tensor(idx))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: the loss is {loss.item()}")
+        augmented = None if cfg.defense.mode == "none" else defense.augment(batch["pixel_values"], defense.generator)
+        batch = {k: v.to(device) for k, v in shard(batch, info).items()}
+        augmented = None if augmented is None else shard(augmented, info).to(device)
+        loss, stats = defense.loss(
+            batch, sample_ids=shard(torch.as_tensor(idx), info), augmented=augmented, group=group
+        )
+        total = loss.detach() if group is None else all_reduce_sum(loss.detach())  # the global batch's loss
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"step {step}: the loss is {total.item()}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if group is None else loss * info.world_size).backward()  # DDP averages the processes' gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        acc.append({"loss": float(loss.detach()), **stats})
+        acc.append({"loss": float(total), **stats})
         last = step + 1 == cfg.steps
         seconds = prev + time.perf_counter() - t0
         if (step + 1) % cfg.log_every == 0 or last:
@@ -219,19 +366,22 @@ def train(
             )
             bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
             acc = []
-        if (step + 1) % checkpoint_every == 0 or last:
-            run.checkpoints.save(
-                step,
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "defense": defense.state_dict(),
-                    "config": asdict(cfg),
-                    "seconds": seconds,
-                    "acc": acc,
-                },
-            )
+        if (checkpoint_every is not None and (step + 1) % checkpoint_every == 0) or last:
+            if info.is_main:
+                run.checkpoints.save(
+                    step,
+                    {
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "defense": defense.state_dict(),
+                        "config": resume_config(cfg),
+                        "seconds": seconds,
+                        "acc": acc,
+                    },
+                )
+            barrier()
+    defense.adapter.model = model
     return model, run.rows
 
 
