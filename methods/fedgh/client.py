@@ -16,32 +16,37 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from methods.common import arg
+
 ALGOS = ("fedavg", "fedprox", "fednova", "feddecorr")
 
 
 @dataclass
 class ClientConfig:
-    algo: str = "fedavg"
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    mu: float = 0.01  # FedProx
-    decorr_coef: float = 0.1  # FedDecorr
+    """A client's local training (each field is a flag of ``python -m methods.fedgh``)."""
+
+    algo: str = arg("fedavg", "the federated algorithm: its client loss and server step", choices=ALGOS)
+    epochs: int = arg(1, "local epochs per round")
+    batch_size: int = arg(32, "local batch size")
+    lr: float = arg(0.01, "local SGD learning rate")
+    momentum: float = arg(0.9, "local SGD momentum")
+    weight_decay: float = arg(1e-5, "local SGD weight decay")
+    mu: float = arg(0.01, "FedProx proximal coefficient")
+    decorr_coef: float = arg(0.1, "FedDecorr coefficient")
 
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"lr (--lr) must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.mu < 0 or self.decorr_coef < 0 or self.weight_decay < 0:
-            raise ValueError("mu, decorr_coef and weight_decay must be >= 0")
+            raise ValueError(f"momentum (--momentum) must be in [0, 1), got {self.momentum}")
+        for name in ("mu", "decorr_coef", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from methods.common.optional import requires
 
 DATASETS = ("digits", "mnist")
+TEST_FRACTION = 0.2  # the held-out test share of every class (FedConfig.test_fraction)
 
 
 @dataclass
@@ -55,7 +56,7 @@ def _raw(name: str):
     return x, y
 
 
-def load_dataset(name: str, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+def load_dataset(name: str, test_fraction: float = TEST_FRACTION, split_seed: int = 0) -> Dataset:
     """The dataset with a stratified held-out test split (`test_fraction` of every class)."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")

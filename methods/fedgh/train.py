@@ -4,47 +4,79 @@ evaluation, with logging, resumable checkpoints and progress bars.
 Every random choice of round r derives from (seed, r) or (seed, r, client): partial participation,
 each client's batch order. So a run is deterministic for a seed, and resuming from any
 checkpoint gives the same result as an uninterrupted run.
+
+Continuing a finished run with a larger ``rounds`` (the budget) runs the further rounds: nothing
+depends on the budget (no learning-rate or participation schedule; a round's randomness depends on
+the round's number only), so the continued run equals a run started with the larger budget (with
+``eval_every`` > 1 the continued run also kept the evaluation of its former last round).
 """
 
+import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.common import Run, progress, seed_everything, worker_seed
+from methods.common import Run, arg, budget_fields, progress, seed_everything, worker_seed
 
 from .client import ClientConfig, local_train
-from .data import DATASETS, load_dataset, partition
+from .data import DATASETS, TEST_FRACTION, load_dataset, partition
 from .model import make_model
 from .server import HARMONIZE, aggregate, finite_state, valid_harmonize
 
 
+def parse_alpha(s):
+    """--alpha: a number > 0, or ``iid`` (also ``inf``, and None / null in a config file): None."""
+    if s is None or (isinstance(s, str) and s.strip().lower() in ("iid", "inf", "none", "null")):
+        return None
+    try:
+        if isinstance(s, bool):
+            raise ValueError
+        a = float(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"alpha must be a number > 0 or 'iid', got {s!r}")
+    if not a > 0 or a != a or a == float("inf"):
+        raise argparse.ArgumentTypeError(f"alpha must be a number > 0 or 'iid', got {s!r}")
+    return a
+
+
+parse_alpha.accepts_none = True  # a run folder's config.json holds null for iid
+
+
 @dataclass
 class FedConfig:
-    dataset: str = "digits"
-    clients: int = 10
-    alpha: Optional[float] = 0.1  # None: IID
-    rounds: int = 50
-    fraction: float = 1.0  # clients per round
-    harmonize: Union[bool, str] = False  # False, True (FedGH) or "norm_matched" (server.aggregate)
-    seed: int = 0
-    client: ClientConfig = field(default_factory=ClientConfig)
-    test_fraction: float = 0.2
-    eval_every: int = 1
+    """One federated run. The fields with a flag are options of ``python -m methods.fedgh``;
+    ``harmonize`` comes from its --harmonize / --norm-matched / --compare (see __main__)."""
+
+    dataset: str = arg("digits", "the data set (package-bundled)", choices=DATASETS)
+    clients: int = arg(10, "number of clients")
+    alpha: Optional[float] = arg(
+        0.1, "Dirichlet label-skew concentration, or iid", type=parse_alpha, metavar="ALPHA|iid"
+    )
+    rounds: int = arg(50, "federated rounds, the budget", budget=True)
+    fraction: float = arg(1.0, "fraction of clients per round")
+    # False (plain), True (FedGH) or "norm_matched" (server.aggregate)
+    harmonize: Union[bool, str] = arg(False, "the server rule", cli=False)
+    seed: int = arg(0, "data split, partition, initialisation and client batches", cli=False)  # the common --seed
+    client: ClientConfig = arg(default_factory=ClientConfig, help="local training", cli=False)
+    test_fraction: float = arg(TEST_FRACTION, "held-out test share of every class", cli=False)
+    eval_every: int = arg(1, "evaluate the global model every N rounds (and after the last)", cli=False)
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.clients < 1:
-            raise ValueError(f"clients must be >= 1, got {self.clients}")
+            raise ValueError(f"clients (--clients) must be >= 1, got {self.clients}")
         if self.rounds < 0:
-            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+            raise ValueError(f"rounds (--rounds) must be >= 0, got {self.rounds}")
         if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+            raise ValueError(f"fraction (--fraction) must be in (0, 1], got {self.fraction}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if not valid_harmonize(self.harmonize):
             raise ValueError(f"harmonize must be one of {HARMONIZE}, got {self.harmonize!r}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
@@ -142,22 +174,23 @@ class Simulation:
 
 
 def config_dict(cfg: FedConfig) -> Dict:
-    return asdict(cfg)
+    """The training config that checkpoints hold and a resume compares: FedConfig's fields with
+    the client's flattened in (no name is shared), so that a refused change names the option."""
+    d = asdict(cfg)
+    return {**{k: v for k, v in d.items() if k != "client"}, **d["client"]}
+
+
+BUDGET = budget_fields(FedConfig)  # ("rounds",)
 
 
 def resume(sim: Simulation, run: Run, cfg: FedConfig) -> int:
-    """Load the latest checkpoint of `run` into `sim` (it must be of `cfg`) and drop the metric
-    rows logged after it; returns the first round still to run (0 on a fresh run)."""
-    state = run.checkpoints.load_latest()
+    """Load the latest checkpoint of `run` into `sim` (it must be of `cfg`, but for a larger
+    ``rounds``: the run continues) and drop the metric rows logged after it; returns the first
+    round still to run (0 on a fresh run)."""
+    state = run.resume(config_dict(cfg), key="round", budget=BUDGET)
     if state is None:
-        run.truncate_metrics("round", -1)
         return 0
-    if state.get("config") != config_dict(cfg):
-        raise ValueError(f"{run.out} holds checkpoints of a different configuration; use --fresh or another --out")
-    start = sim.load(state) + 1
-    run.truncate_metrics("round", start - 1)
-    run.info(f"resumed from round {start - 1} ({run.checkpoints.latest()})")
-    return start
+    return sim.load(state) + 1
 
 
 def save_round(sim: Simulation, run: Run, cfg: FedConfig, rnd: int) -> None:

@@ -1,27 +1,53 @@
-"""python -m methods.grloss: single-positive multi-label training with GR loss or a baseline (see --help)."""
+"""python -m methods.grloss: single-positive multi-label training with GR loss or a baseline (see --help).
+
+The options are the fields of `train.TrainConfig` (one declaration each: default, help, choices),
+plus ``--loss-arg KEY=VALUE`` (the config's ``loss_args``: overrides of the baselines' settings,
+``losses.DEFAULTS``) and the shared run options (``methods.common.add_common_args``; checkpoints
+in epochs). ``--loss`` takes several losses: each trains as its own run in ``<out>/<loss>``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
-from methods.common import add_common_args, pick_device, plot_curves, training_run
+from methods.common import (
+    add_common_args,
+    add_dataclass_args,
+    cli_main,
+    from_args,
+    optional_plots,
+    parse_args,
+    pick_device,
+    plot_curves,
+    run_options,
+    training_run,
+)
+from methods.common.optional import requires
 
-from .data import DATASETS, load
-from .losses import DEFAULTS, LOSSES
+from .data import load
+from .losses import DDP_REFUSALS, DEFAULTS
 from .plots import plot_schedule
-from .train import DATASET_DEFAULTS, TrainConfig, train
+from .train import TrainConfig, check_ddp, train
+
+GR_FIELDS = ("gr_beta", "gr_alpha", "gr_q", "gr_linear_init")
+CHECKPOINT_EVERY = 1  # epochs
 
 
-def _loss_arg(s: str):
-    key, sep, value = s.partition("=")
+def _loss_arg(s):
+    """``KEY=NUMBER`` (command line, config file) or ``[KEY, NUMBER]`` (a run folder's config.json)."""
+    if isinstance(s, (list, tuple)) and len(s) == 2:
+        key, sep, value = str(s[0]), "=", s[1]
+    else:
+        key, sep, value = str(s).partition("=")
     try:
-        if not sep:
+        if not sep or not key.strip() or isinstance(value, bool):
             raise ValueError
         return key.strip(), float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"--loss-arg takes KEY=NUMBER (e.g. alpha=0.2), got {s!r}")
 
 
@@ -33,121 +59,65 @@ def build_parser() -> argparse.ArgumentParser:
         "one observed positive label; mAP is measured against the full labels. Losses: GR loss "
         "(Chen et al., IJCAI 2024; fused op pyops.gr_loss) and the baselines AN, AN-LS, WAN, EPR, ROLE, "
         "EM, EM+APL, LL-R, LL-Ct, LL-Cp, Hill, plus full-label BCE as the upper bound.",
-        epilog=f"dataset defaults (epochs, batch, lr): {DATASET_DEFAULTS}. Baseline settings: {settings}.",
+        epilog=f"Baseline settings (--loss-arg): {settings}. DDP: torchrun --nproc_per_node N -m methods.grloss "
+        "... (one loss; --batch-size is the global batch; not for " + ", ".join(DDP_REFUSALS) + ").",
     )
-    g = p.add_argument_group("experiment")
-    g.add_argument("--dataset", choices=DATASETS, default="yeast")
-    g.add_argument(
-        "--loss",
-        choices=LOSSES,
-        nargs="+",
-        default=["gr"],
-        help="one or more losses; each trains in <out>/<loss> and the results table compares them",
-    )
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    g.add_argument("--lr-mult", type=float, default=1.0, help="learning-rate multiplier of the linear head")
-    g.add_argument(
-        "--early-stop",
-        type=float,
-        default=2.0,
-        help="stop when val mAP falls more than this many points below the best (default: %(default)s)",
-    )
-    g.add_argument("--data-seed", type=int, default=1200, help="splits and single-positive draw (default: %(default)s)")
-    g.add_argument(
-        "--pretrained",
-        default=None,
-        metavar="FILE",
-        help="start from a pretrained backbone (a file of `python -m methods.grloss.pretrain`, cmnist)",
-    )
-    r = p.add_argument_group("GR loss (reference order; defaults: the reference's VOC setting)")
-    r.add_argument(
-        "--beta",
-        type=float,
-        nargs=4,
-        default=[0.0, 2.0, -2.0, -2.0],
-        metavar=("W0", "WT", "B0", "BT"),
-        help="k-hat(p) = sigmoid(w p + b), w and b scheduled linearly over the epochs",
-    )
-    r.add_argument(
-        "--alpha",
-        type=float,
-        nargs=4,
-        default=[0.5, 2.0, 0.8, 0.5],
-        metavar=("MU0", "SIGMA0", "MUT", "SIGMAT"),
-        help="v(p) = exp(-(p - mu)^2 / (2 sigma^2)), scheduled",
-    )
-    r.add_argument("--q", type=float, nargs=2, default=[0.01, 1.0], metavar=("Q2", "Q3"), help="GCE exponents")
-    r.add_argument("--linear-init", type=int, default=0, help="schedule offset n (epochs)")
+    add_dataclass_args(p, TrainConfig, title="experiment", exclude=("seed",) + GR_FIELDS)
+    gr_title = "GR loss (reference order; defaults: the reference's VOC setting)"
+    others = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in GR_FIELDS]
+    add_dataclass_args(p, TrainConfig, title=gr_title, exclude=others)
     p.add_argument(
         "--loss-arg",
+        dest="loss_arg",
         type=_loss_arg,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a baseline setting (e.g. alpha=0.2 for em, delta=0.004 for ll-r)",
+        help="override a baseline setting (e.g. alpha=0.2 for em, delta=0.004 for ll-r); repeatable",
     )
-    add_common_args(p, default_out="runs/grloss")
+    add_common_args(p, default_out="runs/grloss", unit="epochs", checkpoint_every=CHECKPOINT_EVERY)
     return p
 
 
-def config_for(a, loss: str) -> TrainConfig:
-    return TrainConfig(
-        dataset=a.dataset,
-        loss=loss,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        lr_mult=a.lr_mult,
-        early_stop=a.early_stop,
-        seed=a.seed,
-        data_seed=a.data_seed,
-        gr_beta=tuple(a.beta),
-        gr_alpha=tuple(a.alpha),
-        gr_q=tuple(a.q),
-        gr_linear_init=a.linear_init,
-        loss_args=dict(a.loss_arg),
-        pretrained=a.pretrained,
-    )
-
-
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        if a.pretrained is not None and not os.path.isfile(a.pretrained):
-            raise ValueError(f"--pretrained: no file {a.pretrained!r}")
-        cfgs = {loss: config_for(a, loss) for loss in a.loss}
-        data = load(a.dataset, a.data_seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    device = pick_device(a.device)
-    results, curves = {}, {}
-    for loss, cfg in cfgs.items():
-        out = os.path.join(a.out, loss)
-        try:
-            with training_run(out, {**vars(a), "loss": loss}, fresh=a.fresh, name="grloss") as run:
-                res = train(
-                    cfg, run, device, show_progress=not a.no_progress, data=data, checkpoint_every=a.checkpoint_every
-                )
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        rows = res["history"]
-        curves[loss] = ([r["epoch"] for r in rows], [r["val_map"] for r in rows])
-        plot_curves(
-            {loss: curves[loss]},
-            os.path.join(out, "val_map.png"),
-            xlabel="epoch",
-            ylabel="val mAP",
-            title=f"{a.dataset}, {loss}",
+def configs(a) -> dict:
+    """{loss: TrainConfig} of the parsed options (one run per --loss)."""
+    losses = list(dict.fromkeys([a.loss] if isinstance(a.loss, str) else a.loss))
+    loss_args = dict(a.loss_arg)
+    known = {k for loss in losses for k in DEFAULTS.get(loss, {})}
+    unknown = sorted(set(loss_args) - known)
+    if unknown:
+        raise ValueError(
+            f"--loss-arg {', '.join(unknown)}: not a setting of --loss {' '.join(losses)} "
+            f"(settings: {', '.join(sorted(known)) or 'none'})"
         )
-        if loss == "gr" and rows:
-            plot_schedule(rows, os.path.join(out, "schedule.png"), f"GR on {a.dataset}, seed {a.seed}")
+    return {loss: from_args(TrainConfig, a, loss=loss, loss_args=loss_args) for loss in losses}
+
+
+def _main(argv=None) -> int:
+    a = parse_args(build_parser(), argv)
+    cfgs = configs(a)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and len(cfgs) > 1:
+        raise ValueError("--loss: one loss per command under torchrun (the process group ends with its run)")
+    for cfg in cfgs.values():
+        check_ddp(cfg, world)
+    device = pick_device(a.device)
+    data = load(a.dataset, a.data_seed)
+    main_process = int(os.environ.get("RANK", 0)) == 0
+    results, histories = {}, {}
+    for loss, cfg in cfgs.items():
+        # the run folder's config.json holds the command's options: --config <out>/<loss> repeats the command
+        with training_run(
+            os.path.join(a.out, loss), run_options(a), fresh=a.fresh, name="grloss", tensorboard=a.tensorboard
+        ) as run:
+            res = train(
+                cfg, run, device, show_progress=not a.no_progress, data=data, checkpoint_every=a.checkpoint_every
+            )
+        histories[loss] = res["history"]
         results[loss] = {k: res[k] for k in ("val_map", "test_map", "best_epoch", "epochs_run", "seconds")}
+    if not main_process:
+        return 0
     os.makedirs(a.out, exist_ok=True)
-    plot_curves(curves, os.path.join(a.out, "val_map.png"), xlabel="epoch", ylabel="val mAP", title=a.dataset)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"dataset": a.dataset, "seed": a.seed, "results": results}, f, indent=2)
     lines = [
@@ -163,9 +133,22 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[2:]))
+    with optional_plots():
+        with requires("methods", "the plots"):
+            import matplotlib  # noqa: F401  (plot_curves would skip the plots silently)
+        curves = {loss: ([r["epoch"] for r in h], [r["val_map"] for r in h]) for loss, h in histories.items()}
+        for loss, h in histories.items():
+            out = os.path.join(a.out, loss)
+            kw = dict(xlabel="epoch", ylabel="val mAP", title=f"{a.dataset}, {loss}")
+            plot_curves({loss: curves[loss]}, os.path.join(out, "val_map.png"), **kw)
+            if loss == "gr" and h:
+                plot_schedule(h, os.path.join(out, "schedule.png"), f"GR on {a.dataset}, seed {a.seed}")
+        plot_curves(curves, os.path.join(a.out, "val_map.png"), xlabel="epoch", ylabel="val mAP", title=a.dataset)
     print(f"logs, metrics, checkpoints and plots in {a.out}")
     return 0
 
+
+main = cli_main(_main)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ Writes results/acceptance.{md,json} and results/gr_trajectory.png.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -27,10 +28,11 @@ import time
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference, seed_values
-from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common import format_difference, optional_plots, paired_difference, seed_values
+from methods.common.acceptance import acceptance_meta, cached_result, run_jobs, started_date, write_acceptance
 
 from .data import CMNIST_CLASSES
+from .pretrain import pretrain_backbone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,7 +104,6 @@ def run_job(job: dict) -> dict:
 
     ds = job["dataset"]
     folder = os.path.join(job["out"], f"{ds}_{job['loss']}_{job['setting']}_s{job['seed']}".replace("=", "-"))
-    done = os.path.join(folder, "result.json")
     if ds not in _DATA:
         _DATA[ds] = load(ds)
     kw = {}
@@ -117,33 +118,31 @@ def run_job(job: dict) -> dict:
     key = json.loads(
         json.dumps({"config": asdict(cfg), "backbone": _sha256(cfg.pretrained) if cfg.pretrained else None})
     )
-    if os.path.exists(done):
-        with open(done) as f:
-            prev = json.load(f)
-        if prev.get("key") != key:
+    done = os.path.join(folder, "result.json")
+
+    def compute() -> dict:
+        if os.path.exists(done):  # (cached_result returns a result of the same key)
             raise ValueError(f"{folder} holds a result of another configuration or backbone; use another --out")
-        return prev
-    run = Run(folder, {"job": {k: v for k, v in job.items() if k != "out"}}, name="grloss-acceptance")
-    run.logger.handlers = [h for h in run.logger.handlers if not hasattr(h, "stream") or h.stream is not sys.stderr]
-    t0 = time.perf_counter()
-    res = train(cfg, run, show_progress=False, data=_DATA[ds])
-    wall = time.perf_counter() - t0
-    run.close()
-    out = {
-        **{k: v for k, v in job.items() if k != "out"},
-        "key": key,
-        "val_map": res["val_map"],
-        "test_map": res["test_map"],
-        "best_epoch": res["best_epoch"],
-        "epochs_run": res["epochs_run"],
-        "seconds": wall,
-    }
-    if job["loss"] == "gr":
-        out["history"] = [{k: r[k] for k in ("epoch", "w", "b", "mu", "sigma", "val_map")} for r in res["history"]]
-    with open(done + ".tmp", "w") as f:
-        json.dump(out, f)
-    os.replace(done + ".tmp", done)
-    return out
+        run = Run(folder, {"job": {k: v for k, v in job.items() if k != "out"}}, name="grloss-acceptance")
+        run.logger.handlers = [h for h in run.logger.handlers if not hasattr(h, "stream") or h.stream is not sys.stderr]
+        t0 = time.perf_counter()
+        res = train(cfg, run, show_progress=False, data=_DATA[ds])
+        wall = time.perf_counter() - t0
+        run.close()
+        out = {
+            **{k: v for k, v in job.items() if k != "out"},
+            "key": key,
+            "val_map": res["val_map"],
+            "test_map": res["test_map"],
+            "best_epoch": res["best_epoch"],
+            "epochs_run": res["epochs_run"],
+            "seconds": wall,
+        }
+        if job["loss"] == "gr":
+            out["history"] = [{k: r[k] for k in ("epoch", "w", "b", "mu", "sigma", "val_map")} for r in res["history"]]
+        return out
+
+    return cached_result(done, compute, key=key)
 
 
 def _sha256(path: str) -> str:
@@ -225,7 +224,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--grid-seed", type=int, default=100, help="the seed of the validation grid's runs (default: %(default)s)"
     )
-    p.add_argument("--pretrain-epochs", type=int, default=30, help="cmnist: epochs of the backbone's pretraining")
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=inspect.signature(pretrain_backbone).parameters["epochs"].default,
+        help="cmnist: epochs of the backbone's pretraining (default: %(default)s)",
+    )
     p.add_argument("--out", default="runs/grloss_acceptance")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
@@ -235,8 +239,6 @@ def main(argv=None) -> int:
     base = {"out": a.out}
     pre_record = None
     if any(PROTOCOL.get(ds, {}).get("pretrained") for ds in a.datasets):
-        from .pretrain import pretrain_backbone
-
         base["pretrained"] = os.path.join(a.out, "pretrained_backbone.pt")
         pre_record = pretrain_backbone(base["pretrained"], epochs=a.pretrain_epochs)
         print(f"[pretrain] held-out accuracy {pre_record['heldout_acc']:.4f}", flush=True)
@@ -298,32 +300,28 @@ def main(argv=None) -> int:
         minutes=(time.time() - started) / 60,
         pretraining=pre_record,
     )
-    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump(
-            {
-                "meta": meta,
-                "rows": rows,
-                "summary": summary,
-                "grid": [{k: v for k, v in r.items() if k != "history"} for r in grid_res],
-                "gr_histories": [r for r in final_res if r.get("history")],
-            },
-            f,
-            indent=1,
-        )
     text = markdown(meta, rows, summary, grid_res, a)
-    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
-        f.write(text)
+    write_acceptance(
+        a.results,
+        meta,
+        rows,
+        text,
+        summary=summary,
+        grid=[{k: v for k, v in r.items() if k != "history"} for r in grid_res],
+        gr_histories=[r for r in final_res if r.get("history")],
+    )
     from .plots import plot_schedule
 
     traj = [r for r in final_res if r.get("history") and r["dataset"] == a.datasets[-1]]
     if traj:
         r = max(traj, key=lambda r: r["epochs_run"])  # the longest GR run shows the most of the schedule
-        plot_schedule(
-            r["history"],
-            os.path.join(a.results, "gr_trajectory.png"),
-            f"GR on {r['dataset']}, seed {r['seed']} ({r['setting']}): k-hat and v per epoch "
-            f"(best epoch {r['best_epoch']} of {r['epochs_run']})",
-        )
+        with optional_plots():
+            plot_schedule(
+                r["history"],
+                os.path.join(a.results, "gr_trajectory.png"),
+                f"GR on {r['dataset']}, seed {r['seed']} ({r['setting']}): k-hat and v per epoch "
+                f"(best epoch {r['best_epoch']} of {r['epochs_run']})",
+            )
     print(text)
     return 0
 

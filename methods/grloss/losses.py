@@ -25,6 +25,7 @@ included), behind the common interface.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -35,6 +36,24 @@ import pyops
 from pyops.gr_loss import check_observed as check_labels
 
 LOG_EPSILON = 1e-5  # Cole et al.'s neg_log(x) = -log(x + 1e-5)
+
+# GR's defaults (the reference's VOC setting) are pyops.nn.GRLoss's: the method takes them from there
+GR_DEFAULTS = {
+    k: p.default
+    for k, p in inspect.signature(pyops.nn.GRLoss.__init__).parameters.items()
+    if k in ("beta", "alpha", "q", "epochs", "linear_init")
+}
+
+DEFAULTS = {  # per-loss settings (spec A.4; EM, APL and LL: their COCO / NUS-WIDE values)
+    "an-ls": {"ls_coef": 0.1},
+    "em": {"alpha": 0.1},
+    "em-apl": {"alpha": 0.1, "beta": 0.2, "warmup_frac": 0.4},
+    # LL's delta is a fraction here (the authors' CLI takes percent: .4 / .2 / .2 -> 0.004 ...)
+    "ll-r": {"delta": 0.004},
+    "ll-ct": {"delta": 0.002},
+    "ll-cp": {"delta": 0.002},
+    "hill": {"lam": 1.5},
+}
 
 LOSSES = ("full", "an", "an-ls", "wan", "epr", "role", "em", "em-apl", "ll-r", "ll-ct", "ll-cp", "hill", "gr")
 
@@ -89,7 +108,9 @@ def an_loss(preds: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     return _mean(torch.where(observed == 1, neg_log(preds), neg_log(1 - preds)))
 
 
-def an_ls_loss(preds: torch.Tensor, observed: torch.Tensor, ls_coef: float = 0.1) -> torch.Tensor:
+def an_ls_loss(
+    preds: torch.Tensor, observed: torch.Tensor, ls_coef: float = DEFAULTS["an-ls"]["ls_coef"]
+) -> torch.Tensor:
     """AN with label smoothing eps on both the positives and the assumed negatives."""
     check_preds(preds, "an_ls_loss")
     if not 0 <= ls_coef <= 1:
@@ -137,14 +158,19 @@ def role_loss(preds: torch.Tensor, observed: torch.Tensor, estimated: torch.Tens
     return _mean(0.5 * (pos1 + pos2) + 0.5 * (cross1 + cross2)) + reg
 
 
-def em_loss(preds: torch.Tensor, observed: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+def em_loss(preds: torch.Tensor, observed: torch.Tensor, alpha: float = DEFAULTS["em"]["alpha"]) -> torch.Tensor:
     """EM (Zhou et al., ECCV'22): entropy maximisation on the unobserved labels, -alpha H(p)."""
     check_preds(preds, "em_loss")
     ent = preds * neg_log(preds) + (1 - preds) * neg_log(1 - preds)
     return _mean(torch.where(observed == 1, neg_log(preds), -alpha * ent))
 
 
-def em_apl_loss(preds: torch.Tensor, observed: torch.Tensor, alpha: float = 0.1, beta: float = 0.2) -> torch.Tensor:
+def em_apl_loss(
+    preds: torch.Tensor,
+    observed: torch.Tensor,
+    alpha: float = DEFAULTS["em-apl"]["alpha"],
+    beta: float = DEFAULTS["em-apl"]["beta"],
+) -> torch.Tensor:
     """EM + asymmetric pseudo-labels: entries ``observed < 0`` are pseudo-negatives with the soft
     target ``-observed`` (the prediction they had when labelled), fitted by beta * BCE."""
     check_preds(preds, "em_apl_loss")
@@ -155,7 +181,7 @@ def em_apl_loss(preds: torch.Tensor, observed: torch.Tensor, alpha: float = 0.1,
     return _mean(loss)
 
 
-def hill_loss(preds: torch.Tensor, observed: torch.Tensor, lam: float = 1.5) -> torch.Tensor:
+def hill_loss(preds: torch.Tensor, observed: torch.Tensor, lam: float = DEFAULTS["hill"]["lam"]) -> torch.Tensor:
     """Hill (Zhang et al. 2021): (lam - p) p^2 on the unobserved labels."""
     check_preds(preds, "hill_loss")
     return _mean(torch.where(observed == 1, neg_log(preds), (lam - preds) * preds**2))
@@ -167,6 +193,8 @@ def hill_loss(preds: torch.Tensor, observed: torch.Tensor, lam: float = 1.5) -> 
 class SPMLLoss(nn.Module):
     name = "base"
     needs_train_probs = False
+    # what follows the --epochs budget (for the log of a run continued with a larger budget)
+    budget_schedules = ""
 
     def start_epoch(self, epoch: int) -> None:
         pass
@@ -253,9 +281,15 @@ class EMAPLLoss(SPMLLoss):
 
     name = "em-apl"
     needs_train_probs = True
+    budget_schedules = "EM+APL's warm-up and pseudo-negatives per epoch"
 
     def __init__(
-        self, observed_train: torch.Tensor, epochs: int, alpha: float = 0.1, beta: float = 0.2, warmup: int = 2
+        self,
+        observed_train: torch.Tensor,
+        epochs: int,
+        alpha: float = DEFAULTS["em-apl"]["alpha"],
+        beta: float = DEFAULTS["em-apl"]["beta"],
+        warmup: int = 2,
     ):
         super().__init__()
         if not 0 <= warmup < epochs:
@@ -348,19 +382,20 @@ class GRLoss(pyops.nn.GRLoss, SPMLLoss):
     ``loss(logits, observed, index)`` on (B, C) logits, every row needing an observed positive.
 
     Args: ``beta = (w0, wT, b0, bT)``, ``alpha = (mu0, sigma0, muT, sigmaT)``, ``q = (q2, q3)``
-    in the reference CLI's order; ``epochs`` = T; ``linear_init`` = n. Defaults: the
-    reference's VOC setting.
+    in the reference CLI's order; ``epochs`` = T; ``linear_init`` = n. Defaults: those of
+    ``pyops.nn.GRLoss`` (the reference's VOC setting), ``GR_DEFAULTS``.
     """
 
     name = "gr"
+    budget_schedules = "GR's linear k-hat and v schedules"
 
     def __init__(
         self,
-        beta=(0.0, 2.0, -2.0, -2.0),
-        alpha=(0.5, 2.0, 0.8, 0.5),
-        q=(0.01, 1.0),
-        epochs: int = 8,
-        linear_init: int = 0,
+        beta=GR_DEFAULTS["beta"],
+        alpha=GR_DEFAULTS["alpha"],
+        q=GR_DEFAULTS["q"],
+        epochs: int = GR_DEFAULTS["epochs"],
+        linear_init: int = GR_DEFAULTS["linear_init"],
     ):
         super().__init__(beta, alpha, q, epochs, linear_init, reduction="mean", require_positive=True)
 
@@ -370,15 +405,18 @@ class GRLoss(pyops.nn.GRLoss, SPMLLoss):
         return super().forward(logits, observed)
 
 
-DEFAULTS = {  # per-loss settings (spec A.4; EM, APL and LL: their COCO / NUS-WIDE values)
-    "an-ls": {"ls_coef": 0.1},
-    "em": {"alpha": 0.1},
-    "em-apl": {"alpha": 0.1, "beta": 0.2, "warmup_frac": 0.4},
-    # LL's delta is a fraction here (the authors' CLI takes percent: .4 / .2 / .2 -> 0.004 ...)
-    "ll-r": {"delta": 0.004},
-    "ll-ct": {"delta": 0.002},
-    "ll-cp": {"delta": 0.002},
-    "hill": {"lam": 1.5},
+# The losses that cannot train under torchrun, and why. The others are means of per-entry terms
+# whose state, if any, every process updates alike (GR's epoch; EM+APL's pseudo-labels, from the
+# whole training set's predictions): each process's mean over its share of the global batch,
+# averaged by DDP, is the single-process loss.
+_LL = "its k largest losses are picked over the whole batch"
+DDP_REFUSALS = {
+    "epr": "its regulariser squares a mean over the whole batch",
+    "role": "its label estimator is a per-sample parameter outside the DDP model, and its EPR term squares a "
+    "mean over the whole batch",
+    "ll-r": _LL,
+    "ll-ct": _LL,
+    "ll-cp": _LL + " and rewrite its per-sample label matrix",
 }
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+DROPOUT = 0.2  # the MLP's dropout (TrainConfig.dropout, --dropout)
+
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.2):
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 256, dropout: float = DROPOUT):
         super().__init__()
         self.backbone = nn.Sequential(
             nn.Linear(in_features, hidden),
@@ -59,7 +61,8 @@ class MosaicCNN(nn.Module):
 WIDTH = {"cmnist": 16}
 
 
-def build_model(dataset: str, in_shape, num_classes: int) -> nn.Module:
+def build_model(dataset: str, in_shape, num_classes: int, dropout: float = DROPOUT) -> nn.Module:
+    """The MLP (yeast, with ``dropout``) or the CNN (the mosaics: batch norm, no dropout)."""
     if dataset == "yeast":
-        return MLP(in_shape[0], num_classes)
+        return MLP(in_shape[0], num_classes, dropout=dropout)
     return MosaicCNN(num_classes, width=WIDTH.get(dataset, 32), in_channels=in_shape[0])

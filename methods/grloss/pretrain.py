@@ -12,14 +12,16 @@ last epoch, seconds); it is written once (atomically) and reused.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import sys
 import time
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
-from methods.common import progress, seed_everything
+from methods.common import cli_main, progress, seed_everything
 
 from .data import CMNIST_CLASSES, DATA_SEED, pretraining_data
 from .model import WIDTH, MosaicCNN
@@ -88,18 +90,33 @@ def pretrain_backbone(
     return record
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m methods.grloss.pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/grloss_pretrained.pt")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n", type=int, default=8000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/grloss_pretrained.pt", help="the backbone file (default: %(default)s)")
+    defaults = inspect.signature(pretrain_backbone).parameters  # the flags' defaults are the function's
+    for name, kind, what in (
+        ("epochs", int, "epochs"),
+        ("lr", float, "Adam learning rate (cosine schedule)"),
+        ("batch_size", int, "batch size"),
+        ("n", int, "pretraining canvases"),
+        ("seed", int, "random seed"),
+    ):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=defaults[name].default,
+            help=f"{what} (default: %(default)s)",
+        )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    rec = pretrain_backbone(a.out, epochs=a.epochs, lr=a.lr, n=a.n, seed=a.seed)
+    rec = pretrain_backbone(
+        a.out, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, n=a.n, seed=a.seed, show_progress=not a.no_progress
+    )
     print(f"backbone in {a.out}: held-out accuracy {rec['heldout_acc']:.4f} ({rec['seconds'] / 60:.1f} min)")
     return 0
 
 
+main = cli_main(_main)
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

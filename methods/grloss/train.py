@@ -4,25 +4,55 @@ when validation mAP falls more than ``early_stop`` points below the best, and re
 mAP of the best-validation weights.
 
 Batches are drawn with a generator seeded by (seed, epoch), so a resumed run sees the batches
-an uninterrupted one would; checkpoints (one per epoch) hold the model, optimiser, the loss's
-state (schedules, ROLE's estimator, pseudo-label matrices), the best weights and the RNG states.
+an uninterrupted one would; checkpoints (every ``checkpoint_every`` epochs and the last) hold the
+model, optimiser, the loss's state (schedules, ROLE's estimator, pseudo-label matrices), the best
+weights, the early-stopping state and the RNG states.
+
+Continuing a finished run with a larger ``epochs`` (the budget): the loss is rebuilt for the new
+budget, so GR's linear k-hat / v schedules (and EM+APL's warm-up and pseudo-negatives per epoch)
+follow the new budget from the next epoch on: GR's parameters step back part-way towards their
+start values and reach their end values at the new last epoch (not the schedule of a run started
+with that budget). The learning rate is constant; LL's clean rate depends on the epoch only. A run
+that stopped early stays stopped: its early-stopping rule has fired, a larger budget does not
+continue it (start over with --fresh).
+
+DDP (torchrun): ``batch_size`` is the global batch; every process draws the same permutation and
+trains on its share of each global batch (the last, smaller batch of an epoch may split unequally:
+each process's mean is weighted by its share, so that DDP's average is the global mean). Batch
+norm is global (``prepare_ddp``); dropout masks are per process (``dropout`` 0 makes a DDP run
+equal a single-process one). Losses with batch-level terms or per-sample learned state are
+refused (``losses.DDP_REFUSALS``: EPR, ROLE, LL-*). Validation and early stopping are computed
+alike on every process (the same weights); only rank 0 logs and writes.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from methods.common import Run, progress, seed_everything
+from methods.common import (
+    DistInfo,
+    Run,
+    all_reduce_sum,
+    arg,
+    barrier,
+    budget_fields,
+    init_distributed,
+    prepare_ddp,
+    progress,
+    seed_everything,
+    shard_bounds,
+)
 
-from .data import DATA_SEED, SPMLData, load
-from .losses import LOSSES, GRLoss, SPMLLoss, build_loss
+from .data import DATA_SEED, DATASETS, SPMLData, load
+from .losses import DDP_REFUSALS, GR_DEFAULTS, LOSSES, GRLoss, SPMLLoss, build_loss
 from .metrics import mean_average_precision
-from .model import build_model
+from .model import DROPOUT, build_model
 
 # per dataset: epochs, batch size, learning rate (Adam, no weight decay, as the reference's Adam path)
 DATASET_DEFAULTS = {
@@ -35,40 +65,116 @@ DATASET_DEFAULTS = {
 }
 
 
+def _per_dataset(key: str) -> str:
+    return ", ".join(f"{ds} {d[key]}" for ds, d in DATASET_DEFAULTS.items())
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "yeast"
-    loss: str = "gr"
-    epochs: Optional[int] = None  # None: the dataset's default
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    lr_mult: float = 1.0  # head lr multiplier (the reference uses 10 on a pretrained backbone)
-    early_stop: float = 2.0  # stop when val mAP < best - early_stop (points)
-    seed: int = 0
-    data_seed: int = DATA_SEED
-    gr_beta: tuple = (0.0, 2.0, -2.0, -2.0)  # (w0, wT, b0, bT)
-    gr_alpha: tuple = (0.5, 2.0, 0.8, 0.5)  # (mu0, sigma0, muT, sigmaT)
-    gr_q: tuple = (0.01, 1.0)  # (q2, q3)
-    gr_linear_init: int = 0
-    loss_args: Dict[str, float] = field(default_factory=dict)  # overrides of the baselines' settings
-    pretrained: Optional[str] = None  # a backbone file of methods.grloss.pretrain (None: from scratch)
+    """One training run (one dataset, one loss, one seed). ``epochs``, ``batch_size`` and ``lr``
+    None: the dataset's (DATASET_DEFAULTS), resolved here, so the config compared on resume holds
+    the numbers."""
+
+    dataset: str = arg("yeast", "the data set (see the README)", choices=DATASETS)
+    loss: str = arg(
+        "gr",
+        f"one or more of {', '.join(LOSSES)}; each trains in <out>/<loss> and the results table compares them",
+        choices=LOSSES,
+        metavar="LOSS",
+        nargs="+",
+    )
+    epochs: Optional[int] = arg(
+        None, f"training epochs, the budget (none: the dataset's: {_per_dataset('epochs')})", budget=True
+    )
+    batch_size: Optional[int] = arg(
+        None,
+        "the global batch; under torchrun each process trains on its share "
+        f"(none: the dataset's: {_per_dataset('batch_size')})",
+    )
+    lr: Optional[float] = arg(None, f"Adam learning rate (none: the dataset's: {_per_dataset('lr')})")
+    lr_mult: float = arg(1.0, "learning-rate multiplier of the linear head (the reference: 10 when pretrained)")
+    early_stop: float = arg(2.0, "stop when val mAP falls more than this many points below the best")
+    seed: int = arg(0, "initialisation and batch order", cli=False)  # the common --seed
+    data_seed: int = arg(DATA_SEED, "splits and single-positive draw")
+    gr_beta: Tuple[float, float, float, float] = arg(
+        GR_DEFAULTS["beta"],
+        "k-hat(p) = sigmoid(w p + b), w and b scheduled linearly over the epochs",
+        flag="--beta",
+        metavar=("W0", "WT", "B0", "BT"),
+    )
+    gr_alpha: Tuple[float, float, float, float] = arg(
+        GR_DEFAULTS["alpha"],
+        "v(p) = exp(-(p - mu)^2 / (2 sigma^2)), scheduled",
+        flag="--alpha",
+        metavar=("MU0", "SIGMA0", "MUT", "SIGMAT"),
+    )
+    gr_q: Tuple[float, float] = arg(GR_DEFAULTS["q"], "GCE exponents", flag="--q", metavar=("Q2", "Q3"))
+    gr_linear_init: int = arg(
+        GR_DEFAULTS["linear_init"], "schedule offset n (epochs)", flag="--linear-init", metavar="N"
+    )
+    # overrides of the baselines' settings (losses.DEFAULTS): the CLI's --loss-arg KEY=VALUE
+    loss_args: Dict[str, float] = arg(default_factory=dict, help="baseline settings", cli=False)
+    pretrained: Optional[str] = arg(
+        None,
+        "start from a pretrained backbone (a file of `python -m methods.grloss.pretrain`, cmnist)",
+        metavar="FILE",
+    )
+    dropout: float = arg(
+        DROPOUT,
+        "dropout of the yeast MLP (the mosaics' CNN has none); under torchrun each process draws its own "
+        "masks: 0 makes a DDP run equal a single-process one",
+    )
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise ValueError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
         if self.dataset not in DATASET_DEFAULTS:
-            raise ValueError(f"dataset must be one of {tuple(DATASET_DEFAULTS)}, got {self.dataset!r}")
+            raise ValueError(f"--dataset must be one of {tuple(DATASET_DEFAULTS)}, got {self.dataset!r}")
         d = DATASET_DEFAULTS[self.dataset]
-        self.epochs = self.epochs or d["epochs"]
-        self.batch_size = self.batch_size or d["batch_size"]
-        self.lr = self.lr or d["lr"]
+        for key in ("epochs", "batch_size", "lr"):
+            if getattr(self, key) is None:
+                setattr(self, key, d[key])
         self.gr_beta, self.gr_alpha, self.gr_q = tuple(self.gr_beta), tuple(self.gr_alpha), tuple(self.gr_q)
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(
-                f"epochs and batch_size must be >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}"
-            )
+        self.loss_args = dict(self.loss_args)
+        for key, ok in (("epochs", self.epochs >= 1), ("batch-size", self.batch_size >= 1), ("lr", self.lr > 0)):
+            if not ok:
+                raise ValueError(
+                    f"--{key} must be {'> 0' if key == 'lr' else '>= 1'}, got {getattr(self, key.replace('-', '_'))}"
+                )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.pretrained is not None and not os.path.isfile(self.pretrained):
+            raise ValueError(f"--pretrained: no file {self.pretrained!r}")
         if self.loss == "gr":  # the schedule's checks (sigma > 0 ...) before any run folder is made
             GRLoss(self.gr_beta, self.gr_alpha, self.gr_q, self.epochs, self.gr_linear_init)
+
+
+def check_ddp(cfg: TrainConfig, world_size: int) -> None:
+    """The settings a run under torchrun with ``world_size`` processes refuses (before any run
+    folder exists): a global batch the processes cannot share equally, a loss that is not a mean of
+    per-entry terms (`losses.DDP_REFUSALS`)."""
+    if world_size <= 1:
+        return
+    if cfg.loss in DDP_REFUSALS:
+        raise ValueError(
+            f"--loss {cfg.loss} cannot train under torchrun: {DDP_REFUSALS[cfg.loss]}; run it in one process"
+        )
+    shard_bounds(cfg.batch_size, DistInfo(0, world_size), "--batch-size")
+
+
+def _rows(n: int, info: DistInfo) -> Tuple[int, int]:
+    """[start, stop) of this process's rows of a global batch of ``n``: equal shares, or, for the
+    last and smaller batch of an epoch, shares that differ by one row at most."""
+    if not info.enabled:
+        return 0, n
+    per, extra = divmod(n, info.world_size)
+    if per == 0:
+        raise ValueError(
+            f"an epoch's last batch holds {n} sample(s), fewer than the {info.world_size} processes of torchrun: "
+            "choose another --batch-size"
+        )
+    start = info.rank * per + min(info.rank, extra)
+    return start, start + per + (info.rank < extra)
 
 
 @torch.no_grad()
@@ -102,11 +208,20 @@ def train(
     data: Optional[SPMLData] = None,
     checkpoint_every: int = 1,
 ) -> Dict:
-    """Trains and evaluates one (dataset, loss, seed). Returns {"val_map", "test_map",
-    "best_epoch", "epochs_run", "seconds", "history"}."""
-    seed_everything(cfg.seed)
+    """Trains and evaluates one (dataset, loss, seed), or continues it from the checkpoints in
+    ``run`` (see the module docstring: a larger ``epochs`` continues a finished run); one process
+    or, under torchrun, one of several (see the module docstring). Checkpoints every
+    ``checkpoint_every`` epochs, at the last epoch and at an early stop. Returns {"val_map",
+    "test_map", "best_epoch", "epochs_run", "seconds", "history", "model"}."""
+    if checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    check_ddp(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    info = init_distributed(device)
+    seed_everything(cfg.seed)  # the same initialisation on every process
     data = data or load(cfg.dataset, cfg.data_seed)
-    model = build_model(cfg.dataset, tuple(data.x_train.shape[1:]), data.num_classes).to(device)
+    model = build_model(cfg.dataset, tuple(data.x_train.shape[1:]), data.num_classes, cfg.dropout).to(device)
     if cfg.pretrained:
         try:
             model.backbone.load_state_dict(
@@ -121,19 +236,37 @@ def train(
     ] + loss_fn.param_groups(cfg.lr)
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     labels = data.y_train if cfg.loss == "full" else data.observed_train
-    config = asdict(cfg)
-    state = run.resume(config, key="epoch", model=model, opt=opt, loss=loss_fn)
+    config = asdict(cfg)  # saved in every checkpoint: the current config (a raised budget included)
+    state = run.resume(
+        config,
+        key="epoch",
+        budget=budget_fields(TrainConfig),
+        schedules=loss_fn.budget_schedules,
+        model=model,
+        opt=opt,
+        loss=loss_fn,
+    )
+    net = prepare_ddp(model, device)  # global batch norm and DDP under torchrun; else the model
     if state is None:
         run.info(data.summary())
-        run.info(f"loss {cfg.loss}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}")
+        run.info(
+            f"loss {cfg.loss}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}"
+            + (f", {info.world_size} process(es) of torchrun sharing each batch" if info.enabled else "")
+        )
         best = {"val_map": -1.0, "epoch": 0, "weights": copy.deepcopy(model.state_dict())}
         start, seconds, stopped = 1, 0.0, False
     else:
         best, start, seconds, stopped = state["best"], state["epoch"] + 1, state["seconds"], state["stopped"]
+        if stopped and start <= cfg.epochs:
+            run.info(
+                f"the run stopped early at epoch {start - 1} (val mAP more than {cfg.early_stop} below the best "
+                f"of epoch {best['epoch']}): it is finished, a larger --epochs does not continue it (--fresh "
+                "starts over)"
+            )
     N = len(data.x_train)
     bar = progress(
         range(start, cfg.epochs + 1),
-        enabled=show_progress,
+        enabled=show_progress and info.is_main,
         desc=f"{cfg.dataset}/{cfg.loss}",
         unit="epoch",
         total=cfg.epochs,
@@ -146,19 +279,30 @@ def train(
         loss_fn.start_epoch(epoch)
         model.train()
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(N, generator=g)
+        perm = torch.randperm(N, generator=g)  # the same on every process
         total, count = 0.0, 0
         for i in range(0, N, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            logits = model(data.x_train[idx].to(device))
+            batch = perm[i : i + cfg.batch_size]  # the global batch
+            a, b = _rows(len(batch), info)
+            idx = batch[a:b]  # this process's share
+            logits = net(data.x_train[idx].to(device))
             loss = loss_fn(logits, labels[idx].to(device), idx)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}: the {cfg.loss} loss is {loss.item()}")
+            if info.enabled:  # the global batch's loss, and whether any process's is not finite
+                glob = all_reduce_sum(
+                    torch.tensor([loss.item() * len(idx), 0.0 if torch.isfinite(loss) else 1.0], dtype=torch.float64)
+                )
+                batch_loss, finite = float(glob[0]) / len(batch), not glob[1]
+                # this share's mean, weighted by its share of the batch: DDP's average is the global mean
+                loss = loss * (len(idx) * info.world_size / len(batch))
+            else:
+                batch_loss, finite = loss.item(), bool(torch.isfinite(loss))
+            if not finite:
+                raise FloatingPointError(f"epoch {epoch}: the {cfg.loss} loss is {batch_loss}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
+            total += batch_loss * len(batch)
+            count += len(batch)
         train_probs = predict(model, data.x_train, device) if loss_fn.needs_train_probs else None
         loss_fn.end_epoch(epoch, train_probs)
         val_map = mean_average_precision(predict(model, data.x_val, device), data.y_val)
@@ -182,19 +326,21 @@ def train(
         run.info(f"epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f}, val mAP {val_map:.2f}")
         bar.set_postfix(val_map=f"{val_map:.2f}")
         if epoch % checkpoint_every == 0 or epoch == cfg.epochs or stopped:
-            run.checkpoints.save(
-                epoch,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                    "best": best,
-                    "seconds": seconds,
-                    "stopped": stopped,
-                    "config": config,
-                },
-            )
+            if info.is_main:
+                run.checkpoints.save(
+                    epoch,
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "loss": loss_fn.state_dict(),
+                        "best": best,
+                        "seconds": seconds,
+                        "stopped": stopped,
+                        "config": config,
+                    },
+                )
+            barrier()
     model.load_state_dict(best["weights"])
     test_map = mean_average_precision(predict(model, data.x_test, device), data.y_test)
     rows = run.rows
