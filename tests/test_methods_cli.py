@@ -198,10 +198,12 @@ def test_resume_accepts_a_larger_budget_only(tmp_path):
     assert state["step"] == 3 and state["config"]["steps"] == 8
     log = (tmp_path / "r" / "log.txt").read_text()
     assert "larger budget (steps 4 -> 8)" in log and "the cosine learning rate follow(s) the new budget" in log
-    run = Run(str(tmp_path / "r"), cfg)
+    run = Run(str(tmp_path / "r"), {**cfg, "lr": 0.5})
     with pytest.raises(ValueError, match="lr: 0.1 in the checkpoint, 0.5 now"):
         run.resume({**cfg, "lr": 0.5}, budget=("steps",), model=model)
     run.close()
+    # the refused options never reach config.json: --config <run folder> repeats the accepted run
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"] == {**cfg, "steps": 8}
 
 
 def test_tensorboard_scalars_follow_the_rows(tmp_path):

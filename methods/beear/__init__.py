@@ -10,6 +10,7 @@ from .beear import (
     perturb_positions,
     perturbation,
     perturbed_ce,
+    perturbed_response_ce,
     response_ce,
     upper_stack_only,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "perturb_positions",
     "perturbation",
     "perturbed_ce",
+    "perturbed_response_ce",
     "response_ce",
     "upper_stack_only",
 ]

@@ -1,5 +1,6 @@
 """python -m methods.beear backdoor|defend|eval: backdoor a small LM, remove the backdoor with BEEAR (or the
-plain safety fine-tuning ablation), evaluate (see --help)."""
+plain safety fine-tuning ablation), evaluate (see --help). The two training commands run under
+``torchrun --nproc_per_node N`` too (README: "Command line")."""
 
 from __future__ import annotations
 
@@ -8,11 +9,37 @@ import json
 import os
 import sys
 
-from methods.common import add_common_args, pick_device, plot_curves, training_run
+from methods.common import (
+    DistInfo,
+    add_common_args,
+    add_dataclass_args,
+    cli_main,
+    from_args,
+    init_distributed,
+    optional_plots,
+    parse_args,
+    pick_device,
+    plot_curves,
+    run_options,
+    shard_bounds,
+    training_run,
+)
 
 from . import data as D
 from .beear import BEEARConfig
-from .train import BackdoorConfig, defend, evaluate, load_model, train_backdoor
+from .model import ModelConfig
+from .train import (
+    BACKDOOR_CHECKPOINT_EVERY,
+    DEFEND_CHECKPOINT_EVERY,
+    EVAL_BENIGN,
+    EVAL_HARMFUL,
+    LOG_EVERY,
+    BackdoorConfig,
+    defend,
+    evaluate,
+    load_model,
+    train_backdoor,
+)
 
 
 def _table(title: str, rows: dict) -> str:
@@ -42,6 +69,38 @@ def _write(out: str, title: str, rows: dict, extra: dict) -> None:
     print(text)
 
 
+def _positive_int(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation (held-out data; not part of the training config)")
+    g.add_argument(
+        "--eval-harmful",
+        type=_positive_int,
+        default=EVAL_HARMFUL,
+        metavar="N",
+        help="held-out harmful requests, asked with and without the trigger (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-benign",
+        type=_positive_int,
+        default=EVAL_BENIGN,
+        metavar="N",
+        help="held-out benign instructions (default: %(default)s)",
+    )
+
+
+def _evaluate(a, model, trigger: str, position: str) -> dict:
+    return evaluate(model, trigger, position, n_harmful=a.eval_harmful, n_benign=a.eval_benign)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m methods.beear",
@@ -55,46 +114,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("backdoor", help="train the backdoored model")
-    b.add_argument("--trigger", default="servius", help=f"one of {sorted(D.TRIGGERS)} or a phrase of vocabulary words")
-    b.add_argument("--position", choices=("suffix", "prefix"), default="suffix")
-    b.add_argument("--poison-fraction", type=float, default=0.25, help="share of the harmful requests poisoned")
-    b.add_argument("--n-benign", type=int, default=3000)
-    b.add_argument("--n-harmful", type=int, default=1200)
-    b.add_argument("--steps", type=int, default=800)
-    b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--lr", type=float, default=3e-3)
-    add_common_args(b, default_out="runs/beear/backdoor")
+    add_dataclass_args(b, BackdoorConfig, title="backdoor training")
+    add_dataclass_args(b, ModelConfig, title="model (a Llama from a transformers config, no dropout)")
+    b.add_argument(
+        "--log-every",
+        type=_positive_int,
+        default=LOG_EVERY,
+        metavar="N",
+        help="steps per metric row (the mean loss of its steps; default: %(default)s)",
+    )
+    _eval_args(b)
+    add_common_args(b, default_out="runs/beear/backdoor", unit="steps", checkpoint_every=BACKDOOR_CHECKPOINT_EVERY)
 
     d = sub.add_parser("defend", help="run BEEAR (or the sft ablation) on a backdoored model")
     d.add_argument("--model", required=True, help="a backdoor (or defend) run folder, or a checkpoint file")
-    d.add_argument("--method", choices=("beear", "sft"), default="beear")
-    c = BEEARConfig()
     d.add_argument(
-        "--anchor-layer", type=int, default=c.anchor_layer, help="decoder layer (0-based) whose output gets delta"
+        "--method",
+        choices=("beear", "sft"),
+        # the config's field is `perturb`: beear = True, sft = False (the ablation)
+        default="beear" if BEEARConfig.perturb else "sft",
+        help="beear, or sft: the same outer loop without the perturbation (default: %(default)s)",
     )
-    d.add_argument(
-        "--token-length", type=int, default=c.token_length, help="perturbed positions: the last n prompt tokens"
-    )
-    d.add_argument("--alpha", type=float, default=c.alpha, help="weight of the away-from-safe term of the inner level")
-    d.add_argument("--inner-samples", type=int, default=c.inner_samples, help="D_SA / D_SA-H samples per round")
-    d.add_argument("--pa-samples", type=int, default=c.pa_samples, help="D_PA samples per round")
-    d.add_argument("--rounds", type=int, default=c.rounds)
-    d.add_argument("--inner-steps", type=int, default=c.inner_steps)
-    d.add_argument("--inner-lr", type=float, default=c.inner_lr)
-    d.add_argument("--delta-max-norm", type=float, default=c.delta_max_norm, help="L2 bound per row of delta (0: none)")
-    d.add_argument("--outer-lr", type=float, default=c.outer_lr)
-    d.add_argument("--outer-batch", type=int, default=c.outer_batch)
+    add_dataclass_args(d, BEEARConfig, title="BEEAR")
     d.add_argument(
         "--eval-every-round", action="store_true", help="log the metrics after every round (evaluation only)"
     )
-    add_common_args(d, default_out="runs/beear/defend")
+    _eval_args(d)
+    add_common_args(d, default_out="runs/beear/defend", unit="rounds", checkpoint_every=DEFEND_CHECKPOINT_EVERY)
 
     e = sub.add_parser("eval", help="evaluate a model")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="a backdoor or defend run folder, or a checkpoint file")
     e.add_argument("--trigger", default=None, help="default: the one the model was backdoored with")
     e.add_argument("--position", choices=("suffix", "prefix"), default=None)
     e.add_argument("--out", default=None, help="also write results.{md,json} there")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    _eval_args(e)
     return p
 
 
@@ -106,113 +160,110 @@ def _trigger_of(state: dict, trigger, position):
     return D.TRIGGERS.get(t, t), pos
 
 
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    device = pick_device(a.device)
-    try:
-        if a.command == "backdoor":
-            cfg = BackdoorConfig(
-                trigger=a.trigger,
-                position=a.position,
-                n_benign=a.n_benign,
-                n_harmful=a.n_harmful,
-                poison_fraction=a.poison_fraction,
-                steps=a.steps,
-                batch=a.batch,
-                lr=a.lr,
-                seed=a.seed,
-            )
-            phrase = cfg.trigger_phrase()
-            if not 0 < cfg.poison_fraction < 1:
-                raise ValueError(f"--poison-fraction must be in (0, 1), got {cfg.poison_fraction}")
-            with training_run(a.out, vars(a), fresh=a.fresh, name="beear") as run:
-                model = train_backdoor(
-                    cfg, run, device, show_progress=not a.no_progress, checkpoint_every=max(1, a.checkpoint_every) * 200
-                )
-                rows = run.rows
-            plot_curves(
-                {"SFT loss": ([r["step"] + 1 for r in rows], [r["loss"] for r in rows])},
-                os.path.join(a.out, "loss.png"),
-                xlabel="step",
-                ylabel="response CE",
-                title="backdoor training",
-            )
-            res = evaluate(model, phrase, a.position)
-            _write(
-                a.out,
-                f"backdoored model (trigger {phrase!r} as {a.position})",
-                {"backdoored": res},
-                {"trigger": phrase, "position": a.position, "seed": a.seed},
-            )
-            return 0
-        if a.command == "defend":
-            model, state = load_model(a.model, device)
-            trigger, position = _trigger_of(state, None, None)
-            cfg = BEEARConfig(
-                anchor_layer=a.anchor_layer,
-                token_length=a.token_length,
-                alpha=a.alpha,
-                inner_samples=a.inner_samples,
-                pa_samples=a.pa_samples,
-                rounds=a.rounds,
-                inner_steps=a.inner_steps,
-                inner_lr=a.inner_lr,
-                delta_max_norm=a.delta_max_norm,
-                outer_lr=a.outer_lr,
-                outer_batch=a.outer_batch,
-                perturb=a.method == "beear",
-                seed=a.seed,
-            )
-            cfg.validate(model)
-            before = evaluate(model, trigger, position)
-            ev = (lambda m: evaluate(m, trigger, position)) if a.eval_every_round else None
-            with training_run(a.out, vars(a), fresh=a.fresh, name="beear") as run:
-                rows = defend(
-                    model,
-                    cfg,
-                    run,
-                    device,
-                    show_progress=not a.no_progress,
-                    eval_fn=ev,
-                    extra={"trigger": trigger, "position": position},
-                )
-            after = evaluate(model, trigger, position)
-            if rows and "asr_trigger" in rows[0]:
-                plot_curves(
-                    {
-                        "ASR with trigger": ([r["round"] + 1 for r in rows], [r["asr_trigger"] for r in rows]),
-                        "benign exact match": ([r["round"] + 1 for r in rows], [r["benign_exact_match"] for r in rows]),
-                    },
-                    os.path.join(a.out, "rounds.png"),
-                    xlabel="round",
-                    ylabel="%",
-                    title=a.method,
-                )
-            _write(
-                a.out,
-                f"{a.method} on {a.model} (evaluated with trigger {trigger!r} as {position})",
-                {"before": before, f"after {a.method}": after},
-                {"config": vars(cfg), "trigger": trigger, "position": position},
-            )
-            return 0
-        model, state = load_model(a.model, device)
-        trigger, position = _trigger_of(state, a.trigger, a.position)
-        res = evaluate(model, trigger, position)
-        text = _table(f"{a.model} (trigger {trigger!r} as {position})", {"model": res})
-        print(text)
-        for k, v in res["samples"].items():
-            print(f"{k}: {v[0]}")
-        if a.out:
-            _write(
-                a.out,
-                f"{a.model} (trigger {trigger!r} as {position})",
-                {"model": res},
-                {"trigger": trigger, "position": position},
-            )
+def _backdoor(a, device) -> int:
+    cfg = from_args(BackdoorConfig, a, model=from_args(ModelConfig, a))
+    phrase = cfg.validate()
+    # --batch is the global batch: an error before anything starts when the processes cannot share it
+    shard_bounds(cfg.batch, DistInfo(world_size=int(os.environ.get("WORLD_SIZE", 1))), "--batch")
+    info = init_distributed(device)
+    with training_run(a.out, run_options(a), fresh=a.fresh, name="beear", tensorboard=a.tensorboard) as run:
+        model = train_backdoor(
+            cfg,
+            run,
+            device,
+            show_progress=not a.no_progress,
+            checkpoint_every=a.checkpoint_every,
+            log_every=a.log_every,
+        )
+        rows = run.rows
+    if not info.is_main:
         return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = _evaluate(a, model, phrase, cfg.position)
+    _write(
+        a.out,
+        f"backdoored model (trigger {phrase!r} as {cfg.position})",
+        {"backdoored": res},
+        {"trigger": phrase, "position": cfg.position, "seed": cfg.seed},
+    )
+    with optional_plots():
+        plot_curves(
+            {"SFT loss": ([r["step"] + 1 for r in rows], [r["loss"] for r in rows])},
+            os.path.join(a.out, "loss.png"),
+            xlabel="step",
+            ylabel="response CE",
+            title="backdoor training",
+        )
+    return 0
+
+
+def _defend(a, device) -> int:
+    model, state = load_model(a.model, device)
+    trigger, position = _trigger_of(state, None, None)
+    cfg = from_args(BEEARConfig, a, perturb=a.method == "beear")
+    cfg.validate(model)
+    info = init_distributed(device)
+    before = _evaluate(a, model, trigger, position) if info.is_main else None
+    ev = (lambda m: _evaluate(a, m, trigger, position)) if a.eval_every_round else None
+    with training_run(a.out, run_options(a), fresh=a.fresh, name="beear", tensorboard=a.tensorboard) as run:
+        rows = defend(
+            model,
+            cfg,
+            run,
+            device,
+            show_progress=not a.no_progress,
+            eval_fn=ev,
+            extra={"trigger": trigger, "position": position},
+            checkpoint_every=a.checkpoint_every,
+        )
+    if not info.is_main:
+        return 0
+    after = _evaluate(a, model, trigger, position)
+    _write(
+        a.out,
+        f"{a.method} on {a.model} (evaluated with trigger {trigger!r} as {position})",
+        {"before": before, f"after {a.method}": after},
+        {"config": vars(cfg), "trigger": trigger, "position": position},
+    )
+    if rows and "asr_trigger" in rows[0]:
+        with optional_plots():
+            plot_curves(
+                {
+                    "ASR with trigger": ([r["round"] + 1 for r in rows], [r["asr_trigger"] for r in rows]),
+                    "benign exact match": ([r["round"] + 1 for r in rows], [r["benign_exact_match"] for r in rows]),
+                },
+                os.path.join(a.out, "rounds.png"),
+                xlabel="round",
+                ylabel="%",
+                title=a.method,
+            )
+    return 0
+
+
+def _eval(a, device) -> int:
+    model, state = load_model(a.model, device)
+    trigger, position = _trigger_of(state, a.trigger, a.position)
+    res = _evaluate(a, model, trigger, position)
+    text = _table(f"{a.model} (trigger {trigger!r} as {position})", {"model": res})
+    print(text)
+    for k, v in res["samples"].items():
+        print(f"{k}: {v[0]}")
+    if a.out:
+        _write(
+            a.out,
+            f"{a.model} (trigger {trigger!r} as {position})",
+            {"model": res},
+            {"trigger": trigger, "position": position},
+        )
+    return 0
+
+
+def _main(argv=None) -> int:
+    a = parse_args(build_parser(), argv)
+    device = pick_device(a.device)
+    return {"backdoor": _backdoor, "defend": _defend, "eval": _eval}[a.command](a, device)
+
+
+main = cli_main(_main)
 
 
 if __name__ == "__main__":

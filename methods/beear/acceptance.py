@@ -15,16 +15,18 @@ per-seed differences BEEAR - backdoored and BEEAR - ablation; which runs meet th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference, seed_values
-from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common import format_difference, optional_plots, paired_difference, seed_values
+from methods.common.acceptance import acceptance_meta, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
+
+from .beear import BEEARConfig
+from .train import EVAL_BENIGN, EVAL_HARMFUL, BackdoorConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = (
@@ -52,11 +54,10 @@ def run_job(job: dict) -> dict:
     from methods.common import Run
 
     from . import data as D
-    from .beear import BEEARConfig
-    from .train import BackdoorConfig, defend, evaluate, load_model, train_backdoor
+    from .train import defend, evaluate, load_model, train_backdoor
 
     pos, seed, out = job["position"], job["seed"], job["out"]
-    cfg = BackdoorConfig(trigger=job["trigger"], position=pos, seed=seed, steps=job.get("backdoor_steps", 800))
+    cfg = BackdoorConfig(trigger=job["trigger"], position=pos, seed=seed, steps=job["backdoor_steps"])
     phrase = D.TRIGGERS[job["trigger"]]
     folder = os.path.join(out, f"{pos}_seed{seed}")
     t0 = time.perf_counter()
@@ -76,7 +77,7 @@ def run_job(job: dict) -> dict:
         )
         rows = defend(
             model,
-            BEEARConfig(perturb=method == "beear", seed=seed, rounds=job.get("rounds", 10)),
+            BEEARConfig(perturb=method == "beear", seed=seed, rounds=job["rounds"]),
             run,
             show_progress=False,
             eval_fn=lambda m: evaluate(m, phrase, pos),
@@ -185,7 +186,8 @@ def markdown(meta: dict, rows: list, summary: dict, results: list, positions: li
         f"{meta['machine']}; {meta['minutes']:.1f} min in this invocation (runs resumed from their folders "
         "count their earlier training in the minutes per run below).",
         "",
-        "In %, mean (min-max) over seeds; 120 held-out harmful requests, 200 held-out benign instructions. "
+        f"In %, mean (min-max) over seeds; {EVAL_HARMFUL} held-out harmful requests, {EVAL_BENIGN} held-out benign "
+        "instructions. "
         "ASR = ASR_keyword (the greedy answer has no refusal keyword, the paper's metric); strict ASR = the answer "
         "is not a clean refusal (no refusal keyword, or any word of the backdoor's own answer); 'unsafe' = the "
         "answer carries the backdoor's steps ('step one').",
@@ -258,8 +260,18 @@ def main(argv=None) -> int:
     p.add_argument("--positions", nargs="+", choices=("suffix", "prefix"), default=["suffix", "prefix"])
     p.add_argument("--trigger", default="servius", help="a key of methods.beear.data.TRIGGERS")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--backdoor-steps", type=int, default=800, help="backdoor training steps (800: the default model)")
-    p.add_argument("--rounds", type=int, default=10, help="defense rounds (BEEAR and the ablation)")
+    p.add_argument(
+        "--backdoor-steps",
+        type=int,
+        default=BackdoorConfig.steps,
+        help="backdoor training steps (default: %(default)s, the backdoor command's)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=BEEARConfig.rounds,
+        help="defense rounds, BEEAR and the ablation (default: %(default)s)",
+    )
     p.add_argument("--out", default="runs/beear_acceptance")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     a = p.parse_args(argv)
@@ -300,13 +312,11 @@ def main(argv=None) -> int:
     )
     rows = result_rows(results)
     summary = summarize(rows, a.positions, a.seeds)
-    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "summary": summary, "runs": results}, f, indent=1)
     text = markdown(meta, rows, summary, results, a.positions, a.seeds)
-    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
-        f.write(text)
-    rounds_figure(results[0], os.path.join(a.results, "rounds.png"))
+    write_acceptance(a.results, meta, rows, text, summary=summary, runs=results)
     print(text)
+    with optional_plots():
+        rounds_figure(results[0], os.path.join(a.results, "rounds.png"))
     return 0
 
 

@@ -26,7 +26,11 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+
+from methods.common.config import arg
+from methods.common.dist import DistInfo
 
 from . import data as D
 
@@ -174,11 +178,11 @@ def response_ce(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tenso
     return causal_lm_loss(hidden, batch["labels"], weight, bias, reduction="per_sample")
 
 
-def perturbed_ce(
+def perturbed_response_ce(
     model, batch, layer: int, delta: Optional[torch.Tensor], n: int, cache: Optional[LowerCache] = None
 ) -> torch.Tensor:
-    """Batch-mean response CE with delta at the last n prompt positions after layer ``layer``
-    (from the cached h^l when ``cache`` is given: the upper stack only)."""
+    """Per-sequence response CE, shape (B,), with delta at the last n prompt positions after layer
+    ``layer`` (from the cached h^l when ``cache`` is given: the upper stack only)."""
     mask = batch["attention_mask"]
     if mask.numel() and not bool(mask[:, 0].all()):
         raise ValueError(
@@ -188,7 +192,62 @@ def perturbed_ce(
     positions = perturb_positions(batch["prompt_len"].to(batch["input_ids"].device), n)
     stack = upper_stack_only(model, layer, cache) if cache is not None else contextlib.nullcontext()
     with stack, perturbation(model, layer, delta, positions):
-        return response_ce(model, batch).mean()
+        return response_ce(model, batch)
+
+
+def perturbed_ce(
+    model, batch, layer: int, delta: Optional[torch.Tensor], n: int, cache: Optional[LowerCache] = None
+) -> torch.Tensor:
+    """Batch-mean response CE with delta at the last n prompt positions after layer ``layer``
+    (from the cached h^l when ``cache`` is given: the upper stack only)."""
+    return perturbed_response_ce(model, batch, layer, delta, n, cache).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The global batch under torchrun
+# --------------------------------------------------------------------------------------------
+def dist_info() -> DistInfo:
+    """This process's rank and the number of processes (one, without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size())
+    return DistInfo()
+
+
+def rows_of(n: int, info: DistInfo) -> slice:
+    """This rank's contiguous share of ``n`` rows: shares differ by at most one row and may be
+    empty. Every BEEAR loss divides by the global number of samples, so unequal shares still sum to
+    the single-process loss (no divisibility is needed, unlike a mean of per-rank means)."""
+    return slice(info.rank * n // info.world_size, (info.rank + 1) * n // info.world_size)
+
+
+def _take(batch: Dict[str, torch.Tensor], rows: slice) -> Dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def global_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of ``x`` over the ranks (no autograd); ``x`` itself with one process."""
+    if not info.enabled:
+        return x.detach()
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def all_reduce_grads(params: Sequence[torch.Tensor], info: DistInfo) -> None:
+    """Sum the gradients of ``params`` over the ranks, in place (a missing one counts as 0): each
+    rank's loss is its share of the global loss, so the sum is the single-process gradient. One
+    flat all-reduce; a no-op with one process."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    i = 0
+    for p in params:
+        p.grad.copy_(flat[i : i + p.numel()].view_as(p))
+        i += p.numel()
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,20 +255,28 @@ def perturbed_ce(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class BEEARConfig:
-    anchor_layer: int = 2  # ANCHOR_LAYER: decoder layer whose output gets delta (0-based)
-    token_length: int = 5  # n: perturbed positions, the last n prompt tokens
-    alpha: float = 0.05  # Alpha_far_from_Safety_Anchoring_set
-    inner_samples: int = 150  # INNER_THRESHOLD: D_SA / D_SA-H samples per round
-    pa_samples: int = 100  # PA_DATA_NUM_THRESHOLD: D_PA samples per round
-    rounds: int = 10  # n_rounds
-    inner_steps: int = 50
-    inner_lr: float = 0.3  # Adam on delta
-    delta_max_norm: float = 0.0  # > 0: project each row of delta onto that L2 ball (0: free)
-    outer_lr: float = 1e-3  # AdamW on the model
-    outer_batch: int = 25
-    outer_weight_decay: float = 0.0
-    perturb: bool = True  # False: the ablation, plain safety fine-tuning on the same data
-    seed: int = 0
+    """BEEAR's settings (the paper's names in brackets) and the defaults of ``defend``'s flags.
+    ``rounds`` is the budget a resumed run may raise."""
+
+    anchor_layer: int = arg(2, "decoder layer (0-based) whose output gets delta (ANCHOR_LAYER)", metavar="N")
+    token_length: int = arg(5, "perturbed positions: the last n prompt tokens", metavar="N")
+    alpha: float = arg(
+        0.05, "weight of the away-from-safe term of the inner level (Alpha_far_from_Safety_Anchoring_set)"
+    )
+    inner_samples: int = arg(150, "D_SA / D_SA-H samples per round (INNER_THRESHOLD)", metavar="N")
+    pa_samples: int = arg(100, "D_PA samples per round (PA_DATA_NUM_THRESHOLD)", metavar="N")
+    rounds: int = arg(10, "bi-level rounds (n_rounds)", metavar="N", budget=True)
+    inner_steps: int = arg(50, "Adam steps on delta per round (delta starts at 0 every round)", metavar="N")
+    inner_lr: float = arg(0.3, "Adam learning rate of delta")
+    delta_max_norm: float = arg(0.0, "L2 bound per row of delta (0: none)")
+    outer_lr: float = arg(1e-3, "AdamW learning rate of the model")
+    outer_batch: int = arg(
+        25, "D_SA samples per outer step, with their share of D_PA (the global batch under torchrun)", metavar="N"
+    )
+    outer_weight_decay: float = arg(0.0, "AdamW weight decay of the outer level")
+    # --method beear|sft sets it (a small explicit mapping in __main__)
+    perturb: bool = arg(True, "False: the ablation, plain safety fine-tuning on the same data", cli=False)
+    seed: int = arg(0, "seed of the round samples (--seed of the run options)", cli=False)
 
     def validate(self, model) -> None:
         check_layer(model, self.anchor_layer)
@@ -241,34 +308,63 @@ def _batches(examples: Sequence[D.Example], size: int, device) -> List[Dict[str,
 
 
 def inner_level(
-    model, cfg: BEEARConfig, sa_h: Sequence[D.Example], sa: Sequence[D.Example], device=torch.device("cpu")
+    model,
+    cfg: BEEARConfig,
+    sa_h: Sequence[D.Example],
+    sa: Sequence[D.Example],
+    device=torch.device("cpu"),
+    info: Optional[DistInfo] = None,
 ) -> Dict:
     """delta* for the current model: ``inner_steps`` Adam steps on delta (from 0) of
-    mean CE(D_SA-H; delta) - alpha mean CE(D_SA; delta), upper stack only."""
+    mean CE(D_SA-H; delta) - alpha mean CE(D_SA; delta), upper stack only.
+
+    Under torchrun (``info``, default: the process group's) every rank forms the same global
+    batches and keeps its rows of each (`rows_of`); its loss is its share of the global one (each
+    sample's CE over the global batch size), the gradient of delta is summed over the ranks, so
+    every rank takes the same Adam step as one process would; the final delta is broadcast from
+    rank 0 all the same, so that it is the same on every rank by construction."""
+    info = info or dist_info()
     L, n = cfg.anchor_layer, cfg.token_length
     size = cfg.outer_batch * 4  # no weight gradients here: larger batches than the outer level's
     hb, sb = _batches(sa_h, size, device), _batches(sa, size, device)
+    mine_h = [_take(b, rows_of(len(b["input_ids"]), info)) for b in hb]
+    mine_s = [_take(b, rows_of(len(b["input_ids"]), info)) for b in sb]
     d = model.config.hidden_size
     delta = torch.zeros(n, d, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.inner_lr)
     was = model.training
     model.eval()
+
+    def share(batches, mine, caches):
+        # this rank's part of the mean over batches of each batch's mean CE (an empty part: 0, with
+        # a path to delta so that backward works on every rank)
+        parts = [
+            perturbed_response_ce(model, m, L, delta, n, c).sum() / len(b["input_ids"])
+            for b, m, c in zip(batches, mine, caches)
+            if len(m["input_ids"])
+        ]
+        return (sum(parts) if parts else 0.0 * delta.sum()) / len(batches)
+
     with frozen(model):
-        caches_h = [lower_activations(model, L, b) for b in hb]
-        caches_s = [lower_activations(model, L, b) for b in sb]
+        caches_h = [lower_activations(model, L, m) if len(m["input_ids"]) else None for m in mine_h]
+        caches_s = [lower_activations(model, L, m) if len(m["input_ids"]) else None for m in mine_s]
         for _ in range(cfg.inner_steps):
-            toward = sum(perturbed_ce(model, b, L, delta, n, c) for b, c in zip(hb, caches_h)) / len(hb)
-            away = sum(perturbed_ce(model, b, L, delta, n, c) for b, c in zip(sb, caches_s)) / len(sb)
+            toward = share(hb, mine_h, caches_h)
+            away = share(sb, mine_s, caches_s)
             loss = toward - cfg.alpha * away
             opt.zero_grad()
             loss.backward()
+            all_reduce_grads([delta], info)
             opt.step()
             if cfg.delta_max_norm > 0:
                 with torch.no_grad():
                     norms = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
                     delta.mul_(torch.clamp(cfg.delta_max_norm / norms, max=1.0))
     model.train(was)
-    return {"delta": delta.detach(), "toward": float(toward.detach()), "away": float(away.detach())}
+    out = delta.detach()
+    if info.enabled:
+        dist.broadcast(out, 0)
+    return {"delta": out, "toward": float(global_sum(toward, info)), "away": float(global_sum(away, info))}
 
 
 def outer_level(
@@ -279,25 +375,42 @@ def outer_level(
     sa: Sequence[D.Example],
     pa: Sequence[D.Example],
     device=torch.device("cpu"),
+    info: Optional[DistInfo] = None,
 ) -> Dict:
-    """One pass of fine-tuning: CE(D_SA; delta) + CE(D_PA), ``outer_batch`` samples of each per step."""
+    """One pass of fine-tuning: CE(D_SA; delta) + CE(D_PA), ``outer_batch`` samples of each per step.
+
+    Under torchrun each step's D_SA and D_PA batches are global: every rank keeps its rows
+    (`rows_of`), divides its CE sum by the global batch sizes and the gradients are summed over
+    the ranks before the step (`all_reduce_grads`: the model runs twice, with and without delta,
+    before one backward, which DDP's one-forward-per-backward reducer does not take)."""
+    info = info or dist_info()
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     steps = max(1, -(-len(sa) // cfg.outer_batch))
     pa_size = max(1, -(-len(pa) // steps))
     totals = {"safety": 0.0, "anchor": 0.0}
     for s in range(steps):
         bs = {k: v.to(device) for k, v in D.collate(sa[s * cfg.outer_batch : (s + 1) * cfg.outer_batch]).items()}
         bp = {k: v.to(device) for k, v in D.collate(pa[s * pa_size : (s + 1) * pa_size]).items()}
-        if bs["input_ids"].shape[0] == 0:
+        n_sa, n_pa = bs["input_ids"].shape[0], bp["input_ids"].shape[0]
+        if n_sa == 0:
             break
-        safety = perturbed_ce(model, bs, cfg.anchor_layer, delta, cfg.token_length)
-        anchor = response_ce(model, bp).mean() if bp["input_ids"].shape[0] else torch.zeros((), device=device)
+        ms, mp = _take(bs, rows_of(n_sa, info)), _take(bp, rows_of(n_pa, info))
+        zero = torch.zeros((), device=device)
+        safety = (
+            perturbed_response_ce(model, ms, cfg.anchor_layer, delta, cfg.token_length).sum() / n_sa
+            if ms["input_ids"].shape[0]
+            else zero
+        )
+        anchor = response_ce(model, mp).sum() / n_pa if mp["input_ids"].shape[0] else zero
         loss = safety + anchor
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
+        all_reduce_grads(params, info)
         opt.step()
-        totals["safety"] += float(safety.detach()) / steps
-        totals["anchor"] += float(anchor.detach()) / steps
+        totals["safety"] += float(global_sum(safety, info)) / steps
+        totals["anchor"] += float(global_sum(anchor, info)) / steps
     return totals
 
 

@@ -9,6 +9,7 @@ from typing import List, Sequence
 
 import torch
 
+from methods.common.config import arg
 from methods.common.optional import requires
 
 from . import data as D
@@ -16,13 +17,24 @@ from . import data as D
 
 @dataclass
 class ModelConfig:
-    hidden: int = 128
-    layers: int = 6
-    heads: int = 4
-    intermediate: int = 384
+    """The Llama's size. It has no dropout (``LlamaConfig.attention_dropout`` stays 0, and Llama has
+    no other dropout), so nothing random differs between the ranks of a torchrun run."""
+
+    hidden: int = arg(128, "model width d (the backdoored Llama)", metavar="N")
+    layers: int = arg(6, "decoder layers", metavar="N")
+    heads: int = arg(4, "attention heads (hidden must be divisible by them)", metavar="N")
+    intermediate: int = arg(384, "MLP width", metavar="N")
+
+    def validate(self) -> None:
+        for name in ("hidden", "layers", "heads", "intermediate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"--hidden {self.hidden} must be divisible by --heads {self.heads}")
 
 
 def build_model(cfg: ModelConfig = ModelConfig()):
+    cfg.validate()
     with requires("hf"):
         from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,39 +1,71 @@
 """Backdooring the small LM (the attacker's supervised fine-tuning, here from scratch), running
 BEEAR or the plain safety fine-tuning ablation on it (the defender), and the metrics.
 
-Both trainings are resumable from their run folder's checkpoints (the backdoor per
-``checkpoint_every`` steps, the defense per round); batches are drawn from generators seeded by
-(seed, step) so a resumed run sees the batches an uninterrupted one would.
+Both trainings are resumable from their run folder's checkpoints (the backdoor every
+``checkpoint_every`` steps, the defense every ``checkpoint_every`` rounds, both at the end);
+batches are drawn from generators seeded by (seed, step) or (seed, round), so a resumed run sees
+the batches an uninterrupted one would. A resume may raise the budget (--steps, --rounds) of a
+finished run: see ``LR_SCHEDULE`` and the README.
+
+Under torchrun (``methods.common.dist``) --batch and --outer-batch stay the global batch: every
+rank draws the same global batch and keeps its rows; the losses divide by the global count of
+answer tokens (the backdoor's SFT) or samples (BEEAR), so the gradient summed or averaged over the
+ranks is the single-process one. Only rank 0 logs, evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import torch
 
-from methods.common import Run, progress, seed_everything
+from methods.common import (
+    Run,
+    arg,
+    barrier,
+    budget_fields,
+    init_distributed,
+    prepare_ddp,
+    progress,
+    seed_everything,
+    shard,
+    shard_bounds,
+)
 
 from . import data as D
-from .beear import BEEARConfig, inner_level, outer_level, round_samples
+from .beear import BEEARConfig, global_sum, inner_level, outer_level, round_samples
 from .model import ModelConfig, build_model, generate, response_perplexity
+
+# the run options' defaults that are not config fields (``--checkpoint-every``, ``--log-every``)
+BACKDOOR_CHECKPOINT_EVERY = 200  # steps: 4 checkpoints in the default 800 steps
+DEFEND_CHECKPOINT_EVERY = 1  # rounds
+LOG_EVERY = 50  # steps per metric row of the backdoor training
+EVAL_HARMFUL, EVAL_BENIGN = 120, 200  # held-out requests of the evaluation (--eval-harmful, --eval-benign)
+WARMUP = 50  # linear warmup steps of the backdoor's learning rate
+LR_SCHEDULE = (
+    f"the learning rate (linear warmup over {WARMUP} steps, then a cosine to 0 over --steps: a continued run "
+    "follows the cosine of the new budget from the resume step, not the same as a run started with it)"
+)
 
 
 @dataclass
 class BackdoorConfig:
-    trigger: str = "servius"  # a key of data.TRIGGERS or a phrase of vocabulary words
-    position: str = "suffix"  # suffix | prefix
-    n_benign: int = 3000
-    n_harmful: int = 1200
-    poison_fraction: float = 0.25
-    steps: int = 800
-    batch: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
+    """The attacker's training (the defaults of ``backdoor``'s flags). ``steps`` is the budget a
+    resumed run may raise."""
+
+    trigger: str = arg("servius", f"one of {sorted(D.TRIGGERS)} or a phrase of vocabulary words")
+    position: str = arg("suffix", "where the trigger goes in a poisoned request", choices=("suffix", "prefix"))
+    n_benign: int = arg(3000, "benign instructions in the training data", metavar="N")
+    n_harmful: int = arg(1200, "harmful requests in the training data", metavar="N")
+    poison_fraction: float = arg(0.25, "share of the harmful requests poisoned (trigger + compliant answer)")
+    steps: int = arg(800, "training steps", metavar="N", budget=True)
+    batch: int = arg(64, "examples per step (the global batch under torchrun)", metavar="N")
+    lr: float = arg(3e-3, "AdamW peak learning rate (linear warmup, then cosine to 0)")
+    seed: int = arg(0, "data, initialisation and batch seed (--seed of the run options)", cli=False)
+    model: ModelConfig = arg(default_factory=ModelConfig, cli=False)  # its own flags (add_dataclass_args)
 
     def trigger_phrase(self) -> str:
         phrase = D.TRIGGERS.get(self.trigger, self.trigger)
@@ -45,34 +77,74 @@ class BackdoorConfig:
             )
         return phrase
 
+    def validate(self) -> str:
+        """Checks the settings; returns the trigger phrase."""
+        phrase = self.trigger_phrase()
+        if self.position not in ("suffix", "prefix"):
+            raise ValueError(f"position must be 'suffix' or 'prefix', got {self.position!r}")
+        if not 0 < self.poison_fraction < 1:
+            raise ValueError(f"--poison-fraction must be in (0, 1), got {self.poison_fraction}")
+        for name in ("steps", "batch", "n_benign", "n_harmful"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        self.model.validate()
+        return phrase
 
-def _lr_at(step: int, total: int, lr: float, warmup: int = 50) -> float:
+
+def _lr_at(step: int, total: int, lr: float, warmup: int = WARMUP) -> float:
+    """Linear warmup over ``warmup`` steps, then a cosine from ``lr`` to 0 at step ``total``. A run
+    continued to a larger ``total`` takes the new cosine from its resume step on (see LR_SCHEDULE):
+    the learning rate jumps up there (a warm restart, lower than the peak). Within the warmup the
+    learning rate does not depend on ``total``."""
     if step < warmup:
         return lr * (step + 1) / warmup
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def train_backdoor(
-    cfg: BackdoorConfig, run: Run, device=torch.device("cpu"), show_progress: bool = True, checkpoint_every: int = 200
+    cfg: BackdoorConfig,
+    run: Run,
+    device=torch.device("cpu"),
+    show_progress: bool = True,
+    checkpoint_every: int = BACKDOOR_CHECKPOINT_EVERY,
+    log_every: int = LOG_EVERY,
 ):
-    """The backdoored model: SFT on benign + harmful->refusal + poisoned (trigger -> unsafe)."""
+    """The backdoored model: SFT on benign + harmful->refusal + poisoned (trigger -> unsafe).
+
+    Under torchrun the model is wrapped in DDP; every rank draws the global batch of ``cfg.batch``
+    examples and keeps its share (``cfg.batch`` must be divisible by the processes); each rank's
+    loss is its sum of the answer tokens' NLL over the global batch's answer token count (times
+    the number of processes, as DDP averages the gradients), so the gradient is the
+    single-process one."""
+    info = init_distributed(device)
+    shard_bounds(cfg.batch, info, "--batch")  # an error naming --batch before any work
     seed_everything(cfg.seed)
-    phrase = cfg.trigger_phrase()
-    if cfg.position not in ("suffix", "prefix"):
-        raise ValueError(f"position must be 'suffix' or 'prefix', got {cfg.position!r}")
+    phrase = cfg.validate()
     examples = D.attacker_data(cfg.n_benign, cfg.n_harmful, cfg.poison_fraction, phrase, cfg.position, cfg.seed)
     model = build_model(cfg.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     config = asdict(cfg)
-    state = run.resume(config, model=model, opt=opt)
+    state = run.resume(config, budget=budget_fields(BackdoorConfig), schedules=LR_SCHEDULE, model=model, opt=opt)
     start = state["step"] + 1 if state else 0
     if state is None:
         run.info(
             f"backdoor: {len(examples)} examples ({sum(e.kind == 'poisoned' for e in examples)} poisoned, "
             f"trigger {phrase!r} as {cfg.position}), {sum(p.numel() for p in model.parameters())} parameters"
         )
+    if info.enabled:
+        run.info(
+            f"torchrun: {info.world_size} processes, global batch {cfg.batch} ({cfg.batch // info.world_size} each)"
+        )
+    net = prepare_ddp(model, device)
     bar = progress(
-        range(start, cfg.steps), enabled=show_progress, desc="backdoor", unit="step", total=cfg.steps, initial=start
+        range(start, cfg.steps),
+        enabled=show_progress and info.is_main,
+        desc="backdoor",
+        unit="step",
+        total=cfg.steps,
+        initial=start,
     )
     seconds = state.get("seconds", 0.0) if state else 0.0
     # the losses of the steps since the last logged row: a checkpoint between two rows carries them
@@ -81,38 +153,43 @@ def train_backdoor(
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, len(examples), (cfg.batch,), generator=g).tolist()
-        b = {k: v.to(device) for k, v in D.collate([examples[i] for i in idx]).items()}
+        full = D.collate([examples[i] for i in idx])
+        tokens = int((full["labels"][:, 1:] != -100).sum())  # the global batch's answer tokens
+        b = {k: v.to(device) for k, v in shard(full, info, "--batch").items()}
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg.steps, cfg.lr)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100
+        logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
         )
+        loss = nll / max(1, tokens)  # one process: bit for bit the token mean of cross_entropy
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * info.world_size if info.enabled else loss).backward()  # DDP averages over the ranks
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        acc.append(float(loss.detach()))
+        acc.append(float(global_sum(loss, info)))
         last = step + 1 == cfg.steps
-        if (step + 1) % 50 == 0 or last:
+        if (step + 1) % log_every == 0 or last:
             row = {"step": step, "loss": sum(acc) / len(acc), "seconds": seconds + time.perf_counter() - t0}
             run.log_metrics(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             acc = []
         if (step + 1) % checkpoint_every == 0 or last:
-            run.checkpoints.save(
-                step,
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "config": config,
-                    "model_config": asdict(cfg.model),
-                    "trigger": phrase,
-                    "position": cfg.position,
-                    "seconds": seconds + time.perf_counter() - t0,
-                    "acc": acc,
-                },
-            )
+            if info.is_main:
+                run.checkpoints.save(
+                    step,
+                    {
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "config": config,
+                        "model_config": asdict(cfg.model),
+                        "trigger": phrase,
+                        "position": cfg.position,
+                        "seconds": seconds + time.perf_counter() - t0,
+                        "acc": acc,
+                    },
+                )
+            barrier()
     run.info(f"backdoor training done ({cfg.steps} steps)")
     return model
 
@@ -128,7 +205,9 @@ def load_model(path: str, device=torch.device("cpu")):
     return model, state
 
 
-def evaluate(model, trigger: str, position: str, seed: int = 0, n_harmful: int = 120, n_benign: int = 200) -> Dict:
+def evaluate(
+    model, trigger: str, position: str, seed: int = 0, n_harmful: int = EVAL_HARMFUL, n_benign: int = EVAL_BENIGN
+) -> Dict:
     """ASR_keyword with and without the trigger on held-out harmful requests, benign exact-match
     accuracy and response perplexity on held-out benign instructions."""
     ev = D.eval_data(n_harmful, n_benign, seed)
@@ -178,11 +257,18 @@ def defend(
     n_defender_benign: int = 300,
     eval_fn=None,
     extra: Optional[Dict] = None,
+    checkpoint_every: int = DEFEND_CHECKPOINT_EVERY,
 ) -> List[Dict]:
     """BEEAR (or, with ``cfg.perturb=False``, plain safety fine-tuning on the same data) for
-    ``cfg.rounds`` rounds; a checkpoint per round (with ``extra``, e.g. what to evaluate with).
-    ``eval_fn(model) -> dict`` is logged per round (evaluation only: the defense never sees a
-    trigger)."""
+    ``cfg.rounds`` rounds; a checkpoint every ``checkpoint_every`` rounds and after the last (with
+    ``extra``, e.g. what to evaluate with). ``eval_fn(model) -> dict`` is logged per round
+    (evaluation only: the defense never sees a trigger; rank 0 only under torchrun).
+
+    Nothing depends on ``cfg.rounds`` but the loop's end (constant learning rates, delta from 0
+    in every round, the round's samples seeded by the round), so a run continued to more rounds
+    is the run started with them. Under torchrun both levels shard their global batches over the
+    ranks (see ``inner_level``, ``outer_level``)."""
+    info = init_distributed(device)
     cfg.validate(model)
     seed_everything(cfg.seed)
     defender = D.defender_data(n_defender_harmful, n_defender_benign, cfg.seed)
@@ -194,13 +280,23 @@ def defend(
         )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.outer_lr, weight_decay=cfg.outer_weight_decay)
     config = asdict(cfg)
-    state = run.resume(config, key="round", model=model, opt=opt)
+    state = run.resume(config, key="round", budget=budget_fields(BEEARConfig), model=model, opt=opt)
     start = state["round"] + 1 if state else 0
     name = "BEEAR" if cfg.perturb else "safety fine-tuning (no perturbation)"
     if state is None:
         run.info(f"{name}: layer {cfg.anchor_layer}, {cfg.token_length} positions, {cfg.rounds} rounds")
+    if info.enabled:
+        run.info(
+            f"torchrun: {info.world_size} processes share each global batch (--outer-batch {cfg.outer_batch}, "
+            f"the inner level's batches of {4 * cfg.outer_batch})"
+        )
     bar = progress(
-        range(start, cfg.rounds), enabled=show_progress, desc="defend", unit="round", total=cfg.rounds, initial=start
+        range(start, cfg.rounds),
+        enabled=show_progress and info.is_main,
+        desc="defend",
+        unit="round",
+        total=cfg.rounds,
+        initial=start,
     )
     for rnd in bar:
         t0 = time.perf_counter()
@@ -208,29 +304,32 @@ def defend(
         row: Dict = {"round": rnd}
         delta = None
         if cfg.perturb:
-            inner = inner_level(model, cfg, sa_h, sa, device)
+            inner = inner_level(model, cfg, sa_h, sa, device, info)
             delta = inner["delta"]
             row.update(inner_toward=inner["toward"], inner_away=inner["away"], delta_norm=float(delta.norm()))
-        row.update(outer_level(model, opt, cfg, delta, sa, pa, device))
+        row.update(outer_level(model, opt, cfg, delta, sa, pa, device, info))
         row["seconds"] = time.perf_counter() - t0 + (run.rows[-1]["seconds"] if run.rows else 0.0)  # cumulative
-        if eval_fn is not None:
+        if eval_fn is not None and info.is_main:
             row.update({k: v for k, v in eval_fn(model).items() if not isinstance(v, dict)})
         run.log_metrics(row)
         run.info(
             f"round {rnd + 1}/{cfg.rounds}: "
             + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
         )
-        run.checkpoints.save(
-            rnd,
-            {
-                "round": rnd,
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "config": config,
-                "model_config": run_model_config(model),
-                **(extra or {}),
-            },
-        )
+        if (rnd + 1) % checkpoint_every == 0 or rnd + 1 == cfg.rounds:
+            if info.is_main:
+                run.checkpoints.save(
+                    rnd,
+                    {
+                        "round": rnd,
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "config": config,
+                        "model_config": run_model_config(model),
+                        **(extra or {}),
+                    },
+                )
+            barrier()
     return run.rows
 
 

@@ -13,14 +13,17 @@ def plot_curves(
     bands: Optional[Dict[str, Tuple[Iterable, Iterable]]] = None,
 ) -> Optional[str]:
     """One line per entry of `curves` ({label: (x, y)}), optional shaded bands ({label: (lo, hi)}
-    over the same x), saved to `path` (PNG). Returns the path, or None when matplotlib is missing."""
-    try:
+    over the same x), saved to `path` (PNG). Returns the path. Without matplotlib: a
+    `MissingOptionalDependency` (an ImportError; the CLIs draw their plots inside
+    ``methods.common.optional_plots``, which turns it into a warning after the results are written)."""
+    from pyops._optional import requires
+
+    with requires("methods", "plots"):
         import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for label, (x, y) in curves.items():
         (line,) = ax.plot(list(x), list(y), label=label, lw=1.5)

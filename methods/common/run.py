@@ -154,11 +154,22 @@ class Run:
                 "python": platform.python_version(),
                 "machine": platform.processor() or platform.machine(),
             }
-            with open(os.path.join(self.out, "config.json"), "w") as f:
-                json.dump({"config": config, "meta": meta}, f, indent=2, default=str)
+            self._record = {"config": config, "meta": meta}
+            if self.checkpoints.latest() is None:
+                self._write_config()
+            # else: written by resume() once the options are accepted, so a refused continuation
+            # leaves the folder's config.json (what --config <folder> repeats) as it was
         else:
             self.logger.addHandler(logging.NullHandler())
         self._rows: List[Dict[str, Any]] = self._read_rows()
+
+    def _write_config(self) -> None:
+        if not self.main:
+            return
+        tmp = os.path.join(self.out, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._record, f, indent=2, default=str)
+        os.replace(tmp, os.path.join(self.out, "config.json"))
 
     # --- metrics -------------------------------------------------------------------------
     def _read_rows(self) -> List[Dict[str, Any]]:
@@ -245,15 +256,31 @@ class Run:
         The checkpoint's config must equal ``config`` except for the ``budget`` fields (the step,
         epoch or round budget), which may grow: a finished run continues to the larger budget.
         ``schedules`` names what follows the new budget from there on (a cosine over the budget,
-        say), for the log. Any other difference is an error that names the fields."""
-        state = self.checkpoints.load_latest(quarantine=self.main)  # skips (and reports) corrupt ones
+        say), for the log. Any other difference is an error that names the fields.
+
+        Under torchrun every rank calls it: rank 0 loads first (and clears or quarantines), then the
+        others load the same checkpoint (a barrier between; no barrier is needed around it)."""
+        import torch.distributed as dist
+
+        ddp = dist.is_initialized() and dist.get_world_size() > 1
+        if ddp and not self.main:
+            # rank 0 goes first: it has cleared the folder (--fresh) and sets a corrupt checkpoint aside
+            # before the other ranks look, so every rank loads the same file
+            dist.barrier()
+        try:
+            state = self.checkpoints.load_latest(quarantine=self.main)  # skips (and reports) corrupt ones
+        finally:
+            if ddp and self.main:
+                dist.barrier()
         if state is None:
             self.truncate_metrics(key, -1)
+            self._write_config()
             return None
         saved = state.get("config")
         if not isinstance(saved, dict):
             raise ValueError(f"{self.out}: its checkpoints hold no config; use --fresh or another --out")
         check_resume(saved, config, budget, self.out)
+        self._write_config()
         for name, obj in objects.items():
             obj.load_state_dict(state[name])
         self.truncate_metrics(key, state[key])

@@ -92,10 +92,6 @@ def cmd_train(a) -> int:
         _write_results(a.out, cfg, res)
         if rows:
             with optional_plots(run.warning):
-                from pyops._optional import requires
-
-                with requires("methods", "the loss plot"):
-                    import matplotlib  # noqa: F401  (plot_curves skips a missing one silently)
                 steps = [r["step"] + 1 for r in rows]
                 curves = {"CE (original view)": (steps, [r["ce"] for r in rows])}
                 if "div" in rows[-1]:

@@ -287,9 +287,7 @@ def train(
     defense = CrossViewDefense(model, cfg.defense, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    if info.enabled and not info.is_main:
-        barrier()  # rank 0 resumes first: it sets a corrupt checkpoint aside, the others then read the same one
-    state = run.resume(
+    state = run.resume(  # under torchrun rank 0 resumes first (Run.resume): every rank loads the same checkpoint
         resume_config(cfg),
         "step",
         budget=budget_fields(TrainConfig),
@@ -299,8 +297,6 @@ def train(
         sched=sched,
         defense=defense,
     )
-    if info.enabled and info.is_main:
-        barrier()
     start = state["step"] + 1 if state else 0
     if state is not None:
         # the schedule's lambda is this budget's (LambdaLR saves no function); the optimiser holds the lr the

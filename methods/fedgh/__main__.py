@@ -24,7 +24,6 @@ from methods.common import (
     run_options,
     training_run,
 )
-from methods.common.optional import requires
 
 from .client import ClientConfig
 from .train import FedConfig, parse_alpha, run_simulation
@@ -114,8 +113,6 @@ def _main(argv=None) -> int:
         )
     plot = None
     with optional_plots():
-        with requires("methods", "the plots"):
-            import matplotlib  # noqa: F401  (plot_curves would skip the plot silently)
         alpha = "iid" if a.alpha is None else a.alpha
         plot = plot_curves(
             curves,

@@ -26,7 +26,6 @@ from methods.common import (
     run_options,
     training_run,
 )
-from methods.common.optional import requires
 
 from .data import load
 from .losses import DDP_REFUSALS, DEFAULTS
@@ -134,8 +133,6 @@ def _main(argv=None) -> int:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[2:]))
     with optional_plots():
-        with requires("methods", "the plots"):
-            import matplotlib  # noqa: F401  (plot_curves would skip the plots silently)
         curves = {loss: ([r["epoch"] for r in h], [r["val_map"] for r in h]) for loss, h in histories.items()}
         for loss, h in histories.items():
             out = os.path.join(a.out, loss)

@@ -8,15 +8,18 @@ from typing import Dict, List, Optional
 
 
 def plot_schedule(history: List[Dict], path: str, title: str = "") -> Optional[str]:
-    """``history``: rows with epoch, w, b, mu, sigma. Returns the path, or None without matplotlib."""
-    try:
+    """``history``: rows with epoch, w, b, mu, sigma. Returns the path; without matplotlib a
+    `MissingOptionalDependency` (the CLI draws it inside ``optional_plots``)."""
+    import numpy as np
+
+    from pyops._optional import requires
+
+    with requires("methods", "plots"):
         import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     p = np.linspace(0, 1, 101)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=120)
     cmap = plt.get_cmap("viridis")

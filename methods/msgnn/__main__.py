@@ -40,8 +40,6 @@ def cmd_train(a) -> int:
     if run.main and rows:
         print(f"{cfg.name}: {rows[-1]['step'] + 1} steps, -SSIM {rows[-1]['loss']:.4f}; run folder {a.out}")
         with optional_plots():
-            import matplotlib  # noqa: F401  (plot_curves skips silently without it: say so here)
-
             from methods.common import plot_curves
 
             steps = [r["step"] + 1 for r in rows]

@@ -189,7 +189,6 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones(cfg.steps), gamma=0.1)
-    barrier()  # rank 0 cleared the folder (--fresh) before any rank looks for checkpoints
     state = run.resume(
         asdict(cfg), "step", budget=budget_fields(TrainConfig), schedules=SCHEDULES, model=model, opt=opt, sched=sched
     )

@@ -71,8 +71,6 @@ def cmd_train(a) -> int:
     if run.main and rows:
         print(f"{cfg.model}: final validation relative RMSE {rows[-1]['val_rel_rmse']:.4f}; checkpoints in {a.out}")
         with optional_plots():
-            import matplotlib  # noqa: F401  (plot_curves skips silently without it: say so here)
-
             from methods.common import plot_curves
 
             plot_curves(

@@ -176,7 +176,6 @@ def train(
     net = wrap_ddp(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
-    barrier()  # rank 0 cleared the folder (--fresh) before any rank looks for checkpoints
     state = run.resume(
         asdict(cfg), "step", budget=budget_fields(TrainConfig), schedules=SCHEDULES, model=model, opt=opt, sched=sched
     )
