@@ -96,3 +96,38 @@ def test_flower_simulation_reproduces_inprocess_run(tmp_path):
     for a, b in zip(*rows):
         assert a["conflicts"] == b["conflicts"]
         assert abs(a["test_acc"] - b["test_acc"]) < 0.02  # threads may differ between the runtimes
+
+
+def test_run_config_defaults_are_the_config_defaults():
+    """A key the Flower run config lacks keeps the FedConfig / ClientConfig default (defined once);
+    the keys of methods/fedgh/flower/pyproject.toml map onto the fields."""
+    from pathlib import Path
+
+    import tomllib
+
+    from methods.fedgh.client import ClientConfig
+    from methods.fedgh.flower_app import config_from_run_config
+    from methods.fedgh.train import FedConfig
+
+    assert config_from_run_config({}) == FedConfig()
+    app = tomllib.loads((Path(__file__).parents[1] / "methods/fedgh/flower/pyproject.toml").read_text())
+    rc = app["tool"]["flwr"]["app"]["config"]
+    cfg = config_from_run_config(rc)
+    assert (cfg.clients, cfg.rounds, cfg.alpha, cfg.harmonize) == (
+        rc["num-partitions"],
+        rc["num-server-rounds"],
+        float(rc["alpha"]),
+        rc["harmonize"],
+    )
+    assert cfg.client == ClientConfig(
+        algo=rc["algo"],
+        epochs=rc["local-epochs"],
+        batch_size=rc["batch-size"],
+        lr=rc["lr"],
+        momentum=rc["momentum"],
+        weight_decay=rc["weight-decay"],
+        mu=rc["mu"],
+        decorr_coef=rc["decorr-coef"],
+    )
+    assert config_from_run_config({"alpha": "iid", "clients": 4}).alpha is None
+    assert config_from_run_config({"clients": 4, "num-partitions": 3}).clients == 3

@@ -36,31 +36,42 @@ from .train import FedConfig, Simulation, config_dict, resume, save_round
 # --- configuration through Flower's run config (deployment) ------------------------------------
 
 
+# Flower run-config keys (methods/fedgh/flower/pyproject.toml) -> FedConfig / ClientConfig fields;
+# a key the run config lacks keeps the field's default (defined once, in train.py / client.py)
+_FED_KEYS = {
+    "dataset": ("dataset", str),
+    "num-partitions": ("clients", int),
+    "clients": ("clients", int),
+    "num-server-rounds": ("rounds", int),
+    "fraction-train": ("fraction", float),
+    "harmonize": ("harmonize", bool),
+    "seed": ("seed", int),
+}
+_CLIENT_KEYS = {
+    "algo": ("algo", str),
+    "local-epochs": ("epochs", int),
+    "batch-size": ("batch_size", int),
+    "lr": ("lr", float),
+    "momentum": ("momentum", float),
+    "weight-decay": ("weight_decay", float),
+    "mu": ("mu", float),
+    "decorr-coef": ("decorr_coef", float),
+}
+
+
 def config_from_run_config(rc) -> FedConfig:
     """FedConfig from a Flower run config (keys as in methods/fedgh/flower/pyproject.toml)."""
     rc = dict(rc or {})
-    alpha = rc.get("alpha", 0.1)
-    alpha = None if isinstance(alpha, str) and alpha.lower() == "iid" else float(alpha)
-    client = ClientConfig(
-        algo=str(rc.get("algo", "fedavg")),
-        epochs=int(rc.get("local-epochs", 1)),
-        batch_size=int(rc.get("batch-size", 32)),
-        lr=float(rc.get("lr", 0.01)),
-        momentum=float(rc.get("momentum", 0.9)),
-        weight_decay=float(rc.get("weight-decay", 1e-5)),
-        mu=float(rc.get("mu", 0.01)),
-        decorr_coef=float(rc.get("decorr-coef", 0.1)),
-    )
-    return FedConfig(
-        dataset=str(rc.get("dataset", "digits")),
-        clients=int(rc.get("num-partitions", rc.get("clients", 10))),
-        alpha=alpha,
-        rounds=int(rc.get("num-server-rounds", 10)),
-        fraction=float(rc.get("fraction-train", 1.0)),
-        harmonize=bool(rc.get("harmonize", True)),
-        seed=int(rc.get("seed", 0)),
-        client=client,
-    )
+    fed = {}
+    for key in ("clients", "num-partitions", *[k for k in _FED_KEYS if k not in ("clients", "num-partitions")]):
+        if key in rc:  # num-partitions wins over clients
+            field, conv = _FED_KEYS[key]
+            fed[field] = conv(rc[key])
+    client = {field: conv(rc[key]) for key, (field, conv) in _CLIENT_KEYS.items() if key in rc}
+    if "alpha" in rc:
+        alpha = rc["alpha"]
+        fed["alpha"] = None if isinstance(alpha, str) and alpha.lower() == "iid" else float(alpha)
+    return FedConfig(**fed, client=ClientConfig(**client))
 
 
 _SIMS: Dict[str, Simulation] = {}
