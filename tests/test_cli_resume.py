@@ -43,13 +43,27 @@ from methods.common.checkpoint import KILL_AFTER_SAVE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--no-progress", "--device", "cpu"]
-# Each run has exactly two checkpoints (--checkpoint-every is in steps, epochs or rounds, or in
-# units of 200/100/50 steps for beear/byhe/doha). Where the CLI lets them differ, metric rows
-# and checkpoints fall on different steps, so a partly accumulated row must survive the resume.
+# Each run has exactly two checkpoints (--checkpoint-every, given explicitly, is in the loop's unit:
+# steps, epochs for grloss, rounds for fedgh). Where the CLI lets them differ, metric rows and
+# checkpoints fall on different steps, so a partly accumulated row must survive the resume.
 CLIS = {
     # name: (argv after `python`, run folder inside --out)
     "beear": (
-        ["-m", "methods.beear", "backdoor", "--steps", "201", "--batch", "2", "--n-benign", "20", "--n-harmful", "20"],
+        [
+            "-m",
+            "methods.beear",
+            "backdoor",
+            "--steps",
+            "201",
+            "--checkpoint-every",
+            "200",
+            "--batch",
+            "2",
+            "--n-benign",
+            "20",
+            "--n-harmful",
+            "20",
+        ],
         "",
     ),
     "byhe": (
@@ -59,6 +73,8 @@ CLIS = {
             "train",
             "--steps",
             "101",
+            "--checkpoint-every",
+            "100",
             "--batch",
             "2",
             "--clip",
@@ -109,6 +125,8 @@ CLIS = {
             "train",
             "--steps",
             "51",
+            "--checkpoint-every",
+            "50",
             "--per-domain",
             "1",
             "--clip",
@@ -214,7 +232,7 @@ CLIS = {
             "--width",
             "16",
             "--checkpoint-every",
-            "2",
+            "4",  # steps: 3 epochs of 2 steps
         ],
         "",
     ),

@@ -185,3 +185,84 @@ def test_cli_train_and_eval(tmp_path):
     assert os.path.exists(os.path.join(ev, "example.png"))
     assert main(["train", "--out", out, "--clip", "10"]) == 2
     assert main(["eval", "--model", str(tmp_path / "none")]) == 2
+
+
+# --- the command line: config files, resume with a larger budget, failures, DDP ------------------------------------
+import sys  # noqa: E402
+
+from methods.common import from_args, load_run_checkpoint, parse_args  # noqa: E402
+
+CLI_TINY = ["--batch", "2", "--clip", "30", "--n-train", "2", "--n-test", "1", "--frames", "60", "--size", "32"]
+CLI_TINY += ["--shrink", "4"]
+
+
+def test_cli_config_files_resume_and_failures(tmp_path, monkeypatch, capsys):
+    from methods.byhe.__main__ import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    # a YAML file sets the options, a flag overrides it; without matplotlib the results come, the plots are skipped
+    out = str(tmp_path / "run")
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"loss: pearson\nsteps: 2\nlr: 0.001\nout: {out}\nno-progress: true\n")
+    import neurokit2  # noqa: F401  (the synthetic videos' pulse simulator imports matplotlib itself: before)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["train", "--config", str(yaml_file), "--lr", "0.002", *CLI_TINY]) == 0
+    monkeypatch.undo()
+    cfg = load_run_checkpoint(out)["config"]
+    assert (cfg["loss"], cfg["steps"], cfg["lr"]) == ("pearson", 2, 0.002)
+    assert os.path.exists(os.path.join(out, "results.json")) and not os.path.exists(os.path.join(out, "example.png"))
+    assert "warning: plots skipped" in open(os.path.join(out, "log.txt")).read()
+    # the run folder repeats the run's options
+    a = parse_args(build_parser(), ["train", "--config", out])
+    assert from_args(T.TrainConfig, a) == T.TrainConfig(**cfg) and a.out == out
+    # a larger budget continues the finished run: the metrics go on, the log says so
+    assert main(["train", "--config", out, "--steps", "3"]) == 0
+    assert [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))] == [1, 2]
+    assert "larger budget (steps 2 -> 3)" in open(os.path.join(out, "log.txt")).read()
+    capsys.readouterr()
+    assert main(["train", "--config", out, "--steps", "4", "--clip", "32"]) == 2  # another field: refused
+    err = capsys.readouterr().err
+    assert "clip: 30 in the checkpoint, 32 now" in err and "Traceback" not in err
+    # eval without matplotlib: the results, then a warning
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    ev = str(tmp_path / "ev")
+    assert main(["eval", "--model", out, "--out", ev]) == 0
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(ev, "results.json")) and "plots skipped" in capsys.readouterr().err
+    # an unknown key in the file, a CUDA device this machine lacks
+    (tmp_path / "bad.yaml").write_text("steps: 2\nbogus_key: 1\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(tmp_path / "bad.yaml")])
+    assert e.value.code == 2 and "bogus-key" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "--device", "cuda", "--out", str(tmp_path / "cuda")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device cuda") and len(err.strip().splitlines()) == 1
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 processes under torchrun train like 1 (the global batch shared; batch norm over it): the dropouts are 0
+    (``--dropout 0 --head-dropout 0``: dropout masks are drawn per process) and the schedules constant (lr = lr_min,
+    wd = wd_max) so that the run continued from 2 to 3 steps also equals a 3-step run. Tolerances: see
+    tests/test_rppg_training.py."""
+    from test_rppg_training import check_ddp_matches_single_process
+
+    from methods.byhe.__main__ import main
+
+    args = [*CLI_TINY, "--dropout", "0", "--head-dropout", "0", "--lr", "5e-4", "--lr-min", "5e-4"]
+    args += ["--wd", "1e-5", "--wd-max", "1e-5"]
+    check_ddp_matches_single_process(
+        tmp_path,
+        "methods.byhe",
+        main,
+        args,
+        budget="--steps",
+        small=2,
+        large=3,
+        lr=5e-4,
+        objects=("model",),
+        indivisible=("--steps", "2", "--batch", "3"),
+    )

@@ -233,3 +233,90 @@ def test_cli_train_and_eval(tmp_path):
     assert main(["eval", "--model", out, "--domain", "challenging", "--n-test", "1"]) == 0
     assert main(["train", "--out", out, "--sources", "lab", "--target", "lab"]) == 2
     assert main(["train", "--out", str(tmp_path / "b"), "--n-train", "0"]) == 2
+
+
+# --- the command line: config files, resume with a larger budget, failures, DDP ------------------------------------
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from methods.common import from_args, load_run_checkpoint, parse_args  # noqa: E402
+
+CLI_TINY = ["--per-domain", "1", "--clip", "30", "--n-train", "1", "--n-test", "1", "--frames", "60", "--size", "32"]
+CLI_TINY += ["--shrink", "4", "--sources", "lab", "dark-moving", "--target", "flicker"]
+
+
+def test_cli_config_files_resume_and_failures(tmp_path, monkeypatch, capsys):
+    from methods.doha.__main__ import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    # a YAML file sets the options, a flag overrides it; without matplotlib the results come, the plots are skipped
+    out = str(tmp_path / "run")
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"method: pearson\nsteps: 2\nreject-window: 7\nout: {out}\nno-progress: true\n")
+    import neurokit2  # noqa: F401  (the synthetic videos' pulse simulator imports matplotlib itself: before)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["train", "--config", str(yaml_file), "--reject-window", "9", "--no-domain-level", *CLI_TINY]) == 0
+    monkeypatch.undo()
+    cfg = load_run_checkpoint(out)["config"]
+    assert (cfg["method"], cfg["steps"], cfg["reject_window"], cfg["domain_level"]) == ("pearson", 2, 9, False)
+    assert os.path.exists(os.path.join(out, "results.json")) and not os.path.exists(os.path.join(out, "example.png"))
+    assert "warning: plots skipped" in open(os.path.join(out, "log.txt")).read()
+    # the run folder repeats the run's options
+    a = parse_args(build_parser(), ["train", "--config", out])
+    assert from_args(T.DOHAConfig, a) == T.DOHAConfig(**{**cfg, "sources": tuple(cfg["sources"])}) and a.out == out
+    # a larger budget continues the finished run: the metrics go on, the log says so
+    assert main(["train", "--config", out, "--steps", "3"]) == 0
+    assert [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))] == [1, 2]
+    assert "larger budget (steps 2 -> 3)" in open(os.path.join(out, "log.txt")).read()
+    capsys.readouterr()
+    assert main(["train", "--config", out, "--steps", "4", "--target", "lab", "--sources", "flicker", "wild"]) == 2
+    err = capsys.readouterr().err
+    assert "sources: ['lab', 'dark-moving'] in the checkpoint" in err and "target:" in err and "Traceback" not in err
+    # eval without matplotlib: the results, then a warning
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    ev = str(tmp_path / "ev")
+    assert main(["eval", "--model", out, "--out", ev]) == 0
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(ev, "results.json")) and "plots skipped" in capsys.readouterr().err
+    # an unknown key in the file, a CUDA device this machine lacks
+    (tmp_path / "bad.yaml").write_text("steps: 2\nper_domian: 1\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(tmp_path / "bad.yaml")])
+    assert e.value.code == 2 and "per-domian" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "--device", "cuda", "--out", str(tmp_path / "cuda")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device cuda") and len(err.strip().splitlines()) == 1
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 processes under torchrun train DOHA's harmonized wave method (hho: per-instance gradients of the global
+        batch, rejection on its values with a FIFO of 2 that rejects in these steps, PCGrad at both levels) like 1: the
+        dropout is 0 (masks are drawn per process) and the schedules constant (lr = lr_min, wd = wd_max) so that the
+        run continued from 1 to 2 steps also equals a 2-step run (HHO's PCGrad and Adam amplify float32 rounding
+    fast: in 3 steps the losses drift 1e-3 apart, so 1 + 1 steps). (The map methods' float32 gradients are
+        ill-conditioned: 2e-3 apart from float64 on one process, so a FIFO's near-ties can flip: not used here.)
+        Tolerances: see tests/test_rppg_training.py."""
+    from test_rppg_training import check_ddp_matches_single_process
+
+    from methods.doha.__main__ import main
+
+    args = [*CLI_TINY, "--method", "hho", "--reject-window", "2", "--dropout", "0", "--lr", "5e-4", "--lr-min", "5e-4"]
+    args += ["--wd", "1e-5", "--wd-max", "1e-5"]
+    check_ddp_matches_single_process(
+        tmp_path,
+        "methods.doha",
+        main,
+        args,
+        budget="--steps",
+        small=1,
+        large=2,
+        lr=5e-4,
+        objects=("model",),
+        indivisible=("--steps", "1", "--sources", "lab", "dark-moving", "challenging"),
+    )
+    rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert rows[-1]["rejected"] >= 1  # the rejection ran on the global batch's values

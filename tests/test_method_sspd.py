@@ -112,6 +112,18 @@ def test_two_views():
         A.two_views(frames, crop="center")
 
 
+def test_two_views_of_a_share_are_that_share_of_the_whole_batch_views():
+    # a DDP rank draws the whole batch's augmentations and keeps its rows: the same views as one process
+    frames = torch.rand(4, 3, 6, 20, 20) * 255
+    whole = A.two_views(frames, torch.Generator().manual_seed(3))
+    for rows in ((0, 2), (2, 4), (1, 3)):
+        part = A.two_views(frames, torch.Generator().manual_seed(3), rows=rows)
+        for w, p in zip(whole, part):
+            assert torch.equal(w[rows[0] : rows[1]], p)
+    with pytest.raises(ValueError, match="rows must be"):
+        A.two_views(frames, rows=(3, 3))
+
+
 def test_predictor_does_not_train_the_backbone_and_sizes():
     net = SSPDNet(width=8, spatial_padding=True)
     x = torch.randn(2, 3, 40, 24, 24)
@@ -205,8 +217,8 @@ def test_teacher_gets_no_gradient_and_nan_steps_skip(tmp_path, tiny_sets, monkey
     seen = {}
     real = T.step_losses
 
-    def spy(c, student, teacher, clips, g):
-        out = real(c, student, teacher, clips, g)
+    def spy(c, student, teacher, clips, g, info):
+        out = real(c, student, teacher, clips, g, info)
         seen["teacher_requires_grad"] = any(p.requires_grad for p in teacher.parameters())
         out["loss"] = out["loss"] * float("nan")
         return out
@@ -350,3 +362,88 @@ def test_acceptance_script_smoke(tmp_path):
     assert set(data["differences"]) == {"default", "wild"}
     for f in ("acceptance.md", "acceptance.png", "example_wild_sspd_teacher.png", "example_wild_supervised.png"):
         assert (res / f).exists(), f
+
+
+# --- the command line: config files, resume with a larger budget, failures, DDP ------------------------------------
+import sys  # noqa: E402
+
+from methods.common import from_args, load_run_checkpoint, parse_args  # noqa: E402
+
+CLI_TINY = ["--batch", "2", "--clip", "40", "--n-train", "4", "--n-test", "1", "--frames", "90", "--test-frames", "90"]
+CLI_TINY += ["--size", "32", "--width", "8"]
+
+
+def test_cli_config_files_resume_and_failures(tmp_path, monkeypatch, capsys):
+    from methods.sspd.__main__ import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    # a YAML file sets the options, a flag overrides it; without matplotlib the results come, the plots are skipped
+    out = str(tmp_path / "run")
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"supervised: true\nepochs: 1\nkeep: 0.5\nout: {out}\nno-progress: true\n")
+    import neurokit2  # noqa: F401  (the synthetic videos' pulse simulator imports matplotlib itself: before)
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["train", "--config", str(yaml_file), "--keep", "0.6", *CLI_TINY]) == 0
+    monkeypatch.undo()
+    cfg = load_run_checkpoint(out)["config"]
+    assert (cfg["supervised"], cfg["epochs"], cfg["keep"]) == (True, 1, 0.6)
+    assert os.path.exists(os.path.join(out, "results.json")) and not os.path.exists(os.path.join(out, "example.png"))
+    assert "warning: plots skipped" in open(os.path.join(out, "log.txt")).read()
+    # the run folder repeats the run's options
+    a = parse_args(build_parser(), ["train", "--config", out])
+    assert from_args(T.SSPDConfig, a) == T.SSPDConfig(**cfg) and a.out == out
+    # a larger budget continues the finished run: the metrics go on (one row per epoch), the log says so
+    assert main(["train", "--config", out, "--epochs", "2"]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0), (3, 1)]
+    assert "larger budget (epochs 1 -> 2)" in open(os.path.join(out, "log.txt")).read()
+    capsys.readouterr()
+    assert main(["train", "--config", out, "--steps", "2"]) == 2  # fewer steps than done: refused
+    assert "beyond the budget of 2 steps" in capsys.readouterr().err
+    assert main(["train", "--config", out, "--epochs", "3", "--crop", "faithful"]) == 2  # another field: refused
+    err = capsys.readouterr().err
+    assert "crop: 'fixed' in the checkpoint, 'faithful' now" in err and "Traceback" not in err
+    # eval without matplotlib: the results, then a warning
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    ev = str(tmp_path / "ev")
+    assert main(["eval", "--model", out, "--out", ev]) == 0
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(ev, "results.json")) and "plots skipped" in capsys.readouterr().err
+    # an unknown key in the file, a CUDA device this machine lacks
+    (tmp_path / "bad.json").write_text('{"epochs": 1, "momentum": 0.99}')
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(tmp_path / "bad.json")])
+    assert e.value.code == 2 and "unknown option(s) momentum" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "--device", "cuda", "--out", str(tmp_path / "cuda")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --device cuda") and len(err.strip().splitlines()) == 1
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 processes under torchrun train SSPD (no labels) like 1: every process draws the global batch's clips and
+    views and keeps its share, batch norm (student and teacher) runs over the global batch. SSPD has no dropout.
+    The continued run (1 -> 2 epochs of 2 steps) is compared with one process continued alike (the EMA momentum's
+    cosine follows the new total, so a 2-epoch run from the start differs). Tolerances: see
+    tests/test_rppg_training.py."""
+    from test_rppg_training import check_ddp_matches_single_process
+
+    from methods.sspd.__main__ import main
+
+    check_ddp_matches_single_process(
+        tmp_path,
+        "methods.sspd",
+        main,
+        CLI_TINY,
+        budget="--epochs",
+        small=1,
+        large=2,
+        lr=1e-3,
+        objects=("student", "teacher"),
+        steps_per_unit=2,
+        straight=False,
+        indivisible=("--epochs", "1", "--batch", "3"),
+    )

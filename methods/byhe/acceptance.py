@@ -31,8 +31,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference
-from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common import format_difference, optional_plots, paired_difference
+from methods.common.acceptance import acceptance_meta, cached_result, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,17 +43,21 @@ TOLERANCE = 1.5  # bpm: "robust" = delayed MAE within this of the zero-delay MAE
 
 
 def run_job(job: dict) -> dict:
+    folder = os.path.join(job["out"], job["domain"], f"{job['loss']}_{job['delay']}_seed{job['seed']}")
+    done = os.path.join(folder, "row.json")
+    if job.get("figure") and not os.path.exists(job["figure"]) and os.path.exists(done):
+        os.remove(done)  # its figure is missing: evaluate again (the finished run only resumes)
+    row = cached_result(done, lambda: _train_and_evaluate(job, folder))
+    return {**row, "final_loss": _final_loss(folder)}
+
+
+def _train_and_evaluate(job: dict, folder: str) -> dict:
     from methods.common import Run
     from methods.rppg.data import evaluation_clips
     from methods.rppg.plots import plot_example
 
     from .train import TrainConfig, evaluate, train
 
-    folder = os.path.join(job["out"], job["domain"], f"{job['loss']}_{job['delay']}_seed{job['seed']}")
-    done = os.path.join(folder, "row.json")
-    if os.path.exists(done) and (not job.get("figure") or os.path.exists(job["figure"])):
-        with open(done) as f:
-            return {**json.load(f), "final_loss": _final_loss(folder)}
     cfg = TrainConfig(
         loss=job["loss"], label=DELAYS[job["delay"]], domain=job["domain"], seed=job["seed"], **job["config"]
     )
@@ -65,7 +69,7 @@ def run_job(job: dict) -> dict:
     res = evaluate(model, test, cfg.fs)
     if job.get("figure"):
         plot_example(model, next(evaluation_clips(test)), cfg.fs, job["figure"], cfg.scs_mode)
-    row = {
+    return {
         "loss": cfg.loss,
         "delay": job["delay"],
         "domain": cfg.domain,
@@ -80,9 +84,6 @@ def run_job(job: dict) -> dict:
         "final_loss": _final_loss(folder),
         "config": asdict(cfg),
     }
-    with open(done, "w") as f:
-        json.dump(row, f, indent=1)
-    return row
 
 
 def _final_loss(folder: str) -> float:
@@ -212,12 +213,6 @@ def main(argv=None) -> int:
     meta = acceptance_meta(
         "methods.byhe.acceptance", argv, date, a.seeds, a.workers, config=rows[0]["config"], delay_range_s=[0.0, 0.5]
     )
-    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump(
-            {"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in rows], "summary": summary},
-            f,
-            indent=1,
-        )
     c = rows[0]["config"]
     lines = [
         f"# BYHE acceptance: label delay (seeds {a.seeds})",
@@ -273,9 +268,15 @@ def main(argv=None) -> int:
             f"{format_difference(s['diff'])} | {format_difference(s['snr_diff'], '{:+.1f}')} | "
             f"{'yes' if s['learns_zero_delay'] else 'no'} | {s['expected']} | {holds} |"
         )
-    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    figure(rows, a.domains, a.losses, os.path.join(a.results, "acceptance.png"))
+    write_acceptance(
+        a.results,
+        meta,
+        [{k: v for k, v in r.items() if k != "config"} for r in rows],
+        "\n".join(lines) + "\n",
+        summary=summary,
+    )
+    with optional_plots():
+        figure(rows, a.domains, a.losses, os.path.join(a.results, "acceptance.png"))
     print("\n".join(lines))
     return 0
 

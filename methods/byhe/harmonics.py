@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from methods.common.acceptance import run_jobs
+from methods.common.acceptance import cached_result, run_jobs
 from methods.rppg.pipeline import BAND
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,19 +31,19 @@ def locks(records, tol: float = TOL):
     return int(harm), int(other)
 
 
+def _records(folder: str) -> dict:
+    """The run's config and the records of its evaluation on its own test set."""
+    from methods.rppg.evaluation import evaluate
+
+    from .train import load_model
+
+    model, cfg = load_model(folder)
+    res = evaluate(model, cfg.test_set(cfg.domain), cfg.fs)
+    return {"config": asdict(cfg), "records": res["records"]}
+
+
 def diagnose(folder: str) -> dict:
-    cache = os.path.join(folder, "harmonics.json")
-    if not os.path.exists(cache):
-        from methods.rppg.evaluation import evaluate
-
-        from .train import load_model
-
-        model, cfg = load_model(folder)
-        res = evaluate(model, cfg.test_set(cfg.domain), cfg.fs)
-        with open(cache, "w") as f:
-            json.dump({"config": asdict(cfg), "records": res["records"]}, f)
-    with open(cache) as f:
-        data = json.load(f)
+    data = cached_result(os.path.join(folder, "harmonics.json"), lambda: _records(folder))
     recs, c = data["records"], data["config"]
     harm, other = locks(recs)
     low = [r for r in recs if 2 * r["hr_label_fft"] <= 60 * BAND[1]]  # videos whose 2nd harmonic is in the band

@@ -8,16 +8,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyops
-from methods.rppg.backbones import TSCANLike
+from methods.rppg.backbones import DROPOUT, TSCANLike
 
 WINDOW = 11  # frames of features per window
+HEAD_DROPOUT = 0.1  # the code's dropout of the projected windows
 
 
 class BYHEHead(nn.Module):
     """Features F (B, C, T') -> R_hat (B, N, N), N = T' - WINDOW + 1: W_i = flatten(F[:, :, i:i+11]),
     Q_i = Dropout(A W_i + b) (A: Xavier normal, gain 5/3), R_hat_ij = cos(Q_i, Q_j)."""
 
-    def __init__(self, channels: int = 8, window: int = WINDOW, dropout: float = 0.1):
+    def __init__(self, channels: int = 8, window: int = WINDOW, dropout: float = HEAD_DROPOUT):
         super().__init__()
         d = channels * window
         self.window = window
@@ -38,12 +39,13 @@ class BYHEHead(nn.Module):
 
 class BYHENet(nn.Module):
     """TS-CAN-like backbone + SCS head. Input (B, 3, L, H, W) (appearance: raw 0-255 frames, as
-    the code) -> R_hat (B, L - 25, L - 25) and the Fuse1 attention mask."""
+    the code) -> R_hat (B, L - 25, L - 25) and the Fuse1 attention mask. ``dropout``: the
+    backbone's, ``head_dropout``: the head's (0 turns them off)."""
 
-    def __init__(self, shrink: int = 1):
+    def __init__(self, shrink: int = 1, dropout: float = DROPOUT, head_dropout: float = HEAD_DROPOUT):
         super().__init__()
-        self.backbone = TSCANLike(shrink=shrink)
-        self.head = BYHEHead()
+        self.backbone = TSCANLike(shrink=shrink, dropout=dropout)
+        self.head = BYHEHead(dropout=head_dropout)
 
     def forward(self, video: torch.Tensor):
         feats, mask = self.backbone(video)

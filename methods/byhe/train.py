@@ -18,6 +18,11 @@ whole test videos (300 frames): the heart rate of the predicted signal (BYHE: th
 wave of R_hat; baselines: the wave) against the heart rate of the video's label, both by the
 toolbox pipeline (detrend, band-pass 0.75-2.5 Hz, periodogram peak; peak counting too).
 Training is resumable from the run folder's checkpoints; a NaN loss skips its step (logged).
+A larger ``steps`` continues a finished run: the cosine schedules are defined over ``steps``, so
+the continued run follows the cosines of the new budget from the step it resumes at (not the run
+a start with that budget would have made). Under torchrun (DDP) ``batch`` is the global batch:
+every process draws the same clips and trains on its share; the result equals one process's up to
+float rounding when the dropouts are 0 (dropout masks differ by process).
 """
 
 from __future__ import annotations
@@ -27,36 +32,50 @@ from typing import Dict
 
 import torch
 
-from methods.common import Run, seed_everything
-from methods.rppg.backbones import TSCANWave
+from methods.common import Run, arg, budget_fields, prepare_ddp, seed_everything, shard, shard_bounds
+from methods.rppg.backbones import DROPOUT, TSCANWave
 from methods.rppg.data import LABELS, sample_clips
 from methods.rppg.evaluation import evaluate, predict_signal
 from methods.rppg.losses import neg_max_cross_cov, neg_pearson
 from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
-from methods.rppg.training import VideoSetConfig, scs_target, set_schedule, train_loop, wave_target
+from methods.rppg.training import (
+    VideoSetConfig,
+    all_finite,
+    dist_info,
+    global_mean,
+    scs_target,
+    set_schedule,
+    train_loop,
+    wave_target,
+)
 
 from .losses import byhe_loss
-from .model import BYHENet
+from .model import HEAD_DROPOUT, BYHENet
 
+DOMAIN_NAMES = ", ".join(sorted(DOMAINS))
 LOSSES = ("byhe", "pearson", "mcc")
 MIN_CLIP = 30  # N = 5 windows: the spectral prior needs a wave of 4 lags
 
 
 @dataclass
 class TrainConfig(VideoSetConfig):
-    loss: str = "byhe"  # byhe | pearson | mcc
-    label: str = "label"  # label (delayed) | pulse (zero delay)
-    steps: int = 500
-    batch: int = 6
-    clip: int = 70
-    lr: float = 5e-4
-    lr_min: float = 1e-6
-    wd: float = 1e-5  # weight decay at the start ...
-    wd_max: float = 1e-3  # ... rising to this at the end
-    shrink: int = 2  # backbone width divisor (1: the code's 0.34 M parameters)
-    scs_mode: str = "clean"  # faithful | clean (spec 1.1)
-    domain: str = "default"
+    loss: str = arg("byhe", "byhe: SCS maps; pearson / mcc: wave losses", choices=LOSSES)
+    label: str = arg(
+        "label", "label: the delayed label waves; pulse: the videos' own pulses (zero delay)", choices=LABELS
+    )
+    steps: int = arg(500, "training steps", budget=True)
+    batch: int = arg(6, "clips per step (the global batch under torchrun: each process takes its share)")
+    clip: int = arg(70, "frames per training clip")
+    lr: float = arg(5e-4, "peak learning rate of the cosine schedule")
+    lr_min: float = arg(1e-6, "learning rate at the end of the cosine schedule")
+    wd: float = arg(1e-5, "weight decay at the start ...")
+    wd_max: float = arg(1e-3, "... rising along a cosine to this at the end")
+    shrink: int = arg(2, "backbone width divisor (1: the code's full width, 0.34 M parameters)")
+    scs_mode: str = arg("clean", "phase unwrap of the SCS label (spec 1.1)", choices=MODES)
+    domain: str = arg("default", f"synthetic domain: {DOMAIN_NAMES}", choices=sorted(DOMAINS), metavar="DOMAIN")
+    dropout: float = arg(DROPOUT, "dropout of the backbone's motion branch (0: off)")
+    head_dropout: float = arg(HEAD_DROPOUT, "dropout of BYHE's SCS head (0: off)")
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -74,11 +93,16 @@ class TrainConfig(VideoSetConfig):
             )
         if self.steps < 1 or self.batch < 2:
             raise ValueError(f"need steps >= 1 and batch >= 2 (BatchNorm), got {self.steps} and {self.batch}")
+        for name in ("dropout", "head_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         self.check_videos(self.clip)
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    return BYHENet(shrink=cfg.shrink) if cfg.loss == "byhe" else TSCANWave(shrink=cfg.shrink)
+    if cfg.loss == "byhe":
+        return BYHENet(shrink=cfg.shrink, dropout=cfg.dropout, head_dropout=cfg.head_dropout)
+    return TSCANWave(shrink=cfg.shrink, dropout=cfg.dropout)
 
 
 def datasets(cfg: TrainConfig):
@@ -97,28 +121,38 @@ def step_losses(model, cfg: TrainConfig, clips: Dict[str, torch.Tensor]) -> Dict
     return {"loss": fn}
 
 
+SCHEDULES = "the cosine learning rate and weight decay (over --steps)"
+CHECKPOINT_EVERY = 50  # steps: 10 checkpoints in a default run of 500 steps
+
+
 def train(
     cfg: TrainConfig,
     run: Run,
     device=torch.device("cpu"),
     show_progress: bool = True,
-    checkpoint_every: int = 100,
+    checkpoint_every: int = CHECKPOINT_EVERY,
     data=None,
 ):
-    """Train ``cfg``'s model; returns (model, test set). ``data``: prebuilt (train, test) sets."""
+    """Train ``cfg``'s model; returns (model, test set). ``data``: prebuilt (train, test) sets.
+    Under torchrun (a process group started) every rank draws the global batch of ``cfg.batch``
+    clips and trains on its shard (BatchNorm over the global batch, DDP's gradient average)."""
     cfg.check()
+    info = dist_info()
+    shard_bounds(cfg.batch, info)  # an error naming --batch before any work
     seed_everything(cfg.seed)
     train_set, test_set = data if data is not None else datasets(cfg)
     model = build_model(cfg).to(device)
+    net = prepare_ddp(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
 
     def step_fn(step, rng, counts):
-        clips = {k: v.to(device) for k, v in sample_clips(train_set, cfg.batch, cfg.clip, rng, cfg.label).items()}
+        clips = sample_clips(train_set, cfg.batch, cfg.clip, rng, cfg.label)
+        clips = {k: v.to(device) for k, v in shard(clips, info).items()}
         set_schedule(opt, step, cfg.steps, (cfg.lr, cfg.lr_min), (cfg.wd, cfg.wd_max))
-        terms = step_losses(model, cfg, clips)
+        terms = step_losses(net, cfg, clips)
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(terms["loss"]):
-            return None, f"non-finite loss ({float(terms['loss'].detach())})"
+        if not all_finite(terms["loss"]):
+            return None, f"non-finite loss ({float(global_mean(terms['loss']))})"
         terms["loss"].backward()
         opt.step()
         return {k: v.detach() for k, v in terms.items()}, None
@@ -134,6 +168,8 @@ def train(
         desc=f"{cfg.loss}/{cfg.label}",
         show_progress=show_progress,
         checkpoint_every=checkpoint_every,
+        budget=budget_fields(TrainConfig),
+        schedules=SCHEDULES,
         row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
         intro=lambda: (
             f"{cfg.loss} on {cfg.label} waves: {len(train_set)} training videos (delays "

@@ -174,10 +174,11 @@ class Run:
     # --- metrics -------------------------------------------------------------------------
     def _read_rows(self) -> List[Dict[str, Any]]:
         p = os.path.join(self.out, "metrics.jsonl")
-        if not os.path.exists(p):
+        try:
+            with open(p) as f:
+                lines = [line for line in f if line.strip()]
+        except FileNotFoundError:  # none yet, or (another rank under torchrun) just cleared by --fresh
             return []
-        with open(p) as f:
-            lines = [line for line in f if line.strip()]
         rows = []
         for i, line in enumerate(lines):
             try:

@@ -15,7 +15,6 @@ and the paired per-seed differences per held-out domain) and results/acceptance.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,8 +22,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference
-from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common import format_difference, optional_plots, paired_difference
+from methods.common.acceptance import acceptance_meta, cached_result, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,15 +37,15 @@ NAMES = {
 
 
 def run_job(job: dict) -> dict:
+    folder = os.path.join(job["out"], f"{job['method']}_to_{job['target']}_seed{job['seed']}")
+    return cached_result(os.path.join(folder, "row.json"), lambda: _train_and_evaluate(job, folder))
+
+
+def _train_and_evaluate(job: dict, folder: str) -> dict:
     from methods.common import Run
 
     from .train import LODO_DOMAINS, DOHAConfig, evaluate, train
 
-    folder = os.path.join(job["out"], f"{job['method']}_to_{job['target']}_seed{job['seed']}")
-    done = os.path.join(folder, "row.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
     sources = tuple(d for d in LODO_DOMAINS if d != job["target"])
     cfg = DOHAConfig(
         method=job["method"],
@@ -63,7 +62,7 @@ def run_job(job: dict) -> dict:
     rows = run.rows
     run.close()
     res = evaluate(model, test, cfg.fs)
-    row = {
+    return {
         "method": cfg.method,
         "heldout": cfg.target,
         "seed": cfg.seed,
@@ -77,9 +76,6 @@ def run_job(job: dict) -> dict:
         "skipped": rows[-1].get("skipped", 0),
         "config": asdict(cfg),
     }
-    with open(done, "w") as f:
-        json.dump(row, f, indent=1)
-    return row
 
 
 def figure(results, targets, methods, path: str) -> None:
@@ -115,13 +111,15 @@ COMPARISONS = (
 
 
 def main(argv=None) -> int:
-    from .train import LODO_DOMAINS
+    from .train import LODO_DOMAINS, DOHAConfig
 
     p = argparse.ArgumentParser(prog="python -m methods.doha.acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--size", type=int, default=32, help="frame size (pixels; 32 is the backbone's smallest)")
-    p.add_argument("--per-domain", type=int, default=4, help="clips per source domain and step")
+    p.add_argument(
+        "--per-domain", type=int, default=DOHAConfig.per_domain, help="clips per source domain and step (%(default)s)"
+    )
     p.add_argument("--methods", nargs="+", choices=tuple(NAMES), default=list(NAMES))
     p.add_argument("--targets", nargs="+", choices=LODO_DOMAINS, default=list(LODO_DOMAINS))
     p.add_argument("--workers", type=int, default=2)
@@ -177,12 +175,6 @@ def main(argv=None) -> int:
                 }
             )
     meta = acceptance_meta("methods.doha.acceptance", argv, date, a.seeds, a.workers, config=results[0]["config"])
-    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump(
-            {"meta": meta, "rows": [{k: v for k, v in r.items() if k != "config"} for r in results], "paired": pairs},
-            f,
-            indent=1,
-        )
     c = results[0]["config"]
     lines = [
         f"# DOHA acceptance: leave one domain out (seeds {a.seeds})",
@@ -227,9 +219,15 @@ def main(argv=None) -> int:
     rej = {m: sum(r["rejected"] for r in results if r["method"] == m) for m in ("hho", "doha") if m in a.methods}
     if rej:
         lines += ["", "Instances rejected over all runs: " + ", ".join(f"{k} {v}" for k, v in rej.items()) + "."]
-    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    figure(results, a.targets, a.methods, os.path.join(a.results, "acceptance.png"))
+    write_acceptance(
+        a.results,
+        meta,
+        [{k: v for k, v in r.items() if k != "config"} for r in results],
+        "\n".join(lines) + "\n",
+        paired=pairs,
+    )
+    with optional_plots():
+        figure(results, a.targets, a.methods, os.path.join(a.results, "acceptance.png"))
     print("\n".join(lines))
     return 0
 

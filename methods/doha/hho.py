@@ -6,7 +6,7 @@ rejection, and PCGrad projections at the instance and at the domain level.
   official code, which runs B backward passes). Row n is exactly the gradient a separate
   backward pass of ``L_n`` gives, batch-norm's coupling of the instances included. On the CPU this
   is about 1.7x faster than ``torch.func.jacrev`` over the same losses (measured on the DOHA
-  backbone, 8 instances).
+  backbone, 8 instances). Under DDP the rows are those of the global batch, on every rank.
 * ``InstanceRejector``: the code's ``Loss_list_Manager``: a FIFO of the last 150 regularizer
   values; once it is full, an instance whose value is the FIFO's maximum is dropped (the code's
   threshold argument is overwritten to 0, so only the arg-max goes).
@@ -23,8 +23,10 @@ from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 import pyops
+from methods.rppg.training import gather
 
 
 def _detached(x):
@@ -45,13 +47,23 @@ def per_instance_grads(
     Returns (losses (B,) detached, aux, {parameter name: (B, *shape) gradients}): one forward,
     then one backward pass per instance through the shared graph, as the official code takes
     them. The parameters' ``.grad`` are left alone; the model's buffers (batch-norm statistics)
-    are updated as by one ordinary forward."""
+    are updated as by one ordinary forward.
+
+    Under a process group (DDP: each rank holds an equal shard of the global batch, its batch
+    norm global, ``methods.common.convert_batchnorm``) the losses and the gradients are those of
+    the GLOBAL batch, the same on every rank (``aux`` stays this rank's): one backward pass per
+    instance of the global batch on every rank, with the instance's one-hot weight on its owner
+    and zeros elsewhere (so the batch norm's all-reduces run on every rank and carry the
+    instance's gradient through every rank's share), then one all-reduce of the sum."""
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     losses, aux = loss_fn(model, *inputs)
     if losses.dim() != 1:
         raise ValueError(f"per_instance_grads: loss_fn must return per-instance losses (B,), got {tuple(losses.shape)}")
     params = [p for _, p in named]
     B = losses.shape[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        grads = _global_grads(named, losses, B)
+        return gather(losses), _detached(aux), grads
     rows = []
     for n in range(B):
         g = torch.autograd.grad(losses[n], params, retain_graph=n + 1 < B, allow_unused=True)
@@ -60,11 +72,38 @@ def per_instance_grads(
     return losses.detach(), _detached(aux), grads
 
 
+def _global_grads(named, losses: torch.Tensor, B: int) -> Dict[str, torch.Tensor]:
+    """{name: (world B, *shape)}: row i the gradient of global instance i's loss (see
+    ``per_instance_grads``)."""
+    params = [p for _, p in named]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    total = world * B
+    rows = []
+    for i in range(total):
+        owner, n = divmod(i, B)
+        weight = torch.zeros_like(losses)
+        if owner == rank:
+            weight[n] = 1
+        g = torch.autograd.grad(losses, params, grad_outputs=weight, retain_graph=i + 1 < total, allow_unused=True)
+        rows.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
+    stacked = [torch.stack([r[j] for r in rows]) for j in range(len(params))]
+    flat = torch.cat([s.reshape(-1) for s in stacked])
+    dist.all_reduce(flat)
+    out, at = {}, 0
+    for (k, _), s in zip(named, stacked):
+        out[k] = flat[at : at + s.numel()].view_as(s)
+        at += s.numel()
+    return out
+
+
+REJECT_WINDOW = 150  # the code's Loss_list_Manager length
+
+
 class InstanceRejector:
     """FIFO of the last ``window`` values; ``keep(values)`` pushes them in batch order and drops an
     instance whose value is the maximum of the full FIFO (ties included)."""
 
-    def __init__(self, window: int = 150):
+    def __init__(self, window: int = REJECT_WINDOW):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = window

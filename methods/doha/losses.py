@@ -9,9 +9,12 @@ import torch
 
 from methods.rppg.losses import toeplitz_reg
 
+REG_WEIGHT = 0.1  # the weight of Reg in L_n (the code's)
+REG_SCALE = 5.0  # s of Reg_s
+
 
 def instance_losses(
-    R_hat: torch.Tensor, R: torch.Tensor, reg_weight: float = 0.1, reg_scale: float = 5.0
+    R_hat: torch.Tensor, R: torch.Tensor, reg_weight: float = REG_WEIGHT, reg_scale: float = REG_SCALE
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(L_n (B,), Reg_n (B,)): per-instance MSE against the SCS label plus ``reg_weight`` Reg."""
     if R_hat.shape != R.shape or R_hat.dim() != 3:

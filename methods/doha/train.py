@@ -15,6 +15,14 @@ per-instance gradients in one batched pass (``methods.doha.hho``). A step whose 
 is skipped and logged, as is a step whose instances were all rejected. Settings as in the code
 (spec 1.5): Adam, cosine lr 5e-4 -> 1e-6, cosine weight decay rising 1e-5 -> 1e-3, clips of 70
 frames; the SCS labels come from the label filtered over the whole video (``methods.rppg.scs``).
+
+A larger ``steps`` continues a finished run: the cosine schedules are defined over ``steps``, so
+the continued run follows the cosines of the new budget from the step it resumes at (not the run
+a start with that budget would have made); the rejection FIFO carries on. Under torchrun (DDP)
+the global batch is ``per_domain`` x the sources: every process draws the same clips and keeps
+its share; the harmonized methods harmonize the per-instance gradients of the global batch (the
+same on every process) and reject on the global batch's values. The result equals one process's
+up to float rounding when the dropouts are 0 (dropout masks differ by process).
 """
 
 from __future__ import annotations
@@ -25,18 +33,37 @@ from typing import Dict, List, Tuple
 import torch
 
 from methods.byhe.losses import byhe_loss  # the BYHE baseline is BYHE's own network and loss
-from methods.byhe.model import BYHENet
-from methods.common import Run, seed_everything, worker_seed
-from methods.rppg.backbones import TSCANWave
-from methods.rppg.data import VideoSet, sample_clips
+from methods.byhe.model import HEAD_DROPOUT, BYHENet
+from methods.common import (
+    Run,
+    arg,
+    budget_fields,
+    convert_batchnorm,
+    prepare_ddp,
+    seed_everything,
+    shard,
+    worker_seed,
+)
+from methods.rppg.backbones import DROPOUT, TSCANWave
+from methods.rppg.data import LABELS, VideoSet, sample_clips
 from methods.rppg.evaluation import evaluate
 from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
-from methods.rppg.training import VideoSetConfig, scs_target, set_schedule, train_loop, wave_target
+from methods.rppg.training import (
+    VideoSetConfig,
+    all_finite,
+    dist_info,
+    gather,
+    scs_target,
+    set_schedule,
+    train_loop,
+    wave_target,
+)
 
-from .hho import InstanceRejector, harmonize, per_instance_grads
-from .losses import instance_losses, per_instance_neg_pearson
+from .hho import REJECT_WINDOW, InstanceRejector, harmonize, per_instance_grads
+from .losses import REG_SCALE, REG_WEIGHT, instance_losses, per_instance_neg_pearson
 
+DOMAIN_NAMES = ", ".join(sorted(DOMAINS))
 METHODS = ("pearson", "byhe", "hps", "hho", "doha")
 HARMONIZED = ("hho", "doha")
 MAP_METHODS = ("byhe", "hps", "doha")
@@ -45,25 +72,45 @@ LODO_DOMAINS = ("lab", "dark-moving", "flicker")  # the acceptance's domains
 
 @dataclass
 class DOHAConfig(VideoSetConfig):
-    method: str = "doha"
-    sources: Tuple[str, ...] = ("lab", "dark-moving")
-    target: str = "flicker"
-    steps: int = 120
-    per_domain: int = 4  # clips per source domain and step: the instances HHO harmonizes within a domain
-    clip: int = 70
-    lr: float = 5e-4
-    lr_min: float = 1e-6
-    wd: float = 1e-5  # weight decay at the start ...
-    wd_max: float = 1e-3  # ... rising to this at the end
-    shrink: int = 4  # backbone width divisor (HHO's B backward passes per step dominate on the CPU)
-    scs_mode: str = "clean"
-    reg_weight: float = 0.1
-    reg_scale: float = 5.0
-    reject_window: int = 150
-    instance_level: bool = True
-    domain_level: bool = True
-    n_train: int = 24  # videos per source domain
-    label: str = "label"
+    method: str = arg(
+        "doha",
+        "pearson: plain multi-domain, negative Pearson; byhe: SCS maps; hps: SCS maps + DOHA's Toeplitz-regularized "
+        "loss; hho: per-instance / per-domain PCGrad on the wave loss, outlier rejection; doha: both",
+        choices=METHODS,
+    )
+    sources: Tuple[str, ...] = arg(
+        ("lab", "dark-moving"), f"source (training) domains: {DOMAIN_NAMES}", choices=sorted(DOMAINS), metavar="DOMAIN"
+    )
+    target: str = arg(
+        "flicker", "held-out (test) domain (one of the names above)", choices=sorted(DOMAINS), metavar="DOMAIN"
+    )
+    steps: int = arg(120, "training steps", budget=True)
+    per_domain: int = arg(
+        4,
+        "clips per source domain per step: the instances HHO harmonizes within a domain (the global batch is "
+        "per-domain x sources; under torchrun each process takes its share)",
+    )
+    clip: int = arg(70, "frames per training clip")
+    lr: float = arg(5e-4, "peak learning rate of the cosine schedule")
+    lr_min: float = arg(1e-6, "learning rate at the end of the cosine schedule")
+    wd: float = arg(1e-5, "weight decay at the start ...")
+    wd_max: float = arg(1e-3, "... rising along a cosine to this at the end")
+    shrink: int = arg(4, "backbone width divisor (HHO's B backward passes per step dominate on the CPU)")
+    scs_mode: str = arg("clean", "phase unwrap of the SCS label (spec 1.1)", choices=MODES)
+    reg_weight: float = arg(REG_WEIGHT, "weight of the Toeplitz regularizer in DOHA's per-instance loss")
+    reg_scale: float = arg(REG_SCALE, "scale s of the Toeplitz regularizer Reg_s")
+    reject_window: int = arg(REJECT_WINDOW, "FIFO length of the instance rejection")
+    instance_level: bool = arg(True, "hho/doha: instance-level PCGrad (--no-instance-level: off)")
+    domain_level: bool = arg(True, "hho/doha: domain-level PCGrad (--no-domain-level: off)")
+    n_train: int = arg(24, "training videos per source domain")
+    label: str = arg("label", "label: the delayed label waves; pulse: the videos' own pulses", choices=LABELS)
+    dropout: float = arg(DROPOUT, "dropout of the backbone's motion branch (0: off)")
+    head_dropout: float = arg(HEAD_DROPOUT, "dropout of the SCS head of the map methods (0: off)")
+
+    @property
+    def batch(self) -> int:
+        """Clips per step: per_domain from every source domain."""
+        return self.per_domain * len(self.sources)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -87,11 +134,18 @@ class DOHAConfig(VideoSetConfig):
             )
         if not 30 <= self.clip <= self.frames:
             raise ValueError(f"clip must be in [30, frames={self.frames}], got {self.clip}")
+        if self.steps < 1 or self.reject_window < 1:
+            raise ValueError(f"need steps >= 1 and reject_window >= 1, got {self.steps} and {self.reject_window}")
+        for name in ("dropout", "head_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         self.check_videos(self.clip)
 
 
 def build_model(cfg: DOHAConfig) -> torch.nn.Module:
-    return BYHENet(shrink=cfg.shrink) if cfg.method in MAP_METHODS else TSCANWave(shrink=cfg.shrink)
+    if cfg.method in MAP_METHODS:
+        return BYHENet(shrink=cfg.shrink, dropout=cfg.dropout, head_dropout=cfg.head_dropout)
+    return TSCANWave(shrink=cfg.shrink, dropout=cfg.dropout)
 
 
 def domain_sets(cfg: DOHAConfig) -> Tuple[List[VideoSet], VideoSet]:
@@ -117,30 +171,52 @@ def batch_losses(cfg: DOHAConfig, forward, clips: Dict[str, torch.Tensor]):
     return losses, reg.detach(), {"reg": reg.detach().mean()}
 
 
+SCHEDULES = "the cosine learning rate and weight decay (over --steps)"
+CHECKPOINT_EVERY = 20  # steps: 6 checkpoints in a default run of 120 steps
+
+
 def train(
     cfg: DOHAConfig,
     run: Run,
     device=torch.device("cpu"),
     show_progress: bool = True,
-    checkpoint_every: int = 50,
+    checkpoint_every: int = CHECKPOINT_EVERY,
     data=None,
 ):
-    """Train on the source domains; returns (model, target test set)."""
+    """Train on the source domains; returns (model, target test set). Under torchrun (a process
+    group started) every rank draws the global batch (``per_domain`` clips of every source
+    domain) and keeps its share: plain gradients through DDP, the harmonized methods' per-instance
+    gradients of the global batch on every rank (``hho.per_instance_grads``), rejected and
+    harmonized alike everywhere."""
     cfg.check()
+    info = dist_info()
+    if cfg.batch % info.world_size:
+        raise ValueError(
+            f"the batch, --per-domain {cfg.per_domain} x {len(cfg.sources)} --sources = {cfg.batch} clips, must be "
+            f"divisible by the {info.world_size} processes of torchrun"
+        )
     seed_everything(cfg.seed)
     sources, test = data if data is not None else domain_sets(cfg)
     model = build_model(cfg).to(device)
+    harmonized = cfg.method in HARMONIZED
+    if harmonized:  # the update is built from gradients all-reduced by hand: batch norm global, no DDP wrapper
+        net = convert_batchnorm(model) if info.enabled else model
+    else:
+        net = prepare_ddp(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     rejector = InstanceRejector(cfg.reject_window)
     domains = torch.arange(len(sources)).repeat_interleave(cfg.per_domain)
 
     def step_fn(step, rng, counts):
         parts = [sample_clips(vs, cfg.per_domain, cfg.clip, rng, cfg.label) for vs in sources]
-        clips = {k: torch.cat([p[k] for p in parts]).to(device) for k in ("video", "wave", "scs_wave", "mask")}
+        clips = {k: torch.cat([p[k] for p in parts]) for k in ("video", "wave", "scs_wave", "mask")}
+        clips = {k: v.to(device) for k, v in shard(clips, info).items()}
         set_schedule(opt, step, cfg.steps, (cfg.lr, cfg.lr_min), (cfg.wd, cfg.wd_max))
         opt.zero_grad(set_to_none=True)
-        if cfg.method in HARMONIZED:
-            losses, (values, logged), grads = per_instance_grads(model, lambda f, c: _split(cfg, f, c), clips)
+        if harmonized:
+            # losses and grads of the global batch (on every rank); the rejection values gathered to it
+            losses, (values, logged), grads = per_instance_grads(net, lambda f, c: _split(cfg, f, c), clips)
+            values = gather(values)
             if not (bool(torch.isfinite(losses).all()) and all(bool(torch.isfinite(g).all()) for g in grads.values())):
                 return None, "non-finite loss or gradient"
             keep = torch.tensor(rejector.keep(values.tolist()))
@@ -154,14 +230,16 @@ def train(
             for name, p in model.named_parameters():
                 if name in upd:
                     p.grad = upd[name].to(p.dtype)
+            loss = losses.mean()  # the global batch's already
         else:
-            losses, _, logged = batch_losses(cfg, model, clips)
-            if not bool(torch.isfinite(losses).all()):
+            losses, _, logged = batch_losses(cfg, net, clips)
+            if not all_finite(losses):
                 opt.zero_grad(set_to_none=True)
                 return None, "non-finite loss or gradient"
             losses.mean().backward()
+            loss = losses.detach().mean()
         opt.step()
-        return {"loss": losses.detach().mean(), **logged}, None
+        return {"loss": loss, **logged}, None
 
     model.train()
     out = train_loop(
@@ -174,6 +252,8 @@ def train(
         desc=cfg.method,
         show_progress=show_progress,
         checkpoint_every=checkpoint_every,
+        budget=budget_fields(DOHAConfig),
+        schedules=SCHEDULES,
         counters=("rejected",),
         row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
         intro=lambda: (

@@ -33,9 +33,13 @@ def _attention(feat: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     return H * W * m / (2 * m.abs().sum((-2, -1), keepdim=True).clamp(min=1e-7)), m
 
 
+DROPOUT = 0.15  # the code's dropout in the motion branch
+
+
 class TSCANLike(nn.Module):
-    def __init__(self, shrink: int = 1, dropout: float = 0.15):
-        """``shrink``: divide the hidden widths (64, 32, 16) by it (at least 4 channels each)."""
+    def __init__(self, shrink: int = 1, dropout: float = DROPOUT):
+        """``shrink``: divide the hidden widths (64, 32, 16) by it (at least 4 channels each);
+        ``dropout``: of the motion branch (0 turns it off)."""
         super().__init__()
         if shrink < 1:
             raise ValueError(f"shrink must be >= 1, got {shrink}")
@@ -123,9 +127,9 @@ class TSCANWave(nn.Module):
     -> wave (B, T - 15) aligned with the label's samples WAVE_OFFSET..WAVE_OFFSET + T - 16, and
     the Fuse1 mask. The wave-loss baselines (negative Pearson, MCC) train this."""
 
-    def __init__(self, shrink: int = 1):
+    def __init__(self, shrink: int = 1, dropout: float = DROPOUT):
         super().__init__()
-        self.backbone = TSCANLike(shrink=shrink)
+        self.backbone = TSCANLike(shrink=shrink, dropout=dropout)
         self.head = nn.Conv1d(8, 1, 1)
 
     def forward(self, video: torch.Tensor):

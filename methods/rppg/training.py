@@ -6,10 +6,17 @@
   falling, weight decay rising);
 * ``SCS_TRIM``, ``scs_target``, ``wave_target``: the targets a clip gives a map model and a wave
   model, aligned with their outputs;
-* ``train_loop``: the loop skeleton: resume from the run folder's checkpoint, one seeded clip draw
-  per step, a step that reports a non-finite loss is skipped and logged, the loss terms averaged
-  into a metrics row every ``log_every`` steps, checkpoints (the running counters and the terms of
-  the steps since the last row included, so a resumed run logs the same rows).
+* ``train_loop``: the loop skeleton: resume from the run folder's checkpoint (a larger step
+  budget continues a finished run), one seeded clip draw per step, a step that reports a
+  non-finite loss is skipped and logged, the loss terms averaged into a metrics row every
+  ``log_every`` steps, checkpoints every ``checkpoint_every`` steps (the running counters and the
+  terms of the steps since the last row included, so a resumed run logs the same rows);
+* DDP under torchrun (``methods.common.dist``): ``dist_info`` (this process's rank), ``gather``
+  (a per-rank tensor of equal shards back to the global batch), ``global_mean``, ``all_finite``.
+  The loop draws each step's global batch on every rank from the same seeded generator; the
+  trainers' ``step_fn`` keep their ``shard`` of it. The loop all-reduces the logged terms (the
+  global-batch means: each rank returns the mean over its equal shard), and only rank 0 logs,
+  writes checkpoints and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from methods.common import Run, progress, worker_seed
+from methods.common import DistInfo, Run, all_reduce_mean, arg, barrier, progress, worker_seed
 
 from .data import VideoSet, make_set
 from .scs import scs_label
@@ -35,13 +43,13 @@ class VideoSetConfig:
     """The video-set fields of an rPPG trainer's config. ``test_frames`` 0: as long as the
     training videos."""
 
-    n_train: int = 48
-    n_test: int = 16
-    frames: int = 300
-    test_frames: int = 0
-    size: int = 36
-    fs: float = 30.0
-    seed: int = 0
+    n_train: int = arg(48, "training videos")
+    n_test: int = arg(16, "test videos")
+    frames: int = arg(300, "frames per training video")
+    test_frames: int = arg(0, "frames per test video (0: as the training videos)")
+    size: int = arg(36, "frame size (pixels)")
+    fs: float = arg(30.0, "frame rate of the synthetic videos (frames per second)")
+    seed: int = arg(0, "random seed (the flag is --seed of the run options)", cli=False)
 
     @property
     def test_length(self) -> int:
@@ -115,6 +123,53 @@ def scs_target(clips: Mapping[str, torch.Tensor], mode: str) -> torch.Tensor:
 StepFn = Callable[[int, np.random.Generator, Dict[str, int]], Tuple[Optional[Dict[str, float]], Optional[str]]]
 
 
+# --- DDP ----------------------------------------------------------------------------------------
+
+
+def dist_info() -> DistInfo:
+    """This process's place under torchrun (after ``init_distributed``); a single process without
+    a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """The global batch of a per-rank tensor whose dim 0 is this rank's equal shard (rank order,
+    as `methods.common.shard` cut it); ``t`` itself in a single process. No autograd."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+def global_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean over the ranks of a per-rank mean over equal shards: the global batch's mean
+    (detached; ``t`` detached in a single process)."""
+    return all_reduce_mean(t.detach())
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value of ``tensors`` is finite on every rank (one decision for all ranks, so
+    that they skip a step together)."""
+    bad = sum((~torch.isfinite(t.detach())).sum().float() for t in tensors)  # on the tensors' device (NCCL)
+    return float(all_reduce_mean(torch.as_tensor(bad))) == 0.0
+
+
+def _global_terms(terms: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """The terms as floats, averaged over the ranks in one all-reduce (each rank's term is a mean
+    over its equal shard, so their mean is the global batch's)."""
+    keys = sorted(terms)
+    if not keys:
+        return {}
+    dev = next((t.device for t in terms.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))  # NCCL: GPU
+    v = torch.stack([torch.as_tensor(terms[k], dtype=torch.float64, device=dev).detach().reshape(()) for k in keys])
+    v = all_reduce_mean(v)
+    return {k: float(x) for k, x in zip(keys, v.cpu())}
+
+
 def train_loop(
     run: Run,
     config: Dict,
@@ -124,8 +179,10 @@ def train_loop(
     step_fn: StepFn,
     *,
     desc: str,
+    checkpoint_every: int,
+    budget: Sequence[str] = ("steps",),
+    schedules: str = "",
     show_progress: bool = True,
-    checkpoint_every: int = 100,
     log_every: int = 25,
     counters: Iterable[str] = (),
     row_extra: Optional[Callable[[int], Dict]] = None,
@@ -133,19 +190,41 @@ def train_loop(
 ) -> Dict:
     """Run ``step_fn(step, rng, counts)`` for the steps not yet done. ``rng`` is the step's own
     generator (``worker_seed(seed, 2, step)``: the clip draw does not depend on where a run
-    resumed); ``counts`` holds ``skipped`` and the ``counters`` (the step may add to them).
-    ``step_fn`` returns (terms, None) after its update, or (None, why) when it skipped it.
-    ``objects`` (name -> object with ``state_dict``) are checkpointed and restored by name.
+    resumed, nor on the rank under torchrun: every rank draws the global batch and keeps its
+    shard); ``counts`` holds ``skipped`` and the ``counters`` (the step may add to them: the same
+    on every rank). ``step_fn`` returns (terms, None) after its update, or (None, why) when it
+    skipped it (every rank alike: decide on global values, see ``all_finite``); under DDP each
+    term is the mean over the rank's shard and the loop logs their mean over the ranks.
+    ``objects`` (name -> object with ``state_dict``) are checkpointed (every ``checkpoint_every``
+    steps and at the end; by rank 0) and restored by name on every rank. ``config`` is compared
+    with the checkpoint's (``Run.resume``): the ``budget`` fields may grow, a finished run then
+    continues to ``steps``, and ``schedules`` says what follows the new budget, for the log.
     Returns {"seconds": training time, **counts}."""
-    state = run.resume(config, **objects)
+    info = dist_info()
+    # under torchrun rank 0 resumes (and has cleared --fresh) before the others (Run.resume)
+    state = run.resume(config, budget=budget, schedules=schedules, **objects)
     start = state["step"] + 1 if state else 0
+    if start > steps:
+        raise ValueError(
+            f"{run.out}: its checkpoint is at step {start}, beyond the budget of {steps} steps; "
+            "raise the budget, or use --fresh or another --out"
+        )
     if state is None and intro is not None:
         run.info(intro())
+    if info.enabled:
+        run.info(f"DDP: {info.world_size} process(es), each with its shard of the global batch")
     state = state or {}
     seconds = state.get("seconds", 0.0)
     acc = state.get("acc", {})
     counts = {k: state.get(k, 0) for k in ("skipped", *counters)}
-    bar = progress(range(start, steps), enabled=show_progress, desc=desc, unit="step", total=steps, initial=start)
+    bar = progress(
+        range(start, steps),
+        enabled=show_progress and info.is_main,
+        desc=desc,
+        unit="step",
+        total=steps,
+        initial=start,
+    )
     t0 = time.perf_counter()
     for step in bar:
         rng = np.random.default_rng(worker_seed(seed, 2, step))
@@ -154,8 +233,8 @@ def train_loop(
             counts["skipped"] += 1
             run.warning(f"step {step}: {why}, step skipped")
         else:
-            for k, v in terms.items():
-                acc.setdefault(k, []).append(float(v))
+            for k, v in _global_terms(terms).items():
+                acc.setdefault(k, []).append(v)
         last = step + 1 == steps
         if (step + 1) % log_every == 0 or last:
             row = {
@@ -169,17 +248,32 @@ def train_loop(
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}")
             acc = {}
         if (step + 1) % checkpoint_every == 0 or last:
-            run.checkpoints.save(
-                step,
-                {
-                    **{k: o.state_dict() for k, o in objects.items()},
-                    "config": config,
-                    "seconds": seconds + time.perf_counter() - t0,
-                    "acc": acc,
-                    **counts,
-                },
-            )
+            if info.is_main:
+                run.checkpoints.save(
+                    step,
+                    {
+                        **{k: o.state_dict() for k, o in objects.items()},
+                        "config": config,
+                        "seconds": seconds + time.perf_counter() - t0,
+                        "acc": acc,
+                        **counts,
+                    },
+                )
+            barrier()
     return {"seconds": seconds + time.perf_counter() - t0, **counts}
 
 
-__all__ = ["SCS_TRIM", "StepFn", "VideoSetConfig", "cosine", "scs_target", "set_schedule", "train_loop", "wave_target"]
+__all__ = [
+    "SCS_TRIM",
+    "StepFn",
+    "VideoSetConfig",
+    "all_finite",
+    "cosine",
+    "dist_info",
+    "gather",
+    "global_mean",
+    "scs_target",
+    "set_schedule",
+    "train_loop",
+    "wave_target",
+]

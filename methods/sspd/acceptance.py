@@ -19,7 +19,6 @@ and, for the first seed, example figures per domain (results/example_<domain>_<m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,8 +26,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from methods.common import format_difference, paired_difference
-from methods.common.acceptance import acceptance_meta, run_jobs, started_date
+from methods.common import format_difference, optional_plots, paired_difference
+from methods.common.acceptance import acceptance_meta, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -253,8 +252,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m methods.sspd.acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--domains", nargs="+", default=["default", "wild"])
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--size", type=int, default=36)
+    from .train import SSPDConfig
+
+    p.add_argument("--epochs", type=int, default=SSPDConfig.epochs, help="the official schedule's (%(default)s)")
+    p.add_argument("--size", type=int, default=SSPDConfig.size, help="frame size (pixels; %(default)s)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=os.path.join("runs", "sspd_acceptance"), help="run folders")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
@@ -292,8 +293,6 @@ def main(argv=None) -> int:
         (r for rs in results for r in rs),
         key=lambda r: (a.domains.index(r["domain"]), METHODS.index(r["method"]), r.get("roi", ""), r["seed"]),
     )
-    from .train import SSPDConfig
-
     config = SSPDConfig(epochs=a.epochs, size=a.size, **common["overrides"])
     cfg = {**asdict(config), "total_steps": config.total_steps}
     meta = acceptance_meta(
@@ -307,12 +306,10 @@ def main(argv=None) -> int:
         config=cfg,
     )
     summ = summarize(rows, a.domains, a.seeds)
-    with open(os.path.join(a.results, "acceptance.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows, "differences": summ}, f, indent=1)
     text = markdown(rows, meta, a.domains, a.seeds, summ, cfg)
-    with open(os.path.join(a.results, "acceptance.md"), "w") as f:
-        f.write(text)
-    figure(rows, a.domains, os.path.join(a.results, "acceptance.png"))
+    write_acceptance(a.results, meta, rows, text, differences=summ)
+    with optional_plots():
+        figure(rows, a.domains, os.path.join(a.results, "acceptance.png"))
     print(text)
     return 0
 

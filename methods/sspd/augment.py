@@ -20,25 +20,40 @@ import torch
 import torch.nn.functional as F
 
 CROPS = ("fixed", "faithful")
+KEEP = 0.7  # the code's Bernoulli keep-probability of the masked difference
 
 
 def crop_size(size: int) -> int:
     return max(1, int(round(size * 128 / 151)))
 
 
-def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """x (..., H, W): flipped along W, then along H, each with probability 1/2."""
-    if torch.rand((), generator=g) < 0.5:
+def _draw_flips(g: torch.Generator) -> Tuple[bool, bool]:
+    """(along W, along H), each with probability 1/2 (drawn in that order)."""
+    along_w = bool(torch.rand((), generator=g) < 0.5)
+    along_h = bool(torch.rand((), generator=g) < 0.5)
+    return along_w, along_h
+
+
+def _apply_flips(x: torch.Tensor, along_w: bool, along_h: bool) -> torch.Tensor:
+    """x (..., H, W) flipped along W, then along H, as drawn."""
+    if along_w:
         x = x.flip(-1)
-    if torch.rand((), generator=g) < 0.5:
+    if along_h:
         x = x.flip(-2)
     return x
 
 
 def two_views(
-    frames: torch.Tensor, generator: Optional[torch.Generator] = None, crop: str = "fixed", keep: float = 0.7
+    frames: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    crop: str = "fixed",
+    keep: float = KEEP,
+    rows: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """frames (B, 3, T + 1, S, S) (0..255) -> (online, target), each (B, 3, T, c, c)."""
+    """frames (B, 3, T + 1, S, S) (0..255) -> (online, target), each (B, 3, T, c, c). ``rows``
+    (start, stop): only those clips' views, (stop - start, 3, T, c, c), with the random draws of
+    the whole batch (a DDP rank's share of the views of the global batch: the draws of every clip
+    advance the generator as they do in one process)."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     if frames.dim() != 5 or frames.shape[1] != 3 or frames.shape[2] < 2:
@@ -47,20 +62,28 @@ def two_views(
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     g = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     B, _, T1, H, W = frames.shape
+    start, stop = (0, B) if rows is None else rows
+    if not 0 <= start < stop <= B:
+        raise ValueError(f"rows must be (start, stop) with 0 <= start < stop <= {B}, got {rows}")
     c = crop_size(min(H, W))
     online, target = [], []
-    for b in range(B):
+    for b in range(B):  # every clip's draws, in the one-process order; the views of the clips in rows
+        mine = start <= b < stop
         x = frames[b].float()
         if crop == "fixed":
             i = int(torch.randint(H - c + 1, (), generator=g))
             j = int(torch.randint(W - c + 1, (), generator=g))
         else:
             i = j = 0
-        o = _flip(x[:, :, i : i + c, j : j + c], g)
-        o = o[:, 1:] - o[:, :-1]
-        mask = (torch.rand((1, T1 - 1, c, c), generator=g) < keep).to(o.dtype)
-        online.append(o * mask)
-        t = F.interpolate(x.transpose(0, 1), size=(c, c), mode="bicubic", align_corners=False).transpose(0, 1)
-        t = _flip(t, g)
-        target.append(t[:, 1:] - t[:, :-1])
+        flips = _draw_flips(g)
+        mask = torch.rand((1, T1 - 1, c, c), generator=g) < keep
+        if mine:
+            o = _apply_flips(x[:, :, i : i + c, j : j + c], *flips)
+            o = o[:, 1:] - o[:, :-1]
+            online.append(o * mask.to(o.dtype))
+        flips = _draw_flips(g)
+        if mine:
+            t = F.interpolate(x.transpose(0, 1), size=(c, c), mode="bicubic", align_corners=False).transpose(0, 1)
+            t = _apply_flips(t, *flips)
+            target.append(t[:, 1:] - t[:, :-1])
     return torch.stack(online), torch.stack(target)

@@ -17,6 +17,14 @@ over the I steps).
 ``supervised=True`` trains the same backbone + predictor end to end on the target view with
 negative Pearson against the label wave (the videos' own pulses by default: the supervised
 reference at its best, without label delay). Both are resumable; a NaN loss skips its step.
+A larger ``epochs`` (or ``steps``) continues a finished run: epoch e's order of the videos
+depends on (seed, e) only, so the new epochs draw as a longer run would; the EMA momentum is a
+cosine over the total steps, so the continued run follows the cosine of the new total from the
+step it resumes at (the momentum drops back below 1 there: not the run a start with that budget
+would have made). Under torchrun (DDP) ``batch`` is the global batch: every process draws the
+same clips and views (the augmentations' draws of the whole batch) and keeps its share; batch
+norm (student and teacher) runs over the global batch. The result equals one process's up to
+float rounding.
 
 Test: the whole frame resized like the target view, frame differences, backbone + predictor of
 ``eval_net``, in eval mode. The student's batch-norm running statistics come from masked online
@@ -32,44 +40,68 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.common import Run, seed_everything, worker_seed
+from methods.common import (
+    DistInfo,
+    Run,
+    arg,
+    budget_fields,
+    convert_batchnorm,
+    prepare_ddp,
+    seed_everything,
+    shard,
+    shard_bounds,
+    worker_seed,
+)
 from methods.rppg.data import LABELS, sample_clips
 from methods.rppg.synth import DOMAINS
-from methods.rppg.training import VideoSetConfig, train_loop
+from methods.rppg.training import VideoSetConfig, all_finite, dist_info, global_mean, train_loop
 
-from .augment import CROPS, crop_size, two_views
+from .augment import CROPS, KEEP, crop_size, two_views
 from .losses import neg_pearson, sspd_losses
 from .model import SSPDNet
 
+DOMAIN_NAMES = ", ".join(sorted(DOMAINS))
 NETS = ("teacher", "student")
 
 
 @dataclass
 class SSPDConfig(VideoSetConfig):
-    supervised: bool = False
-    label: str = "pulse"  # supervised only: pulse (zero delay) | label (delayed)
-    epochs: int = 30  # one clip per training video per epoch (the code: 30)
-    steps: int = 0  # 0: epochs x ceil(n_train / batch); else this many iterations of the same sampler
-    batch: int = 12
-    clip: int = 300  # frame differences per view (clip + 1 frames are drawn)
-    lr: float = 1e-3
-    width: int = 1  # channel-width divisor (1: the code's network)
-    spatial_padding: bool = True  # pad space in the convs (frames smaller than 66 x 66)
-    crop: str = "fixed"  # fixed | faithful (the code's top-left crop)
-    keep: float = 0.7  # Bernoulli keep-probability of the masked difference
-    eval_net: str = "teacher"  # teacher | student: the network tested (SSPD; supervised tests the student)
-    domain: str = "wild"
-    n_train: int = 30  # the code's 30 UBFC training subjects
-    frames: int = 450  # 15-s training videos, so 301-frame clips start anywhere in 5 s
-    test_frames: int = 300  # 10-s test videos, evaluated whole
-    size: int = 36
+    supervised: bool = arg(False, "negative Pearson on the labels instead of SSPD (the supervised reference)")
+    label: str = arg(
+        "pulse", "--supervised: pulse (the videos' own pulses, zero delay) or label (delayed)", choices=LABELS
+    )
+    epochs: int = arg(30, "epochs: one clip per training video each (the code: 30)", budget=True)
+    steps: int = arg(
+        0, "iterations (0: epochs x ceil(n_train / batch); else this many of the same sampler)", budget=True
+    )
+    batch: int = arg(12, "clips per step (the global batch under torchrun: each process takes its share)")
+    clip: int = arg(300, "frame differences per view (clip + 1 frames are drawn)")
+    lr: float = arg(1e-3, "learning rate (Adam, constant)")
+    width: int = arg(1, "channel-width divisor (1: the code's network)")
+    spatial_padding: bool = arg(
+        True, "pad space in the convs, for frames smaller than 66 x 66 (--no-spatial-padding: the code's time-only)"
+    )
+    crop: str = arg(
+        "fixed", "fixed: a random crop of the online view; faithful: the code's top-left one", choices=CROPS
+    )
+    keep: float = arg(KEEP, "Bernoulli keep-probability of the masked difference")
+    eval_net: str = arg(
+        "teacher",
+        "the SSPD network tested: the EMA teacher (batch-norm statistics of the unmasked view) or the student (of "
+        "the masked view); a supervised run tests the student",
+        choices=NETS,
+    )
+    domain: str = arg("wild", f"synthetic domain: {DOMAIN_NAMES}", choices=sorted(DOMAINS), metavar="DOMAIN")
+    n_train: int = arg(30, "training videos (the code's 30 UBFC training subjects)")
+    frames: int = arg(450, "frames per training video (15 s: 301-frame clips start anywhere in 5 s)")
+    test_frames: int = arg(300, "frames per test video (10 s, evaluated whole; 0: as the training videos)")
 
     @property
     def iters_per_epoch(self) -> int:
@@ -78,6 +110,13 @@ class SSPDConfig(VideoSetConfig):
     @property
     def total_steps(self) -> int:
         return self.steps if self.steps > 0 else self.epochs * self.iters_per_epoch
+
+    @property
+    def batch_sizes(self) -> Tuple[int, ...]:
+        """The sizes of an epoch's batches that occur: ``batch``, and the smaller last one."""
+        full = min(self.batch, self.n_train)
+        last = self.n_train - (self.iters_per_epoch - 1) * self.batch
+        return (full,) if last == full else (full, last)
 
     def batch_index(self, step: int) -> np.ndarray:
         """The training videos of iteration ``step``: epoch ``step // iters_per_epoch`` shuffles
@@ -156,17 +195,43 @@ def datasets(cfg: SSPDConfig):
 
 
 def step_losses(
-    cfg: SSPDConfig, student: SSPDNet, teacher: SSPDNet, clips: Dict[str, torch.Tensor], g: torch.Generator
+    cfg: SSPDConfig,
+    student: nn.Module,
+    teacher: SSPDNet,
+    clips: Dict[str, torch.Tensor],
+    g: torch.Generator,
+    info: DistInfo = DistInfo(),
 ) -> Dict[str, torch.Tensor]:
+    """The step's loss terms on this rank's share of the global batch ``clips`` (all of it in
+    one process): the views are drawn for the global batch (``g``), then cut to the share.
+    ``student``: the network called for the gradient (supervised: its prediction path, see
+    ``Predict``; under DDP, wrapped)."""
     if cfg.supervised:
-        x = global_view(clips["video"], crop_size(cfg.size))
-        y = student.predict(x)
-        return {"loss": neg_pearson(y, clips["wave"][:, 1:])}
-    online, target = two_views(clips["video"], g, cfg.crop, cfg.keep)
+        x = global_view(shard(clips["video"], info), crop_size(cfg.size))
+        y = student(x)
+        return {"loss": neg_pearson(y, shard(clips["wave"], info)[:, 1:])}
+    rows = shard_bounds(clips["video"].shape[0], info)
+    online, target = two_views(clips["video"], g, cfg.crop, cfg.keep, rows=rows)
     y_o, maps_o = student(online)
     with torch.no_grad():
         y_t, maps_t = teacher(target)
     return sspd_losses(y_o, y_t, maps_o, maps_t, cfg.fs)
+
+
+class Predict(nn.Module):
+    """The supervised training's forward: ``net.predict`` (backbone + predictor, end to end) as a
+    module's ``forward``, so that DDP sees it."""
+
+    def __init__(self, net: SSPDNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.predict(x)
+
+
+SCHEDULES = "the EMA momentum (a cosine over the total steps)"
+CHECKPOINT_EVERY = 10  # steps: 9 checkpoints in a default run of 90 steps (30 epochs of 3)
 
 
 def train(
@@ -174,17 +239,32 @@ def train(
     run: Run,
     device=torch.device("cpu"),
     show_progress: bool = True,
-    checkpoint_every: int = 50,
+    checkpoint_every: int = CHECKPOINT_EVERY,
     data=None,
 ):
-    """Returns (the test-time model ``Inference``, the test set)."""
+    """Returns (the test-time model ``Inference``, the test set). Under torchrun (a process group
+    started) every rank draws the global batch and its views and trains on its share (the
+    student through DDP; batch norm over the global batch in the student and the teacher)."""
     cfg.check()
+    info = dist_info()
+    for n in cfg.batch_sizes:
+        if n % info.world_size:
+            raise ValueError(
+                f"--batch {cfg.batch} with --n-train {cfg.n_train} makes batches of {' and '.join(map(str, cfg.batch_sizes))} "
+                f"clips; each must be divisible by the {info.world_size} processes of torchrun"
+            )
     seed_everything(cfg.seed)
     train_set, test_set = data if data is not None else datasets(cfg)
     student = build(cfg).to(device)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if cfg.supervised and info.enabled:  # S3M gets no gradient there: DDP must not wait for one
+        for p in student.s3m.parameters():
+            p.requires_grad_(False)
+    net = prepare_ddp(Predict(student) if cfg.supervised else student, device)
+    if info.enabled:
+        convert_batchnorm(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     total = cfg.total_steps
@@ -197,10 +277,10 @@ def train(
             ).items()
         }
         g = torch.Generator().manual_seed(worker_seed(cfg.seed, 3, step))
-        terms = step_losses(cfg, student, teacher, clips, g)
+        terms = step_losses(cfg, net, teacher, clips, g, info)
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(terms["loss"]):
-            return None, f"non-finite loss ({float(terms['loss'].detach())})"
+        if not all_finite(terms["loss"]):
+            return None, f"non-finite loss ({float(global_mean(terms['loss']))})"
         terms["loss"].backward()
         opt.step()
         if not cfg.supervised:
@@ -219,6 +299,8 @@ def train(
         desc="supervised" if cfg.supervised else "sspd",
         show_progress=show_progress,
         checkpoint_every=checkpoint_every,
+        budget=budget_fields(SSPDConfig),
+        schedules=SCHEDULES,
         log_every=cfg.iters_per_epoch,
         row_extra=lambda step: {"epoch": step // cfg.iters_per_epoch, "momentum": momentum(step, total)},
         intro=lambda: (
