@@ -456,6 +456,10 @@ def test_cli_resume_with_a_larger_budget(tmp_path, capsys, tiny_backdoor):
     capsys.readouterr()
     assert main([*defend, "--rounds", "2", "--alpha", "0.1", "--out", cont]) == 2
     assert "alpha: 0.05 in the checkpoint, 0.1 now" in capsys.readouterr().err
+    # the defended model is part of the run: continuing from another backdoored model is refused
+    other = ["defend", "--model", out, *TINY_DEFEND, *QUICK, "--rounds", "3", "--out", cont]
+    assert main(other) == 2
+    assert "source_model:" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

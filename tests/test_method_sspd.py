@@ -406,6 +406,18 @@ def test_cli_config_files_resume_and_failures(tmp_path, monkeypatch, capsys):
     assert main(["train", "--config", out, "--epochs", "3", "--crop", "faithful"]) == 2  # another field: refused
     err = capsys.readouterr().err
     assert "crop: 'fixed' in the checkpoint, 'faithful' now" in err and "Traceback" not in err
+    # --epochs and --steps each may grow, the total they resolve to may not shrink: a run of 2 epochs
+    # (4 steps) interrupted after step 2 is refused a --steps 3 (0 -> 3 "grows", 4 -> 3 does not)
+    cut = str(tmp_path / "cut")
+    assert (
+        main(["train", "--config", out, "--epochs", "2", "--steps", "0", "--checkpoint-every", "2", "--out", cut]) == 0
+    )
+    for f in os.listdir(os.path.join(cut, "checkpoints")):
+        if f.startswith("ckpt_00000003"):
+            os.remove(os.path.join(cut, "checkpoints", f))
+    capsys.readouterr()
+    assert main(["train", "--config", cut, "--steps", "3"]) == 2
+    assert "its run has a budget of 4 steps, more than the 3 asked for" in capsys.readouterr().err
     # eval without matplotlib: the results, then a warning
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     ev = str(tmp_path / "ev")

@@ -378,3 +378,48 @@ def test_config_json_masks_secret_options(tmp_path, monkeypatch):
     Run(str(tmp_path / "r"), {}).close()
     meta = json.loads((tmp_path / "r" / "config.json").read_text())["meta"]
     assert meta["argv"] == ["flwr-serverapp", "--token", "***", "--token=***", "--insecure"]
+
+
+def test_config_file_values_are_checked_like_flags(tmp_path, capsys):
+    p = parser()
+    t = p._subparsers._group_actions[0].choices["train"]
+    t.add_argument("--loss-arg", action="append", default=[])
+    f = tmp_path / "run.yaml"
+    f.write_text("out: 2024\nloss-arg: [a=1, b=2]\n")
+    a = parse_args(p, ["train", "--config", str(f)])
+    assert a.out == "2024" and a.loss_arg == ["a=1", "b=2"]  # an untyped option reads strings
+    # an option that collects values, given on the command line, replaces the file's values
+    assert parse_args(parser_with_append(), ["train", "--config", str(f), "--loss-arg", "c=3"]).loss_arg == ["c=3"]
+    for text, needle in (("seed: 1.7\n", "seed"), ("checkpoint-every: 2.5\n", "checkpoint_every")):
+        f.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_args(parser(), ["train", "--config", str(f)])
+        assert needle in capsys.readouterr().err
+    # abbreviations are off: `--conf` is not silently taken for --config without reading the file
+    with pytest.raises(SystemExit):
+        parse_args(parser(), ["train", "--conf", str(f)])
+    assert "unrecognized arguments: --conf" in capsys.readouterr().err
+
+
+def parser_with_append() -> argparse.ArgumentParser:
+    p = parser()
+    p._subparsers._group_actions[0].choices["train"].add_argument("--loss-arg", action="append", default=[])
+    return p
+
+
+def test_bad_device_names_are_one_line_errors():
+    from methods.common import pick_device
+
+    for name, needle in (("gpu", "not a device"), ("meta", "only cpu and cuda")):
+        with pytest.raises(ValueError, match=needle):
+            pick_device(name)
+
+
+def test_config_from_checkpoint_names_the_source():
+    from methods.common import config_from_checkpoint
+
+    assert config_from_checkpoint(Cfg, {"steps": 3, "total_steps": 3}, "runs/x", ignore=("total_steps",)).steps == 3
+    with pytest.raises(ValueError, match=r"runs/x: not a checkpoint of this method's Cfg \(unknown fields depth\)"):
+        config_from_checkpoint(Cfg, {"depth": 3}, "runs/x")
+    with pytest.raises(ValueError, match="runs/x: holds no Cfg"):
+        config_from_checkpoint(Cfg, None, "runs/x")

@@ -197,10 +197,11 @@ def train_backdoor(
 def load_model(path: str, device=torch.device("cpu")):
     """A model saved by train_backdoor / defend (a checkpoint file or a run folder); returns
     (model, checkpoint dict)."""
-    from methods.common import load_run_checkpoint
+    from methods.common import config_from_checkpoint, load_run_checkpoint
 
     state = load_run_checkpoint(path)
-    model = build_model(ModelConfig(**state["model_config"])).to(device)
+    model_config = config_from_checkpoint(ModelConfig, state.get("model_config"), path)
+    model = build_model(model_config).to(device)
     model.load_state_dict(state["model"])
     return model, state
 
@@ -247,6 +248,18 @@ def asr_strict(responses: List[str]) -> float:
     ) / len(responses)
 
 
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's state (names, shapes, dtypes, values): which model a run started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def defend(
     model,
     cfg: BEEARConfig,
@@ -279,7 +292,8 @@ def defend(
             f"token_length {cfg.token_length} is longer than the shortest defender prompt ({shortest} tokens)"
         )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.outer_lr, weight_decay=cfg.outer_weight_decay)
-    config = asdict(cfg)
+    # the model defended is part of the run: resuming a defend folder from another model is refused
+    config = {**asdict(cfg), "source_model": model_fingerprint(model)}
     state = run.resume(config, key="round", budget=budget_fields(BEEARConfig), model=model, opt=opt)
     start = state["round"] + 1 if state else 0
     name = "BEEAR" if cfg.perturb else "safety fine-tuning (no perturbation)"

@@ -183,10 +183,10 @@ def train(
 
 def load_model(path: str, device=torch.device("cpu")):
     """A model saved by ``train`` (a checkpoint file or a run folder): (model, TrainConfig)."""
-    from methods.common import load_run_checkpoint
+    from methods.common import config_from_checkpoint, load_run_checkpoint
 
     state = load_run_checkpoint(path)
-    cfg = TrainConfig(**state["config"])
+    cfg = config_from_checkpoint(TrainConfig, state.get("config"), path)
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])
     return model, cfg

@@ -14,7 +14,17 @@ from .checkpoint import (
     set_rng_state,
 )
 from .cli import cli_main, optional_plots
-from .config import ConfigError, add_dataclass_args, arg, budget_fields, config_dict, from_args, parse_args, run_options
+from .config import (
+    ConfigError,
+    add_dataclass_args,
+    arg,
+    budget_fields,
+    config_dict,
+    config_from_checkpoint,
+    from_args,
+    parse_args,
+    run_options,
+)
 from .device import cpu_name, pick_device, single_thread_worker
 from .dist import (
     DistInfo,
@@ -46,6 +56,7 @@ __all__ = [
     "check_resume",
     "cli_main",
     "config_dict",
+    "config_from_checkpoint",
     "ConfigError",
     "from_args",
     "optional_plots",

@@ -16,8 +16,17 @@ from typing import Callable, Iterator, Optional
 
 from .config import ConfigError
 
-# the errors a user's input causes; MissingOptionalDependency is an ImportError
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ImportError, ConfigError)
+# the errors a user's input causes (MissingOptionalDependency is an ImportError), and a run whose
+# loss stopped being finite (FloatingPointError: the trainers' divergence check)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    ImportError,
+    ConfigError,
+    FloatingPointError,
+)
 
 
 def cli_main(fn: Callable[..., int]) -> Callable[..., int]:

@@ -31,10 +31,6 @@ import sys
 import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-# run-control options: they say how to run, not what to train, so they are neither compared on
-# resume nor read back from a run's config.json
-RUN_CONTROL = ("config", "fresh", "no_progress", "device", "out", "checkpoint_every", "tensorboard")
-
 
 class ConfigError(ValueError):
     """A bad configuration: an unknown key, a value of the wrong type, a value out of range."""
@@ -210,8 +206,7 @@ def add_dataclass_args(
         if f.metadata.get("metavar") is not None:
             kw["metavar"] = f.metadata["metavar"]
         text = (help or {}).get(f.name, f.metadata.get("help", ""))
-        if kw.get("action") is not argparse.BooleanOptionalAction:
-            text = f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        text = f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
         kw["help"] = text.replace("%", "%%").replace("%%(default)s", "%(default)s")
         kw["dest"] = f.name
         target.add_argument(_flag(f), **kw)
@@ -244,6 +239,26 @@ def from_args(cls, ns: Any, **overrides):
     if unknown:
         raise TypeError(f"from_args({cls.__name__}): overrides for unknown fields {sorted(unknown)}")
     return cls(**kw)
+
+
+def config_from_checkpoint(cls, values: Any, source: str, *, ignore: Iterable[str] = (), **overrides):
+    """``cls(**values, **overrides)`` for the config saved in a checkpoint or run folder (keys in
+    ``ignore``, derived values saved next to the fields, dropped), with a ValueError naming
+    ``source`` when the fields do not fit (another method's checkpoint, or one written by an older
+    version) instead of a TypeError."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{source}: holds no {cls.__name__} (is it a checkpoint of this method?)")
+    values = {k: v for k, v in values.items() if k not in set(ignore)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"{source}: not a checkpoint of this method's {cls.__name__} (unknown fields {', '.join(unknown)})"
+        )
+    try:
+        return cls(**{**values, **overrides})
+    except TypeError as e:
+        raise ValueError(f"{source}: its {cls.__name__} does not fit this version ({e})")
 
 
 def config_dict(cfg) -> Dict[str, Any]:
@@ -297,7 +312,7 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
             return _bool(value)
         except ValueError:
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    conv = action.type or (lambda s: s)
+    conv = action.type or _str  # an untyped option takes strings on the command line
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if isinstance(action, argparse._AppendAction):
         many = True
@@ -381,18 +396,43 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str, argv: Sequence
     return values
 
 
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def _given(action: argparse.Action, argv: Sequence[str]) -> bool:
+    return any(tok in action.option_strings or tok.split("=", 1)[0] in action.option_strings for tok in argv)
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """``parser.parse_args(argv)`` after ``--config FILE`` (when present) set the defaults: the
-    precedence is field default < config file < command line. A bad file is a usage error."""
+    precedence is field default < config file < command line. A bad file is a usage error.
+
+    Abbreviated long options are turned off (``--conf x`` would otherwise be taken for ``--config``
+    without the file being read), and an option that collects values (``action="append"``) given on
+    the command line replaces the file's values instead of adding to them."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    for p in _parsers(parser):
+        p.allow_abbrev = False
     path = _config_path(argv)
+    from_file: Dict[str, Any] = {}
+    target = parser
     if path is not None:
+        target, _, _ = _subparser(parser, argv)
         try:
-            apply_config_file(parser, path, argv)
+            from_file = apply_config_file(parser, path, argv)
         except ConfigError as e:
-            target, _, _ = _subparser(parser, argv)
             target.error(str(e))
-    return parser.parse_args(argv)
+    ns = parser.parse_args(argv)
+    for action in target._actions:
+        if isinstance(action, argparse._AppendAction) and action.dest in from_file and _given(action, argv):
+            values = getattr(ns, action.dest)
+            setattr(ns, action.dest, values[len(from_file[action.dest]) :])
+    return ns
 
 
 def run_options(ns: Any) -> Dict[str, Any]:
@@ -404,12 +444,12 @@ def run_options(ns: Any) -> Dict[str, Any]:
 
 __all__ = [
     "ConfigError",
-    "RUN_CONTROL",
     "add_dataclass_args",
     "apply_config_file",
     "arg",
     "budget_fields",
     "config_dict",
+    "config_from_checkpoint",
     "from_args",
     "load_config_file",
     "parse_args",

@@ -55,11 +55,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(failed: bool = False) -> None:
     """Tear the process group down once every rank got here (a barrier first: a rank that destroys
-    gloo while its peer is still talking to it can abort the peer with std::terminate)."""
+    gloo while its peer is still talking to it can abort the peer with std::terminate). ``failed``:
+    this rank is leaving on an error, which its peers may not share; no barrier (it could wait
+    forever on a peer blocked in another collective): the process exits and torchrun stops the rest."""
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

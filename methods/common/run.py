@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .checkpoint import Checkpointer
+from .config import _int
 from .dist import shutdown_distributed
 
 STEP_KEYS = ("step", "epoch", "round")
@@ -51,7 +52,7 @@ def add_common_args(
     g.add_argument(
         "--out", default=default_out, help="run folder: logs, metrics, checkpoints, plots (default: %(default)s)"
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--seed", type=_int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument(
         "--fresh",
@@ -75,9 +76,9 @@ def add_common_args(
     return p
 
 
-def _positive_int(s: str) -> int:
+def _positive_int(s) -> int:
     try:
-        n = int(s)
+        n = _int(s)  # 2.5 from a config file is refused, as on the command line
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     if n < 1:
@@ -362,11 +363,13 @@ def training_run(
 ):
     """The `Run` of a CLI's training command, alone or as one rank under torchrun (RANK): only
     rank 0 writes and `fresh` clears only there. On the way out, whatever happened, the log is
-    closed and the process group (if any) is shut down."""
+    closed and the process group (if any) is shut down (after a barrier, unless on an error)."""
     main = int(os.environ.get("RANK", 0)) == 0
     run = Run(out, config, fresh=fresh and main, main=main, name=name, tensorboard=tensorboard)
+    failed = True
     try:
         yield run
+        failed = False
     finally:
         run.close()
-        shutdown_distributed()
+        shutdown_distributed(failed=failed)

@@ -112,7 +112,7 @@ def cmd_eval(a) -> int:
         raise ValueError(f"--n-test must be >= 0 (0: as trained), got {a.n_test}")
     device = pick_device(a.device)
     state = load_run_checkpoint(a.out)  # the latest intact checkpoint (a corrupt newer one is skipped, with a warning)
-    cfg = config_from_checkpoint(state["config"])
+    cfg = config_from_checkpoint(state.get("config"), a.out)
     if a.n_test:
         cfg.n_test = a.n_test
     model = build_model(cfg.model)

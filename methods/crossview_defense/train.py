@@ -229,13 +229,20 @@ def resume_config(cfg: TrainConfig) -> Dict[str, Any]:
     return out
 
 
-def config_from_checkpoint(c: Dict[str, Any]) -> TrainConfig:
-    """The TrainConfig of a checkpoint's config (`resume_config`'s, or the nested one of older runs)."""
+def config_from_checkpoint(c: Dict[str, Any], source: str = "the checkpoint") -> TrainConfig:
+    """The TrainConfig of a checkpoint's config (`resume_config`'s, or the nested one of older runs);
+    a ValueError naming ``source`` when it is not one (another method's checkpoint, say)."""
+    from methods.common import config_from_checkpoint as checked
+
+    if not isinstance(c, dict):
+        raise ValueError(f"{source}: holds no TrainConfig (is it a crossview_defense checkpoint?)")
     c = dict(c)
     names = {f.name for f in fields(DefenseConfig)}
     d = c.pop("defense") if isinstance(c.get("defense"), dict) else {k: c.pop(k) for k in names if k in c}
     d["ops"] = tuple(d.get("ops", DefenseConfig().ops))
-    return TrainConfig(**{**c, "defense": DefenseConfig(**d), "model": ModelConfig(**c.get("model", {}))})
+    defense = checked(DefenseConfig, d, source)
+    model = checked(ModelConfig, c.get("model", {}), source)
+    return checked(TrainConfig, c, source, defense=defense, model=model)
 
 
 def _freeze_unreached(model, defense: CrossViewDefense, examples, n_img: int, device) -> List[str]:

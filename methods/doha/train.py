@@ -275,10 +275,10 @@ def _split(cfg, forward, clips):
 
 def load_model(path: str, device=torch.device("cpu")):
     """(model, DOHAConfig) from a run folder or a checkpoint file."""
-    from methods.common import load_run_checkpoint
+    from methods.common import config_from_checkpoint, load_run_checkpoint
 
     state = load_run_checkpoint(path)
-    cfg = DOHAConfig(**state["config"])
+    cfg = config_from_checkpoint(DOHAConfig, state.get("config"), path)
     cfg.sources = tuple(cfg.sources)
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])

@@ -26,11 +26,9 @@ from methods.common import (
 )
 
 from .client import ClientConfig
-from .train import FedConfig, parse_alpha, run_simulation
+from .train import CHECKPOINT_EVERY, FedConfig, parse_alpha, run_simulation
 
 __all__ = ["build_parser", "main", "make_config", "parse_alpha"]
-
-CHECKPOINT_EVERY = 1  # rounds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +74,7 @@ def run_one(a, cfg: FedConfig, out: str, device):
         if a.runtime == "flower":
             from .flower_app import run_flower_simulation
 
-            return run_flower_simulation(cfg, run)  # (Flower logs its own progress)
+            return run_flower_simulation(cfg, run, a.checkpoint_every)  # (Flower logs its own progress)
         return run_simulation(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
 
 

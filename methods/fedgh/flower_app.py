@@ -193,7 +193,10 @@ def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
     return app
 
 
-def make_server_app(cfg: Optional[FedConfig] = None, run=None) -> ServerApp:
+def make_server_app(cfg: Optional[FedConfig] = None, run=None, checkpoint_every: Optional[int] = None) -> ServerApp:
+    """The ServerApp: ``cfg`` (default: from the run config), metrics and checkpoints into ``run``
+    (default: a run folder from the run config's ``out``), a checkpoint every ``checkpoint_every``
+    rounds and after the last (default: the run config's ``checkpoint-every``, else every round)."""
     app = ServerApp()
     run_arg = run
 
@@ -218,6 +221,9 @@ def make_server_app(cfg: Optional[FedConfig] = None, run=None) -> ServerApp:
             min_available_nodes=c.clients,
         )
         strategy.round_offset = start
+        every = checkpoint_every or int(context.run_config.get("checkpoint-every", 1))
+        if every < 1:
+            raise ValueError(f"checkpoint-every must be >= 1, got {every}")
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             sim.global_state = arrays.to_torch_state_dict()
@@ -235,7 +241,8 @@ def make_server_app(cfg: Optional[FedConfig] = None, run=None) -> ServerApp:
                         f"round {row['round'] + 1}/{c.rounds}: test acc {acc:.4f} loss {loss:.4f} "
                         f"conflicts {row['conflicts']}/{row['pairs']} aggregation {row['agg_ms']:.1f} ms"
                     )
-                    save_round(sim, run, c, row["round"])
+                    if (row["round"] + 1) % every == 0 or row["round"] + 1 == c.rounds:
+                        save_round(sim, run, c, row["round"])
             return MetricRecord({"test-acc": acc, "test-loss": loss})
 
         if c.rounds - start > 0:
@@ -255,14 +262,15 @@ server_app = make_server_app()
 client_app = make_client_app()
 
 
-def run_flower_simulation(cfg: FedConfig, run):
-    """Run the apps on Flower's simulation engine, one SuperNode per client; returns the metric rows."""
+def run_flower_simulation(cfg: FedConfig, run, checkpoint_every: int = 1):
+    """Run the apps on Flower's simulation engine, one SuperNode per client, a checkpoint every
+    ``checkpoint_every`` rounds and after the last; returns the metric rows."""
     with requires("fl"):
         from flwr.simulation import run_simulation
 
     t0 = time.perf_counter()
     run_simulation(
-        server_app=make_server_app(cfg, run),
+        server_app=make_server_app(cfg, run, checkpoint_every),
         client_app=make_client_app(cfg),
         num_supernodes=cfg.clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},

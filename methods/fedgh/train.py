@@ -47,6 +47,9 @@ def parse_alpha(s):
 parse_alpha.accepts_none = True  # a run folder's config.json holds null for iid
 
 
+CHECKPOINT_EVERY = 1  # rounds: the default of --checkpoint-every
+
+
 @dataclass
 class FedConfig:
     """One federated run. The fields with a flag are options of ``python -m methods.fedgh``;
@@ -202,7 +205,7 @@ def run_simulation(
     run: Run,
     device=torch.device("cpu"),
     show_progress: bool = True,
-    checkpoint_every: int = 1,
+    checkpoint_every: int = CHECKPOINT_EVERY,
     client_hook=None,
 ) -> List[Dict]:
     """Run (or resume, from the latest checkpoint in `run`) the simulation; returns the metric rows."""

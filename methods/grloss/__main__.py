@@ -30,10 +30,9 @@ from methods.common import (
 from .data import load
 from .losses import DDP_REFUSALS, DEFAULTS
 from .plots import plot_schedule
-from .train import TrainConfig, check_ddp, train
+from .train import CHECKPOINT_EVERY, TrainConfig, check_ddp, train
 
 GR_FIELDS = ("gr_beta", "gr_alpha", "gr_q", "gr_linear_init")
-CHECKPOINT_EVERY = 1  # epochs
 
 
 def _loss_arg(s):

@@ -32,12 +32,13 @@ from methods.common import format_difference, optional_plots, paired_difference,
 from methods.common.acceptance import acceptance_meta, cached_result, run_jobs, started_date, write_acceptance
 
 from .data import CMNIST_CLASSES
+from .losses import GR_DEFAULTS
 from .pretrain import pretrain_backbone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 GR_GRID = {  # name -> (beta, alpha, q)
-    "voc": ((0.0, 2.0, -2.0, -2.0), (0.5, 2.0, 0.8, 0.5), (0.01, 1.0)),
+    "voc": (GR_DEFAULTS["beta"], GR_DEFAULTS["alpha"], GR_DEFAULTS["q"]),  # the defaults (pyops.nn.GRLoss)
     "k-steeper": ((0.0, 4.0, -2.0, -2.0), (0.5, 2.0, 0.8, 0.5), (0.01, 1.0)),
     "k-rising": ((0.0, 2.0, -3.0, -1.0), (0.5, 2.0, 0.8, 0.5), (0.01, 1.0)),
     "v-mu0.5": ((0.0, 2.0, -2.0, -2.0), (0.5, 2.0, 0.5, 0.5), (0.01, 1.0)),

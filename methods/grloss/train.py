@@ -69,6 +69,9 @@ def _per_dataset(key: str) -> str:
     return ", ".join(f"{ds} {d[key]}" for ds, d in DATASET_DEFAULTS.items())
 
 
+CHECKPOINT_EVERY = 1  # epochs: the default of --checkpoint-every
+
+
 @dataclass
 class TrainConfig:
     """One training run (one dataset, one loss, one seed). ``epochs``, ``batch_size`` and ``lr``
@@ -206,7 +209,7 @@ def train(
     device=torch.device("cpu"),
     show_progress: bool = True,
     data: Optional[SPMLData] = None,
-    checkpoint_every: int = 1,
+    checkpoint_every: int = CHECKPOINT_EVERY,
 ) -> Dict:
     """Trains and evaluates one (dataset, loss, seed), or continues it from the checkpoints in
     ``run`` (see the module docstring: a larger ``epochs`` continues a finished run); one process

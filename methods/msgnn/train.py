@@ -26,6 +26,7 @@ import torch
 from methods.common import (
     Run,
     all_reduce_mean,
+    all_reduce_sum,
     arg,
     barrier,
     budget_fields,
@@ -220,8 +221,8 @@ def train(
         rainy, clean, exemplar = (t.to(device) for t in sampler.batch(cfg.batch, step, info.rank))
         out = net(rainy, exemplar)
         loss = ssim_loss(out, clean)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: the loss is {loss.item()}")
+        if not torch.isfinite(all_reduce_sum(loss.detach())):  # every rank stops together
+            raise FloatingPointError(f"step {step}: the loss is {loss.item()} (on this process)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -209,6 +209,13 @@ def train_loop(
             f"{run.out}: its checkpoint is at step {start}, beyond the budget of {steps} steps; "
             "raise the budget, or use --fresh or another --out"
         )
+    # the resolved number of steps is a budget too: budget fields that each grow may still shrink it
+    # (SSPD: --steps 0, i.e. epochs x steps per epoch, then a --steps below that product)
+    if state and state.get("total_steps", 0) > steps:
+        raise ValueError(
+            f"{run.out}: its run has a budget of {state['total_steps']} steps, more than the {steps} asked for; "
+            "a resume may only raise it; use --fresh or another --out"
+        )
     if state is None and intro is not None:
         run.info(intro())
     if info.enabled:
@@ -257,6 +264,7 @@ def train_loop(
                         "seconds": seconds + time.perf_counter() - t0,
                         "acc": acc,
                         **counts,
+                        "total_steps": steps,
                     },
                 )
             barrier()

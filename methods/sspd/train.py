@@ -327,11 +327,11 @@ def resolve_net(cfg: SSPDConfig, net: Optional[str] = None) -> str:
 def load_model(path: str, device=torch.device("cpu"), net: Optional[str] = None):
     """(Inference model, SSPDConfig) from a run folder or a checkpoint file: the network ``net``
     (teacher | student; default: the run's ``eval_net``, the student for a supervised run)."""
-    from methods.common import load_run_checkpoint
+    from methods.common import config_from_checkpoint, load_run_checkpoint
 
     state = load_run_checkpoint(path)
     # runs saved before the teacher became the default were tested with the student
-    cfg = SSPDConfig(**{"eval_net": "student", **state["config"]})
+    cfg = config_from_checkpoint(SSPDConfig, {"eval_net": "student", **(state.get("config") or {})}, path)
     model = build(cfg).to(device)
     model.load_state_dict(state[resolve_net(cfg, net)])
     return Inference(model, cfg.size), cfg

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from methods.common import (
     Run,
     all_reduce_mean,
+    all_reduce_sum,
     arg,
     barrier,
     budget_fields,
@@ -203,8 +204,8 @@ def train(
         out = reconstruct(net, yc) / ACT_SCALE
         target = truth / ACT_SCALE
         loss = F.mse_loss(out, target) if cfg.loss == "mse" else F.l1_loss(out, target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: the loss is {loss.item()}")
+        if not torch.isfinite(all_reduce_sum(loss.detach())):  # every rank stops together
+            raise FloatingPointError(f"step {step}: the loss is {loss.item()} (on this process)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
