@@ -321,4 +321,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from methods.common import cli_main
+
+    sys.exit(cli_main(main)())  # one-line errors for bad arguments

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import re
+import sys
 import time
 from itertools import product
 
@@ -275,4 +276,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from methods.common import cli_main
+
+    sys.exit(cli_main(main)())  # one-line errors for bad arguments

@@ -412,4 +412,6 @@ def markdown(meta: dict, rows: list, summary: dict, grid_res: list, a) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from methods.common import cli_main
+
+    sys.exit(cli_main(main)())  # one-line errors for bad arguments

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence
@@ -543,4 +544,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from methods.common import cli_main
+
+    sys.exit(cli_main(main)())  # one-line errors for bad arguments

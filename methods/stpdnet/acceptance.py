@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Dict, List
 
@@ -281,4 +282,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from methods.common import cli_main
+
+    sys.exit(cli_main(main)())  # one-line errors for bad arguments
