@@ -33,6 +33,8 @@ def run_jobs(
 ) -> List[Dict]:
     """``fn(job)`` for every job in ``workers`` single-thread processes, in the order given; prints
     ``[n/total] describe(result)`` as each finishes. Returns the results in completion order."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     started = time.time()
     out = []
     with ProcessPoolExecutor(max_workers=workers, initializer=single_thread_worker) as pool:
