@@ -131,6 +131,9 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
+        out_dtype = x.dtype
+        if x.dtype in (torch.float16, torch.bfloat16):  # statistics in float32, as the local op keeps them
+            x = x.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         s = all_reduce(torch.cat([x.sum(dims), count]))
         n = s[-1]
@@ -145,7 +148,7 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(out_dtype)
 
 
 def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
