@@ -403,6 +403,8 @@ def test_cli_config_files_resume_and_failures(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["train", "--config", out, "--steps", "2"]) == 2  # fewer steps than done: refused
     assert "beyond the budget of 2 steps" in capsys.readouterr().err
+    # a refused resume leaves the folder's config.json (what --config <folder> repeats) as it was
+    assert json.load(open(os.path.join(out, "config.json")))["config"]["steps"] == 0
     assert main(["train", "--config", out, "--epochs", "3", "--crop", "faithful"]) == 2  # another field: refused
     err = capsys.readouterr().err
     assert "crop: 'fixed' in the checkpoint, 'faithful' now" in err and "Traceback" not in err

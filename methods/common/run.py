@@ -18,7 +18,7 @@ import os
 import platform
 import sys
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -247,6 +247,7 @@ class Run:
         *,
         budget: Sequence[str] = (),
         schedules: str = "",
+        check: Optional[Callable[[Dict[str, Any]], None]] = None,
         **objects,
     ) -> Optional[Dict[str, Any]]:
         """Restore ``objects`` (name -> anything with ``load_state_dict``: model, optimiser,
@@ -258,7 +259,9 @@ class Run:
         The checkpoint's config must equal ``config`` except for the ``budget`` fields (the step,
         epoch or round budget), which may grow: a finished run continues to the larger budget.
         ``schedules`` names what follows the new budget from there on (a cosine over the budget,
-        say), for the log. Any other difference is an error that names the fields.
+        say), for the log. Any other difference is an error that names the fields. ``check(state)``:
+        the trainer's own checks of the checkpoint (raise ValueError), run before anything is loaded
+        or written, so that a refused resume leaves the run folder as it was.
 
         Under torchrun every rank calls it: rank 0 loads first (and clears or quarantines), then the
         others load the same checkpoint (a barrier between; no barrier is needed around it)."""
@@ -282,6 +285,8 @@ class Run:
         if not isinstance(saved, dict):
             raise ValueError(f"{self.out}: its checkpoints hold no config; use --fresh or another --out")
         check_resume(saved, config, budget, self.out)
+        if check is not None:
+            check(state)
         self._write_config()
         for name, obj in objects.items():
             obj.load_state_dict(state[name])

@@ -201,21 +201,25 @@ def train_loop(
     continues to ``steps``, and ``schedules`` says what follows the new budget, for the log.
     Returns {"seconds": training time, **counts}."""
     info = dist_info()
-    # under torchrun rank 0 resumes (and has cleared --fresh) before the others (Run.resume)
-    state = run.resume(config, budget=budget, schedules=schedules, **objects)
+
+    def check(state: Dict) -> None:
+        if state["step"] + 1 > steps:
+            raise ValueError(
+                f"{run.out}: its checkpoint is at step {state['step'] + 1}, beyond the budget of {steps} steps; "
+                "raise the budget, or use --fresh or another --out"
+            )
+        # the resolved number of steps is a budget too: budget fields that each grow may still shrink it
+        # (SSPD: --steps 0, i.e. epochs x steps per epoch, then a --steps below that product)
+        if state.get("total_steps", 0) > steps:
+            raise ValueError(
+                f"{run.out}: its run has a budget of {state['total_steps']} steps, more than the {steps} asked "
+                "for; a resume may only raise it; use --fresh or another --out"
+            )
+
+    # under torchrun rank 0 resumes (and has cleared --fresh) before the others (Run.resume); the
+    # checks run before anything is loaded or written, so a refused resume leaves the folder alone
+    state = run.resume(config, budget=budget, schedules=schedules, check=check, **objects)
     start = state["step"] + 1 if state else 0
-    if start > steps:
-        raise ValueError(
-            f"{run.out}: its checkpoint is at step {start}, beyond the budget of {steps} steps; "
-            "raise the budget, or use --fresh or another --out"
-        )
-    # the resolved number of steps is a budget too: budget fields that each grow may still shrink it
-    # (SSPD: --steps 0, i.e. epochs x steps per epoch, then a --steps below that product)
-    if state and state.get("total_steps", 0) > steps:
-        raise ValueError(
-            f"{run.out}: its run has a budget of {state['total_steps']} steps, more than the {steps} asked for; "
-            "a resume may only raise it; use --fresh or another --out"
-        )
     if state is None and intro is not None:
         run.info(intro())
     if info.enabled:
