@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from methods.common.config import arg
-from methods.common.dist import DistInfo
+from methods.common.dist import DistInfo, dist_info
 
 from . import data as D
 
@@ -206,13 +206,6 @@ def perturbed_ce(
 # --------------------------------------------------------------------------------------------
 # The global batch under torchrun
 # --------------------------------------------------------------------------------------------
-def dist_info() -> DistInfo:
-    """This process's rank and the number of processes (one, without a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size())
-    return DistInfo()
-
-
 def rows_of(n: int, info: DistInfo) -> slice:
     """This rank's contiguous share of ``n`` rows: shares differ by at most one row and may be
     empty. Every BEEAR loss divides by the global number of samples, so unequal shares still sum to

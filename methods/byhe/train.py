@@ -32,7 +32,16 @@ from typing import Dict
 
 import torch
 
-from methods.common import Run, arg, budget_fields, prepare_ddp, seed_everything, shard, shard_bounds
+from methods.common import (
+    Run,
+    arg,
+    budget_fields,
+    dist_info,
+    prepare_ddp,
+    seed_everything,
+    shard,
+    shard_bounds,
+)
 from methods.rppg.backbones import DROPOUT, TSCANWave
 from methods.rppg.data import LABELS, sample_clips
 from methods.rppg.evaluation import evaluate, predict_signal
@@ -42,7 +51,6 @@ from methods.rppg.synth import DOMAINS
 from methods.rppg.training import (
     VideoSetConfig,
     all_finite,
-    dist_info,
     global_mean,
     scs_target,
     set_schedule,

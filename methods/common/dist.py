@@ -40,10 +40,18 @@ def init_distributed(device: torch.device) -> DistInfo:
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        if device.type == "cuda":  # an index-less cuda is this process's GPU (the current one from here on)
+            torch.cuda.set_device(device if device.index is not None else info.local_rank)
         dist.init_process_group(backend=backend)
     return info
+
+
+def dist_info() -> DistInfo:
+    """This process's rank and the number of processes, from the process group (after
+    `init_distributed`); a single process without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size())
 
 
 def is_main_process() -> bool:
@@ -82,6 +90,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out)
     return out
+
+
+def gather_shards(t: torch.Tensor) -> torch.Tensor:
+    """The global batch of a per-rank tensor whose dim 0 is this rank's equal shard (rank order, as
+    `shard` cut it): a detached all-gather; ``t`` itself without DDP."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
 
 
 def world_size() -> int:

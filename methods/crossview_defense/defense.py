@@ -372,20 +372,15 @@ class BatchGroup:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(n, ...) values of this shard -> (world * n, ...) of the global batch, in rank order. Detached:
         the values gathered (scores, entropies, counts, ids) never carry a gradient."""
-        import torch.distributed as dist
+        from methods.common import gather_shards
 
-        x = x.detach().contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x)
-        return torch.cat(parts)
+        return gather_shards(x.detach())
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the shards (a detached copy)."""
-        import torch.distributed as dist
+        from methods.common import all_reduce_sum
 
-        out = x.detach().clone()
-        dist.all_reduce(out)
-        return out
+        return all_reduce_sum(x.detach())
 
     def total(self, n: int, device=None) -> int:
         """An integer count summed over the shards."""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import pyops
-from methods.rppg.training import gather
+from methods.common import gather_shards
 
 
 def _detached(x):
@@ -63,7 +63,7 @@ def per_instance_grads(
     B = losses.shape[0]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         grads = _global_grads(named, losses, B)
-        return gather(losses), _detached(aux), grads
+        return gather_shards(losses), _detached(aux), grads
     rows = []
     for n in range(B):
         g = torch.autograd.grad(losses[n], params, retain_graph=n + 1 < B, allow_unused=True)

@@ -39,6 +39,8 @@ from methods.common import (
     arg,
     budget_fields,
     convert_batchnorm,
+    dist_info,
+    gather_shards,
     prepare_ddp,
     seed_everything,
     shard,
@@ -52,8 +54,6 @@ from methods.rppg.synth import DOMAINS
 from methods.rppg.training import (
     VideoSetConfig,
     all_finite,
-    dist_info,
-    gather,
     scs_target,
     set_schedule,
     train_loop,
@@ -216,7 +216,7 @@ def train(
         if harmonized:
             # losses and grads of the global batch (on every rank); the rejection values gathered to it
             losses, (values, logged), grads = per_instance_grads(net, lambda f, c: _split(cfg, f, c), clips)
-            values = gather(values)
+            values = gather_shards(values)
             if not (bool(torch.isfinite(losses).all()) and all(bool(torch.isfinite(g).all()) for g in grads.values())):
                 return None, "non-finite loss or gradient"
             keep = torch.tensor(rejector.keep(values.tolist()))

@@ -218,8 +218,6 @@ def train(
     "test_map", "best_epoch", "epochs_run", "seconds", "history", "model"}."""
     if checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     check_ddp(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     info = init_distributed(device)
     seed_everything(cfg.seed)  # the same initialisation on every process

@@ -11,8 +11,8 @@
   non-finite loss is skipped and logged, the loss terms averaged into a metrics row every
   ``log_every`` steps, checkpoints every ``checkpoint_every`` steps (the running counters and the
   terms of the steps since the last row included, so a resumed run logs the same rows);
-* DDP under torchrun (``methods.common.dist``): ``dist_info`` (this process's rank), ``gather``
-  (a per-rank tensor of equal shards back to the global batch), ``global_mean``, ``all_finite``.
+* DDP under torchrun (``methods.common.dist``: ``dist_info``, ``gather_shards``): ``global_mean``,
+  ``all_finite``.
   The loop draws each step's global batch on every rank from the same seeded generator; the
   trainers' ``step_fn`` keep their ``shard`` of it. The loop all-reduces the logged terms (the
   global-batch means: each rank returns the mean over its equal shard), and only rank 0 logs,
@@ -28,9 +28,8 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from methods.common import DistInfo, Run, all_reduce_mean, arg, barrier, progress, worker_seed
+from methods.common import Run, all_reduce_mean, arg, barrier, dist_info, progress, worker_seed
 
 from .data import VideoSet, make_set
 from .scs import scs_label
@@ -124,25 +123,6 @@ StepFn = Callable[[int, np.random.Generator, Dict[str, int]], Tuple[Optional[Dic
 
 
 # --- DDP ----------------------------------------------------------------------------------------
-
-
-def dist_info() -> DistInfo:
-    """This process's place under torchrun (after ``init_distributed``); a single process without
-    a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return DistInfo()
-    return DistInfo(dist.get_rank(), dist.get_world_size())
-
-
-def gather(t: torch.Tensor) -> torch.Tensor:
-    """The global batch of a per-rank tensor whose dim 0 is this rank's equal shard (rank order,
-    as `methods.common.shard` cut it); ``t`` itself in a single process. No autograd."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    t = t.detach().contiguous()
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts)
 
 
 def global_mean(t: torch.Tensor) -> torch.Tensor:
@@ -281,8 +261,6 @@ __all__ = [
     "VideoSetConfig",
     "all_finite",
     "cosine",
-    "dist_info",
-    "gather",
     "global_mean",
     "scs_target",
     "set_schedule",

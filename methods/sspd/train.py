@@ -53,6 +53,7 @@ from methods.common import (
     arg,
     budget_fields,
     convert_batchnorm,
+    dist_info,
     prepare_ddp,
     seed_everything,
     shard,
@@ -61,7 +62,7 @@ from methods.common import (
 )
 from methods.rppg.data import LABELS, sample_clips
 from methods.rppg.synth import DOMAINS
-from methods.rppg.training import VideoSetConfig, all_finite, dist_info, global_mean, train_loop
+from methods.rppg.training import VideoSetConfig, all_finite, global_mean, train_loop
 
 from .augment import CROPS, KEEP, crop_size, two_views
 from .losses import neg_pearson, sspd_losses
