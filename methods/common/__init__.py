@@ -1,8 +1,9 @@
 """Training plumbing shared by every method in `methods/`: seeding, device choice, run folders
 with logs and metric files, atomic resumable checkpoints (RNG states included; checksummed, with a
 fallback past a corrupt one), progress bars, plots, DDP under torchrun, and the command lines' shared
-parts: flags generated from config dataclasses, config files, one-line errors (config.py, cli.py). Methods import from
-here; nothing here knows about a method."""
+parts: flags generated from config dataclasses, config files, one-line errors (config.py, cli.py), and
+real data: dataset folders and the --bad-files policy (datasets.py), local Hugging Face models
+(hf.py). Methods import from here; nothing here knows about a method."""
 
 from .checkpoint import (
     Checkpointer,
