@@ -41,7 +41,7 @@ $(VENV)/.deps-ready: Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VENV)/bin/python -m pip install -q numpy pytest ninja triton setuptools wheel scikit-image \
-	  tqdm matplotlib pyyaml tensorboard scikit-learn mlxtend river==0.26.1 neurokit2 av "opencv-python-headless>=4.8,<5" flwr==1.41.0 "transformers>=4.45" tokenizers accelerate \
+	  tqdm matplotlib pyyaml tensorboard scikit-learn mlxtend river==0.26.1 neurokit2 pillow av "opencv-python-headless>=4.8,<5" flwr==1.41.0 "transformers>=4.45" tokenizers accelerate \
 	  pycocoevalcap build ruff==0.17.6 clang-format==23.1.5
 	touch $@
 

@@ -27,10 +27,9 @@ from methods.common import (
     training_run,
 )
 
-from .data import load
 from .losses import DDP_REFUSALS, DEFAULTS
 from .plots import plot_schedule
-from .train import CHECKPOINT_EVERY, TrainConfig, check_ddp, train
+from .train import CHECKPOINT_EVERY, REAL_OPTIONS, TrainConfig, check_ddp, load_data, train
 
 GR_FIELDS = ("gr_beta", "gr_alpha", "gr_q", "gr_linear_init")
 
@@ -53,17 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     settings = "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in d.items()) for k, d in DEFAULTS.items())
     p = argparse.ArgumentParser(
         prog="python -m methods.grloss",
-        description="Single-positive multi-label learning on package-bundled data: every training sample keeps "
-        "one observed positive label; mAP is measured against the full labels. Losses: GR loss "
+        description="Single-positive multi-label learning on package-bundled data or on PASCAL VOC 2012 / COCO "
+        "2014 read from a local folder (--data-dir, with precomputed --features or a local --backbone): every "
+        "training sample keeps one observed positive label; mAP is measured against the full labels. Losses: GR loss "
         "(Chen et al., IJCAI 2024; fused op pyops.gr_loss) and the baselines AN, AN-LS, WAN, EPR, ROLE, "
         "EM, EM+APL, LL-R, LL-Ct, LL-Cp, Hill, plus full-label BCE as the upper bound.",
         epilog=f"Baseline settings (--loss-arg): {settings}. DDP: torchrun --nproc_per_node N -m methods.grloss "
         "... (one loss; --batch-size is the global batch; not for " + ", ".join(DDP_REFUSALS) + ").",
     )
-    add_dataclass_args(p, TrainConfig, title="experiment", exclude=("seed",) + GR_FIELDS)
+    add_dataclass_args(p, TrainConfig, title="experiment", exclude=("seed",) + GR_FIELDS + REAL_OPTIONS)
     gr_title = "GR loss (reference order; defaults: the reference's VOC setting)"
     others = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in GR_FIELDS]
     add_dataclass_args(p, TrainConfig, title=gr_title, exclude=others)
+    real = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in REAL_OPTIONS]
+    add_dataclass_args(
+        p, TrainConfig, title="image datasets (voc2012, coco2014; see the README's 'Real data')", exclude=real
+    )
     p.add_argument(
         "--loss-arg",
         dest="loss_arg",
@@ -100,8 +104,9 @@ def _main(argv=None) -> int:
     for cfg in cfgs.values():
         check_ddp(cfg, world)
     device = pick_device(a.device)
-    data = load(a.dataset, a.data_seed)
     main_process = int(os.environ.get("RANK", 0)) == 0
+    # one read of the data for every loss (their configs differ only in the loss)
+    data = load_data(next(iter(cfgs.values())), device, show_progress=not a.no_progress and main_process)
     results, histories = {}, {}
     for loss, cfg in cfgs.items():
         # the run folder's config.json holds the command's options: --config <out>/<loss> repeats the command

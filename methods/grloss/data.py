@@ -25,15 +25,17 @@ for evaluation (and for the full-label upper bound) only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from methods.common.optional import requires
 
-DATASETS = ("yeast", "digits", "mnist", "cmnist")
+SYNTHETIC = ("yeast", "digits", "mnist", "cmnist")
+REAL = ("voc2012", "coco2014")  # read from --data-dir (realdata.py)
+DATASETS = SYNTHETIC + REAL
 DATA_SEED = 1200
 
 
@@ -47,6 +49,9 @@ class SPMLData:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    notes: List[str] = field(default_factory=list)  # what loading did (real data: files left out ...)
+    positives_prior: Optional[float] = None  # E[#pos] given by the dataset (the reference's constants)
+    classes: Optional[List[str]] = None
 
     @property
     def num_classes(self) -> int:
@@ -54,15 +59,19 @@ class SPMLData:
 
     @property
     def expected_num_pos(self) -> float:
-        """Mean number of true positives per training row (EPR / ROLE's E[#pos], as Cole et al.'s
-        per-dataset constants, which come from the full training labels)."""
+        """EPR / ROLE's E[#pos]: the dataset's constant where the reference has one (VOC 1.5, COCO
+        2.9), else the mean number of true positives per training row (Cole et al.'s constants come
+        from the full training labels)."""
+        if self.positives_prior is not None:
+            return float(self.positives_prior)
         return float(self.y_train.sum(1).mean())
 
     def summary(self) -> str:
+        prior = f" (E[#pos] {self.positives_prior}, the reference's)" if self.positives_prior is not None else ""
         return (
             f"{self.name}: train {len(self.x_train)}, val {len(self.x_val)}, test {len(self.x_test)}, "
             f"{self.num_classes} classes, input {tuple(self.x_train.shape[1:])}, "
-            f"{self.expected_num_pos:.2f} positives per training row"
+            f"{float(self.y_train.sum(1).mean()):.2f} positives per training row{prior}"
         )
 
 
@@ -274,4 +283,8 @@ def load(name: str, data_seed: int = DATA_SEED, n_train: Optional[int] = None) -
         return load_cmnist(n_train=n_train or 4000, data_seed=data_seed)
     if name in ("digits", "mnist"):
         return load_mosaics(name, n_train=n_train or 5000, data_seed=data_seed)
+    if name in REAL:
+        raise ValueError(
+            f"{name} is read from a folder: use train.load_data(config) (--data-dir and --features/--backbone)"
+        )
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")

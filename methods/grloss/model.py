@@ -1,5 +1,6 @@
-"""The classifiers: an MLP for tabular features (Yeast) and a small CNN for digit mosaics.
-Both end in a linear head of C logits (``model.head``, the reference's ``linear_classifier``)."""
+"""The classifiers: an MLP for tabular features (Yeast), a small CNN for digit mosaics, and a
+linear or MLP head on image features (VOC 2012 / COCO 2014). All end in a linear head of C logits
+(``model.head``, the reference's ``linear_classifier``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,19 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x))
+
+
+class LinearHead(nn.Module):
+    """The reference's classifier on fixed features (``linear_fixed_features``): one linear layer;
+    ``backbone`` is the identity (no parameters)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.backbone = nn.Identity()
+        self.head = nn.Linear(in_features, num_classes)
+
+    def forward(self, x):
+        return self.head(x)
 
 
 class MosaicCNN(nn.Module):
@@ -61,8 +75,21 @@ class MosaicCNN(nn.Module):
 WIDTH = {"cmnist": 16}
 
 
-def build_model(dataset: str, in_shape, num_classes: int, dropout: float = DROPOUT) -> nn.Module:
-    """The MLP (yeast, with ``dropout``) or the CNN (the mosaics: batch norm, no dropout)."""
+FEATURE_DATASETS = ("voc2012", "coco2014")
+HEADS = ("linear", "mlp")
+
+
+def build_model(
+    dataset: str, in_shape, num_classes: int, dropout: float = DROPOUT, head: str = "linear", hidden: int = 256
+) -> nn.Module:
+    """The MLP (yeast, with ``dropout``), the CNN (the mosaics: batch norm, no dropout), or on image
+    features (voc2012, coco2014) the ``head``: ``linear`` or an ``mlp`` of width ``hidden``."""
+    if dataset in FEATURE_DATASETS:
+        if head not in HEADS:
+            raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+        if head == "linear":
+            return LinearHead(in_shape[0], num_classes)
+        return MLP(in_shape[0], num_classes, hidden=hidden, dropout=dropout)
     if dataset == "yeast":
-        return MLP(in_shape[0], num_classes, dropout=dropout)
+        return MLP(in_shape[0], num_classes, hidden=hidden, dropout=dropout)
     return MosaicCNN(num_classes, width=WIDTH.get(dataset, 32), in_channels=in_shape[0])

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -48,11 +48,13 @@ from methods.common import (
     seed_everything,
     shard_bounds,
 )
+from methods.common.datasets import BAD_FILES, BAD_FILES_HELP
 
-from .data import DATA_SEED, DATASETS, SPMLData, load
+from .data import DATA_SEED, DATASETS, REAL, SPMLData, load
 from .losses import DDP_REFUSALS, GR_DEFAULTS, LOSSES, GRLoss, SPMLLoss, build_loss
 from .metrics import mean_average_precision
-from .model import DROPOUT, build_model
+from .model import DROPOUT, HEADS, build_model
+from .realdata import POOL_HELP, POOLS
 
 # per dataset: epochs, batch size, learning rate (Adam, no weight decay, as the reference's Adam path)
 DATASET_DEFAULTS = {
@@ -62,6 +64,10 @@ DATASET_DEFAULTS = {
     # fine-tuning a pretrained backbone (issue #25's protocol: few epochs, half the from-scratch lr,
     # head lr x lr_mult = 10 in the acceptance)
     "cmnist": dict(epochs=12, batch_size=32, lr=1e-3),
+    # a classifier on fixed image features: the reference's linear_fixed_features mode (25 epochs) with
+    # its linear-phase batch size and lr (train.py's linear_init_params, AN-LS on pascal / coco)
+    "voc2012": dict(epochs=25, batch_size=8, lr=1e-4),
+    "coco2014": dict(epochs=25, batch_size=8, lr=1e-4),
 }
 
 
@@ -127,6 +133,44 @@ class TrainConfig:
         "dropout of the yeast MLP (the mosaics' CNN has none); under torchrun each process draws its own "
         "masks: 0 makes a DDP run equal a single-process one",
     )
+    hidden: int = arg(256, "hidden width of the MLP (yeast's, and --head mlp on image features)")
+    # --- image datasets (voc2012, coco2014): read from a local folder, see the README's "Real data" ---
+    data_dir: Optional[str] = arg(
+        None,
+        "voc2012 / coco2014: the dataset's folder (VOC: the one holding VOCdevkit/VOC2012; COCO: the one "
+        "holding annotations/, train2014/, val2014/)",
+        metavar="DIR",
+    )
+    features: Optional[str] = arg(
+        None,
+        "precomputed image features: a folder with the reference's {train,val}_features_imagenet_resnet50.npy "
+        "(aligned by formatted_{train,val}_images.npy when present), or a path with {split} in it (.npy / .pt)",
+        metavar="PATH",
+    )
+    backbone: Optional[str] = arg(
+        None,
+        "a local Hugging Face vision model folder (save_pretrained) that computes the features from the JPEGs "
+        "(cached per backbone, split, image size and pooling; nothing is downloaded)",
+        metavar="DIR",
+    )
+    image_size: int = arg(
+        448, "--backbone: images resized to this square, no crop (the reference's 448); 0: the model's processor"
+    )
+    pool: str = arg("auto", POOL_HELP, choices=POOLS)
+    feature_batch: int = arg(32, "--backbone: images per forward pass")
+    cache_dir: Optional[str] = arg(
+        None,
+        "cache of --backbone features and COCO label matrices (none: $PYOPS_CACHE/grloss, else ~/.cache/pyops/grloss)",
+        metavar="DIR",
+    )
+    head: str = arg(
+        "linear", "voc2012 / coco2014: the classifier on the features (the reference's: linear)", choices=HEADS
+    )
+    val_frac: float = arg(0.2, "voc2012 / coco2014: share of the official train set held out for validation")
+    ss_seed: int = arg(999, "voc2012 / coco2014: seed of the reference's subsampling of the train / val splits")
+    ss_frac_train: float = arg(1.0, "voc2012 / coco2014: fraction of the training split kept (the reference's)")
+    ss_frac_val: float = arg(1.0, "voc2012 / coco2014: fraction of the validation split kept (the reference's)")
+    bad_files: str = arg("stop", BAD_FILES_HELP, choices=BAD_FILES)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -148,8 +192,87 @@ class TrainConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.pretrained is not None and not os.path.isfile(self.pretrained):
             raise ValueError(f"--pretrained: no file {self.pretrained!r}")
+        if self.hidden < 1:
+            raise ValueError(f"--hidden must be >= 1, got {self.hidden}")
+        self._check_real_data()
         if self.loss == "gr":  # the schedule's checks (sigma > 0 ...) before any run folder is made
             GRLoss(self.gr_beta, self.gr_alpha, self.gr_q, self.epochs, self.gr_linear_init)
+
+    def _check_real_data(self) -> None:
+        """The image datasets' options: required there, refused elsewhere (nothing is ignored)."""
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.name in REAL_OPTIONS}
+        changed = [f"--{k.replace('_', '-')}" for k, d in defaults.items() if getattr(self, k) != d]
+        if self.dataset not in REAL:
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: only for the image datasets ({', '.join(REAL)})")
+            return
+        if not self.data_dir:
+            raise ValueError(
+                f"--dataset {self.dataset} is read from --data-dir (the layout is in methods/grloss/README.md, 'Real data')"
+            )
+        if (self.features is None) == (self.backbone is None):
+            raise ValueError(f"--dataset {self.dataset}: give either --features PATH or --backbone DIR")
+        if self.features is not None:
+            extra = [c for c in ("--image-size", "--pool", "--feature-batch") if c in changed]
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: only with --backbone (--features are precomputed)")
+        if self.pretrained is not None:
+            raise ValueError("--pretrained is the cmnist backbone's file; on image features the head starts fresh")
+        if self.image_size < 0 or self.feature_batch < 1:
+            raise ValueError("--image-size must be >= 0 and --feature-batch >= 1")
+        if not 0 < self.val_frac < 1:
+            raise ValueError(f"--val-frac must be in (0, 1), got {self.val_frac}")
+        for k in ("ss_frac_train", "ss_frac_val"):
+            if not 0 < getattr(self, k) <= 1:
+                raise ValueError(f"--{k.replace('_', '-')} must be in (0, 1], got {getattr(self, k)}")
+
+
+# the image datasets' fields (TrainConfig._check_real_data), and those a resumed run may change (they do
+# not change what is trained: where the cache is, how many images a forward pass takes, what a bad file does)
+REAL_OPTIONS = (
+    "data_dir",
+    "features",
+    "backbone",
+    "image_size",
+    "pool",
+    "feature_batch",
+    "cache_dir",
+    "head",
+    "val_frac",
+    "ss_seed",
+    "ss_frac_train",
+    "ss_frac_val",
+    "bad_files",
+)
+NOT_COMPARED = ("cache_dir", "feature_batch", "bad_files")
+
+
+def load_data(cfg: TrainConfig, device=None, show_progress: bool = False, warn=None) -> SPMLData:
+    """The data of ``cfg``: a bundled / simulated set (`data.load`) or an image dataset read from
+    ``cfg.data_dir`` (`realdata.load_real`: features from a file or a local backbone on ``device``)."""
+    if cfg.dataset not in REAL:
+        return load(cfg.dataset, cfg.data_seed)
+    from .realdata import load_real
+
+    return load_real(
+        cfg.dataset,
+        cfg.data_dir,
+        features=cfg.features,
+        backbone=cfg.backbone,
+        image_size=cfg.image_size,
+        pool=cfg.pool,
+        feature_batch=cfg.feature_batch,
+        cache_dir=cfg.cache_dir,
+        bad_files=cfg.bad_files,
+        data_seed=cfg.data_seed,
+        val_frac=cfg.val_frac,
+        ss_seed=cfg.ss_seed,
+        ss_frac_train=cfg.ss_frac_train,
+        ss_frac_val=cfg.ss_frac_val,
+        device=device,
+        show_progress=show_progress,
+        warn=warn,
+    )
 
 
 def check_ddp(cfg: TrainConfig, world_size: int) -> None:
@@ -221,8 +344,10 @@ def train(
     check_ddp(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     info = init_distributed(device)
     seed_everything(cfg.seed)  # the same initialisation on every process
-    data = data or load(cfg.dataset, cfg.data_seed)
-    model = build_model(cfg.dataset, tuple(data.x_train.shape[1:]), data.num_classes, cfg.dropout).to(device)
+    data = data or load_data(cfg, device, show_progress and info.is_main)
+    model = build_model(
+        cfg.dataset, tuple(data.x_train.shape[1:]), data.num_classes, cfg.dropout, cfg.head, cfg.hidden
+    ).to(device)
     if cfg.pretrained:
         try:
             model.backbone.load_state_dict(
@@ -237,7 +362,8 @@ def train(
     ] + loss_fn.param_groups(cfg.lr)
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     labels = data.y_train if cfg.loss == "full" else data.observed_train
-    config = asdict(cfg)  # saved in every checkpoint: the current config (a raised budget included)
+    # saved in every checkpoint: the current config (a raised budget included), less what may change on resume
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_COMPARED}
     state = run.resume(
         config,
         key="epoch",
@@ -249,6 +375,8 @@ def train(
     )
     net = prepare_ddp(model, device)  # global batch norm and DDP under torchrun; else the model
     if state is None:
+        for note in data.notes:
+            run.info(note)
         run.info(data.summary())
         run.info(
             f"loss {cfg.loss}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}"
