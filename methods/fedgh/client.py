@@ -11,7 +11,7 @@ FedNova needs the local step count tau and the normaliser a = [tau - rho (1 - rh
 """
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +84,11 @@ def local_train(
     cfg: ClientConfig,
     generator: torch.Generator,
     client: int = 0,
+    transform: Optional[Callable] = None,
 ) -> ClientResult:
-    """Train `model` (loaded with `global_state`) for cfg.epochs epochs over (x, y) with SGD."""
+    """Train `model` (loaded with `global_state`) for cfg.epochs epochs over (x, y) with SGD.
+    ``transform(batch, generator)``: the model's input from a batch of `x` on the device (uint8
+    images: normalisation and augmentation, `data.ImageTransform`), drawing from `generator`."""
     model.load_state_dict(global_state)
     model.train()
     device = next(model.parameters()).device
@@ -98,6 +101,8 @@ def local_train(
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
+            if transform is not None:
+                xb = transform(xb, generator)
             if cfg.algo == "feddecorr":
                 logits, z = model(xb, return_features=True)
                 loss = F.cross_entropy(logits, yb) + cfg.decorr_coef * feddecorr_loss(z)

@@ -8,7 +8,9 @@ simulation.
 * Deployment, unchanged: the apps below are ``methods.fedgh.flower_app:server_app`` and
   ``:client_app``; ``methods/fedgh/flower/pyproject.toml`` is the Flower app project (its
   ``[tool.flwr.app.config]`` holds the run configuration), see README.md for the SuperLink /
-  SuperNode commands. Each SuperNode gets ``--node-config "partition-id=<i> num-partitions=<K>"``.
+  SuperNode commands. Each SuperNode gets ``--node-config "partition-id=<i> num-partitions=<K>"``
+  (and, for ``dataset = "cifar10"``, ``data-dir=<its CIFAR-10 folder>`` when the node keeps the
+  dataset elsewhere than the run config's ``data-dir``, which the ServerApp reads for the test set).
 
 Clients are ordered by their partition id (reported in their metrics) for harmonization, never
 by reply arrival. Client training is seeded by (seed, round, partition id) exactly as in the
@@ -16,6 +18,7 @@ in-process simulation, so with all clients participating both runtimes give the 
 """
 
 import time
+from dataclasses import replace
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -38,8 +41,16 @@ from .train import FedConfig, Simulation, config_dict, resume, save_round
 
 # Flower run-config keys (methods/fedgh/flower/pyproject.toml) -> FedConfig / ClientConfig fields;
 # a key the run config lacks keeps the field's default (defined once, in train.py / client.py)
+def _path_or_none(v) -> Optional[str]:
+    return str(v) if str(v).strip() else None  # Flower config values cannot be None: "" is none
+
+
 _FED_KEYS = {
     "dataset": ("dataset", str),
+    "data-dir": ("data_dir", _path_or_none),
+    "bad-files": ("bad_files", str),
+    "model": ("model", str),
+    "augment": ("augment", bool),
     "num-partitions": ("clients", int),
     "clients": ("clients", int),
     "num-server-rounds": ("rounds", int),
@@ -74,12 +85,21 @@ def config_from_run_config(rc) -> FedConfig:
     return FedConfig(**fed, client=ClientConfig(**client))
 
 
+def client_config(cfg: Optional[FedConfig], context: Context) -> FedConfig:
+    """A ClientApp's configuration: ``cfg``, else the run config; a ``data-dir`` in the SuperNode's
+    node config (``--node-config "... data-dir=/data/cifar10"``) is where that node keeps the dataset
+    and wins over the run config's."""
+    c = cfg or config_from_run_config(context.run_config)
+    node_dir = _path_or_none(context.node_config.get("data-dir", ""))
+    return replace(c, data_dir=node_dir) if node_dir else c
+
+
 _SIMS: Dict[str, Simulation] = {}
 
 
 def _simulation(cfg: FedConfig) -> Simulation:
     """Data, partitions and model of a configuration, built once per process."""
-    key = repr(config_dict(cfg))
+    key = repr((config_dict(cfg), cfg.data_dir, cfg.bad_files))
     if key not in _SIMS:
         _SIMS.clear()
         _SIMS[key] = Simulation(cfg)
@@ -164,7 +184,7 @@ def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        c = cfg or config_from_run_config(context.run_config)
+        c = client_config(cfg, context)
         sim = _simulation(c)
         pid = int(context.node_config["partition-id"])
         conf = msg.content["config"]
@@ -172,7 +192,16 @@ def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
         x, y = sim.client_data(pid)
         g = torch.Generator()
         g.manual_seed(worker_seed(c.seed, rnd, pid))
-        r = local_train(sim.model, msg.content["arrays"].to_torch_state_dict(), x, y, c.client, g, client=pid)
+        r = local_train(
+            sim.model,
+            msg.content["arrays"].to_torch_state_dict(),
+            x,
+            y,
+            c.client,
+            g,
+            client=pid,
+            transform=sim.train_transform,
+        )
         metrics = MetricRecord(
             {"num-examples": r.num_examples, "train-loss": r.train_loss, "tau": r.tau, "a": r.a, "partition-id": pid}
         )
@@ -180,7 +209,7 @@ def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        c = cfg or config_from_run_config(context.run_config)
+        c = client_config(cfg, context)
         sim = _simulation(c)
         sim.global_state = msg.content["arrays"].to_torch_state_dict()
         acc, loss = sim.evaluate()
@@ -203,12 +232,13 @@ def make_server_app(cfg: Optional[FedConfig] = None, run=None, checkpoint_every:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         c = cfg or config_from_run_config(context.run_config)
-        sim = Simulation(c)  # the global model's initial weights and the held-out test set
         run = run_arg
         if run is None and context.run_config.get("out"):  # deployment: a run folder from the config
             from methods.common import Run
 
             run = Run(str(context.run_config["out"]), dict(context.run_config), name="fedgh")
+        # the global model's initial weights and the held-out test set (a skipped data file: in the log)
+        sim = Simulation(c, log=run.warning if run is not None else None)
         start = resume(sim, run, c) if run is not None else 0
         strategy = FedGH(
             algo=c.client.algo,

@@ -2,7 +2,7 @@
 evaluation, with logging, resumable checkpoints and progress bars.
 
 Every random choice of round r derives from (seed, r) or (seed, r, client): partial participation,
-each client's batch order. So a run is deterministic for a seed, and resuming from any
+each client's batch order (and, on cifar10, its crops and flips). So a run is deterministic for a seed, and resuming from any
 checkpoint gives the same result as an uninterrupted run.
 
 Continuing a finished run with a larger ``rounds`` (the budget) runs the further rounds: nothing
@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from methods.common import Run, arg, budget_fields, progress, seed_everything, worker_seed
+from methods.common.datasets import BAD_FILES, BAD_FILES_HELP
 
 from .client import ClientConfig, local_train
-from .data import DATASETS, TEST_FRACTION, load_dataset, partition
-from .model import make_model
+from .data import DATASETS, FILE_DATASETS, TEST_FRACTION, load_dataset, partition
+from .model import MODELS, make_model
 from .server import HARMONIZE, aggregate, finite_state, valid_harmonize
 
 
@@ -55,7 +56,28 @@ class FedConfig:
     """One federated run. The fields with a flag are options of ``python -m methods.fedgh``;
     ``harmonize`` comes from its --harmonize / --norm-matched / --compare (see __main__)."""
 
-    dataset: str = arg("digits", "the data set (package-bundled)", choices=DATASETS)
+    dataset: str = arg(
+        "digits",
+        "the data set: digits and mnist ship inside packages, cifar10 is read from --data-dir",
+        choices=DATASETS,
+    )
+    data_dir: Optional[str] = arg(
+        None,
+        "--dataset cifar10: CIFAR-10's python folder cifar-10-batches-py (or the folder holding it); "
+        "see the README, 'Real data'",
+        metavar="PATH",
+    )
+    bad_files: str = arg("stop", BAD_FILES_HELP + " (--dataset cifar10: a batch file)", choices=BAD_FILES)
+    model: str = arg(
+        "cnn",
+        "the client model: cnn (a small CNN for the dataset) or mobilenetv2 (FedDecorr's CIFAR MobileNetV2; cifar10)",
+        choices=MODELS,
+    )
+    augment: bool = arg(
+        True,
+        "cifar10: local training on random crops of the 4-pixel zero-padded images and random horizontal "
+        "flips (FedDecorr's CIFAR augmentation); digits and mnist are never augmented",
+    )
     clients: int = arg(10, "number of clients")
     alpha: Optional[float] = arg(
         0.1, "Dirichlet label-skew concentration, or iid", type=parse_alpha, metavar="ALPHA|iid"
@@ -72,6 +94,23 @@ class FedConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset in FILE_DATASETS and not self.data_dir:
+            raise ValueError(
+                f"--dataset {self.dataset} is read from a local folder: give --data-dir PATH (the layout is in "
+                "methods/fedgh/README.md, 'Real data')"
+            )
+        if self.dataset not in FILE_DATASETS and self.data_dir:
+            raise ValueError(
+                f"--data-dir is read for --dataset {' / '.join(FILE_DATASETS)} only; {self.dataset} ships inside a package"
+            )
+        if self.bad_files not in BAD_FILES:
+            raise ValueError(f"bad_files (--bad-files) must be one of {BAD_FILES}, got {self.bad_files!r}")
+        if self.model not in MODELS:
+            raise ValueError(f"model (--model) must be one of {MODELS}, got {self.model!r}")
+        if self.model == "mobilenetv2" and self.dataset != "cifar10":
+            raise ValueError(
+                f"--model mobilenetv2 takes 3-channel 32x32 images (--dataset cifar10), not {self.dataset}"
+            )
         if self.clients < 1:
             raise ValueError(f"clients (--clients) must be >= 1, got {self.clients}")
         if self.rounds < 0:
@@ -86,13 +125,16 @@ class FedConfig:
             raise ValueError(f"alpha must be > 0 (or None for IID), got {self.alpha}")
 
 
-def evaluate(model, x, y, batch: int = 1000):
+def evaluate(model, x, y, batch: int = 1000, transform=None):
+    """Accuracy and mean cross-entropy of `model` on (x, y); ``transform(batch, None)`` makes the
+    model's input from a batch of `x` (uint8 images: the normalisation)."""
     model.eval()
     device = next(model.parameters()).device
     correct, loss = 0, 0.0
     with torch.no_grad():
         for s in range(0, len(y), batch):
-            out = model(x[s : s + batch].to(device))
+            xb = x[s : s + batch].to(device)
+            out = model(xb if transform is None else transform(xb, None))
             yb = y[s : s + batch].to(device)
             loss += float(F.cross_entropy(out, yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
@@ -111,14 +153,25 @@ class Simulation:
     """In-process runtime. ``client_hook(round, result)`` may alter a client's result (tests use it
     to inject a failing client)."""
 
-    def __init__(self, cfg: FedConfig, device: torch.device = torch.device("cpu"), client_hook=None):
+    def __init__(self, cfg: FedConfig, device: torch.device = torch.device("cpu"), client_hook=None, log=None):
+        """``log``: where a skipped data file is reported (default: stderr)."""
         self.cfg = cfg
         self.device = device
         seed_everything(cfg.seed)
-        self.data = load_dataset(cfg.dataset, cfg.test_fraction, split_seed=cfg.seed)
+        self.data = load_dataset(
+            cfg.dataset,
+            cfg.test_fraction,
+            split_seed=cfg.seed,
+            data_dir=cfg.data_dir,
+            bad_files=cfg.bad_files,
+            warn=log,
+        )
+        # uint8 images (cifar10): normalised per batch, augmented in local training
+        self.train_transform = self.data.transform(train=True, augment=cfg.augment)
+        self.test_transform = self.data.transform(train=False)
         self.parts = partition(self.data, cfg.clients, cfg.alpha, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model = make_model(cfg.dataset, self.data.num_classes).to(device)
+        self.model = make_model(cfg.dataset, self.data.num_classes, cfg.model).to(device)
         self.param_names = [k for k, _ in self.model.named_parameters()]
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.client_hook = client_hook
@@ -129,7 +182,7 @@ class Simulation:
 
     def evaluate(self):
         self.model.load_state_dict(self.global_state)
-        return evaluate(self.model, self.data.x_test, self.data.y_test)
+        return evaluate(self.model, self.data.x_test, self.data.y_test, transform=self.test_transform)
 
     def round(self, rnd: int, log=None, show_progress: bool = False) -> Dict:
         cfg = self.cfg
@@ -140,7 +193,9 @@ class Simulation:
             x, y = self.client_data(c)
             g = torch.Generator()
             g.manual_seed(worker_seed(cfg.seed, rnd, c))
-            r = local_train(self.model, self.global_state, x, y, cfg.client, g, client=c)
+            r = local_train(
+                self.model, self.global_state, x, y, cfg.client, g, client=c, transform=self.train_transform
+            )
             if self.client_hook is not None:
                 r = self.client_hook(rnd, r)
             if r is None or not finite_state(r.state):
@@ -178,9 +233,19 @@ class Simulation:
 
 def config_dict(cfg: FedConfig) -> Dict:
     """The training config that checkpoints hold and a resume compares: FedConfig's fields with
-    the client's flattened in (no name is shared), so that a refused change names the option."""
+    the client's flattened in (no name is shared), so that a refused change names the option.
+
+    Left out: where the data is (``data_dir``: a dataset folder may move between a run and its
+    resume) and the bad-file policy (``bad_files``); ``model`` at its default ``cnn`` and
+    ``augment`` for the datasets it does not apply to, so that checkpoints written before these
+    options existed still resume."""
     d = asdict(cfg)
-    return {**{k: v for k, v in d.items() if k != "client"}, **d["client"]}
+    out = {**{k: v for k, v in d.items() if k not in ("client", "data_dir", "bad_files")}, **d["client"]}
+    if out["model"] == "cnn":
+        del out["model"]
+    if cfg.dataset not in FILE_DATASETS:
+        del out["augment"]
+    return out
 
 
 BUDGET = budget_fields(FedConfig)  # ("rounds",)
@@ -189,15 +254,26 @@ BUDGET = budget_fields(FedConfig)  # ("rounds",)
 def resume(sim: Simulation, run: Run, cfg: FedConfig) -> int:
     """Load the latest checkpoint of `run` into `sim` (it must be of `cfg`, but for a larger
     ``rounds``: the run continues) and drop the metric rows logged after it; returns the first
-    round still to run (0 on a fresh run)."""
-    state = run.resume(config_dict(cfg), key="round", budget=BUDGET)
+    round still to run (0 on a fresh run). A file dataset's checkpoint names the training files it
+    used: a resume that reads others (a batch skipped by --bad-files skip, or one restored) is refused."""
+
+    def same_files(state):
+        files = state.get("data_files")
+        if files is not None and list(files) != list(sim.data.files):
+            raise ValueError(
+                f"{run.out}: its checkpoints trained on {', '.join(files)} of {cfg.dataset}, this run reads "
+                f"{', '.join(sim.data.files)} (a file skipped or restored); use --fresh or another --out"
+            )
+
+    state = run.resume(config_dict(cfg), key="round", budget=BUDGET, check=same_files)
     if state is None:
         return 0
     return sim.load(state) + 1
 
 
 def save_round(sim: Simulation, run: Run, cfg: FedConfig, rnd: int) -> None:
-    run.checkpoints.save(rnd, {**sim.state(rnd), "config": config_dict(cfg)})
+    files = {"data_files": list(sim.data.files)} if sim.data.files else {}
+    run.checkpoints.save(rnd, {**sim.state(rnd), "config": config_dict(cfg), **files})
 
 
 def run_simulation(
@@ -209,8 +285,13 @@ def run_simulation(
     client_hook=None,
 ) -> List[Dict]:
     """Run (or resume, from the latest checkpoint in `run`) the simulation; returns the metric rows."""
-    sim = Simulation(cfg, device, client_hook)
+    sim = Simulation(cfg, device, client_hook, log=run.warning)
     start = resume(sim, run, cfg)
+    if sim.data.source:
+        run.info(
+            f"{cfg.dataset} from {sim.data.source}: training files {', '.join(sim.data.files)}"
+            + (f"; {len(sim.data.skipped)} left out (--bad-files skip)" if sim.data.skipped else "")
+        )
     if start == 0:
         acc, loss = sim.evaluate()
         run.info(
