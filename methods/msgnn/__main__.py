@@ -24,9 +24,12 @@ from methods.common import (
     run_options,
     training_run,
 )
+from methods.common.datasets import BAD_FILES, BAD_FILES_HELP
 from methods.common.optional import requires
 
 from . import data as D
+from . import datasets as RD
+from .metrics import METRIC_HELP, METRICS
 from .train import CHECKPOINT_EVERY, TrainConfig
 
 
@@ -69,18 +72,63 @@ def _models(specs, device):
     return models
 
 
+def cmd_eval_data(a, device) -> int:
+    """eval --data-dir: every pair of one split of a real data set."""
+    from .evaluate import crops_figure, evaluate_pairs
+
+    if a.presets:
+        raise ValueError("--presets chooses the synthetic rain of the test images; it has no meaning with --data-dir")
+    if a.figure_pairs < 0:
+        raise ValueError(f"--figure-pairs must be >= 0, got {a.figure_pairs}")
+    if a.bad_files not in BAD_FILES:
+        raise ValueError(f"--bad-files must be one of {', '.join(BAD_FILES)}, got {a.bad_files!r}")
+
+    def warn(m):
+        print(m, file=sys.stderr)
+
+    pairs = RD.load_pairs(
+        a.data_dir, a.dataset, a.split, bad_files=a.bad_files, min_side=25, cache_mb=a.cache_mb, log=print, warn=warn
+    )
+    models = _models(a.model, device)
+    res, figure = evaluate_pairs(
+        models,
+        pairs,
+        seed=a.seed,
+        metric=a.metric,
+        progress_fn=lambda it: progress(it, enabled=not a.no_progress, desc=f"{pairs.split} pairs"),
+        keep=a.figure_pairs,
+    )
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "eval.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"{res['dataset']} {res['split']} ({res['pairs']} pairs, {a.metric.upper()} PSNR/SSIM)")
+    for m, r in res["models"].items():
+        print(f"  {m:20s} PSNR {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}")
+    print(f"eval.json in {a.out}")
+    if figure is not None:
+        with optional_plots():
+            crops_figure(*figure, os.path.join(a.out, "crops.png"), title=f"{res['dataset']} {res['split']}")
+            print(f"crop figure in {a.out}")
+    return 0
+
+
 def cmd_eval(a) -> int:
     from .evaluate import crops_figure, evaluate
 
     device = pick_device(a.device)
+    if a.data_dir:
+        return cmd_eval_data(a, device)
+    if a.dataset != "auto" or a.split != "test":
+        raise ValueError("--dataset and --split name what --data-dir holds: give --data-dir")
     models = _models(a.model, device)
     outputs = {}
     res = evaluate(
         models,
-        presets=tuple(a.presets),
+        presets=tuple(a.presets or D.PRESETS),
         seed=a.seed,
         progress_fn=lambda it: progress(it, enabled=not a.no_progress, desc="test images"),
         outputs=outputs,
+        metric=a.metric,
     )
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "eval.json"), "w") as f:
@@ -137,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser(
         "train",
-        help="train MSGNN (or the no-graph ablation) on synthetic rain or a paired folder",
+        help="train MSGNN (or the no-graph ablation) on synthetic rain or a real data set (--data-dir)",
         description="Train MSGNN, resumable: run it again to resume, or with a larger --steps to continue a "
         "finished run (the learning-rate milestones move to 3/5 and 4/5 of the new --steps). Under "
         "torchrun --nproc_per_node N every process draws its own --batch crops (global batch N x --batch).",
@@ -145,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(t, TrainConfig, title="training")
     add_common_args(t, default_out="runs/msgnn", unit="steps", checkpoint_every=CHECKPOINT_EVERY)
 
-    e = sub.add_parser("eval", help="PSNR/SSIM on the held-out synthetic test images, and crop figures")
+    e = sub.add_parser(
+        "eval",
+        help="PSNR/SSIM on the held-out synthetic test images or on a real data set's test split, and crop figures",
+    )
     e.add_argument(
         "--model",
         action="append",
@@ -156,9 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--presets",
         nargs="+",
-        default=list(D.PRESETS),
+        default=None,
         choices=tuple(D.PRESETS),
-        help="rain presets of the test images (default: %(default)s)",
+        help=f"rain presets of the synthetic test images (default: {' '.join(D.PRESETS)})",
+    )
+    e.add_argument("--metric", default="rgb", choices=METRICS, help=METRIC_HELP + " (default: %(default)s)")
+    r = e.add_argument_group("real data (instead of the synthetic test images)")
+    r.add_argument("--data-dir", metavar="DIR", help="a deraining data set folder: evaluate every pair of --split")
+    r.add_argument("--dataset", default="auto", choices=RD.DATASETS, help=RD.DATASET_HELP + " (default: %(default)s)")
+    r.add_argument("--split", default="test", choices=RD.SPLITS, help=RD.SPLIT_HELP + " (default: %(default)s)")
+    r.add_argument("--bad-files", default="stop", choices=BAD_FILES, help=BAD_FILES_HELP + " (default: %(default)s)")
+    r.add_argument("--cache-mb", type=float, default=256.0, help=RD.CACHE_HELP + " (default: %(default)s)")
+    r.add_argument(
+        "--figure-pairs",
+        type=int,
+        default=4,
+        metavar="N",
+        help="crops.png shows the first N pairs (0: no figure; default: %(default)s)",
     )
     g = e.add_argument_group("run")
     g.add_argument("--config", metavar="FILE", help="read these options from a YAML or JSON file")

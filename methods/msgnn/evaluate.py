@@ -1,6 +1,7 @@
 """Evaluation: PSNR/SSIM of derained held-out images (full images, or a fixed set of seeded test
-crops with several rain draws each), figures of crops, and the wall time of the graph search
-(pyops against the plain-PyTorch reference) at 481 x 321."""
+crops with several rain draws each) or of every pair of a real data set's split, figures of
+crops, and the wall time of the graph search (pyops against the plain-PyTorch reference) at
+481 x 321."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from methods.common.optional import requires
 
 from . import data as D
 from . import graph as G
-from .metrics import psnr, ssim
+from .metrics import metric_fns, psnr, ssim
 
 
 @torch.no_grad()
@@ -50,12 +51,15 @@ def evaluate(
     seed: int = 0,
     progress_fn: Callable = lambda it: it,
     outputs: Optional[Dict] = None,
+    metric: str = "rgb",
 ) -> Dict:
     """Per preset: PSNR/SSIM (mean over the test images) of the rainy input and of each model.
     ``outputs`` (a dict), when given, receives per preset ``(pairs, {model: derained images})``,
-    what `crops_figure` draws (the CLI draws them after writing the results)."""
+    what `crops_figure` draws (the CLI draws them after writing the results). ``metric``: ``rgb``
+    or ``y`` (`metrics.metric_fns`)."""
+    psnr, ssim = metric_fns(metric)
     pool = exemplar_pool(seed, presets)
-    res: Dict = {"presets": {}, "images": list(D.TEST_IMAGES)}
+    res: Dict = {"presets": {}, "images": list(D.TEST_IMAGES), "metric": metric}
     for preset in presets:
         pairs = D.test_pairs(preset, seed)
         rows: Dict[str, List] = {"rainy input": []}
@@ -84,6 +88,70 @@ def evaluate(
         if outputs is not None:
             outputs[preset] = (pairs, outs)
     return res
+
+
+def evaluate_pairs(
+    models: Dict[str, torch.nn.Module],
+    pairs,
+    seed: int = 0,
+    metric: str = "rgb",
+    progress_fn: Callable = lambda it: it,
+    keep: int = 0,
+) -> Tuple[Dict, Optional[Tuple[D.PairSet, Dict[str, List[torch.Tensor]]]]]:
+    """PSNR/SSIM of the rainy input and of each model on every pair of a real data set split
+    (`datasets.FilePairs`, read one pair at a time), full images.
+
+    The exemplar of pair i is another rainy image of the same split, by the seeded rule of training
+    (`data.exemplar_table`: a fixed other image, never another rainy version of the same clean
+    image). Returns ``(results, figure)``: results hold the means and, per pair, its name and
+    values; ``figure`` is ``(PairSet, {model: outputs})`` of the first ``keep`` pairs (None when
+    ``keep`` is 0), for `crops_figure`."""
+    pfn, sfn = metric_fns(metric)
+    ex = D.exemplar_table(pairs.names, seed)
+    names = ["rainy input", *models]
+    vals: Dict[str, List[Tuple[float, float]]] = {m: [] for m in names}
+    secs: Dict[str, float] = {m: 0.0 for m in models}
+    kept_r, kept_c, outs = [], [], {m: [] for m in models}
+    for i in progress_fn(range(len(pairs))):
+        r_img, c_img = pairs.rainy(i), pairs.clean(i)
+        r, c = D.to_tensor(r_img), D.to_tensor(c_img)
+        e = D.to_tensor(pairs.rainy(ex[i]))
+        vals["rainy input"].append((pfn(r[None], c[None]).item(), sfn(r[None], c[None]).item()))
+        for m, model in models.items():
+            t0 = time.perf_counter()
+            o = derain(model, r, e)
+            secs[m] += time.perf_counter() - t0
+            vals[m].append((pfn(o[None], c[None]).item(), sfn(o[None], c[None]).item()))
+            if i < keep:
+                outs[m].append(o)
+        if i < keep:
+            kept_r.append(r_img)
+            kept_c.append(c_img)
+    n = len(pairs)
+    res = {
+        "dataset": pairs.title,
+        "split": pairs.split,
+        "folder": pairs.folder,
+        "layout": pairs.layout,
+        "metric": metric,
+        "seed": seed,
+        "pairs": n,
+        "skipped": [str(e) for e in pairs.skipped],
+        "models": {
+            m: {
+                "psnr": float(np.mean([v[0] for v in vals[m]])),
+                "ssim": float(np.mean([v[1] for v in vals[m]])),
+                "seconds_per_image": secs[m] / n if m in secs else None,
+            }
+            for m in names
+        },
+        "per_pair": [
+            {"name": pairs.names[i], "exemplar": pairs.names[ex[i]], **{m: list(vals[m][i]) for m in names}}
+            for i in range(n)
+        ],
+    }
+    figure = (D.PairSet(kept_c, kept_r, pairs.names[: len(kept_r)]), outs) if keep else None
+    return res, figure
 
 
 # ------------------------------------------------------------------------------------------
@@ -283,6 +351,7 @@ __all__ = [
     "derain",
     "evaluate",
     "evaluate_crops",
+    "evaluate_pairs",
     "exemplar_pool",
     "held_out_crops",
     "search_timing",

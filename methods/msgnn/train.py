@@ -2,7 +2,8 @@
 (x0.1 at 3/5 and 4/5 of the steps), on random 64 x 64 crops with exemplar crops.
 
 Default data: synthetic light and heavy rain (``draws`` rain draws per preset) on the scikit-image
-training images; ``data_dir`` = a paired folder (``rainy/`` + ``clean/``) instead. Batches are
+training images; ``data_dir`` = a real data set folder instead (Rain100L/H, Rain200L/H, Rain1400, a
+paired folder: `datasets.load_pairs`), read from disk, the next step's batch in a background thread. Batches are
 seeded by (seed, step, rank): a resumed run sees the batches it would have seen, and DDP ranks
 (``torchrun --nproc_per_node=N``; gloo on the CPU) see different crops, so the global batch is
 ``batch`` x N. A monitor PSNR/SSIM on fixed crops of differently seeded rain on the test images is
@@ -35,8 +36,10 @@ from methods.common import (
     seed_everything,
     wrap_ddp,
 )
+from methods.common.datasets import BAD_FILES, BAD_FILES_HELP
 
 from . import data as D
+from . import datasets as RD
 from .metrics import psnr, ssim, ssim_loss
 from .model import MODES, MSGNN, count_parameters
 
@@ -68,8 +71,15 @@ class TrainConfig:
     )
     draws: int = arg(3, "rain draws per training image and preset")
     data_dir: Optional[str] = arg(
-        None, "paired folder (rainy/ + clean/, or input/ + target/) instead of synthetic rain", metavar="DIR"
+        None,
+        "a deraining data set folder (Rain100L/H, Rain200L/H, Rain1400, a paired folder: see --dataset) instead "
+        "of synthetic rain",
+        metavar="DIR",
     )
+    dataset: str = arg("auto", RD.DATASET_HELP, choices=RD.DATASETS)
+    split: str = arg("train", RD.SPLIT_HELP, choices=RD.SPLITS)
+    bad_files: str = arg("stop", BAD_FILES_HELP, choices=BAD_FILES)
+    cache_mb: float = arg(2048.0, RD.CACHE_HELP)
     seed: int = arg(0, "seed of the weights, batches and training rain (the --seed of the run options)", cli=False)
     eval_every: int = arg(50, "steps between logged rows (mean loss, monitor PSNR/SSIM)")
 
@@ -95,6 +105,16 @@ class TrainConfig:
                 f"--groups {self.groups} leaves the graph branches unused (they are fused between groups): "
                 "use --groups 2 or more, or --no-graph"
             )
+        if self.dataset not in RD.DATASETS:
+            raise ValueError(f"--dataset must be one of {RD.DATASETS}, got {self.dataset!r}")
+        if self.split not in RD.SPLITS:
+            raise ValueError(f"--split must be one of {RD.SPLITS}, got {self.split!r}")
+        if self.bad_files not in BAD_FILES:
+            raise ValueError(f"--bad-files must be one of {BAD_FILES}, got {self.bad_files!r}")
+        if not self.data_dir and (self.dataset != "auto" or self.split != "train"):
+            raise ValueError("--dataset and --split name what --data-dir holds: give --data-dir")
+        if self.cache_mb < 0:
+            raise ValueError(f"--cache-mb must be >= 0, got {self.cache_mb}")
         if self.crop < 25:
             raise ValueError(f"--crop must be at least 25 (three scales of 3 x 3 patch grids), got {self.crop}")
 
@@ -114,10 +134,68 @@ class TrainConfig:
         return f"msgnn-{self.mode}" if self.graphs else "no-graph"
 
 
-def training_pairs(cfg: TrainConfig, log=print) -> D.PairSet:
+# Fields that do not change what is trained: a resume may change them (and runs checkpointed
+# before they existed resume without them).
+RUNTIME_FIELDS = ("bad_files", "cache_mb")
+# Fields added with the real data sets, left out of a run's identity at their defaults.
+DATA_DEFAULTS = {"dataset": "auto", "split": "train"}
+
+
+def run_identity(cfg: TrainConfig) -> Dict:
+    """What a checkpoint records as the run's configuration and a resume compares: every field but
+    the run-time ones (`RUNTIME_FIELDS`) and the data set fields at their defaults."""
+    out = asdict(cfg)
+    for k in RUNTIME_FIELDS:
+        out.pop(k)
+    for k, v in DATA_DEFAULTS.items():
+        if out[k] == v:
+            out.pop(k)
+    return out
+
+
+def training_pairs(cfg: TrainConfig, log=print, warn=None):
+    """The training pairs: synthetic rain on the scikit-image training images (a `data.PairSet`),
+    or the ``split`` of the data set in ``data_dir`` (a `datasets.FilePairs`, checked and read
+    from disk; pairs smaller than the crop are bad files)."""
     if cfg.data_dir:
-        return D.folder_pairs(cfg.data_dir, log=log)
+        return RD.load_pairs(
+            cfg.data_dir,
+            cfg.dataset,
+            cfg.split,
+            bad_files=cfg.bad_files,
+            min_side=cfg.crop,
+            cache_mb=cfg.cache_mb,
+            log=log,
+            warn=warn,
+        )
     return D.synthetic_pairs(D.TRAIN_IMAGES, cfg.presets, cfg.draws, cfg.seed)
+
+
+class Prefetch:
+    """The next step's batch drawn in a background thread while this step trains (batches read from
+    disk); the batch of a step is the sampler's, whatever the timing."""
+
+    def __init__(self, sampler: D.CropSampler, batch: int, rank: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sampler, self.batch, self.rank = sampler, batch, rank
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="msgnn-batches")
+        self.pending: Optional[Tuple[int, object]] = None
+
+    def get(self, step: int, following: Optional[int]):
+        if self.pending is not None and self.pending[0] == step:
+            out = self.pending[1].result()
+        else:
+            if self.pending is not None:
+                self.pending[1].result()  # never two threads in the sampler (its image cache)
+            out = self.sampler.batch(self.batch, step, self.rank)
+        self.pending = None
+        if following is not None:
+            self.pending = (following, self.pool.submit(self.sampler.batch, self.batch, following, self.rank))
+        return out
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def monitor_batch(cfg: TrainConfig, size: int = 96):
@@ -182,8 +260,9 @@ def train(
     ``checkpoint_every`` steps and at the last. Returns the metric rows (rank 0's)."""
     info = init_distributed(device)
     seed_everything(cfg.seed)
-    pairs = training_pairs(cfg, log=run.warning)
+    pairs = training_pairs(cfg, log=run.info, warn=run.warning)
     sampler = D.CropSampler(pairs, cfg.crop, cfg.seed)
+    fetch = None if sampler.in_memory else Prefetch(sampler, cfg.batch, info.rank)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = cfg.model().to(device)
     net = wrap_ddp(model, device)
@@ -191,7 +270,13 @@ def train(
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones(cfg.steps), gamma=0.1)
     state = run.resume(
-        asdict(cfg), "step", budget=budget_fields(TrainConfig), schedules=SCHEDULES, model=model, opt=opt, sched=sched
+        run_identity(cfg),
+        "step",
+        budget=budget_fields(TrainConfig),
+        schedules=SCHEDULES,
+        model=model,
+        opt=opt,
+        sched=sched,
     )
     start = state["step"] + 1 if state else 0
     if state is None:
@@ -217,42 +302,50 @@ def train(
     # the losses of the steps since the last logged row: a checkpoint between two rows carries them
     t0, acc = time.perf_counter(), (state.get("acc", []) if state else [])
     prev = state.get("seconds", 0.0) if state else 0.0
-    for step in bar:
-        rainy, clean, exemplar = (t.to(device) for t in sampler.batch(cfg.batch, step, info.rank))
-        out = net(rainy, exemplar)
-        loss = ssim_loss(out, clean)
-        if not torch.isfinite(all_reduce_sum(loss.detach())):  # every rank stops together
-            raise FloatingPointError(f"step {step}: the loss is {loss.item()} (on this process)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        acc.append(all_reduce_mean(loss.detach()).item())  # the mean over the processes' crops
-        last = step + 1 == cfg.steps
-        seconds = prev + time.perf_counter() - t0
-        if (step + 1) % cfg.eval_every == 0 or last:
-            row = {"step": step, "loss": sum(acc) / len(acc), "lr": sched.get_last_lr()[0], "seconds": seconds}
-            if info.is_main:
-                if mon is not None:
-                    row.update(monitor(model, mon, device))
-                run.log_metrics(row)
-                extra = f", monitor PSNR {row['monitor_psnr']:.2f} dB" if "monitor_psnr" in row else ""
-                run.info(f"step {step + 1}/{cfg.steps}: -SSIM {row['loss']:.4f}{extra}")
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-            acc = []
-        if info.is_main and ((step + 1) % checkpoint_every == 0 or last):
-            run.checkpoints.save(
-                step,
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "config": asdict(cfg),  # the current one: a later continuation compares with it
-                    "seconds": seconds,
-                    "acc": acc,
-                },
-            )
-        barrier()
+    try:
+        for step in bar:
+            if fetch is None:
+                batch = sampler.batch(cfg.batch, step, info.rank)
+            else:
+                batch = fetch.get(step, step + 1 if step + 1 < cfg.steps else None)
+            rainy, clean, exemplar = (t.to(device) for t in batch)
+            out = net(rainy, exemplar)
+            loss = ssim_loss(out, clean)
+            if not torch.isfinite(all_reduce_sum(loss.detach())):  # every rank stops together
+                raise FloatingPointError(f"step {step}: the loss is {loss.item()} (on this process)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            acc.append(all_reduce_mean(loss.detach()).item())  # the mean over the processes' crops
+            last = step + 1 == cfg.steps
+            seconds = prev + time.perf_counter() - t0
+            if (step + 1) % cfg.eval_every == 0 or last:
+                row = {"step": step, "loss": sum(acc) / len(acc), "lr": sched.get_last_lr()[0], "seconds": seconds}
+                if info.is_main:
+                    if mon is not None:
+                        row.update(monitor(model, mon, device))
+                    run.log_metrics(row)
+                    extra = f", monitor PSNR {row['monitor_psnr']:.2f} dB" if "monitor_psnr" in row else ""
+                    run.info(f"step {step + 1}/{cfg.steps}: -SSIM {row['loss']:.4f}{extra}")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                acc = []
+            if info.is_main and ((step + 1) % checkpoint_every == 0 or last):
+                run.checkpoints.save(
+                    step,
+                    {
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "config": run_identity(cfg),  # the current one: a later continuation compares with it
+                        "seconds": seconds,
+                        "acc": acc,
+                    },
+                )
+            barrier()
+    finally:
+        if fetch is not None:
+            fetch.close()
     return run.rows
 
 
@@ -275,4 +368,14 @@ def load_trained(path: str, device=torch.device("cpu")):
     return model, cfg
 
 
-__all__ = ["CHECKPOINT_EVERY", "TrainConfig", "load_trained", "milestones", "monitor_batch", "train", "training_pairs"]
+__all__ = [
+    "CHECKPOINT_EVERY",
+    "Prefetch",
+    "TrainConfig",
+    "load_trained",
+    "milestones",
+    "monitor_batch",
+    "run_identity",
+    "train",
+    "training_pairs",
+]
