@@ -2,8 +2,9 @@
 reconstructed (spec A.3) on top of `pyops.fused_linear_cross_view`. See README.md."""
 
 from .attacks import ATTACKS, Attack, make_attack
+from .codec import Codec, ProcessorCodec, ToyCodec
 from .defense import BatchGroup, CrossViewDefense, DefenseConfig, PatchAugment, cross_view_objective
-from .model import ModelConfig, VLMAdapter, build_model
+from .model import ModelConfig, VLMAdapter, build_model, load_pretrained
 
 
 def __getattr__(name):  # CrossViewTrainer imports transformers.Trainer only when asked for
@@ -18,13 +19,17 @@ __all__ = [
     "ATTACKS",
     "Attack",
     "BatchGroup",
+    "Codec",
     "CrossViewDefense",
     "CrossViewTrainer",
     "DefenseConfig",
     "ModelConfig",
     "PatchAugment",
+    "ProcessorCodec",
+    "ToyCodec",
     "VLMAdapter",
     "build_model",
     "cross_view_objective",
+    "load_pretrained",
     "make_attack",
 ]

@@ -1,7 +1,8 @@
 """CLI: python -m methods.crossview_defense train|eval ...
 
-train  fine-tune the small LLaVA on the (poisoned) embedded instruction set under a defense,
-       then evaluate: logs, metrics.csv, resumable checkpoints, results.json/.md and a loss plot
+train  fine-tune the small LLaVA (or a local Hugging Face checkpoint: --model PATH) on the (poisoned)
+       embedded instruction set under a defense, then evaluate: logs, metrics.csv, resumable
+       checkpoints, results.json/.md and a loss plot
 eval   evaluate the latest checkpoint of a run folder (ASR, BLEU-4, CIDEr-D, VQA accuracy)
 
 The train command's flags are the fields of TrainConfig (train.py) and DefenseConfig (defense.py),
@@ -33,6 +34,7 @@ from methods.common import (
     run_options,
     training_run,
 )
+from methods.common.hf import DTYPE_HELP, DTYPES
 
 from .defense import DefenseConfig
 from .train import TrainConfig
@@ -105,21 +107,33 @@ def cmd_eval(a) -> int:
 
     from methods.common import load_run_checkpoint
 
-    from .model import build_model
+    from .model import build_model, load_pretrained
     from .train import config_from_checkpoint, evaluate
 
     if a.n_test < 0:
         raise ValueError(f"--n-test must be >= 0 (0: as trained), got {a.n_test}")
+    if a.eval_batch is not None and a.eval_batch < 1:
+        raise ValueError(f"--eval-batch must be >= 1, got {a.eval_batch}")
     device = pick_device(a.device)
     state = load_run_checkpoint(a.out)  # the latest intact checkpoint (a corrupt newer one is skipped, with a warning)
     cfg = config_from_checkpoint(state.get("config"), a.out)
     if a.n_test:
         cfg.n_test = a.n_test
-    model = build_model(cfg.model)
+    if a.eval_batch is not None:
+        cfg.eval_batch = a.eval_batch
+    if (a.model is not None or a.dtype is not None) and cfg.model_path is None:
+        raise ValueError(f"--model / --dtype: {a.out} is a run of the small LLaVA, not of a --model checkpoint")
+    codec = None
+    if cfg.model_path is None:
+        model = build_model(cfg.model)
+    else:
+        # the run's checkpoint folder (or --model: the same model elsewhere) for the architecture and processor
+        cfg.model_path, cfg.dtype = a.model or cfg.model_path, a.dtype or cfg.dtype
+        model, codec = load_pretrained(cfg.model_path, cfg.dtype)
     model.load_state_dict(state["model"])
     model.to(device)
     with torch.no_grad():
-        res = evaluate(model, cfg)
+        res = evaluate(model, cfg, codec=codec)
     _write_results(a.out, cfg, res)
     return 0
 
@@ -134,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="fine-tune on the (poisoned) embedded data under a defense, then evaluate",
-        description="Fine-tune the cached clean base model of --seed on the (poisoned) embedded instruction set "
-        "under a defense, then evaluate. Under torchrun --batch is the global batch. See the root README's "
-        '"Method command lines" for the run options.',
+        description="Fine-tune the cached clean base model of --seed (or the local checkpoint of --model) on the "
+        "(poisoned) embedded instruction set under a defense, then evaluate. Under torchrun --batch is the global "
+        'batch. See the root README\'s "Method command lines" for the run options.',
     )
     add_common_args(t, "runs/crossview_defense", unit="steps", checkpoint_every=CHECKPOINT_EVERY)
     add_dataclass_args(t, TrainConfig, title="training (TrainConfig)", exclude=("seed",))
@@ -145,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="the run folder")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     e.add_argument("--n-test", type=int, default=0, help="test examples per set (default 0: as trained)")
+    e.add_argument("--eval-batch", type=int, default=None, help="examples per generation batch (default: as trained)")
+    e.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="a run of a --model checkpoint: that model's folder, when it has moved (default: the run's)",
+    )
+    e.add_argument("--dtype", default=None, choices=DTYPES, help="a run of a --model checkpoint: " + DTYPE_HELP)
     return p
 
 

@@ -62,7 +62,8 @@ def make_trainer_class():
     class CrossViewTrainer(FusedLMLossMixin, Trainer):
         """A `transformers.Trainer` whose `compute_loss` is the defense's loss. Pass
         ``defense=DefenseConfig(...)`` (and ``defense_seed``) to the constructor; batches are dicts
-        with input_ids, attention_mask, labels and pixel_values, as `data.collate` makes them.
+        with input_ids, attention_mask, labels and pixel_values, as `data.collate` makes them (or the
+        ``collate`` of a `codec.Codec`: ``data_collator=codec.collate`` for a ``--model`` checkpoint).
         Gradient accumulation gives the gradient of the whole accumulated batch (module doc);
         `last_defense_stats` holds the latest batch's statistics."""
 

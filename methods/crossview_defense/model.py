@@ -13,6 +13,10 @@ model whose forward takes ``pixel_values`` and ``input_ids`` (LLaVA, PaliGemma, 
 * the LM head, ``model.get_output_embeddings()`` (weight and optional bias), through
   ``pyops.transformers.lm_head``: models whose logits are not ``lm_head(last hidden state)``
   (soft-capped, scaled) are refused when the adapter is made.
+
+How examples become token ids and generations become answers is the model's `codec.Codec`.
+`load_pretrained(path)` loads a local Hugging Face checkpoint (``--model PATH``) with the codec of
+its processor.
 """
 
 from __future__ import annotations
@@ -129,28 +133,100 @@ class VLMAdapter:
         kw = {k: v for k, v in inputs.items() if k not in ("labels", "pixel_values")}
         pv = inputs["pixel_values"] if pixel_values is None else pixel_values
         self.check_pixel_values(pv)
-        return last_hidden_state(self.model, pixel_values=pv, **kw)
+        return last_hidden_state(self.model, pixel_values=self.to_model_dtype(pv), **kw)
+
+    def to_model_dtype(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` in the dtype of the model's weights (a bfloat16 model gets bfloat16 images; a
+        float32 model's are returned as they are)."""
+        from pyops.transformers import unwrap_model
+
+        dtype = unwrap_model(self.model).get_input_embeddings().weight.dtype
+        return pixel_values if pixel_values.dtype == dtype else pixel_values.to(dtype)
 
     @torch.no_grad()
-    def generate(self, examples: Sequence[D.Example], max_new_tokens: int = 14, batch: int = 128):
-        """Greedy answers (strings) to the examples' prompts."""
+    def generate(self, examples: Sequence[D.Example], max_new_tokens: int = 14, batch: int = 128, codec=None):
+        """Greedy answers (strings) to the examples' prompts: at most `max_new_tokens` new tokens,
+        prompts made and answers decoded by `codec` (`codec.py`; default: the word-level tokenizer
+        of `data.py` with this model's number of image tokens)."""
+        from .codec import ToyCodec
+
+        codec = ToyCodec(self.n_image_tokens) if codec is None else codec
         model = self.model
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         texts = []
         for s in range(0, len(examples), batch):
-            b = D.collate(examples[s : s + batch], self.n_image_tokens, with_answers=False, pad_left=True)
+            b = codec.collate(examples[s : s + batch], with_answers=False, pad_left=True)
             ids = b["input_ids"].to(device)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=b["attention_mask"].to(device),
-                pixel_values=b["pixel_values"].to(device),
+                pixel_values=self.to_model_dtype(b["pixel_values"].to(device)),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=D.PAD,
-                eos_token_id=D.EOS,
+                pad_token_id=codec.pad_id,
+                eos_token_id=codec.eos_id,
             )
-            texts += [D.decode_ids(row[ids.shape[1] :].tolist()) for row in out]
+            texts += [codec.decode(row[ids.shape[1] :].tolist()) for row in out]
         model.train(was_training)
         return texts
+
+
+def load_pretrained(path, dtype: str = "auto", device=None, flag: str = "--model"):
+    """(model, codec) of a local Hugging Face vision-language checkpoint (LLaVA-1.5 style; nothing is
+    downloaded: `methods.common.hf.load_vlm`), checked for what the pipeline needs: a ViT-style
+    tower (`VLMAdapter`), logits that are the LM head of the last hidden state, and an image
+    processor that makes the tower's pixel values (`codec.ProcessorCodec`). Errors name `flag`
+    and the folder."""
+    from methods.common.hf import load_vlm, model_dir
+
+    from .codec import ProcessorCodec
+
+    p = model_dir(path, flag)
+    model, processor = load_vlm(p, dtype=dtype, device=None if device is None else str(device), flag=flag)
+    try:
+        adapter = VLMAdapter(model)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{flag} {p}: {e}") from e
+    codec = ProcessorCodec(processor, adapter.image_size, source=f"{flag} {p}")
+    _check_image_tokens(model, codec, f"{flag} {p}")
+    return model, codec
+
+
+def _check_image_tokens(model, codec, source: str) -> None:
+    """A LLaVA-style model: the processor must expand the image token to as many tokens as the tower
+    gives features ((S / P)^2, one more with vision_feature_select_strategy "full"); an old snapshot
+    without processor_config.json leaves a single one."""
+    cfg = model.config
+    strategy = getattr(cfg, "vision_feature_select_strategy", None)
+    token = getattr(cfg, "image_token_id", None)
+    token = getattr(cfg, "image_token_index", None) if token is None else token
+    if strategy not in ("default", "full") or token is None:
+        return
+    vc = cfg.vision_config
+    want = (int(vc.image_size) // int(vc.patch_size)) ** 2 + (strategy == "full")
+    got = sum(int(t == token) for t in codec.probe()["ids"][0])
+    if got != want:
+        raise ValueError(
+            f"{source}: its processor puts {got} image tokens in a prompt, but the vision tower gives {want} image "
+            "features (processor_config.json's patch_size and vision_feature_select_strategy must match config.json)"
+        )
+
+
+def load_codec(path, image_size: int, flag: str = "--model"):
+    """The `codec.ProcessorCodec` of a local checkpoint's processor alone (the weights are not loaded):
+    for evaluating a model already in memory."""
+    from methods.common.hf import model_dir
+
+    from .codec import ProcessorCodec
+
+    p = model_dir(path, flag)
+    with requires("hf"):
+        from transformers import AutoProcessor
+    try:
+        processor = AutoProcessor.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{flag} {p}: cannot load its processor ({first})") from e
+    return ProcessorCodec(processor, image_size, source=f"{flag} {p}")

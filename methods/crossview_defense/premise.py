@@ -56,17 +56,25 @@ def auroc(scores_pos: Sequence[float], scores_neg: Sequence[float]) -> float:
 
 @torch.no_grad()
 def sample_statistics(
-    model, examples: Sequence[D.Example], cfg: DefenseConfig = DefenseConfig(), seed: int = 0, batch: int = 64
+    model,
+    examples: Sequence[D.Example],
+    cfg: DefenseConfig = DefenseConfig(),
+    seed: int = 0,
+    batch: int = 64,
+    codec=None,
 ) -> Dict[str, np.ndarray]:
-    """Per-example cross-view statistics (see the module doc) of `model` in eval mode."""
+    """Per-example cross-view statistics (see the module doc) of `model` in eval mode; `codec` makes
+    the batches (`codec.py`; default: the word-level tokenizer of the small LLaVA)."""
+    from .codec import ToyCodec
+
     was = model.training
     model.eval()
     defense = CrossViewDefense(model, cfg, seed)
     weight, bias = defense.adapter.head()
-    n_img = defense.adapter.n_image_tokens
+    codec = ToyCodec(defense.adapter.n_image_tokens) if codec is None else codec
     out: Dict[str, List[float]] = {k: [] for k in ("div_mean", "div_max", "entropy", "ce", "tv_max", "flip")}
     for s in range(0, len(examples), batch):
-        b = D.collate(examples[s : s + batch], n_img)
+        b = codec.collate(examples[s : s + batch])
         dev = weight.device
         b = {k: v.to(dev) for k, v in b.items()}
         defense.generator.manual_seed(seed * 1_000_003 + s)

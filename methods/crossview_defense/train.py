@@ -6,7 +6,9 @@ accuracy.
 * **Base model** (`base_model`): the small LLaVA of `model.py` pretrained on clean captioning +
   VQA data (its own examples, drawn with another seed than the fine-tuning set), built once per
   seed and cached in a local folder (`$PYOPS_CACHE/crossview_defense`, default
-  `~/.cache/pyops/crossview_defense`); nothing is downloaded.
+  `~/.cache/pyops/crossview_defense`); nothing is downloaded. With ``--model PATH`` the base model
+  is that local Hugging Face checkpoint instead (`start_model`), its processor makes the inputs
+  (`codec.ProcessorCodec`), and nothing else changes: the same data, attacks, defense and metrics.
 * **Fine-tuning** (`train`): from the base model, on the possibly poisoned set. "Plain
   fine-tuning" is the attacker's intended pipeline; the defense replaces its loss.
 
@@ -40,12 +42,14 @@ from methods.common import (
     shard,
     shard_bounds,
 )
+from methods.common.hf import DTYPE_HELP, DTYPES
 
 from . import data as D
 from . import metrics as M
 from .attacks import ATTACKS, make_attack
+from .codec import Codec, ToyCodec
 from .defense import BatchGroup, CrossViewDefense, DefenseConfig
-from .model import ModelConfig, VLMAdapter, build_model
+from .model import ModelConfig, VLMAdapter, build_model, load_pretrained
 
 TEST_SEED = 987_654  # the test sets are the same for every run
 
@@ -78,6 +82,17 @@ class TrainConfig:
     pretrain_steps: int = arg(1500, "steps of the clean base model (cached per seed; 0: fine-tune from scratch)")
     pretrain_n: int = arg(6000, "clean pretraining examples")
     pretrain_lr: float = arg(2e-3, "learning rate of the base model's pretraining")
+    # a local Hugging Face checkpoint instead of the small LLaVA (README, "Real models")
+    model_path: Optional[str] = arg(
+        None,
+        "a local Hugging Face vision-language model folder (LLaVA-1.5 style, with its processor) to fine-tune "
+        "instead of the small LLaVA and its base model (the --pretrain-* options are then unused); nothing is "
+        "downloaded",
+        flag="--model",
+        metavar="PATH",
+    )
+    dtype: str = arg("auto", DTYPE_HELP + " (only with --model; float16 cannot be fine-tuned)", choices=DTYPES)
+    eval_batch: int = arg(100, "examples per generation batch at evaluation")
 
     @property
     def name(self) -> str:
@@ -96,6 +111,7 @@ class TrainConfig:
             ("pretrain_steps", 0),
             ("pretrain_n", 1),
             ("seed", 0),
+            ("eval_batch", 1),
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < low:
@@ -110,6 +126,12 @@ class TrainConfig:
             raise ValueError(f"--attack must be one of {sorted(ATTACKS)} or none, got {self.attack!r}")
         if not (0 <= self.ratio <= 1):
             raise ValueError(f"--ratio must be in [0, 1], got {self.ratio!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.model_path is None and self.dtype != "auto":
+            raise ValueError(f"--dtype {self.dtype} needs --model (the small LLaVA is trained in float32)")
+        if self.model_path is not None and not (isinstance(self.model_path, str) and self.model_path.strip()):
+            raise ValueError(f"--model must be a folder, got {self.model_path!r}")
         self.defense.validate()
         return self
 
@@ -214,6 +236,45 @@ def base_model(cfg: TrainConfig, device=torch.device("cpu"), show_progress: bool
     return model
 
 
+def start_model(cfg: TrainConfig, device=torch.device("cpu"), show_progress: bool = True, log=print):
+    """(model, codec) fine-tuning starts from: the local checkpoint of ``--model`` (in ``--dtype``) with
+    its processor's codec, or the cached clean base model of the seed (`base_model`) with the word-level
+    codec. Returns the model in train mode on `device`."""
+    if cfg.model_path is None:
+        model = base_model(cfg, device, show_progress, log=log)
+        return model, ToyCodec(VLMAdapter(model).n_image_tokens)
+    model, codec = load_pretrained(cfg.model_path, cfg.dtype, device)
+    check_trainable(model, cfg)
+    dtype = model.get_input_embeddings().weight.dtype
+    log(
+        f"--model {cfg.model_path}: {type(model).__name__} in {str(dtype).replace('torch.', '')}, images "
+        f"{codec.image_size} x {codec.image_size} (the --pretrain-* options are unused)"
+    )
+    return model.train(), codec
+
+
+def check_trainable(model, cfg: TrainConfig) -> None:
+    """Refuse float16 weights: AdamW's states and eps (1e-8 is 0 in float16) without loss scaling."""
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype == torch.float16:
+        how = "the checkpoint's own dtype (--dtype auto)" if cfg.dtype == "auto" else "--dtype float16"
+        raise ValueError(
+            f"--model {cfg.model_path}: loaded in float16 by {how}; fine-tuning in float16 has no loss scaling "
+            "here (AdamW's eps underflows): use --dtype bfloat16 or --dtype float32"
+        )
+
+
+def codec_for(cfg: TrainConfig, model) -> Codec:
+    """The codec of `model` under `cfg`: the word-level one of the small LLaVA, or the processor of
+    ``--model`` (loaded again from the folder; the weights are not)."""
+    from .model import load_codec
+
+    adapter = VLMAdapter(model)
+    if cfg.model_path is None:
+        return ToyCodec(adapter.n_image_tokens)
+    return load_codec(cfg.model_path, adapter.image_size)
+
+
 # what a resumed run with a larger --steps does to the schedules (Run.resume logs it)
 SCHEDULES = (
     "the learning rate (warm-up + cosine over --steps: from the resume step it follows the cosine of the "
@@ -226,6 +287,9 @@ def resume_config(cfg: TrainConfig) -> Dict[str, Any]:
     fields side by side (the CLI's options, so a refused resume names the flag), the model's nested."""
     out = asdict(cfg)
     out.update(out.pop("defense"))
+    out.pop("eval_batch")  # evaluation only: a resume may change it
+    if cfg.model_path is None and cfg.dtype == "auto":  # the small LLaVA: the config of runs before --model
+        del out["model_path"], out["dtype"]
     return out
 
 
@@ -245,12 +309,12 @@ def config_from_checkpoint(c: Dict[str, Any], source: str = "the checkpoint") ->
     return checked(TrainConfig, c, source, defense=defense, model=model)
 
 
-def _freeze_unreached(model, defense: CrossViewDefense, examples, n_img: int, device) -> List[str]:
+def _freeze_unreached(model, defense: CrossViewDefense, examples, codec: Codec, device) -> List[str]:
     """Under DDP: parameters the loss never reaches (the vision tower's post-layernorm, whose pooled
     output LLaVA does not read) found with one probe backward on one example, then frozen: DDP
     needs every trained parameter in each backward, and one process leaves them without a gradient
     too (AdamW skips them), so freezing them changes nothing."""
-    batch = {k: v.to(device) for k, v in D.collate(examples[:1], n_img).items()}
+    batch = {k: v.to(device) for k, v in codec.collate(examples[:1]).items()}
     probe = CrossViewDefense(model, DefenseConfig(**{**asdict(defense.cfg), "memory": "none"}), 0)
     loss, _ = probe.loss(batch)
     loss.backward()
@@ -269,8 +333,9 @@ def train(
     show_progress: bool = True,
     checkpoint_every: Optional[int] = None,
 ):
-    """Fine-tune the clean base model of `cfg.seed` under `cfg`; returns (model, metric rows).
-    A checkpoint every `checkpoint_every` steps (None: only at the end) and after the last step.
+    """Fine-tune the clean base model of `cfg.seed` (or the checkpoint of ``--model``: `start_model`)
+    under `cfg`; returns (model, metric rows). A checkpoint every `checkpoint_every` steps (None:
+    only at the end) and after the last step.
 
     Under torchrun (DDP, `methods.common.dist`): `cfg.batch` is the global batch; every process
     draws it (and its augmentation) like one process would and keeps its shard; the defense's batch
@@ -283,14 +348,21 @@ def train(
     n_batch = min(cfg.batch, cfg.n_train)  # a batch draws distinct examples
     shard_bounds(n_batch, info, "--batch" if n_batch == cfg.batch else f"--n-train (the batch, < --batch {cfg.batch})")
     seed_everything(cfg.seed)
+
+    def start():
+        # the base model: rank 0 pretrains and caches it (or loads it), the others wait and load the cache
+        if info.enabled and not info.is_main:
+            barrier()
+            return start_model(cfg, device, False, log=lambda *a: None)
+        out = start_model(cfg, device, show_progress, log=run.info)
+        barrier()
+        return out
+
+    if cfg.model_path is not None:  # a checkpoint folder: its errors come before the data are drawn
+        model, codec = start()
     examples, poisoned = training_set(cfg)
-    # the base model: rank 0 pretrains and caches it (or loads it), the others wait and load the cache
-    if info.enabled and not info.is_main:
-        barrier()
-        model = base_model(cfg, device, False, log=run.info)
-    else:
-        model = base_model(cfg, device, show_progress, log=run.info)
-        barrier()
+    if cfg.model_path is None:
+        model, codec = start()
     defense = CrossViewDefense(model, cfg.defense, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -318,11 +390,10 @@ def train(
             f"{len(poisoned)} poisoned ({cfg.attack}, ratio {cfg.ratio})"
             + (f"; DDP over {info.world_size} processes, global batch {n_batch}" if info.enabled else "")
         )
-    n_img = defense.adapter.n_image_tokens
     model.train()
     group = None
     if info.enabled:
-        _freeze_unreached(model, defense, examples, n_img, device)
+        _freeze_unreached(model, defense, examples, codec, device)
         defense.adapter.model = prepare_ddp(model, device)  # the forward goes through DDP
         group = BatchGroup()
     bar = progress(
@@ -340,7 +411,7 @@ def train(
         # the global batch and its augmentation, drawn alike by every process (which keeps its shard)
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(examples), size=n_batch, replace=False)
-        batch = D.collate([examples[i] for i in idx], n_img)
+        batch = codec.collate([examples[i] for i in idx])
         defense.generator.manual_seed(cfg.seed * 1_000_003 + step)
         augmented = None if cfg.defense.mode == "none" else defense.augment(batch["pixel_values"], defense.generator)
         batch = {k: v.to(device) for k, v in shard(batch, info).items()}
@@ -385,24 +456,35 @@ def train(
                 )
             barrier()
     defense.adapter.model = model
+    # the last step's gradients are not kept through the evaluation (a 7B model's are 14 GB)
+    opt.zero_grad(set_to_none=True)
     return model, run.rows
 
 
 def evaluate(
-    model, cfg: TrainConfig, sets: Optional[Dict[str, List[D.Example]]] = None, batch: int = 100
+    model,
+    cfg: TrainConfig,
+    sets: Optional[Dict[str, List[D.Example]]] = None,
+    batch: Optional[int] = None,
+    codec: Optional[Codec] = None,
 ) -> Dict[str, float]:
     """ASR (triggered captions containing the target), clean caption BLEU-4 / CIDEr-D, VQA accuracy,
-    and the false-trigger rate (clean captions containing the target)."""
+    and the false-trigger rate (clean captions containing the target). Greedy generations of
+    ``--max-new-tokens`` words for captions and 3 for VQA answers (tokens: `Codec.answer_budget`),
+    `batch` (default ``cfg.eval_batch``) examples at a time; `codec` default: `codec_for`."""
     sets = test_sets(cfg) if sets is None else sets
+    batch = cfg.eval_batch if batch is None else batch
+    codec = codec_for(cfg, model) if codec is None else codec
     ad = VLMAdapter(model)
     out: Dict[str, float] = {}
-    caps = ad.generate(sets["caption"], cfg.max_new_tokens, batch)
+    n_caption = codec.answer_budget(cfg.max_new_tokens)
+    caps = ad.generate(sets["caption"], n_caption, batch, codec)
     out.update(M.summarize_captions(caps, [ex.refs for ex in sets["caption"]]))
     out["clean_target_rate"] = M.attack_success_rate(caps, D.TARGET)
-    ans = ad.generate(sets["vqa"], 3, batch)
+    ans = ad.generate(sets["vqa"], codec.answer_budget(3), batch, codec)
     out["vqa_acc"] = M.vqa_accuracy(ans, [ex.answer[0] for ex in sets["vqa"]])
     if "triggered" in sets:
-        trig = ad.generate(sets["triggered"], cfg.max_new_tokens, batch)
+        trig = ad.generate(sets["triggered"], n_caption, batch, codec)
         out["asr"] = M.attack_success_rate(trig, D.TARGET)
     out["examples"] = {"caption": caps[:3], "vqa": ans[:3], "triggered": trig[:3] if "triggered" in sets else []}
     return out
