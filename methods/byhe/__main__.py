@@ -1,5 +1,6 @@
-"""python -m methods.byhe train|eval: heart rate from synthetic face videos with BYHE's SCS-map
-training (or the negative-Pearson / max-cross-covariance baselines on the same backbone).
+"""python -m methods.byhe train|eval: heart rate from face videos (synthetic, or the real UBFC-rPPG
+and PURE datasets: ``--dataset``) with BYHE's SCS-map training (or the negative-Pearson /
+max-cross-covariance baselines on the same backbone).
 
 ``train`` under ``torchrun --nproc_per_node N -m methods.byhe train ...`` trains with DDP: --batch
 stays the global batch (divisible by N)."""
@@ -8,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 
 from methods.common import cli_main, from_args, parse_args, pick_device
-from methods.rppg.cli import add_eval_parser, add_train_args, run_eval, train_command
+from methods.rppg.cli import add_eval_parser, add_train_args, run_eval, source_name, train_command
+from methods.rppg.training import config_record
 
-from .train import CHECKPOINT_EVERY, TrainConfig, datasets, load_model, train
+from .train import CHECKPOINT_EVERY, TrainConfig, load_model, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "BYHE (Sun et al., arXiv 2207.01697): train a TS-CAN-like backbone against the self-cosine-similarity map "
             "of the label's phase, which a label delay does not change, on synthetic face videos whose labels lag "
-            "the video by 0-0.5 s. Baselines on the same backbone: negative Pearson and negative max "
-            "cross-covariance on the wave."
+            "the video by 0-0.5 s, or on a real dataset (--dataset ubfc-rppg | pure --data-dir PATH). Baselines on the "
+            "same backbone: negative Pearson and negative max cross-covariance on the wave."
         ),
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,19 +45,20 @@ def _main(argv=None) -> int:
     if a.command == "train":
         cfg = from_args(TrainConfig, a)
         cfg.check()
-        title = f"{cfg.loss} trained on {cfg.label} waves ({cfg.domain})"
-        return train_command(a, cfg, device, "byhe", train, title, asdict(cfg), scs_mode=cfg.scs_mode)
+        title = f"{cfg.loss} trained on {cfg.label} waves ({source_name(cfg)})"
+        return train_command(a, cfg, device, "byhe", train, title, config_record(cfg), scs_mode=cfg.scs_mode)
     model, cfg = load_model(a.model, device)
     return run_eval(
         a,
         model,
-        asdict(cfg),
+        config_record(cfg),
         cfg.fs,
-        cfg.domain,
-        lambda: datasets(cfg)[1],
+        cfg.domain if cfg.test_source == "synthetic" else cfg.test_source,
+        lambda: cfg.eval_set(cfg.domain),
         lambda d, n, seed: cfg.test_set(d, n, seed),
         cfg.n_test,
         cfg.seed,
+        settings=cfg,
         scs_mode=cfg.scs_mode,
     )
 

@@ -27,13 +27,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 
 from methods.common import format_difference, optional_plots, paired_difference
 from methods.common.acceptance import acceptance_meta, cached_result, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
+from methods.rppg.training import config_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"pearson": "negative Pearson", "mcc": "negative max cross-covariance (MCC)", "byhe": "BYHE (SCS maps)"}
@@ -62,7 +62,7 @@ def _train_and_evaluate(job: dict, folder: str) -> dict:
         loss=job["loss"], label=DELAYS[job["delay"]], domain=job["domain"], seed=job["seed"], **job["config"]
     )
     t0 = time.perf_counter()
-    run = Run(folder, asdict(cfg), name="byhe-acceptance")
+    run = Run(folder, config_record(cfg), name="byhe-acceptance")
     model, test = train(cfg, run, show_progress=False)
     rows = run.rows
     run.close()
@@ -82,7 +82,7 @@ def _train_and_evaluate(job: dict, folder: str) -> dict:
         "skipped": rows[-1].get("skipped", 0) if rows else 0,
         "minutes": (time.perf_counter() - t0) / 60,
         "final_loss": _final_loss(folder),
-        "config": asdict(cfg),
+        "config": config_record(cfg),
     }
 
 

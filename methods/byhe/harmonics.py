@@ -15,10 +15,10 @@ import glob
 import json
 import os
 import sys
-from dataclasses import asdict
 
 from methods.common.acceptance import cached_result, run_jobs
 from methods.rppg.pipeline import BAND
+from methods.rppg.training import config_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 0.06  # relative distance to 2x the label's HR that counts as a harmonic lock (two 3.5-bpm bins at 60 bpm)
@@ -39,7 +39,7 @@ def _records(folder: str) -> dict:
 
     model, cfg = load_model(folder)
     res = evaluate(model, cfg.test_set(cfg.domain), cfg.fs)
-    return {"config": asdict(cfg), "records": res["records"]}
+    return {"config": config_record(cfg), "records": res["records"]}
 
 
 def diagnose(folder: str) -> dict:

@@ -27,7 +27,7 @@ float rounding when the dropouts are 0 (dropout masks differ by process).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict
 
 import torch
@@ -49,8 +49,10 @@ from methods.rppg.losses import neg_max_cross_cov, neg_pearson
 from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
 from methods.rppg.training import (
-    VideoSetConfig,
+    SingleSourceConfig,
     all_finite,
+    config_record,
+    describe_set,
     global_mean,
     scs_target,
     set_schedule,
@@ -67,7 +69,7 @@ MIN_CLIP = 30  # N = 5 windows: the spectral prior needs a wave of 4 lags
 
 
 @dataclass
-class TrainConfig(VideoSetConfig):
+class TrainConfig(SingleSourceConfig):
     loss: str = arg("byhe", "byhe: SCS maps; pearson / mcc: wave losses", choices=LOSSES)
     label: str = arg(
         "label", "label: the delayed label waves; pulse: the videos' own pulses (zero delay)", choices=LABELS
@@ -81,7 +83,9 @@ class TrainConfig(VideoSetConfig):
     wd_max: float = arg(1e-3, "... rising along a cosine to this at the end")
     shrink: int = arg(2, "backbone width divisor (1: the code's full width, 0.34 M parameters)")
     scs_mode: str = arg("clean", "phase unwrap of the SCS label (spec 1.1)", choices=MODES)
-    domain: str = arg("default", f"synthetic domain: {DOMAIN_NAMES}", choices=sorted(DOMAINS), metavar="DOMAIN")
+    domain: str = arg(
+        "default", f"synthetic domain (--dataset synthetic): {DOMAIN_NAMES}", choices=sorted(DOMAINS), metavar="DOMAIN"
+    )
     dropout: float = arg(DROPOUT, "dropout of the backbone's motion branch (0: off)")
     head_dropout: float = arg(HEAD_DROPOUT, "dropout of BYHE's SCS head (0: off)")
 
@@ -113,9 +117,10 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     return TSCANWave(shrink=cfg.shrink, dropout=cfg.dropout)
 
 
-def datasets(cfg: TrainConfig):
-    """(train, test) video sets: disjoint seeds, one domain."""
-    return cfg.video_sets(cfg.domain)
+def datasets(cfg: TrainConfig, warn=None, info=None):
+    """(train, test) video sets: synthetic ones of one domain (disjoint seeds), or a real dataset's
+    split (``--dataset``, ``--test-dataset``: ``methods.rppg.datasets``)."""
+    return cfg.video_sets(cfg.domain, warn, info)
 
 
 def step_losses(model, cfg: TrainConfig, clips: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -148,7 +153,7 @@ def train(
     info = dist_info()
     shard_bounds(cfg.batch, info)  # an error naming --batch before any work
     seed_everything(cfg.seed)
-    train_set, test_set = data if data is not None else datasets(cfg)
+    train_set, test_set = data if data is not None else datasets(cfg, run.warning, run.info)
     model = build_model(cfg).to(device)
     net = prepare_ddp(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
@@ -168,7 +173,7 @@ def train(
     model.train()
     out = train_loop(
         run,
-        asdict(cfg),
+        config_record(cfg),
         {"model": model, "opt": opt},
         cfg.steps,
         cfg.seed,
@@ -180,9 +185,13 @@ def train(
         schedules=SCHEDULES,
         row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
         intro=lambda: (
-            f"{cfg.loss} on {cfg.label} waves: {len(train_set)} training videos (delays "
-            f"{train_set.delays.min():.2f}-{train_set.delays.max():.2f} s), {len(test_set)} test videos, "
-            f"{sum(p.numel() for p in model.parameters())} parameters"
+            f"{cfg.loss} on {cfg.label} waves: "
+            + (
+                f"{len(train_set)} training videos (delays {train_set.delays.min():.2f}-{train_set.delays.max():.2f} s)"
+                if train_set.names is None
+                else describe_set(train_set, "training")
+            )
+            + f", {describe_set(test_set, 'test')}, {sum(p.numel() for p in model.parameters())} parameters"
         ),
     )
     run.info(f"training done ({cfg.steps} steps, {out['seconds']:.0f} s, {out['skipped']} skipped)")

@@ -1,5 +1,6 @@
-"""python -m methods.doha train|eval: multi-domain rPPG training (DOHA or a baseline) on synthetic
-source domains, evaluated on a held-out target domain.
+"""python -m methods.doha train|eval: multi-domain rPPG training (DOHA or a baseline) on source
+domains (synthetic ones, and one real dataset: UBFC-rPPG or PURE), evaluated on a held-out target
+domain (synthetic or real).
 
 ``train`` under ``torchrun --nproc_per_node N -m methods.doha train ...`` trains with DDP: the global
 batch (--per-domain x the sources) stays the same and must be divisible by N."""
@@ -8,19 +9,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 
 from methods.common import cli_main, from_args, parse_args, pick_device
 from methods.rppg.cli import add_eval_parser, add_train_args, run_eval, train_command
+from methods.rppg.training import config_record
 
-from .train import CHECKPOINT_EVERY, DOHAConfig, domain_sets, load_model, train
+from .train import CHECKPOINT_EVERY, DOHAConfig, load_model, target_set, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m methods.doha",
         description=(
-            "DOHA (Sun et al., ACM MM 2023): train on several synthetic source domains, test on an unseen one. "
+            "DOHA (Sun et al., ACM MM 2023): train on several source domains, test on an unseen one; a domain is "
+            "synthetic or a real dataset (ubfc-rppg, pure: --data-dir, --test-data-dir). "
             "Methods: pearson (plain multi-domain, negative Pearson), byhe (SCS maps), hps (SCS maps + DOHA's "
             "Toeplitz-regularized loss), hho (per-instance / per-domain PCGrad on the wave loss, outlier "
             "rejection), doha (both)."
@@ -46,18 +48,19 @@ def _main(argv=None) -> int:
         cfg = from_args(DOHAConfig, a)
         cfg.check()
         title = f"{cfg.method}: {'+'.join(cfg.sources)} -> {cfg.target}"
-        return train_command(a, cfg, device, "doha", train, title, asdict(cfg), scs_mode=cfg.scs_mode)
+        return train_command(a, cfg, device, "doha", train, title, config_record(cfg), scs_mode=cfg.scs_mode)
     model, cfg = load_model(a.model, device)
     return run_eval(
         a,
         model,
-        asdict(cfg),
+        config_record(cfg),
         cfg.fs,
         cfg.target,
-        lambda: domain_sets(cfg)[1],
+        lambda: target_set(cfg),
         lambda d, n, seed: cfg.test_set(d, n, seed),
         cfg.n_test,
         cfg.seed,
+        settings=cfg,
         scs_mode=cfg.scs_mode,
     )
 

@@ -18,13 +18,13 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 
 from methods.common import format_difference, optional_plots, paired_difference
 from methods.common.acceptance import acceptance_meta, cached_result, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
+from methods.rppg.training import config_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = {
@@ -57,7 +57,7 @@ def _train_and_evaluate(job: dict, folder: str) -> dict:
         seed=job["seed"],
     )
     t0 = time.perf_counter()
-    run = Run(folder, asdict(cfg), name="doha-acceptance")
+    run = Run(folder, config_record(cfg), name="doha-acceptance")
     model, test = train(cfg, run, show_progress=False)
     rows = run.rows
     run.close()
@@ -74,7 +74,7 @@ def _train_and_evaluate(job: dict, folder: str) -> dict:
         "minutes": (time.perf_counter() - t0) / 60,
         "rejected": rows[-1].get("rejected", 0),
         "skipped": rows[-1].get("skipped", 0),
-        "config": asdict(cfg),
+        "config": config_record(cfg),
     }
 
 

@@ -27,7 +27,7 @@ up to float rounding when the dropouts are 0 (dropout masks differ by process).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import torch
@@ -48,12 +48,15 @@ from methods.common import (
 )
 from methods.rppg.backbones import DROPOUT, TSCANWave
 from methods.rppg.data import LABELS, VideoSet, sample_clips
+from methods.rppg.datasets import DATASETS
 from methods.rppg.evaluation import evaluate
 from methods.rppg.scs import MODES
 from methods.rppg.synth import DOMAINS
 from methods.rppg.training import (
     VideoSetConfig,
     all_finite,
+    config_record,
+    describe_set,
     scs_target,
     set_schedule,
     train_loop,
@@ -64,6 +67,7 @@ from .hho import REJECT_WINDOW, InstanceRejector, harmonize, per_instance_grads
 from .losses import REG_SCALE, REG_WEIGHT, instance_losses, per_instance_neg_pearson
 
 DOMAIN_NAMES = ", ".join(sorted(DOMAINS))
+DOMAIN_CHOICES = sorted(DOMAINS) + list(DATASETS)  # synthetic domains and the real datasets
 METHODS = ("pearson", "byhe", "hps", "hho", "doha")
 HARMONIZED = ("hho", "doha")
 MAP_METHODS = ("byhe", "hps", "doha")
@@ -79,10 +83,18 @@ class DOHAConfig(VideoSetConfig):
         choices=METHODS,
     )
     sources: Tuple[str, ...] = arg(
-        ("lab", "dark-moving"), f"source (training) domains: {DOMAIN_NAMES}", choices=sorted(DOMAINS), metavar="DOMAIN"
+        ("lab", "dark-moving"),
+        f"source (training) domains: synthetic ({DOMAIN_NAMES}) or one real dataset ({', '.join(DATASETS)}: its "
+        "--split's training part, in --data-dir)",
+        choices=DOMAIN_CHOICES,
+        metavar="DOMAIN",
     )
     target: str = arg(
-        "flicker", "held-out (test) domain (one of the names above)", choices=sorted(DOMAINS), metavar="DOMAIN"
+        "flicker",
+        "held-out (test) domain (one of the names above; a real dataset: its --split's test part, in --test-data-dir, "
+        "else --data-dir)",
+        choices=DOMAIN_CHOICES,
+        metavar="DOMAIN",
     )
     steps: int = arg(120, "training steps", budget=True)
     per_domain: int = arg(
@@ -102,7 +114,7 @@ class DOHAConfig(VideoSetConfig):
     reject_window: int = arg(REJECT_WINDOW, "FIFO length of the instance rejection")
     instance_level: bool = arg(True, "hho/doha: instance-level PCGrad (--no-instance-level: off)")
     domain_level: bool = arg(True, "hho/doha: domain-level PCGrad (--no-domain-level: off)")
-    n_train: int = arg(24, "training videos per source domain")
+    n_train: int = arg(24, "training videos per synthetic source domain")
     label: str = arg("label", "label: the delayed label waves; pulse: the videos' own pulses", choices=LABELS)
     dropout: float = arg(DROPOUT, "dropout of the backbone's motion branch (0: off)")
     head_dropout: float = arg(HEAD_DROPOUT, "dropout of the SCS head of the map methods (0: off)")
@@ -121,8 +133,8 @@ class DOHAConfig(VideoSetConfig):
         if not self.sources:
             raise ValueError("need at least one source domain")
         for d in self.sources + (self.target,):
-            if d not in DOMAINS:
-                raise ValueError(f"unknown domain {d!r}; choose from {sorted(DOMAINS)}")
+            if d not in DOMAINS and d not in DATASETS:
+                raise ValueError(f"unknown domain {d!r}; choose from {DOMAIN_CHOICES}")
         if self.target in self.sources:
             raise ValueError(f"the target domain {self.target!r} is also a source domain")
         if len(set(self.sources)) != len(self.sources):
@@ -141,6 +153,46 @@ class DOHAConfig(VideoSetConfig):
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         self.check_videos(self.clip)
 
+    def uses_real_data(self) -> bool:
+        return any(d in DATASETS for d in tuple(self.sources) + (self.target,))
+
+    def folder(self, name: str) -> Tuple[str, str]:
+        """(folder, flag) of a real domain: a source's is --data-dir, the target's --test-data-dir
+        (else --data-dir)."""
+        if name == self.target and self.test_data_dir:
+            return self.test_data_dir, "--test-data-dir"
+        return self.data_dir, "--data-dir"
+
+    def check_data(self) -> None:
+        super().check_data()
+        real_sources = [d for d in self.sources if d in DATASETS]
+        if len(real_sources) > 1:
+            raise ValueError(
+                f"--sources holds {len(real_sources)} real datasets ({', '.join(real_sources)}); one folder "
+                "(--data-dir) serves one of them: train on one real dataset (with synthetic domains) and test on the other"
+            )
+        if real_sources and not self.data_dir:
+            raise ValueError(f"the source {real_sources[0]} needs its folder: --data-dir")
+        if self.target in DATASETS:
+            if real_sources and not self.test_data_dir:
+                raise ValueError(
+                    f"the target {self.target} needs its own folder (--data-dir holds the source {real_sources[0]}): "
+                    "--test-data-dir"
+                )
+            if not (self.test_data_dir or self.data_dir):
+                raise ValueError(f"the target {self.target} needs its folder: --test-data-dir (or --data-dir)")
+
+    def domain_video_set(self, name: str, role: int, warn=None, info=None) -> VideoSet:
+        """A source's (``role`` 0: training videos / the real training part) or the target's (1:
+        test videos / the real test part) set."""
+        if name in DATASETS:
+            folder, flag = self.folder(name)
+            part, frames = ("train", self.frames) if role == 0 else ("test", self.test_length)
+            return self.real_set(name, folder, part, frames, flag, warn, info)
+        if role == 0:
+            return self.domain_set(name, 0, self.n_train, self.frames)
+        return self.domain_set(name, 1, self.n_test, self.test_length)
+
 
 def build_model(cfg: DOHAConfig) -> torch.nn.Module:
     if cfg.method in MAP_METHODS:
@@ -148,11 +200,16 @@ def build_model(cfg: DOHAConfig) -> torch.nn.Module:
     return TSCANWave(shrink=cfg.shrink, dropout=cfg.dropout)
 
 
-def domain_sets(cfg: DOHAConfig) -> Tuple[List[VideoSet], VideoSet]:
-    """The source domains' training sets and the target domain's test set (seeds disjoint by
-    domain name and role)."""
-    train = [cfg.domain_set(d, 0, cfg.n_train, cfg.frames) for d in cfg.sources]
-    return train, cfg.domain_set(cfg.target, 1, cfg.n_test, cfg.test_length)
+def domain_sets(cfg: DOHAConfig, warn=None, info=None) -> Tuple[List[VideoSet], VideoSet]:
+    """The source domains' training sets and the target domain's test set (synthetic: seeds
+    disjoint by domain name and role; a real dataset: its split's training / test part)."""
+    train = [cfg.domain_video_set(d, 0, warn, info) for d in cfg.sources]
+    return train, target_set(cfg, warn, info)
+
+
+def target_set(cfg: DOHAConfig, warn=None, info=None) -> VideoSet:
+    """The target domain's test set."""
+    return cfg.domain_video_set(cfg.target, 1, warn, info)
 
 
 def batch_losses(cfg: DOHAConfig, forward, clips: Dict[str, torch.Tensor]):
@@ -196,7 +253,7 @@ def train(
             f"divisible by the {info.world_size} processes of torchrun"
         )
     seed_everything(cfg.seed)
-    sources, test = data if data is not None else domain_sets(cfg)
+    sources, test = data if data is not None else domain_sets(cfg, run.warning, run.info)
     model = build_model(cfg).to(device)
     harmonized = cfg.method in HARMONIZED
     if harmonized:  # the update is built from gradients all-reduced by hand: batch norm global, no DDP wrapper
@@ -244,7 +301,7 @@ def train(
     model.train()
     out = train_loop(
         run,
-        asdict(cfg),
+        config_record(cfg),
         {"model": model, "opt": opt, "rejector": rejector},
         cfg.steps,
         cfg.seed,
@@ -257,8 +314,14 @@ def train(
         counters=("rejected",),
         row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
         intro=lambda: (
-            f"{cfg.method}: sources {list(cfg.sources)} ({cfg.n_train} videos each), target {cfg.target}, "
-            f"{sum(p.numel() for p in model.parameters())} parameters"
+            f"{cfg.method}: sources {list(cfg.sources)} "
+            + (
+                f"({cfg.n_train} videos each), target {cfg.target}"
+                if all(vs.names is None for vs in sources + [test])
+                else f"({'; '.join(describe_set(vs, 'training') for vs in sources)}), target {cfg.target} "
+                f"({describe_set(test, 'test')})"
+            )
+            + f", {sum(p.numel() for p in model.parameters())} parameters"
         ),
     )
     run.info(
@@ -293,6 +356,7 @@ __all__ = [
     "build_model",
     "domain_sets",
     "evaluate",
+    "target_set",
     "load_model",
     "train",
 ]

@@ -1,13 +1,15 @@
 """The parts the rPPG methods' CLIs (``python -m methods.byhe|doha|sspd``) share: the ``train``
-sub-command's options (the config dataclass's flags and the run options, ``--checkpoint-every``
-in steps), the command itself (alone or as one rank under torchrun), the ``eval`` sub-command and
-the report a ``train`` run ends with (evaluation and results tables first, then the loss curve
-and the example figure, which a missing matplotlib only skips)."""
+sub-command's options (the config dataclass's flags, the real datasets' in their own group, and
+the run options, ``--checkpoint-every`` in steps), the command itself (alone or as one rank under
+torchrun), the ``eval`` sub-command (the run's test set, a synthetic domain's, or a real dataset's
+test part) and the report a ``train`` run ends with (evaluation and results tables first, then the
+loss curve and the example figure, which a missing matplotlib only skips)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Dict
+from dataclasses import fields
+from typing import Callable, Dict, Optional
 
 from methods.common import (
     add_common_args,
@@ -18,19 +20,37 @@ from methods.common import (
     run_options,
     training_run,
 )
+from methods.common.datasets import BAD_FILES, BAD_FILES_HELP
 
 from .data import VideoSet, evaluation_clips
+from .datasets import DATASETS, SPLITS
 from .evaluation import evaluate, results_table, write_results
 from .plots import plot_example
 from .synth import DOMAINS
+from .training import REAL_TITLE, real_field_names
 
 
 def add_train_args(t: argparse.ArgumentParser, cfg_cls, *, default_out: str, checkpoint_every: int) -> None:
     """The ``train`` sub-command's flags: one per field of ``cfg_cls`` (``--seed`` is a run
-    option), then the run options (``--out``, ``--seed``, ``--device``, ``--fresh``,
-    ``--checkpoint-every`` in steps, ``--tensorboard``, ``--config``, ...)."""
-    add_dataclass_args(t, cfg_cls, title="training")
+    option; the real datasets' fields in their own group), then the run options (``--out``,
+    ``--seed``, ``--device``, ``--fresh``, ``--checkpoint-every`` in steps, ``--tensorboard``,
+    ``--config``, ...)."""
+    real = real_field_names(cfg_cls)
+    add_dataclass_args(t, cfg_cls, title="training", exclude=real)
+    add_dataclass_args(t, cfg_cls, title=REAL_TITLE, exclude=[f.name for f in fields(cfg_cls) if f.name not in real])
+    group = t._action_groups[-1]  # in the order of REAL_FIELDS (--dataset first), not of the class hierarchy
+    group._group_actions.sort(key=lambda act: real.index(act.dest) if act.dest in real else len(real))
     add_common_args(t, default_out=default_out, unit="steps", checkpoint_every=checkpoint_every)
+
+
+def source_name(cfg) -> str:
+    """What a BYHE / SSPD run trains and tests on, for titles: its synthetic domain, a real
+    dataset, or ``train -> test`` when the test data is another source."""
+    if not cfg.uses_real_data():
+        return cfg.domain
+    train = cfg.domain if cfg.dataset == "synthetic" else cfg.dataset
+    test = cfg.domain if cfg.test_source == "synthetic" else cfg.test_source
+    return train if train == test else f"{train} -> {test}"
 
 
 def train_command(a, cfg, device, name: str, train: Callable, title: str, config: Dict, **example) -> int:
@@ -46,14 +66,27 @@ def train_command(a, cfg, device, name: str, train: Callable, title: str, config
 
 
 def add_eval_parser(sub, domain_help: str) -> argparse.ArgumentParser:
-    e = sub.add_parser("eval", help="evaluate a trained model on a domain's test videos")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a trained model on its run's test set, a synthetic domain's or a real dataset's",
+        description="Evaluate a trained model: on its training run's test set (the default), on a synthetic "
+        "domain's test videos (--domain), or on the test part of a real dataset (--dataset, --data-dir), "
+        "preprocessed as the run's (frame size, face crop, label type).",
+    )
     e.add_argument("--model", required=True, help="a train run folder or a checkpoint file")
-    e.add_argument("--domain", choices=sorted(DOMAINS), default=None, help=domain_help)
-    e.add_argument("--n-test", type=int, default=None, help="test videos (default: the training run's)")
-    e.add_argument("--clip", type=int, default=0, help="test clip length in frames (default: whole videos)")
-    e.add_argument("--seed", type=int, default=None, help="test-set seed (default: the training run's)")
+    e.add_argument("--domain", choices=sorted(DOMAINS), default=None, help=f"a synthetic domain ({domain_help})")
+    e.add_argument("--n-test", type=int, default=None, help="synthetic test videos (default: the training run's)")
+    e.add_argument("--clip", type=int, default=0, help="test clip length in frames (default: whole videos / chunks)")
+    e.add_argument("--seed", type=int, default=None, help="synthetic test-set seed (default: the training run's)")
     e.add_argument("--out", default=None, help="also write results.{md,json} and example.png there")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    g = e.add_argument_group(REAL_TITLE)
+    g.add_argument("--dataset", choices=DATASETS, default=None, help="a real dataset: its --split's test part")
+    g.add_argument("--data-dir", default=None, help="its folder (default: the run's folder of that dataset)")
+    g.add_argument("--split", choices=SPLITS, default=None, help="the split (default: the run's)")
+    g.add_argument("--cache-dir", default=None, help="folder of the preprocessed recordings (default: the run's)")
+    g.add_argument("--prep-workers", type=int, default=None, help="preprocessing processes (default: the run's)")
+    g.add_argument("--bad-files", choices=BAD_FILES, default=None, help=f"{BAD_FILES_HELP} (default: stop)")
     return e
 
 
@@ -77,6 +110,31 @@ def report_training(run, model, test: VideoSet, fs: float, title: str, config: D
     return res
 
 
+def _eval_reading(a, settings) -> None:
+    """The eval options of how a real dataset is read, set on the run's config ``settings``."""
+    for name in ("cache_dir", "prep_workers", "bad_files", "split"):
+        v = getattr(a, name, None)
+        if v is not None:
+            setattr(settings, name, v)
+    if settings.prep_workers < 1:
+        raise ValueError(f"--prep-workers must be at least 1, got {settings.prep_workers}")
+
+
+def _run_folder_of(settings, dataset: str) -> Optional[str]:
+    """The folder the run read ``dataset`` from, if it did."""
+    pairs = []
+    if hasattr(settings, "test_source"):  # BYHE, SSPD
+        pairs = [
+            (settings.dataset, settings.data_dir),
+            (settings.test_source, settings.test_data_dir or settings.data_dir),
+        ]
+    elif hasattr(settings, "sources"):  # DOHA
+        pairs = [(d, settings.data_dir) for d in settings.sources] + [
+            (settings.target, settings.test_data_dir or settings.data_dir)
+        ]
+    return next((f for d, f in pairs if d == dataset and f), None)
+
+
 def run_eval(
     a,
     model,
@@ -87,21 +145,46 @@ def run_eval(
     make_test: Callable[[str, int, int], VideoSet],
     default_n_test: int,
     default_seed: int,
+    settings=None,
     **example,
 ) -> int:
     """The ``eval`` sub-command: the training run's own test set unless --domain / --n-test /
-    --seed ask for another (``make_test(domain, n_test, seed)``); prints or writes the results
-    (results.{md,json}, then example.png, skipped with a warning without matplotlib)."""
+    --seed ask for synthetic ones (``make_test(domain, n_test, seed)``) or --dataset for a real
+    dataset's test part (read with the run's config ``settings``: its preprocessing, label type,
+    split and test chunk length); prints or writes the results (results.{md,json}, then
+    example.png, skipped with a warning without matplotlib)."""
     if a.n_test is not None and a.n_test < 1:
         raise ValueError(f"--n-test must be at least 1, got {a.n_test}")
     if a.clip < 0:
         raise ValueError(f"--clip must be 0 (whole videos) or a positive number of frames, got {a.clip}")
-    domain = a.domain or default_domain
-    n_test = a.n_test if a.n_test is not None else default_n_test
-    if a.seed is None and domain == default_domain and n_test == default_n_test:
-        test = default_test()
+    if settings is not None:
+        _eval_reading(a, settings)
+    dataset = getattr(a, "dataset", None)
+    synthetic_asked = a.domain is not None or a.n_test is not None or a.seed is not None
+    if dataset is not None:
+        if synthetic_asked:
+            raise ValueError(
+                "--dataset evaluates a real dataset; --domain, --n-test and --seed are for synthetic videos"
+            )
+        folder = a.data_dir or _run_folder_of(settings, dataset)
+        if not folder:
+            raise ValueError(f"--dataset {dataset} needs its folder: --data-dir (the run did not read {dataset})")
+        test = settings.real_set(dataset, folder, "test", settings.test_length, "--data-dir")
+        domain = dataset
+    elif a.data_dir is not None:
+        raise ValueError("--data-dir goes with --dataset (the real dataset it holds)")
     else:
-        test = make_test(domain, n_test, default_seed if a.seed is None else a.seed)
+        domain = a.domain or default_domain
+        if domain not in DOMAINS and synthetic_asked:
+            raise ValueError(
+                f"the run's test set is the real dataset {domain}; --n-test and --seed are for synthetic videos "
+                "(add --domain)"
+            )
+        n_test = a.n_test if a.n_test is not None else default_n_test
+        if a.seed is None and domain == default_domain and n_test == default_n_test:
+            test = default_test()
+        else:
+            test = make_test(domain, n_test, default_seed if a.seed is None else a.seed)
     res = evaluate(model, test, fs, a.clip)
     title = f"{a.model} on {domain} test videos"
     if a.out:

@@ -2,7 +2,9 @@
 
 A ``VideoSet`` holds n videos of one domain as 8-bit frames with their label waves (delayed by
 each video's label delay), the pulses the skin really carries (the zero-delay labels), heart
-rates, delays and skin masks. ``make_set`` builds one from a seed: video i of a set uses the
+rates, delays and skin masks. A real dataset's set (``methods.rppg.datasets.load_split``) holds
+the chunks of its recordings the same way (its frames memory-mapped from the cache, label and
+pulse the same wave, delays 0). ``make_set`` builds one from a seed: video i of a set uses the
 seed ``worker_seed(seed, i)``, so sets of different sizes share their first videos.
 ``sample_clips`` draws training clips (random start, random flips); ``evaluation_clips`` cuts whole
 videos into clips for evaluation.
@@ -11,7 +13,7 @@ videos into clips for evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -37,6 +39,8 @@ class VideoSet:
     # (``methods.rppg.scs.filter_label``): the SCS maps are built from clips of these
     scs_labels: Optional[np.ndarray] = None
     scs_pulses: Optional[np.ndarray] = None
+    # the videos' names (real datasets: ``<recording>#<chunk>``, see ``methods.rppg.datasets``); None: synthetic
+    names: Optional[List[str]] = None
 
     def __post_init__(self):
         from .scs import filter_label

@@ -42,6 +42,13 @@ def _record(sig: np.ndarray, label: np.ndarray, video: int, hr_true: float, fs: 
     return rec
 
 
+def _named(test: VideoSet, rec: Dict) -> Dict:
+    """A real dataset's record also names its clip's video (``<recording>#<chunk>``)."""
+    if test.names is not None:
+        rec["name"] = test.names[rec["video"]]
+    return rec
+
+
 def _summary(recs: List[Dict]) -> Dict:
     out = {"records": recs}
     for m in ("fft", "peak"):
@@ -59,7 +66,9 @@ def evaluate(model, test: VideoSet, fs: float, clip: int = 0) -> Dict:
     recs = []
     for c in evaluation_clips(test, clip):
         sig = predict_signal(model, c["video"])
-        recs.append(_record(sig, c["wave"][0].double().numpy(), int(c["index"][0]), float(c["hr"][0]), fs))
+        recs.append(
+            _named(test, _record(sig, c["wave"][0].double().numpy(), int(c["index"][0]), float(c["hr"][0]), fs))
+        )
     model.train()
     return _summary(recs)
 
@@ -86,11 +95,14 @@ def evaluate_classic(test: VideoSet, fs: float, method: str = "pos", clip: int =
         video = c["video"][0].permute(1, 2, 3, 0).numpy() / 255.0  # (T, H, W, 3)
         rgb = skin_signal(video, test.masks[i]) if roi == "true" else skin_signal_estimated(video)
         sig = fns[method](rgb, fs)
-        recs.append(_record(sig, c["wave"][0].double().numpy(), i, float(c["hr"][0]), fs))
+        recs.append(_named(test, _record(sig, c["wave"][0].double().numpy(), i, float(c["hr"][0]), fs)))
     return _summary(recs)
 
 
-def records_table(recs: List[Dict], keys=("video", "hr_true", "hr_label_fft", "hr_pred_fft", "hr_pred_peak")) -> str:
+RECORD_KEYS = ("video", "hr_true", "hr_label_fft", "hr_pred_fft", "hr_pred_peak")
+
+
+def records_table(recs: List[Dict], keys=RECORD_KEYS) -> str:
     rows = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in recs:
         rows.append("| " + " | ".join(f"{r[k]:.1f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
@@ -107,7 +119,7 @@ def results_table(title: str, res: Dict) -> str:
             for m in ("fft", "peak")
         )
         + f"\nMean SNR {res['SNR']:.1f} dB over {res['n']} test clips.\n\n"
-        + records_table(res["records"])
+        + records_table(res["records"], (("name",) if any("name" in r for r in res["records"]) else ()) + RECORD_KEYS)
         + "\n"
     )
 

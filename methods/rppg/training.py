@@ -1,7 +1,10 @@
 """Training plumbing the rPPG methods (BYHE, DOHA, SSPD) share:
 
 * ``VideoSetConfig``: the video-set fields of every trainer's config (training / test videos,
-  frames, frame size, sampling rate, seed) and the seeded sets built from them;
+  frames, frame size, sampling rate, seed) and the seeded sets built from them, with the real
+  datasets' fields (folders, split, preprocessing, cache, ``--bad-files``; ``methods.rppg.datasets``);
+  ``SingleSourceConfig`` adds ``--dataset`` / ``--test-dataset`` (BYHE, SSPD; DOHA names real
+  datasets among its domains); ``config_record``: the config a run records and resumes by;
 * ``cosine`` and ``set_schedule``: the official code's per-step cosine schedules (learning rate
   falling, weight decay rising);
 * ``SCS_TRIM``, ``scs_target``, ``wave_target``: the targets a clip gives a map model and a wave
@@ -22,37 +25,198 @@
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from methods.common import Run, all_reduce_mean, arg, barrier, dist_info, progress, worker_seed
+from methods.common.datasets import BAD_FILES, BAD_FILES_HELP
 
 from .data import VideoSet, make_set
+from .datasets import (
+    DATASETS,
+    FACE_DETECTORS,
+    LABEL_TYPES,
+    NO_FACE,
+    SOURCES,
+    SPLITS,
+    Preprocessing,
+    check_fractions,
+    load_split,
+)
 from .scs import scs_label
 
 SCS_TRIM = 12  # label samples dropped at both ends before the Hilbert transform: N = L - 25 (spec 1.1)
 
 
+# the fields of the real datasets (their own group of flags; a synthetic run records none of them)
+REAL_FIELDS = (
+    "dataset",
+    "test_dataset",
+    "data_dir",
+    "test_data_dir",
+    "split",
+    "train_range",
+    "test_range",
+    "face",
+    "face_scale",
+    "face_every",
+    "face_median",
+    "no_face",
+    "label_type",
+    "cache_dir",
+    "prep_workers",
+    "bad_files",
+)
+# how the data is read, not what it is: never part of the recorded config (a resume may change them)
+READING_FIELDS = ("cache_dir", "prep_workers", "bad_files")
+REAL_TITLE = "real datasets (UBFC-rPPG, PURE: methods/rppg/README.md, Real datasets)"
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
 @dataclass
 class VideoSetConfig:
     """The video-set fields of an rPPG trainer's config. ``test_frames`` 0: as long as the
-    training videos."""
+    training videos. With a real dataset (``methods.rppg.datasets``) a "video" is a chunk of
+    ``frames`` (training) or ``test_frames`` (test) frames of a recording, ``n_train`` / ``n_test``
+    do not apply, and the fields from ``data_dir`` on say where the data is and how it is split,
+    preprocessed, cached and checked."""
 
     n_train: int = arg(48, "training videos")
     n_test: int = arg(16, "test videos")
-    frames: int = arg(300, "frames per training video")
-    test_frames: int = arg(0, "frames per test video (0: as the training videos)")
+    frames: int = arg(300, "frames per training video (a real dataset: per chunk of a training recording)")
+    test_frames: int = arg(0, "frames per test video (a real dataset: per chunk; 0: as the training videos)")
     size: int = arg(36, "frame size (pixels)")
-    fs: float = arg(30.0, "frame rate of the synthetic videos (frames per second)")
+    fs: float = arg(
+        30.0, "frame rate (frames per second) of the synthetic videos, or the real dataset's (UBFC-rPPG, PURE: 30)"
+    )
     seed: int = arg(0, "random seed (the flag is --seed of the run options)", cli=False)
+    data_dir: str = arg("", "folder of the real training dataset (DOHA: of the real dataset in --sources or --target)")
+    test_data_dir: str = arg(
+        "", "folder of the real test dataset when it is another one than the training one (DOHA: of the --target)"
+    )
+    split: str = arg(
+        "standard",
+        "subject-wise train / test split of a real dataset: standard (UBFC-rPPG subjects 1-37 / 38-49; PURE "
+        "01 02 03 04 06 08 / 05 07 09 10), fractions (the toolbox's BEGIN END of the sorted subjects: --train-range, "
+        "--test-range), all (every recording: a test on another dataset)",
+        choices=SPLITS,
+    )
+    train_range: Tuple[float, float] = arg(
+        (0.0, 0.8), "--split fractions: the training subjects' BEGIN END", metavar=("BEGIN", "END")
+    )
+    test_range: Tuple[float, float] = arg(
+        (0.8, 1.0), "--split fractions: the test subjects' BEGIN END", metavar=("BEGIN", "END")
+    )
+    face: str = arg(
+        "haar",
+        "face crop: haar (OpenCV's Haar cascade, as the toolbox) or none (the whole frame)",
+        choices=FACE_DETECTORS,
+    )
+    face_scale: float = arg(
+        1.5, "face box enlargement about its centre (the toolbox's large box; 1: the detector's box)"
+    )
+    face_every: int = arg(
+        0, "0: the first frame's face box for the whole recording; N: a detection every N frames (dynamic detection)"
+    )
+    face_median: bool = arg(False, "with --face-every: the median of the detected boxes for every frame")
+    no_face: str = arg(
+        "bad",
+        "a recording in which no face is found: bad (a bad file, see --bad-files) or frame (the whole frame, as the "
+        "toolbox)",
+        choices=NO_FACE,
+    )
+    label_type: str = arg(
+        "standardized",
+        "label wave, per recording: standardized (z-score), raw, diff-normalized (the toolbox's label types)",
+        choices=LABEL_TYPES,
+    )
+    cache_dir: str = arg(
+        "", "folder of the preprocessed recordings (default: $XDG_CACHE_HOME/pyops/rppg, else ~/.cache/pyops/rppg)"
+    )
+    prep_workers: int = arg(1, "processes preprocessing the recordings not cached yet")
+    bad_files: str = arg("stop", BAD_FILES_HELP, choices=BAD_FILES)
 
     @property
     def test_length(self) -> int:
         return self.test_frames or self.frames
+
+    def uses_real_data(self) -> bool:
+        """Whether a real dataset is read (the subclasses say which)."""
+        return False
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(
+            size=self.size,
+            face=self.face,
+            face_scale=self.face_scale,
+            face_every=self.face_every,
+            face_median=self.face_median,
+            no_face=self.no_face,
+        )
+
+    def check_data(self) -> None:
+        """The real-data fields, when a real dataset is read."""
+        if not self.uses_real_data():
+            return
+        self.preprocessing().check()
+        for name, allowed in (("split", SPLITS), ("label_type", LABEL_TYPES), ("bad_files", BAD_FILES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.prep_workers < 1:
+            raise ValueError(f"--prep-workers must be at least 1, got {self.prep_workers}")
+        if self.split == "fractions":
+            check_fractions(self.train_range, self.test_range)
+
+    def real_set(
+        self,
+        dataset: str,
+        folder: str,
+        part: str,
+        frames: int,
+        flag: str,
+        warn: Optional[Callable[[str], None]] = None,
+        info: Optional[Callable[[str], None]] = None,
+    ) -> VideoSet:
+        """The ``part`` (train / test) of the real ``dataset`` in ``folder`` as chunks of ``frames``
+        frames. Under torchrun rank 0 reads (and preprocesses into the cache) first, the other ranks
+        then read its cache."""
+        d = dist_info()
+        if d.enabled and not d.is_main:
+            barrier()
+        try:
+            return load_split(
+                dataset,
+                folder,
+                part,
+                frames=frames,
+                fs=self.fs,
+                split=self.split,
+                train_range=self.train_range,
+                test_range=self.test_range,
+                pp=self.preprocessing(),
+                label_type=self.label_type,
+                cache_dir=self.cache_dir or None,
+                bad_files=self.bad_files,
+                warn=warn or _stderr,
+                info=info,
+                workers=self.prep_workers,
+                flag=flag,
+            )
+        finally:
+            if d.enabled and d.is_main:
+                barrier()
 
     def check_videos(self, clip: int) -> None:
         if self.n_train < 1 or self.n_test < 1:
@@ -66,8 +230,9 @@ class VideoSetConfig:
             )
         if clip > self.frames:
             raise ValueError(f"clip must be at most frames={self.frames}, got {clip}")
+        self.check_data()
 
-    def video_sets(self, domain: str) -> Tuple[VideoSet, VideoSet]:
+    def video_sets(self, domain: str, warn=None, info=None) -> Tuple[VideoSet, VideoSet]:
         """(training, test) sets of one domain, from disjoint seeds."""
         train = make_set(self.n_train, self.frames, self.size, domain, seed=worker_seed(self.seed, 0), fs=self.fs)
         return train, self.test_set(domain)
@@ -89,6 +254,105 @@ class VideoSetConfig:
             fs=self.fs,
             seed=worker_seed(self.seed, role, sum(map(ord, domain)) * 131 + len(domain)),
         )
+
+
+@dataclass
+class SingleSourceConfig(VideoSetConfig):
+    """A trainer that trains on one data source and tests on one (BYHE, SSPD): synthetic videos of
+    its domain, or a real dataset's split (``--dataset``, ``--data-dir``); the test data is the
+    training source's test part unless ``--test-dataset`` names another."""
+
+    dataset: str = arg(
+        "synthetic",
+        "training data: synthetic videos (--domain) or the real dataset in --data-dir (ubfc-rppg: UBFC-rPPG "
+        "DATASET_2; pure: PURE), its --split's training part",
+        choices=SOURCES,
+    )
+    test_dataset: str = arg(
+        "same",
+        "test data: same (--dataset's: its --split's test part), synthetic (--domain), or another real dataset "
+        "(in --test-data-dir; its --split's test part)",
+        choices=("same",) + SOURCES,
+    )
+
+    @property
+    def test_source(self) -> str:
+        return self.dataset if self.test_dataset == "same" else self.test_dataset
+
+    def uses_real_data(self) -> bool:
+        return self.dataset in DATASETS or self.test_source in DATASETS
+
+    def test_folder(self) -> Tuple[str, str]:
+        """(folder, flag) of the real test dataset."""
+        if self.test_data_dir:
+            return self.test_data_dir, "--test-data-dir"
+        if self.test_source == self.dataset:
+            return self.data_dir, "--data-dir"
+        raise ValueError(f"--test-dataset {self.test_source} needs its folder: --test-data-dir")
+
+    def check_data(self) -> None:
+        if self.dataset not in SOURCES or self.test_dataset not in ("same",) + SOURCES:
+            raise ValueError(
+                f"--dataset must be one of {', '.join(SOURCES)} and --test-dataset one of same, "
+                f"{', '.join(SOURCES)}; got {self.dataset!r} and {self.test_dataset!r}"
+            )
+        super().check_data()
+        if self.dataset in DATASETS and not self.data_dir:
+            raise ValueError(f"--dataset {self.dataset} needs its folder: --data-dir")
+        if self.test_source in DATASETS:
+            folder, _ = self.test_folder()
+            if not folder:
+                raise ValueError(f"--test-dataset {self.test_source} needs its folder: --test-data-dir")
+            same = self.test_source == self.dataset and os.path.realpath(
+                os.path.expanduser(folder)
+            ) == os.path.realpath(os.path.expanduser(self.data_dir))
+            if same and self.split == "all":
+                raise ValueError(
+                    "--split all tests on the training recordings; use it with another --test-dataset, or pick "
+                    "--split standard / fractions"
+                )
+
+    def video_sets(self, domain: str, warn=None, info=None) -> Tuple[VideoSet, VideoSet]:
+        """(training, test) sets: synthetic ones of ``domain`` (as `VideoSetConfig`), or real ones."""
+        if not self.uses_real_data():
+            return super().video_sets(domain)
+        if self.dataset == "synthetic":
+            train = make_set(self.n_train, self.frames, self.size, domain, seed=worker_seed(self.seed, 0), fs=self.fs)
+        else:
+            train = self.real_set(self.dataset, self.data_dir, "train", self.frames, "--data-dir", warn, info)
+        return train, self.eval_set(domain, warn, info)
+
+    def eval_set(self, domain: str, warn=None, info=None) -> VideoSet:
+        """The run's test set: the synthetic one of ``domain`` or the real test dataset's test part."""
+        if self.test_source not in DATASETS:
+            return self.test_set(domain)
+        folder, flag = self.test_folder()
+        return self.real_set(self.test_source, folder, "test", self.test_length, flag, warn, info)
+
+
+def config_record(cfg) -> Dict:
+    """The config a run records, resumes by and writes into its results: the dataclass's fields
+    without how the data is read (``READING_FIELDS``), and without any real-data field when no
+    real dataset is read (so a synthetic run's record is that of the code before the real
+    datasets: its old run folders resume, its results stay comparable)."""
+    real = cfg.uses_real_data() if hasattr(cfg, "uses_real_data") else False
+    drop = set(READING_FIELDS) | (set() if real else set(REAL_FIELDS))
+    return {k: v for k, v in asdict(cfg).items() if k not in drop}
+
+
+def describe_set(vs: VideoSet, role: str) -> str:
+    """``"<n> <role> videos"``, or for a real dataset's set ``"<n> <role> chunks of <T> frames
+    (<dataset>, <k> recordings)"``."""
+    if vs.names is None:
+        return f"{len(vs)} {role} videos"
+    recordings = len({n.rsplit("#", 1)[0] for n in vs.names})
+    return f"{len(vs)} {role} chunks of {vs.frames} frames ({vs.domain}, {recordings} recordings)"
+
+
+def real_field_names(cls) -> Tuple[str, ...]:
+    """The real-data fields ``cls`` has (its ``REAL_TITLE`` group of flags)."""
+    names = {f.name for f in fields(cls)}
+    return tuple(n for n in REAL_FIELDS if n in names)
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
@@ -256,9 +520,16 @@ def train_loop(
 
 
 __all__ = [
+    "READING_FIELDS",
+    "REAL_FIELDS",
+    "REAL_TITLE",
     "SCS_TRIM",
+    "SingleSourceConfig",
     "StepFn",
     "VideoSetConfig",
+    "config_record",
+    "describe_set",
+    "real_field_names",
     "all_finite",
     "cosine",
     "global_mean",

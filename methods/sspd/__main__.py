@@ -1,5 +1,5 @@
-"""python -m methods.sspd train|eval: unsupervised rPPG (SSPD) on synthetic face videos, or the
-supervised reference on the same network.
+"""python -m methods.sspd train|eval: unsupervised rPPG (SSPD) on synthetic face videos or a real
+dataset (UBFC-rPPG, PURE: ``--dataset``), or the supervised reference on the same network.
 
 ``train`` under ``torchrun --nproc_per_node N -m methods.sspd train ...`` trains with DDP: --batch
 stays the global batch (it, and an epoch's smaller last batch, divisible by N)."""
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 
 from methods.common import cli_main, from_args, parse_args, pick_device
-from methods.rppg.cli import add_eval_parser, add_train_args, run_eval, train_command
+from methods.rppg.cli import add_eval_parser, add_train_args, run_eval, source_name, train_command
+from methods.rppg.training import config_record
 
-from .train import CHECKPOINT_EVERY, NETS, SSPDConfig, datasets, load_model, resolve_net, train
+from .train import CHECKPOINT_EVERY, NETS, SSPDConfig, load_model, resolve_net, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "SSPD (Zhang et al., IEEE TMM 2024): heart rate from face video learned without labels, by "
             "self-similarity prior distillation from an EMA teacher (two augmented views, S3M self-similarity "
-            "maps, hierarchical losses). --supervised trains the same network on the labels instead."
+            "maps, hierarchical losses), on synthetic videos or a real dataset (--dataset ubfc-rppg | pure --data-dir "
+            "PATH). --supervised trains the same network on the labels instead."
         ),
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,19 +52,20 @@ def _main(argv=None) -> int:
         cfg = from_args(SSPDConfig, a)
         cfg.check()
         net = resolve_net(cfg)
-        title = f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}, the {net}"
-        return train_command(a, cfg, device, "sspd", train, title, {**asdict(cfg), "tested_net": net}, offset=1)
+        title = f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {source_name(cfg)}, the {net}"
+        return train_command(a, cfg, device, "sspd", train, title, {**config_record(cfg), "tested_net": net}, offset=1)
     model, cfg = load_model(a.model, device, a.net)
     return run_eval(
         a,
         model,
-        {**asdict(cfg), "tested_net": resolve_net(cfg, a.net)},
+        {**config_record(cfg), "tested_net": resolve_net(cfg, a.net)},
         cfg.fs,
-        cfg.domain,
-        lambda: datasets(cfg)[1],
+        cfg.domain if cfg.test_source == "synthetic" else cfg.test_source,
+        lambda: cfg.eval_set(cfg.domain),
         lambda d, n, seed: cfg.test_set(d, n, seed),
         cfg.n_test,
         cfg.seed,
+        settings=cfg,
         offset=1,
     )
 

@@ -22,13 +22,13 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 
 from methods.common import format_difference, optional_plots, paired_difference
 from methods.common.acceptance import acceptance_meta, run_jobs, started_date, write_acceptance
 from methods.common.optional import requires
+from methods.rppg.training import config_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("sspd_teacher", "sspd", "supervised", "pos", "chrom")
@@ -104,7 +104,7 @@ def run_job(job: dict) -> list:
             for roi in ("estimated", "true")
         ]
     folder = os.path.join(job["out"], cfg.domain, f"{job['method']}_seed{cfg.seed}")
-    run = Run(folder, asdict(cfg), name="sspd-acceptance")
+    run = Run(folder, config_record(cfg), name="sspd-acceptance")
     _, test = train(cfg, run, show_progress=False, checkpoint_every=cfg.iters_per_epoch * 5)
     run.close()
     train_min = (time.perf_counter() - t0) / 60
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
         key=lambda r: (a.domains.index(r["domain"]), METHODS.index(r["method"]), r.get("roi", ""), r["seed"]),
     )
     config = SSPDConfig(epochs=a.epochs, size=a.size, **common["overrides"])
-    cfg = {**asdict(config), "total_steps": config.total_steps}
+    cfg = {**config_record(config), "total_steps": config.total_steps}
     meta = acceptance_meta(
         "methods.sspd.acceptance",
         argv,

@@ -38,8 +38,9 @@ utilities the code uses), and the acceptance reports both.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -62,7 +63,7 @@ from methods.common import (
 )
 from methods.rppg.data import LABELS, sample_clips
 from methods.rppg.synth import DOMAINS
-from methods.rppg.training import VideoSetConfig, all_finite, global_mean, train_loop
+from methods.rppg.training import SingleSourceConfig, all_finite, config_record, describe_set, global_mean, train_loop
 
 from .augment import CROPS, KEEP, crop_size, two_views
 from .losses import neg_pearson, sspd_losses
@@ -73,7 +74,7 @@ NETS = ("teacher", "student")
 
 
 @dataclass
-class SSPDConfig(VideoSetConfig):
+class SSPDConfig(SingleSourceConfig):
     supervised: bool = arg(False, "negative Pearson on the labels instead of SSPD (the supervised reference)")
     label: str = arg(
         "pulse", "--supervised: pulse (the videos' own pulses, zero delay) or label (delayed)", choices=LABELS
@@ -99,8 +100,13 @@ class SSPDConfig(VideoSetConfig):
         "the masked view); a supervised run tests the student",
         choices=NETS,
     )
-    domain: str = arg("wild", f"synthetic domain: {DOMAIN_NAMES}", choices=sorted(DOMAINS), metavar="DOMAIN")
-    n_train: int = arg(30, "training videos (the code's 30 UBFC training subjects)")
+    domain: str = arg(
+        "wild", f"synthetic domain (--dataset synthetic): {DOMAIN_NAMES}", choices=sorted(DOMAINS), metavar="DOMAIN"
+    )
+    n_train: int = arg(
+        30,
+        "training videos (the code's 30 UBFC training subjects; a real dataset: its training chunks, set on loading)",
+    )
     frames: int = arg(450, "frames per training video (15 s: 301-frame clips start anywhere in 5 s)")
     test_frames: int = arg(300, "frames per test video (10 s, evaluated whole; 0: as the training videos)")
 
@@ -191,8 +197,10 @@ def build(cfg: SSPDConfig) -> SSPDNet:
     return SSPDNet(width=cfg.width, spatial_padding=cfg.spatial_padding)
 
 
-def datasets(cfg: SSPDConfig):
-    return cfg.video_sets(cfg.domain)
+def datasets(cfg: SSPDConfig, warn=None, info=None):
+    """(train, test) video sets: synthetic ones of one domain, or a real dataset's split
+    (``--dataset``, ``--test-dataset``: ``methods.rppg.datasets``)."""
+    return cfg.video_sets(cfg.domain, warn, info)
 
 
 def step_losses(
@@ -248,6 +256,14 @@ def train(
     student through DDP; batch norm over the global batch in the student and the teacher)."""
     cfg.check()
     info = dist_info()
+    train_set = test_set = None
+    if data is not None:
+        train_set, test_set = data
+    elif cfg.uses_real_data():
+        train_set, test_set = datasets(cfg, run.warning, run.info)
+    if train_set is not None and train_set.names is not None and cfg.n_train != len(train_set):
+        # a real dataset: an epoch draws one clip from each of its training chunks
+        cfg = dataclasses.replace(cfg, n_train=len(train_set))
     for n in cfg.batch_sizes:
         if n % info.world_size:
             raise ValueError(
@@ -255,7 +271,8 @@ def train(
                 f"clips; each must be divisible by the {info.world_size} processes of torchrun"
             )
     seed_everything(cfg.seed)
-    train_set, test_set = data if data is not None else datasets(cfg)
+    if train_set is None:
+        train_set, test_set = datasets(cfg, run.warning, run.info)
     student = build(cfg).to(device)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
@@ -292,7 +309,7 @@ def train(
     teacher.train()  # batch statistics, as the code
     out = train_loop(
         run,
-        asdict(cfg),
+        config_record(cfg),
         {"student": student, "teacher": teacher, "opt": opt},
         total,
         cfg.seed,
@@ -305,8 +322,13 @@ def train(
         log_every=cfg.iters_per_epoch,
         row_extra=lambda step: {"epoch": step // cfg.iters_per_epoch, "momentum": momentum(step, total)},
         intro=lambda: (
-            f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on {cfg.domain}: {len(train_set)} "
-            f"training videos, {sum(p.numel() for p in student.parameters())} parameters "
+            f"{'supervised' if cfg.supervised else 'SSPD (no labels)'} on "
+            + (
+                f"{cfg.domain}: {len(train_set)} training videos"
+                if train_set.names is None
+                else f"{train_set.domain}: {describe_set(train_set, 'training')}"
+            )
+            + f", {sum(p.numel() for p in student.parameters())} parameters "
             f"({sum(p.numel() for p in student.s3m.parameters())} in S3M)"
         ),
     )
