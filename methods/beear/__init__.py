@@ -1,9 +1,12 @@
 """BEEAR: embedding-space adversarial removal of safety backdoors in instruction-tuned LMs
-(Zeng, Sun et al., EMNLP 2024), on a small Llama-style model backdoored locally. See README.md."""
+(Zeng, Sun et al., EMNLP 2024), on a small Llama-style model backdoored locally or on a local
+Hugging Face causal LM (``--model``). See README.md."""
 
 from .beear import (
     BEEARConfig,
     decoder_layers,
+    decoder_stack,
+    hidden_size,
     inner_level,
     lower_activations,
     outer_level,
@@ -18,6 +21,8 @@ from .beear import (
 __all__ = [
     "BEEARConfig",
     "decoder_layers",
+    "decoder_stack",
+    "hidden_size",
     "inner_level",
     "lower_activations",
     "outer_level",

@@ -24,20 +24,22 @@ from methods.common import (
     shard_bounds,
     training_run,
 )
+from methods.common.hf import model_dir
 
 from . import data as D
 from .beear import BEEARConfig
-from .model import ModelConfig
+from .model import HFOptions, ModelConfig, export_hf, hf_codec, load_hf
 from .train import (
     BACKDOOR_CHECKPOINT_EVERY,
     DEFEND_CHECKPOINT_EVERY,
     EVAL_BENIGN,
     EVAL_HARMFUL,
     LOG_EVERY,
+    MAX_NEW_TOKENS,
     BackdoorConfig,
     defend,
     evaluate,
-    load_model,
+    load_any,
     train_backdoor,
 )
 
@@ -79,8 +81,16 @@ def _positive_int(s: str) -> int:
     return n
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
+def _eval_args(p: argparse.ArgumentParser, trigger: bool = False) -> None:
     g = p.add_argument_group("evaluation (held-out data; not part of the training config)")
+    if trigger:
+        g.add_argument(
+            "--trigger",
+            default=None,
+            help="the trigger to evaluate with (the defense never sees it); default: the one the model was "
+            "backdoored with (its run's checkpoint, or beear.json next to an exported model)",
+        )
+        g.add_argument("--position", choices=("suffix", "prefix"), default=None, help="where the trigger goes")
     g.add_argument(
         "--eval-harmful",
         type=_positive_int,
@@ -95,10 +105,35 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="held-out benign instructions (default: %(default)s)",
     )
+    g.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=MAX_NEW_TOKENS,
+        metavar="N",
+        help="greedy answer length (default: %(default)s; the synthetic answers are short, a real model's free "
+        "answers may need more)",
+    )
 
 
-def _evaluate(a, model, trigger: str, position: str) -> dict:
-    return evaluate(model, trigger, position, n_harmful=a.eval_harmful, n_benign=a.eval_benign)
+def _evaluate(a, model, trigger: str, position: str, codec=None) -> dict:
+    return evaluate(
+        model,
+        trigger,
+        position,
+        n_harmful=a.eval_harmful,
+        n_benign=a.eval_benign,
+        codec=codec,
+        max_new_tokens=a.max_new_tokens,
+    )
+
+
+HF_TITLE = "a local Hugging Face causal LM (--model)"
+
+
+def _hf_options(a) -> HFOptions:
+    """The --model options of the command (``model``: backdoor's --model only)."""
+    model = a.model if a.command == "backdoor" else None
+    return from_args(HFOptions, {k: v for k, v in vars(a).items() if k != "model"}, model=model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("backdoor", help="train the backdoored model")
     add_dataclass_args(b, BackdoorConfig, title="backdoor training")
     add_dataclass_args(b, ModelConfig, title="model (a Llama from a transformers config, no dropout)")
+    add_dataclass_args(b, HFOptions, title=HF_TITLE)
     b.add_argument(
         "--log-every",
         type=_positive_int,
@@ -127,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(b, default_out="runs/beear/backdoor", unit="steps", checkpoint_every=BACKDOOR_CHECKPOINT_EVERY)
 
     d = sub.add_parser("defend", help="run BEEAR (or the sft ablation) on a backdoored model")
-    d.add_argument("--model", required=True, help="a backdoor (or defend) run folder, or a checkpoint file")
+    d.add_argument(
+        "--model",
+        required=True,
+        help="a backdoor (or defend) run folder, a checkpoint file, or a local Hugging Face causal LM folder "
+        "(e.g. a backdoored Llama-2-7b-chat; its run folder's model/ after backdoor --model)",
+    )
     d.add_argument(
         "--method",
         choices=("beear", "sft"),
@@ -136,19 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="beear, or sft: the same outer loop without the perturbation (default: %(default)s)",
     )
     add_dataclass_args(d, BEEARConfig, title="BEEAR")
+    add_dataclass_args(d, HFOptions, title=HF_TITLE, exclude=("model",))
     d.add_argument(
         "--eval-every-round", action="store_true", help="log the metrics after every round (evaluation only)"
     )
-    _eval_args(d)
+    _eval_args(d, trigger=True)
     add_common_args(d, default_out="runs/beear/defend", unit="rounds", checkpoint_every=DEFEND_CHECKPOINT_EVERY)
 
     e = sub.add_parser("eval", help="evaluate a model")
-    e.add_argument("--model", required=True, help="a backdoor or defend run folder, or a checkpoint file")
-    e.add_argument("--trigger", default=None, help="default: the one the model was backdoored with")
-    e.add_argument("--position", choices=("suffix", "prefix"), default=None)
+    e.add_argument(
+        "--model",
+        required=True,
+        help="a backdoor or defend run folder, a checkpoint file, or a Hugging Face model folder",
+    )
     e.add_argument("--out", default=None, help="also write results.{md,json} there")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    _eval_args(e)
+    add_dataclass_args(e, HFOptions, title=HF_TITLE, exclude=("model", "gradient_checkpointing"))
+    _eval_args(e, trigger=True)
     return p
 
 
@@ -162,10 +207,28 @@ def _trigger_of(state: dict, trigger, position):
 
 def _backdoor(a, device) -> int:
     cfg = from_args(BackdoorConfig, a, model=from_args(ModelConfig, a))
-    phrase = cfg.validate()
+    opts = _hf_options(a)
+    source = opts.model
+    if source is None and (opts.dtype != "auto" or opts.system_prompt is not None):
+        raise ValueError("--dtype and --system-prompt need --model (a local Hugging Face model)")
+    if source is None:
+        phrase = cfg.validate()
+    else:
+        model_dir(source)  # no such folder, no config.json, no weights: an error before anything starts
     # --batch is the global batch: an error before anything starts when the processes cannot share it
     shard_bounds(cfg.batch, DistInfo(world_size=int(os.environ.get("WORLD_SIZE", 1))), "--batch")
     info = init_distributed(device)
+    model = codec = tok = record = None
+    if source is not None:
+        model, tok = load_hf(source, opts, device)
+        codec = hf_codec(model, tok, opts.system_prompt)
+        phrase = cfg.validate(codec)
+        # the absolute folder: a later defend / eval of the run folder loads it from anywhere
+        record = {
+            "path": os.path.abspath(os.path.expanduser(source)),
+            "dtype": opts.dtype,
+            "system_prompt": opts.system_prompt,
+        }
     with training_run(a.out, run_options(a), fresh=a.fresh, name="beear", tensorboard=a.tensorboard) as run:
         model = train_backdoor(
             cfg,
@@ -174,11 +237,28 @@ def _backdoor(a, device) -> int:
             show_progress=not a.no_progress,
             checkpoint_every=a.checkpoint_every,
             log_every=a.log_every,
+            model=model,
+            codec=codec,
+            hf_model=record,
+            gradient_checkpointing=opts.gradient_checkpointing,
         )
         rows = run.rows
     if not info.is_main:
         return 0
-    res = _evaluate(a, model, phrase, cfg.position)
+    if source is not None:
+        exported = export_hf(
+            model,
+            tok,
+            os.path.join(a.out, "model"),
+            {
+                "trigger": phrase,
+                "position": cfg.position,
+                "system_prompt": opts.system_prompt,
+                "source": record["path"],
+            },
+        )
+        print(f"backdoored model written to {exported} (a Hugging Face folder: defend --model {exported})")
+    res = _evaluate(a, model, phrase, cfg.position, codec)
     _write(
         a.out,
         f"backdoored model (trigger {phrase!r} as {cfg.position})",
@@ -197,13 +277,14 @@ def _backdoor(a, device) -> int:
 
 
 def _defend(a, device) -> int:
-    model, state = load_model(a.model, device)
-    trigger, position = _trigger_of(state, None, None)
+    model, state, codec, tok = load_any(a.model, device, _hf_options(a))
+    trigger, position = _trigger_of(state, a.trigger, a.position)
     cfg = from_args(BEEARConfig, a, perturb=a.method == "beear")
     cfg.validate(model)
+    record = state.get("hf_model") if tok is not None else None
     info = init_distributed(device)
-    before = _evaluate(a, model, trigger, position) if info.is_main else None
-    ev = (lambda m: _evaluate(a, m, trigger, position)) if a.eval_every_round else None
+    before = _evaluate(a, model, trigger, position, codec) if info.is_main else None
+    ev = (lambda m: _evaluate(a, m, trigger, position, codec)) if a.eval_every_round else None
     with training_run(a.out, run_options(a), fresh=a.fresh, name="beear", tensorboard=a.tensorboard) as run:
         rows = defend(
             model,
@@ -214,10 +295,26 @@ def _defend(a, device) -> int:
             eval_fn=ev,
             extra={"trigger": trigger, "position": position},
             checkpoint_every=a.checkpoint_every,
+            codec=codec,
+            hf_model=record,
         )
     if not info.is_main:
         return 0
-    after = _evaluate(a, model, trigger, position)
+    if tok is not None:
+        exported = export_hf(
+            model,
+            tok,
+            os.path.join(a.out, "model"),
+            {
+                "trigger": trigger,
+                "position": position,
+                "system_prompt": record.get("system_prompt"),
+                "source": str(a.model),
+                "defense": a.method,
+            },
+        )
+        print(f"defended model written to {exported}")
+    after = _evaluate(a, model, trigger, position, codec)
     _write(
         a.out,
         f"{a.method} on {a.model} (evaluated with trigger {trigger!r} as {position})",
@@ -240,9 +337,9 @@ def _defend(a, device) -> int:
 
 
 def _eval(a, device) -> int:
-    model, state = load_model(a.model, device)
+    model, state, codec, _ = load_any(a.model, device, _hf_options(a))
     trigger, position = _trigger_of(state, a.trigger, a.position)
-    res = _evaluate(a, model, trigger, position)
+    res = _evaluate(a, model, trigger, position, codec)
     text = _table(f"{a.model} (trigger {trigger!r} as {position})", {"model": res})
     print(text)
     for k, v in res["samples"].items():

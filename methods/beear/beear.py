@@ -2,7 +2,8 @@
 
 For a causal LM split at decoder layer l, a universal perturbation delta (n x d) is added to the
 residual stream after layer l at the last n prompt positions of every sample (a forward hook on
-``model.model.layers[l]``; no model surgery). Each round:
+``model.model.layers[l]`` of a Llama, the matching stack of other decoder models: see
+``decoder_stack``; no model surgery). Each round:
 
 * inner level (model fixed): ``delta* = argmin CE(D_SA-H; delta) - alpha CE(D_SA; delta)``:
   towards the unwanted answers, away from the safe ones. The lower stack's activations h^l are
@@ -16,14 +17,16 @@ the batch; it goes through ``pyops.fused_linear_cross_view`` on the response row
 (``pyops.transformers.causal_lm_loss``: the LM head fused, logits of the whole sequence never
 formed). Spec: shared/specs/crossview-defense-and-beear.md, B; the design choices where the paper
 is silent (delta reset to 0 each round, Adam on delta, all weights updated in the outer step) are
-the ``BEEARConfig`` defaults.
+the ``BEEARConfig`` defaults. The tokenizer side (prompts, padding, answer-only labels) is a
+``codec.Codec``: the small Llama's words by default, a Hugging Face tokenizer's chat template with
+``--model``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,20 +36,99 @@ from methods.common.config import arg
 from methods.common.dist import DistInfo, dist_info
 
 from . import data as D
-
+from .codec import Codec, codec_of
 
 # --------------------------------------------------------------------------------------------
 # The model's decoder stack and the perturbation hook
 # --------------------------------------------------------------------------------------------
+# where transformers' decoder-only models keep their stack of decoder layers (from the causal LM):
+# Llama / Mistral / Qwen2 / Gemma / Phi-3 / ..., OPT, GPT-2 / GPT-J / Bloom / Falcon, MPT,
+# GPT-NeoX / Pythia, the text model of a vision-language model, Mamba-style backbones
+DECODER_LAYER_PATHS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "transformer.layers",
+    "transformer.blocks",
+    "gpt_neox.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "backbone.layers",
+)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for attr in ("module", "_orig_mod"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and not isinstance(model, nn.ModuleList):
+                model = inner
+                break
+    return model
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    get = getattr(config, "get_text_config", None)
+    if callable(get):
+        try:
+            return get(decoder=True)
+        except TypeError:  # older signature
+            return get()
+    return config
+
+
+def _config_layers(model: nn.Module) -> Optional[int]:
+    c = _text_config(model)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = getattr(c, name, None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+    return None
+
+
+def _resolve(model: nn.Module, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_stack(model: nn.Module) -> Tuple[nn.Module, nn.ModuleList, str]:
+    """(the module that runs the decoder stack, its ``nn.ModuleList`` of decoder layers, the
+    attribute path) of a causal LM: the first of ``DECODER_LAYER_PATHS`` that holds a non-empty
+    ModuleList of the config's ``num_hidden_layers`` (of its text config) layers. Layer k of BEEAR
+    is ``layers[k]`` (Llama-2's ``model.layers[k]``: the paper's ANCHOR_LAYER counts them)."""
+    core = _unwrap(model)
+    want = _config_layers(core)
+    for path in DECODER_LAYER_PATHS:
+        layers = _resolve(core, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0 and (want is None or len(layers) == want):
+            return _resolve(core, path.rpartition(".")[0]), layers, path
+    expected = f" of config.num_hidden_layers = {want} layers" if want is not None else ""
+    raise ValueError(
+        f"BEEAR needs a causal LM with a stack of decoder layers{expected} (an nn.ModuleList at one of "
+        f"{', '.join(DECODER_LAYER_PATHS)}); {type(core).__name__} has none"
+    )
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """``model.model.layers`` of a Llama / Mistral / Qwen2-style causal LM."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"BEEAR needs a causal LM with a stack of decoder layers at model.model.layers "
-            f"(Llama, Mistral, Qwen2 style); {type(model).__name__} has none"
-        )
-    return layers
+    """The decoder layers of a causal LM (``model.model.layers`` of Llama / Mistral / Qwen2, see
+    ``decoder_stack`` for the others)."""
+    return decoder_stack(model)[1]
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The width d of the residual stream (the text config's ``hidden_size``)."""
+    d = getattr(_text_config(_unwrap(model)), "hidden_size", None)
+    if not isinstance(d, int):
+        raise ValueError(f"{type(model).__name__}: its config gives no hidden_size (the width of delta)")
+    return d
 
 
 def check_layer(model: nn.Module, layer: int) -> int:
@@ -117,7 +199,7 @@ class LowerCache:
 @torch.no_grad()
 def lower_activations(model: nn.Module, layer: int, batch: Dict[str, torch.Tensor]) -> LowerCache:
     """h^l of the batch: the model runs up to decoder layer ``layer`` and stops there."""
-    layers = decoder_layers(model)
+    owner, layers, _ = decoder_stack(model)
     store = {}
 
     def hook(module, args, output):
@@ -127,7 +209,7 @@ def lower_activations(model: nn.Module, layer: int, batch: Dict[str, torch.Tenso
 
     handle = layers[check_layer(model, layer)].register_forward_hook(hook)
     try:
-        model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        owner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     except _Stop:
         pass
     finally:
@@ -136,15 +218,17 @@ def lower_activations(model: nn.Module, layer: int, batch: Dict[str, torch.Tenso
 
 
 class _Stub(nn.Module):
-    """Stands in for a lower decoder layer: hands back its input, or the cached h^l."""
+    """Stands in for a lower decoder layer: hands back its input, or the cached h^l, in the form
+    the layers return (a tensor, or a tuple in models whose layers return one)."""
 
-    def __init__(self, cache: Optional[LowerCache] = None):
+    def __init__(self, cache: Optional[LowerCache] = None, as_tuple: bool = False):
         super().__init__()
         self.cache = cache
+        self.as_tuple = as_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
         out = hidden_states if self.cache is None else self.cache.hidden
-        return (out,) if self.cache is not None and self.cache.as_tuple else out
+        return (out,) if self.as_tuple else out
 
 
 @contextlib.contextmanager
@@ -155,8 +239,8 @@ def upper_stack_only(model: nn.Module, layer: int, cache: LowerCache) -> Iterato
     layers = decoder_layers(model)
     saved = [layers[i] for i in range(check_layer(model, layer) + 1)]
     for i in range(layer):
-        layers[i] = _Stub()
-    layers[layer] = _Stub(cache)
+        layers[i] = _Stub(as_tuple=cache.as_tuple)
+    layers[layer] = _Stub(cache, as_tuple=cache.as_tuple)
     try:
         yield
     finally:
@@ -178,11 +262,14 @@ def response_ce(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tenso
     return causal_lm_loss(hidden, batch["labels"], weight, bias, reduction="per_sample")
 
 
-def perturbed_response_ce(
+@contextlib.contextmanager
+def perturbed(
     model, batch, layer: int, delta: Optional[torch.Tensor], n: int, cache: Optional[LowerCache] = None
-) -> torch.Tensor:
-    """Per-sequence response CE, shape (B,), with delta at the last n prompt positions after layer
-    ``layer`` (from the cached h^l when ``cache`` is given: the upper stack only)."""
+) -> Iterator[None]:
+    """Within the block, a forward of ``model`` on ``batch`` gets delta at the last n prompt
+    positions after layer ``layer`` (and runs the upper stack only on ``cache`` when given). A
+    backward through a gradient-checkpointed model must run inside the block too: its
+    recomputation runs the layer's forward hooks again."""
     mask = batch["attention_mask"]
     if mask.numel() and not bool(mask[:, 0].all()):
         raise ValueError(
@@ -192,6 +279,15 @@ def perturbed_response_ce(
     positions = perturb_positions(batch["prompt_len"].to(batch["input_ids"].device), n)
     stack = upper_stack_only(model, layer, cache) if cache is not None else contextlib.nullcontext()
     with stack, perturbation(model, layer, delta, positions):
+        yield
+
+
+def perturbed_response_ce(
+    model, batch, layer: int, delta: Optional[torch.Tensor], n: int, cache: Optional[LowerCache] = None
+) -> torch.Tensor:
+    """Per-sequence response CE, shape (B,), with delta at the last n prompt positions after layer
+    ``layer`` (from the cached h^l when ``cache`` is given: the upper stack only)."""
+    with perturbed(model, batch, layer, delta, n, cache):
         return response_ce(model, batch)
 
 
@@ -294,10 +390,20 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _batches(examples: Sequence[D.Example], size: int, device) -> List[Dict[str, torch.Tensor]]:
+def _batches(examples: Sequence[D.Example], size: int, device, codec: Codec) -> List[Dict[str, torch.Tensor]]:
     return [
-        {k: v.to(device) for k, v in D.collate(examples[i : i + size]).items()} for i in range(0, len(examples), size)
+        {k: v.to(device) for k, v in codec.collate(examples[i : i + size]).items()}
+        for i in range(0, len(examples), size)
     ]
+
+
+def gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` recomputes its layers in backward (transformers' gradient checkpointing)."""
+    core = _unwrap(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the newer name first
+        if hasattr(type(core), name):
+            return bool(getattr(core, name))
+    return False
 
 
 def inner_level(
@@ -307,6 +413,7 @@ def inner_level(
     sa: Sequence[D.Example],
     device=torch.device("cpu"),
     info: Optional[DistInfo] = None,
+    codec: Optional[Codec] = None,
 ) -> Dict:
     """delta* for the current model: ``inner_steps`` Adam steps on delta (from 0) of
     mean CE(D_SA-H; delta) - alpha mean CE(D_SA; delta), upper stack only.
@@ -319,11 +426,11 @@ def inner_level(
     info = info or dist_info()
     L, n = cfg.anchor_layer, cfg.token_length
     size = cfg.outer_batch * 4  # no weight gradients here: larger batches than the outer level's
-    hb, sb = _batches(sa_h, size, device), _batches(sa, size, device)
+    codec = codec_of(codec)
+    hb, sb = _batches(sa_h, size, device, codec), _batches(sa, size, device, codec)
     mine_h = [_take(b, rows_of(len(b["input_ids"]), info)) for b in hb]
     mine_s = [_take(b, rows_of(len(b["input_ids"]), info)) for b in sb]
-    d = model.config.hidden_size
-    delta = torch.zeros(n, d, device=device, requires_grad=True)
+    delta = torch.zeros(n, hidden_size(model), device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.inner_lr)
     was = model.training
     model.eval()
@@ -369,37 +476,55 @@ def outer_level(
     pa: Sequence[D.Example],
     device=torch.device("cpu"),
     info: Optional[DistInfo] = None,
+    codec: Optional[Codec] = None,
 ) -> Dict:
     """One pass of fine-tuning: CE(D_SA; delta) + CE(D_PA), ``outer_batch`` samples of each per step.
 
     Under torchrun each step's D_SA and D_PA batches are global: every rank keeps its rows
     (`rows_of`), divides its CE sum by the global batch sizes and the gradients are summed over
     the ranks before the step (`all_reduce_grads`: the model runs twice, with and without delta,
-    before one backward, which DDP's one-forward-per-backward reducer does not take)."""
+    before one backward, which DDP's one-forward-per-backward reducer does not take).
+
+    With gradient checkpointing each term runs its own backward, the D_SA one inside the
+    perturbation's block (the recomputation in backward runs the layer's hook again: delta must
+    still be there); the gradients add up to those of the summed loss."""
     info = info or dist_info()
+    codec = codec_of(codec)
+    split = gradient_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     steps = max(1, -(-len(sa) // cfg.outer_batch))
     pa_size = max(1, -(-len(pa) // steps))
     totals = {"safety": 0.0, "anchor": 0.0}
     for s in range(steps):
-        bs = {k: v.to(device) for k, v in D.collate(sa[s * cfg.outer_batch : (s + 1) * cfg.outer_batch]).items()}
-        bp = {k: v.to(device) for k, v in D.collate(pa[s * pa_size : (s + 1) * pa_size]).items()}
+        bs = {k: v.to(device) for k, v in codec.collate(sa[s * cfg.outer_batch : (s + 1) * cfg.outer_batch]).items()}
+        bp = {k: v.to(device) for k, v in codec.collate(pa[s * pa_size : (s + 1) * pa_size]).items()}
         n_sa, n_pa = bs["input_ids"].shape[0], bp["input_ids"].shape[0]
         if n_sa == 0:
             break
         ms, mp = _take(bs, rows_of(n_sa, info)), _take(bp, rows_of(n_pa, info))
         zero = torch.zeros((), device=device)
-        safety = (
-            perturbed_response_ce(model, ms, cfg.anchor_layer, delta, cfg.token_length).sum() / n_sa
-            if ms["input_ids"].shape[0]
-            else zero
-        )
-        anchor = response_ce(model, mp).sum() / n_pa if mp["input_ids"].shape[0] else zero
-        loss = safety + anchor
-        opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
+        if split:
+            opt.zero_grad(set_to_none=True)
+            safety = anchor = zero
+            if ms["input_ids"].shape[0]:
+                with perturbed(model, ms, cfg.anchor_layer, delta, cfg.token_length):
+                    safety = response_ce(model, ms).sum() / n_sa
+                    safety.backward()
+            if mp["input_ids"].shape[0]:
+                anchor = response_ce(model, mp).sum() / n_pa
+                anchor.backward()
+        else:
+            safety = (
+                perturbed_response_ce(model, ms, cfg.anchor_layer, delta, cfg.token_length).sum() / n_sa
+                if ms["input_ids"].shape[0]
+                else zero
+            )
+            anchor = response_ce(model, mp).sum() / n_pa if mp["input_ids"].shape[0] else zero
+            loss = safety + anchor
+            opt.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
         all_reduce_grads(params, info)
         opt.step()
         totals["safety"] += float(global_sum(safety, info)) / steps

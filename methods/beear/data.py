@@ -287,12 +287,25 @@ def collate(examples: Sequence[Example], responses: bool = True) -> Dict[str, to
         seqs.append(p + r)
         labels.append([-100] * len(p) + r)
         plens.append(len(p))
+    return pad_right(seqs, labels, plens, PAD)
+
+
+def pad_right(
+    seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], plens: Sequence[int], pad: int
+) -> Dict[str, torch.Tensor]:
+    """The batch of ``collate`` from token lists: rows padded on the right with ``pad`` (labels
+    with -100, the attention mask with 0)."""
     width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     lab = torch.full((len(seqs), width), -100, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(s)] = torch.tensor(l)
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        lab[i, : len(s)] = torch.tensor(l, dtype=torch.long)
         mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab, "prompt_len": torch.tensor(plens)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": lab,
+        "prompt_len": torch.tensor(plens, dtype=torch.long),
+    }

@@ -29,6 +29,7 @@ _WEIGHTS = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+WEIGHT_FILES = _WEIGHTS  # the weight files (one of them) that make a folder a model folder
 
 
 def model_dir(path, flag: str = "--model") -> Path:
