@@ -281,6 +281,14 @@ def test_precomputed_features_are_aligned_by_the_image_list(tmp_path):
         torch.save({"features": torch.from_numpy(feats_of(names)), "names": names}, pt / f"{split}_feats.pt")
     data2 = R.load_real("voc2012", tmp_path, features=str(pt / "{split}_feats.pt"))
     assert torch.equal(data2.x_train, data.x_train) and torch.equal(data2.x_test, data.x_test)
+    # an unlisted train file in the reference's order: row k is image k of the official train set,
+    # so the split's rows are picked by position, not taken in the file's order
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    np.save(flat / "train_features_imagenet_resnet50.npy", feats_of(tr_names))
+    np.save(flat / "val_features_imagenet_resnet50.npy", feats_of(va_names))
+    data3 = R.load_real("voc2012", tmp_path, features=str(flat))
+    assert torch.equal(data3.x_train, data.x_train) and torch.equal(data3.x_val, data.x_val)
     np.save(tmp_path / "short_train.npy", feats_of(tr_names[:9]))
     with pytest.raises(ValueError, match="9 rows for 10 train images"):
         R.precomputed_features(str(tmp_path / "short_{split}.npy"), "train", tr_names)
@@ -533,3 +541,19 @@ def test_defaults_unchanged_and_image_options_refused_elsewhere(tmp_path, capsys
     assert "--features: only for the image datasets (voc2012, coco2014)" in capsys.readouterr().err
     assert cli(["--dataset", "yeast", "--bad-files", "skip", "--out", tmp_path / "r"] + CPU) == 2
     assert "--bad-files: only for the image datasets" in capsys.readouterr().err
+
+
+def test_checkpoints_of_runs_before_the_image_options_still_resume():
+    """A checkpoint written before the image datasets existed holds the old fields only (asdict of
+    the config then): the compared config of a run at the new fields' defaults is exactly that."""
+    from dataclasses import asdict, fields
+
+    from methods.common.run import check_resume
+    from methods.grloss.train import ADDED_FIELDS, TrainConfig, compared_config
+
+    cfg = TrainConfig()
+    old = {k: v for k, v in asdict(cfg).items() if k not in ADDED_FIELDS}
+    assert set(compared_config(cfg)) == {f.name for f in fields(TrainConfig)} - set(ADDED_FIELDS)
+    check_resume(old, compared_config(cfg), ("epochs",), "run")  # no error
+    with pytest.raises(ValueError, match="hidden: '<absent>' in the checkpoint, 64 now"):
+        check_resume(old, compared_config(TrainConfig(hidden=64)), ("epochs",), "run")

@@ -477,32 +477,36 @@ def _load_feature_file(path: Path):
     return X, names
 
 
-def precomputed_features(spec: str, split: str, names: Sequence[str]) -> Tuple[np.ndarray, Path]:
-    """The feature rows of ``names`` (the reference's image names) from ``--features``, aligned by
-    the file's image list when it has one, else by position (the file then holds exactly the
-    images read, in the reference's order)."""
+def precomputed_features(
+    spec: str, split: str, names: Sequence[str], select: Optional[Sequence[int]] = None
+) -> Tuple[np.ndarray, Path]:
+    """The feature rows of ``names[select]`` (default: all of ``names``) from ``--features``.
+    ``names`` is the whole split's image list in the reference's order (`LabelTable.names`): the
+    file's rows are matched to it by the file's image list when it has one, else by position (the
+    file then holds exactly these images, in this order); ``select`` then picks rows of ``names``."""
     path = feature_file(spec, split)
     X, file_names = _load_feature_file(path)
+    picked = list(range(len(names))) if select is None else [int(i) for i in select]
     if file_names is not None:
         pos = {n: i for i, n in enumerate(file_names)}
-        missing = [n for n in names if n not in pos]
+        missing = [names[i] for i in picked if names[i] not in pos]
         if missing:
             raise ValueError(
-                f"--features {path}: {len(missing)} of the {len(names)} {split} images have no row in its image "
+                f"--features {path}: {len(missing)} of the {len(picked)} {split} images have no row in its image "
                 f"list (e.g. {missing[0]}); are the features of this dataset?"
             )
-        rows = np.asarray([pos[n] for n in names], np.int64)
+        rows = np.asarray([pos[names[i]] for i in picked], np.int64)
     else:
         if X.shape[0] != len(names):
             raise ValueError(
                 f"--features {path}: {X.shape[0]} rows for {len(names)} {split} images, and no image list to "
                 f"align them ({REFERENCE_IMAGES.format(split=split)} next to it, or a .pt dict with 'names')"
             )
-        rows = np.arange(len(names))
+        rows = np.asarray(picked, np.int64)  # row k of the file is names[k]
     out = np.ascontiguousarray(X[rows], dtype=np.float32)
     bad = np.nonzero(~np.isfinite(out).all(1))[0]
     if len(bad):
-        raise DataFileError(path, f"non-finite features for {len(bad)} image(s), e.g. {names[bad[0]]}")
+        raise DataFileError(path, f"non-finite features for {len(bad)} image(s), e.g. {names[picked[bad[0]]]}")
     return out, path
 
 
@@ -873,7 +877,7 @@ def load_real(
     notes = train_t.notes + test_t.notes
     if features is not None:
         need = np.concatenate([tr, va])
-        Xtv, path = precomputed_features(features, "train", [train_t.names[i] for i in need])
+        Xtv, path = precomputed_features(features, "train", train_t.names, need)
         Xte, path_te = precomputed_features(features, "val", test_t.names)
         x = {"train": Xtv[: len(tr)], "val": Xtv[len(tr) :], "test": Xte}
         notes.append(f"features {path} and {path_te}, {Xte.shape[1]} dimensions")

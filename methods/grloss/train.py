@@ -245,6 +245,17 @@ REAL_OPTIONS = (
     "bad_files",
 )
 NOT_COMPARED = ("cache_dir", "feature_batch", "bad_files")
+# fields added with the image datasets: left out of the compared config at their defaults, so that
+# checkpoints written before they existed (which hold none of them) still resume
+ADDED_FIELDS = ("hidden",) + REAL_OPTIONS
+
+
+def compared_config(cfg: TrainConfig) -> Dict:
+    """The config a checkpoint holds and a resume compares (see `NOT_COMPARED`, `ADDED_FIELDS`)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return {
+        k: v for k, v in asdict(cfg).items() if k not in NOT_COMPARED and not (k in ADDED_FIELDS and v == defaults[k])
+    }
 
 
 def load_data(cfg: TrainConfig, device=None, show_progress: bool = False, warn=None) -> SPMLData:
@@ -363,7 +374,7 @@ def train(
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     labels = data.y_train if cfg.loss == "full" else data.observed_train
     # saved in every checkpoint: the current config (a raised budget included), less what may change on resume
-    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_COMPARED}
+    config = compared_config(cfg)
     state = run.resume(
         config,
         key="epoch",
