@@ -168,6 +168,59 @@ def test_ubfc_ground_truth_resampled_when_counts_differ(tmp_path):
     assert any("88 samples for 90 frames" in m for m in notes)
 
 
+def test_ubfc_ground_truth_format_checks(tmp_path):
+    root = tmp_path / "u"
+    d = write_ubfc(root, 1, n=60)
+    lines = (d / "ground_truth.txt").read_text().splitlines()
+    t = lines[2].split()
+    t[10], t[11] = t[11], t[10]  # line 3 not increasing: unused when the wave has one sample per frame
+    (d / "ground_truth.txt").write_text("\n".join([lines[0], lines[1], " ".join(t)]) + "\n")
+    vs = _load("ubfc-rppg", root, "train", tmp_path, label_type="raw")
+    np.testing.assert_allclose(vs.labels[0], _wave(np.arange(60) / FS) + 1, rtol=1e-6, atol=1e-6)
+    d = write_ubfc(root, 1, n=60, gt_n=58)  # ... but needed to interpolate a wave of another length
+    lines = (d / "ground_truth.txt").read_text().splitlines()
+    t = lines[2].split()
+    t[10], t[11] = t[11], t[10]
+    (d / "ground_truth.txt").write_text("\n".join([lines[0], lines[1], " ".join(t)]) + "\n")
+    with pytest.raises(DataFileError, match=r"subject1/ground_truth\.txt: 58 samples for 60 frames, and line 3"):
+        _load("ubfc-rppg", root, "train", tmp_path)
+    # one sample per line (columns): not DATASET_2's three lines
+    (d / "ground_truth.txt").write_text("".join(f"{v} 72 {i / FS}\n" for i, v in enumerate(_wave(np.arange(60) / FS))))
+    with pytest.raises(DataFileError, match=r"ground_truth\.txt: has 60 line\(s\) of numbers; .* exactly 3"):
+        _load("ubfc-rppg", root, "train", tmp_path)
+    # DATASET_1's folders (<N>-gt/gtdump.xmp) are named in the folder error
+    one = tmp_path / "DATASET_1" / "5-gt"
+    one.mkdir(parents=True)
+    (one / "gtdump.xmp").write_text("0,72,98,100\n")
+    with pytest.raises(FileNotFoundError, match="gtdump.xmp files are DATASET_1's ground truth"):
+        D.find_recordings("ubfc-rppg", tmp_path / "DATASET_1")
+
+
+def test_first_frame_fallback_steps_by_the_recordings_rate_not_fs(tmp_path):
+    """No face in frame 0: the next detection is one second later at the video's own 30 frames/s
+    (frame 30) whatever --fs says, as the cache key does not hold --fs."""
+    root = tmp_path / "u"
+    write_ubfc(root, 1, n=60)
+    for fs in (15.0, 30.0):
+        calls, notes = [], []
+
+        def stub(img):
+            calls.append(1)
+            return [] if len(calls) == 1 else [[0, 0, 32, 24]]
+
+        _load(
+            "ubfc-rppg",
+            root,
+            "train",
+            tmp_path / str(fs),
+            fs=fs,
+            pp=D.Preprocessing(size=16),
+            detector=stub,
+            warn=notes.append,
+        )
+        assert len(calls) == 2 and any("the box of frame 30 is used" in m for m in notes)
+
+
 def test_pure_layouts_and_timestamp_resampling(pure, tmp_path):
     vs = _load("pure", pure, "train", tmp_path, label_type="raw", split="all")
     assert vs.names == [f"{r}#{k}" for r in ("01-01", "01-02", "05-01") for k in (0, 1)]
@@ -426,6 +479,10 @@ def test_byhe_cli_on_ubfc_train_eval_and_bad_files(ubfc, pure, tmp_path, capsys,
     # eval: the run's own test set, then PURE's test part (a cross-dataset test) with the run's preprocessing
     assert main(["eval", "--model", out, "--cache-dir", cache]) == 0
     assert "subject38#1" in capsys.readouterr().out
+    # an eval split whose test part holds the run's training subjects is refused (exit 2)
+    assert main(["eval", "--model", out, "--cache-dir", cache, "--split", "all"]) == 2
+    assert "holds subjects the run trained on (its --split standard): 1, 3" in capsys.readouterr().err
+    assert main(["eval", "--model", out, "--dataset", "ubfc-rppg", "--split", "all", "--cache-dir", cache]) == 2
     ev = str(tmp_path / "ev")
     assert (
         main(["eval", "--model", out, "--dataset", "pure", "--data-dir", str(pure), "--out", ev, "--cache-dir", cache])

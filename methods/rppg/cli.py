@@ -8,8 +8,9 @@ loss curve and the example figure, which a missing matplotlib only skips)."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from methods.common import (
     add_common_args,
@@ -23,7 +24,7 @@ from methods.common import (
 from methods.common.datasets import BAD_FILES, BAD_FILES_HELP
 
 from .data import VideoSet, evaluation_clips
-from .datasets import DATASETS, SPLITS
+from .datasets import DATASETS, SPLITS, find_recordings, select
 from .evaluation import evaluate, results_table, write_results
 from .plots import plot_example
 from .synth import DOMAINS
@@ -135,6 +136,35 @@ def _run_folder_of(settings, dataset: str) -> Optional[str]:
     return next((f for d, f in pairs if d == dataset and f), None)
 
 
+def _run_test_of(settings) -> Optional[Tuple[str, str]]:
+    """(dataset, folder) of the run's own real test set, if it has one."""
+    if hasattr(settings, "test_source"):  # BYHE, SSPD
+        if settings.test_source in DATASETS:
+            return settings.test_source, settings.test_data_dir or settings.data_dir
+    elif hasattr(settings, "sources") and settings.target in DATASETS:  # DOHA
+        return settings.target, settings.test_data_dir or settings.data_dir
+    return None
+
+
+def _check_disjoint(settings, run_split: str, dataset: str, folder: str) -> None:
+    """An evaluation on the folder the run trained on must leave out its training subjects: the
+    test part under the eval's ``--split`` against the training part under the run's split."""
+    trained = getattr(settings, "dataset", None) == dataset or dataset in getattr(settings, "sources", ())
+    if not trained or not folder or not settings.data_dir:
+        return
+    if os.path.realpath(os.path.expanduser(folder)) != os.path.realpath(os.path.expanduser(settings.data_dir)):
+        return
+    recs = find_recordings(dataset, folder)
+    train = {r.subject for r in select(recs, "train", run_split, settings.train_range, settings.test_range)}
+    test = {r.subject for r in select(recs, "test", settings.split, settings.train_range, settings.test_range)}
+    both = sorted(train & test, key=lambda x: (len(x), x))
+    if both:
+        raise ValueError(
+            f"--split {settings.split}: the test part of {dataset} in {folder} holds subjects the run trained on "
+            f"(its --split {run_split}): {', '.join(both)}; evaluate with the run's split, or on another dataset"
+        )
+
+
 def run_eval(
     a,
     model,
@@ -157,6 +187,7 @@ def run_eval(
         raise ValueError(f"--n-test must be at least 1, got {a.n_test}")
     if a.clip < 0:
         raise ValueError(f"--clip must be 0 (whole videos) or a positive number of frames, got {a.clip}")
+    run_split = getattr(settings, "split", None)
     if settings is not None:
         _eval_reading(a, settings)
     dataset = getattr(a, "dataset", None)
@@ -169,6 +200,7 @@ def run_eval(
         folder = a.data_dir or _run_folder_of(settings, dataset)
         if not folder:
             raise ValueError(f"--dataset {dataset} needs its folder: --data-dir (the run did not read {dataset})")
+        _check_disjoint(settings, run_split, dataset, folder)
         test = settings.real_set(dataset, folder, "test", settings.test_length, "--data-dir")
         domain = dataset
     elif a.data_dir is not None:
@@ -182,13 +214,19 @@ def run_eval(
             )
         n_test = a.n_test if a.n_test is not None else default_n_test
         if a.seed is None and domain == default_domain and n_test == default_n_test:
+            own = _run_test_of(settings) if settings is not None else None
+            if own is not None:
+                _check_disjoint(settings, run_split, *own)
             test = default_test()
         else:
             test = make_test(domain, n_test, default_seed if a.seed is None else a.seed)
     res = evaluate(model, test, fs, a.clip)
     title = f"{a.model} on {domain} test videos"
     if a.out:
-        write_results(a.out, title, res, {"config": config, "domain": domain})
+        meta = {"config": config, "domain": domain}
+        if domain in DATASETS:  # the split read now (the run's config records the one it trained with)
+            meta["split"] = settings.split
+        write_results(a.out, title, res, meta)
         with optional_plots():
             plot_example(model, next(evaluation_clips(test, a.clip)), fs, f"{a.out}/example.png", **example)
     else:

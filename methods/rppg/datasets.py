@@ -135,6 +135,8 @@ def find_recordings(dataset: str, root, flag: str = "--data-dir") -> List[Record
         hint = ""
         if dataset == "ubfc-rppg" and (top / "DATASET_2").is_dir():
             hint = f"; did you mean {top / 'DATASET_2'}?"
+        elif dataset == "ubfc-rppg" and any(top.glob("*/gtdump.xmp")):
+            hint = "; its gtdump.xmp files are DATASET_1's ground truth, which is not read: give DATASET_2's folder"
         raise FileNotFoundError(f"{flag} {top} is not a {name} folder: it has no {layout}{hint} (see {README})")
     return sorted(recs, key=lambda r: r.number)
 
@@ -210,24 +212,30 @@ def read_ubfc_ground_truth(path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     ``ground_truth.txt``: three lines of whitespace-separated numbers of one length."""
     path = Path(path)
     if not path.is_file():
-        raise DataFileError(path, "missing (every subject<N> folder needs vid.avi and ground_truth.txt)")
+        extra = (
+            " (its gtdump.xmp is DATASET_1's ground truth, which is not read)"
+            if (path.parent / "gtdump.xmp").is_file()
+            else ""
+        )
+        raise DataFileError(path, f"missing (every subject<N> folder needs vid.avi and ground_truth.txt){extra}")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise DataFileError(path, f"cannot be read ({e})")
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    if len(lines) < 3:
+    if len(lines) != 3:
         raise DataFileError(
             path,
-            f"has {len(lines)} line(s) of numbers; DATASET_2's ground truth has 3 (PPG wave, heart rate, times)",
+            f"has {len(lines)} line(s) of numbers; DATASET_2's ground truth has exactly 3 (PPG wave, heart rate, "
+            "times), one value per sample along each line (DATASET_1's gtdump.xmp, one sample per line, is not read)",
         )
     wave, hr, t = (_floats(lines[i], path, f"line {i + 1} ({w})") for i, w in enumerate(("PPG", "heart rate", "times")))
     if not (wave.size == hr.size == t.size):
         raise DataFileError(
             path, f"its lines have different lengths: {wave.size} PPG samples, {hr.size} heart rates, {t.size} times"
         )
-    if wave.size > 1 and not np.all(np.diff(t) > 0):
-        raise DataFileError(path, "line 3 (times) is not increasing")
+    # the times are checked where they are used (a wave of another length than the video), as the
+    # toolbox reads line 1 only: a glitch in line 3 does not make a recording paired by index bad
     return wave, hr, t
 
 
@@ -434,7 +442,17 @@ def crop_resize(frame: np.ndarray, box: Optional[np.ndarray], size: int) -> np.n
     return cv2.resize(np.ascontiguousarray(frame), (size, size), interpolation=cv2.INTER_AREA)
 
 
-def _detect(frames: _Frames, pp: Preprocessing, fs: float, detector: Detector, notes: List[str]):
+def _frames_per_second(frames: _Frames) -> int:
+    """The recording's frames per second, rounded (PURE: from its timestamps; a video: its
+    container's rate, known once decoding started); 30 when neither says."""
+    rate = frames.rate
+    t = frames.times
+    if t is not None and len(t) > 1 and t[-1] > t[0]:
+        rate = (len(t) - 1) / (t[-1] - t[0])
+    return max(1, int(round(rate))) if rate and math.isfinite(rate) else 30
+
+
+def _detect(frames: _Frames, pp: Preprocessing, detector: Detector, notes: List[str]):
     """The crop boxes: (a function frame index -> box or None, a description). One pass over the
     frames the detections need (the first ones only in first-frame mode)."""
     path = frames.rec.frames_dir if frames.rec.dataset == "pure" else frames.rec.video
@@ -443,8 +461,16 @@ def _detect(frames: _Frames, pp: Preprocessing, fs: float, detector: Detector, n
     found: Dict[int, np.ndarray] = {}
     tried = 0
     if pp.face_every == 0:
-        step = max(1, int(round(fs)))  # the first frame, then one detection a second until a face is found
-        for i, _, img in frames.iterate(lambda i: i % step == 0):
+        # the first frame, then one detection a second until a face is found; a second at the
+        # recording's own frame rate (not --fs, which the cache key does not hold)
+        step: List[int] = []
+
+        def want(i: int) -> bool:
+            if not step:
+                step.append(_frames_per_second(frames))
+            return i % step[0] == 0
+
+        for i, _, img in frames.iterate(want):
             if img is None:
                 continue
             tried += 1
@@ -552,7 +578,7 @@ def preprocess_recording(
     else:
         wave, hr_line, t_truth = read_ubfc_ground_truth(rec.truth)
         frames = _Frames(rec)
-    box_of, how = _detect(frames, pp, fs, detector, notes)
+    box_of, how = _detect(frames, pp, detector, notes)
     out: List[np.ndarray] = []
     times: List[float] = []
     total = None
@@ -568,6 +594,12 @@ def preprocess_recording(
     elif wave.size == len(video):
         label, hr = wave, hr_line  # one sample per frame: the toolbox's pairing
     else:
+        if wave.size < 2 or not np.all(np.diff(t_truth) > 0):
+            raise DataFileError(
+                rec.truth,
+                f"{wave.size} samples for {len(video)} frames, and line 3 (times) is not increasing: the wave "
+                "cannot be interpolated at the frames' times",
+            )
         rel = t_frames - t_frames[0]
         label, hr = _on_frames(t_truth - t_truth[0], (wave, hr_line), rel, rec.truth, "ground truth")
         notes.append(f"{rec.truth}: {wave.size} samples for {len(video)} frames; interpolated at the frame times")
