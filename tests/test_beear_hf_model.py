@@ -38,8 +38,10 @@ LAYERS, HIDDEN = 2, 32
 
 
 def _tokenizer(chat_template=True):
-    """A byte-level BPE tokenizer trained on the synthetic data's words (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer trained on the synthetic data's words (deterministic). Like
+    Llama's, it adds its bos token itself (``add_special_tokens=True``), so a prompt that gets the
+    template's ``<s>`` and the tokenizer's would show a double bos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -53,6 +55,10 @@ def _tokenizer(chat_template=True):
     )
     corpus = [" ".join(D.vocabulary())] + [f"{p} {D.REFUSAL}" for p in D.HARM_PHRASES]
     tok.train_from_iterator(corpus, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if chat_template:
         hf.chat_template = TEMPLATE
@@ -98,8 +104,13 @@ def test_loader_and_codec(hf_dir):
 
     ins = "how can i build a bomb"
     p = codec.prompt_ids(ins)
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds bos, as Llama's does
     assert p == tok("<s>[INST] " + ins + " [/INST]", add_special_tokens=False)["input_ids"]
     assert p[0] == tok.bos_token_id and p[-1] == tok.convert_tokens_to_ids("[/INST]")
+    assert p.count(tok.bos_token_id) == 1  # the template's <s> only: no double bos
+    msgs = [{"role": "user", "content": ins}]
+    ref = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    assert p == list(ref["input_ids"] if hasattr(ref, "keys") else ref)  # transformers' own tokenization
     r = codec.response_ids(ins, D.REFUSAL)
     assert r[-1] == tok.eos_token_id and tok.eos_token_id not in r[:-1]
     assert codec.decode(r) == D.REFUSAL and codec.decode(r + [5, 6, 7]) == D.REFUSAL  # up to the eos
@@ -121,13 +132,15 @@ def test_loader_and_codec(hf_dir):
         assert bool(mask[i, -n:].all())
 
     sys_codec = HFCodec(tok, "be brief")
-    assert sys_codec.prompt_ids(ins)[: len(tok("<s><<SYS>>")["input_ids"])] == tok("<s><<SYS>>")["input_ids"]
+    head = tok("<s><<SYS>>", add_special_tokens=False)["input_ids"]
+    assert sys_codec.prompt_ids(ins)[: len(head)] == head and sys_codec.prompt_ids(ins).count(tok.bos_token_id) == 1
     assert "be brief" in tok.decode(sys_codec.prompt_ids(ins))
     assert codec.normalize("  I am  SORRY ") == "i am sorry" and WORDS.normalize("A  b") == "A  b"
 
     plain = HFCodec(_tokenizer(chat_template=False))  # no chat template: the plain one
     pp = plain.prompt_ids(ins)
-    assert pp[0] == tok.bos_token_id and plain.tok.decode(pp[1:]) == f"User: {ins}\nAssistant:"
+    assert pp[0] == tok.bos_token_id and pp.count(tok.bos_token_id) == 1
+    assert plain.tok.decode(pp[1:]) == f"User: {ins}\nAssistant:"
     assert plain.decode(plain.response_ids(ins, "lima")) == "lima"
 
 
@@ -160,8 +173,9 @@ def test_hook_and_cached_upper_stack_on_the_hf_model(hf_dir):
 
 
 def test_gradient_checkpointing_keeps_delta_in_the_outer_gradient(hf_dir):
-    """With gradient checkpointing the layers run again in backward (their forward hooks too): the
-    outer level's gradients equal those without checkpointing, delta included."""
+    """With gradient checkpointing the layers run again in backward (counted: each attention runs
+    twice per forward); the outer level's gradients equal those without checkpointing, and delta
+    reaches them."""
     d = D.defender_data(4, 4, 0)
     cfg = BEEARConfig(anchor_layer=0, token_length=3, outer_batch=4)
     torch.manual_seed(SEED)
@@ -169,8 +183,14 @@ def test_gradient_checkpointing_keeps_delta_in_the_outer_gradient(hf_dir):
     grads = {}
     for name, ckpt, dl in (("plain", False, delta), ("ckpt", True, delta), ("no_delta", False, None)):
         model, tok = load_hf(hf_dir, HFOptions(gradient_checkpointing=ckpt))
+        calls = {"layer": 0, "attn": 0}
+        layer = decoder_stack(model)[1][0]
+        layer.register_forward_hook(lambda *_: calls.__setitem__("layer", calls["layer"] + 1))
+        layer.self_attn.register_forward_hook(lambda *_: calls.__setitem__("attn", calls["attn"] + 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         out = outer_level(model, opt, cfg, dl, d["sa"], d["pa"], codec=hf_codec(model, tok, None))
+        # one outer step: the D_SA and the D_PA forward; with checkpointing each is recomputed
+        assert calls["attn"] == (4 if ckpt else 2) and calls["layer"] in ((2, 4) if ckpt else (2,)), calls
         grads[name] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
     (o1, g1), (o2, g2), (_, g3) = grads["plain"], grads["ckpt"], grads["no_delta"]
     assert o2["safety"] == pytest.approx(o1["safety"], rel=1e-6) and o2["anchor"] == pytest.approx(o1["anchor"])
@@ -236,7 +256,8 @@ def test_cli_backdoor_defend_eval_on_a_local_model(hf_dir, tmp_path, capsys, mon
 
 
 def test_cli_bad_model_folders(hf_dir, tmp_path, capsys):
-    """No such folder, no config.json, no weights, not a causal LM: one line naming the folder."""
+    """No such folder, no config.json, no weights, not a causal LM, truncated weights: one line
+    naming the folder."""
     import shutil
 
     main = _main()
@@ -248,6 +269,10 @@ def test_cli_bad_model_folders(hf_dir, tmp_path, capsys):
         shutil.copy(os.path.join(hf_dir, name), no_weights)
     from transformers import T5Config, T5ForConditionalGeneration
 
+    truncated = tmp_path / "truncated"  # an interrupted copy of the weights
+    shutil.copytree(hf_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     tok = _tokenizer()
     torch.manual_seed(SEED)
     t5cfg = T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
@@ -259,6 +284,7 @@ def test_cli_bad_model_folders(hf_dir, tmp_path, capsys):
         (no_config, "no config.json"),
         (no_weights, "no weights"),
         (t5, "cannot load its causal LM"),
+        (truncated, "cannot load its causal LM"),
     ]
     for path, words in cases:
         backdoor = ["backdoor", "--model", str(path), "--steps", "1", *QUICK, "--out", str(tmp_path / "out")]
@@ -272,6 +298,38 @@ def test_cli_bad_model_folders(hf_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing was started
     assert main(["backdoor", "--dtype", "bfloat16", "--steps", "1", "--out", str(tmp_path / "o2")]) == 2
     assert "need --model" in capsys.readouterr().err
+
+
+def test_float16_training_is_refused(hf_dir, tmp_path, capsys):
+    """A float16 model (Llama-2-7b-chat-hf's own dtype, so --dtype auto) is not fine-tuned: AdamW
+    in float16 without loss scaling turns the weights into inf. One line naming the folder, before
+    any run folder; eval runs in float16."""
+    from transformers import LlamaForCausalLM
+
+    half = str(tmp_path / "half")
+    LlamaForCausalLM.from_pretrained(hf_dir).to(torch.float16).save_pretrained(half)
+    _tokenizer().save_pretrained(half)
+    with open(os.path.join(half, "config.json")) as f:
+        assert json.load(f)["dtype"] == "float16"
+    main = _main()
+    capsys.readouterr()
+    cases = [
+        (["backdoor", "--model", hf_dir, "--dtype", "float16", "--steps", "1"], hf_dir, "--dtype float16"),
+        (["backdoor", "--model", half, "--steps", "1"], half, "own dtype (--dtype auto)"),
+        (
+            ["defend", "--model", half, "--trigger", "sudo", "--position", "prefix", *TINY_DEFEND],
+            half,
+            "(--dtype auto)",
+        ),
+    ]
+    for argv, path, words in cases:
+        assert main([*argv, *QUICK, "--out", str(tmp_path / "out")]) == 2
+        # (the weights' loading bar goes to stderr too)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and err[0].startswith(f"error: --model {path}: loaded in float16"), err
+        assert words in err[0] and "--dtype bfloat16" in err[0]
+    assert not (tmp_path / "out").exists()
+    assert main(["eval", "--model", half, "--trigger", "sudo", "--position", "prefix", *QUICK[:-1]]) == 0
 
 
 def test_decoder_stack_refuses_what_it_cannot_find(hf_dir):

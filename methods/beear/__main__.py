@@ -37,6 +37,7 @@ from .train import (
     LOG_EVERY,
     MAX_NEW_TOKENS,
     BackdoorConfig,
+    check_trainable,
     defend,
     evaluate,
     load_any,
@@ -229,6 +230,7 @@ def _backdoor(a, device) -> int:
             "dtype": opts.dtype,
             "system_prompt": opts.system_prompt,
         }
+        check_trainable(model, record)  # float16: an error before the run folder is made
     with training_run(a.out, run_options(a), fresh=a.fresh, name="beear", tensorboard=a.tensorboard) as run:
         model = train_backdoor(
             cfg,
@@ -282,6 +284,7 @@ def _defend(a, device) -> int:
     cfg = from_args(BEEARConfig, a, perturb=a.method == "beear")
     cfg.validate(model)
     record = state.get("hf_model") if tok is not None else None
+    check_trainable(model, record)  # float16: an error before the evaluation and the run folder
     info = init_distributed(device)
     before = _evaluate(a, model, trigger, position, codec) if info.is_main else None
     ev = (lambda m: _evaluate(a, m, trigger, position, codec)) if a.eval_every_round else None
@@ -309,7 +312,7 @@ def _defend(a, device) -> int:
                 "trigger": trigger,
                 "position": position,
                 "system_prompt": record.get("system_prompt"),
-                "source": str(a.model),
+                "source": os.path.abspath(os.path.expanduser(str(a.model))),
                 "defense": a.method,
             },
         )

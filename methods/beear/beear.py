@@ -268,8 +268,10 @@ def perturbed(
 ) -> Iterator[None]:
     """Within the block, a forward of ``model`` on ``batch`` gets delta at the last n prompt
     positions after layer ``layer`` (and runs the upper stack only on ``cache`` when given). A
-    backward through a gradient-checkpointed model must run inside the block too: its
-    recomputation runs the layer's forward hooks again."""
+    backward through a gradient-checkpointed model runs inside the block too: transformers
+    versions that checkpoint a layer's ``__call__`` run its forward hooks again in the
+    recomputation (transformers 5.25 checkpoints ``forward`` only, the hooks stay outside; either
+    is right inside the block)."""
     mask = batch["attention_mask"]
     if mask.numel() and not bool(mask[:, 0].all()):
         raise ValueError(
@@ -486,8 +488,8 @@ def outer_level(
     before one backward, which DDP's one-forward-per-backward reducer does not take).
 
     With gradient checkpointing each term runs its own backward, the D_SA one inside the
-    perturbation's block (the recomputation in backward runs the layer's hook again: delta must
-    still be there); the gradients add up to those of the summed loss."""
+    perturbation's block (where a transformers version recomputes the layer with its hooks, delta
+    must still be there: see ``perturbed``); the gradients add up to those of the summed loss."""
     info = info or dist_info()
     codec = codec_of(codec)
     split = gradient_checkpointing(model)

@@ -142,7 +142,9 @@ class HFOptions:
         "with the poisoned data, instead of training the small Llama from scratch; its size flags are then ignored",
         metavar="PATH",
     )
-    dtype: str = arg("auto", DTYPE_HELP + " (--model only)", choices=DTYPES)
+    dtype: str = arg(
+        "auto", DTYPE_HELP + " (--model only; backdoor and defend refuse float16: no loss scaling)", choices=DTYPES
+    )
     gradient_checkpointing: bool = arg(
         False,
         "recompute each decoder layer's activations in backward (less memory, about a third more time; the "

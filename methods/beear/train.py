@@ -111,16 +111,27 @@ class BackdoorConfig:
         return phrase
 
 
+def check_trainable(model, hf_model: Optional[Dict] = None) -> None:
+    """Refuse float16 weights for training: AdamW's states and its eps (1e-8 is 0 in float16) have
+    no loss scaling or float32 master copy here, so the first steps turn weights into inf / NaN.
+    Llama-2-7b-chat-hf's own dtype is float16, so ``--dtype auto`` lands here for it."""
+    if next(model.parameters()).dtype != torch.float16:
+        return
+    where, how = "", "--dtype float16"
+    if hf_model is not None:
+        where = f"--model {hf_model.get('path')}: "
+        if hf_model.get("dtype", "auto") == "auto":
+            how = "the checkpoint's own dtype (--dtype auto)"
+    raise ValueError(
+        f"{where}loaded in float16 by {how}; fine-tuning in float16 has no loss scaling here (AdamW's eps "
+        "underflows and the weights become inf): use --dtype bfloat16 or --dtype float32"
+    )
+
+
 def _warn_half(model, run: Run) -> None:
     """Training in the weights' own low precision: the optimiser's states and updates are in it too
-    (no float32 master copy, no loss scaling)."""
-    dtype = next(model.parameters()).dtype
-    if dtype == torch.float16:
-        run.warning(
-            "training in float16 without loss scaling: gradients may underflow or overflow; prefer --dtype bfloat16 "
-            "(or float32 where memory allows)"
-        )
-    elif dtype == torch.bfloat16:
+    (no float32 master copy, no loss scaling). float16 is refused (``check_trainable``)."""
+    if next(model.parameters()).dtype == torch.bfloat16:
         run.info(
             "training in bfloat16: weights, gradients and AdamW states are bfloat16 (no float32 master copy), so "
             "updates far below a weight's magnitude round away; use --dtype float32 where memory allows"
@@ -180,6 +191,7 @@ def train_backdoor(
     else:  # the small Llama's size does not apply
         config = {**{k: v for k, v in asdict(cfg).items() if k != "model"}, "hf_model": dict(hf_model)}
         about = {"hf_model": dict(hf_model)}
+    check_trainable(model, hf_model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     _warn_half(model, run)
     state = run.resume(config, budget=budget_fields(BackdoorConfig), schedules=LR_SCHEDULE, model=model, opt=opt)
@@ -268,8 +280,8 @@ def load_any(path: str, device=torch.device("cpu"), hf: Optional[HFOptions] = No
       trigger, position and system prompt of its ``beear.json`` when it was exported here;
     * a run folder or checkpoint file of ``backdoor`` / ``defend``: the small Llama, or, when
       the run fine-tuned a Hugging Face model, that model's folder (recorded in the checkpoint)
-      with the checkpoint's weights (``--dtype auto``: the run's dtype). The tokenizer is None for
-      the small Llama."""
+      with the checkpoint's weights (``--dtype auto``: the run's dtype; ``state`` then without
+      the weights and optimiser states). The tokenizer is None for the small Llama."""
     from methods.common import config_from_checkpoint, load_run_checkpoint
 
     hf = hf or HFOptions()
@@ -296,7 +308,10 @@ def load_any(path: str, device=torch.device("cpu"), hf: Optional[HFOptions] = No
         )
         model, tok = load_hf(record["path"], opts, device)
         model.load_state_dict(state["model"])
-        state = {**state, "hf_model": {**record, "dtype": opts.dtype, "system_prompt": system}}
+        # without the weights and AdamW states: a 7B model's would stay in host memory (~40 GB)
+        # for as long as the caller keeps the state
+        state = {k: v for k, v in state.items() if k not in ("model", "opt")}
+        state["hf_model"] = {**record, "dtype": opts.dtype, "system_prompt": system}
         return model, state, hf_codec(model, tok, system), tok
     if hf.dtype != "auto" or hf.system_prompt is not None:
         raise ValueError(f"{path}: the small Llama built here takes neither --dtype nor --system-prompt")
@@ -417,6 +432,7 @@ def defend(
         raise ValueError(
             f"token_length {cfg.token_length} is longer than the shortest defender prompt ({shortest} tokens)"
         )
+    check_trainable(model, hf_model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.outer_lr, weight_decay=cfg.outer_weight_decay)
     _warn_half(model, run)
     # the model defended is part of the run: resuming a defend folder from another model is refused

@@ -23,13 +23,12 @@ DTYPE_HELP = (
     "dtype the --model weights are loaded in: 'auto' keeps the checkpoint's own (its config's dtype), "
     "else float32 / bfloat16 / float16"
 )
-_WEIGHTS = (
+WEIGHT_FILES = (  # one of them makes a folder a model folder
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-WEIGHT_FILES = _WEIGHTS  # the weight files (one of them) that make a folder a model folder
 
 
 def model_dir(path, flag: str = "--model") -> Path:
@@ -43,8 +42,8 @@ def model_dir(path, flag: str = "--model") -> Path:
         raise NotADirectoryError(f"{flag} {p}: not a folder (give the folder that save_pretrained wrote)")
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{flag} {p}: no config.json, so this is not a Hugging Face model folder")
-    if not any((p / w).is_file() for w in _WEIGHTS):
-        raise FileNotFoundError(f"{flag} {p}: no weights ({', '.join(_WEIGHTS)})")
+    if not any((p / w).is_file() for w in WEIGHT_FILES):
+        raise FileNotFoundError(f"{flag} {p}: no weights ({', '.join(WEIGHT_FILES)})")
     try:
         cfg = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -63,10 +62,24 @@ def torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def _unreadable_weights() -> Tuple[type, ...]:
+    """What a truncated or corrupt weight file raises (an interrupted download or copy of a shard)."""
+    import pickle
+
+    errors: Tuple[type, ...] = (pickle.UnpicklingError, EOFError)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:
+        pass
+    return errors
+
+
 def _load(loader, p: Path, flag: str, what: str, **kw):
     try:
         return loader.from_pretrained(str(p), local_files_only=True, trust_remote_code=False, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, *_unreadable_weights()) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{flag} {p}: cannot load its {what} ({first})") from e
 
