@@ -447,6 +447,35 @@ def test_synthetic_runs_record_no_real_data_fields():
     assert "split" in config_record(DOHAConfig(target="pure", data_dir="/d"))
 
 
+def test_diff_normalized_labels_are_integrated_before_their_heart_rate():
+    """--label-type diff-normalized: the evaluation reads the heart rate of the integrated label
+    (and of the prediction of a model that regresses such labels), as the toolbox's diff_flag; the
+    derivative's doubled harmonic would otherwise win the FFT peak."""
+    from methods.doha.train import DOHAConfig
+    from methods.rppg.evaluation import _record
+    from methods.sspd.train import SSPDConfig
+
+    t = np.arange(300) / FS
+    pulse = np.sin(2 * np.pi * 1.1 * t) + 0.7 * np.sin(2 * np.pi * 2.2 * t + 0.4)  # 66 bpm, harmonic at 132
+    diff = D.apply_label_type(pulse, "diff-normalized")
+    plain = _record(diff, diff, 0, 66.0, FS)
+    assert abs(plain["hr_label_fft"] - 132) < 4  # the harmonic: why the toolbox integrates
+    rec = _record(diff, diff, 0, 66.0, FS, diff_label=True, diff_pred=True)
+    assert abs(rec["hr_label_fft"] - 66) < 4 and abs(rec["hr_pred_fft"] - 66) < 4
+    # which runs predict first differences: a wave loss trained on a real dataset's diff-normalized labels
+    real = dict(dataset="pure", data_dir="/d", label_type="diff-normalized")
+    assert SSPDConfig(supervised=True, **real).diff_predictions()
+    assert not SSPDConfig(**real).diff_predictions()  # no labels: SSPD's own wave
+    assert not SSPDConfig(supervised=True, test_dataset="pure", data_dir="/d").diff_predictions()
+    # DOHA: a wave loss on diff-normalized real labels and raw synthetic pulses at once is refused
+    mixed = DOHAConfig(method="pearson", sources=("lab", "pure"), target="flicker", data_dir="/d")
+    mixed.label_type = "diff-normalized"
+    with pytest.raises(ValueError, match="--label-type diff-normalized"):
+        mixed.check()
+    mixed.method = "doha"  # the SCS map reads the label's phase: either wave serves
+    mixed.check()
+
+
 TINY = ["--no-progress", "--face", "none", "--frames", "60", "--size", "32", "--clip", "30"]
 
 
@@ -483,6 +512,23 @@ def test_byhe_cli_on_ubfc_train_eval_and_bad_files(ubfc, pure, tmp_path, capsys,
     assert main(["eval", "--model", out, "--cache-dir", cache, "--split", "all"]) == 2
     assert "holds subjects the run trained on (its --split standard): 1, 3" in capsys.readouterr().err
     assert main(["eval", "--model", out, "--dataset", "ubfc-rppg", "--split", "all", "--cache-dir", cache]) == 2
+    # a resume may read the dataset from a moved folder (recorded, not compared); another label type is refused
+    import shutil
+
+    from methods.common import load_run_checkpoint
+
+    moved = tmp_path / "moved"
+    shutil.copytree(ubfc, moved)
+    resume = ["train", "--out", out, "--dataset", "ubfc-rppg", "--data-dir", str(moved), "--cache-dir", cache]
+    resume += [*TINY, "--batch", "2", "--shrink", "4", "--loss", "pearson"]
+    capsys.readouterr()
+    assert main([*resume, "--steps", "3", "--label-type", "raw"]) == 2
+    assert "label_type: 'standardized' in the checkpoint, 'raw' now" in capsys.readouterr().err
+    assert main([*resume, "--steps", "3"]) == 0
+    state = load_run_checkpoint(out)
+    assert "data_dir" not in state["config"] and state["where"]["data_dir"] == str(moved)
+    assert json.load(open(os.path.join(out, "config.json")))["config"]["data_dir"] == str(moved)
+    assert "resumed at step 2" in open(os.path.join(out, "log.txt")).read()
     ev = str(tmp_path / "ev")
     assert (
         main(["eval", "--model", out, "--dataset", "pure", "--data-dir", str(pure), "--out", ev, "--cache-dir", cache])

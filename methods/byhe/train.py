@@ -54,6 +54,7 @@ from methods.rppg.training import (
     config_record,
     describe_set,
     global_mean,
+    recorded_config,
     scs_target,
     set_schedule,
     train_loop,
@@ -109,6 +110,9 @@ class TrainConfig(SingleSourceConfig):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         self.check_videos(self.clip)
+
+    def regresses_wave(self) -> bool:
+        return self.loss in ("pearson", "mcc")
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -203,7 +207,7 @@ def load_model(path: str, device=torch.device("cpu")):
     from methods.common import config_from_checkpoint, load_run_checkpoint
 
     state = load_run_checkpoint(path)
-    cfg = config_from_checkpoint(TrainConfig, state.get("config"), path)
+    cfg = config_from_checkpoint(TrainConfig, recorded_config(state), path)
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])
     return model, cfg

@@ -57,6 +57,7 @@ from methods.rppg.training import (
     all_finite,
     config_record,
     describe_set,
+    recorded_config,
     scs_target,
     set_schedule,
     train_loop,
@@ -156,6 +157,12 @@ class DOHAConfig(VideoSetConfig):
     def uses_real_data(self) -> bool:
         return any(d in DATASETS for d in tuple(self.sources) + (self.target,))
 
+    def trains_on_real_data(self) -> bool:
+        return any(d in DATASETS for d in self.sources)
+
+    def regresses_wave(self) -> bool:
+        return self.method not in MAP_METHODS
+
     def folder(self, name: str) -> Tuple[str, str]:
         """(folder, flag) of a real domain: a source's is --data-dir, the target's --test-data-dir
         (else --data-dir)."""
@@ -173,6 +180,14 @@ class DOHAConfig(VideoSetConfig):
             )
         if real_sources and not self.data_dir:
             raise ValueError(f"the source {real_sources[0]} needs its folder: --data-dir")
+        if real_sources and self.regresses_wave() and self.label_type == "diff-normalized":
+            synthetic = [d for d in self.sources if d not in DATASETS]
+            if synthetic:
+                raise ValueError(
+                    f"--label-type diff-normalized: the {self.method} wave loss would fit first differences on "
+                    f"{real_sources[0]} and the synthetic sources' raw pulses ({', '.join(synthetic)}) with one "
+                    "output; use --label-type standardized or raw with synthetic sources"
+                )
         if self.target in DATASETS:
             if real_sources and not self.test_data_dir:
                 raise ValueError(
@@ -341,7 +356,7 @@ def load_model(path: str, device=torch.device("cpu")):
     from methods.common import config_from_checkpoint, load_run_checkpoint
 
     state = load_run_checkpoint(path)
-    cfg = config_from_checkpoint(DOHAConfig, state.get("config"), path)
+    cfg = config_from_checkpoint(DOHAConfig, recorded_config(state), path)
     cfg.sources = tuple(cfg.sources)
     model = build_model(cfg).to(device)
     model.load_state_dict(state["model"])

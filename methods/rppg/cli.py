@@ -62,7 +62,7 @@ def train_command(a, cfg, device, name: str, train: Callable, title: str, config
     with training_run(a.out, run_options(a), fresh=a.fresh, name=name, tensorboard=a.tensorboard) as run:
         model, test = train(cfg, run, device, show_progress=not a.no_progress, checkpoint_every=a.checkpoint_every)
         if info.is_main:
-            report_training(run, model, test, cfg.fs, title, config, **example)
+            report_training(run, model, test, cfg.fs, title, config, diff_pred=cfg.diff_predictions(), **example)
     return 0
 
 
@@ -85,17 +85,25 @@ def add_eval_parser(sub, domain_help: str) -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=DATASETS, default=None, help="a real dataset: its --split's test part")
     g.add_argument("--data-dir", default=None, help="its folder (default: the run's folder of that dataset)")
     g.add_argument("--split", choices=SPLITS, default=None, help="the split (default: the run's)")
-    g.add_argument("--cache-dir", default=None, help="folder of the preprocessed recordings (default: the run's)")
-    g.add_argument("--prep-workers", type=int, default=None, help="preprocessing processes (default: the run's)")
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder of the preprocessed recordings (default: $XDG_CACHE_HOME/pyops/rppg, else ~/.cache/pyops/rppg; "
+        "a run does not record its --cache-dir: give it again to reuse that cache)",
+    )
+    g.add_argument("--prep-workers", type=int, default=None, help="preprocessing processes (default: 1)")
     g.add_argument("--bad-files", choices=BAD_FILES, default=None, help=f"{BAD_FILES_HELP} (default: stop)")
     return e
 
 
-def report_training(run, model, test: VideoSet, fs: float, title: str, config: Dict, **example) -> Dict:
-    """After training: evaluate on ``test``, log the MAE, write results.{md,json} into the run
-    folder, then loss.png and example.png (``example``: ``plot_example``'s options; without
-    matplotlib a warning in the log instead)."""
-    res = evaluate(model, test, fs)
+def report_training(
+    run, model, test: VideoSet, fs: float, title: str, config: Dict, diff_pred: bool = False, **example
+) -> Dict:
+    """After training: evaluate on ``test`` (``diff_pred``: the model predicts first differences,
+    see ``evaluate``), log the MAE, write results.{md,json} into the run folder, then loss.png and
+    example.png (``example``: ``plot_example``'s options; without matplotlib a warning in the log
+    instead)."""
+    res = evaluate(model, test, fs, diff_pred=diff_pred)
     run.info(f"{title}: HR MAE {res['MAE_fft']:.2f} bpm (FFT), {res['MAE_peak']:.2f} bpm (peaks)")
     write_results(run.out, title, res, {"config": config})
     rows = run.rows
@@ -220,7 +228,7 @@ def run_eval(
             test = default_test()
         else:
             test = make_test(domain, n_test, default_seed if a.seed is None else a.seed)
-    res = evaluate(model, test, fs, a.clip)
+    res = evaluate(model, test, fs, a.clip, diff_pred=settings is not None and settings.diff_predictions())
     title = f"{a.model} on {domain} test videos"
     if a.out:
         meta = {"config": config, "domain": domain}

@@ -41,6 +41,9 @@ class VideoSet:
     scs_pulses: Optional[np.ndarray] = None
     # the videos' names (real datasets: ``<recording>#<chunk>``, see ``methods.rppg.datasets``); None: synthetic
     names: Optional[List[str]] = None
+    # the labels are first differences (a real dataset's ``--label-type diff-normalized``): the evaluation
+    # integrates them (cumsum) before reading their heart rate, as the toolbox's ``diff_flag``
+    diff_labels: bool = False
 
     def __post_init__(self):
         from .scs import filter_label

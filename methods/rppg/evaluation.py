@@ -30,7 +30,23 @@ def predict_signal(model, video: torch.Tensor) -> np.ndarray:
     return sig[0].double().cpu().numpy()
 
 
-def _record(sig: np.ndarray, label: np.ndarray, video: int, hr_true: float, fs: float) -> Dict:
+def _record(
+    sig: np.ndarray,
+    label: np.ndarray,
+    video: int,
+    hr_true: float,
+    fs: float,
+    diff_label: bool = False,
+    diff_pred: bool = False,
+) -> Dict:
+    """One clip's record. ``diff_label`` / ``diff_pred``: the label / the predicted signal is a
+    first difference (``--label-type diff-normalized``), integrated (cumsum) first, as the
+    toolbox's ``diff_flag``: the derivative weights the harmonics by their frequency and would
+    move the FFT peak to them."""
+    if diff_label:
+        label = np.cumsum(label)
+    if diff_pred:
+        sig = np.cumsum(sig)
     rec = {"video": video, "hr_true": hr_true}
     for m in ("fft", "peak"):
         rec[f"hr_label_{m}"] = P.signal_hr(label, fs, m)
@@ -59,16 +75,18 @@ def _summary(recs: List[Dict]) -> Dict:
     return out
 
 
-def evaluate(model, test: VideoSet, fs: float, clip: int = 0) -> Dict:
+def evaluate(model, test: VideoSet, fs: float, clip: int = 0, diff_pred: bool = False) -> Dict:
     """HR errors over the test clips (whole videos by default) by FFT and by peak counting, the
-    mean SNR (dB) of the predicted signals at the label's heart rate, and the per-clip records."""
+    mean SNR (dB) of the predicted signals at the label's heart rate, and the per-clip records.
+    Labels that are first differences (``test.diff_labels``) are integrated before their heart
+    rate is read; ``diff_pred``: so are the predictions (a model trained to regress such labels)."""
     model.eval()
     recs = []
     for c in evaluation_clips(test, clip):
         sig = predict_signal(model, c["video"])
-        recs.append(
-            _named(test, _record(sig, c["wave"][0].double().numpy(), int(c["index"][0]), float(c["hr"][0]), fs))
-        )
+        label = c["wave"][0].double().numpy()
+        rec = _record(sig, label, int(c["index"][0]), float(c["hr"][0]), fs, test.diff_labels, diff_pred)
+        recs.append(_named(test, rec))
     model.train()
     return _summary(recs)
 
@@ -95,7 +113,9 @@ def evaluate_classic(test: VideoSet, fs: float, method: str = "pos", clip: int =
         video = c["video"][0].permute(1, 2, 3, 0).numpy() / 255.0  # (T, H, W, 3)
         rgb = skin_signal(video, test.masks[i]) if roi == "true" else skin_signal_estimated(video)
         sig = fns[method](rgb, fs)
-        recs.append(_named(test, _record(sig, c["wave"][0].double().numpy(), i, float(c["hr"][0]), fs)))
+        recs.append(
+            _named(test, _record(sig, c["wave"][0].double().numpy(), i, float(c["hr"][0]), fs, test.diff_labels))
+        )
     return _summary(recs)
 
 

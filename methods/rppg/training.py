@@ -74,6 +74,9 @@ REAL_FIELDS = (
 )
 # how the data is read, not what it is: never part of the recorded config (a resume may change them)
 READING_FIELDS = ("cache_dir", "prep_workers", "bad_files")
+# where the data is: recorded (config.json, results, checkpoints: eval's default folder), but kept out of
+# the config a resume compares (a dataset folder may move between a run and its resume)
+MOVABLE_FIELDS = ("data_dir", "test_data_dir")
 REAL_TITLE = "real datasets (UBFC-rPPG, PURE: methods/rppg/README.md, Real datasets)"
 
 
@@ -154,6 +157,21 @@ class VideoSetConfig:
         """Whether a real dataset is read (the subclasses say which)."""
         return False
 
+    def trains_on_real_data(self) -> bool:
+        """Whether a real dataset is among the training data (the subclasses say which)."""
+        return False
+
+    def regresses_wave(self) -> bool:
+        """Whether the model is trained to reproduce the label wave (a wave loss on the labels; not
+        an SCS map, not without labels): the subclasses say."""
+        return False
+
+    def diff_predictions(self) -> bool:
+        """Whether the model's predicted wave is a first difference: it was trained to regress the
+        ``diff-normalized`` labels of a real dataset (the evaluation integrates it, as the
+        toolbox's ``diff_flag``)."""
+        return self.regresses_wave() and self.trains_on_real_data() and self.label_type == "diff-normalized"
+
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
             size=self.size,
@@ -196,7 +214,7 @@ class VideoSetConfig:
         if d.enabled and not d.is_main:
             barrier()
         try:
-            return load_split(
+            vs = load_split(
                 dataset,
                 folder,
                 part,
@@ -217,6 +235,8 @@ class VideoSetConfig:
         finally:
             if d.enabled and d.is_main:
                 barrier()
+        vs.diff_labels = self.label_type == "diff-normalized"
+        return vs
 
     def check_videos(self, clip: int) -> None:
         if self.n_train < 1 or self.n_test < 1:
@@ -281,6 +301,9 @@ class SingleSourceConfig(VideoSetConfig):
 
     def uses_real_data(self) -> bool:
         return self.dataset in DATASETS or self.test_source in DATASETS
+
+    def trains_on_real_data(self) -> bool:
+        return self.dataset in DATASETS
 
     def test_folder(self) -> Tuple[str, str]:
         """(folder, flag) of the real test dataset."""
@@ -347,6 +370,15 @@ def describe_set(vs: VideoSet, role: str) -> str:
         return f"{len(vs)} {role} videos"
     recordings = len({n.rsplit("#", 1)[0] for n in vs.names})
     return f"{len(vs)} {role} chunks of {vs.frames} frames ({vs.domain}, {recordings} recordings)"
+
+
+def recorded_config(state: Mapping):
+    """The config a `train_loop` checkpoint holds, with the folders its data was read from
+    (``MOVABLE_FIELDS``, kept apart from the compared config under ``"where"``)."""
+    cfg, where = state.get("config"), state.get("where")
+    if isinstance(cfg, Mapping) and isinstance(where, Mapping):
+        return {**cfg, **where}
+    return cfg
 
 
 def real_field_names(cls) -> Tuple[str, ...]:
@@ -441,10 +473,14 @@ def train_loop(
     term is the mean over the rank's shard and the loop logs their mean over the ranks.
     ``objects`` (name -> object with ``state_dict``) are checkpointed (every ``checkpoint_every``
     steps and at the end; by rank 0) and restored by name on every rank. ``config`` is compared
-    with the checkpoint's (``Run.resume``): the ``budget`` fields may grow, a finished run then
+    with the checkpoint's (``Run.resume``), but for the data folders (``MOVABLE_FIELDS``: saved
+    under ``"where"``, see ``recorded_config``): the ``budget`` fields may grow, a finished run then
     continues to ``steps``, and ``schedules`` says what follows the new budget, for the log.
     Returns {"seconds": training time, **counts}."""
     info = dist_info()
+    # where the data is may change on a resume (a moved dataset folder): compared without it, saved apart
+    where = {k: config[k] for k in MOVABLE_FIELDS if k in config}
+    config = {k: v for k, v in config.items() if k not in where}
 
     def check(state: Dict) -> None:
         if state["step"] + 1 > steps:
@@ -509,6 +545,7 @@ def train_loop(
                     {
                         **{k: o.state_dict() for k, o in objects.items()},
                         "config": config,
+                        **({"where": where} if where else {}),
                         "seconds": seconds + time.perf_counter() - t0,
                         "acc": acc,
                         **counts,
@@ -520,6 +557,7 @@ def train_loop(
 
 
 __all__ = [
+    "MOVABLE_FIELDS",
     "READING_FIELDS",
     "REAL_FIELDS",
     "REAL_TITLE",
@@ -530,6 +568,7 @@ __all__ = [
     "config_record",
     "describe_set",
     "real_field_names",
+    "recorded_config",
     "all_finite",
     "cosine",
     "global_mean",

@@ -63,7 +63,15 @@ from methods.common import (
 )
 from methods.rppg.data import LABELS, sample_clips
 from methods.rppg.synth import DOMAINS
-from methods.rppg.training import SingleSourceConfig, all_finite, config_record, describe_set, global_mean, train_loop
+from methods.rppg.training import (
+    SingleSourceConfig,
+    all_finite,
+    config_record,
+    describe_set,
+    global_mean,
+    recorded_config,
+    train_loop,
+)
 
 from .augment import CROPS, KEEP, crop_size, two_views
 from .losses import neg_pearson, sspd_losses
@@ -151,6 +159,9 @@ class SSPDConfig(SingleSourceConfig):
                 f"clip must be in [32, frames - 1 = {self.frames - 1}] (the S3M maps need time), got {self.clip}"
             )
         self.check_videos(self.clip + 1)
+
+    def regresses_wave(self) -> bool:
+        return self.supervised
 
 
 def momentum(step: int, total: int) -> float:
@@ -354,7 +365,7 @@ def load_model(path: str, device=torch.device("cpu"), net: Optional[str] = None)
 
     state = load_run_checkpoint(path)
     # runs saved before the teacher became the default were tested with the student
-    cfg = config_from_checkpoint(SSPDConfig, {"eval_net": "student", **(state.get("config") or {})}, path)
+    cfg = config_from_checkpoint(SSPDConfig, {"eval_net": "student", **(recorded_config(state) or {})}, path)
     model = build(cfg).to(device)
     model.load_state_dict(state[resolve_net(cfg, net)])
     return Inference(model, cfg.size), cfg
