@@ -563,6 +563,12 @@ def test_byhe_cli_on_ubfc_train_eval_and_bad_files(ubfc, pure, tmp_path, capsys,
     assert "subject2/ground_truth.txt: missing" in line and "--bad-files skip" in line
     assert main([*args, "--bad-files", "skip"]) == 0
     assert "warning: skipping recording" in capsys.readouterr().err
+    # the repaired recording would be read on a resume: refused, naming it (the checkpoint trained without it)
+    write_ubfc(bad, 2)
+    more = [*args[: args.index("--steps")], "--steps", "2", *args[args.index("--steps") + 2 :], "--bad-files", "skip"]
+    assert main(more) == 2
+    err = capsys.readouterr().err
+    assert "reads other training recordings than its checkpoint (recordings not read before: subject2)" in err
     # options that do not fit
     assert main(["train", "--dataset", "pure", "--out", str(tmp_path / "c")]) == 2
     assert "--dataset pure needs its folder: --data-dir" in capsys.readouterr().err

@@ -187,6 +187,7 @@ def train(
         checkpoint_every=checkpoint_every,
         budget=budget_fields(TrainConfig),
         schedules=SCHEDULES,
+        videos=train_set.names,
         row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
         intro=lambda: (
             f"{cfg.loss} on {cfg.label} waves: "

@@ -327,6 +327,7 @@ def train(
         budget=budget_fields(DOHAConfig),
         schedules=SCHEDULES,
         counters=("rejected",),
+        videos=[f"{vs.domain}/{n}" for vs in sources for n in vs.names or ()] or None,
         row_extra=lambda step: {"lr": opt.param_groups[0]["lr"], "weight_decay": opt.param_groups[0]["weight_decay"]},
         intro=lambda: (
             f"{cfg.method}: sources {list(cfg.sources)} "

@@ -446,6 +446,30 @@ def _global_terms(terms: Mapping[str, torch.Tensor]) -> Dict[str, float]:
     return {k: float(x) for k, x in zip(keys, v.cpu())}
 
 
+def _check_videos(out: str, saved: Optional[Sequence[str]], now: Optional[Sequence[str]]) -> None:
+    """A resume must train on the videos of its checkpoint (recordings named, not their chunks)."""
+    if saved is None and now is None or list(saved or ()) == list(now or ()):
+        return
+    recording = lambda names: sorted({n.split("#")[0] for n in names or ()})
+    gone = sorted(set(recording(saved)) - set(recording(now)))
+    new = sorted(set(recording(now)) - set(recording(saved)))
+    what = (
+        "; ".join(
+            x
+            for x in (
+                f"recordings no longer read: {', '.join(gone)}" if gone else "",
+                f"recordings not read before: {', '.join(new)}" if new else "",
+            )
+            if x
+        )
+        or f"the training videos differ ({len(saved or ())} in the checkpoint, {len(now or ())} now)"
+    )
+    raise ValueError(
+        f"{out}: this run reads other training recordings than its checkpoint ({what}), e.g. a --bad-files skip "
+        "that leaves out another file, or a repaired one; restore them, or use --fresh or another --out"
+    )
+
+
 def train_loop(
     run: Run,
     config: Dict,
@@ -463,6 +487,7 @@ def train_loop(
     counters: Iterable[str] = (),
     row_extra: Optional[Callable[[int], Dict]] = None,
     intro: Optional[Callable[[], str]] = None,
+    videos: Optional[Sequence[str]] = None,
 ) -> Dict:
     """Run ``step_fn(step, rng, counts)`` for the steps not yet done. ``rng`` is the step's own
     generator (``worker_seed(seed, 2, step)``: the clip draw does not depend on where a run
@@ -476,13 +501,19 @@ def train_loop(
     with the checkpoint's (``Run.resume``), but for the data folders (``MOVABLE_FIELDS``: saved
     under ``"where"``, see ``recorded_config``): the ``budget`` fields may grow, a finished run then
     continues to ``steps``, and ``schedules`` says what follows the new budget, for the log.
+    ``videos``: the names of the training videos read from a real dataset (None: synthetic);
+    checkpointed, and a resume that reads other ones (a ``--bad-files skip`` that now leaves out
+    another recording, a repaired one back) is refused with the difference named.
     Returns {"seconds": training time, **counts}."""
     info = dist_info()
     # where the data is may change on a resume (a moved dataset folder): compared without it, saved apart
     where = {k: config[k] for k in MOVABLE_FIELDS if k in config}
     config = {k: v for k, v in config.items() if k not in where}
 
+    videos = None if videos is None else list(videos)
+
     def check(state: Dict) -> None:
+        _check_videos(run.out, state.get("videos"), videos)
         if state["step"] + 1 > steps:
             raise ValueError(
                 f"{run.out}: its checkpoint is at step {state['step'] + 1}, beyond the budget of {steps} steps; "
@@ -546,6 +577,7 @@ def train_loop(
                         **{k: o.state_dict() for k, o in objects.items()},
                         "config": config,
                         **({"where": where} if where else {}),
+                        **({"videos": videos} if videos is not None else {}),
                         "seconds": seconds + time.perf_counter() - t0,
                         "acc": acc,
                         **counts,

@@ -330,6 +330,7 @@ def train(
         checkpoint_every=checkpoint_every,
         budget=budget_fields(SSPDConfig),
         schedules=SCHEDULES,
+        videos=train_set.names,
         log_every=cfg.iters_per_epoch,
         row_extra=lambda step: {"epoch": step // cfg.iters_per_epoch, "momentum": momentum(step, total)},
         intro=lambda: (
