@@ -393,3 +393,82 @@ def test_cli_bad_files_stop_and_skip(tmp_path, capsys):
     assert main([*ev, "--no-progress", "--figure-pairs", "0", "--bad-files", "skip"]) == 0
     res = json.load(open(tmp_path / "e" / "eval.json"))
     assert res["pairs"] == 2 and len(res["skipped"]) == 1 and str(bad) in res["skipped"][0]
+
+
+# ---- review additions: leakage, pairing by stem, the prefetch thread's errors ---------------------
+def test_rain1400_split_folders_sharing_clean_images_are_refused(tmp_path):
+    """DDN-style training/ + testing/ (and PReNet's train/Rain12600 + test/Rain1400): rainy versions of
+    one clean image in both splits would leak the test scenes into training."""
+    for split, ids in (("training", (899, 900, 901)), ("testing", (901, 902))):
+        for i in ids:
+            save(tmp_path / "DDN" / split / "ground_truth" / f"{i}.jpg", flat_pixels(i))
+            save(tmp_path / "DDN" / split / "rainy_image" / f"{i}_1.jpg", flat_pixels(i + 1))
+    for split in ("train", "test"):
+        with pytest.raises(ValueError, match=r"hold rainy versions of the same clean images \(1: numbers 901\)"):
+            RD.find_pairs(tmp_path / "DDN", "rain1400", split, log=lambda m: None)
+    for split, name, ids in (("train", "Rain12600", (1, 2)), ("test", "Rain1400", (901,))):
+        for i in ids:
+            save(tmp_path / "ds" / split / name / "ground_truth" / f"{i}.jpg", flat_pixels(i))
+            save(tmp_path / "ds" / split / name / "rainy_image" / f"{i}_1.jpg", flat_pixels(i + 1))
+    log, add = quiet()
+    assert RD.find_pairs(tmp_path / "ds", "rain1400", "test", log=add).ids == [901]  # disjoint: read
+    assert not any("warning" in m for m in log)
+    # a training folder holding test numbers, with no test folder to compare with: read, with a warning
+    save(tmp_path / "ds" / "train" / "Rain12600" / "ground_truth" / "950.jpg", flat_pixels(950))
+    save(tmp_path / "ds" / "train" / "Rain12600" / "rainy_image" / "950_1.jpg", flat_pixels(951))
+    os.rename(tmp_path / "ds" / "test", tmp_path / "held_out")
+    listing = RD.find_pairs(tmp_path / "ds", "rain1400", "train", log=add)
+    assert listing.ids == [1, 2, 950] and "1 of its 3 rainy images" in log[-1] and log[-1].startswith("warning")
+
+
+def test_folder_pairs_by_stem_and_jorder_x2_names(tmp_path):
+    for i in (1, 10):
+        save(tmp_path / "a" / "input" / f"norain-{i}x2.png", rainy_pixels(i))  # JORDER names re-packed
+        save(tmp_path / "a" / "target" / f"norain-{i}.png", clean_pixels(i))
+        save(tmp_path / "b" / "rainy" / f"{i:04d}.png", rainy_pixels(i))  # another extension
+        save(tmp_path / "b" / "clean" / f"{i:04d}.bmp", clean_pixels(i))
+    a = RD.load_pairs(tmp_path / "a", "auto", "train", log=lambda m: None)
+    assert [os.path.basename(f.clean) for f in a.files] == ["norain-10.png", "norain-1.png"]
+    assert np.array_equal(a.clean_u8(1), clean_pixels(1)) and np.array_equal(a.rainy_u8(0), rainy_pixels(10))
+    b = RD.load_pairs(tmp_path / "b", "folder", "train", log=lambda m: None)
+    assert [os.path.basename(f.clean) for f in b.files] == ["0001.bmp", "0010.bmp"]
+    save(tmp_path / "b" / "clean" / "0001.png", clean_pixels(1))  # the same name: taken as it is
+    first = RD.find_pairs(tmp_path / "b", "folder", log=lambda m: None).items[0]
+    assert os.path.basename(first.clean) == "0001.png"
+    save(tmp_path / "b" / "clean" / "0010.jpg", clean_pixels(10))  # two other extensions: not guessed
+    with pytest.raises(DataFileError, match=r"0010\.png: several clean images named 0010\.\*"):
+        RD.load_pairs(tmp_path / "b", "folder", "train", log=lambda m: None)
+
+
+def test_a_release_test_folder_read_as_training_data_warns(tmp_path):
+    for i in (1, 2):
+        save(tmp_path / "Rain100H" / "rainy" / f"rain-{i:03d}.png", rainy_pixels(i))
+        save(tmp_path / "Rain100H" / f"norain-{i:03d}.png", clean_pixels(i))
+    log, warnings = [], []
+    RD.find_pairs(tmp_path / "Rain100H", "rain100h", "train", log=log.append, warn=warnings.append)
+    assert len(warnings) == 1 and "named like the published test folder (Rain100H)" in warnings[0]
+    RD.find_pairs(tmp_path / "Rain100H", "rain100h", "test", log=log.append, warn=warnings.append)
+    assert len(warnings) == 1  # as the test split: no warning
+
+
+def test_prefetch_raises_the_threads_error_at_the_step_that_needs_it(tmp_path):
+    from methods.msgnn.train import Prefetch
+
+    jorder(tmp_path / "train", [1, 2])
+    sampler = D.CropSampler(RD.load_pairs(tmp_path / "train", "rain100l", log=lambda m: None), crop=32, seed=0)
+    real = sampler.batch
+
+    def batch(n, step, rank=0):
+        if step in (1, 7):
+            raise DataFileError(f"file-of-step-{step}.png", "cannot read the image")
+        return real(n, step, rank)
+
+    sampler.batch = batch
+    fetch = Prefetch(sampler, 2, 0)
+    try:
+        fetch.get(0, 7)  # step 7 fails in the thread, but nobody needs it: dropped
+        fetch.get(2, 1)
+        with pytest.raises(DataFileError, match="file-of-step-1.png"):
+            fetch.get(1, None)
+    finally:
+        fetch.close()

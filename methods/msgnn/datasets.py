@@ -249,11 +249,35 @@ def _list_ddn(folder: str) -> Optional[Listing]:
     return Listing(folder, "rain1400 (rainy_image/ + ground_truth/)", items, ids)
 
 
-def _clean_match(name: str, clean: Dict[str, str]) -> Optional[str]:
-    """The clean file of a rainy file name: the same name, or with ``rain`` -> ``norain`` (``rain-12.png``
-    and ``norain-12.png``), case-insensitive."""
+_JORDER_X2 = re.compile(r"^(norain-\d+)x2$")
+
+
+def _clean_match(name: str, clean: Dict[str, str], stems: Dict[str, List[str]]) -> Union[str, None, DataFileError]:
+    """The clean file of a rainy file name, case-insensitive: the same name, or with ``rain`` ->
+    ``norain`` (``rain-12.png`` and ``norain-12.png``), or JORDER's ``norain-12x2.png`` ->
+    ``norain-12.png`` (its Rain200 copies re-packed as ``input/`` + ``target/``); failing that, the
+    same stem with another extension (``12.jpg`` and ``12.png``) when only one clean file has it.
+    ``clean``: lower-case name -> file, ``stems``: lower-case stem -> files (`_stems`). None when
+    there is none, a DataFileError (for the caller to fill in) when several."""
     key = name.lower()
-    return clean.get(key) or clean.get("no" + key) or clean.get(key.replace("rain", "norain", 1))
+    stem, ext = os.path.splitext(key)
+    cands = [key, "no" + key, key.replace("rain", "norain", 1), _JORDER_X2.sub(r"\1", stem) + ext]
+    for c in cands:
+        if c in clean:
+            return clean[c]
+    for c in dict.fromkeys(os.path.splitext(c)[0] for c in cands):
+        if len(stems.get(c, ())) == 1:
+            return stems[c][0]
+        if len(stems.get(c, ())) > 1:
+            return DataFileError(name, f"several clean images named {c}.*: {sorted(stems[c])}")
+    return None
+
+
+def _stems(clean: Dict[str, str]) -> Dict[str, List[str]]:
+    stems: Dict[str, List[str]] = {}
+    for k, f in clean.items():
+        stems.setdefault(os.path.splitext(k)[0], []).append(f)
+    return stems
 
 
 def _list_folder(folder: str) -> Optional[Listing]:
@@ -262,12 +286,15 @@ def _list_folder(folder: str) -> Optional[Listing]:
         if rdir is None or cdir is None:
             continue
         clean = {f.lower(): f for f in _images(cdir)}
+        stems = _stems(clean)
         items: List[Item] = []
         for f in _images(rdir):
-            match = _clean_match(f, clean)
+            match = _clean_match(f, clean, stems)
             path = os.path.join(rdir, f)
             if match is None:
                 items.append(DataFileError(path, f"no clean image of that name in {cdir}"))
+            elif isinstance(match, DataFileError):
+                items.append(DataFileError(path, f"{match.problem} in {cdir}"))
             else:
                 items.append(PairFile(path, os.path.join(cdir, match), f))
         return Listing(folder, f"folder ({os.path.basename(rdir)}/ + {os.path.basename(cdir)}/)", items)
@@ -314,14 +341,66 @@ def _split_child(folder: str, names: Sequence[str], split: str = "") -> Optional
     return os.path.join(folder, found[0]) if found else None
 
 
-def find_pairs(data_dir, dataset: str = "auto", split: str = "train", *, log: Callable[[str], None] = print) -> Listing:
+def _locate(root: str, layouts: Sequence[str], names: Sequence[str], split: str) -> Tuple[str, bool]:
+    """(the split folder, whether it was found by its name below ``root``): see `find_pairs`."""
+    folder, via_split = root, False
+    for _ in range(3):
+        if via_split and _detect(folder, layouts) is not None:
+            break
+        child = _split_child(folder, names, split)
+        if child is None:
+            break
+        folder, via_split = child, True
+    return folder, via_split
+
+
+def _check_ddn_split(root: str, listing: Listing, dataset: str, split: str, warn: Callable[[str], None]) -> None:
+    """Rain1400 split folders: rainy versions of one clean image must not be in both splits (the
+    other split's folder, when there is one below ``root``, is listed and compared), and a named
+    Rain1400 split that is not the published one is reported."""
+    other_split = "test" if split == "train" else "train"
+    try:
+        other, via = _locate(root, ("ddn",), folder_names(dataset, other_split), other_split)
+    except ValueError:
+        other, via = root, False
+    olisting = _list_ddn(other) if via and os.path.normpath(other) != os.path.normpath(listing.folder) else None
+    if olisting is not None:
+        shared = sorted(set(i for i in listing.ids if i is not None) & set(i for i in olisting.ids if i is not None))
+        if shared:
+            raise ValueError(
+                f"--data-dir {root}: the {split} folder {listing.folder} and the {other_split} folder {other} hold "
+                f"rainy versions of the same clean images ({len(shared)}: numbers {shared[0]}"
+                f"{f' to {shared[-1]}' if len(shared) > 1 else ''}): train and test would share scenes. Give the folder "
+                f"that holds all of them as --data-dir (split by the published rule: 1-{RAIN1400_TRAIN_IDS} train, "
+                f"{RAIN1400_TRAIN_IDS + 1}-1000 test), or separate the splits"
+            )
+    if dataset == "rain1400":
+        wrong = [i for i in listing.ids if i is not None and (i <= RAIN1400_TRAIN_IDS) != (split == "train")]
+        if wrong:
+            warn(
+                f"warning: {listing.folder}: {len(wrong)} of its {len(listing.ids)} rainy images have clean images "
+                f"numbered outside the published Rain1400 {split} split "
+                f"({'1-900' if split == 'train' else '901-1000'}); the folder is read whole"
+            )
+
+
+def find_pairs(
+    data_dir,
+    dataset: str = "auto",
+    split: str = "train",
+    *,
+    log: Callable[[str], None] = print,
+    warn: Optional[Callable[[str], None]] = None,
+) -> Listing:
     """The pairs of one split of a data set folder, not yet read.
 
     The split's folder is ``data_dir`` itself when it holds the layout and has no folder named
     like the split (``train``/``test``, ``training``/``testing`` or the release's names such as
     ``RainTrainH``, ``rain_data_test_Heavy``, ``Rain12600``; followed down up to three levels). A
     Rain1400 folder holding all 1,000 clean images is split by the published rule (clean images
-    1-900 train, 901-1000 test)."""
+    1-900 train, 901-1000 test); Rain1400 split folders that share clean images are an error (train /
+    test leakage). ``warn`` (default ``log``) reports what may be a mistake but is read anyway."""
+    warn = warn or log
     if dataset not in DATASETS:
         raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     if split not in SPLITS:
@@ -330,14 +409,7 @@ def find_pairs(data_dir, dataset: str = "auto", split: str = "train", *, log: Ca
     root = str(dataset_dir(data_dir, "--data-dir", title, see=LAYOUT_DOC))
     layouts = _DETECT if dataset == "auto" else SPECS[dataset].layouts
     names = folder_names(dataset, split)
-    folder, via_split = root, False
-    for _ in range(3):
-        if _detect(folder, layouts) is not None and via_split:
-            break
-        child = _split_child(folder, names, split)
-        if child is None:
-            break
-        folder, via_split = child, True
+    folder, via_split = _locate(root, layouts, names, split)
     listing = _detect(folder, layouts)
     if listing is None:
         other_split = "test" if split == "train" else "train"
@@ -361,7 +433,16 @@ def find_pairs(data_dir, dataset: str = "auto", split: str = "train", *, log: Ca
                 f"--data-dir {root} is a {other_split} folder, and --split is {split}: give the {split} folder, or "
                 f"--split {other_split}"
             )
-        log(f"--data-dir {root} has no {split} folder; reading it as the {split} split")
+        specs = SPECS.values() if dataset == "auto" else [SPECS[dataset]]
+        # e.g. PReNet's test folder Rain100H given to train (Rain1400 is split by its numbers below)
+        own_rel = [f for sp in specs for f in sp.folders.get(other_split, ()) if f.lower() == own]
+        if own_rel and own not in names and not listing.ids:
+            warn(
+                f"warning: --data-dir {root} is named like the published {other_split} folder ({own_rel[0]}) and is "
+                f"read as the {split} split: check that this is not the {other_split} set"
+            )
+        else:
+            log(f"--data-dir {root} has no {split} folder; reading it as the {split} split")
     if listing.ids and not via_split and (dataset == "rain1400" or dataset == "auto"):
         keep = [(i <= RAIN1400_TRAIN_IDS) == (split == "train") for i in listing.ids]
         if not any(keep):
@@ -378,6 +459,8 @@ def find_pairs(data_dir, dataset: str = "auto", split: str = "train", *, log: Ca
             )
         listing.items = [it for it, k in zip(listing.items, keep) if k]
         listing.ids = [i for i, k in zip(listing.ids, keep) if k]
+    elif listing.ids and via_split:
+        _check_ddn_split(root, listing, dataset, split, warn)
     return listing
 
 
@@ -582,7 +665,7 @@ def load_pairs(
     an error either way."""
     if bad_files not in BAD_FILES:
         raise ValueError(f"--bad-files must be one of {', '.join(BAD_FILES)}, got {bad_files!r}")
-    listing = find_pairs(data_dir, dataset, split, log=log)
+    listing = find_pairs(data_dir, dataset, split, log=log, warn=warn)
     cache = ImageCache(cache_mb)
     t0 = time.perf_counter()
     good, skipped = load_each(

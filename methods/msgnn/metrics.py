@@ -6,7 +6,8 @@ pixels. PSNR with peak 1 on the RGB image (not the Y channel), as the official e
 
 ``--metric y`` (`psnr_y`, `ssim_y`): the convention of the MATLAB scripts that most deraining papers
 report Rain100/Rain200/Rain1400 numbers with (PReNet's ``statistic/*.m``, for one): the output saved
-as 8 bits, the luma of ``rgb2ycbcr``, PSNR with peak 1, and Wang et al.'s ``ssim.m``.
+as 8 bits (rounded), the luma of ``rgb2ycbcr``, PSNR with peak 1, and ``ssim(x*255, y*255)``, taken
+to be Wang et al.'s ``ssim.m`` (PReNet does not ship the one it calls; MATLAB's built-in differs).
 """
 
 from __future__ import annotations

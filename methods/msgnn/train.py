@@ -183,11 +183,17 @@ class Prefetch:
         self.pending: Optional[Tuple[int, object]] = None
 
     def get(self, step: int, following: Optional[int]):
+        """The batch of ``step`` (prefetched if it was ``following`` last time), and starts drawing
+        that of ``following``. An error in the thread (a file unreadable since it was checked) is
+        raised here, by the step that needs the batch."""
+        from concurrent.futures import wait
+
         if self.pending is not None and self.pending[0] == step:
             out = self.pending[1].result()
         else:
             if self.pending is not None:
-                self.pending[1].result()  # never two threads in the sampler (its image cache)
+                # never two threads in the sampler (its image cache); an error of that unused batch is dropped
+                wait([self.pending[1]])
             out = self.sampler.batch(self.batch, step, self.rank)
         self.pending = None
         if following is not None:
