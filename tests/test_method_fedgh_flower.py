@@ -83,6 +83,25 @@ def test_strategy_drops_nan_client(task_identity):
     assert strategy.last_row["dropped_ids"] == [1] and strategy.last_row["clients"] == 2
 
 
+def test_strategy_refuses_nodes_that_read_different_training_sets(task_identity):
+    def replies(sizes):
+        out = []
+        for k, n in enumerate(sizes):
+            metrics = MetricRecord(
+                {"num-examples": 10, "partition-id": k, "tau": 1, "a": 1.0, "train-loss": 0.1, "train-images": n}
+            )
+            content = RecordDict({"arrays": ArrayRecord({"w": torch.ones(3)}), "metrics": metrics})
+            out.append(Message(content, dst_node_id=0, message_type="train"))
+        return out
+
+    strategy = FedGH(algo="fedavg", harmonize=False, param_names=["w"])
+    strategy.current_arrays = ArrayRecord({"w": torch.zeros(3)})
+    arrays, _ = strategy.aggregate_train(1, replies([50000, 50000, 50000]))
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.ones(3))
+    with pytest.raises(ValueError, match=r"different training sets \(40000 images: partitions \[1\]; 50000 images"):
+        strategy.aggregate_train(1, replies([50000, 40000, 50000]))
+
+
 @pytest.mark.slow
 def test_flower_simulation_reproduces_inprocess_run(tmp_path):
     pytest.importorskip("ray")

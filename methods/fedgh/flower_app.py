@@ -109,6 +109,23 @@ def _simulation(cfg: FedConfig) -> Simulation:
 # --- the strategy ---------------------------------------------------------------------------------
 
 
+def _check_same_training_set(replies) -> None:
+    """Every node partitions the training set it read itself: the parts are disjoint only when all
+    read the same one. A node whose ``--bad-files skip`` left out a batch the others read (or that
+    holds another copy of the dataset) reports another size: the round stops with the sizes named."""
+    sizes = {}
+    for msg in replies:
+        m = msg.content["metrics"]
+        if "train-images" in m:
+            sizes.setdefault(int(m["train-images"]), []).append(int(m.get("partition-id", msg.metadata.src_node_id)))
+    if len(sizes) > 1:
+        seen = "; ".join(f"{n} images: partitions {sorted(p)}" for n, p in sorted(sizes.items()))
+        raise ValueError(
+            f"the nodes read different training sets ({seen}), so their Dirichlet parts overlap or miss images; "
+            "every SuperNode must read the same files (repair or remove a bad batch on every node)"
+        )
+
+
 class FedGH(FedAvg):
     """FedAvg whose aggregation is ``server.aggregate`` (FedAvg / FedProx / FedDecorr averaging or
     FedNova normalized averaging), with FedGH harmonization when ``harmonize``."""
@@ -133,6 +150,7 @@ class FedGH(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
+        _check_same_training_set(valid)
         global_state = self.current_arrays.to_torch_state_dict()
         names = self.param_names or [k for k, v in global_state.items() if v.is_floating_point()]
         results, dropped = [], []
@@ -203,7 +221,14 @@ def make_client_app(cfg: Optional[FedConfig] = None) -> ClientApp:
             transform=sim.train_transform,
         )
         metrics = MetricRecord(
-            {"num-examples": r.num_examples, "train-loss": r.train_loss, "tau": r.tau, "a": r.a, "partition-id": pid}
+            {
+                "num-examples": r.num_examples,
+                "train-loss": r.train_loss,
+                "tau": r.tau,
+                "a": r.a,
+                "partition-id": pid,
+                "train-images": len(sim.data.y_train),  # what this node partitioned (checked by the server)
+            }
         )
         return Message(RecordDict({"arrays": ArrayRecord(r.state), "metrics": metrics}), reply_to=msg)
 
