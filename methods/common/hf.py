@@ -126,7 +126,9 @@ def load_vlm(path, *, dtype: str = "auto", device: Optional[str] = None, flag: s
         raise ValueError(
             f"{flag} {p}: its processor has no tokenizer and image processor (is it a vision-language model?)"
         )
-    if tok.pad_token is None and tok.eos_token is not None:
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{flag} {p}: the processor's tokenizer has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     model = _load(AutoModelForImageTextToText, p, flag, "vision-language model", dtype=torch_dtype(dtype))
     if model.generation_config.pad_token_id is None:
