@@ -31,11 +31,11 @@ BENCH_ARGS ?= --quick
 # under the sanitizers.
 # The op tests: the test files that do not import the methods (nor need a GPU or the Triton
 # interpreter process); also what `make test-dist` runs from an installed copy.
-OP_TESTS := $(sort $(filter-out tests/test_cuda% tests/test_triton_interpret.py tests/test_knn_patch_triton.py, \
+OP_TESTS := $(sort $(filter-out tests/test_cuda% tests/test_gpu_check.py tests/test_triton_interpret.py tests/test_knn_patch_triton.py, \
   $(shell grep -L -E '^[[:space:]]*(from|import) methods' tests/test_*.py)))
 ASAN_DIR := build/asan
 
-.PHONY: test test-slow test-asan test-avx2 test-dist lint format bench bench-full build clean
+.PHONY: test test-slow test-asan test-avx2 test-dist lint format bench bench-full build clean gpu-check gpu-wheels
 
 $(VENV)/.deps-ready: Makefile
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -125,6 +125,21 @@ bench: $(BUILD_STAMP)
 
 bench-full:
 	$(MAKE) bench BENCH_ARGS=
+
+# The GPU check in one command (benchmarks/gpu_check.py): pyops built for this GPU, the CUDA and
+# Triton op tests on it, the quick GPU benchmark (with Liger-Kernel when carried), a log and a
+# summary in benchmarks/results/, within 8 minutes; on a machine without a CUDA GPU it says so and
+# exits 0. Its interpreter: PYTHON when set, else .venv's when there is one, else python3 (a GPU
+# machine's own, with its CUDA torch). `make gpu-wheels` (with network) puts Liger-Kernel's wheel
+# in .whl/, which gpu-check installs into a private folder (carry .whl to the GPU machine).
+GPU_PY := $(if $(strip $(PYTHON)),$(PYTHON),$(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3))
+LIGER_VERSION ?= 0.8.5
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel==$(LIGER_VERSION)
 
 clean:
 	rm -rf build pyops/*.so *.egg-info

@@ -3,7 +3,8 @@
 Step = forward + backward through all five outputs (each weighted by a fixed random per-row
 upstream gradient), float32. Variants: the pyops op, the eager reference (pyops.reference) and
 ``torch.compile`` of the reference; on CUDA the pyops op runs once per available backend
-(CUDA C++ and Triton).
+(CUDA C++ and Triton), and the fused linear case adds Liger-Kernel's fused linear cross-entropy
+(``liger_flce``) where it is installed.
 
 Targets (issue #2): CPU, N=4096, V=32000: >= 3x the eager and >= 1.5x the compiled reference,
 peak memory <= 40% of eager; fused linear (N=4096, H=1024, V=32000): peak <= 25% of the eager
@@ -65,7 +66,27 @@ def row_case(n_rows: int, vocab: int) -> Case:
     return Case(f"row N={n_rows} V={vocab}", dict(N=n_rows, V=vocab), setup, bytes_moved=6 * n_rows * vocab * 4)
 
 
+def liger_flce(device: str):
+    """Liger-Kernel's fused linear cross-entropy (sum over rows), on CUDA where it is installed
+    (``make gpu-wheels`` carries its wheel to a GPU machine), else None."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+
+LIGER_NOTE = (
+    "Liger-Kernel's fused linear cross-entropy of view a alone: the CE term only (no view b, KL or entropy), "
+    "the fused LM-head loss a user would otherwise reach for; less work than the pyops step"
+)
+
+
 def linear_case(n_rows: int, hidden: int, vocab: int) -> Case:
+    notes: dict = {}
+
     def setup(device):
         ha = torch.randn(n_rows, hidden, device=device, requires_grad=True)
         hb = (ha.detach() + 0.3 * torch.randn_like(ha)).requires_grad_()
@@ -73,12 +94,17 @@ def linear_case(n_rows: int, hidden: int, vocab: int) -> Case:
         t = torch.randint(0, vocab, (n_rows,), device=device)
         grads = [torch.randn(n_rows, device=device) for _ in range(5)]
         variants = _variants(pyops.fused_linear_cross_view, reference.fused_linear_cross_view, device)
-        return {
+        steps = {
             k: _step(lambda ha, hb, w, t, _f=fn: _f(ha, hb, w, None, t), (ha, hb, w, t), grads, (ha, hb, w))
             for k, fn in variants.items()
         }
+        liger = liger_flce(device)
+        if liger is not None:
+            steps["liger_flce"] = lambda: torch.autograd.grad(liger(w, ha, t), (ha, w))
+            notes["liger_flce"] = LIGER_NOTE
+        return steps
 
-    return Case(f"linear N={n_rows} H={hidden} V={vocab}", dict(N=n_rows, H=hidden, V=vocab), setup)
+    return Case(f"linear N={n_rows} H={hidden} V={vocab}", dict(N=n_rows, H=hidden, V=vocab), setup, notes=notes)
 
 
 def cases(quick: bool, device: str) -> list[Case]:
