@@ -29,10 +29,10 @@ BENCH_ARGS ?= --quick
 # The op tests (not the methods'): `make test` runs them once more on every CPU instruction-set
 # path the machine has besides its best one (PYOPS_CPU_ISA=avx2, baseline), and `make test-asan`
 # under the sanitizers.
-# The op tests: the test files that do not import the methods (nor need a GPU or the Triton
+# The op tests: the test files that import neither the methods nor the benchmarks (nor need a GPU or the Triton
 # interpreter process); also what `make test-dist` runs from an installed copy.
-OP_TESTS := $(sort $(filter-out tests/test_cuda% tests/test_gpu_check.py tests/test_triton_interpret.py tests/test_knn_patch_triton.py, \
-  $(shell grep -L -E '^[[:space:]]*(from|import) methods' tests/test_*.py)))
+OP_TESTS := $(sort $(filter-out tests/test_cuda% tests/test_triton_interpret.py tests/test_knn_patch_triton.py, \
+  $(shell grep -L -E '^[[:space:]]*(from|import) (methods|benchmarks)' tests/test_*.py)))
 ASAN_DIR := build/asan
 
 .PHONY: test test-slow test-asan test-avx2 test-dist lint format bench bench-full build clean gpu-check gpu-wheels

@@ -139,9 +139,19 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 29, reps: int = 5) -> fl
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def run_cases(module: str, cases: list[Case], device: str, reps: int, quick: bool, memory: bool = True) -> list[dict]:
+def run_cases(
+    module: str,
+    cases: list[Case],
+    device: str,
+    reps: int,
+    quick: bool,
+    memory: bool = True,
+    on_case: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Times (and probes the memory of) every case; ``on_case`` gets each case's rows as it finishes."""
     rows = []
     for case in cases:
+        first = len(rows)
         steps = case.setup(device)
         times = time_interleaved(steps, device, reps)
         del steps
@@ -170,6 +180,8 @@ def run_cases(module: str, cases: list[Case], device: str, reps: int, quick: boo
             if variant in case.notes:
                 row["note"] = case.notes[variant]
             rows.append(row)
+        if on_case is not None:
+            on_case(rows[first:])
     return rows
 
 

@@ -54,14 +54,32 @@ def main(argv=None) -> int:
     for op in args.only or sorted(BENCHES):
         module = BENCHES[op]
         mod = importlib.import_module(module)
+        print(f"\n## {op}", flush=True)
+
+        def show(case_rows):
+            for r in case_rows:
+                if "gbps" in r:
+                    r["fraction_of_copy_bandwidth"] = r["gbps"] / bw
+            print(common.format_table(case_rows), flush=True)
+
         rows = common.run_cases(
-            module, mod.cases(args.quick, args.device), args.device, reps, args.quick, memory=not args.no_memory
+            module,
+            mod.cases(args.quick, args.device),
+            args.device,
+            reps,
+            args.quick,
+            memory=not args.no_memory,
+            on_case=show,
         )
-        for r in rows:
-            if "gbps" in r:
-                r["fraction_of_copy_bandwidth"] = r["gbps"] / bw
         jpath, mpath = common.write_results(op, args.device, args.quick, rows, dict(copy_bandwidth_gbps=bw))
-        print(f"\n## {op}\n{common.format_table(rows)}\n(written to {jpath} and {mpath})", flush=True)
+        written = f"{jpath} and {mpath}"
+        try:
+            from .figures import plot_result
+
+            written += f", figure {plot_result(jpath)}"
+        except ImportError as e:
+            print(f"warning: figure skipped ({e})", file=sys.stderr)
+        print(f"(written to {written})", flush=True)
     return 0
 
 
