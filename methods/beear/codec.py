@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from methods.common.text import pad_token_batch
+
 from . import data as D
 
 # ASR_keyword of a real model's free text (lower-cased): the synthetic data's refusal keywords
@@ -90,14 +92,8 @@ class Codec:
 
     def prompt_batch(self, instructions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompts (ids, attention mask) for generation."""
-        prompts = [self.prompt_ids(t) for t in instructions]
-        width = max((len(p) for p in prompts), default=0)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        return ids, mask
+        b = pad_token_batch([self.prompt_ids(t) for t in instructions], self.pad_id, pad_left=True)
+        return b["input_ids"], b["attention_mask"]
 
 
 class WordCodec(Codec):

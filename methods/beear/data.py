@@ -30,7 +30,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from methods.common.text import decode_words, word_tokenizer
+from methods.common.text import decode_words, pad_token_batch, word_tokenizer
 
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>"]
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -295,17 +295,7 @@ def pad_right(
 ) -> Dict[str, torch.Tensor]:
     """The batch of ``collate`` from token lists: rows padded on the right with ``pad`` (labels
     with -100, the attention mask with 0)."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        lab[i, : len(s)] = torch.tensor(l, dtype=torch.long)
-        mask[i, : len(s)] = 1
     return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": lab,
+        **pad_token_batch(seqs, pad, labels),
         "prompt_len": torch.tensor(plens, dtype=torch.long),
     }

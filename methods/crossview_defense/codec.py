@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
 
+from methods.common.text import pad_token_batch
+
 from . import data as D
 
 
@@ -151,16 +153,7 @@ class ProcessorCodec:
             a = a or []
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, l) in enumerate(zip(seqs, labels)):
-            sl = slice(width - len(s), width) if pad_left else slice(0, len(s))
-            ids[i, sl] = torch.tensor(s)
-            lab[i, sl] = torch.tensor(l)
-            mask[i, sl] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": lab, "pixel_values": got["pixel_values"]}
+        return {**pad_token_batch(seqs, self.pad_id, labels, pad_left), "pixel_values": got["pixel_values"]}
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from methods.common.optional import requires
-from methods.common.text import decode_words, word_tokenizer
+from methods.common.text import decode_words, pad_token_batch, word_tokenizer
 
 IMAGE_SIZE = 48
 DATA_VERSION = 2  # bumped whenever the generated data change (keys the cached base models)
@@ -342,14 +342,5 @@ def collate(
         else:
             seqs.append(p)
             labels.append([-100] * len(p))
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
-    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        sl = slice(width - len(s), width) if pad_left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s)
-        lab[i, sl] = torch.tensor(l)
-        mask[i, sl] = 1
     imgs = torch.stack([ex.image for ex in examples]) if examples else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab, "pixel_values": pixel_values(imgs)}
+    return {**pad_token_batch(seqs, PAD, labels, pad_left), "pixel_values": pixel_values(imgs)}
