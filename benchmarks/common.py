@@ -7,7 +7,8 @@ compiled reference, ...), each a zero-argument callable doing one measured step.
 * Time: all variants of a case run in one process, interleaved (v1, v2, v3, v1, v2, ...), after
   a warm-up (which also compiles); medians and 20/80 percentiles are reported, and ratios
   against the native op.
-* Memory: each variant runs once more in a fresh subprocess. On CUDA the peak comes from
+* Memory: each op's variants run once more in one fresh subprocess per op (started before the
+  op's timing, so the two never share the cores), one variant after another. On CUDA the peak comes from
   ``torch.cuda.max_memory_allocated`` (minus what was allocated before the step); on the CPU
   it is the step's peak resident memory (``VmHWM`` reset through ``/proc/self/clear_refs``,
   minus the resident memory before the step, with glibc told to return freed blocks of
@@ -117,18 +118,45 @@ def measure_peak_bytes(step: Callable, device: str) -> int:
     return (_rss_kb("VmHWM") - base) * 1024
 
 
-def probe_memory(module: str, case_name: str, variant: str, quick: bool, device: str) -> int | None:
-    """Runs measure_peak_bytes for one variant in a fresh subprocess."""
+def probe_all(module: str, quick: bool, device: str) -> None:
+    """The probe process's side: every case's variants, one after another (``PEAK <json>`` lines).
+
+    A variant that fails is reported on stderr and skipped; the others are still measured.
+    """
+    import gc
+    import importlib
+    import traceback
+
+    mod = importlib.import_module(module)
+    for case in mod.cases(quick, device):
+        steps = case.setup(device)
+        step = None
+        for variant, step in steps.items():
+            try:
+                peak = measure_peak_bytes(step, device)
+            except Exception:  # noqa: BLE001 - reported, the other variants go on
+                sys.stderr.write(f"memory probe failed for {case.name}/{variant}:\n{traceback.format_exc()}\n")
+                continue
+            print("PEAK " + json.dumps([case.name, variant, peak]), flush=True)
+        del steps, step
+        gc.collect()
+
+
+def probe_memory(module: str, quick: bool, device: str) -> dict[tuple[str, str], int]:
+    """Peak bytes of every (case, variant) of a benchmark module, measured in one fresh subprocess."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, "-m", "benchmarks.run", "--probe", module, case_name, variant, "--device", device]
+    cmd = [sys.executable, "-m", "benchmarks.run", "--probe", module, "--device", device]
     if quick:
         cmd.append("--quick")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    peaks = {}
     for line in res.stdout.splitlines():
-        if line.startswith("PEAK_BYTES "):
-            return int(line.split()[1])
-    sys.stderr.write(f"memory probe failed for {case_name}/{variant}:\n{res.stderr[-2000:]}\n")
-    return None
+        if line.startswith("PEAK "):
+            case_name, variant, n = json.loads(line[5:])
+            peaks[(case_name, variant)] = int(n)
+    if res.returncode != 0 or "memory probe failed" in res.stderr:
+        sys.stderr.write(f"memory probe of {module} (exit {res.returncode}):\n{res.stderr[-4000:]}\n")
+    return peaks
 
 
 def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 29, reps: int = 5) -> float:
@@ -149,13 +177,14 @@ def run_cases(
     on_case: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Times (and probes the memory of) every case; ``on_case`` gets each case's rows as it finishes."""
+    all_peaks = probe_memory(module, quick, device) if memory else {}
     rows = []
     for case in cases:
         first = len(rows)
         steps = case.setup(device)
         times = time_interleaved(steps, device, reps)
         del steps
-        peaks = {v: (probe_memory(module, case.name, v, quick, device) if memory else None) for v in times}
+        peaks = {v: all_peaks.get((case.name, v)) for v in times}
         native_t = statistics.median(times[case.native])
         native_m = peaks.get(case.native)
         for variant, ts in times.items():

@@ -33,15 +33,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--probe", nargs=3, metavar=("MODULE", "CASE", "VARIANT"), help=argparse.SUPPRESS)
+    p.add_argument("--probe", metavar="MODULE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.probe:  # one variant's peak memory, in this (fresh) process
-        module, case_name, variant = args.probe
-        mod = importlib.import_module(module)
-        case = next(c for c in mod.cases(args.quick, args.device) if c.name == case_name)
-        step = case.setup(args.device)[variant]
-        print("PEAK_BYTES", common.measure_peak_bytes(step, args.device), flush=True)
+    if args.probe:  # peak memory of every variant of one module, in this (fresh) process
+        common.probe_all(args.probe, args.quick, args.device)
         return 0
 
     reps = args.reps or (3 if args.quick else 5)
