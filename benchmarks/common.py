@@ -43,6 +43,7 @@ class Case:
     bytes_moved: int | None = None  # memory traffic of one native step (for GB/s)
     work: float | None = None  # units of work of one step (any variant), reported per second
     work_unit: str = ""  # e.g. "line-voxels"
+    exps: float | None = None  # exp evaluations of one native step (exp-bound kernels: vs the exp ceiling)
     notes: dict = dataclasses.field(default_factory=dict)  # variant -> note, may be filled by setup
 
 
@@ -159,6 +160,18 @@ def probe_memory(module: str, quick: bool, device: str) -> dict[tuple[str, str],
     return peaks
 
 
+def exp_ceiling(device: str) -> float | None:
+    """The CPU kernels' exp ceiling: float32 exp evaluations per second on all threads, at the
+    vector width of their instruction-set path (pyops._C._exp_rate: csrc/common/exp_rate.h);
+    None on other devices."""
+    if device != "cpu":
+        return None
+    import pyops
+
+    pyops._C._exp_rate(2000)  # warm-up: threads started, clocks up
+    return max(pyops._C._exp_rate(20000) for _ in range(3))
+
+
 def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 29, reps: int = 5) -> float:
     """Measured device copy bandwidth (read + write) for reference."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
@@ -203,6 +216,8 @@ def run_cases(
             )
             if case.bytes_moved and variant == case.native:
                 row["gbps"] = case.bytes_moved / med / 1e9
+            if case.exps and variant == case.native:
+                row["exp_rate"] = case.exps / med
             if case.work:
                 row["rate"] = case.work / med
                 row["rate_unit"] = f"{case.work_unit}/s"
@@ -217,17 +232,22 @@ def run_cases(
 def format_table(rows: list[dict]) -> str:
     head = (
         "| case | variant | median ms | p20-p80 ms | time / native time | peak MiB | native peak / this peak "
-        "| native GB/s | rate | note |"
+        "| native GB/s | rate | exp ceiling | note |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         frac = "-" if r["native_peak_over_this"] is None else f"{100 * r['native_peak_over_this']:.0f}%"
         gbps = f"{r['gbps']:.1f}" if "gbps" in r else ""
         rate = f"{r['rate']:.3g} {r['rate_unit']}" if "rate" in r else ""
+        exp = ""
+        if "exp_rate" in r:
+            exp = f"{r['exp_rate'] / 1e9:.2f} G exp/s"
+            if "fraction_of_exp_ceiling" in r:
+                exp += f" ({100 * r['fraction_of_exp_ceiling']:.0f}%)"
         lines.append(
             f"| {r['case']} | {r['variant']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
-            f"{r['time_over_native']:.2f}x | {peak} | {frac} | {gbps} | {rate} | {r.get('note', '')} |"
+            f"{r['time_over_native']:.2f}x | {peak} | {frac} | {gbps} | {rate} | {exp} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 

@@ -42,8 +42,10 @@ def main(argv=None) -> int:
 
     reps = args.reps or (3 if args.quick else 5)
     bw = common.copy_bandwidth_gbps(args.device)
+    exp_ceiling = common.exp_ceiling(args.device)
+    exp_text = "" if exp_ceiling is None else f"; exp ceiling {exp_ceiling / 1e9:.2f} G exp/s"
     print(
-        f"device: {common.device_name(args.device)}; measured copy bandwidth {bw:.1f} GB/s; "
+        f"device: {common.device_name(args.device)}; measured copy bandwidth {bw:.1f} GB/s{exp_text}; "
         f"mode: {'quick' if args.quick else 'full'}; {reps} interleaved repetitions",
         flush=True,
     )
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
             for r in case_rows:
                 if "gbps" in r:
                     r["fraction_of_copy_bandwidth"] = r["gbps"] / bw
+                if "exp_rate" in r and exp_ceiling:
+                    r["fraction_of_exp_ceiling"] = r["exp_rate"] / exp_ceiling
             print(common.format_table(case_rows), flush=True)
 
         rows = common.run_cases(
@@ -67,7 +71,10 @@ def main(argv=None) -> int:
             memory=not args.no_memory,
             on_case=show,
         )
-        jpath, mpath = common.write_results(op, args.device, args.quick, rows, dict(copy_bandwidth_gbps=bw))
+        extra = dict(copy_bandwidth_gbps=bw)
+        if exp_ceiling is not None:
+            extra["exp_ceiling_per_s"] = exp_ceiling
+        jpath, mpath = common.write_results(op, args.device, args.quick, rows, extra)
         written = f"{jpath} and {mpath}"
         try:
             from .figures import plot_result

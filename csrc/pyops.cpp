@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "common/cpu_isa.h"
+#include "common/exp_rate.h"
 
 TORCH_LIBRARY(pyops, m) {
   m.set_python_module("pyops");
@@ -20,6 +21,8 @@ TORCH_LIBRARY(pyops, m) {
 // the CPU kernels' instruction-set path (csrc/common/cpu_isa.h), used by pyops/_backend.py:
 //   _cpu_isa() -> (current, best supported), names "avx512" | "avx2" | "baseline";
 //   _set_cpu_isa(name) -> None; ValueError for an unknown name or one the CPU cannot run.
+// and the benchmarks' exp ceiling (csrc/common/exp_rate.h):
+//   _exp_rate(reps) -> float, exp evaluations per second on all threads of the current path.
 namespace {
 
 PyObject* cpu_isa(PyObject*, PyObject*) {
@@ -47,9 +50,19 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   return nullptr;
 }
 
+PyObject* exp_rate(PyObject*, PyObject* arg) {
+  const long long reps = PyLong_AsLongLong(arg);
+  if (reps == -1 && PyErr_Occurred()) return nullptr;
+  PyThreadState* released = PyEval_SaveThread();  // (the GIL is not needed while it runs)
+  const double rate = pyops::simd::exp_rate(reps);
+  PyEval_RestoreThread(released);
+  return PyFloat_FromDouble(rate);
+}
+
 PyMethodDef methods[] = {
     {"_cpu_isa", cpu_isa, METH_NOARGS, "(current, best supported) CPU instruction-set path of the kernels"},
     {"_set_cpu_isa", set_cpu_isa, METH_O, "force the CPU instruction-set path of the kernels"},
+    {"_exp_rate", exp_rate, METH_O, "exp evaluations per second of the CPU kernels' path on all threads"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

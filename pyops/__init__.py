@@ -4,6 +4,7 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 
 * ``cross_view_kl_entropy``: fused per-row KL both ways, entropies and CE of two views' logits
 * ``fused_linear_cross_view``: the same fused with a shared LM head, logits never materialised
+* ``fused_linear_cross_view_loss``: a weighted loss of those terms, gradients computed in the forward
 * ``knn_patch_search``: exact k nearest patches (global or windowed, multi-scale)
 * ``patch_aggregate``: weighted gather of neighbour patches placed back into a map
 * ``knn``: exact k nearest neighbours of point sets (the patch search with 1 x 1 patches)
@@ -21,7 +22,7 @@ Ops (each with a pure-PyTorch twin of the same signature in ``pyops.reference``)
 
 from . import nn, pet, reference
 from ._backend import backends, get_backend, get_cpu_isa, set_backend, set_cpu_isa, use_backend
-from .cross_view_kl import CrossViewOutput, cross_view_kl_entropy, fused_linear_cross_view
+from .cross_view_kl import CrossViewOutput, cross_view_kl_entropy, fused_linear_cross_view, fused_linear_cross_view_loss
 from .diagonal_stats import diagonal_stats
 from .gr_loss import gr_loss
 from .harmonize import HarmonizeStats, harmonize_gradients
@@ -39,6 +40,7 @@ __all__ = [
     "CrossViewOutput",
     "cross_view_kl_entropy",
     "fused_linear_cross_view",
+    "fused_linear_cross_view_loss",
     "knn_patch_search",
     "patch_aggregate",
     "patch_grid",

@@ -28,7 +28,7 @@ from . import _backend
 from ._validation import acc_dtype, check_float, check_same_device, check_tensor
 from .types import CrossViewOutput
 
-__all__ = ["cross_view_kl_entropy", "fused_linear_cross_view", "CrossViewOutput"]
+__all__ = ["cross_view_kl_entropy", "fused_linear_cross_view", "fused_linear_cross_view_loss", "CrossViewOutput"]
 
 _ops = torch.ops.pyops
 
@@ -270,6 +270,116 @@ def fused_linear_cross_view(
     )
 
 
+_TERM_WEIGHTS = ("kl_ab_weight", "kl_ba_weight", "entropy_a_weight", "entropy_b_weight", "ce_weight")
+_LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def _check_term_weights(term_weights, has_target: bool, fn: str) -> list[float]:
+    ws = list(term_weights)
+    if len(ws) != 5:
+        raise ValueError(f"{fn}: term_weights must have 5 entries ({', '.join(_TERM_WEIGHTS)}), got {len(ws)}")
+    for name, w in zip(_TERM_WEIGHTS, ws):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise TypeError(f"{fn}: {name} must be a real number (int or float), got {type(w).__name__}")
+        if not math.isfinite(w):
+            raise ValueError(f"{fn}: {name} must be finite, got {w}")
+    if not any(ws):
+        raise ValueError(f"{fn}: every term weight ({', '.join(_TERM_WEIGHTS)}) is 0; the loss would be 0")
+    if ws[4] != 0 and not has_target:
+        raise ValueError(f"{fn}: ce_weight = {ws[4]} needs a target; got target=None")
+    return [float(w) for w in ws]
+
+
+def _check_loss_reduction(reduction, fn: str) -> None:
+    if reduction not in _LOSS_REDUCTIONS:
+        raise ValueError(
+            f"{fn}: reduction must be one of {_LOSS_REDUCTIONS}, got {reduction!r} (per-row values: "
+            "fused_linear_cross_view)"
+        )
+
+
+def fused_linear_cross_view_loss(
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    target: Optional[torch.Tensor] = None,
+    *,
+    kl_ab_weight: float = 0.5,
+    kl_ba_weight: float = 0.5,
+    entropy_a_weight: float = 0.0,
+    entropy_b_weight: float = 0.0,
+    ce_weight: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+    return_terms: bool = False,
+):
+    """A weighted loss of the terms of ``fused_linear_cross_view`` (logits ``hidden @ weight.T +
+    bias`` of two views sharing an LM head), with its gradients computed during the forward.
+
+    ``loss = kl_ab_weight * R(KL(p_a||p_b)) + kl_ba_weight * R(KL(p_b||p_a)) + entropy_a_weight *
+    R(H(p_a)) + entropy_b_weight * R(H(p_b)) + ce_weight * R(CE(a, target))``, where ``R`` is the
+    reduction over the rows that count (every row without a target, else those whose target is
+    not ``ignore_index``): ``"mean"`` (NaN when no row counts) or ``"sum"``; ``p = softmax(logits /
+    temperature)`` for the KL and entropy terms, temperature 1 for the CE. Terms of weight 0 add
+    nothing to the loss.
+
+    Because the weights are fixed before the forward, each chunk of ``chunk_size`` rows (default
+    ``default_chunk_size(N, V)``: about 64 MiB of float32 logits per view) has its
+    logits computed once, overwritten by their gradients in the same pass over the rows, and
+    turned into the gradients of ``hidden_a``, ``hidden_b``, ``weight`` and ``bias`` right away
+    (the approach of Liger-Kernel's fused linear cross-entropy): two matmuls fewer than
+    ``fused_linear_cross_view`` + backward, and no logits kept. The backward only scales those
+    gradients (kept from the forward: the size of the hidden states and of the weight) by the
+    loss's upstream gradient. Gradients are computed for the inputs that require them when grad
+    mode is on; double backward is not supported.
+
+    For arbitrary upstream gradients of the per-row values use ``fused_linear_cross_view``.
+
+    Returns:
+        the loss (0-d, float32; float64 for float64 inputs), or with ``return_terms=True``
+        ``(loss, terms)``, ``terms`` a ``CrossViewOutput`` of every term reduced the same way
+        (detached; ``ce_a`` None without a target), so that ``loss == sum(weight * term)``.
+    """
+    fn = "fused_linear_cross_view_loss"
+    _validate_linear(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, fn)
+    weights = _check_term_weights(
+        (kl_ab_weight, kl_ba_weight, entropy_a_weight, entropy_b_weight, ce_weight), target is not None, fn
+    )
+    _check_loss_reduction(reduction, fn)
+    lead, hid = hidden_a.shape[:-1], hidden_a.shape[-1]
+    n_rows = math.prod(lead)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n_rows, weight.shape[0])
+    else:
+        _check_chunk_size(chunk_size, fn)
+    grad_on = torch.is_grad_enabled()
+    mask = [
+        grad_on and hidden_a.requires_grad,
+        grad_on and hidden_b.requires_grad,
+        grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad)),
+    ]
+    loss, terms, *_ = _ops.fused_linear_cross_view_loss(
+        hidden_a.reshape(-1, hid),
+        hidden_b.reshape(-1, hid),
+        weight,
+        bias,
+        None if target is None else target.reshape(-1),
+        weights,
+        float(temperature),
+        int(ignore_index),
+        reduction,
+        int(chunk_size),
+        mask,
+    )
+    if not return_terms:
+        return loss
+    t = terms.detach()
+    return loss, CrossViewOutput(t[0], t[1], t[2], t[3], t[4] if target is not None else None)
+
+
 # --------------------------------------------------------------------------------------------
 # Fake kernels
 # --------------------------------------------------------------------------------------------
@@ -447,6 +557,67 @@ def _fused_linear_cross_view_bwd_fake(
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
+def _check_fwd_bwd_op(logits_a, logits_b, target, g_kab, g_kba, g_ha, g_hb, g_ce, temperature, ignore_index, fn):
+    _check_row_op(logits_a, logits_b, target, temperature, ignore_index, fn)
+    n_rows = logits_a.shape[0]
+    grads = dict(grad_kl_ab=g_kab, grad_kl_ba=g_kba, grad_entropy_a=g_ha, grad_entropy_b=g_hb, grad_ce_a=g_ce)
+    for name, t in grads.items():
+        if t is None:
+            continue
+        check_tensor(t, name, fn)
+        if t.shape != (n_rows,):
+            raise ValueError(f"{fn}: {name} must have shape (N,) = ({n_rows},), got {tuple(t.shape)}")
+        check_float(t, name, fn)
+        check_same_device(fn, logits_a=logits_a, **{name: t})
+    _check_grad_ce(g_ce, target, fn)
+    if not (logits_a.is_contiguous() and logits_b.is_contiguous()):
+        raise ValueError(f"{fn}: logits_a and logits_b must be contiguous (their gradients are written in place)")
+
+
+@torch.library.register_fake("pyops::cross_view_kl_entropy_fwd_bwd_")
+def _cross_view_kl_entropy_fwd_bwd_fake(*args):
+    _check_fwd_bwd_op(*args, fn="pyops::cross_view_kl_entropy_fwd_bwd_")
+    logits_a, target = args[0], args[2]
+    return _row_outputs_like(logits_a, logits_a.shape[0], target is not None)[:5]
+
+
+def _check_loss_op(
+    hidden_a, hidden_b, weight, bias, target, term_weights, temperature, ignore_index, reduction, chunk_size, fn
+) -> list[float]:
+    _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size, fn)
+    _check_loss_reduction(reduction, fn)
+    return _check_term_weights(term_weights, target is not None, fn)
+
+
+@torch.library.register_fake("pyops::fused_linear_cross_view_loss")
+def _fused_linear_cross_view_loss_fake(
+    hidden_a, hidden_b, weight, bias, target, term_weights, temperature, ignore_index, reduction, chunk_size, mask
+):
+    _check_loss_op(
+        hidden_a,
+        hidden_b,
+        weight,
+        bias,
+        target,
+        term_weights,
+        temperature,
+        ignore_index,
+        reduction,
+        chunk_size,
+        "pyops::fused_linear_cross_view_loss",
+    )
+    dt = acc_dtype(hidden_a)
+    empty = hidden_a.new_empty((0,))
+    return (
+        hidden_a.new_empty((), dtype=dt),
+        hidden_a.new_empty((5,), dtype=dt),
+        hidden_a.new_empty(hidden_a.shape) if mask[0] else empty,
+        hidden_b.new_empty(hidden_b.shape) if mask[1] else empty.clone(),
+        weight.new_empty(weight.shape) if mask[2] else empty.clone(),
+        bias.new_empty(bias.shape) if (mask[2] and bias is not None) else empty.clone(),
+    )
+
+
 def _setup_row_ctx(ctx, inputs, output):
     logits_a, logits_b, target, temperature, ignore_index = inputs
     kl_ab, kl_ba, ent_a, ent_b, _ce, lse = output
@@ -543,6 +714,48 @@ for _name in ("cross_view_kl_entropy_bwd", "fused_linear_cross_view_bwd"):
     _backend.register_no_double_backward(_name)
 
 
+def _setup_loss_ctx(ctx, inputs, output):
+    _loss, terms, gha, ghb, gw, gbias = output
+    ctx.mark_non_differentiable(terms, gha, ghb, gw, gbias)
+    ctx.save_for_backward(gha, ghb, gw, gbias)
+    ctx.output_mask = list(inputs[10])
+    ctx.has_bias = inputs[3] is not None
+
+
+def _loss_backward(ctx, g_loss, *_unused):
+    fn = "pyops::fused_linear_cross_view_loss"
+    if torch.is_grad_enabled():
+        raise NotImplementedError(f"{fn}: double backward is not supported (the gradients come from the forward)")
+    need = ctx.needs_input_grad
+    wanted = [need[0], need[1], need[2] or (ctx.has_bias and need[3])]
+    for i, name in enumerate(("hidden_a", "hidden_b", "weight and bias")):
+        if wanted[i] and not ctx.output_mask[i]:
+            raise RuntimeError(
+                f"{fn}: a gradient w.r.t. {name} is needed but output_mask[{i}] was False in the forward, so it "
+                "was not computed (call pyops.fused_linear_cross_view_loss, which sets output_mask)"
+            )
+    if g_loss is None:
+        return (None,) * 11
+    gha, ghb, gw, gbias = ctx.saved_tensors
+    # An upstream gradient of exactly 1 (loss.backward()) returns the forward's gradients as they
+    # are; no pass over the weight-sized gradient.
+    # (plain tensors only: not while traced, where the values are not there)
+    one = type(g_loss) is torch.Tensor and not _backend.no_values(g_loss) and bool(g_loss == 1)
+
+    def scaled(g):
+        return g if one else g * g_loss.to(g.dtype)
+
+    return (
+        scaled(gha) if need[0] else None,
+        scaled(ghb) if need[1] else None,
+        scaled(gw) if need[2] else None,
+        scaled(gbias) if (ctx.has_bias and need[3]) else None,
+    ) + (None,) * 7
+
+
+torch.library.register_autograd("pyops::fused_linear_cross_view_loss", _loss_backward, setup_context=_setup_loss_ctx)
+
+
 # --------------------------------------------------------------------------------------------
 # LM-head composition (device-generic: matmuls + the row op, chunk by chunk)
 # --------------------------------------------------------------------------------------------
@@ -550,16 +763,23 @@ def _fused_linear_fwd_impl(hidden_a, hidden_b, weight, bias, target, temperature
     fn = "pyops::fused_linear_cross_view_fwd"
     _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size, fn)
     _check_target_range(target, weight.shape[0], ignore_index, fn)
-    n_rows = hidden_a.shape[0]
+    n_rows, vocab = hidden_a.shape[0], weight.shape[0]
     outs = _row_outputs_like(hidden_a, n_rows, target is not None)
-    for s in range(0, n_rows, chunk_size):
-        e = min(n_rows, s + chunk_size)
-        logits_a = F.linear(hidden_a[s:e], weight, bias)
-        logits_b = F.linear(hidden_b[s:e], weight, bias)
+    # both views' logits of a chunk by one matmul of [h_a; h_b], into one buffer reused by every chunk
+    chunk = min(chunk_size, max(n_rows, 1))
+    buf = hidden_a.new_empty((2 * chunk, vocab))
+    for s in range(0, n_rows, chunk):
+        e = min(n_rows, s + chunk)
+        n = e - s
+        h2 = torch.cat((hidden_a[s:e], hidden_b[s:e]))
+        logits = buf[: 2 * n]
+        if bias is None:
+            torch.mm(h2, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h2, weight.t(), out=logits)
         res = _ops.cross_view_kl_entropy_fwd(
-            logits_a, logits_b, None if target is None else target[s:e], temperature, ignore_index
+            logits[:n], logits[n:], None if target is None else target[s:e], temperature, ignore_index
         )
-        del logits_a, logits_b
         for out, r in zip(outs, res):
             if out.shape[0]:
                 out[s:e] = r
@@ -615,6 +835,13 @@ def _fused_linear_bwd_impl(
     )
     if g_ce is not None:
         _check_target_range(target, weight.shape[0], ignore_index, fn)
+    if hidden_a.device.type == "cpu":
+        # the in-place forward + backward row kernel: each chunk's recomputed logits are read
+        # once and overwritten by their gradients (the forward values it recomputes are those saved)
+        g = [g_kab, g_kba, g_ha, g_hb, g_ce]
+        return _head_chunks(
+            hidden_a, hidden_b, weight, bias, target, g, temperature, ignore_index, chunk_size, output_mask
+        )
     need_ha, need_hb, need_w = output_mask
     n_rows = hidden_a.shape[0]
     empty = hidden_a.new_empty((0,))
@@ -668,9 +895,146 @@ def _fused_linear_bwd_impl(
     )
 
 
+def _fwd_bwd_composite(logits_a, logits_b, target, g_kab, g_kba, g_ha, g_hb, g_ce, temperature, ignore_index):
+    """``pyops::cross_view_kl_entropy_fwd_bwd_`` on devices without a fused kernel (CUDA): the
+    forward and backward row ops, the gradients copied into the logits."""
+    fn = "pyops::cross_view_kl_entropy_fwd_bwd_"
+    _check_fwd_bwd_op(logits_a, logits_b, target, g_kab, g_kba, g_ha, g_hb, g_ce, temperature, ignore_index, fn)
+    kl_ab, kl_ba, ent_a, ent_b, ce, lse = _ops.cross_view_kl_entropy_fwd(
+        logits_a, logits_b, target, temperature, ignore_index
+    )
+    ga, gb = _ops.cross_view_kl_entropy_bwd(
+        g_kab, g_kba, g_ha, g_hb, g_ce, logits_a, logits_b, target, kl_ab, kl_ba, ent_a, ent_b, lse,
+        temperature, ignore_index,
+    )  # fmt: skip
+    logits_a.copy_(ga)
+    logits_b.copy_(gb)
+    return kl_ab, kl_ba, ent_a, ent_b, ce
+
+
+def _head_chunks(
+    hidden_a, hidden_b, weight, bias, target, row_grads, temperature, ignore_index, chunk_size, mask, on_values=None
+):
+    """The chunk loop shared by the loss and the per-row op's backward: per chunk of n rows, the
+    logits of both views by one matmul of the stacked hidden states [h_a; h_b] (2n, H), the
+    in-place forward + backward row op (the logits become d/d logits of sum_r g[r] . values[r]
+    for the per-row upstream gradients ``row_grads``), then d/dh = dl W and d/dW += dl^T h, each
+    one matmul of 2n rows. One logits buffer serves every chunk. ``on_values(s, e, values)`` gets
+    each chunk's forward values. Returns the gradients asked for by ``mask`` (empty tensors for
+    the others)."""
+    need_ha, need_hb, need_w = (bool(m) for m in mask)
+    need_grad = need_ha or need_hb or need_w
+    n_rows, vocab = hidden_a.shape[0], weight.shape[0]
+    acc = acc_dtype(hidden_a)
+    dev = hidden_a.device
+    empty = hidden_a.new_empty((0,))
+    grad_ha = torch.empty_like(hidden_a) if need_ha else empty
+    grad_hb = torch.empty_like(hidden_b) if need_hb else empty.clone()
+    # (float32 / float64 weights: the first chunk writes it, bfloat16 / float16: accumulated)
+    alloc = torch.empty if weight.dtype == acc and n_rows > 0 else torch.zeros
+    grad_w = alloc(weight.shape, dtype=acc, device=dev) if need_w else None
+    grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if need_w and bias is not None else None
+    chunk = min(chunk_size, max(n_rows, 1))
+    buf = hidden_a.new_empty((2 * chunk, vocab))
+    wt = weight.t()
+    first = True
+    for s in range(0, n_rows, chunk):
+        e = min(n_rows, s + chunk)
+        n = e - s
+        h2 = torch.cat((hidden_a[s:e], hidden_b[s:e]))
+        logits = buf[: 2 * n]
+        if bias is None:
+            torch.mm(h2, wt, out=logits)
+        else:
+            torch.addmm(bias, h2, wt, out=logits)
+        la, lb = logits[:n], logits[n:]
+        t = None if target is None else target[s:e]
+        if need_grad:
+            g = [None if x is None else x[s:e] for x in row_grads]
+            values = _ops.cross_view_kl_entropy_fwd_bwd_(la, lb, t, *g, temperature, ignore_index)
+        else:
+            values = _ops.cross_view_kl_entropy_fwd(la, lb, t, temperature, ignore_index)[:5]
+        if on_values is not None:
+            on_values(s, e, values)
+        if not need_grad:
+            continue
+        # logits now hold d/d logits
+        if need_ha and need_hb:
+            gh = torch.mm(logits, weight)
+            grad_ha[s:e] = gh[:n]
+            grad_hb[s:e] = gh[n:]
+        elif need_ha:
+            torch.mm(la, weight, out=grad_ha[s:e])
+        elif need_hb:
+            torch.mm(lb, weight, out=grad_hb[s:e])
+        if need_w:
+            if logits.dtype != acc:
+                grad_w += (logits.t() @ h2).to(acc)
+            elif first:
+                torch.mm(logits.t(), h2, out=grad_w)
+            else:
+                grad_w.addmm_(logits.t(), h2)
+            if grad_bias is not None:
+                grad_bias += logits.sum(0, dtype=acc)
+        first = False
+    return (
+        grad_ha,
+        grad_hb,
+        grad_w.to(weight.dtype) if need_w else empty.clone(),
+        grad_bias.to(bias.dtype) if grad_bias is not None else empty.clone(),
+    )
+
+
+def _fused_linear_loss_impl(
+    hidden_a, hidden_b, weight, bias, target, term_weights, temperature, ignore_index, reduction, chunk_size, mask
+):
+    fn = "pyops::fused_linear_cross_view_loss"
+    ws = _check_loss_op(
+        hidden_a, hidden_b, weight, bias, target, term_weights, temperature, ignore_index, reduction, chunk_size, fn
+    )
+    _check_target_range(target, weight.shape[0], ignore_index, fn)
+    n_rows = hidden_a.shape[0]
+    acc = acc_dtype(hidden_a)
+    dev = hidden_a.device
+    # the rows that count, and each row's factor in the reduction (0 for the others; 1 / count
+    # for "mean"): the per-row upstream gradients of the reduced loss are weight * factor
+    valid = None if target is None else target != ignore_index
+    if valid is None:
+        count = torch.tensor(float(n_rows), dtype=acc, device=dev)
+    else:
+        count = valid.sum(dtype=acc)
+    if reduction == "mean":
+        factor = torch.full((n_rows,), 1.0, dtype=acc, device=dev) / count
+    else:
+        factor = torch.ones(n_rows, dtype=acc, device=dev)
+    if valid is not None:
+        factor = torch.where(valid, factor, 0.0)
+    row_grads = [None if w == 0 else factor * w for w in ws]
+    if target is None:
+        row_grads[4] = None
+    sums = torch.zeros(5, dtype=acc, device=dev)
+
+    def add_values(s, e, values):
+        for k, v in enumerate(values):
+            if k == 4 and target is None:
+                continue
+            if valid is not None:
+                v = torch.where(valid[s:e], v, 0.0)
+            sums[k] += v.sum()
+
+    grads = _head_chunks(
+        hidden_a, hidden_b, weight, bias, target, row_grads, temperature, ignore_index, chunk_size, mask, add_values
+    )
+    terms = sums / count if reduction == "mean" else sums
+    loss = sum(w * terms[k] for k, w in enumerate(ws) if w != 0)
+    return (loss, terms, *grads)
+
+
 _impl_lib = torch.library.Library("pyops", "IMPL")
 _impl_lib.impl("fused_linear_cross_view_fwd", _fused_linear_fwd_impl, "CompositeExplicitAutograd")
 _impl_lib.impl("fused_linear_cross_view_bwd", _fused_linear_bwd_impl, "CompositeExplicitAutograd")
+_impl_lib.impl("fused_linear_cross_view_loss", _fused_linear_loss_impl, "CompositeExplicitAutograd")
+_impl_lib.impl("cross_view_kl_entropy_fwd_bwd_", _fwd_bwd_composite, "CUDA")
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,13 @@ from collections.abc import Sequence
 import torch
 
 from ._validation import check_bool, check_int
-from .cross_view_kl import _check_chunk_size, _check_scalars, cross_view_kl_entropy, fused_linear_cross_view
+from .cross_view_kl import (
+    _check_chunk_size,
+    _check_scalars,
+    cross_view_kl_entropy,
+    fused_linear_cross_view,
+    fused_linear_cross_view_loss,
+)
 from .diagonal_stats import diagonal_stats
 from .gr_loss import gr_loss
 from .knn_patch import _check_anchor, knn_patch_search, patch_aggregate
@@ -213,7 +219,11 @@ class FusedLinearCrossViewLoss(_CrossViewLoss):
         "``loss(hidden_a, hidden_b, weight, bias=None, target=None)`` with hidden states ``(..., H)``, "
         "``weight`` ``(V, H)`` and ``bias`` ``(V,)``: the head is a forward argument, not a parameter of "
         "this module (as in Liger-Kernel's fused-linear losses); gradients reach the hidden states, "
-        "``weight`` and ``bias``.\n" + _CROSS_VIEW_DOC
+        "``weight`` and ``bias``.\n\n"
+        '    With ``reduction`` ``"mean"`` or ``"sum"`` it is ``pyops.fused_linear_cross_view_loss``: the '
+        "gradients are computed during the forward (each chunk's logits once, no recomputation in the "
+        'backward), and the terms of ``return_terms=True`` are detached. ``"none"`` goes through '
+        "``fused_linear_cross_view`` (per-row values, any upstream gradients).\n" + _CROSS_VIEW_DOC
     )
 
     def __init__(
@@ -251,6 +261,25 @@ class FusedLinearCrossViewLoss(_CrossViewLoss):
         return_terms: bool = False,
     ):
         self._check_target(target)
+        if self.reduction != "none":
+            w = self.term_weights
+            return fused_linear_cross_view_loss(
+                hidden_a,
+                hidden_b,
+                weight,
+                bias,
+                target,
+                kl_ab_weight=w["kl_ab"],
+                kl_ba_weight=w["kl_ba"],
+                entropy_a_weight=w["entropy_a"],
+                entropy_b_weight=w["entropy_b"],
+                ce_weight=w["ce_a"],
+                temperature=self.temperature,
+                ignore_index=self.ignore_index,
+                reduction=self.reduction,
+                chunk_size=self.chunk_size,
+                return_terms=return_terms,
+            )
         out = fused_linear_cross_view(
             hidden_a,
             hidden_b,

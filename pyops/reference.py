@@ -13,6 +13,7 @@ from .types import CrossViewOutput
 __all__ = [
     "cross_view_kl_entropy",
     "fused_linear_cross_view",
+    "fused_linear_cross_view_loss",
     "patch_grid",
     "window_candidates",
     "knn_patch_search",
@@ -75,6 +76,50 @@ def fused_linear_cross_view(
     logits_a = F.linear(hidden_a, weight, bias)
     logits_b = F.linear(hidden_b, weight, bias)
     return cross_view_kl_entropy(logits_a, logits_b, target, temperature=temperature, ignore_index=ignore_index)
+
+
+def fused_linear_cross_view_loss(
+    hidden_a: torch.Tensor,
+    hidden_b: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    *,
+    kl_ab_weight: float = 0.5,
+    kl_ba_weight: float = 0.5,
+    entropy_a_weight: float = 0.0,
+    entropy_b_weight: float = 0.0,
+    ce_weight: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    return_terms: bool = False,
+):
+    """The weighted loss of ``fused_linear_cross_view``'s terms, each reduced over the rows that
+    count (target != ignore_index; all rows without a target) by ``"mean"`` or ``"sum"``, plain
+    autograd through materialised logits (``chunk_size`` is accepted and ignored)."""
+    del chunk_size
+    out = fused_linear_cross_view(
+        hidden_a, hidden_b, weight, bias, target, temperature=temperature, ignore_index=ignore_index
+    )
+    valid = None if target is None else target != ignore_index
+    weights = (kl_ab_weight, kl_ba_weight, entropy_a_weight, entropy_b_weight, ce_weight)
+    terms = []
+    for value in out:
+        if value is None:
+            terms.append(None)
+            continue
+        if valid is not None:
+            value = torch.where(valid, value, 0.0)
+        total = value.sum()
+        if reduction == "mean":
+            total = total / (value.numel() if valid is None else valid.sum())
+        terms.append(total)
+    loss = sum(w * t for w, t in zip(weights, terms) if w != 0)
+    if not return_terms:
+        return loss
+    return loss, CrossViewOutput(*(None if t is None else t.detach() for t in terms))
 
 
 # ---------------------------------------------------------------------------------------------

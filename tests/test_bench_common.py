@@ -53,3 +53,11 @@ def test_probe_memory_measures_every_variant_in_one_process(tmp_path, monkeypatc
     assert ("big", "fails") not in peaks
     err = capsys.readouterr().err
     assert "memory probe failed for big/fails" in err and "broken variant" in err
+
+
+def test_exp_ceiling():
+    """The exp ceiling the row kernels are reported against: a rate on the CPU, none elsewhere."""
+    rate = common.exp_ceiling("cpu")
+    # at least one exp per 100 ns on 2 threads: any x86-64 core evaluates a vector of them faster
+    assert rate is not None and 1e7 < rate < 1e13
+    assert common.exp_ceiling("cuda") is None

@@ -15,6 +15,7 @@ import pyops
 COMPILED_WRAPPERS = {  # the public functions of pyops.__all__ tested here (and the JosephProjector methods)
     "cross_view_kl_entropy",
     "fused_linear_cross_view",
+    "fused_linear_cross_view_loss",
     "knn_patch_search",
     "patch_aggregate",
     "knn",
@@ -109,6 +110,16 @@ def test_fused_linear_cross_view():
     w, bias = torch.randn(8, 11), torch.randn(11)  # weight w.t(): a strided (11, 8) view
     t = torch.randint(0, 11, (2, 5))
     f = lambda h1, h2, w, bias, t: pyops.fused_linear_cross_view(h1, h2, w.t(), bias, t, temperature=0.8, chunk_size=3)
+    check_compiled(f, [h1, h2, w, bias, t], grad_of=[0, 1, 2, 3])
+
+
+def test_fused_linear_cross_view_loss():
+    h1, h2 = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    w, bias = torch.randn(8, 11), torch.randn(11)  # weight w.t(): a strided (11, 8) view
+    t = torch.randint(0, 11, (2, 5))
+    t[1, 2] = -100
+    kw = dict(kl_ab_weight=0.4, kl_ba_weight=0.6, entropy_b_weight=0.1, ce_weight=1.0, temperature=0.8, chunk_size=3)
+    f = lambda h1, h2, w, bias, t: pyops.fused_linear_cross_view_loss(h1, h2, w.t(), bias, t, **kw)
     check_compiled(f, [h1, h2, w, bias, t], grad_of=[0, 1, 2, 3])
 
 

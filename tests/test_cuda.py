@@ -155,6 +155,31 @@ def test_fused_linear(backend, dtype):
         torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol * max(1.0, y.float().abs().max().item()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_loss(backend, dtype):
+    """fused_linear_cross_view_loss on CUDA: the in-place row op's fallback (forward and backward
+    row ops of the backend, gradients copied into the logits) inside the chunked loss."""
+    n, h, v = 37, 64, 5003
+    ha = torch.randn(n, h, device="cuda", dtype=dtype)
+    hb = (ha.float() + 0.3 * torch.randn(n, h, device="cuda")).to(dtype)
+    w = (torch.randn(v, h, device="cuda") / 8).to(dtype)
+    t = torch.randint(0, v, (n,), device="cuda")
+    t[::5] = -100
+    kw = dict(kl_ab_weight=0.5, kl_ba_weight=0.5, entropy_a_weight=0.1, ce_weight=1.0, temperature=0.9)
+    res = []
+    for f, extra in (
+        (pyops.fused_linear_cross_view_loss, dict(chunk_size=8)),
+        (reference.fused_linear_cross_view_loss, {}),
+    ):
+        leaves = [x.clone().requires_grad_() for x in (ha, hb, w)]
+        loss = f(*leaves, None, t, **kw, **extra)
+        res.append((loss, torch.autograd.grad(loss, leaves)))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=tol, atol=tol)
+    for x, y in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol * max(1.0, y.float().abs().max().item()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Joseph PET projector (CUDA C++ kernels)
 # ---------------------------------------------------------------------------------------------

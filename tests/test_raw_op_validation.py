@@ -209,6 +209,60 @@ CASES += [
 ]
 
 
+# cross_view_kl_entropy_fwd_bwd_(logits_a!, logits_b!, target?, g x5, temperature, ignore_index)
+def cvfb(a=None, b=None, t="auto", grads=None, temperature=1.0):
+    a = r(3, 7) if a is None else a
+    b = r(*a.shape, dtype=a.dtype) if b is None else b
+    t = torch.zeros(a.shape[0], dtype=torch.long) if isinstance(t, str) else t
+    g = [torch.ones(a.shape[0] if a.dim() else 1) for _ in range(5)] if grads is None else grads
+    return (a, b, t, *g, temperature, -100)
+
+
+CVFB = "cross_view_kl_entropy_fwd_bwd_"
+CASES += [
+    Case(CVFB, "a-1d", lambda: cvfb(a=r(7), b=r(7)), ValueError, ("logits_a",)),
+    Case(CVFB, "b-shape", lambda: cvfb(b=r(3, 6)), ValueError, ("logits_b",)),
+    Case(CVFB, "b-dtype", lambda: cvfb(b=r(3, 7, dtype=torch.float64)), TypeError, ("logits_b",)),
+    Case(CVFB, "V=0", lambda: cvfb(a=r(3, 0), b=r(3, 0)), ValueError, ("V",)),
+    Case(CVFB, "grad-rows", lambda: cvfb(grads=[torch.ones(4)] + [torch.ones(3)] * 4), ValueError, ("grad_kl_ab",)),
+    Case(
+        CVFB,
+        "grad-int",
+        lambda: cvfb(grads=[torch.ones(3)] * 4 + [torch.ones(3, dtype=torch.long)]),
+        TypeError,
+        ("grad_ce_a",),
+    ),
+    Case(CVFB, "ce-without-target", lambda: cvfb(t=None), ValueError, ("grad_ce_a", "target")),
+    Case(CVFB, "a-strided", lambda: cvfb(a=r(7, 3).t()), ValueError, ("contiguous",)),
+    Case(CVFB, "target-high", lambda: cvfb(t=torch.tensor([0, 9, 1])), ValueError, ("target",), data=True),
+    Case(CVFB, "temperature-nan", lambda: cvfb(temperature=NAN), ValueError, ("temperature",)),
+]
+
+
+# fused_linear_cross_view_loss(hidden_a, hidden_b, weight, bias?, target?, term_weights, temperature,
+#                              ignore_index, reduction, chunk_size, output_mask)
+def fll(ha=None, w=None, t="auto", weights=(0.5, 0.5, 0.0, 0.0, 1.0), temperature=1.0, reduction="mean", chunk=2):
+    ha = r(5, 4) if ha is None else ha
+    w = r(9, 4) if w is None else w
+    t = torch.zeros(ha.shape[0] if ha.dim() else 1, dtype=torch.long) if isinstance(t, str) else t
+    return (ha, r(*ha.shape), w, None, t, list(weights), temperature, -100, reduction, chunk, [True] * 3)
+
+
+FLL = "fused_linear_cross_view_loss"
+CASES += [
+    Case(FLL, "chunk-0", lambda: fll(chunk=0), ValueError, ("chunk_size",)),
+    Case(FLL, "temperature-inf", lambda: fll(temperature=INF), ValueError, ("temperature",)),
+    Case(FLL, "hidden-1d", lambda: fll(ha=r(4)), ValueError, ("hidden_a",)),
+    Case(FLL, "weight-H", lambda: fll(w=r(9, 3)), ValueError, ("weight",)),
+    Case(FLL, "reduction-none", lambda: fll(reduction="none"), ValueError, ("reduction",)),
+    Case(FLL, "weights-4", lambda: fll(weights=(1.0, 0.0, 0.0, 0.0)), ValueError, ("term_weights",)),
+    Case(FLL, "weights-nan", lambda: fll(weights=(NAN, 0.0, 0.0, 0.0, 0.0)), ValueError, ("kl_ab_weight",)),
+    Case(FLL, "weights-zero", lambda: fll(weights=(0.0,) * 5), ValueError, ("every term weight",)),
+    Case(FLL, "ce-without-target", lambda: fll(t=None), ValueError, ("ce_weight", "target")),
+    Case(FLL, "target-high", lambda: fll(t=torch.tensor([0, 1, 9, 2, 3])), ValueError, ("target",), data=True),
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # knn_patch_search_fwd(query, database, k, patch_size, stride, window, exclude_self, window_anchor)
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +746,10 @@ def test_public_functions_work_on_meta_tensors():
     assert out.kl_ab.shape == out.ce_a.shape == (2, 3) and out.kl_ab.is_meta
     out = pyops.fused_linear_cross_view(t(5, 4), t(5, 4), t(9, 4), t(9), t(5, dtype=torch.long), chunk_size=2)
     assert out.entropy_b.shape == (5,) and out.entropy_b.is_meta
+    loss, terms = pyops.fused_linear_cross_view_loss(
+        t(5, 4), t(5, 4), t(9, 4), t(9), t(5, dtype=torch.long), ce_weight=1.0, chunk_size=2, return_terms=True
+    )
+    assert loss.shape == () and loss.is_meta and terms.ce_a.shape == ()
     dist, idx = pyops.knn_patch_search(t(1, 2, 8, 9), t(1, 2, 8, 9), 2, patch_size=3, stride=1, window=3)
     assert dist.shape == idx.shape == (1, 42, 2) and idx.dtype == torch.int64
     agg = pyops.patch_aggregate(t(1, 2, 8, 9), idx, dist, patch_size=3, stride=1, output_size=(8, 9))

@@ -69,3 +69,26 @@ const char* isa_name(Isa level);
         return name##_baseline args;                    \
     }                                                   \
   }
+
+// The same for a kernel templated on its float vector type: `name##_impl<VF16>` in the AVX-512
+// build (one 64-byte register per vector), `name##_impl<VF8>` in the AVX2 and baseline builds.
+#define PYOPS_ISA_CLONES_VEC(VF16, VF8, ret, name, params, args) \
+  PYOPS_TARGET_AVX512 ret name##_avx512 params {                 \
+    return name##_impl<VF16> args;                               \
+  }                                                              \
+  PYOPS_TARGET_AVX2 ret name##_avx2 params {                     \
+    return name##_impl<VF8> args;                                \
+  }                                                              \
+  ret name##_baseline params {                                   \
+    return name##_impl<VF8> args;                                \
+  }                                                              \
+  ret name params {                                              \
+    switch (::pyops::cpu::isa()) {                               \
+      case ::pyops::cpu::Isa::kAvx512:                           \
+        return name##_avx512 args;                               \
+      case ::pyops::cpu::Isa::kAvx2:                             \
+        return name##_avx2 args;                                 \
+      default:                                                   \
+        return name##_baseline args;                             \
+    }                                                            \
+  }

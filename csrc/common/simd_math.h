@@ -57,6 +57,42 @@ PYOPS_VINLINE float hmax(vf8 v, float m) {
   return m;
 }
 
+// The same helpers for 16 lanes (one AVX-512 register; two AVX2 ones, four SSE ones).
+constexpr int64_t kLanes16 = 16;
+PYOPS_VINLINE vf16 loadu16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+PYOPS_VINLINE void storeu16(float* p, vf16 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+PYOPS_VINLINE float hsum(vf16 v) {
+  vf8 lo, hi;  // (pairwise: fewer dependent adds)
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  return hsum(lo + hi);
+}
+PYOPS_VINLINE float hmax(vf16 v, float m) {
+  for (int i = 0; i < kLanes16; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// Width-generic forms, for kernels templated on the vector type (vf16 in the AVX-512 build, vf8
+// in the others: GCC scalarises the comparisons of 64-byte vectors without AVX-512).
+template <typename VF>
+constexpr int64_t kLanesOf = static_cast<int64_t>(sizeof(VF) / sizeof(float));
+template <typename VF>
+PYOPS_VINLINE VF vload(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename VF>
+PYOPS_VINLINE void vstore(float* p, VF v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 inline float exp_approx(float x) {
   const float lo = -87.33654f, hi = 88.0f;
   float xc = x < lo ? lo : x;
@@ -122,14 +158,16 @@ PYOPS_VINLINE VF exp_reduce_v(VF x, VF& scale) {
   return p * r * r + r;
 }
 
-// The vector twin of exp_approx (same constants, same special cases).
+// The vector twin of exp_approx (same constants, same special cases). A NaN needs no blend of
+// its own here: the clamps keep it (a comparison with NaN is false), so r, P(r) and the result
+// are NaN (the vector conversion of a NaN n is defined: INT_MIN; the scalar one is not, hence
+// the scalar version's explicit test).
 template <typename VF>
 PYOPS_VINLINE VF exp_approx_v(VF x) {
   VF scale;
   const VF p = exp_reduce_v(x, scale);
-  VF y = (p + 1.0f) * scale;
-  y = x < vsplat<VF>(-87.33654f) ? vsplat<VF>(0.0f) : y;
-  return x != x ? x : y;
+  const VF y = (p + 1.0f) * scale;
+  return x < vsplat<VF>(-87.33654f) ? vsplat<VF>(0.0f) : y;
 }
 PYOPS_VINLINE vf8 exp_approx(vf8 x) {
   return exp_approx_v(x);

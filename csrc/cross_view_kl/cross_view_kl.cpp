@@ -25,6 +25,16 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
       "Tensor kl_ab, Tensor kl_ba, Tensor entropy_a, Tensor entropy_b, Tensor lse, "
       "float temperature, int ignore_index) -> (Tensor grad_a, Tensor grad_b)");
 
+  // The forward's values (lse aside) and, written in place of logits_a and logits_b, the
+  // gradients of sum_r (grad_kl_ab[r] kl_ab[r] + ... + grad_ce_a[r] ce_a[r]): forward and
+  // backward of every row in one go, for losses whose upstream gradients are known in advance
+  // (fused_linear_cross_view_loss). The logits must be contiguous and must not overlap.
+  m.def(
+      "cross_view_kl_entropy_fwd_bwd_(Tensor(a!) logits_a, Tensor(b!) logits_b, Tensor? target, "
+      "Tensor? grad_kl_ab, Tensor? grad_kl_ba, Tensor? grad_entropy_a, Tensor? grad_entropy_b, Tensor? grad_ce_a, "
+      "float temperature, int ignore_index) -> "
+      "(Tensor kl_ab, Tensor kl_ba, Tensor entropy_a, Tensor entropy_b, Tensor ce_a)");
+
   // The same outputs with the logits computed as hidden @ weight.T + bias, chunk_size rows at a
   // time, never for all N rows at once (an LM head shared by both views). Device-generic: its
   // Python implementation (CompositeExplicitAutograd, pyops/cross_view_kl.py) runs matmuls and
@@ -41,4 +51,19 @@ TORCH_LIBRARY_FRAGMENT(pyops, m) {
       "Tensor? bias, Tensor? target, Tensor kl_ab, Tensor kl_ba, Tensor entropy_a, Tensor entropy_b, "
       "Tensor lse, float temperature, int ignore_index, int chunk_size, bool[3] output_mask) -> "
       "(Tensor grad_hidden_a, Tensor grad_hidden_b, Tensor grad_weight, Tensor grad_bias)");
+
+  // A weighted, reduced loss of the same terms over an LM head shared by both views, with the
+  // gradients computed during the forward (the weights of the terms are fixed, so each chunk's
+  // logits are computed once and overwritten by their gradients: no recomputation in the
+  // backward). term_weights: (kl_ab, kl_ba, entropy_a, entropy_b, ce_a); reduction "mean" (over
+  // the rows whose target is not ignore_index, all rows without a target) or "sum".
+  // Outputs: the loss (0-d), every term reduced the same way (5,), and the gradients of the
+  // loss w.r.t. hidden_a, hidden_b, weight and bias for those output_mask asks for (the others
+  // are empty tensors). Its autograd formula scales the saved gradients by the loss's upstream
+  // gradient. Python implementation (CompositeExplicitAutograd) in pyops/cross_view_kl.py.
+  m.def(
+      "fused_linear_cross_view_loss(Tensor hidden_a, Tensor hidden_b, Tensor weight, Tensor? bias, "
+      "Tensor? target, float[5] term_weights, float temperature, int ignore_index, str reduction, int chunk_size, "
+      "bool[3] output_mask) -> (Tensor loss, Tensor terms, Tensor grad_hidden_a, Tensor grad_hidden_b, "
+      "Tensor grad_weight, Tensor grad_bias)");
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <initializer_list>
@@ -77,6 +78,32 @@ inline void check_bwd_args(const std::optional<at::Tensor>& grad_kl_ab, const st
                     {"entropy_a", &entropy_a},
                     {"entropy_b", &entropy_b}},
                    lse, grad_ce_a.has_value(), op);
+}
+
+// All the arguments of pyops::cross_view_kl_entropy_fwd_bwd_ (which writes the gradients into
+// the logits: they must be contiguous and must not overlap).
+inline void check_fwd_bwd_args(const at::Tensor& logits_a, const at::Tensor& logits_b,
+                               const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& grad_kl_ab,
+                               const std::optional<at::Tensor>& grad_kl_ba,
+                               const std::optional<at::Tensor>& grad_entropy_a,
+                               const std::optional<at::Tensor>& grad_entropy_b,
+                               const std::optional<at::Tensor>& grad_ce_a, double temperature, const char* op) {
+  check_inputs(logits_a, logits_b, target, temperature, op);
+  const int64_t N = logits_a.size(0);
+  for (const auto& item :
+       {std::make_pair("grad_kl_ab", opt(grad_kl_ab)), std::make_pair("grad_kl_ba", opt(grad_kl_ba)),
+        std::make_pair("grad_entropy_a", opt(grad_entropy_a)), std::make_pair("grad_entropy_b", opt(grad_entropy_b)),
+        std::make_pair("grad_ce_a", opt(grad_ce_a))}) {
+    if (item.second == nullptr) continue;
+    checks::rows(*item.second, N, item.first, op);
+    checks::floating(*item.second, item.first, op);
+    checks::same_device(*item.second, item.first, logits_a, "logits_a", op);
+  }
+  PYOPS_CHECK_VALUE(!grad_ce_a.has_value() || target.has_value(), op, "grad_ce_a needs a target (target is None)");
+  PYOPS_CHECK_VALUE(logits_a.is_contiguous() && logits_b.is_contiguous(), op,
+                    "logits_a and logits_b must be contiguous (their gradients are written in place)");
+  PYOPS_CHECK_VALUE(at::get_overlap_status(logits_a, logits_b) == at::MemOverlapStatus::No, op,
+                    "logits_a and logits_b must not overlap in memory (their gradients are written in place)");
 }
 
 // The data check of a target: every entry in [0, V) or ignore_index.
