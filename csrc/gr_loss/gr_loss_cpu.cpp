@@ -39,17 +39,22 @@ Reduction parse_reduction(const std::string& r, const char* op) {
   return Reduction::kMean;
 }
 
-// The element math on V = vf16 (16 float lanes) or double (one entry).
+// The element math on V = vf16 (16 float lanes: the AVX-512 build), vf8 (8 lanes: the AVX2 and
+// baseline builds, where GCC would scalarise the comparisons of 64-byte vectors) or double.
 template <typename V>
 struct Math;
-template <>
-struct Math<vf16> {
+template <typename VF>
+struct MathF {
   using S = float;
-  PYOPS_VINLINE static vf16 c(float x) { return vsplat<vf16>(x); }
-  PYOPS_VINLINE static vf16 exp(vf16 x) { return exp_approx(x); }
-  PYOPS_VINLINE static vf16 expm1(vf16 x) { return expm1_approx(x); }
-  PYOPS_VINLINE static vf16 log1p(vf16 u, vf16 inv_1pu) { return log1p_approx(u, inv_1pu); }
+  PYOPS_VINLINE static VF c(float x) { return vsplat<VF>(x); }
+  PYOPS_VINLINE static VF exp(VF x) { return exp_approx(x); }
+  PYOPS_VINLINE static VF expm1(VF x) { return expm1_approx(x); }
+  PYOPS_VINLINE static VF log1p(VF u, VF inv_1pu) { return log1p_approx(u, inv_1pu); }
 };
+template <>
+struct Math<vf16> : MathF<vf16> {};
+template <>
+struct Math<vf8> : MathF<vf8> {};
 template <>
 struct Math<double> {
   using S = double;
@@ -58,7 +63,7 @@ struct Math<double> {
   PYOPS_VINLINE static double expm1(double x) { return std::expm1(x); }
   PYOPS_VINLINE static double log1p(double u, double) { return std::log1p(u); }
 };
-constexpr int64_t kVec = 16;  // lanes of vf16
+constexpr int64_t kVec = 16;  // blocks are padded to whole vf16 vectors (so whole vf8 ones too)
 
 template <typename S>
 struct Params {
@@ -128,37 +133,32 @@ PYOPS_VINLINE V grad_elem(V z, Mask observed, const Params<S>& P) {
 }
 
 // ---- float32 blocks: z, o (0/1 flags) padded to a multiple of 16; out[i] for i < n ---------
-PYOPS_VINLINE vf16 load16(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-PYOPS_VINLINE void store16(float* p, vf16 v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
+template <typename VF>
 PYOPS_ALWAYS_INLINE void loss_block_f32_impl(const float* z, const float* o, int64_t n, const Params<float>& P,
                                              float* out) {
-  for (int64_t i = 0; i < n; i += kVec) {
-    const vi16 obs = load16(o + i) != 0.0f;
-    store16(out + i, loss_elem(load16(z + i), obs, P));
+  using VI = typename VecInt<VF>::type;
+  for (int64_t i = 0; i < n; i += kLanesOf<VF>) {
+    const VI obs = vload<VF>(o + i) != 0.0f;
+    vstore(out + i, loss_elem(vload<VF>(z + i), obs, P));
   }
 }
-PYOPS_ISA_CLONES(, void, loss_block_f32,
-                 (const float* z, const float* o, int64_t n, const Params<float>& P, float* out), (z, o, n, P, out))
+PYOPS_ISA_CLONES_VEC(vf16, vf8, void, loss_block_f32,
+                     (const float* z, const float* o, int64_t n, const Params<float>& P, float* out), (z, o, n, P, out))
 
+template <typename VF>
 PYOPS_ALWAYS_INLINE void grad_block_f32_impl(const float* z, const float* o, const float* g, int64_t n,
                                              const Params<float>& P, float scale, float* out) {
-  for (int64_t i = 0; i < n; i += kVec) {
-    const vi16 obs = load16(o + i) != 0.0f;
-    const vf16 gi = g ? load16(g + i) * scale : vsplat<vf16>(scale);
-    store16(out + i, grad_elem(load16(z + i), obs, P) * gi);
+  using VI = typename VecInt<VF>::type;
+  for (int64_t i = 0; i < n; i += kLanesOf<VF>) {
+    const VI obs = vload<VF>(o + i) != 0.0f;
+    const VF gi = g ? vload<VF>(g + i) * scale : vsplat<VF>(scale);
+    vstore(out + i, grad_elem(vload<VF>(z + i), obs, P) * gi);
   }
 }
-PYOPS_ISA_CLONES(, void, grad_block_f32,
-                 (const float* z, const float* o, const float* g, int64_t n, const Params<float>& P, float scale,
-                  float* out),
-                 (z, o, g, n, P, scale, out))
+PYOPS_ISA_CLONES_VEC(vf16, vf8, void, grad_block_f32,
+                     (const float* z, const float* o, const float* g, int64_t n, const Params<float>& P, float scale,
+                      float* out),
+                     (z, o, g, n, P, scale, out))
 
 template <typename T>
 inline float to_float(T x) {
