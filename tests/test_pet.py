@@ -179,6 +179,149 @@ def test_backprojection_is_deterministic_across_thread_counts():
     assert torch.equal(one, many)
 
 
+# ---------------------------------------------------------------------------------------------
+# The CPU kernels' paths (csrc/pet/pet_cpu.cpp): one-slice images whose lines lie in the slice
+# sample 2 corners of 4; B == 1 has kernels of its own on the AVX-512 path; B > 1 works on
+# frames-last images (1 to 4 vectors of frames in registers, more one vector at a time); the
+# back projection splits the image into blocks of rows, one task each.
+# ---------------------------------------------------------------------------------------------
+SEED = 1207  # the tests below print their seeds (pytest -s shows them)
+
+
+def seeded(seed):
+    print(f"seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("shape", [(23, 19), (31, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# float32: P = 1, 8, 8, 16, 24; float64: P = 1, 8, 8, 16, 24 (4 doubles a vector)
+@pytest.mark.parametrize("B", [1, 5, 8, 13, 24])
+def test_parallel_beam_matches_reference(shape, dtype, B):
+    """In-plane lines through a one-slice image (the 2-corner path), bins past the image edge."""
+    g = seeded(SEED + 100 * B + shape[0])
+    s, e = pet.parallel_beam_2d(shape, 13, max(shape) + 6, dtype=dtype)
+    x = torch.rand(B, *shape, 1, dtype=dtype, generator=g)
+    y = pyops.joseph_project(x, s, e, voxel_size=1.0)
+    # float32: each sum has ~30 terms of weights rounded once to float32 (relative error ~1e-7
+    # each) and values below ~40: 1e-5 leaves two orders of magnitude; float64: 1e-12 likewise
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, reference.joseph_project(x, s, e, voxel_size=1.0), **tol)
+    assert (y != 0).float().mean() > 0.5
+    r = torch.randn(B, s.shape[0], dtype=dtype, generator=g)
+    kw = dict(image_shape=(*shape, 1), voxel_size=1.0)
+    torch.testing.assert_close(
+        pyops.joseph_backproject(r, s, e, **kw), reference.joseph_backproject(r, s, e, **kw), **tol
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 8, 13])
+def test_one_slice_equals_the_middle_slice_of_a_volume(dtype, B):
+    """The same in-plane lines through a one-slice image (2 corners per plane) and through the
+    middle slice of a 3-slice volume whose other slices are zero (4 corners, the other 2 with
+    weight 0 on zero voxels): the same sums, bit for bit."""
+    g = seeded(SEED + B)
+    s, e = pet.parallel_beam_2d((17, 21), 9, 25, dtype=dtype)  # z = 0: the volume's middle slice
+    x2 = torch.rand(B, 17, 21, 1, dtype=dtype, generator=g)
+    x3 = torch.zeros(B, 17, 21, 3, dtype=dtype)
+    x3[..., 1] = x2[..., 0]
+    y = pyops.joseph_project(x2, s, e, voxel_size=1.0)
+    assert torch.equal(y, pyops.joseph_project(x3, s, e, voxel_size=1.0))
+    r = torch.randn(B, s.shape[0], dtype=dtype, generator=g)
+    b2 = pyops.joseph_backproject(r, s, e, image_shape=(17, 21, 1), voxel_size=1.0)
+    b3 = pyops.joseph_backproject(r, s, e, image_shape=(17, 21, 3), voxel_size=1.0)
+    assert torch.equal(b3[..., 1], b2[..., 0])
+    assert (b3[..., 0] == 0).all() and (b3[..., 2] == 0).all()
+
+
+def _system(s, e, shape, B1, **kw):
+    """The system matrix twice: rows from back projections, columns from projections, one line /
+    voxel at a time (B1: B == 1 kernels) or all at once (B > 1)."""
+    M, N = s.shape[0], math.prod(shape)
+    dt = s.dtype
+    if B1:
+        rows = torch.stack(
+            [
+                pyops.joseph_backproject(torch.eye(M, dtype=dt)[m : m + 1], s, e, image_shape=shape, **kw).reshape(N)
+                for m in range(M)
+            ]
+        )
+        eye = torch.eye(N, dtype=dt).reshape(N, 1, *shape)
+        cols = torch.stack([pyops.joseph_project(eye[j], s, e, **kw)[0] for j in range(N)], 1)
+    else:
+        rows = pyops.joseph_backproject(torch.eye(M, dtype=dt), s, e, image_shape=shape, **kw).reshape(M, N)
+        cols = pyops.joseph_project(torch.eye(N, dtype=dt).reshape(N, *shape), s, e, **kw).t()
+    return rows, cols
+
+
+def test_vectorised_paths_use_the_same_weights():
+    """The AVX-512 path (intrinsics: 8 lines' geometry, 8 planes' samples at a time) and the AVX2
+    build of the plain loops compute every weight with the same operations (both fuse f0 + i df
+    as the CUDA kernels do): the same system matrix, bit for bit, from both ops and for B == 1
+    and B > 1. (The baseline build cannot fuse: its float64 weights may differ in the last bit.)"""
+    supported = pyops.backends()["cpu_isa_supported"]
+    isas = [i for i in ("avx512", "avx2") if i in supported]
+    if len(isas) < 2:
+        pytest.skip(f"this CPU runs {supported}")
+    g = seeded(SEED)
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        s, e = random_lines(60, (5, 6, 4), (1.0, 1.5, 2.0), (0.0, 0.0, 0.0), dtype, g)
+        cases.append((s, e, (5, 6, 4), dict(voxel_size=(1.0, 1.5, 2.0), image_origin=(0.0, 0.0, 0.0))))
+        s, e = pet.parallel_beam_2d((7, 9), 5, 12, dtype=dtype)
+        cases.append((s, e, (7, 9, 1), dict(voxel_size=1.0)))
+        s[:, 2] += 0.3  # in a plane between two slices: both corner pairs, fractional weights
+        e[:, 2] += 0.3
+        cases.append((s, e, (7, 9, 3), dict(voxel_size=1.0)))
+    before = pyops.get_cpu_isa()
+    try:
+        results = {}
+        for isa in isas:
+            pyops.set_cpu_isa(isa)
+            results[isa] = [_system(s, e, shape, B1, **kw) for s, e, shape, kw in cases for B1 in (True, False)]
+    finally:
+        pyops.set_cpu_isa(before)
+    for (r0, c0), (r1, c1) in zip(*results.values()):
+        assert torch.equal(r0, c0) and torch.equal(r0, r1) and torch.equal(c0, c1)
+
+
+@pytest.mark.parametrize("B", [1, 8, 24])
+def test_parallel_beam_backprojection_is_deterministic_across_thread_counts(B):
+    """Blocks of rows per task (2D: the B == 1 and frames-last kernels): 1, 2 and 3 threads agree."""
+    g = seeded(SEED + B)
+    s, e = pet.parallel_beam_2d((45, 37), 30, 50)
+    y = torch.rand(B, s.shape[0], generator=g)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(pyops.joseph_backproject(y, s, e, image_shape=(45, 37, 1), voxel_size=1.0))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_many_lines_recompute_their_geometry(B):
+    """Past 64 MiB of cached line geometries (~930k lines) the back projection's tasks recompute
+    them; the result is the sum of the back projections of the parts (cached), to rounding."""
+    g = seeded(SEED + B)
+    shape, M = (6, 5, 4), 1_000_000
+    s, e = random_lines(M, shape, (1.0,) * 3, (0.0,) * 3, torch.float64, g)
+    y = torch.rand(B, M, dtype=torch.float64, generator=g)
+    kw = dict(image_shape=shape, voxel_size=1.0, image_origin=(0.0, 0.0, 0.0))
+    whole = pyops.joseph_backproject(y, s, e, **kw)
+    parts = sum(
+        pyops.joseph_backproject(y[:, i : i + M // 4], s[i : i + M // 4], e[i : i + M // 4], **kw)
+        for i in range(0, M, M // 4)
+    )
+    # ~1e5 float64 terms per voxel, summed in two orders: relative differences ~1e-13
+    torch.testing.assert_close(whole, parts, rtol=1e-10, atol=1e-10)
+    assert (whole > 0).float().mean() > 0.9
+
+
 BAD = [
     (dict(voxel_size=0.0), ValueError, "voxel_size must be > 0"),
     (dict(voxel_size=(1.0, float("nan"), 1.0)), ValueError, "voxel_size must be finite"),
