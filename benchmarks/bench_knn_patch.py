@@ -2,14 +2,17 @@
 
 Cases (issue #3; full sizes, quick mode uses smaller maps):
 * global: C = 32, 321 x 481 map, 3x3 non-overlapping patches (~17k x 17k patches of dim 288),
-  against the eager and compiled reference and faiss-cpu's exact IndexFlatL2 (its patch
-  extraction and index build counted), when faiss is installed;
+  against the eager and compiled reference and two exact CPU anchors (issue #29), when installed:
+  faiss-cpu's brute-force ``IndexFlatL2`` (its patch extraction, index build and search counted)
+  and KeOps' ``LazyTensor`` squared distances with ``Kmin_argKmin(K, dim=1)`` (the same F.unfold
+  patches; distances and indices, as pyops returns). KeOps compiles its formula on first use:
+  the warm-up run does it (minutes the first time, cached on disk afterwards);
 * windowed: the same map, window = 30;
 * dense: 3-channel 256 x 256 image, 7x7 patches, stride 1, window = 21, exclude_self;
 * aggregate: patch_aggregate forward + backward on the global case's neighbours, against
   gather + fold in PyTorch.
-Targets: global >= 3x eager and >= faiss, peak <= 5% of eager; windowed and dense >= 5x eager;
-aggregate >= 3x eager.
+Targets: global >= 3x eager, >= 1.5x faiss and ahead of keops (quick and full), peak <= 5% of
+eager; windowed and dense >= 5x eager; aggregate >= 3x eager.
 """
 
 from __future__ import annotations
@@ -39,6 +42,43 @@ def _search_variants(q, d, with_compiled, **kw):
     return variants
 
 
+def _faiss_step(q, d, patch_size, stride):
+    """faiss-cpu's exact IndexFlatL2 on the unfolded patches (built per call), or the reason it
+    is skipped."""
+    if importlib.util.find_spec("faiss") is None:
+        return None, "faiss-cpu is not installed (pip install faiss-cpu)"
+    import faiss
+
+    def step():
+        xq = F.unfold(q, patch_size, stride=stride)[0].t().contiguous().numpy()
+        xb = F.unfold(d, patch_size, stride=stride)[0].t().contiguous().numpy()
+        index = faiss.IndexFlatL2(xb.shape[1])
+        index.add(xb)
+        return index.search(xq, K)
+
+    return step, None
+
+
+def _keops_step(q, d, patch_size, stride):
+    """KeOps (CPU) on the same unfolded patches: LazyTensor squared distances, the K smallest
+    and their indices (``Kmin_argKmin``), or the reason it is skipped. The formula is compiled
+    on the first call (the benchmark's warm-up), then cached."""
+    if importlib.util.find_spec("pykeops") is None:
+        return None, "pykeops is not installed (pip install pykeops)"
+    try:
+        from pykeops.torch import LazyTensor
+    except Exception as exc:  # noqa: BLE001 - no compiler, broken install, ...
+        return None, f"pykeops does not import here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+    def step():
+        xq = F.unfold(q, patch_size, stride=stride)[0].t().contiguous()
+        xb = F.unfold(d, patch_size, stride=stride)[0].t().contiguous()
+        sq = ((LazyTensor(xq[:, None, :]) - LazyTensor(xb[None, :, :])) ** 2).sum(-1)
+        return sq.Kmin_argKmin(K, dim=1)
+
+    return step, None
+
+
 def search_case(
     name,
     shape,
@@ -48,7 +88,7 @@ def search_case(
     stride=None,
     window=None,
     exclude_self=False,
-    with_faiss=False,
+    with_anchors=False,
     same_map=False,
     with_compiled=True,
 ):
@@ -58,25 +98,23 @@ def search_case(
         d = q if same_map else torch.randn(db_shape or shape, generator=g).to(device)
         kw = dict(patch_size=patch_size, stride=stride, window=window, exclude_self=exclude_self)
         variants = _search_variants(q, d, with_compiled, **kw)
-        if with_faiss and device == "cpu" and importlib.util.find_spec("faiss") is not None:
-            import faiss
-
+        if with_anchors and device == "cpu":
             s = stride or patch_size
-
-            def faiss_step():
-                xq = F.unfold(q, patch_size, stride=s)[0].t().contiguous().numpy()
-                xb = F.unfold(d, patch_size, stride=s)[0].t().contiguous().numpy()
-                index = faiss.IndexFlatL2(xb.shape[1])
-                index.add(xb)
-                return index.search(xq, K)
-
-            variants["faiss"] = faiss_step
+            for label, make in (("faiss", _faiss_step), ("keops", _keops_step)):
+                step, reason = make(q, d, patch_size, s)
+                if step is None:
+                    print(f"[{OP}] {name}: {label} row skipped: {reason}", flush=True)
+                else:
+                    variants[label] = step
         return variants
 
     params = dict(
         shape=list(shape), patch=patch_size, stride=stride or patch_size, window=window, exclude_self=exclude_self, k=K
     )
-    return Case(name, params, setup)
+    notes = (
+        {"faiss": "IndexFlatL2: unfold + build + search", "keops": "LazyTensor Kmin_argKmin"} if with_anchors else {}
+    )
+    return Case(name, params, setup, notes=notes)
 
 
 def aggregate_case(name, shape):
@@ -109,7 +147,7 @@ def aggregate_case(name, shape):
 def cases(quick: bool, device: str) -> list[Case]:
     if quick:
         return [
-            search_case("global 32x161x241 p3", (1, 32, 161, 241), with_faiss=True),
+            search_case("global 32x161x241 p3", (1, 32, 161, 241), with_anchors=True),
             search_case("window30 32x161x241 p3", (1, 32, 161, 241), window=30),
             search_case(
                 "dense 3x128x128 p7 s1 w21",
@@ -123,7 +161,7 @@ def cases(quick: bool, device: str) -> list[Case]:
             aggregate_case("aggregate fwd+bwd 32x161x241", (1, 32, 161, 241)),
         ]
     return [
-        search_case("global 32x321x481 p3", (1, 32, 321, 481), with_faiss=True),
+        search_case("global 32x321x481 p3", (1, 32, 321, 481), with_anchors=True),
         search_case("window30 32x321x481 p3", (1, 32, 321, 481), window=30),
         # The reference's windowed search loops over ~230 query chunks here; torch.compile unrolls
         # the loop and compiles for tens of minutes, so the compiled reference is measured on the
