@@ -6,7 +6,10 @@ Cases (issue #3; full sizes, quick mode uses smaller maps):
   faiss-cpu's brute-force ``IndexFlatL2`` (its patch extraction, index build and search counted)
   and KeOps' ``LazyTensor`` squared distances with ``Kmin_argKmin(K, dim=1)`` (the same F.unfold
   patches; distances and indices, as pyops returns). KeOps compiles its formula on first use:
-  the warm-up run does it (minutes the first time, cached on disk afterwards);
+  the warm-up run does it (minutes the first time, cached on disk afterwards). On the avx512
+  path pyops screens the global search with AMX bf16 tiles where the CPU has them (exact all the
+  same: see csrc/knn_patch/knn_patch_cpu.cpp); the row "pyops fp32" is the same search with the
+  float32 screen (PYOPS_KNN_SCREEN=fp32), what CPUs without AMX run. The note says the screen;
 * windowed: the same map, window = 30;
 * dense: 3-channel 256 x 256 image, 7x7 patches, stride 1, window = 21, exclude_self;
 * aggregate: patch_aggregate forward + backward on the global case's neighbours, against
@@ -18,6 +21,7 @@ eager; windowed and dense >= 5x eager; aggregate >= 3x eager.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,26 @@ def _search_variants(q, d, with_compiled, **kw):
         compiled_fn = torch.compile(reference.knn_patch_search)
         variants["compiled"] = lambda: compiled_fn(q, d, K, **kw)
     return variants
+
+
+def _screen():
+    """The screen of pyops' global float32 search here (csrc/knn_patch/screens.h)."""
+    return pyops._C._knn_screens()[0] if pyops.get_cpu_isa() == "avx512" else "BLAS"
+
+
+def _fp32_screen_step(q, d, **kw):
+    def step():
+        old = os.environ.get("PYOPS_KNN_SCREEN")
+        os.environ["PYOPS_KNN_SCREEN"] = "fp32"
+        try:
+            return pyops.knn_patch_search(q, d, K, **kw)
+        finally:
+            if old is None:
+                del os.environ["PYOPS_KNN_SCREEN"]
+            else:
+                os.environ["PYOPS_KNN_SCREEN"] = old
+
+    return step
 
 
 def _faiss_step(q, d, patch_size, stride):
@@ -99,6 +123,8 @@ def search_case(
         kw = dict(patch_size=patch_size, stride=stride, window=window, exclude_self=exclude_self)
         variants = _search_variants(q, d, with_compiled, **kw)
         if with_anchors and device == "cpu":
+            if _screen() not in ("fp32", "BLAS"):
+                variants["pyops fp32"] = _fp32_screen_step(q, d, **kw)
             s = stride or patch_size
             for label, make in (("faiss", _faiss_step), ("keops", _keops_step)):
                 step, reason = make(q, d, patch_size, s)
@@ -112,7 +138,14 @@ def search_case(
         shape=list(shape), patch=patch_size, stride=stride or patch_size, window=window, exclude_self=exclude_self, k=K
     )
     notes = (
-        {"faiss": "IndexFlatL2: unfold + build + search", "keops": "LazyTensor Kmin_argKmin"} if with_anchors else {}
+        {
+            "pyops": f"screen: {_screen()}",
+            "pyops fp32": "screen: fp32",
+            "faiss": "IndexFlatL2: unfold + build + search",
+            "keops": "LazyTensor Kmin_argKmin",
+        }
+        if with_anchors
+        else {}
     )
     return Case(name, params, setup, notes=notes)
 

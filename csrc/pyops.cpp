@@ -12,6 +12,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/exp_rate.h"
+#include "knn_patch/screens.h"
 
 TORCH_LIBRARY(pyops, m) {
   m.set_python_module("pyops");
@@ -23,6 +24,8 @@ TORCH_LIBRARY(pyops, m) {
 //   _set_cpu_isa(name) -> None; ValueError for an unknown name or one the CPU cannot run.
 // and the benchmarks' exp ceiling (csrc/common/exp_rate.h):
 //   _exp_rate(reps) -> float, exp evaluations per second on all threads of the current path.
+// and the screens of the global k-NN patch search (csrc/knn_patch/screens.h):
+//   _knn_screens() -> tuple of names ("amx", "avx512bf16", "fp32"), best first, on the current path.
 namespace {
 
 PyObject* cpu_isa(PyObject*, PyObject*) {
@@ -59,10 +62,26 @@ PyObject* exp_rate(PyObject*, PyObject* arg) {
   return PyFloat_FromDouble(rate);
 }
 
+PyObject* knn_screens(PyObject*, PyObject*) {
+  const std::vector<std::string> names = pyops::knn_patch::available_screens();
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* name = PyUnicode_FromString(names[i].c_str());
+    if (name == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), name);
+  }
+  return out;
+}
+
 PyMethodDef methods[] = {
     {"_cpu_isa", cpu_isa, METH_NOARGS, "(current, best supported) CPU instruction-set path of the kernels"},
     {"_set_cpu_isa", set_cpu_isa, METH_O, "force the CPU instruction-set path of the kernels"},
     {"_exp_rate", exp_rate, METH_O, "exp evaluations per second of the CPU kernels' path on all threads"},
+    {"_knn_screens", knn_screens, METH_NOARGS, "screens of the global float32 k-NN patch search here, best first"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

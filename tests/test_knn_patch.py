@@ -2,7 +2,10 @@
 
 The float32 GEMM tiles of the search run the AVX-512 micro-kernel on the avx512 path and BLAS on
 the avx2 and baseline paths: `make test` runs this file on every path the CPU has
-(PYOPS_CPU_ISA)."""
+(PYOPS_CPU_ISA). The global float32 search on the avx512 path screens its candidates with AMX
+bf16 tiles where the CPU has them, else the float32 micro-kernel (PYOPS_KNN_SCREEN picks one);
+the section "global search screens" runs every screen this CPU has and asks for bit-equal
+results."""
 
 import pytest
 import torch
@@ -317,3 +320,127 @@ def test_double_backward_is_refused():
     (g,) = torch.autograd.grad(dist.sum(), q, create_graph=True)
     with pytest.raises(Exception, match="double backward"):
         g.sum().backward()
+
+
+# ---- global search screens ------------------------------------------------------------------
+# On the avx512 path the global float32 search screens candidates with AMX bf16 tiles, the
+# AVX-512 bf16 dot product or the float32 micro-kernel, keeps every candidate within the screen's
+# rounding-error bound of the k-th and re-ranks those by exact differences: the result must be
+# the same, bit for bit, as that of the windowed path's tiles (a window larger than the grid is a
+# global search there), which every screen's bound must guarantee.
+SCREENS = pyops._C._knn_screens()
+BIG = 1 << 20  # a window larger than any grid here: the same search through the windowed tiles
+
+
+def _search(screen, monkeypatch, *args, **kwargs):
+    monkeypatch.setenv("PYOPS_KNN_SCREEN", screen)
+    return pyops.knn_patch_search(*args, **kwargs)
+
+
+def _assert_same(a, b):
+    assert torch.equal(a[1], b[1])
+    assert torch.equal(a[0].isnan(), b[0].isnan())
+    assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
+
+
+def test_screens_listed():
+    assert SCREENS[-1] == "fp32" and set(SCREENS) <= {"amx", "avx512bf16", "fp32"}
+    if pyops.get_cpu_isa() != "avx512":
+        assert SCREENS == ("fp32",)
+
+
+SCREEN_CONFIGS = [
+    # (query shape, database shape, patch, stride, exclude_self, k): patch lengths e = 45 (not a
+    # multiple of 32), 64 (one that is) and 27; > 256 queries (several sub-tiles) and a partial
+    # last 32-candidate block; a batch of 2
+    ((2, 5, 37, 41), (2, 5, 31, 44), 3, 3, False, 5),
+    ((1, 16, 40, 35), (1, 16, 40, 35), 2, 1, True, 4),
+    ((1, 3, 61, 53), (1, 3, 58, 47), 3, 2, False, 1),
+    ((1, 3, 16, 16), (1, 3, 16, 16), 3, 1, True, 195),  # k = every candidate
+]
+
+
+@pytest.mark.parametrize("screen", ("auto",) + SCREENS)
+@pytest.mark.parametrize("smooth", [False, True], ids=["noise", "smooth"])
+@pytest.mark.parametrize("config", SCREEN_CONFIGS, ids=lambda c: f"{c[0][1]}x{c[0][2]}x{c[0][3]}-p{c[2]}s{c[3]}k{c[5]}")
+def test_screens_match_windowed_tiles_and_oracle(screen, smooth, config, monkeypatch):
+    """ "auto" picks a bf16 screen (where the CPU has one) for noise, whose neighbours are about as
+    far as the patches are large, and the fp32 screen for smooth maps (a ramp plus weak noise)."""
+    qs, ds, p, s, ex, k = config
+
+    def make(shape):
+        x = torch.randn(shape)
+        if smooth:
+            ramp = torch.linspace(0, 4, shape[-1])
+            x = 0.01 * x + ramp + torch.arange(shape[1])[:, None, None].float()
+        return x
+
+    query = make(qs)
+    database = query if ex else make(ds)
+    kw = dict(patch_size=p, stride=s, exclude_self=ex)
+    got = _search(screen, monkeypatch, query, database, k, **kw)
+    _assert_same(got, pyops.knn_patch_search(query, database, k, window=BIG, **kw))
+    od, _ = oracle(query, database, k, p, s, None, ex)
+    # float32 differences and sums of e <= 64 squares against float64: relative error
+    # <= (e + 3) 2^-24 (< 1e-5) of the sum of squares, plus the differences' rounding, at most
+    # 2^-24 |q - d| (|q| + |d|) per term: < 1e-5 of max |q|^2 + max |d|^2 (the ramps' norms)
+    norms = [patches(x, p, s).pow(2).sum(-1).max().item() for x in (query, database)]
+    torch.testing.assert_close(got[0].double(), od, rtol=1e-5, atol=1e-5 * sum(norms))
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_screens_ties_go_to_the_lower_index(screen, monkeypatch):
+    """Small-integer maps: exact distances (float32 sums of small integers), many ties, some
+    within every screen's rounding of the k-th."""
+    query = torch.randint(0, 3, (2, 4, 33, 29)).float()
+    database = torch.randint(0, 3, (2, 4, 35, 31)).float()
+    for k, s in ((1, 1), (6, 2), (9, 3)):
+        got = _search(screen, monkeypatch, query, database, k, patch_size=3, stride=s)
+        od, oi = oracle(query, database, k, 3, s, None, False)
+        assert torch.equal(got[0].double(), od)
+        assert torch.equal(got[1], oi)
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_screens_give_up_on_inseparable_candidates(screen, monkeypatch):
+    """A constant map: every candidate ties (more than the kept lists hold: 4096), so every
+    query falls back to the direct scan; ties to the lowest indices."""
+    x = torch.full((1, 1, 70, 70), 0.75)
+    dist, idx = _search(screen, monkeypatch, x, x, 3, patch_size=1, stride=1, exclude_self=True)
+    assert torch.equal(dist, torch.zeros_like(dist))
+    first = torch.tensor([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2], [0, 1, 2]])
+    assert torch.equal(idx[0, [0, 1, 2, 3, 4899]], first)
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+@pytest.mark.parametrize("case", ["nan", "inf", "huge", "tiny", "mixed"])
+def test_screens_non_finite_and_extreme_values(screen, case, monkeypatch):
+    """Non-finite patches, values whose squares overflow float32 (1e19), subnormal products
+    (1e-22) and a mix of scales: the same answers as the windowed tiles."""
+    g = torch.Generator().manual_seed(3)
+    query, database = torch.randn(1, 3, 30, 31, generator=g), torch.randn(1, 3, 29, 33, generator=g)
+    if case == "nan":
+        query[0, 1, 5, 5] = float("nan")
+        database[0, 2, 8, 9] = float("nan")
+    elif case == "inf":
+        database[0, 0, 7, 7] = float("inf")
+    elif case == "huge":
+        query, database = query * 1e19, database * 1e19
+    elif case == "tiny":
+        query, database = query * 1e-22, database * 1e-22
+    else:
+        database[0, :, :10] *= 1e6
+        query[0, :, 20:] *= 1e-6
+    kw = dict(patch_size=3, stride=1)
+    got = _search(screen, monkeypatch, query, database, 3, **kw)
+    _assert_same(got, pyops.knn_patch_search(query, database, 3, window=BIG, **kw))
+
+
+def test_screen_env_is_validated(monkeypatch):
+    monkeypatch.setenv("PYOPS_KNN_SCREEN", "gpu")
+    q = torch.randn(1, 2, 12, 12)
+    if pyops.get_cpu_isa() == "avx512":
+        with pytest.raises(ValueError, match="PYOPS_KNN_SCREEN must be auto, amx, avx512bf16 or fp32"):
+            pyops.knn_patch_search(q, q, 2, patch_size=3)
+    monkeypatch.setenv("PYOPS_KNN_SCREEN", "auto")
+    pyops.knn_patch_search(q, q, 2, patch_size=3)

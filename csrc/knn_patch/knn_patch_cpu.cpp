@@ -25,17 +25,27 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/cpu_isa.h"
+#include "screens.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define PYOPS_KNN_AVX512 1
+// the packed global search and its bf16 screens (AMX and AVX-512 BF16 intrinsics, Linux)
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define PYOPS_KNN_PACKED 1
+#endif
 #endif
 
 namespace pyops {
@@ -427,6 +437,507 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
   });
 }
 
+// ---- global float32 search on a packed database (AVX-512) ----------------------------------
+//
+// The global search spends nearly all its time screening |d|^2 - 2 q.d. Here the database of a
+// batch item is packed once (float32 panels of 32 candidates; bf16 pairs for the bf16 screens)
+// and every query block is screened against all of it by one of three screens: "fp32" (the
+// AVX-512 micro-kernel above), "amx" (AMX bf16 tiles: a 16 x 16 x 32 product per instruction,
+// float32 accumulation) or "avx512bf16" (vdpbf16ps; slower than fp32 on the Xeons we measured,
+// so only chosen on request). The selection is exact whatever the screen: every screened score
+// s~ of a candidate is within
+//   E = (1 + 2^-10) (b G + 4 (e + 4) 2^-24 (|q|^2 + D + 2 G) + 2^-120 (e + |q|^2 + D)),
+//   G = |q| sqrt(D), D = the largest |d|^2, b = 2^-6 + 2^-15 (bf16 screens) or 0 (fp32)
+// of (its float32 distance as the direct scan computes it) - |q|^2: bf16 rounding of both
+// factors (relative error 2^-8 each) moves q.d by at most (2^-7 + 2^-16) sum |q_i d_i| <=
+// (2^-7 + 2^-16) G (Cauchy-Schwarz), the score by twice that; the second term covers the
+// float32 accumulation, the norms and the exact distance's own rounding (sequential sums of
+// e + 4 terms at most, each bounded by |q|^2 + D + 2 G), the third flushed denormals, the
+// factor the rounding of the bound itself. A candidate can be among the k nearest, or tie the
+// k-th, only if s~ <= (k-th smallest s~) + 2E: all such candidates are kept (against the
+// running k-th, which only decreases) and re-ranked by exact distances, in increasing index
+// order (ties to the lower index). A query whose list cannot be trusted (a non-finite norm or
+// bound, a non-finite k-th exact distance, more than kKeptMax kept) takes the direct scan; so
+// does every query of a batch item whose database has a non-finite patch norm.
+#ifdef PYOPS_KNN_PACKED
+enum class Screen { kFp32, kBf16, kAmx };
+
+struct Bf16Caps {
+  bool avx512bf16 = false, amx = false;
+};
+
+Bf16Caps bf16_caps() {
+  static const Bf16Caps caps = [] {
+    Bf16Caps c;
+    unsigned a = 0, b = 0, cx = 0, d = 0;
+    if (__get_cpuid_count(7, 1, &a, &b, &cx, &d)) c.avx512bf16 = (a >> 5) & 1u;
+    if (c.avx512bf16 && __get_cpuid_count(7, 0, &a, &b, &cx, &d) && ((d >> 22) & 1u) && ((d >> 24) & 1u)) {
+      // Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA)
+      constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+      c.amx = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    }
+    return c;
+  }();
+  return caps;
+}
+
+// The screen of a global float32 search on the avx512 path: amx where the CPU and OS have it
+// (used where it pays: run_global_packed), else fp32; PYOPS_KNN_SCREEN=amx|avx512bf16|fp32
+// forces one (fp32 where the CPU lacks it).
+Screen global_screen(const char* op, bool* forced) {
+  const char* env = std::getenv("PYOPS_KNN_SCREEN");
+  const std::string want = env == nullptr ? "" : env;
+  PYOPS_CHECK_VALUE(want.empty() || want == "auto" || want == "amx" || want == "avx512bf16" || want == "fp32", op,
+                    "PYOPS_KNN_SCREEN must be auto, amx, avx512bf16 or fp32, got '", want, "'");
+  *forced = !(want.empty() || want == "auto");
+  const Bf16Caps caps = bf16_caps();
+  if (want == "fp32") return Screen::kFp32;
+  if (caps.amx && (want.empty() || want == "auto" || want == "amx")) return Screen::kAmx;
+  return caps.avx512bf16 && want == "avx512bf16" ? Screen::kBf16 : Screen::kFp32;
+}
+
+inline uint16_t to_bf16(float x) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+constexpr int64_t kBlock = 32;      // queries x candidates of one screened block
+constexpr int64_t kSubTile = 256;   // queries whose bf16 rows are screened together (in L2)
+constexpr int64_t kKeptSoft = 32;   // a kept list is compacted when it reaches its capacity ...
+constexpr int64_t kKeptMax = 4096;  // ... and given up (direct scan) beyond this
+
+// The database of one batch item, packed: the patches in float32 rows (the exact re-rank reads
+// them), float32 norms and either float32 panels of kBlock candidates (blocks x e x kBlock,
+// candidate-minor: the fp32 screen) or 16-candidate groups of e32 / 2 pairs x 16 candidates x
+// 2 bf16 (the VNNI layout of an AMX B tile and of vdpbf16ps; e32 = e rounded up to 32; the
+// bf16 screens). Padding candidates are zeros.
+struct DbPack {
+  int64_t n = 0, blocks = 0, e = 0, e32 = 0;
+  std::vector<uint16_t> bf;
+  std::vector<float> rows, panels, dn;
+  float dmax = 0;
+  bool finite = true;
+  const uint16_t* group(int64_t g) const { return bf.data() + g * (e32 / 2) * 32; }
+};
+
+// The rows, norms, largest norm and finiteness of P (sized by the caller).
+void pack_rows(const float* dmap, const Grid& dg, DbPack& P) {
+  const int64_t e = P.e;
+  at::parallel_for(0, P.blocks * kBlock, 256, [&](int64_t x0, int64_t x1) {
+    for (int64_t pos = x0; pos < x1; ++pos) {
+      float s = 0;
+      if (pos < P.n) {
+        float* row = P.rows.data() + pos * e;
+        pack_patch(dmap, dg, pos, row);
+        for (int64_t y = 0; y < e; ++y) s += row[y] * row[y];
+      }
+      P.dn[pos] = s;
+    }
+  });
+  P.dmax = 0;
+  P.finite = true;
+  for (int64_t x = 0; x < P.n; ++x) {
+    P.finite = P.finite && std::isfinite(P.dn[x]);
+    P.dmax = std::max(P.dmax, P.dn[x]);
+  }
+}
+
+// The screen's layout of P from its rows: float32 panels or bf16 groups.
+void pack_screen(DbPack& P, bool bf16) {
+  const int64_t e = P.e, pairs = P.e32 / 2;
+  if (bf16)
+    P.bf.resize(P.blocks * kBlock * P.e32);
+  else
+    P.panels.resize(P.blocks * kBlock * e);
+  at::parallel_for(0, P.blocks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk)
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int64_t pos = blk * kBlock + j;
+        const float* row = pos < P.n ? P.rows.data() + pos * e : nullptr;
+        auto at = [&](int64_t y) { return row != nullptr && y < e ? row[y] : 0.f; };
+        if (!bf16) {
+          float* out = P.panels.data() + blk * e * kBlock + j;
+          for (int64_t y = 0; y < e; ++y) out[y * kBlock] = at(y);
+          continue;
+        }
+        uint16_t* g = P.bf.data() + (2 * blk + j / 16) * pairs * 32 + (j % 16) * 2;
+        for (int64_t p = 0; p < pairs; ++p) {
+          g[p * 32] = to_bf16(at(2 * p));
+          g[p * 32 + 1] = to_bf16(at(2 * p + 1));
+        }
+      }
+  });
+}
+
+// The mean number of candidates a screen with bound `bound` would keep per query, estimated on
+// up to 16 queries spread over the grid (their float32 scores by one GEMM). The bf16 screens
+// keep few where patches differ at the scale of their norms (features, noisy patches) and many
+// where neighbours are much closer than the norms (smooth images, low-dimensional points).
+template <typename Bound>
+double expected_kept(const float* qmap, const Grid& qg, const DbPack& P, int64_t k, bool exclude_self,
+                     const Bound& bound) {
+  const int64_t nq = qg.n(), S = std::min<int64_t>(nq, 16), e = P.e;
+  std::vector<float> qs(S * e), qn(S);
+  std::vector<int64_t> pos(S);
+  for (int64_t i = 0; i < S; ++i) {
+    pos[i] = i * nq / S;
+    pack_patch(qmap, qg, pos[i], qs.data() + i * e);
+    float s = 0;
+    for (int64_t y = 0; y < e; ++y) s += qs[i * e + y] * qs[i * e + y];
+    qn[i] = s;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor dots = at::mm(at::from_blob(qs.data(), {S, e}, opts),
+                                 at::from_blob(const_cast<float*>(P.rows.data()), {P.n, e}, opts).t());
+  const float* d = dots.const_data_ptr<float>();
+  std::vector<float> v(P.n), w(P.n);
+  double total = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    for (int64_t j = 0; j < P.n; ++j) v[j] = P.dn[j] - 2 * d[i * P.n + j];
+    if (exclude_self) v[pos[i]] = std::numeric_limits<float>::infinity();
+    w = v;
+    std::nth_element(w.begin(), w.begin() + (k - 1), w.end());
+    const float thr = w[k - 1] + 2 * bound(qn[i], P.dmax);
+    total += static_cast<double>(std::count_if(v.begin(), v.end(), [thr](float x) { return x <= thr; }));
+  }
+  return total / static_cast<double>(S);
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Every tile 16 rows x 64 bytes. (A static object: GCC 11-12 describe ldtilecfg's operand as
+// 8 bytes and would drop the stores of a local configuration.)
+constexpr TileConfig kTileConfig{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+__attribute__((target("amx-tile"))) void amx_begin() {
+  _tile_loadconfig(&kTileConfig);
+}
+
+__attribute__((target("amx-tile"))) void amx_end() {
+  _tile_release();
+}
+
+// c (32 x 32 float, row = query) = bf16 dot products of 32 query rows (qa, row stride e32)
+// with two 16-candidate groups (b0, b1). AMX: tiles 0-3 accumulate, 4-5 hold queries, 6-7
+// candidates.
+__attribute__((target("amx-tile,amx-bf16"))) void block_dots_amx(const uint16_t* qa, int64_t e32, const uint16_t* b0,
+                                                                 const uint16_t* b1, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t stride = e32 * 2;
+  for (int64_t t = 0; t < e32; t += 32) {
+    _tile_loadd(4, qa + t, stride);
+    _tile_loadd(5, qa + 16 * e32 + t, stride);
+    _tile_loadd(6, b0 + t * 16, 64);
+    _tile_loadd(7, b1 + t * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+// The same with AVX-512 BF16 (vdpbf16ps), 8 query rows at a time.
+__attribute__((target("avx512f,avx512bf16"))) void block_dots_avx512bf16(const uint16_t* qa, int64_t e32,
+                                                                         const uint16_t* b0, const uint16_t* b1,
+                                                                         float* c) {
+  const int64_t pairs = e32 / 2;
+  for (int64_t m0 = 0; m0 < kBlock; m0 += 8) {
+    __m512 acc[8][2];
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(b0 + p * 32);
+      const __m512bh v1 = (__m512bh)_mm512_loadu_si512(b1 + p * 32);
+#pragma GCC unroll 8
+      for (int m = 0; m < 8; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, qa + (m0 + m) * e32 + 2 * p, sizeof pair);
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, v0);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, v1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < 8; ++m) {
+      _mm512_storeu_ps(c + (m0 + m) * 32, acc[m][0]);
+      _mm512_storeu_ps(c + (m0 + m) * 32 + 16, acc[m][1]);
+    }
+  }
+}
+
+// Scores dn - 2 c of a 32 x 32 block against the rows' thresholds: bit j of mask[m] where
+// score(m, j) <= thr[m] (ordered: NaN never passes) and j is in `valid`; such rows get their
+// scores in c (overwritten). Returns the OR of the masks.
+__attribute__((target("avx512f"))) uint32_t block_screen(float* c, const float* dn, const float* thr, uint32_t valid,
+                                                         uint32_t* mask) {
+  const __m512 two = _mm512_set1_ps(2.f), d0 = _mm512_loadu_ps(dn), d1 = _mm512_loadu_ps(dn + 16);
+  uint32_t any = 0;
+  for (int64_t m = 0; m < kBlock; ++m) {
+    const __m512 s0 = _mm512_fnmadd_ps(two, _mm512_loadu_ps(c + m * 32), d0);
+    const __m512 s1 = _mm512_fnmadd_ps(two, _mm512_loadu_ps(c + m * 32 + 16), d1);
+    const __m512 th = _mm512_set1_ps(thr[m]);
+    const uint32_t mk = (static_cast<uint32_t>(_mm512_cmp_ps_mask(s0, th, _CMP_LE_OQ)) |
+                         (static_cast<uint32_t>(_mm512_cmp_ps_mask(s1, th, _CMP_LE_OQ)) << 16)) &
+                        valid;
+    mask[m] = mk;
+    any |= mk;
+    if (mk) {
+      _mm512_storeu_ps(c + m * 32, s0);
+      _mm512_storeu_ps(c + m * 32 + 16, s1);
+    }
+  }
+  return any;
+}
+
+// Exact distances of a packed query to n <= 16 packed database patches (float32, e each,
+// starting at offsets off[0..n) of rows), each lane summed in exact_distance's order with
+// separate multiplies and adds (no FMA): bit-equal to exact_distance and the direct scan.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+__attribute__((target("avx512f"))) void exact_distances16(const float* q, int64_t e, const float* rows,
+                                                          const int32_t* off, int64_t n, float* out) {
+  alignas(64) int32_t o[16];
+  for (int64_t j = 0; j < 16; ++j) o[j] = off[j < n ? j : 0];
+  const __m512i idx = _mm512_load_si512(o);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t t = 0; t < e; ++t) {
+    const __m512 diff =
+        _mm512_sub_ps(_mm512_set1_ps(q[t]), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, idx, rows + t, 4));
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(diff, diff));
+  }
+  alignas(64) float r[16];
+  _mm512_store_ps(r, acc);
+  std::copy(r, r + n, out);
+}
+#pragma GCC pop_options
+
+struct Kept {  // (8 bytes: the lists of a block's 32 queries stay in L1)
+  float s;
+  int32_t pos;
+};
+
+// `screen`: the one asked for; `forced`: PYOPS_KNN_SCREEN named it. Otherwise a bf16 screen is
+// used for a batch item only where expected_kept says it keeps few candidates (the exact re-rank
+// of each costs about as much as screening 32 of them with AMX): else the fp32 screen.
+void run_global_packed(const SearchArgs<float>& a, int64_t batch, Screen screen, bool forced) {
+  const Grid &qg = a.qg, &dg = a.dg;
+  const int64_t e = qg.e(), k = a.k, nq_all = qg.n();
+  const int64_t qplane = qg.C * qg.H * qg.W, dplane = dg.C * dg.H * dg.W;
+  DbPack P;
+  P.n = dg.n();
+  P.blocks = (P.n + kBlock - 1) / kBlock;
+  P.e = e;
+  P.e32 = (e + 31) / 32 * 32;
+  P.rows.resize(P.n * e);
+  P.dn.resize(P.blocks * kBlock);
+  const int64_t e32 = P.e32;
+  // E of a query with norm qn (see the comment above DbPack)
+  const float ce = 4.f * static_cast<float>(e + 4) * std::ldexp(1.f, -24);
+  auto bound_of = [&](bool bf16) {
+    const float cb = bf16 ? std::ldexp(1.f, -6) + std::ldexp(1.f, -15) : 0.f;
+    return [=](float qn, float dmax) {
+      const float G = std::sqrt(qn) * std::sqrt(dmax);  // >= sum |q_i d_i| (Cauchy-Schwarz)
+      return (1.f + std::ldexp(1.f, -10)) *
+             (cb * G + ce * (qn + dmax + 2.f * G) + std::ldexp(1.f, -120) * (static_cast<float>(e) + qn + dmax));
+    };
+  };
+  const double kept_budget = std::max(64.0, static_cast<double>(P.n) / 64);
+  const bool gather_ok = P.n * e < (int64_t{1} << 31);  // int32 gather offsets
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* qmap = a.q + b * qplane;
+    const float* dmap = a.db + b * dplane;
+    pack_rows(dmap, dg, P);
+    // bf16 screens pay from e = 48 on (on the Xeon: 0.9x the fp32 screen at e = 16, 1.0x at
+    // 32, 1.4x at 48, 2.3x at 288)
+    bool bf16 = screen != Screen::kFp32 && (forced || e > 32);
+    if (bf16 && !forced && P.finite)
+      bf16 = expected_kept(qmap, qg, P, k, a.exclude_self, bound_of(true)) <= kept_budget;
+    const bool amx = bf16 && screen == Screen::kAmx;
+    const auto bound = bound_of(bf16);
+    pack_screen(P, bf16);
+    at::parallel_for(0, (nq_all + kBlock - 1) / kBlock, 1, [&](int64_t qb0, int64_t qb1) {
+      const int64_t sub = kSubTile / kBlock;
+      // (query rows padded for the fp32 micro-kernel's kMR-row groups; pad rows never pass)
+      std::vector<float> qpack((kSubTile + kMR) * e), qn(kSubTile), thr(kSubTile + kMR), E(kSubTile);
+      std::vector<uint16_t> qbf(bf16 ? kSubTile * e32 : 0);
+      std::vector<float> kkey(kSubTile * k), kval(kSubTile * k), ex_key(k), ex_val(k), scan_acc, scan_keys(k);
+      std::vector<int64_t> kid(kSubTile * k), cap(kSubTile), ex_id(k);
+      std::vector<std::vector<Kept>> kept(kSubTile);
+      std::vector<TopList<float>> kth;
+      std::vector<char> fallback(kSubTile);
+      alignas(64) float cbuf[kBlock * kBlock];
+      uint32_t mask[kBlock];
+      if (amx) amx_begin();
+      for (int64_t sb = qb0; sb < qb1; sb += sub) {
+        const int64_t x0 = sb * kBlock, x1 = std::min(nq_all, std::min(qb1, sb + sub) * kBlock);
+        const int64_t nq = x1 - x0, nblk = (nq + kBlock - 1) / kBlock;
+        kth.clear();
+        bool any_screened = false;
+        for (int64_t x = 0; x < std::max(nblk * kBlock, (nq + kMR - 1) / kMR * kMR); ++x) {
+          float* qp = qpack.data() + x * e;
+          uint16_t* qb = bf16 && x < nblk * kBlock ? qbf.data() + x * e32 : nullptr;
+          if (x >= nq) {
+            std::fill(qp, qp + e, 0.f);
+            if (qb != nullptr) std::fill(qb, qb + e32, uint16_t{0});
+            thr[x] = -kInf;
+            continue;
+          }
+          pack_patch(qmap, qg, x0 + x, qp);
+          float s = 0;
+          for (int64_t y = 0; y < e; ++y) s += qp[y] * qp[y];
+          qn[x] = s;
+          if (qb != nullptr) {
+            for (int64_t y = 0; y < e; ++y) qb[y] = to_bf16(qp[y]);
+            std::fill(qb + e, qb + e32, uint16_t{0});
+          }
+          E[x] = bound(s, P.dmax);
+          fallback[x] = !(P.finite && std::isfinite(E[x]));
+          thr[x] = fallback[x] ? -kInf : kInf;
+          any_screened = any_screened || !fallback[x];
+          kth.push_back(TopList<float>{kkey.data() + x * k, kval.data() + x * k, kid.data() + x * k, k});
+          kept[x].clear();
+          cap[x] = kKeptSoft;
+        }
+        auto consider = [&](int64_t x, int64_t pos, float s) {
+          if (a.exclude_self && pos == x0 + x) return;
+          TopList<float>& t = kth[x];
+          t.push(s, s, pos);
+          if (t.size == k) thr[x] = t.key[k - 1] + 2 * E[x];
+          std::vector<Kept>& kv = kept[x];
+          kv.push_back({s, static_cast<int32_t>(pos)});
+          if (static_cast<int64_t>(kv.size()) < cap[x]) return;
+          const float th = thr[x];
+          kv.erase(std::remove_if(kv.begin(), kv.end(), [th](const Kept& v) { return !(v.s <= th); }), kv.end());
+          cap[x] = std::max<int64_t>(kKeptSoft, 2 * static_cast<int64_t>(kv.size()));
+          if (static_cast<int64_t>(kv.size()) > kKeptMax) {  // the screen cannot separate them
+            fallback[x] = 1;
+            thr[x] = -kInf;
+            kv.clear();
+          }
+        };
+        for (int64_t cb = 0; any_screened && cb < P.blocks; ++cb) {
+          const int64_t lanes = std::min(kBlock, P.n - cb * kBlock);
+          const uint32_t valid = lanes == kBlock ? ~0u : (1u << lanes) - 1u;
+          if (!bf16) {  // the fp32 micro-kernel, kMR query rows at a time
+            const float* panel = P.panels.data() + cb * e * kBlock;
+            for (int64_t m0 = 0; m0 < nq; m0 += kMR) {
+              if (!panel_screen_avx512(qpack.data() + m0 * e, e, panel, P.dn.data() + cb * kBlock, thr.data() + m0,
+                                       valid, cbuf, mask))
+                continue;
+              for (int64_t m = 0; m < kMR; ++m)
+                for (uint32_t mk = mask[m]; mk; mk &= mk - 1) {
+                  const int lane = __builtin_ctz(mk);
+                  consider(m0 + m, cb * kBlock + lane, cbuf[m * kNR + lane]);
+                }
+            }
+            continue;
+          }
+          const uint16_t *g0 = P.group(2 * cb), *g1 = P.group(2 * cb + 1);
+          for (int64_t blk = 0; blk < nblk; ++blk) {
+            const uint16_t* qa = qbf.data() + blk * kBlock * e32;
+            if (amx)
+              block_dots_amx(qa, e32, g0, g1, cbuf);
+            else
+              block_dots_avx512bf16(qa, e32, g0, g1, cbuf);
+            if (!block_screen(cbuf, P.dn.data() + cb * kBlock, thr.data() + blk * kBlock, valid, mask)) continue;
+            for (int64_t m = 0; m < kBlock; ++m)
+              for (uint32_t mk = mask[m]; mk; mk &= mk - 1) {
+                const int lane = __builtin_ctz(mk);
+                consider(blk * kBlock + m, cb * kBlock + lane, cbuf[m * kBlock + lane]);
+              }
+          }
+        }
+        // Exact re-rank of the kept candidates (in increasing index order: ties keep the lower).
+        for (int64_t x = 0; x < nq; ++x) {
+          const int64_t l = x0 + x, out = (b * nq_all + l) * k;
+          const float* qp = qpack.data() + x * e;
+          bool ok = !fallback[x];
+          if (ok) {
+            TopList<float> exact{ex_key.data(), ex_val.data(), ex_id.data(), k};
+            const std::vector<Kept>& kv = kept[x];
+            const float th = thr[x];
+            int32_t orig[16];
+            int64_t ids[16], n = 0;
+            float d16[16];
+            auto flush = [&] {
+              if (gather_ok) {
+                exact_distances16(qp, e, P.rows.data(), orig, n, d16);
+              } else {
+                for (int64_t j = 0; j < n; ++j) d16[j] = exact_distance(qp, dmap, dg, ids[j]);
+              }
+              for (int64_t j = 0; j < n; ++j) exact.push(order_key(d16[j]), d16[j], ids[j]);
+              n = 0;
+            };
+            for (const Kept& v : kv) {
+              if (!(v.s <= th)) continue;
+              ids[n] = v.pos;
+              orig[n] = static_cast<int32_t>(gather_ok ? v.pos * e : 0);
+              if (++n == 16) flush();
+            }
+            if (n > 0) flush();
+            ok = exact.size == k && std::isfinite(exact.key[k - 1]);
+            if (ok) {
+              std::copy(exact.val, exact.val + k, a.dist + out);
+              std::copy(exact.id, exact.id + k, a.idx + out);
+            }
+          }
+          if (!ok) {
+            if (static_cast<int64_t>(scan_acc.size()) < dg.n()) scan_acc.resize(dg.n());
+            direct_scan(qp, dmap, dg, Span{0, dg.rows}, Span{0, dg.cols}, a.exclude_self ? l : -1, k, scan_acc.data(),
+                        scan_keys.data(), a.dist + out, a.idx + out);
+          }
+        }
+      }
+      if (amx) amx_end();
+    });
+  }
+}
+#endif  // PYOPS_KNN_PACKED
+
+// The global float32 search on a packed database, on the avx512 path: false if not run.
+template <typename T>
+bool run_global_screened(const SearchArgs<T>&, int64_t, const char*) {
+  return false;
+}
+
+#ifdef PYOPS_KNN_PACKED
+template <>
+bool run_global_screened<float>(const SearchArgs<float>& a, int64_t batch, const char* op) {
+  // (run_tiled: BLAS on the other paths; int32 candidate indices in the kept lists)
+  if (cpu::isa() < cpu::Isa::kAvx512 || a.dg.n() >= (int64_t{1} << 31)) return false;
+  bool forced = false;
+  const Screen screen = global_screen(op, &forced);
+  run_global_packed(a, batch, screen, forced);
+  return true;
+}
+#endif
+
+std::vector<std::string> screens_here() {
+  std::vector<std::string> s;
+#ifdef PYOPS_KNN_PACKED
+  if (cpu::isa() >= cpu::Isa::kAvx512) {
+    if (bf16_caps().amx) s.push_back("amx");
+    if (bf16_caps().avx512bf16) s.push_back("avx512bf16");
+  }
+#endif
+  s.push_back("fp32");
+  return s;
+}
+
 // A (B, C, H, W) float map that holds at least one patch_size x patch_size patch.
 void check_map(const at::Tensor& x, const char* name, int64_t p, int64_t s, const char* op) {
   checks::dim(x, 4, name, "(B, C, H, W)", op);
@@ -515,10 +1026,12 @@ std::tuple<at::Tensor, at::Tensor> knn_patch_search_fwd_cpu(const at::Tensor& qu
     SearchArgs<scalar_t> args{
         q.const_data_ptr<scalar_t>(),      d.const_data_ptr<scalar_t>(),   qg, dg, k, window, ah, aw, exclude_self,
         dist.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>()};
-    if (direct)
+    if (direct) {
       run_direct(args, B);
-    else
-      run_tiled(args, B);
+      return;
+    }
+    if (window < 0 && run_global_screened(args, B, op)) return;
+    run_tiled(args, B);
   });
   return {dist, idx};
 }
@@ -654,6 +1167,10 @@ std::tuple<at::Tensor, at::Tensor> patch_aggregate_bwd_cpu(const at::Tensor& gra
 }
 
 }  // namespace
+
+std::vector<std::string> available_screens() {
+  return screens_here();
+}
 
 TORCH_LIBRARY_IMPL(pyops, CPU, m) {
   m.impl("knn_patch_search_fwd", &knn_patch_search_fwd_cpu);
