@@ -161,6 +161,11 @@ PYOPS_ALWAYS_INLINE void fwd_block_f32_body(const float* a, const float* b, int6
   const VF Am = vsplat<VF>(A.m), Bm = vsplat<VF>(B.m);
   VF sa{}, ta{}, xa{}, sb{}, tb{}, xb{};
   for (int64_t i = 0; i < nv; i += kL) {
+    // two blocks ahead (of this row or the next), while this one computes: out of cache, the
+    // loads of the max pass would otherwise wait for memory with the exp units idle (on the
+    // 2-core Xeon: forward 1.5x, in-place forward + backward 1.3x at N = 1024, V = 32000)
+    __builtin_prefetch(a + i + 2 * kBlock);
+    __builtin_prefetch(b + i + 2 * kBlock);
     const VF u = kScaled ? vload<VF>(a + i) * vt : vload<VF>(a + i);
     const VF w = kScaled ? vload<VF>(b + i) * vt : vload<VF>(b + i);
     const VF da = u - Am, db = w - Bm, diff = u - w;
@@ -241,6 +246,8 @@ PYOPS_ALWAYS_INLINE void bwd_block_f32_body(const float* a, const float* b, floa
   const VF vlu = vsplat<VF>(lse_u), vlw = vsplat<VF>(lse_w), vt = vsplat<VF>(inv_t), vcp = vsplat<VF>(g_ce_p);
   const VF vla1 = vsplat<VF>(lse_a1), vce = vsplat<VF>(g_ce);
   for (int64_t i = 0; i < nv; i += kL) {
+    __builtin_prefetch(a + i + 2 * kBlock);  // (as in the forward: the backward op's first read)
+    __builtin_prefetch(b + i + 2 * kBlock);
     const VF xa = vload<VF>(a + i);
     const VF lp = kScaled ? xa * vt - vlu : xa - vlu;
     const VF lq = kScaled ? vload<VF>(b + i) * vt - vlw : vload<VF>(b + i) - vlw;
