@@ -403,8 +403,8 @@ def test_screens_ties_go_to_the_lower_index(screen, monkeypatch):
 
 @pytest.mark.parametrize("screen", SCREENS)
 def test_screens_give_up_on_inseparable_candidates(screen, monkeypatch):
-    """A constant map: every candidate ties (more than the kept lists hold: 4096), so every
-    query falls back to the direct scan; ties to the lowest indices."""
+    """A constant map: every candidate ties (4899 of them, more than a kept list holds: 4096),
+    so every query gives up its list for the direct scan; ties to the lowest indices."""
     x = torch.full((1, 1, 70, 70), 0.75)
     dist, idx = _search(screen, monkeypatch, x, x, 3, patch_size=1, stride=1, exclude_self=True)
     assert torch.equal(dist, torch.zeros_like(dist))
@@ -413,27 +413,40 @@ def test_screens_give_up_on_inseparable_candidates(screen, monkeypatch):
 
 
 @pytest.mark.parametrize("screen", SCREENS)
-@pytest.mark.parametrize("case", ["nan", "inf", "huge", "tiny", "mixed"])
+@pytest.mark.parametrize("case", ["nan", "nan_query", "inf", "huge", "large", "small", "tiny", "mixed"])
 def test_screens_non_finite_and_extreme_values(screen, case, monkeypatch):
-    """Non-finite patches, values whose squares overflow float32 (1e19), subnormal products
-    (1e-22) and a mix of scales: the same answers as the windowed tiles."""
+    """NaN or inf patches (a database with a non-finite norm is scanned directly; a NaN query
+    alone is), values whose squares overflow float32 (1e19), large (1e17) and small (1e-15)
+    values that the screens' relative bound must handle, subnormal products (1e-22) and a mix
+    of scales: the same answers as the windowed tiles."""
     g = torch.Generator().manual_seed(3)
     query, database = torch.randn(1, 3, 30, 31, generator=g), torch.randn(1, 3, 29, 33, generator=g)
+    scale = {"huge": 1e19, "large": 1e17, "small": 1e-15, "tiny": 1e-22}.get(case, 1.0)
+    query, database = query * scale, database * scale
     if case == "nan":
         query[0, 1, 5, 5] = float("nan")
         database[0, 2, 8, 9] = float("nan")
+    elif case == "nan_query":
+        query[0, 1, 5, 5] = float("nan")
     elif case == "inf":
         database[0, 0, 7, 7] = float("inf")
-    elif case == "huge":
-        query, database = query * 1e19, database * 1e19
-    elif case == "tiny":
-        query, database = query * 1e-22, database * 1e-22
-    else:
+    elif case == "mixed":
         database[0, :, :10] *= 1e6
         query[0, :, 20:] *= 1e-6
     kw = dict(patch_size=3, stride=1)
     got = _search(screen, monkeypatch, query, database, 3, **kw)
     _assert_same(got, pyops.knn_patch_search(query, database, 3, window=BIG, **kw))
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_screens_ties_of_inexact_values(screen, monkeypatch):
+    """Thirds (inexact in float32 and bf16) on small grids: many duplicate patches, so many
+    exactly equal distances, and near-ties within the bf16 rounding."""
+    query = torch.randint(0, 3, (1, 6, 40, 37)).float() / 3
+    database = torch.randint(0, 3, (1, 6, 38, 41)).float() / 3
+    kw = dict(patch_size=2, stride=1)
+    got = _search(screen, monkeypatch, query, database, 7, **kw)
+    _assert_same(got, pyops.knn_patch_search(query, database, 7, window=BIG, **kw))
 
 
 def test_screen_env_is_validated(monkeypatch):

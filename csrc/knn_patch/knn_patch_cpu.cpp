@@ -137,6 +137,11 @@ void pack_patch(const T* map, const Grid& g, int64_t pos, T* out) {
     }
 }
 
+// The exact distances below (and exact_distances16) multiply and add separately, never fused:
+// equal patches give bit-equal distances on every path, whatever the compiler flags.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
 // Exact distance of a packed query to database patch `pos`, in (c, dy, dx) order.
 template <typename T>
 T exact_distance(const T* q, const T* db, const Grid& g, int64_t pos) {
@@ -183,6 +188,8 @@ void direct_scan(const T* q, const T* db, const Grid& dg, Span rs, Span cs, int6
       top.push(order_key(d), d, pos);
     }
 }
+
+#pragma GCC pop_options
 
 #ifdef PYOPS_KNN_AVX512
 // On the avx512 path of pyops::cpu::isa() (csrc/common/cpu_isa.h); the avx2 and baseline paths
@@ -457,7 +464,7 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
 // k-th, only if s~ <= (k-th smallest s~) + 2E: all such candidates are kept (against the
 // running k-th, which only decreases) and re-ranked by exact distances, in increasing index
 // order (ties to the lower index). A query whose list cannot be trusted (a non-finite norm or
-// bound, a non-finite k-th exact distance, more than kKeptMax kept) takes the direct scan; so
+// bound, a non-finite k-th exact distance, kKeptMax kept) takes the direct scan; so
 // does every query of a batch item whose database has a non-finite patch norm.
 #ifdef PYOPS_KNN_PACKED
 enum class Screen { kFp32, kBf16, kAmx };
@@ -506,7 +513,7 @@ inline uint16_t to_bf16(float x) {  // round to nearest even
 constexpr int64_t kBlock = 32;      // queries x candidates of one screened block
 constexpr int64_t kSubTile = 256;   // queries whose bf16 rows are screened together (in L2)
 constexpr int64_t kKeptSoft = 32;   // a kept list is compacted when it reaches its capacity ...
-constexpr int64_t kKeptMax = 4096;  // ... and given up (direct scan) beyond this
+constexpr int64_t kKeptMax = 4096;  // ... and given up (direct scan) when it still holds this many
 
 // The database of one batch item, packed: the patches in float32 rows (the exact re-rank reads
 // them), float32 norms and either float32 panels of kBlock candidates (blocks x e x kBlock,
@@ -547,10 +554,13 @@ void pack_rows(const float* dmap, const Grid& dg, DbPack& P) {
 // The screen's layout of P from its rows: float32 panels or bf16 groups.
 void pack_screen(DbPack& P, bool bf16) {
   const int64_t e = P.e, pairs = P.e32 / 2;
-  if (bf16)
+  if (bf16) {
     P.bf.resize(P.blocks * kBlock * P.e32);
-  else
+    std::vector<float>().swap(P.panels);
+  } else {
     P.panels.resize(P.blocks * kBlock * e);
+    std::vector<uint16_t>().swap(P.bf);
+  }
   at::parallel_for(0, P.blocks, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk)
       for (int64_t j = 0; j < kBlock; ++j) {
@@ -813,7 +823,7 @@ void run_global_packed(const SearchArgs<float>& a, int64_t batch, Screen screen,
           cap[x] = kKeptSoft;
         }
         auto consider = [&](int64_t x, int64_t pos, float s) {
-          if (a.exclude_self && pos == x0 + x) return;
+          if (fallback[x] || (a.exclude_self && pos == x0 + x)) return;
           TopList<float>& t = kth[x];
           t.push(s, s, pos);
           if (t.size == k) thr[x] = t.key[k - 1] + 2 * E[x];
@@ -823,7 +833,7 @@ void run_global_packed(const SearchArgs<float>& a, int64_t batch, Screen screen,
           const float th = thr[x];
           kv.erase(std::remove_if(kv.begin(), kv.end(), [th](const Kept& v) { return !(v.s <= th); }), kv.end());
           cap[x] = std::max<int64_t>(kKeptSoft, 2 * static_cast<int64_t>(kv.size()));
-          if (static_cast<int64_t>(kv.size()) > kKeptMax) {  // the screen cannot separate them
+          if (static_cast<int64_t>(kv.size()) >= kKeptMax) {  // the screen cannot separate them
             fallback[x] = 1;
             thr[x] = -kInf;
             kv.clear();
@@ -917,8 +927,12 @@ bool run_global_screened(const SearchArgs<T>&, int64_t, const char*) {
 #ifdef PYOPS_KNN_PACKED
 template <>
 bool run_global_screened<float>(const SearchArgs<float>& a, int64_t batch, const char* op) {
-  // (run_tiled: BLAS on the other paths; int32 candidate indices in the kept lists)
-  if (cpu::isa() < cpu::Isa::kAvx512 || a.dg.n() >= (int64_t{1} << 31)) return false;
+  // run_tiled instead: BLAS on the other paths; int32 candidate indices in the kept lists; and
+  // where the packed database (float32 rows + a screen's copy, about 8 e bytes a candidate)
+  // would pass 512 MiB (run_tiled packs 512 candidates at a time)
+  const int64_t n = a.dg.n(), e = a.dg.e();
+  if (cpu::isa() < cpu::Isa::kAvx512 || n >= (int64_t{1} << 31) || (n + kBlock) * (e + 32) * 8 > (int64_t{1} << 29))
+    return false;
   bool forced = false;
   const Screen screen = global_screen(op, &forced);
   run_global_packed(a, batch, screen, forced);
