@@ -1,18 +1,20 @@
 // CPU kernels of pyops::knn_patch_search_fwd/_bwd and pyops::patch_aggregate_fwd/_bwd.
 //
-// k-NN search, two exact paths (both never materialise the queries x candidates matrix):
+// k-NN search, three exact paths (none materialises the queries x candidates matrix):
 //  * dense (stride 1) small windows (window^2 <= kDirectMaxCandidates): each query scans its
-//    window directly,
-//    accumulating sum (q - d)^2 for all its candidates at once (vectorised across candidates,
-//    reading the database map in place);
-//  * global search and large windows: query tiles (a block of the query grid, packed) against
-//    chunks of the union of their windows (packed), scores |d|^2 - 2 q.d by a GEMM per
-//    (tile, chunk), a running top-K' (K' = k + margin) per query, then an exact re-rank of
-//    the K' candidates with direct differences. A query whose k-th exact distance is not
-//    safely below the K'-th approximate score (fp32 error bound of the expansion) is
-//    recomputed by the direct scan, so the result is exact whatever the ties.
+//    window directly, accumulating sum (q - d)^2 for all its candidates at once (vectorised
+//    across candidates, reading the database map in place);
+//  * large windows (and the global searches the next path does not take): query tiles (a
+//    block of the query grid, packed) against chunks of the union of their windows (packed),
+//    scores |d|^2 - 2 q.d by a GEMM per (tile, chunk), a running top-K' (K' = k + margin) per
+//    query, then an exact re-rank of the K' candidates with direct differences. A query whose
+//    k-th exact distance is not safely below the K'-th approximate score (fp32 error bound of
+//    the expansion) is recomputed by the direct scan, so the result is exact whatever the ties;
+//  * the global float32 search on the avx512 path (run_global_packed): the database packed once,
+//    screened by AMX bf16 tiles or the AVX-512 micro-kernel, every candidate the screen's error
+//    bound cannot rule out kept and re-ranked exactly (see the section's comment).
 // Distances are sum over the patch, in (channel, dy, dx) order, of (q - d)^2 accumulated
-// sequentially in float32 (float64 for float64 maps) in both paths, so equal patches give
+// sequentially in float32 (float64 for float64 maps) in every path, so equal patches give
 // bit-equal distances and ties go to the lower database index.
 //
 // Aggregation and the backwards run one (batch, channel) plane per task: no write races.
