@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include "cross_view_kl.h"
-#include "../common/huge_pages.h"
 #include "../common/simd_math.h"
 
 #include <algorithm>
@@ -483,8 +482,6 @@ std::tuple<at::Tensor, at::Tensor> cross_view_kl_entropy_bwd_cpu(
   const at::Tensor tgt = target.has_value() ? target->contiguous() : at::Tensor();
   const int64_t* pt = tgt.defined() ? tgt.const_data_ptr<int64_t>() : nullptr;
   at::Tensor grad_a = at::empty_like(a), grad_b = at::empty_like(b);
-  mem::advise_huge_pages(grad_a);  // (before their first touch)
-  mem::advise_huge_pages(grad_b);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_view_kl_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
