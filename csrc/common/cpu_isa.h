@@ -49,6 +49,17 @@ const char* isa_name(Isa level);
 #define PYOPS_TARGET_AVX2
 #endif
 
+// The body of a dispatcher: returns name##_avx512 / _avx2 / _baseline args for the current path.
+#define PYOPS_ISA_DISPATCH(name, args) \
+  switch (::pyops::cpu::isa()) {       \
+    case ::pyops::cpu::Isa::kAvx512:   \
+      return name##_avx512 args;       \
+    case ::pyops::cpu::Isa::kAvx2:     \
+      return name##_avx2 args;         \
+    default:                           \
+      return name##_baseline args;     \
+  }
+
 #define PYOPS_ISA_CLONES(tmpl, ret, name, params, args) \
   tmpl PYOPS_TARGET_AVX512 ret name##_avx512 params {   \
     return name##_impl args;                            \
@@ -60,14 +71,7 @@ const char* isa_name(Isa level);
     return name##_impl args;                            \
   }                                                     \
   tmpl ret name params {                                \
-    switch (::pyops::cpu::isa()) {                      \
-      case ::pyops::cpu::Isa::kAvx512:                  \
-        return name##_avx512 args;                      \
-      case ::pyops::cpu::Isa::kAvx2:                    \
-        return name##_avx2 args;                        \
-      default:                                          \
-        return name##_baseline args;                    \
-    }                                                   \
+    PYOPS_ISA_DISPATCH(name, args)                      \
   }
 
 // The same for a kernel templated on its float vector type: `name##_impl<VF16>` in the AVX-512
@@ -83,12 +87,5 @@ const char* isa_name(Isa level);
     return name##_impl<VF8> args;                                \
   }                                                              \
   ret name params {                                              \
-    switch (::pyops::cpu::isa()) {                               \
-      case ::pyops::cpu::Isa::kAvx512:                           \
-        return name##_avx512 args;                               \
-      case ::pyops::cpu::Isa::kAvx2:                             \
-        return name##_avx2 args;                                 \
-      default:                                                   \
-        return name##_baseline args;                             \
-    }                                                            \
+    PYOPS_ISA_DISPATCH(name, args)                               \
   }

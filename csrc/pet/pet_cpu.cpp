@@ -719,14 +719,7 @@ constexpr bool kHaveAvx512 = false;
   }                                               \
   template <typename T, typename I>               \
   void name params {                              \
-    switch (::pyops::cpu::isa()) {                \
-      case ::pyops::cpu::Isa::kAvx512:            \
-        return name##_avx512 args;                \
-      case ::pyops::cpu::Isa::kAvx2:              \
-        return name##_avx2 args;                  \
-      default:                                    \
-        return name##_baseline args;              \
-    }                                             \
+    PYOPS_ISA_DISPATCH(name, args)                \
   }
 PYOPS_PET_LINE_FN(project_line,
                   (const Line& L, const Steps& st, const T* xT, int64_t P, I none, T* acc, Samples<I, T>& S),
