@@ -139,6 +139,27 @@ void pack_patch(const T* map, const Grid& g, int64_t pos, T* out) {
     }
 }
 
+// pack_patch, returning the patch's squared norm (summed in order).
+template <typename T>
+T pack_patch_norm(const T* map, const Grid& g, int64_t pos, T* out) {
+  pack_patch(map, g, pos, out);
+  T s = 0;
+  for (int64_t y = 0; y < g.e(); ++y) s += out[y] * out[y];
+  return s;
+}
+
+// The first `lanes` (<= 32) bits set.
+inline uint32_t lane_mask(int64_t lanes) {
+  return lanes >= 32 ? ~0u : (1u << lanes) - 1u;
+}
+
+// f(row, lane) for every bit set in mask[0..rows), rows in order, lanes ascending.
+template <typename F>
+inline void for_each_hit(const uint32_t* mask, int64_t rows, const F& f) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (uint32_t mk = mask[m]; mk; mk &= mk - 1) f(m, __builtin_ctz(mk));
+}
+
 // The exact distances below (and exact_distances16) multiply and add separately, never fused:
 // equal patches give bit-equal distances on every path, whatever the compiler flags.
 #pragma GCC push_options
@@ -331,11 +352,7 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
           br1 = std::max(br1, qr[nq].start + qr[nq].len);
           bc0 = std::min(bc0, qc[nq].start);
           bc1 = std::max(bc1, qc[nq].start + qc[nq].len);
-          T* qp = qpack.data() + nq * e;
-          pack_patch(qmap, qg, qpos[nq], qp);
-          T s = 0;
-          for (int64_t x = 0; x < e; ++x) s += qp[x] * qp[x];
-          qn[nq] = s;
+          qn[nq] = pack_patch_norm(qmap, qg, qpos[nq], qpack.data() + nq * e);
           tops.push_back(TopList<T>{keys.data() + nq * kp, vals.data() + nq * kp, ids.data() + nq * kp, kp});
         }
       // Screen one candidate (query x, chunk slot y, approximate score sc).
@@ -354,10 +371,7 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
         for (int64_t x = 0; x < nd; ++x) {
           const int64_t pos = (br0 + (s0 + x) / bw) * dg.cols + bc0 + (s0 + x) % bw;
           cand[x] = pos;
-          T* dp = dpack.data() + x * e;
-          pack_patch(dmap, dg, pos, dp);
-          T s = 0;
-          for (int64_t y = 0; y < e; ++y) s += dp[y] * dp[y];
+          const T s = pack_patch_norm(dmap, dg, pos, dpack.data() + x * e);
           dn[x] = s;
           dmax = std::max(dmax, s);
         }
@@ -383,17 +397,14 @@ void run_tiled(const SearchArgs<T>& a, int64_t batch) {
                                               : std::numeric_limits<T>::infinity();
               }
               const int64_t lanes = std::min(kNR, nd - pnl * kNR);
-              const uint32_t valid = lanes == kNR ? ~0u : (1u << lanes) - 1u;
+              const uint32_t valid = lane_mask(lanes);
               if (!panel_screen_avx512(reinterpret_cast<const float*>(qpack.data()) + m0 * e, e,
                                        reinterpret_cast<const float*>(panels.data()) + pnl * e * kNR,
                                        reinterpret_cast<const float*>(dn.data()) + pnl * kNR,
                                        reinterpret_cast<const float*>(thr), valid, reinterpret_cast<float*>(sc), mask))
                 continue;
-              for (int64_t m = 0; m < kMR; ++m)
-                for (uint32_t mk = mask[m]; mk; mk &= mk - 1) {
-                  const int lane = __builtin_ctz(mk);
-                  consider(m0 + m, pnl * kNR + lane, sc[m * kNR + lane]);
-                }
+              for_each_hit(mask, kMR,
+                           [&](int64_t m, int lane) { consider(m0 + m, pnl * kNR + lane, sc[m * kNR + lane]); });
             }
           }
           continue;
@@ -536,13 +547,7 @@ void pack_rows(const float* dmap, const Grid& dg, DbPack& P) {
   const int64_t e = P.e;
   at::parallel_for(0, P.blocks * kBlock, 256, [&](int64_t x0, int64_t x1) {
     for (int64_t pos = x0; pos < x1; ++pos) {
-      float s = 0;
-      if (pos < P.n) {
-        float* row = P.rows.data() + pos * e;
-        pack_patch(dmap, dg, pos, row);
-        for (int64_t y = 0; y < e; ++y) s += row[y] * row[y];
-      }
-      P.dn[pos] = s;
+      P.dn[pos] = pos < P.n ? pack_patch_norm(dmap, dg, pos, P.rows.data() + pos * e) : 0.f;
     }
   });
   P.dmax = 0;
@@ -595,10 +600,7 @@ double expected_kept(const float* qmap, const Grid& qg, const DbPack& P, int64_t
   std::vector<int64_t> pos(S);
   for (int64_t i = 0; i < S; ++i) {
     pos[i] = i * nq / S;
-    pack_patch(qmap, qg, pos[i], qs.data() + i * e);
-    float s = 0;
-    for (int64_t y = 0; y < e; ++y) s += qs[i * e + y] * qs[i * e + y];
-    qn[i] = s;
+    qn[i] = pack_patch_norm(qmap, qg, pos[i], qs.data() + i * e);
   }
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor dots = at::mm(at::from_blob(qs.data(), {S, e}, opts),
@@ -808,9 +810,7 @@ void run_global_packed(const SearchArgs<float>& a, int64_t batch, Screen screen,
             thr[x] = -kInf;
             continue;
           }
-          pack_patch(qmap, qg, x0 + x, qp);
-          float s = 0;
-          for (int64_t y = 0; y < e; ++y) s += qp[y] * qp[y];
+          const float s = pack_patch_norm(qmap, qg, x0 + x, qp);
           qn[x] = s;
           if (qb != nullptr) {
             for (int64_t y = 0; y < e; ++y) qb[y] = to_bf16(qp[y]);
@@ -843,18 +843,15 @@ void run_global_packed(const SearchArgs<float>& a, int64_t batch, Screen screen,
         };
         for (int64_t cb = 0; any_screened && cb < P.blocks; ++cb) {
           const int64_t lanes = std::min(kBlock, P.n - cb * kBlock);
-          const uint32_t valid = lanes == kBlock ? ~0u : (1u << lanes) - 1u;
+          const uint32_t valid = lane_mask(lanes);
           if (!bf16) {  // the fp32 micro-kernel, kMR query rows at a time
             const float* panel = P.panels.data() + cb * e * kBlock;
             for (int64_t m0 = 0; m0 < nq; m0 += kMR) {
               if (!panel_screen_avx512(qpack.data() + m0 * e, e, panel, P.dn.data() + cb * kBlock, thr.data() + m0,
                                        valid, cbuf, mask))
                 continue;
-              for (int64_t m = 0; m < kMR; ++m)
-                for (uint32_t mk = mask[m]; mk; mk &= mk - 1) {
-                  const int lane = __builtin_ctz(mk);
-                  consider(m0 + m, cb * kBlock + lane, cbuf[m * kNR + lane]);
-                }
+              for_each_hit(mask, kMR,
+                           [&](int64_t m, int lane) { consider(m0 + m, cb * kBlock + lane, cbuf[m * kNR + lane]); });
             }
             continue;
           }
@@ -866,11 +863,9 @@ void run_global_packed(const SearchArgs<float>& a, int64_t batch, Screen screen,
             else
               block_dots_avx512bf16(qa, e32, g0, g1, cbuf);
             if (!block_screen(cbuf, P.dn.data() + cb * kBlock, thr.data() + blk * kBlock, valid, mask)) continue;
-            for (int64_t m = 0; m < kBlock; ++m)
-              for (uint32_t mk = mask[m]; mk; mk &= mk - 1) {
-                const int lane = __builtin_ctz(mk);
-                consider(blk * kBlock + m, cb * kBlock + lane, cbuf[m * kBlock + lane]);
-              }
+            for_each_hit(mask, kBlock, [&](int64_t m, int lane) {
+              consider(blk * kBlock + m, cb * kBlock + lane, cbuf[m * kBlock + lane]);
+            });
           }
         }
         // Exact re-rank of the kept candidates (in increasing index order: ties keep the lower).
