@@ -759,35 +759,42 @@ torch.library.register_autograd("pyops::fused_linear_cross_view_loss", _loss_bac
 # --------------------------------------------------------------------------------------------
 # LM-head composition (device-generic: matmuls + the row op, chunk by chunk)
 # --------------------------------------------------------------------------------------------
+def _slice(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
+    return None if t is None else t[s:e]
+
+
+def _chunk_logits(hidden_a, hidden_b, weight, bias, chunk_size):
+    """Yields ``(s, e, h2, logits)`` per chunk of rows [s, e): ``h2`` the stacked hidden states
+    [h_a[s:e]; h_b[s:e]] (2n, H) and ``logits`` both views' logits (2n, V) by one matmul of
+    ``h2``, in one buffer reused by every chunk (overwritten by the next one)."""
+    n_rows, vocab = hidden_a.shape[0], weight.shape[0]
+    chunk = min(chunk_size, max(n_rows, 1))
+    buf = hidden_a.new_empty((2 * chunk, vocab))
+    wt = weight.t()
+    for s in range(0, n_rows, chunk):
+        e = min(n_rows, s + chunk)
+        h2 = torch.cat((hidden_a[s:e], hidden_b[s:e]))
+        logits = buf[: 2 * (e - s)]
+        if bias is None:
+            torch.mm(h2, wt, out=logits)
+        else:
+            torch.addmm(bias, h2, wt, out=logits)
+        yield s, e, h2, logits
+
+
 def _fused_linear_fwd_impl(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size):
     fn = "pyops::fused_linear_cross_view_fwd"
     _check_linear_op(hidden_a, hidden_b, weight, bias, target, temperature, ignore_index, chunk_size, fn)
     _check_target_range(target, weight.shape[0], ignore_index, fn)
-    n_rows, vocab = hidden_a.shape[0], weight.shape[0]
+    n_rows = hidden_a.shape[0]
     outs = _row_outputs_like(hidden_a, n_rows, target is not None)
-    # both views' logits of a chunk by one matmul of [h_a; h_b], into one buffer reused by every chunk
-    chunk = min(chunk_size, max(n_rows, 1))
-    buf = hidden_a.new_empty((2 * chunk, vocab))
-    for s in range(0, n_rows, chunk):
-        e = min(n_rows, s + chunk)
+    for s, e, _h2, logits in _chunk_logits(hidden_a, hidden_b, weight, bias, chunk_size):
         n = e - s
-        h2 = torch.cat((hidden_a[s:e], hidden_b[s:e]))
-        logits = buf[: 2 * n]
-        if bias is None:
-            torch.mm(h2, weight.t(), out=logits)
-        else:
-            torch.addmm(bias, h2, weight.t(), out=logits)
-        res = _ops.cross_view_kl_entropy_fwd(
-            logits[:n], logits[n:], None if target is None else target[s:e], temperature, ignore_index
-        )
+        res = _ops.cross_view_kl_entropy_fwd(logits[:n], logits[n:], _slice(target, s, e), temperature, ignore_index)
         for out, r in zip(outs, res):
             if out.shape[0]:
                 out[s:e] = r
     return outs
-
-
-def _slice(t: Optional[torch.Tensor], s: int, e: int) -> Optional[torch.Tensor]:
-    return None if t is None else t[s:e]
 
 
 def _fused_linear_bwd_impl(
@@ -934,23 +941,13 @@ def _head_chunks(
     alloc = torch.empty if weight.dtype == acc and n_rows > 0 else torch.zeros
     grad_w = alloc(weight.shape, dtype=acc, device=dev) if need_w else None
     grad_bias = torch.zeros(vocab, dtype=acc, device=dev) if need_w and bias is not None else None
-    chunk = min(chunk_size, max(n_rows, 1))
-    buf = hidden_a.new_empty((2 * chunk, vocab))
-    wt = weight.t()
     first = True
-    for s in range(0, n_rows, chunk):
-        e = min(n_rows, s + chunk)
+    for s, e, h2, logits in _chunk_logits(hidden_a, hidden_b, weight, bias, chunk_size):
         n = e - s
-        h2 = torch.cat((hidden_a[s:e], hidden_b[s:e]))
-        logits = buf[: 2 * n]
-        if bias is None:
-            torch.mm(h2, wt, out=logits)
-        else:
-            torch.addmm(bias, h2, wt, out=logits)
         la, lb = logits[:n], logits[n:]
-        t = None if target is None else target[s:e]
+        t = _slice(target, s, e)
         if need_grad:
-            g = [None if x is None else x[s:e] for x in row_grads]
+            g = [_slice(x, s, e) for x in row_grads]
             values = _ops.cross_view_kl_entropy_fwd_bwd_(la, lb, t, *g, temperature, ignore_index)
         else:
             values = _ops.cross_view_kl_entropy_fwd(la, lb, t, temperature, ignore_index)[:5]
