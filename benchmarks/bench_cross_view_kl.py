@@ -56,11 +56,19 @@ def _variants(native, ref, device):
     return variants
 
 
+def _row_inputs(n_rows: int, vocab: int, device):
+    """Two views' logits (the second a noisy copy of the first) and CE targets."""
+    a = torch.randn(n_rows, vocab, device=device)
+    b = a + torch.randn_like(a)
+    t = torch.randint(0, vocab, (n_rows,), device=device)
+    return a, b, t
+
+
 def row_case(n_rows: int, vocab: int) -> Case:
     def setup(device):
-        a = torch.randn(n_rows, vocab, device=device, requires_grad=True)
-        b = (a.detach() + torch.randn_like(a)).requires_grad_()
-        t = torch.randint(0, vocab, (n_rows,), device=device)
+        a, b, t = _row_inputs(n_rows, vocab, device)
+        a.requires_grad_()
+        b.requires_grad_()
         grads = [torch.randn(n_rows, device=device) for _ in range(5)]
         variants = _variants(pyops.cross_view_kl_entropy, reference.cross_view_kl_entropy, device)
         return {k: _step(fn, (a, b, t), grads, (a, b)) for k, fn in variants.items()}
@@ -80,9 +88,7 @@ def row_forward_case(n_rows: int, vocab: int) -> Case:
     """The forward alone (no gradient: evaluation, logging): pyops vs the reference."""
 
     def setup(device):
-        a = torch.randn(n_rows, vocab, device=device)
-        b = a + torch.randn_like(a)
-        t = torch.randint(0, vocab, (n_rows,), device=device)
+        a, b, t = _row_inputs(n_rows, vocab, device)
         variants = _variants(pyops.cross_view_kl_entropy, reference.cross_view_kl_entropy, device)
 
         def no_grad(fn):
@@ -110,9 +116,7 @@ def row_fused_case(n_rows: int, vocab: int) -> Case:
     branch-free: its time does not depend on the values)."""
 
     def setup(device):
-        a = torch.randn(n_rows, vocab, device=device)
-        b = a + torch.randn_like(a)
-        t = torch.randint(0, vocab, (n_rows,), device=device)
+        a, b, t = _row_inputs(n_rows, vocab, device)
         g = [torch.randn(n_rows, device=device) for _ in range(5)]
         return {"pyops": lambda: torch.ops.pyops.cross_view_kl_entropy_fwd_bwd_(a, b, t, *g, 1.0, -100)}
 
